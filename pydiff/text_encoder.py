@@ -1,0 +1,47 @@
+"""The frozen text encoder at run time: a `tokenizers` tokenizer plus an ONNX encoder (no torch)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+class TextEncoder:
+    """Token embeddings of prompts from an exported encoder (e.g. all-MiniLM-L6-v2, int8).
+
+    ONNX inputs `input_ids`, `attention_mask` (int64 [B, L]); output `last_hidden_state` [B, L, D].
+    """
+
+    def __init__(self, onnx_path: str, tokenizer_path: str, max_length: int = 16,
+                 providers: list[str] | None = None, session_options=None):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.max_length = int(max_length)
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self.tokenizer.enable_truncation(self.max_length)
+        pad_id = self.tokenizer.token_to_id("[PAD]")
+        self.tokenizer.enable_padding(length=self.max_length, pad_id=0 if pad_id is None else pad_id,
+                                      pad_token="[PAD]")
+        self.session = ort.InferenceSession(str(onnx_path), sess_options=session_options,
+                                            providers=providers or ["CPUExecutionProvider"])
+        self._input_names = {i.name for i in self.session.get_inputs()}
+
+    def tokenize(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Return (input_ids, attention_mask), both int64 [B, max_length]."""
+        enc = self.tokenizer.encode_batch(list(prompts))
+        ids = np.array([e.ids for e in enc], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+        return ids, mask
+
+    def encode(self, prompts: list[str] | str) -> tuple[np.ndarray, np.ndarray]:
+        """Return (states float32 [B, L, D], mask float32 [B, L]) for a list of prompts."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids, mask = self.tokenize(prompts)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self._input_names:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        (states,) = self.session.run(["last_hidden_state"], feeds)
+        return states.astype(np.float32), mask.astype(np.float32)
+
+    def __call__(self, prompts):
+        return self.encode(prompts)
