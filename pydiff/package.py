@@ -1,0 +1,494 @@
+"""Load and validate a pydiff model package (format version 1, see docs/model-package.md).
+
+`load_package(path)` reads `manifest.json`, checks every key's type and range, checks that every
+file it names lies inside the package directory and is a non-empty regular file, and returns a
+frozen `Package`. It reads no network weights: checking the ONNX graphs' inputs and outputs against
+the manifest needs an ONNX Runtime session, so the backend does that with `check_stage_io` /
+`check_text_encoder_io` when it creates its sessions. Nothing here unpickles anything.
+
+Every problem is a `PackageError` (a `ValueError`) whose message names the file and the key:
+``shapes/manifest.json: stages[1].resolution: expected an integer in 1..4096, got 100000``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = [
+    "PackageError", "Package", "Stage", "TextEncoderSpec", "load_package",
+    "check_stage_io", "check_text_encoder_io", "INPUT_SPECS", "MAX_RESOLUTION",
+]
+
+FORMAT = "pydiff-package"
+SUPPORTED_VERSIONS = (1,)
+MAX_RESOLUTION = 4096          # pixels per side; stops absurd manifests before any allocation
+MAX_CHANNELS = 64
+MAX_TEXT_LENGTH = 4096
+MAX_HIDDEN_SIZE = 65536
+MAX_STEPS = 10000
+MAX_MANIFEST_BYTES = 1 << 20   # a manifest is a few KB; refuse to json-parse anything huge
+
+CONDITIONINGS = ("text", "class", "none")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+THRESHOLDINGS = ("none", "static", "dynamic")
+
+# name -> (ONNX element type, rank) of every stage network input the format knows.
+INPUT_SPECS: dict[str, tuple[str, int]] = {
+    "sample": ("tensor(float)", 4),
+    "timestep": ("tensor(float)", 1),
+    "encoder_hidden_states": ("tensor(float)", 3),
+    "encoder_attention_mask": ("tensor(float)", 2),
+    "class_labels": ("tensor(int64)", 1),
+    "low_res": ("tensor(float)", 4),
+    "noise_level": ("tensor(float)", 1),
+    "mask": ("tensor(float)", 4),
+    "masked_image": ("tensor(float)", 4),
+}
+
+
+class PackageError(ValueError):
+    """A model package is missing, corrupt or inconsistent; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    onnx: Path                 # absolute path of the encoder ONNX file
+    tokenizer: Path            # absolute path of the tokenizers JSON file
+    max_length: int
+    hidden_size: int | None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a cascade, as the manifest describes it (paths made absolute)."""
+
+    index: int
+    name: str
+    onnx: Path
+    resolution: int
+    channels: int
+    conditioning: str                      # "text" | "class" | "none"
+    num_classes: int | None
+    inputs: tuple[str, ...]
+    output: str
+    prediction_type: str
+    scheduler: Mapping[str, Any]           # diffusers-style scheduler config
+    recommended: Mapping[str, Any]
+    low_res_resolution: int | None = None  # super-resolution stages only
+    noise_aug_scheduler: Mapping[str, Any] | None = None
+    noise_aug_level: int | None = None
+
+    @property
+    def is_super_resolution(self) -> bool:
+        return "low_res" in self.inputs
+
+    @property
+    def has_mask_channel(self) -> bool:
+        """An inpainting network that takes `mask` and `masked_image` as inputs."""
+        return "mask" in self.inputs
+
+
+@dataclass(frozen=True)
+class Package:
+    path: Path                             # the package directory (resolved)
+    manifest_path: Path
+    name: str
+    description: str
+    version: int
+    text_encoder: TextEncoderSpec | None
+    stages: tuple[Stage, ...]
+    manifest: Mapping[str, Any] = field(repr=False, compare=False)
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(f"unknown stage {name!r}; this package has {[s.name for s in self.stages]}")
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+
+# --------------------------------------------------------------------------------------------
+# manifest parsing helpers: each takes the key path for its error message
+
+
+class _Ctx:
+    def __init__(self, manifest_path: Path, root: Path):
+        self.file = manifest_path
+        self.root = root
+
+    def error(self, key: str, problem: str) -> PackageError:
+        where = f"{self.file}: {key}: " if key else f"{self.file}: "
+        return PackageError(where + problem)
+
+
+def _typename(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _get(ctx: _Ctx, obj: Mapping, key: str, where: str, *, required: bool = True, default=None):
+    if key not in obj:
+        if required:
+            raise ctx.error(f"{where}.{key}" if where else key, "missing required key")
+        return default
+    return obj[key]
+
+
+def _str(ctx, obj, key, where, *, required=True, default=None, choices=None):
+    v = _get(ctx, obj, key, where, required=required, default=default)
+    k = f"{where}.{key}" if where else key
+    if v is None and not required:
+        return default
+    if not isinstance(v, str):
+        raise ctx.error(k, f"expected a string, got {_typename(v)}")
+    if choices is not None and v not in choices:
+        raise ctx.error(k, f"expected one of {list(choices)}, got {v!r}")
+    return v
+
+
+def _int(ctx, obj, key, where, lo, hi, *, required=True, default=None, nullable=False):
+    v = _get(ctx, obj, key, where, required=required, default=default)
+    k = f"{where}.{key}" if where else key
+    if v is None and (nullable or not required):
+        return None if nullable else default
+    # bool is an int subclass in Python; `true` is not a resolution
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ctx.error(k, f"expected an integer in {lo}..{hi}, got {v!r}")
+    return v
+
+
+def _number(ctx, obj, key, where, lo=-math.inf, hi=math.inf, *, lo_open=False, required=False):
+    v = _get(ctx, obj, key, where, required=required)
+    k = f"{where}.{key}" if where else key
+    if v is None:
+        return None
+    ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+          and (lo < v if lo_open else lo <= v) and v <= hi)
+    if not ok:
+        lo_s = "(" if lo_open else "["
+        raise ctx.error(k, f"expected a finite number in {lo_s}{lo}, {hi}], got {v!r}")
+    return float(v)
+
+
+def _obj(ctx, obj, key, where, *, required=True):
+    v = _get(ctx, obj, key, where, required=required)
+    k = f"{where}.{key}" if where else key
+    if v is None and not required:
+        return None
+    if not isinstance(v, dict):
+        raise ctx.error(k, f"expected an object, got {_typename(v)}")
+    return v
+
+
+def _path(ctx: _Ctx, obj, key, where) -> Path:
+    """A file path relative to the package directory that must stay inside it."""
+    rel = _str(ctx, obj, key, where)
+    k = f"{where}.{key}" if where else key
+    if not rel or "\x00" in rel:
+        raise ctx.error(k, f"expected a relative file path, got {rel!r}")
+    pure = Path(rel.replace("\\", "/"))
+    if pure.is_absolute() or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
+        raise ctx.error(k, f"path {rel!r} must be relative to the package directory")
+    if ".." in pure.parts:
+        raise ctx.error(k, f"path {rel!r} must not contain '..'")
+    full = (ctx.root / pure)
+    real = Path(os.path.realpath(full))
+    if real != ctx.root and ctx.root not in real.parents:
+        raise ctx.error(k, f"path {rel!r} leaves the package directory (through a link)")
+    if not real.exists():
+        raise ctx.error(k, f"file {rel!r} does not exist ({full})")
+    if not real.is_file():
+        raise ctx.error(k, f"{rel!r} is not a regular file ({full})")
+    if real.stat().st_size == 0:
+        raise ctx.error(k, f"file {rel!r} is empty ({full})")
+    return real
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _read_manifest(manifest_path: Path) -> dict:
+    try:
+        size = manifest_path.stat().st_size
+    except OSError as e:
+        raise PackageError(f"{manifest_path}: cannot read the manifest ({e.strerror})") from None
+    if size > MAX_MANIFEST_BYTES:
+        raise PackageError(f"{manifest_path}: manifest is {size} bytes; over the "
+                           f"{MAX_MANIFEST_BYTES}-byte limit")
+    try:
+        text = manifest_path.read_text(encoding="utf-8")
+        data = json.loads(text, parse_constant=_reject_constant)
+    except UnicodeDecodeError as e:
+        raise PackageError(f"{manifest_path}: not UTF-8 text ({e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise PackageError(f"{manifest_path}: invalid JSON at line {e.lineno} column {e.colno}: "
+                           f"{e.msg}") from None
+    except ValueError as e:  # NaN / Infinity literals
+        raise PackageError(f"{manifest_path}: {e}") from None
+    except OSError as e:
+        raise PackageError(f"{manifest_path}: cannot read the manifest ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise PackageError(f"{manifest_path}: expected a JSON object at the top level, "
+                           f"got {_typename(data)}")
+    return data
+
+
+def _scheduler(ctx, obj, key, where, *, required=True) -> dict | None:
+    sch = _obj(ctx, obj, key, where, required=required)
+    if sch is None:
+        return None
+    k = f"{where}.{key}"
+    _int(ctx, sch, "num_train_timesteps", k, 1, 100000, required=False)
+    for name in ("beta_schedule", "prediction_type", "timestep_spacing"):
+        _str(ctx, sch, name, k, required=False)
+    if "prediction_type" in sch:
+        _str(ctx, sch, "prediction_type", k, choices=PREDICTION_TYPES)
+    return dict(sch)
+
+
+def _recommended(ctx, obj, where) -> dict:
+    rec = _obj(ctx, obj, "recommended", where, required=False) or {}
+    k = f"{where}.recommended"
+    _str(ctx, rec, "sampler", k, required=False)
+    _int(ctx, rec, "steps", k, 1, MAX_STEPS, required=False)
+    _number(ctx, rec, "guidance_scale", k)
+    _number(ctx, rec, "eta", k, 0.0)
+    _str(ctx, rec, "thresholding", k, required=False, choices=THRESHOLDINGS)
+    _number(ctx, rec, "dynamic_thresholding_ratio", k, 0.0, 1.0, lo_open=True)
+    _number(ctx, rec, "sample_max_value", k, 0.0, lo_open=True)
+    _number(ctx, rec, "clip_sample_range", k, 0.0, lo_open=True)
+    return dict(rec)
+
+
+def _parse_stage(ctx: _Ctx, raw: Any, i: int, text_encoder: TextEncoderSpec | None,
+                 previous: Stage | None) -> Stage:
+    where = f"stages[{i}]"
+    if not isinstance(raw, dict):
+        raise ctx.error(where, f"expected an object, got {_typename(raw)}")
+    name = _str(ctx, raw, "name", where)
+    if not name or not all(c.isalnum() or c in "_-." for c in name):
+        raise ctx.error(f"{where}.name", f"expected a non-empty name of letters, digits, '_', '-' "
+                                         f"or '.', got {name!r}")
+    onnx_path = _path(ctx, raw, "onnx", where)
+    resolution = _int(ctx, raw, "resolution", where, 1, MAX_RESOLUTION)
+    channels = _int(ctx, raw, "channels", where, 1, MAX_CHANNELS)
+    conditioning = _str(ctx, raw, "conditioning", where, choices=CONDITIONINGS)
+    num_classes = _int(ctx, raw, "num_classes", where, 1, 1 << 30, required=False, nullable=True)
+    if conditioning == "class" and num_classes is None:
+        raise ctx.error(f"{where}.num_classes", 'required (an integer >= 1) with conditioning "class"')
+
+    inputs_raw = _get(ctx, raw, "inputs", where)
+    if not isinstance(inputs_raw, list) or not all(isinstance(x, str) for x in inputs_raw):
+        raise ctx.error(f"{where}.inputs", f"expected a list of input names, got {inputs_raw!r}")
+    inputs = tuple(inputs_raw)
+    for name_ in inputs:
+        if name_ not in INPUT_SPECS:
+            raise ctx.error(f"{where}.inputs", f"unknown input {name_!r}; the format knows "
+                                               f"{list(INPUT_SPECS)}")
+    if len(set(inputs)) != len(inputs):
+        raise ctx.error(f"{where}.inputs", "an input is listed twice")
+    for needed in ("sample", "timestep"):
+        if needed not in inputs:
+            raise ctx.error(f"{where}.inputs", f"must contain {needed!r}")
+    if conditioning == "text":
+        if "encoder_hidden_states" not in inputs:
+            raise ctx.error(f"{where}.inputs", 'conditioning "text" needs "encoder_hidden_states"')
+        if text_encoder is None:
+            raise ctx.error(f"{where}.conditioning", 'is "text" but the package has no text_encoder')
+    elif "encoder_hidden_states" in inputs or "encoder_attention_mask" in inputs:
+        raise ctx.error(f"{where}.inputs", f"text inputs given but conditioning is {conditioning!r}")
+    if (conditioning == "class") != ("class_labels" in inputs):
+        raise ctx.error(f"{where}.inputs", 'conditioning "class" and the input "class_labels" go '
+                                           'together')
+    if ("mask" in inputs) != ("masked_image" in inputs):
+        raise ctx.error(f"{where}.inputs", '"mask" and "masked_image" go together')
+    if ("noise_level" in inputs) and ("low_res" not in inputs):
+        raise ctx.error(f"{where}.inputs", '"noise_level" without "low_res"')
+
+    output = _str(ctx, raw, "output", where)
+    prediction_type = _str(ctx, raw, "prediction_type", where, choices=PREDICTION_TYPES)
+    scheduler = _scheduler(ctx, raw, "scheduler", where)
+    sp = scheduler.get("prediction_type")
+    if sp is not None and sp != prediction_type:
+        raise ctx.error(f"{where}.scheduler.prediction_type",
+                        f"{sp!r} disagrees with {where}.prediction_type {prediction_type!r}")
+    scheduler.setdefault("prediction_type", prediction_type)
+    recommended = _recommended(ctx, raw, where)
+
+    low_res_resolution = aug_sched = aug_level = None
+    if "low_res" in inputs:
+        low_res_resolution = _int(ctx, raw, "low_res_resolution", where, 1, MAX_RESOLUTION)
+        aug = _obj(ctx, raw, "noise_aug", where)
+        aug_sched = _scheduler(ctx, aug, "scheduler", f"{where}.noise_aug")
+        t_max = int(aug_sched.get("num_train_timesteps", 1000))
+        aug_level = _int(ctx, aug, "level", f"{where}.noise_aug", 0, t_max - 1)
+        if previous is not None:
+            if low_res_resolution != previous.resolution:
+                raise ctx.error(f"{where}.low_res_resolution",
+                                f"{low_res_resolution} but the previous stage {previous.name!r} "
+                                f"makes {previous.resolution}x{previous.resolution} images")
+            if previous.channels != 3:
+                raise ctx.error(f"{where}.inputs", f"low_res needs 3 channels but the previous "
+                                                   f"stage {previous.name!r} has {previous.channels}")
+        if low_res_resolution > resolution:
+            raise ctx.error(f"{where}.low_res_resolution",
+                            f"{low_res_resolution} is larger than the stage's resolution {resolution}")
+    elif previous is not None:
+        raise ctx.error(f"{where}.inputs", "a stage after the first must be a super-resolution "
+                                           'stage (inputs "low_res", "noise_level")')
+
+    return Stage(index=i, name=name, onnx=onnx_path, resolution=resolution, channels=channels,
+                 conditioning=conditioning, num_classes=num_classes, inputs=inputs, output=output,
+                 prediction_type=prediction_type, scheduler=scheduler, recommended=recommended,
+                 low_res_resolution=low_res_resolution, noise_aug_scheduler=aug_sched,
+                 noise_aug_level=aug_level)
+
+
+def load_package(path: str | os.PathLike) -> Package:
+    """Read and validate the package directory `path` (or its `manifest.json`)."""
+    p = Path(path)
+    if p.is_file() and p.name == "manifest.json":
+        p = p.parent
+    if not p.exists():
+        raise PackageError(f"{p}: model package directory does not exist")
+    if not p.is_dir():
+        raise PackageError(f"{p}: a model package is a directory with a manifest.json")
+    root = Path(os.path.realpath(p))
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise PackageError(f"{manifest_path}: missing (a model package needs a manifest.json)")
+    data = _read_manifest(manifest_path)
+    ctx = _Ctx(manifest_path, root)
+
+    fmt = _str(ctx, data, "format", "")
+    if fmt != FORMAT:
+        raise ctx.error("format", f"expected {FORMAT!r}, got {fmt!r}")
+    version = _get(ctx, data, "version", "")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ctx.error("version", f"expected an integer, got {_typename(version)}")
+    if version not in SUPPORTED_VERSIONS:
+        raise ctx.error("version", f"unsupported package format version {version}; this pydiff "
+                                   f"reads version(s) {list(SUPPORTED_VERSIONS)}")
+    name = _str(ctx, data, "name", "")
+    description = _str(ctx, data, "description", "", required=False, default="")
+
+    te = None
+    te_raw = _obj(ctx, data, "text_encoder", "", required=False)
+    if te_raw is not None:
+        te = TextEncoderSpec(
+            onnx=_path(ctx, te_raw, "onnx", "text_encoder"),
+            tokenizer=_path(ctx, te_raw, "tokenizer", "text_encoder"),
+            max_length=_int(ctx, te_raw, "max_length", "text_encoder", 1, MAX_TEXT_LENGTH),
+            hidden_size=_int(ctx, te_raw, "hidden_size", "text_encoder", 1, MAX_HIDDEN_SIZE,
+                             required=False, nullable=True),
+            name=_str(ctx, te_raw, "name", "text_encoder", required=False),
+        )
+
+    stages_raw = _get(ctx, data, "stages", "")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise ctx.error("stages", f"expected a non-empty list of stages, got {stages_raw!r:.60}")
+    stages: list[Stage] = []
+    for i, raw in enumerate(stages_raw):
+        st = _parse_stage(ctx, raw, i, te, stages[-1] if stages else None)
+        if any(s.name == st.name for s in stages):
+            raise ctx.error(f"stages[{i}].name", f"duplicate stage name {st.name!r}")
+        stages.append(st)
+    return Package(path=root, manifest_path=manifest_path, name=name, description=description,
+                   version=version, text_encoder=te, stages=tuple(stages), manifest=data)
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX graph checks against the manifest (the backend calls these on its ORT sessions)
+
+
+def _static(d) -> int | None:
+    return d if isinstance(d, int) and not isinstance(d, bool) and d > 0 else None
+
+
+def check_stage_io(package: Package, stage: Stage, session) -> None:
+    """Check an onnxruntime session's inputs/outputs against the stage's manifest entry."""
+    f = stage.onnx
+    where = f"stages[{stage.index}]"
+    got = {i.name: i for i in session.get_inputs()}
+    missing = [n for n in stage.inputs if n not in got]
+    extra = [n for n in got if n not in stage.inputs]
+    if missing or extra:
+        raise PackageError(f"{f}: ONNX inputs {sorted(got)} disagree with {package.manifest_path} "
+                           f"{where}.inputs {list(stage.inputs)}"
+                           + (f" (missing {missing})" if missing else "")
+                           + (f" (not in the manifest {extra})" if extra else ""))
+    for n in stage.inputs:
+        want_type, want_rank = INPUT_SPECS[n]
+        inp = got[n]
+        if inp.type != want_type:
+            raise PackageError(f"{f}: input {n!r} has type {inp.type}, the format needs {want_type} "
+                               f"({package.manifest_path} {where}.inputs)")
+        shape = list(inp.shape) if inp.shape is not None else None
+        if shape is not None and len(shape) != want_rank:
+            raise PackageError(f"{f}: input {n!r} has rank {len(shape)} (shape {shape}), the format "
+                               f"needs rank {want_rank}")
+        if shape is None:
+            continue
+        expect: dict[int, int] = {}
+        if n == "sample":
+            expect = {1: stage.channels, 2: stage.resolution, 3: stage.resolution}
+        elif n in ("low_res", "masked_image"):
+            expect = {1: 3, 2: stage.resolution, 3: stage.resolution}
+        elif n == "mask":
+            expect = {1: 1, 2: stage.resolution, 3: stage.resolution}
+        elif n == "encoder_hidden_states" and package.text_encoder is not None:
+            expect = {1: package.text_encoder.max_length}
+            if package.text_encoder.hidden_size:
+                expect[2] = package.text_encoder.hidden_size
+        elif n == "encoder_attention_mask" and package.text_encoder is not None:
+            expect = {1: package.text_encoder.max_length}
+        for axis, want in expect.items():
+            have = _static(shape[axis])
+            if have is not None and have != want:
+                raise PackageError(f"{f}: input {n!r} has shape {shape}; axis {axis} should be "
+                                   f"{want} per {package.manifest_path} {where}")
+    outs = session.get_outputs()
+    names = [o.name for o in outs]
+    if names != [stage.output]:
+        raise PackageError(f"{f}: ONNX outputs {names} disagree with {package.manifest_path} "
+                           f"{where}.output {stage.output!r} (a stage network has one output)")
+    o = outs[0]
+    if o.type != "tensor(float)":
+        raise PackageError(f"{f}: output {o.name!r} has type {o.type}, expected tensor(float)")
+    if o.shape is not None and len(o.shape) != 4:
+        raise PackageError(f"{f}: output {o.name!r} has shape {list(o.shape)}, expected rank 4 "
+                           f"like 'sample'")
+
+
+def check_text_encoder_io(package: Package, session) -> None:
+    """Check the text encoder session: int64 input_ids/attention_mask -> last_hidden_state."""
+    te = package.text_encoder
+    f = te.onnx
+    got = {i.name: i for i in session.get_inputs()}
+    for n in ("input_ids", "attention_mask"):
+        if n not in got:
+            raise PackageError(f"{f}: the text encoder has no input {n!r} (inputs {sorted(got)})")
+        if got[n].type != "tensor(int64)":
+            raise PackageError(f"{f}: text encoder input {n!r} has type {got[n].type}, "
+                               f"expected tensor(int64)")
+    extra = [n for n in got if n not in ("input_ids", "attention_mask", "token_type_ids")]
+    if extra:
+        raise PackageError(f"{f}: the text encoder has inputs {extra} that the format does not feed")
+    outs = {o.name: o for o in session.get_outputs()}
+    if "last_hidden_state" not in outs:
+        raise PackageError(f"{f}: the text encoder has no output 'last_hidden_state' "
+                           f"(outputs {sorted(outs)})")
+    shape = outs["last_hidden_state"].shape
+    if shape is not None and len(shape) == 3 and te.hidden_size:
+        have = _static(shape[2])
+        if have is not None and have != te.hidden_size:
+            raise PackageError(f"{f}: last_hidden_state has size {have}, but "
+                               f"{package.manifest_path} text_encoder.hidden_size is {te.hidden_size}")
