@@ -1,0 +1,215 @@
+"""Images in and out of the pipeline, with explicit conversions and atomic writes.
+
+Model space is float32 NCHW in [-1, 1] (pixel p in 0..255 maps to p / 127.5 - 1). User images are
+PIL images or NumPy arrays: uint8 HWC (0..255), or float HWC in [0, 1] (what
+`output_type="numpy"` returns). Anything else raises `TypeError`/`ValueError` rather than guess.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["to_model_array", "mask_to_array", "to_pil", "to_numpy", "resize", "make_grid",
+           "atomic_write_bytes", "save_png", "write_json", "upsample_bilinear"]
+
+
+def _pil():
+    from PIL import Image
+
+    return Image
+
+
+def _as_hwc(image, what: str) -> np.ndarray:
+    """PIL / ndarray -> float32 HWC in [0, 1] (channels kept as given)."""
+    Image = _pil()
+    if isinstance(image, (str, os.PathLike)):
+        raise TypeError(f"{what}: expected an image (PIL.Image or numpy array), got a path; "
+                        f"open it with pydiff.imageio.load_image({str(image)!r})")
+    if isinstance(image, Image.Image):
+        mode = image.mode
+        if mode in ("RGB", "L"):
+            arr = np.asarray(image, dtype=np.uint8)
+        elif mode in ("RGBA", "LA", "P", "CMYK", "YCbCr", "1", "I", "I;16", "F"):
+            raise ValueError(f"{what}: PIL image mode {mode!r} is not supported; convert it with "
+                             f"image.convert('RGB') (or 'L' for a grayscale model)")
+        else:
+            raise ValueError(f"{what}: PIL image mode {mode!r} is not supported")
+        arr = arr.astype(np.float32) / 255.0
+    elif isinstance(image, np.ndarray):
+        if image.dtype == np.uint8:
+            arr = image.astype(np.float32) / 255.0
+        elif image.dtype.kind == "f":
+            arr = image.astype(np.float32)
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"{what}: the array contains NaN or infinity")
+            if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
+                raise ValueError(f"{what}: float arrays must be HWC in [0, 1] (got values in "
+                                 f"[{arr.min():.3g}, {arr.max():.3g}]); pass uint8 for 0..255")
+        else:
+            raise TypeError(f"{what}: expected a uint8 or float array, got dtype {image.dtype}")
+    else:
+        raise TypeError(f"{what}: expected a PIL.Image or a numpy array, got {type(image).__name__}")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3:
+        raise ValueError(f"{what}: expected an HxW or HxWxC image, got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{what}: the image is empty (shape {arr.shape})")
+    return arr
+
+
+def to_model_array(image, channels: int = 3, what: str = "image") -> np.ndarray:
+    """One user image -> float32 [1, C, H, W] in [-1, 1]; the channel count must match."""
+    arr = _as_hwc(image, what)
+    c = arr.shape[2]
+    if c != channels:
+        if channels == 3 and c == 1:
+            raise ValueError(f"{what}: expected an RGB image (3 channels), got a grayscale one; "
+                             f"convert it with image.convert('RGB')")
+        raise ValueError(f"{what}: expected {channels} channel(s), got {c} (shape {arr.shape})")
+    return (arr.transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
+
+
+def mask_to_array(mask, what: str = "mask") -> np.ndarray:
+    """A mask (PIL 'L'/'1', bool/uint8/float array HxW; white/1 = generate) -> float32 [1,1,H,W]."""
+    Image = _pil()
+    if isinstance(mask, Image.Image):
+        if mask.mode == "1":
+            mask = mask.convert("L")
+        if mask.mode != "L":
+            raise ValueError(f"{what}: expected a single-channel mask (PIL mode 'L' or '1'), "
+                             f"got mode {mask.mode!r}; convert it with mask.convert('L')")
+        arr = np.asarray(mask, dtype=np.float32) / 255.0
+    elif isinstance(mask, np.ndarray):
+        if mask.dtype == np.bool_:
+            arr = mask.astype(np.float32)
+        elif mask.dtype == np.uint8:
+            arr = mask.astype(np.float32) / 255.0
+        elif mask.dtype.kind == "f":
+            arr = mask.astype(np.float32)
+            if not np.all(np.isfinite(arr)) or (arr.size and (arr.min() < 0 or arr.max() > 1)):
+                raise ValueError(f"{what}: float masks must be in [0, 1]")
+        else:
+            raise TypeError(f"{what}: expected a bool, uint8 or float array, got dtype {mask.dtype}")
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        if arr.ndim != 2:
+            raise ValueError(f"{what}: expected an HxW mask, got shape {mask.shape}")
+    else:
+        raise TypeError(f"{what}: expected a PIL.Image or a numpy array, got {type(mask).__name__}")
+    return arr[None, None]
+
+
+def resize(x: np.ndarray, size: int) -> np.ndarray:
+    """Resize float32 [B, C, H, W] to size x size with PIL's antialiased bicubic, per channel."""
+    B, C, H, W = x.shape
+    if H == size and W == size:
+        return x
+    Image = _pil()
+    out = np.empty((B, C, size, size), np.float32)
+    for b in range(B):
+        for c in range(C):
+            im = Image.fromarray(np.ascontiguousarray(x[b, c], dtype=np.float32), mode="F")
+            out[b, c] = np.asarray(im.resize((size, size), Image.Resampling.BICUBIC), np.float32)
+    return out
+
+
+def upsample_bilinear(x: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of [B, C, h, w] to [B, C, size, size], half-pixel centres, no antialias.
+
+    Same as torch.nn.functional.interpolate(mode="bilinear", align_corners=False) (the model
+    package format's noise-conditioning augmentation input).
+    """
+    B, C, h, w = x.shape
+
+    def axis(n_in, n_out):
+        scale = n_in / n_out
+        src = (np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5
+        src = np.maximum(src, 0.0)           # torch clamps negative source coords to 0
+        i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        frac = (src - i0).astype(np.float32)
+        return i0, i1, frac
+
+    y0, y1, fy = axis(h, size)
+    x0, x1, fx = axis(w, size)
+    x = np.asarray(x, np.float32)
+    rows = x[:, :, y0, :] * (1 - fy)[:, None] + x[:, :, y1, :] * fy[:, None]
+    return (rows[:, :, :, x0] * (1 - fx) + rows[:, :, :, x1] * fx).astype(np.float32)
+
+
+def to_numpy(x: np.ndarray) -> np.ndarray:
+    """Model array [B, C, H, W] in [-1, 1] -> float32 [B, H, W, C] in [0, 1]."""
+    return np.clip((np.asarray(x, np.float32) + 1.0) * 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).copy()
+
+
+def to_pil(x: np.ndarray) -> list:
+    """Model array [B, C, H, W] in [-1, 1] -> list of PIL images (RGB, or L for one channel)."""
+    Image = _pil()
+    u8 = np.round(to_numpy(x) * 255.0).astype(np.uint8)
+    if u8.shape[3] == 1:
+        return [Image.fromarray(a[:, :, 0], mode="L") for a in u8]
+    return [Image.fromarray(a, mode="RGB") for a in u8]
+
+
+def make_grid(images: list, cols: int | None = None, pad: int = 2):
+    """Tile PIL images (same size) into one image, `cols` per row (default about square)."""
+    Image = _pil()
+    if not images:
+        raise ValueError("make_grid: no images")
+    n = len(images)
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    w, h = images[0].size
+    grid = Image.new(images[0].mode, (cols * w + (cols - 1) * pad, rows * h + (rows - 1) * pad))
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid.paste(im, (c * (w + pad), r * (h + pad)))
+    return grid
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same directory and os.replace.
+
+    Readers see either the old file or the complete new one, never a half-written file.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_png(image, path) -> None:
+    """Save a PIL image as PNG, atomically."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_json(obj, path) -> None:
+    """Write JSON atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
+
+
+def load_image(path):
+    """Open an image file fully (the file is closed afterwards)."""
+    Image = _pil()
+    with Image.open(path) as im:
+        im.load()
+        return im.copy()

@@ -1,0 +1,70 @@
+"""The cascaded pipeline and the module-level API (`pydiff.generate`, ...).
+
+The module-level functions run on a pipeline cached per (package path, backend); `model=` picks
+the package (a path or a `Pipeline`), default the bundled `shapes` cascade.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from ..package import Package, PackageError, load_package
+from .pipeline import Pipeline, bundled_packages, bundled_path
+
+__all__ = ["Pipeline", "load", "generate", "inpaint", "img2img", "upscale", "PackageError",
+           "load_package", "bundled_path", "bundled_packages", "clear_cache"]
+
+_cache: dict[tuple[str, str], Pipeline] = {}
+_cache_lock = threading.Lock()
+
+
+def load(path=None, backend: str = "auto", **backend_options) -> Pipeline:
+    """A new pipeline for the model package at `path` (None: the bundled shapes cascade)."""
+    return Pipeline(path, backend=backend, **backend_options)
+
+
+def _pipeline(model, backend="auto") -> Pipeline:
+    if isinstance(model, Pipeline):
+        return model
+    if model is None:
+        path = bundled_path("shapes")
+    elif isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.exists() and (bundled_path(str(model)) / "manifest.json").is_file():
+            path = bundled_path(str(model))          # a bundled package by name: "digits"
+    else:
+        raise TypeError(f"model must be a package path, a bundled package name or a Pipeline, "
+                        f"got {type(model).__name__}")
+    key = (os.path.realpath(path), str(backend))
+    with _cache_lock:
+        pipe = _cache.get(key)
+        if pipe is None:
+            pipe = _cache[key] = Pipeline(path, backend=backend)
+        return pipe
+
+
+def clear_cache() -> None:
+    """Forget the cached default pipelines."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def generate(prompt=None, *, model=None, backend="auto", **kwargs):
+    """`Pipeline.generate` on the cached pipeline for `model` (default: bundled shapes)."""
+    return _pipeline(model, backend).generate(prompt, **kwargs)
+
+
+def inpaint(image, mask, prompt=None, *, model=None, backend="auto", **kwargs):
+    """`Pipeline.inpaint` on the cached pipeline for `model`."""
+    return _pipeline(model, backend).inpaint(image, mask, prompt, **kwargs)
+
+
+def img2img(image, prompt=None, *, model=None, backend="auto", **kwargs):
+    """`Pipeline.img2img` on the cached pipeline for `model`."""
+    return _pipeline(model, backend).img2img(image, prompt, **kwargs)
+
+
+def upscale(image, prompt=None, *, model=None, backend="auto", **kwargs):
+    """`Pipeline.upscale` on the cached pipeline for `model`."""
+    return _pipeline(model, backend).upscale(image, prompt, **kwargs)

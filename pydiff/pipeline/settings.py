@@ -1,0 +1,178 @@
+"""Per-stage sampling settings: manifest recommendations, overridden per call, validated up front."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..package import MAX_STEPS, THRESHOLDINGS, Package, Stage
+
+# Used when a manifest's `recommended` block leaves a key out.
+FALLBACK = {"sampler": "ddim", "steps": 25, "guidance_scale": 1.0, "eta": 0.0,
+            "thresholding": "none", "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0,
+            "clip_sample_range": 1.0}
+KNOWN_SAMPLERS_FALLBACK = ("ddpm", "ddim", "dpmpp_2m")
+
+
+def known_samplers() -> tuple[str, ...]:
+    """Sampler names of the core (pydiff.samplers.SAMPLERS when it says), else the contract's."""
+    try:
+        from .. import samplers as _s
+
+        names = getattr(_s, "SAMPLERS", None) or getattr(_s, "SAMPLER_NAMES", None)
+        if names:
+            return tuple(names)
+    except ImportError:
+        pass
+    return KNOWN_SAMPLERS_FALLBACK
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    sampler: str
+    steps: int
+    guidance_scale: np.ndarray       # float32 [B] per-sample scales
+    eta: float
+    thresholding: str                # "none" | "static" | "dynamic"
+    dynamic_thresholding_ratio: float
+    sample_max_value: float
+    clip_sample_range: float
+    noise_aug_level: int | None      # super-resolution stages only
+    strength: float | None = None    # img2img only
+
+    @property
+    def uses_guidance(self) -> bool:
+        return bool(np.any(self.guidance_scale != 1.0))
+
+    def as_dict(self) -> dict:
+        g = self.guidance_scale
+        d = {"sampler": self.sampler, "steps": self.steps,
+             "guidance_scale": float(g[0]) if np.all(g == g[0]) else [float(v) for v in g],
+             "eta": self.eta, "thresholding": self.thresholding}
+        if self.thresholding == "dynamic":
+            d["dynamic_thresholding_ratio"] = self.dynamic_thresholding_ratio
+            d["sample_max_value"] = self.sample_max_value
+        elif self.thresholding == "static":
+            d["clip_sample_range"] = self.clip_sample_range
+        if self.noise_aug_level is not None:
+            d["noise_aug_level"] = self.noise_aug_level
+        if self.strength is not None:
+            d["strength"] = self.strength
+        return d
+
+
+def per_stage(value: Any, what: str, package: Package, stages: list[Stage]) -> dict[str, Any]:
+    """A setting given once for all stages, or as a dict keyed by stage name -> {stage: value}."""
+    names = [s.name for s in stages]
+    if isinstance(value, Mapping):
+        unknown = [k for k in value if k not in package.stage_names]
+        if unknown:
+            raise ValueError(f"{what}: unknown stage {unknown[0]!r}; this package's stages are "
+                             f"{package.stage_names}")
+        not_run = [k for k in value if k not in names]
+        if not_run:
+            raise ValueError(f"{what}: stage {not_run[0]!r} does not run in this call "
+                             f"(stages run: {names})")
+        return {n: value.get(n) for n in names}
+    return {n: value for n in names}
+
+
+def _finite(v, what) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{what}: expected a number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{what}: must be finite, got {v}")
+    return v
+
+
+def guidance_array(value, what: str, n_prompts: int, num_images: int) -> np.ndarray:
+    """A scale, or one per prompt, or one per image -> float32 [n_prompts * num_images]."""
+    B = n_prompts * num_images
+    if isinstance(value, (list, tuple, np.ndarray)):
+        vals = [_finite(v, f"{what}[{i}]") for i, v in enumerate(np.asarray(value).ravel().tolist())]
+        if len(vals) == n_prompts:
+            return np.repeat(np.asarray(vals, np.float32), num_images)
+        if len(vals) == B:
+            return np.asarray(vals, np.float32)
+        raise ValueError(f"{what}: {len(vals)} guidance scales for {n_prompts} prompt(s) x "
+                         f"{num_images} image(s); give one, one per prompt or one per image")
+    return np.full(B, _finite(value, what), np.float32)
+
+
+def resolve(package: Package, stages: list[Stage], *, n_prompts: int, num_images: int,
+            steps=None, sampler=None, guidance_scale=None, thresholding=None, eta=None,
+            noise_aug_level=None, strength=None) -> dict[str, StageSettings]:
+    """Merge per-call settings with each stage's `recommended`, validating every value."""
+    steps_ = per_stage(steps, "steps", package, stages)
+    sampler_ = per_stage(sampler, "sampler", package, stages)
+    guid_ = per_stage(guidance_scale, "guidance_scale", package, stages)
+    thr_ = per_stage(thresholding, "thresholding", package, stages)
+    eta_ = per_stage(eta, "eta", package, stages)
+    aug_ = per_stage(noise_aug_level, "noise_aug_level", package, stages)
+    str_ = per_stage(strength, "strength", package, stages)
+    samplers = known_samplers()
+    out: dict[str, StageSettings] = {}
+    for st in stages:
+        rec = {**FALLBACK, **dict(st.recommended)}
+        n = st.name
+
+        s = sampler_[n] if sampler_[n] is not None else rec["sampler"]
+        if not isinstance(s, str):
+            raise TypeError(f"sampler for stage {n!r}: expected a name, got {type(s).__name__}")
+        if s not in samplers:
+            raise ValueError(f"unknown sampler {s!r} for stage {n!r}; choose one of {list(samplers)}")
+
+        k = steps_[n] if steps_[n] is not None else rec["steps"]
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"steps for stage {n!r}: expected an integer, got {k!r}")
+        T = int(st.scheduler.get("num_train_timesteps", 1000))
+        if not 1 <= int(k) <= min(MAX_STEPS, T):
+            raise ValueError(f"steps for stage {n!r} must be in 1..{min(MAX_STEPS, T)}, got {k}")
+
+        g = guid_[n] if guid_[n] is not None else rec["guidance_scale"]
+        g = guidance_array(g, f"guidance_scale for stage {n!r}", n_prompts, num_images)
+
+        e = _finite(eta_[n] if eta_[n] is not None else rec["eta"], f"eta for stage {n!r}")
+        if e < 0:
+            raise ValueError(f"eta for stage {n!r} must be >= 0, got {e}")
+
+        th = thr_[n] if thr_[n] is not None else rec["thresholding"]
+        if th is True:
+            th = "dynamic"
+        elif th is False:
+            th = "none"
+        if th not in THRESHOLDINGS:
+            raise ValueError(f"thresholding for stage {n!r}: expected one of {list(THRESHOLDINGS)} "
+                             f"or a bool, got {th!r}")
+
+        lvl = None
+        if st.is_super_resolution:
+            lvl = aug_[n] if aug_[n] is not None else st.noise_aug_level
+            T_aug = int(st.noise_aug_scheduler.get("num_train_timesteps", 1000))
+            if isinstance(lvl, bool) or not isinstance(lvl, (int, np.integer)) or not 0 <= lvl < T_aug:
+                raise ValueError(f"noise_aug_level for stage {n!r} must be an integer in "
+                                 f"0..{T_aug - 1}, got {lvl!r}")
+            lvl = int(lvl)
+        elif isinstance(noise_aug_level, Mapping) and noise_aug_level.get(n) is not None:
+            raise ValueError(f"noise_aug_level: stage {n!r} is not a super-resolution stage")
+
+        sv = None
+        if strength is not None:
+            sv = str_[n] if str_[n] is not None else 1.0
+            sv = _finite(sv, f"strength for stage {n!r}")
+            if not 0.0 < sv <= 1.0:
+                raise ValueError(f"strength for stage {n!r} must be in (0, 1], got {sv}")
+            if int(int(k) * sv) < 1:
+                raise ValueError(f"strength {sv} with {k} steps runs no step for stage {n!r}; "
+                                 f"raise strength or steps")
+
+        out[n] = StageSettings(
+            sampler=s, steps=int(k), guidance_scale=g, eta=e, thresholding=th,
+            dynamic_thresholding_ratio=_finite(rec["dynamic_thresholding_ratio"], "ratio"),
+            sample_max_value=_finite(rec["sample_max_value"], "sample_max_value"),
+            clip_sample_range=_finite(rec["clip_sample_range"], "clip_sample_range"),
+            noise_aug_level=lvl, strength=sv)
+    return out
