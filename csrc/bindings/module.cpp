@@ -1,0 +1,222 @@
+// The single Python module, pydiff._C: array views, their validation, and the GIL.
+// Nothing here casts or copies: a wrong dtype, shape or layout is an error naming the argument.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <atomic>
+#include <string>
+#include <vector>
+
+#include "ops/ops.h"
+
+namespace py = pybind11;
+using namespace pydiff;
+
+namespace {
+
+std::atomic<int> g_num_threads{0};  // 0: OpenMP's default
+
+int num_threads() {
+  const int n = g_num_threads.load();
+  return n > 0 ? n : default_num_threads();
+}
+
+struct View {
+  float* ptr = nullptr;
+  std::vector<int64_t> shape;
+  int64_t size = 0;
+};
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "(";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + (s.size() == 1 ? ",)" : ")");
+}
+
+View view_f32(py::handle obj, const char* name, bool writable) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(std::string(name) + " must be a numpy.ndarray of float32, got " +
+                         std::string(py::str(py::type::of(obj).attr("__name__"))));
+  auto arr = py::reinterpret_borrow<py::array>(obj);
+  if (!arr.dtype().is(py::dtype::of<float>()))
+    throw py::type_error(std::string(name) + " must have dtype float32, got " +
+                         std::string(py::str(arr.dtype())));
+  if (!(arr.flags() & py::array::c_style))
+    throw py::value_error(std::string(name) + " must be C-contiguous (use numpy.ascontiguousarray)");
+  if (!(arr.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) throw py::value_error(std::string(name) + " must be aligned");
+  if (writable && !arr.writeable()) throw py::value_error(std::string(name) + " must be writeable");
+  View v;
+  v.ptr = static_cast<float*>(arr.mutable_data());
+  for (py::ssize_t i = 0; i < arr.ndim(); ++i) v.shape.push_back(arr.shape(i));
+  v.size = arr.size();
+  return v;
+}
+
+void require_shape(const View& v, const std::vector<int64_t>& shape, const char* name,
+                   const char* what) {
+  if (v.shape != shape)
+    throw py::value_error(std::string(name) + " must have shape " + shape_str(shape) + " (" + what +
+                          "), got " + shape_str(v.shape));
+}
+
+// Elementwise kernels tolerate an output that is exactly an input (same index), not a shifted overlap.
+void require_no_partial_overlap(const View& a, const char* an, const float* b, int64_t bsize,
+                                const char* bn) {
+  const float *a0 = a.ptr, *a1 = a.ptr + a.size, *b0 = b, *b1 = b + bsize;
+  if (a.size && bsize && a0 < b1 && b0 < a1 && a0 != b0)
+    throw py::value_error(std::string(an) + " partially overlaps " + bn);
+}
+
+int64_t fused_step(py::handle x_, py::handle model_output_, py::handle out_, const StepParams& p,
+                   bool guided, float guidance_scale, py::handle scales_, py::handle x0_prev_,
+                   py::handle x0_out_, py::handle thresholds_) {
+  const View x = view_f32(x_, "x", false);
+  const View mo = view_f32(model_output_, "model_output", false);
+  const View out = view_f32(out_, "out", true);
+  if (x.shape.empty()) throw py::value_error("x must have a batch dimension, got a scalar");
+  const int64_t B = x.shape[0];
+  const int64_t n = B ? x.size / B : 0;
+  std::vector<int64_t> mo_shape = x.shape;
+  if (guided) mo_shape[0] = 2 * B;
+  require_shape(mo, mo_shape, "model_output",
+                guided ? "the stacked [cond; uncond] batch" : "the same as x");
+  require_shape(out, x.shape, "out", "the same as x");
+  require_no_partial_overlap(out, "out", x.ptr, x.size, "x");
+  require_no_partial_overlap(out, "out", mo.ptr, B * n, "model_output");
+  if (guided) require_no_partial_overlap(out, "out", mo.ptr + B * n, B * n, "model_output");
+
+  StepArrays a;
+  a.x = x.ptr;
+  a.cond = mo.ptr;
+  a.uncond = guided ? mo.ptr + B * n : nullptr;
+  a.scale = guidance_scale;
+  a.out = out.ptr;
+  a.batch = B;
+  a.n = n;
+  if (!scales_.is_none()) {
+    const View s = view_f32(scales_, "guidance_scale", false);
+    require_shape(s, {B}, "guidance_scale", "one scale per sample");
+    a.scales = s.ptr;
+  }
+  if (!x0_prev_.is_none()) {
+    const View v = view_f32(x0_prev_, "x0_prev", false);
+    require_shape(v, x.shape, "x0_prev", "the same as x");
+    a.x0_prev = v.ptr;
+  } else if (p.c_d != 0.0f) {
+    throw py::value_error("x0_prev is required when c_d != 0 (a multistep update)");
+  }
+  if (!x0_out_.is_none()) {
+    const View v = view_f32(x0_out_, "x0_out", true);
+    require_shape(v, x.shape, "x0_out", "the same as x");
+    require_no_partial_overlap(v, "x0_out", out.ptr, out.size, "out");
+    a.x0_out = v.ptr;
+  }
+  if (!thresholds_.is_none()) {
+    const View v = view_f32(thresholds_, "thresholds", true);
+    require_shape(v, {B}, "thresholds", "one per sample");
+    a.thresholds = v.ptr;
+  }
+  if (p.prediction_type < kEpsilon || p.prediction_type > kVPrediction)
+    throw py::value_error("prediction_type must be 0 (epsilon), 1 (sample) or 2 (v_prediction)");
+  if (p.threshold_mode < kNoThreshold || p.threshold_mode > kDynamic)
+    throw py::value_error("threshold_mode must be 0 (none), 1 (static) or 2 (dynamic)");
+  if (p.threshold_mode == kDynamic && !(p.dynamic_ratio > 0.0f && p.dynamic_ratio <= 1.0f))
+    throw py::value_error("dynamic_thresholding_ratio must be in (0, 1]");
+  if (p.threshold_mode == kDynamic && !(p.sample_max_value >= 1.0f))
+    throw py::value_error("sample_max_value must be >= 1");
+  const int nt = num_threads();
+  py::gil_scoped_release nogil;
+  return fused_step_cpu(a, p, nt);
+}
+
+void cfg_mix(py::handle cond_, py::handle uncond_, py::handle out_, float scale, py::handle scales_) {
+  const View c = view_f32(cond_, "cond", false);
+  const View u = view_f32(uncond_, "uncond", false);
+  const View out = view_f32(out_, "out", true);
+  if (c.shape.empty()) throw py::value_error("cond must have a batch dimension, got a scalar");
+  require_shape(u, c.shape, "uncond", "the same as cond");
+  require_shape(out, c.shape, "out", "the same as cond");
+  require_no_partial_overlap(out, "out", c.ptr, c.size, "cond");
+  require_no_partial_overlap(out, "out", u.ptr, u.size, "uncond");
+  const int64_t B = c.shape[0], n = B ? c.size / B : 0;
+  const float* scales = nullptr;
+  if (!scales_.is_none()) {
+    const View s = view_f32(scales_, "scale", false);
+    require_shape(s, {B}, "scale", "one scale per sample");
+    scales = s.ptr;
+  }
+  const int nt = num_threads();
+  py::gil_scoped_release nogil;
+  cfg_mix_cpu(c.ptr, u.ptr, scales, scale, out.ptr, B, n, nt);
+}
+
+void abs_quantile(py::handle x_, py::handle out_, float q, float max_value, bool clamp) {
+  const View x = view_f32(x_, "x", false);
+  const View out = view_f32(out_, "out", true);
+  if (x.shape.empty()) throw py::value_error("x must have a batch dimension, got a scalar");
+  const int64_t B = x.shape[0], n = B ? x.size / B : 0;
+  require_shape(out, {B}, "out", "one value per sample");
+  if (!(q > 0.0f && q <= 1.0f)) throw py::value_error("ratio must be in (0, 1]");
+  if (clamp && !(max_value >= 1.0f)) throw py::value_error("sample_max_value must be >= 1");
+  if (n == 0 && B > 0) throw py::value_error("x has no elements per sample: the quantile is undefined");
+  const int nt = num_threads();
+  py::gil_scoped_release nogil;
+  abs_quantile_cpu(x.ptr, q, max_value, clamp, out.ptr, B, n, nt);
+}
+
+void randn(py::handle out_, uint64_t seed, uint32_t step, int64_t offset) {
+  const View out = view_f32(out_, "out", true);
+  if (offset < 0) throw py::value_error("offset must be >= 0");
+  const int nt = num_threads();
+  py::gil_scoped_release nogil;
+  randn_cpu(seed, step, offset, out.ptr, out.size, nt);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pydiff's native step kernels (CPU twin)";
+
+  py::class_<StepParams>(m, "StepParams")
+      .def(py::init([]() {
+        StepParams p{};
+        p.alpha = 1.0f;
+        p.sigma = 0.0f;
+        p.clip_range = 1.0f;
+        p.dynamic_ratio = 0.995f;
+        p.sample_max_value = 1.0f;
+        return p;
+      }))
+      .def_readwrite("alpha", &StepParams::alpha)
+      .def_readwrite("sigma", &StepParams::sigma)
+      .def_readwrite("prediction_type", &StepParams::prediction_type)
+      .def_readwrite("threshold_mode", &StepParams::threshold_mode)
+      .def_readwrite("clip_range", &StepParams::clip_range)
+      .def_readwrite("dynamic_ratio", &StepParams::dynamic_ratio)
+      .def_readwrite("sample_max_value", &StepParams::sample_max_value)
+      .def_readwrite("use_clipped_eps", &StepParams::use_clipped_eps)
+      .def_readwrite("c_x", &StepParams::c_x)
+      .def_readwrite("c_x0", &StepParams::c_x0)
+      .def_readwrite("c_eps", &StepParams::c_eps)
+      .def_readwrite("c_d", &StepParams::c_d)
+      .def_readwrite("c_noise", &StepParams::c_noise)
+      .def_readwrite("seed", &StepParams::seed)
+      .def_readwrite("noise_step", &StepParams::noise_step);
+
+  m.def("fused_step", &fused_step, py::arg("x"), py::arg("model_output"), py::arg("out"),
+        py::arg("params"), py::arg("guided") = false, py::arg("guidance_scale") = 1.0f,
+        py::arg("scales") = py::none(), py::arg("x0_prev") = py::none(),
+        py::arg("x0_out") = py::none(), py::arg("thresholds") = py::none(),
+        "One fused denoising step; returns how many elements had a non-finite input or output.");
+  m.def("cfg_mix", &cfg_mix, py::arg("cond"), py::arg("uncond"), py::arg("out"),
+        py::arg("scale") = 1.0f, py::arg("scales") = py::none());
+  m.def("abs_quantile", &abs_quantile, py::arg("x"), py::arg("out"), py::arg("q"),
+        py::arg("max_value") = 1.0f, py::arg("clamp") = false);
+  m.def("randn", &randn, py::arg("out"), py::arg("seed"), py::arg("step"), py::arg("offset") = 0);
+  m.def("set_num_threads", [](int n) {
+    if (n < 0) throw py::value_error("num_threads must be >= 0 (0: the OpenMP default)");
+    g_num_threads.store(n);
+  });
+  m.def("get_num_threads", &num_threads);
+  m.attr("cuda_available") = false;
+}

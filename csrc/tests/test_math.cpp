@@ -1,0 +1,99 @@
+// C++ unit tests of csrc/math and the CPU ops (ctest). The NumPy oracle covers the rest.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "math/philox.h"
+#include "math/step.h"
+#include "ops/ops.h"
+
+using namespace pydiff;
+
+static int failures = 0;
+#define CHECK(cond, ...)                              \
+  do {                                                \
+    if (!(cond)) {                                    \
+      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+      std::printf(__VA_ARGS__);                       \
+      std::printf("\n");                              \
+      ++failures;                                     \
+    }                                                 \
+  } while (0)
+
+static void test_philox_known_answer() {
+  // Known-answer vector of Random123's kat_vectors: philox4x32 10 rounds, all-ones counter and key.
+  const U32x4 r = philox4x32_10(0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu,
+                                0xffffffffu);
+  CHECK(r.v[0] == 0x408f276du && r.v[1] == 0x41c83b0eu && r.v[2] == 0xa20bc7c6u &&
+            r.v[3] == 0x6d5451fdu,
+        "philox KAT mismatch: %08x %08x %08x %08x", r.v[0], r.v[1], r.v[2], r.v[3]);
+  const U32x4 z = philox4x32_10(0, 0, 0, 0, 0, 0);
+  CHECK(z.v[0] == 0x6627e8d5u && z.v[1] == 0xe169c58du && z.v[2] == 0xbc57ac4cu &&
+            z.v[3] == 0x9b00dbd8u,
+        "philox zero KAT mismatch: %08x %08x %08x %08x", z.v[0], z.v[1], z.v[2], z.v[3]);
+}
+
+static void test_log_and_sincos() {
+  double worst_log = 0, worst_trig = 0;
+  for (uint32_t k = 1; k <= (1u << 24); k += 997) {
+    const float u = float(k) * 5.9604644775390625e-08f;
+    worst_log = std::max(worst_log, std::fabs(double(log_unit(u)) - std::log(double(u))));
+    float c, s;
+    sincos_2pi(float(k - 1) * 5.9604644775390625e-08f, c, s);
+    const double a = 2 * M_PI * double(k - 1) * 5.9604644775390625e-08;
+    worst_trig = std::max({worst_trig, std::fabs(c - std::cos(a)), std::fabs(s - std::sin(a))});
+  }
+  CHECK(worst_log < 2e-6, "log_unit error %g", worst_log);
+  CHECK(worst_trig < 1e-6, "sincos_2pi error %g", worst_trig);
+}
+
+static void test_normal_moments() {
+  const int64_t n = 1 << 20;
+  std::vector<float> z(n);
+  randn_cpu(1234, 7, 0, z.data(), n, 2);
+  double m = 0, v = 0;
+  for (float x : z) m += x;
+  m /= n;
+  for (float x : z) v += (x - m) * (x - m);
+  v /= n;
+  CHECK(std::fabs(m) < 5.0 / std::sqrt(double(n)), "mean %g", m);
+  CHECK(std::fabs(v - 1) < 0.01, "variance %g", v);
+  // Any offset and thread count gives the same values.
+  std::vector<float> part(1000);
+  randn_cpu(1234, 7, 333, part.data(), 1000, 1);
+  CHECK(std::equal(part.begin(), part.end(), z.begin() + 333), "offset noise differs");
+}
+
+static void test_quantile_selection() {
+  std::mt19937 gen(5);
+  std::normal_distribution<float> nd(0.0f, 1.3f);
+  for (int64_t n : {1, 2, 3, 7, 100, 4097, 100000}) {
+    std::vector<float> x(n);
+    for (auto& v : x) v = nd(gen);
+    std::vector<float> a(n);
+    for (int64_t i = 0; i < n; ++i) a[i] = std::fabs(x[i]);
+    std::sort(a.begin(), a.end());
+    for (float q : {0.5f, 0.9f, 0.995f, 1.0f}) {
+      int64_t lo, hi;
+      float w;
+      quantile_rank(q, n, lo, hi, w);
+      const float want = torch_lerp(a[lo], a[hi], w);
+      float got;
+      abs_quantile_cpu(x.data(), q, 1.0f, false, &got, 1, n, 1);
+      CHECK(got == want, "quantile n=%lld q=%g: %.9g vs %.9g", (long long)n, q, got, want);
+      abs_quantile_cpu(x.data(), q, 1.7f, true, &got, 1, n, 1);
+      CHECK(got == clamp_threshold(want, 1.7f), "clamped quantile n=%lld q=%g", (long long)n, q);
+    }
+  }
+}
+
+int main() {
+  test_philox_known_answer();
+  test_log_and_sincos();
+  test_normal_moments();
+  test_quantile_selection();
+  std::printf("%s (%d failures)\n", failures ? "FAILED" : "OK", failures);
+  return failures ? 1 : 0;
+}

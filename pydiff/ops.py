@@ -1,0 +1,163 @@
+"""Typed wrappers over the native step kernels (pydiff._C), with shapes in the docstrings.
+
+Arrays are float32 and C-contiguous: NumPy arrays, or anything that exports DLPack on the CPU
+(a torch CPU tensor, say), taken zero-copy. Nothing is cast: a wrong dtype is a TypeError, a wrong
+shape or layout a ValueError, each naming the argument. Results go into ``out=`` when given.
+The NumPy oracles with the same names live in pydiff.reference.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    from pydiff import _C
+except ImportError as e:  # pragma: no cover - only without a build
+    _C = None
+    _IMPORT_ERROR = e
+
+EPSILON, SAMPLE, V_PREDICTION = 0, 1, 2
+NO_THRESHOLD, STATIC_CLIP, DYNAMIC = 0, 1, 2
+PREDICTION_CODES = {"epsilon": EPSILON, "sample": SAMPLE, "v_prediction": V_PREDICTION}
+
+
+def native_available() -> bool:
+    """Whether the compiled CPU kernels are importable."""
+    return _C is not None
+
+
+def cuda_available() -> bool:
+    """Whether the CUDA twin was built and imported (never probes a GPU)."""
+    return False
+
+
+def _native():
+    if _C is None:
+        raise ImportError(f"pydiff's native module is not built: {_IMPORT_ERROR}")
+    return _C
+
+
+def as_array(obj, name: str) -> np.ndarray:
+    """A NumPy view of obj: an ndarray as is, a DLPack CPU tensor zero-copy; anything else is a TypeError."""
+    if isinstance(obj, np.ndarray):
+        return obj
+    if hasattr(obj, "__dlpack__"):
+        try:
+            return np.from_dlpack(obj)
+        except (RuntimeError, BufferError, TypeError) as e:
+            raise TypeError(f"{name}: cannot view this {type(obj).__name__} on the CPU via DLPack ({e})") from None
+    raise TypeError(f"{name} must be a float32 numpy.ndarray or a DLPack CPU tensor, got {type(obj).__name__}")
+
+
+def _out(out, like: np.ndarray, shape=None) -> np.ndarray:
+    if out is None:
+        return np.empty(like.shape if shape is None else shape, np.float32)
+    return as_array(out, "out")
+
+
+def _scales(scale):
+    """(scalar, per-sample array or None) from a guidance scale given as a number or [B] values."""
+    if np.ndim(scale) == 0:
+        s = float(scale)
+        if not np.isfinite(s):
+            raise ValueError(f"guidance scale must be finite, got {s}")
+        return s, None
+    arr = as_array(scale, "guidance_scale") if not isinstance(scale, (list, tuple)) else np.asarray(scale, np.float32)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("guidance scales must be finite")
+    return 1.0, arr
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the CPU kernels use (0: OpenMP's default, i.e. OMP_NUM_THREADS or the core count)."""
+    _native().set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    return _native().get_num_threads()
+
+
+def cfg_mix(cond, uncond, scale=1.0, *, out=None) -> np.ndarray:
+    """Classifier-free guidance: uncond + scale * (cond - uncond). cond, uncond [B, ...]; scale a number or [B]."""
+    cond, uncond = as_array(cond, "cond"), as_array(uncond, "uncond")
+    s, scales = _scales(scale)
+    res = _out(out, cond)
+    _native().cfg_mix(cond, uncond, res, s, scales)
+    return res
+
+
+def abs_quantile(x, q: float, *, out=None) -> np.ndarray:
+    """Per-sample q-quantile of |x|, exactly torch.quantile(|x|.flatten(1), q, dim=1) (linear). x [B, ...] -> [B]."""
+    x = as_array(x, "x")
+    res = _out(out, x, (x.shape[0],) if x.ndim else ())
+    _native().abs_quantile(x, res, float(q), 1.0, False)
+    return res
+
+
+def dynamic_threshold(x0, ratio: float = 0.995, sample_max_value: float = 1.0, *, out=None):
+    """Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3), as diffusers' ``_threshold_sample``.
+
+    s = clamp(quantile(|x0|, ratio), 1, sample_max_value) per sample; returns
+    (clip(x0, -s, s) / s  [B, ...], s  [B]).
+    """
+    x0 = as_array(x0, "x0")
+    res = _out(out, x0)
+    s = np.empty(x0.shape[0] if x0.ndim else 0, np.float32)
+    p = step_params(threshold_mode=DYNAMIC, dynamic_ratio=ratio, sample_max_value=sample_max_value,
+                    prediction_type=SAMPLE, alpha=1.0, sigma=1.0, c_x0=1.0)
+    _native().fused_step(x0, x0, res, p, thresholds=s)
+    return res, s
+
+
+def predict_x0(x, model_output, alpha: float, sigma: float, prediction_type: str = "epsilon", *, out=None):
+    """x0 from a network output, with x_t = alpha x0 + sigma eps (alpha = sqrt(abar_t)). x, model_output [B, ...]."""
+    x, mo = as_array(x, "x"), as_array(model_output, "model_output")
+    res = _out(out, x)
+    p = step_params(prediction_type=_prediction_code(prediction_type), alpha=alpha, sigma=sigma, c_x0=1.0)
+    _native().fused_step(x, mo, res, p)
+    return res
+
+
+def randn(shape, seed: int, step: int = 0, *, offset: int = 0, out=None) -> np.ndarray:
+    """Standard normals of the in-kernel noise stream (seed, step): Philox4x32-10 + Box-Muller.
+
+    Element e (C order) is the same whatever the thread count, offset or device.
+    """
+    res = np.empty(shape, np.float32) if out is None else as_array(out, "out")
+    _native().randn(res, int(seed) & (2**64 - 1), int(step) & 0xFFFFFFFF, int(offset))
+    return res
+
+
+def _prediction_code(prediction_type) -> int:
+    if isinstance(prediction_type, str):
+        if prediction_type not in PREDICTION_CODES:
+            raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_CODES)}")
+        return PREDICTION_CODES[prediction_type]
+    return int(prediction_type)
+
+
+def step_params(**fields):
+    """A pydiff._C.StepParams with the given fields (the rest: identity update, no threshold)."""
+    p = _native().StepParams()
+    for k, v in fields.items():
+        setattr(p, k, v)
+    return p
+
+
+def fused_step(x, model_output, params, *, guidance_scale=None, x0_prev=None, x0_out=None,
+               thresholds=None, out=None) -> tuple[np.ndarray, int]:
+    """One fused denoising step (guidance mix, conversion, thresholding, update, noise).
+
+    x [B, ...]; model_output [B, ...], or [2B, ...] = [cond; uncond] when guidance_scale is given
+    (a number or [B]); x0_prev/x0_out [B, ...] for multistep solvers; thresholds [B] receives the
+    dynamic threshold. Returns (x_prev [B, ...], number of non-finite inputs/outputs).
+    """
+    x, mo = as_array(x, "x"), as_array(model_output, "model_output")
+    res = _out(out, x)
+    guided = guidance_scale is not None
+    s, scales = _scales(guidance_scale if guided else 1.0)
+    bad = _native().fused_step(
+        x, mo, res, params, guided=guided, guidance_scale=s, scales=scales,
+        x0_prev=None if x0_prev is None else as_array(x0_prev, "x0_prev"),
+        x0_out=None if x0_out is None else as_array(x0_out, "x0_out"),
+        thresholds=None if thresholds is None else as_array(thresholds, "thresholds"))
+    return res, bad

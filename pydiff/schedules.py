@@ -1,0 +1,202 @@
+"""Noise schedules in diffusers' vocabulary (``scheduler_config.json``) and timestep spacing."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+VARIANCE_TYPES = ("fixed_small", "fixed_large")
+
+# Keys of diffusers' DDPM / DDIM / DPM-Solver configs that mean nothing to pydiff's samplers but
+# are harmless: ignored without a warning.
+_KNOWN_IGNORED = {
+    "_class_name", "_diffusers_version", "set_alpha_to_one", "skip_prk_steps", "solver_order",
+    "algorithm_type", "solver_type", "lower_order_final", "euler_at_final", "final_sigmas_type",
+    "use_karras_sigmas", "lambda_min_clipped", "variance_type_", "rescale_betas_zero_snr",
+    "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas",
+}
+
+
+class ScheduleError(ValueError):
+    """An invalid schedule setting."""
+
+
+def _cosine_betas(T: int, max_beta: float = 0.999) -> np.ndarray:
+    """Betas of the squared-cosine alpha-bar (Nichol & Dhariwal 2021, eq. 17), as diffusers' betas_for_alpha_bar."""
+    def abar(t):
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return np.array([min(1 - abar((i + 1) / T) / abar(i / T), max_beta) for i in range(T)], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A discrete-time diffusion schedule with diffusers' meaning and defaults (DDPMScheduler).
+
+    ``alphas_cumprod`` is float64, computed from float32 betas as diffusers builds them.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: tuple | None = None
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+    variance_type: str = "fixed_small"
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    set_alpha_to_one: bool = True
+
+    def __post_init__(self):
+        if self.trained_betas is not None and not isinstance(self.trained_betas, tuple):
+            object.__setattr__(self, "trained_betas", tuple(float(b) for b in self.trained_betas))
+        T = self.num_train_timesteps
+        if not isinstance(T, (int, np.integer)) or isinstance(T, bool) or T < 1:
+            raise ScheduleError(f"num_train_timesteps must be a positive integer, got {T!r}")
+        for name, allowed in (("beta_schedule", BETA_SCHEDULES), ("prediction_type", PREDICTION_TYPES),
+                              ("timestep_spacing", TIMESTEP_SPACINGS), ("variance_type", VARIANCE_TYPES)):
+            v = getattr(self, name)
+            if v not in allowed:
+                raise ScheduleError(f"unknown {name} {v!r}; expected one of {', '.join(allowed)}")
+        if not (0 < self.dynamic_thresholding_ratio <= 1):
+            raise ScheduleError(f"dynamic_thresholding_ratio must be in (0, 1], got {self.dynamic_thresholding_ratio}")
+        if not self.sample_max_value >= 1:
+            raise ScheduleError(f"sample_max_value must be >= 1, got {self.sample_max_value}")
+        if not self.clip_sample_range > 0:
+            raise ScheduleError(f"clip_sample_range must be > 0, got {self.clip_sample_range}")
+        if not isinstance(self.steps_offset, (int, np.integer)) or self.steps_offset < 0:
+            raise ScheduleError(f"steps_offset must be a non-negative integer, got {self.steps_offset!r}")
+        betas = self.betas
+        if betas.shape != (T,) or not np.all(np.isfinite(betas)) or np.any(betas <= 0) or np.any(betas >= 1):
+            raise ScheduleError("betas must be num_train_timesteps values in (0, 1)")
+
+    # ------------------------------------------------------------------ derived arrays
+    @property
+    def betas(self) -> np.ndarray:
+        T = self.num_train_timesteps
+        if self.trained_betas is not None:
+            return np.asarray(self.trained_betas, np.float32)
+        if self.beta_schedule == "linear":
+            return np.linspace(self.beta_start, self.beta_end, T, dtype=np.float32)
+        if self.beta_schedule == "scaled_linear":
+            return (np.linspace(self.beta_start**0.5, self.beta_end**0.5, T, dtype=np.float32) ** 2)
+        return _cosine_betas(T)
+
+    @property
+    def alphas_cumprod(self) -> np.ndarray:
+        return np.cumprod(1.0 - self.betas.astype(np.float64))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: dict | str | os.PathLike) -> "Schedule":
+        """A schedule from a diffusers ``scheduler_config.json`` (path) or its dict.
+
+        Unknown keys are ignored with a warning; invalid values raise ScheduleError.
+        """
+        if not isinstance(config, dict):
+            try:
+                with open(config, encoding="utf-8") as f:
+                    config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ScheduleError(f"{config}: not valid JSON ({e})") from None
+            if not isinstance(config, dict):
+                raise ScheduleError("a scheduler config must be a JSON object")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        unknown = []
+        for key, value in config.items():
+            if key in fields:
+                kwargs[key] = _check_type(key, value, fields[key].default)
+            elif key not in _KNOWN_IGNORED and not key.startswith("_"):
+                unknown.append(key)
+        if unknown:
+            warnings.warn(f"scheduler config keys ignored by pydiff: {', '.join(sorted(unknown))}", stacklevel=2)
+        return cls(**kwargs)
+
+    def to_config(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["trained_betas"] = list(self.trained_betas) if self.trained_betas is not None else None
+        return d
+
+    def replace(self, **changes) -> "Schedule":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ forward process
+    def add_noise(self, x0: np.ndarray, noise: np.ndarray, t) -> np.ndarray:
+        """The forward process q(x_t | x_0) = N(sqrt(abar_t) x0, (1 - abar_t) I) (DDPM eq. 4); t an int or [B] ints."""
+        t = np.asarray(t)
+        if np.any(t < 0) or np.any(t >= self.num_train_timesteps):
+            raise ScheduleError(f"timesteps must be in [0, {self.num_train_timesteps - 1}]")
+        abar = self.alphas_cumprod[t].astype(np.float32)
+        if abar.ndim == 1:
+            abar = abar.reshape((-1,) + (1,) * (np.ndim(x0) - 1))
+        return (np.sqrt(abar) * x0 + np.sqrt(np.float32(1) - abar) * noise).astype(np.float32)
+
+
+def _check_type(key: str, value, default):
+    if key == "trained_betas":
+        if value is None:
+            return None
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
+            raise ScheduleError("trained_betas must be a list of numbers")
+        return tuple(float(v) for v in value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ScheduleError(f"{key} must be true or false, got {value!r}")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ScheduleError(f"{key} must be an integer, got {value!r}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ScheduleError(f"{key} must be a finite number, got {value!r}")
+        value = float(value)
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise ScheduleError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def timesteps(schedule: Schedule, steps: int, sampler: str = "ddim") -> np.ndarray:
+    """The int64 training timesteps a sampler visits, as diffusers' ``set_timesteps`` makes them.
+
+    DDPM and DDIM space ``steps`` points; DPM-Solver++ spaces ``steps + 1`` and drops the last
+    (diffusers' DPMSolverMultistepScheduler).
+    """
+    T = schedule.num_train_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+        raise ValueError(f"steps must be an integer, got {steps!r}")
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, num_train_timesteps={T}], got {steps}")
+    spacing, offset = schedule.timestep_spacing, schedule.steps_offset
+    if sampler == "dpmpp_2m":
+        if spacing == "linspace":
+            ts = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1]
+        elif spacing == "leading":
+            ratio = T // (steps + 1)
+            ts = (np.arange(0, steps + 1) * ratio).round()[::-1][:-1] + offset
+        else:
+            ts = np.arange(T, 0, -T / steps).round() - 1
+    else:
+        if spacing == "linspace":
+            ts = np.linspace(0, T - 1, steps).round()[::-1]
+        elif spacing == "leading":
+            ts = (np.arange(0, steps) * (T // steps)).round()[::-1] + offset
+        else:
+            ts = np.round(np.arange(T, 0, -T / steps)) - 1
+    ts = ts.astype(np.int64)
+    if ts.max() >= T or ts.min() < 0:
+        raise ValueError(f"steps_offset={offset} puts timesteps outside [0, {T - 1}]")
+    return ts
