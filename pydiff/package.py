@@ -263,7 +263,7 @@ def _recommended(ctx, obj, where) -> dict:
     _number(ctx, rec, "eta", k, 0.0)
     _str(ctx, rec, "thresholding", k, required=False, choices=THRESHOLDINGS)
     _number(ctx, rec, "dynamic_thresholding_ratio", k, 0.0, 1.0, lo_open=True)
-    _number(ctx, rec, "sample_max_value", k, 0.0, lo_open=True)
+    _number(ctx, rec, "sample_max_value", k, 1.0)
     _number(ctx, rec, "clip_sample_range", k, 0.0, lo_open=True)
     return dict(rec)
 

@@ -404,11 +404,11 @@ class Pipeline:
         ts = None
         if plan.mode == "img2img":
             start_step = s.steps - int(s.steps * s.strength)
-            ts = np.asarray(core.timesteps(sched, s.steps))
+            ts = _timesteps(core, sched, s.steps, s.sampler)
             x = np.asarray(sched.add_noise(known, x, int(ts[start_step])), np.float32)
         repaint = plan.mode == "inpaint" and not st.has_mask_channel
         if repaint and ts is None:
-            ts = np.asarray(core.timesteps(sched, s.steps))
+            ts = _timesteps(core, sched, s.steps, s.sampler)
 
         guided = st.conditioning != "none" and s.uses_guidance
         g = s.guidance_scale
@@ -451,14 +451,19 @@ class Pipeline:
         return keep * target + (1.0 - keep) * x
 
 
+def _timesteps(core, schedule, steps, sampler):
+    """The int64 timesteps the sampler visits (they depend on the sampler, e.g. DPM-Solver++)."""
+    from ..schedules import timesteps
+
+    return np.asarray(timesteps(schedule, steps, sampler))
+
+
 def _threshold_kwargs(s: StageSettings) -> dict:
-    """The core's thresholding keywords for a stage's setting."""
+    """The core's thresholding keywords for a stage's setting (diffusers' vocabulary)."""
     if s.thresholding == "dynamic":
         return {"thresholding": True, "dynamic_thresholding_ratio": s.dynamic_thresholding_ratio,
-                "sample_max_value": s.sample_max_value}
+                "sample_max_value": s.sample_max_value, "clip_sample": False}
     if s.thresholding == "static":
-        # Static clipping of x0 to [-r, r] is dynamic thresholding with the threshold pinned:
-        # s = clamp(quantile, 1, r) with ratio 1 and max r  ... only equal for r == 1. Use the
-        # core's clip when it has one.
-        return {"thresholding": "static", "sample_max_value": s.clip_sample_range}
-    return {"thresholding": False}
+        return {"thresholding": False, "clip_sample": True,
+                "clip_sample_range": s.clip_sample_range}
+    return {"thresholding": False, "clip_sample": False}

@@ -138,6 +138,9 @@ def resolve(package: Package, stages: list[Stage], *, n_prompts: int, num_images
         e = _finite(eta_[n] if eta_[n] is not None else rec["eta"], f"eta for stage {n!r}")
         if e < 0:
             raise ValueError(f"eta for stage {n!r} must be >= 0, got {e}")
+        if e != 0 and s != "ddim":
+            raise ValueError(f"eta for stage {n!r}: eta applies to the 'ddim' sampler only, "
+                             f"not {s!r}")
 
         th = thr_[n] if thr_[n] is not None else rec["thresholding"]
         if th is True:
