@@ -1,0 +1,7 @@
+"""Training of pydiff's networks with the L_simple objective (Ho et al. 2020, Algorithm 1).
+
+Needs torch (extra `train`); the runtime never imports this package.
+"""
+from .trainer import TrainConfig, train, load_checkpoint, load_run_model
+
+__all__ = ["TrainConfig", "train", "load_checkpoint", "load_run_model"]

@@ -1,0 +1,106 @@
+"""`pydiff train` and `pydiff export` (also `python -m pydiff.training ...`)."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train a network (L_simple, Algorithm 1); resumes if the run exists")
+    p.add_argument("task", choices=["digits", "shapes-base", "shapes-sr64"])
+    p.add_argument("--out", required=True, help="run directory (checkpoints, log, summary)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-encoder", help="folder with model.onnx + tokenizer.json (shapes tasks)")
+    p.add_argument("--max-noise-level", type=int)
+    p.add_argument("--crop", type=int)
+    p.add_argument("--base-channels", type=int, help="override the preset's base channel count")
+    p.add_argument("--num-res-blocks", type=int)
+    p.add_argument("--ema-decay", type=float)
+    p.add_argument("--ckpt-every-s", type=float, default=300.0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(a) -> int:
+    from ..models import PRESETS
+    from .trainer import TrainConfig, train
+
+    model = PRESETS[a.task].to_dict()
+    if a.base_channels:
+        model["base_channels"] = a.base_channels
+    if a.num_res_blocks:
+        model["num_res_blocks"] = a.num_res_blocks
+    if a.task.startswith("shapes") and not a.text_encoder:
+        raise SystemExit("--text-encoder is required for shapes tasks")
+    cfg = TrainConfig.for_task(a.task, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                               text_encoder=a.text_encoder, max_noise_level=a.max_noise_level,
+                               crop=a.crop, model=model, ema_decay=a.ema_decay,
+                               ckpt_every_s=a.ckpt_every_s, threads=a.threads)
+    command = "python -m pydiff.training " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    train(cfg, a.out, command=command, progress=not a.no_progress)
+    return 0
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="write a pydiff model package (ONNX + manifest.json)")
+    esub = p.add_subparsers(dest="what", required=True)
+    s = esub.add_parser("shapes", help="the shapes cascade from a base run and an SR run")
+    s.add_argument("--base", required=True)
+    s.add_argument("--sr", required=True)
+    s.add_argument("--text-encoder", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_run_export)
+    d = esub.add_parser("digits", help="the digits class-conditional model from a run")
+    d.add_argument("--run", required=True)
+    d.add_argument("--out", required=True)
+    d.set_defaults(func=_run_export)
+    f = esub.add_parser("diffusers", help="a diffusers UNet2DModel / UNet2DConditionModel folder")
+    f.add_argument("--model", required=True, help="folder with config.json + weights (or a config.json)")
+    f.add_argument("--scheduler", help="scheduler_config.json (default: the model folder's sibling)")
+    f.add_argument("--out", required=True)
+    f.add_argument("--name", default=None)
+    f.set_defaults(func=_run_export)
+    e = esub.add_parser("text-encoder", help="export all-MiniLM-L6-v2 to int8 ONNX")
+    e.add_argument("--out", required=True)
+    e.add_argument("--max-length", type=int, default=16)
+    e.set_defaults(func=_run_export)
+
+
+def _run_export(a) -> int:
+    import json
+
+    from .. import exporting as X
+
+    if a.what == "text-encoder":
+        from ..exporting.text_encoder import export_text_encoder
+        print(json.dumps(export_text_encoder(a.out, max_length=a.max_length)))
+    elif a.what == "shapes":
+        from ..exporting.package import export_shapes
+        print(json.dumps(export_shapes(a.base, a.sr, a.text_encoder, a.out), indent=1))
+    elif a.what == "digits":
+        from ..exporting.package import export_digits
+        print(json.dumps(export_digits(a.run, a.out), indent=1))
+    elif a.what == "diffusers":
+        from ..exporting.diffusers_import import import_diffusers
+        print(json.dumps(import_diffusers(a.model, a.out, scheduler=a.scheduler, name=a.name), indent=1))
+    del X
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the `train` and `export` subcommands to an argparse subparsers object."""
+    _add_train(subparsers)
+    _add_export(subparsers)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pydiff.training")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    a = parser.parse_args(argv)
+    return a.func(a)

@@ -1,0 +1,276 @@
+"""The training loop: L_simple (Ho et al. 2020, Algorithm 1), condition dropout for
+classifier-free guidance (Ho & Salimans 2022), EMA weights, safetensors checkpoints, resume."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models import PRESETS, UNetConfig, build_model
+from .schedule import alphas_cumprod
+
+CKPT = "last.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    task: str = "digits"                   # digits | shapes-base | shapes-sr64
+    model: dict | None = None              # UNetConfig as a dict; None = the task's preset
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 5e-4
+    lr_min_ratio: float = 0.1              # cosine decay to lr * lr_min_ratio at `steps`
+    warmup: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    cond_drop: float = 0.1
+    seed: int = 0
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    resolution: int = 8
+    # shapes
+    text_encoder: str | None = None        # folder with model.onnx + tokenizer.json
+    max_length: int = 16
+    # super-resolution
+    low_res_resolution: int | None = None
+    max_noise_level: int = 250
+    crop: int | None = None
+    # bookkeeping
+    ckpt_every_s: float = 300.0
+    log_every: int = 50
+    threads: int = 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def for_task(cls, task: str, **kw) -> "TrainConfig":
+        defaults = {
+            "digits": dict(resolution=8, batch_size=128, lr=1e-3, steps=3000),
+            "shapes-base": dict(resolution=16, batch_size=64, lr=5e-4, steps=5000),
+            "shapes-sr64": dict(resolution=64, low_res_resolution=16, crop=32, batch_size=32,
+                                lr=5e-4, steps=5000, max_noise_level=250),
+        }[task]
+        defaults.update({k: v for k, v in kw.items() if v is not None})
+        cfg = cls(task=task, **defaults)
+        if cfg.model is None:
+            cfg.model = PRESETS[task].to_dict()
+        return cfg
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    p = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def _net_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "x0"}
+
+
+class Trainer:
+    """Holds model, EMA, optimiser and RNG state; `step()` runs one step of Algorithm 1."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path | None = None):
+        from .tasks import make_task
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model)
+        self.ema = copy.deepcopy(self.model).eval()
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.abar = torch.from_numpy(alphas_cumprod(cfg.num_train_timesteps, cfg.beta_schedule)).float()
+        self.rng = np.random.default_rng(cfg.seed)            # data, captions, dropout, crops
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # t and eps of Algorithm 1
+        self.task = make_task(cfg, self.run_dir)
+        self.step_i = 0
+        self.wall_s = 0.0
+        self.losses: list[float] = []
+
+    def loss_on(self, batch: dict) -> torch.Tensor:
+        x0 = batch["x0"]
+        n = x0.shape[0]
+        t = torch.randint(0, self.cfg.num_train_timesteps, (n,), generator=self.gen)
+        eps = torch.randn(x0.shape, generator=self.gen)
+        a = self.abar[t][:, None, None, None]
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        pred = self.model(xt, t.float(), **_net_inputs(batch))
+        return torch.mean((pred - eps) ** 2)
+
+    def step(self) -> float:
+        cfg = self.cfg
+        self.model.train()
+        for g in self.opt.param_groups:
+            g["lr"] = _lr_at(cfg, self.step_i)
+        batch = self.task.batch(self.rng, cfg.batch_size)
+        loss = self.loss_on(batch)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.step_i += 1
+        d = min(cfg.ema_decay, (1 + self.step_i) / (10 + self.step_i))
+        with torch.no_grad():
+            for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
+                pe.mul_(d).add_(pm.detach(), alpha=1 - d)
+            for be, bm in zip(self.ema.buffers(), self.model.buffers()):
+                be.copy_(bm)
+        v = float(loss.detach())
+        self.losses.append(v)
+        return v
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def state_tensors(self) -> tuple[dict, dict]:
+        t = {f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        t.update({f"ema.{k}": v.detach().contiguous() for k, v in self.ema.state_dict().items()})
+        sd = self.opt.state_dict()
+        for i, st in sd["state"].items():
+            for k, v in st.items():
+                t[f"opt.{i}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
+        t["rng.torch"] = self.gen.get_state()
+        meta = {
+            "step": str(self.step_i),
+            "wall_s": repr(self.wall_s),
+            "config": json.dumps(self.cfg.to_dict()),
+            "numpy_rng": json.dumps(self.rng.bit_generator.state),
+            "param_groups": json.dumps(sd["param_groups"]),
+            "recent_losses": json.dumps(self.losses[-500:]),
+        }
+        return t, meta
+
+    def save(self, path: str | Path):
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        t, meta = self.state_tensors()
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(t, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+
+    def load(self, path: str | Path):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        self.model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+        self.ema.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema.")})
+        state: dict = {}
+        for k, v in t.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = v
+        self.opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        self.gen.set_state(t["rng.torch"])
+        self.rng.bit_generator.state = json.loads(meta["numpy_rng"])
+        self.step_i = int(meta["step"])
+        self.wall_s = float(meta["wall_s"])
+        self.losses = json.loads(meta["recent_losses"])
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict]:
+    """Return (config dict, EMA state dict, metadata) of a checkpoint, without building a task."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    ema = {k[4:]: v for k, v in t.items() if k.startswith("ema.")}
+    return json.loads(meta["config"]), ema, meta
+
+
+def load_run_model(run_dir: str | Path, ema: bool = True):
+    """Build the network of a run and load its (EMA) weights; returns (model, TrainConfig)."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    path = run_dir / "final.safetensors"
+    if not path.exists():
+        path = run_dir / CKPT
+    cfg_d, ema_sd, _ = load_checkpoint(path)
+    cfg = TrainConfig(**cfg_d)
+    model = build_model(cfg.model)
+    if ema:
+        model.load_state_dict(ema_sd)
+    else:
+        t = load_file(str(path))
+        model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    return model.eval(), cfg
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, command: str | None = None, progress: bool = True) -> dict:
+    """Train (or resume) a run in run_dir; returns the summary written to run_dir/summary.json."""
+    from tqdm import tqdm
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    cfg_path = run_dir / "config.json"
+    if (run_dir / CKPT).exists():
+        saved = TrainConfig(**json.loads(cfg_path.read_text()))
+        saved.steps, saved.ckpt_every_s = cfg.steps, cfg.ckpt_every_s  # may extend a run
+        cfg = saved
+    else:
+        cfg_path.write_text(json.dumps(cfg.to_dict(), indent=1))
+    tr = Trainer(cfg, run_dir)
+    if (run_dir / CKPT).exists():
+        tr.load(run_dir / CKPT)
+        print(f"resumed at step {tr.step_i}", flush=True)
+    if command:
+        with open(run_dir / "commands.txt", "a") as f:
+            f.write(command + "\n")
+    n_params = sum(p.numel() for p in tr.model.parameters())
+    print(f"task {cfg.task}: {n_params} parameters, {cfg.steps} steps, batch {cfg.batch_size}", flush=True)
+    last_ckpt = time.time()
+    t_seg = time.time()
+    bar = tqdm(total=cfg.steps, initial=tr.step_i, disable=not progress, mininterval=5.0,
+               file=sys.stderr, dynamic_ncols=False, ncols=100)
+    t_log = time.time()
+    k = 0
+    while tr.step_i < cfg.steps:
+        loss = tr.step()
+        bar.update(1)
+        if tr.step_i % cfg.log_every == 0 or tr.step_i == cfg.steps:
+            now = time.time()
+            k = (tr.step_i - 1) % cfg.log_every + 1  # steps since the last line
+            recent = float(np.mean(tr.losses[-k:]))
+            bar.set_postfix(loss=f"{recent:.4f}")
+            print(f"step {tr.step_i} loss {recent:.5f} lr {tr.opt.param_groups[0]['lr']:.2e} "
+                  f"s/step {(now - t_log) / k:.3f}", flush=True)
+            t_log = now
+        if time.time() - last_ckpt > cfg.ckpt_every_s:
+            tr.wall_s += time.time() - t_seg
+            t_seg = time.time()
+            tr.save(run_dir / CKPT)
+            last_ckpt = time.time()
+    bar.close()
+    tr.wall_s += time.time() - t_seg
+    tr.save(run_dir / CKPT)
+    final_loss = float(np.mean(tr.losses[-200:])) if tr.losses else float("nan")
+    summary = {"task": cfg.task, "steps": tr.step_i, "seed": cfg.seed, "wall_s": round(tr.wall_s, 1),
+               "final_loss_last200": final_loss, "parameters": n_params,
+               "commands": (run_dir / "commands.txt").read_text().splitlines() if command else []}
+    os.replace(run_dir / CKPT, run_dir / "final.safetensors") if tr.step_i >= cfg.steps else None
+    # keep last.safetensors too so an extended run can resume
+    if (run_dir / "final.safetensors").exists() and not (run_dir / CKPT).exists():
+        import shutil
+        shutil.copyfile(run_dir / "final.safetensors", run_dir / CKPT)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary), flush=True)
+    return summary
