@@ -173,6 +173,16 @@ def make_grid(images: list, cols: int | None = None, pad: int = 2):
     return grid
 
 
+def _umask() -> int:
+    # os.umask can only be read by setting it; do it once, at import (single-threaded then).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write `data` to `path` via a temp file in the same directory and os.replace.
 
@@ -186,6 +196,8 @@ def atomic_write_bytes(path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp makes 0600 files; give the result the permissions a plain open() would
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         try:
