@@ -28,7 +28,7 @@ class TorchStageModel(StageModel):
         import torch
 
         feeds = self.feeds(x, t, cond)
-        kwargs = {k: torch.from_numpy(v).to(self.device) for k, v in feeds.items()}
+        kwargs = {k: torch.from_numpy(np.array(v)).to(self.device) for k, v in feeds.items()}
         with torch.inference_mode():
             out = self.module(**kwargs)
         if hasattr(out, "sample"):
