@@ -1,0 +1,254 @@
+"""The `pydiff` command line, run as a subprocess (and in-process for failure injection)."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnx")
+
+from PIL import Image  # noqa: E402
+
+import pydiff  # noqa: E402
+from pydiff import cli  # noqa: E402
+from pydiff.testing import make_tiny_package  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Runs pydiff.cli.main; on the NumPy reference sampler where the native module is not built.
+PRELUDE = """
+import functools, sys
+import pydiff
+from pydiff import ops
+if not ops.native_available():
+    pydiff.sample = functools.partial(pydiff.sample, backend="reference")
+from pydiff.cli import main
+rc = main(sys.argv[1:])
+if {check_torch} and "torch" in sys.modules:
+    print("TORCH IMPORTED", file=sys.stderr); rc = 99
+raise SystemExit(rc)
+"""
+
+
+def run(*args, check_torch=True, timeout=120):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("PYDIFF_DEBUG", None)
+    code = PRELUDE.format(check_torch=check_torch)
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def pkgs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_pkgs")
+    return {"text": make_tiny_package(root / "text"),
+            "class": make_tiny_package(root / "class", conditioning="class")}
+
+
+@pytest.fixture(autouse=True)
+def core_backend(monkeypatch):
+    from pydiff import ops
+
+    if not ops.native_available():
+        monkeypatch.setattr(pydiff, "sample", functools.partial(pydiff.sample, backend="reference"))
+
+
+def one_line_error(r):
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "onnxruntime" not in ln]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert lines[0].startswith("pydiff: ")
+    return lines[0]
+
+
+def test_generate_one_png_and_json(pkgs, tmp_path):
+    out = tmp_path / "red.png"
+    r = run("generate", "a red circle on a blue background", "--model", pkgs["text"], "--out", out,
+            "--seed", 3, "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["seed"] == 3 and rep["num_images"] == 1 and rep["images"][0]["path"] == str(out)
+    assert rep["images"][0]["prompt"] == "a red circle on a blue background"
+    assert set(rep["stages"]) == {"base", "sr16"}
+    with Image.open(out) as im:
+        assert im.size == (16, 16) and im.mode == "RGB"
+    assert [p.name for p in tmp_path.iterdir()] == ["red.png"]       # no temp files left
+    assert r.stderr.strip() == "" or "onnxruntime" in r.stderr        # --quiet
+
+
+def test_same_seed_same_png(pkgs, tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    for p in (a, b):
+        assert run("generate", "red", "--model", pkgs["text"], "--out", p, "--seed", 9, "-q").returncode == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_grid_separate_files_and_json_out(pkgs, tmp_path):
+    grid = tmp_path / "grid.png"
+    r = run("generate", "red", "blue", "--num-images", 2, "--model", pkgs["text"], "--out", grid,
+            "--seed", 1, "--steps", "base=2", "--steps", "sr16=3", "--guidance", "1,4",
+            "--json-out", tmp_path / "made.json")
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stderr and "base 8x8" in r.stderr           # messages + progress bars
+    with Image.open(grid) as im:
+        assert im.size == (2 * 16 + 2, 2 * 16 + 2)
+    rep = json.loads((tmp_path / "made.json").read_text())
+    assert rep["grid"] == str(grid) and rep["stages"]["base"]["steps"] == 2
+    assert rep["stages"]["sr16"]["guidance_scale"] == [1.0, 1.0, 4.0, 4.0]
+    assert [i["prompt"] for i in rep["images"]] == ["red", "red", "blue", "blue"]
+    r = run("generate", "red", "--num-images", 3, "--no-grid", "--model", pkgs["text"], "--out",
+            tmp_path / "sep.png", "-q")
+    assert r.returncode == 0, r.stderr
+    assert all((tmp_path / f"sep-{i}.png").is_file() for i in range(3))
+
+
+def test_class_labels(pkgs, tmp_path):
+    r = run("generate", "--class-label", 1, "--class-label", 2, "--model", pkgs["class"], "--out",
+            tmp_path / "c.png", "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    assert [i["class_label"] for i in json.loads(r.stdout)["images"]] == [1, 2]
+
+
+def test_editing_commands(pkgs, tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "small.png")
+    m = np.zeros((16, 16), np.uint8)
+    m[4:12, 4:12] = 255
+    Image.fromarray(m).save(tmp_path / "mask.png")
+    for args in (("inpaint", tmp_path / "in.png", tmp_path / "mask.png", "red"),
+                 ("img2img", tmp_path / "in.png", "red", "--strength", "0.5"),
+                 ("upscale", tmp_path / "small.png", "red")):
+        out = tmp_path / f"{args[0]}.png"
+        r = run(*args, "--model", pkgs["text"], "--out", out, "-q", "--seed", 0)
+        assert r.returncode == 0, (args, r.stderr)
+        with Image.open(out) as im:
+            assert im.size == (16, 16)
+
+
+@pytest.mark.parametrize("args,frag", [
+    (("generate", "red", "--steps", "0"), "steps"),
+    (("generate", "red", "--sampler", "euler"), "unknown sampler"),
+    (("generate", "red", "--steps", "sr99=3"), "unknown stage 'sr99'"),
+    (("generate", "red", "--guidance", "nan"), "finite"),
+    (("generate", "red", "--steps", "many"), "--steps"),
+    (("generate", "red", "--class-label", "1"), "not class-conditional"),
+    (("generate", "red", "--out", "x.jpg"), ".png"),
+    (("img2img", "/nonexistent/in.png", "red"), "no such file"),
+])
+def test_bad_input_exits_2_with_one_line(pkgs, tmp_path, args, frag):
+    args = list(args)
+    if "--out" not in args:
+        args += ["--out", tmp_path / "x.png"]
+    r = run(*args, "--model", pkgs["text"], "-q")
+    assert r.returncode == 2, r.stderr
+    assert frag in one_line_error(r)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_or_corrupt_package_exits_2(tmp_path, pkgs):
+    r = run("generate", "red", "--model", tmp_path / "none", "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "does not exist" in one_line_error(r)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{")
+    r = run("generate", "red", "--model", bad, "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "manifest.json" in one_line_error(r)
+
+
+def test_mismatched_mask_exits_2(pkgs, tmp_path):
+    Image.new("RGB", (16, 16)).save(tmp_path / "in.png")
+    Image.new("L", (8, 8)).save(tmp_path / "mask.png")
+    r = run("inpaint", tmp_path / "in.png", tmp_path / "mask.png", "red", "--model", pkgs["text"],
+            "--out", tmp_path / "o.png")
+    assert r.returncode == 2 and "must match" in one_line_error(r)
+    Image.new("L", (16, 16)).save(tmp_path / "gray.png")
+    r = run("img2img", tmp_path / "gray.png", "red", "--model", pkgs["text"], "--out", tmp_path / "o.png")
+    assert r.returncode == 2 and "grayscale" in one_line_error(r)
+
+
+def test_argparse_usage_errors_exit_2():
+    r = run("generate", "--no-such-flag")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = run(check_torch=False)     # no command: help listing includes train/export
+    assert r.returncode == 2
+
+
+def test_info(tmp_path):
+    r = run("info", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    for k in ("version", "native_kernels", "cuda_twin", "ort_providers", "bundled_models"):
+        assert k in d
+    assert "CPUExecutionProvider" in d["ort_providers"]
+    r = run("info")
+    assert r.returncode == 0 and "ONNX Runtime" in r.stdout
+
+
+def test_version_and_help():
+    r = run("--version")
+    assert r.returncode == 0 and pydiff.__version__ in r.stdout
+    r = run("--help", check_torch=False)
+    assert r.returncode == 0 and "generate" in r.stdout
+
+
+# ------------------------------------------------------------------------------- in-process
+
+
+def test_internal_error_exits_1_without_traceback(pkgs, tmp_path, monkeypatch, capsys):
+    from pydiff.pipeline.pipeline import Pipeline
+
+    def broken(self, plan):
+        raise RuntimeError("kaboom\nsecond line")
+
+    monkeypatch.setattr(Pipeline, "execute", broken)
+    rc = cli.main(["generate", "red", "--model", str(pkgs["text"]), "--out", str(tmp_path / "x.png"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "internal error" in err and "kaboom" in err and "Traceback" not in err
+    assert "second line" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_ctrl_c_exits_130_and_leaves_old_file(pkgs, tmp_path, monkeypatch, capsys):
+    from pydiff.pipeline.pipeline import Pipeline
+
+    out = tmp_path / "x.png"
+    out.write_bytes(b"old image")
+    real = Pipeline.execute
+
+    def interrupted(self, plan):
+        plan.callback = lambda *a: (_ for _ in ()).throw(KeyboardInterrupt())
+        return real(self, plan)
+
+    monkeypatch.setattr(Pipeline, "execute", interrupted)
+    rc = cli.main(["generate", "red", "--model", str(pkgs["text"]), "--out", str(out), "-q"])
+    assert rc == 130 and "interrupted" in capsys.readouterr().err
+    assert out.read_bytes() == b"old image"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
+
+
+def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
+    from pydiff import imageio
+
+    target = tmp_path / "x.json"
+    target.write_text("old")
+
+    def failing_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError):
+        imageio.write_json({"a": 1}, target)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+    monkeypatch.undo()
+    imageio.write_json({"a": 1}, target)
+    assert json.loads(target.read_text()) == {"a": 1}
+    mode = target.stat().st_mode & 0o777
+    assert mode & 0o044, oct(mode)          # readable like a normal file, not mkstemp's 0600
