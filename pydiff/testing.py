@@ -185,3 +185,34 @@ def make_tiny_package(path, *, conditioning: str = "text", resolutions=(8, 16), 
         prev = res
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return root
+
+
+def tiny_torch_modules(path) -> dict:
+    """torch twins of a tiny text-conditional package's stage networks (for backend tests)."""
+    import torch
+    from onnx import load as onnx_load, numpy_helper
+
+    class TinyStage(torch.nn.Module):
+        def __init__(self, proj):
+            super().__init__()
+            self.proj = torch.nn.Parameter(torch.from_numpy(proj.copy()))
+
+        def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask,
+                    low_res=None, noise_level=None):
+            m = encoder_attention_mask
+            pooled = (encoder_hidden_states * m[:, :, None]).sum(1) / (m.sum(1, keepdim=True) + 1e-6)
+            out = (0.1 * sample + 0.5 * (pooled @ self.proj)[:, :, None, None]
+                   + 0 * timestep[:, None, None, None])
+            if low_res is not None:
+                out = out + 0.3 * low_res + 0 * noise_level[:, None, None, None]
+            return out
+
+    root = Path(path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    mods = {}
+    for st in manifest["stages"]:
+        if st["conditioning"] != "text":
+            raise ValueError("tiny_torch_modules covers text-conditional tiny packages")
+        w = {t.name: numpy_helper.to_array(t) for t in onnx_load(str(root / st["onnx"])).graph.initializer}
+        mods[st["name"]] = TinyStage(w["proj"])
+    return mods

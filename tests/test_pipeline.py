@@ -440,29 +440,10 @@ def test_noise_augmentation_follows_the_format(text_pipe, monkeypatch):
 
 def test_torch_backend_matches_onnxruntime(pkgs):
     torch = pytest.importorskip("torch")
-    from onnx import load as onnx_load, numpy_helper
-
-    def weights(path):
-        return {t.name: numpy_helper.to_array(t) for t in onnx_load(str(path)).graph.initializer}
-
-    class Tiny(torch.nn.Module):
-        """The tiny text stage graph of pydiff.testing, in torch."""
-
-        def __init__(self, w):
-            super().__init__()
-            self.proj = torch.nn.Parameter(torch.from_numpy(w["proj"].copy()))
-
-        def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask,
-                    low_res=None, noise_level=None):
-            m = encoder_attention_mask
-            pooled = (encoder_hidden_states * m[:, :, None]).sum(1) / (m.sum(1, keepdim=True) + 1e-6)
-            out = 0.1 * sample + 0.5 * (pooled @ self.proj)[:, :, None, None] + 0 * timestep[:, None, None, None]
-            if low_res is not None:
-                out = out + 0.3 * low_res + 0 * noise_level[:, None, None, None]
-            return out
+    from pydiff.testing import tiny_torch_modules
 
     path = pkgs["text"]
-    mods = {"base": Tiny(weights(path / "base.onnx")), "sr16": Tiny(weights(path / "sr16.onnx"))}
+    mods = tiny_torch_modules(path)
     tp = load(path, backend="torch", modules=mods)
     op = load(path)
     a = op.generate(["a red circle", "blue"], seed=3, progress=False, output_type="numpy")
