@@ -214,6 +214,12 @@ def load_run_model(run_dir: str | Path, ema: bool = True):
     return model.eval(), cfg
 
 
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def train(cfg: TrainConfig, run_dir: str | Path, command: str | None = None, progress: bool = True) -> dict:
     """Train (or resume) a run in run_dir; returns the summary written to run_dir/summary.json."""
     from tqdm import tqdm
@@ -243,25 +249,43 @@ def train(cfg: TrainConfig, run_dir: str | Path, command: str | None = None, pro
                file=sys.stderr, dynamic_ncols=False, ncols=100)
     t_log = time.time()
     k = 0
-    while tr.step_i < cfg.steps:
-        loss = tr.step()
-        bar.update(1)
-        if tr.step_i % cfg.log_every == 0 or tr.step_i == cfg.steps:
-            now = time.time()
-            k = (tr.step_i - 1) % cfg.log_every + 1  # steps since the last line
-            recent = float(np.mean(tr.losses[-k:]))
-            bar.set_postfix(loss=f"{recent:.4f}")
-            print(f"step {tr.step_i} loss {recent:.5f} lr {tr.opt.param_groups[0]['lr']:.2e} "
-                  f"s/step {(now - t_log) / k:.3f}", flush=True)
-            t_log = now
-        if time.time() - last_ckpt > cfg.ckpt_every_s:
-            tr.wall_s += time.time() - t_seg
-            t_seg = time.time()
-            tr.save(run_dir / CKPT)
-            last_ckpt = time.time()
+    import signal
+
+    stop = {"flag": False}
+
+    def _request_stop(signum, frame):  # SIGTERM: finish the step, checkpoint, exit
+        stop["flag"] = True
+
+    prev = signal.signal(signal.SIGTERM, _request_stop) if _main_thread() else None
+    try:
+        while tr.step_i < cfg.steps and not stop["flag"]:
+            loss = tr.step()
+            bar.update(1)
+            if tr.step_i % cfg.log_every == 0 or tr.step_i == cfg.steps:
+                now = time.time()
+                k = (tr.step_i - 1) % cfg.log_every + 1  # steps since the last line
+                recent = float(np.mean(tr.losses[-k:]))
+                bar.set_postfix(loss=f"{recent:.4f}")
+                print(f"step {tr.step_i} loss {recent:.5f} lr {tr.opt.param_groups[0]['lr']:.2e} "
+                      f"s/step {(now - t_log) / k:.3f}", flush=True)
+                t_log = now
+            if time.time() - last_ckpt > cfg.ckpt_every_s:
+                tr.wall_s += time.time() - t_seg
+                t_seg = time.time()
+                tr.save(run_dir / CKPT)
+                last_ckpt = time.time()
+    except KeyboardInterrupt:
+        stop["flag"] = True
+    finally:
+        if prev is not None:
+            signal.signal(signal.SIGTERM, prev)
     bar.close()
     tr.wall_s += time.time() - t_seg
     tr.save(run_dir / CKPT)
+    if stop["flag"] and tr.step_i < cfg.steps:
+        print(f"stopped at step {tr.step_i}; checkpoint saved, rerun the same command to resume",
+              flush=True)
+        return {"task": cfg.task, "steps": tr.step_i, "stopped": True}
     final_loss = float(np.mean(tr.losses[-200:])) if tr.losses else float("nan")
     summary = {"task": cfg.task, "steps": tr.step_i, "seed": cfg.seed, "wall_s": round(tr.wall_s, 1),
                "final_loss_last200": final_loss, "parameters": n_params,
