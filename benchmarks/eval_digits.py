@@ -1,0 +1,10 @@
+"""Digits classifier accuracy and diversity of a package (default: the bundled one).
+
+    python benchmarks/eval_digits.py [--model DIR] [--n 30]   # n samples per class
+"""
+import sys
+
+from pydiff.training.eval import main
+
+if __name__ == "__main__":
+    raise SystemExit(main(["digits", *sys.argv[1:]]))

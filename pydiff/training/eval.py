@@ -1,0 +1,215 @@
+"""Evaluators for the bundled models (no torch, no learned model for shapes).
+
+shapes: read (shape colour, shape, background) back from a 64x64 image analytically: the border
+colour gives the background, the pixels far from it are the foreground, their median colour the
+shape colour, and the fill ratio of the foreground's bounding box the shape (disk pi/4 ~ 0.785,
+square 1.0, triangle 0.5).
+digits: accuracy of a scikit-learn classifier trained on the real digits, plus diversity (mean
+pairwise distance) and memorisation (distance to the nearest training image) figures.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from ..data import shapes as S
+
+_NAMES = list(S.PALETTE)
+_RGB = np.array([S.PALETTE[n] for n in _NAMES], dtype=np.float64)
+
+
+def nearest_colour(rgb) -> str:
+    d = ((_RGB - np.asarray(rgb, dtype=np.float64)) ** 2).sum(-1)
+    return _NAMES[int(np.argmin(d))]
+
+
+def read_shape(img) -> dict:
+    """Analyse one image (uint8 [H, W, 3] or float [H, W, 3] in [0, 1]).
+
+    Returns {"fg", "shape", "bg", "fill", "area"}; "shape" is None when no foreground is found.
+    """
+    a = np.asarray(img)
+    a = a.astype(np.float64) * (255.0 if a.dtype != np.uint8 and a.max() <= 1.0 + 1e-6 else 1.0)
+    h, w, _ = a.shape
+    b = max(1, h // 32)
+    border = np.concatenate([a[:b].reshape(-1, 3), a[-b:].reshape(-1, 3),
+                             a[:, :b].reshape(-1, 3), a[:, -b:].reshape(-1, 3)])
+    bg_rgb = np.median(border, axis=0)
+    bg = nearest_colour(bg_rgb)
+    dist = np.sqrt(((a - _RGB[_NAMES.index(bg)]) ** 2).sum(-1))
+    mask = dist > 45.0  # palette colours are >= 85 apart; jitter is <= 8 per channel
+    # Drop stray pixels: keep rows/columns with at least 2 foreground pixels for the box.
+    rows = np.where(mask.sum(1) >= 2)[0]
+    cols = np.where(mask.sum(0) >= 2)[0]
+    area = int(mask.sum())
+    if area < 16 or len(rows) == 0 or len(cols) == 0:
+        return {"fg": None, "shape": None, "bg": bg, "fill": 0.0, "area": area}
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    box = mask[y0:y1, x0:x1]
+    # Anti-aliased edge pixels count fractionally, by how far they are from the background.
+    core = dist[y0:y1, x0:x1]
+    fg_rgb = np.median(a[y0:y1, x0:x1][box & (core >= np.percentile(core[box], 50))], axis=0)
+    fg_dist = np.sqrt(((fg_rgb - _RGB[_NAMES.index(bg)]) ** 2).sum())
+    frac = np.clip(core / max(fg_dist, 1e-6), 0, 1)
+    frac = np.where(frac > 0.15, frac, 0.0)  # ignore faint noise around the shape
+    # Sub-pixel box: height = sum over rows of the row's largest coverage (same for width).
+    height = float(frac.max(1).sum())
+    width = float(frac.max(0).sum())
+    fill = float(frac.sum() / max(height * width, 1e-6))
+    aspect = height / max(width, 1e-6)
+    fg = nearest_colour(fg_rgb)
+    if fill < 0.68:
+        shape = "triangle"
+    elif fill < 0.905:
+        shape = "circle"
+    else:
+        shape = "square"
+    return {"fg": fg, "shape": shape, "bg": bg, "fill": fill, "area": area, "aspect": float(aspect)}
+
+
+def shapes_prompts(n_per_split: int, seed: int = 0) -> dict[str, list[tuple[str, str, str, str]]]:
+    """(caption, fg, shape, bg) lists for "seen" and "held_out" combos, template 0 captions."""
+    rng = np.random.default_rng(seed)
+    seen = S.all_combos(include_held_out=False)
+    held = sorted(S.HELD_OUT)
+    out = {}
+    for split, combos in (("seen", seen), ("held_out", held)):
+        picks = [combos[i % len(combos)] for i in rng.permutation(max(n_per_split, len(combos)))][:n_per_split] \
+            if split == "seen" else [combos[i % len(combos)] for i in range(n_per_split)]
+        out[split] = [(S.caption(*c, template=0), *c) for c in picks]
+    return out
+
+
+def evaluate_shapes(package=None, n_per_split: int = 200, batch: int = 25, seed: int = 0,
+                    save_grid: str | None = None, **settings) -> dict:
+    """Generate n_per_split images for seen and for held-out prompts; report alignment."""
+    from ..pipeline import load
+
+    pipe = load(package)
+    report: dict = {}
+    grid = []
+    t0 = time.time()
+    for split, items in shapes_prompts(n_per_split, seed).items():
+        ok = {"all": 0, "fg": 0, "shape": 0, "bg": 0}
+        for i in range(0, len(items), batch):
+            chunk = items[i:i + batch]
+            imgs = pipe.generate([c[0] for c in chunk], output_type="numpy", progress=False,
+                                 seed=seed + i, **settings)
+            for img, (_, fg, shape, bg) in zip(imgs, chunk):
+                r = read_shape(img)
+                hit = {"fg": r["fg"] == fg, "shape": r["shape"] == shape, "bg": r["bg"] == bg}
+                for k, v in hit.items():
+                    ok[k] += int(v)
+                ok["all"] += int(all(hit.values()))
+            if len(grid) < 64:
+                grid.extend(imgs[: 64 - len(grid)])
+        n = len(items)
+        report[split] = {k: v / n for k, v in ok.items()} | {"n": n}
+    report["seconds"] = round(time.time() - t0, 1)
+    report["settings"] = settings
+    if save_grid:
+        save_image_grid(np.stack(grid), save_grid)
+    return report
+
+
+def save_image_grid(imgs: np.ndarray, path: str, cols: int = 8, scale: int = 2) -> None:
+    """imgs float [N, H, W, C] in [0, 1] -> one PNG grid."""
+    from PIL import Image
+
+    imgs = np.clip(np.asarray(imgs, dtype=np.float64), 0, 1)
+    if imgs.shape[-1] == 1:
+        imgs = np.repeat(imgs, 3, axis=-1)
+    n, h, w, c = imgs.shape
+    rows = (n + cols - 1) // cols
+    g = np.ones((rows * (h + 2), cols * (w + 2), 3))
+    for i, im in enumerate(imgs):
+        r, q = divmod(i, cols)
+        g[r * (h + 2):r * (h + 2) + h, q * (w + 2):q * (w + 2) + w] = im
+    Image.fromarray((g * 255).round().astype(np.uint8)).resize(
+        (g.shape[1] * scale, g.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def digits_classifier(seed: int = 0):
+    """An SVM (RBF) on the real digits, 0..16 scaled to [0, 1]; returns (clf, held-out accuracy)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from sklearn.svm import SVC
+
+    d = load_digits()
+    x = d.data / 16.0
+    xtr, xte, ytr, yte = train_test_split(x, d.target, test_size=0.25, random_state=seed, stratify=d.target)
+    acc = float(SVC(gamma="scale", C=10).fit(xtr, ytr).score(xte, yte))
+    return SVC(gamma="scale", C=10).fit(x, d.target), acc
+
+
+def digits_figures(samples: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
+    """samples float [N, 8, 8] in [0, 1] (or [N, 8, 8, 1]); labels int [N]."""
+    from sklearn.datasets import load_digits
+
+    x = np.asarray(samples, dtype=np.float64).reshape(len(samples), 64)
+    clf, real_acc = digits_classifier(seed)
+    acc = float((clf.predict(x) == labels).mean())
+    real = load_digits().data / 16.0
+    d_nn = np.sqrt(((x[:, None, :] - real[None]) ** 2).sum(-1)).min(1)
+    # The same figure for real images against the other real images (leave-one-out).
+    rr = np.sqrt(((real[:, None, :] - real[None]) ** 2).sum(-1))
+    np.fill_diagonal(rr, np.inf)
+    real_nn = rr.min(1)
+
+    def mean_pairwise(a):
+        d = np.sqrt(((a[:, None] - a[None]) ** 2).sum(-1))
+        k = len(a)
+        return float(d.sum() / max(1, k * (k - 1)))
+
+    per_class_gen = [mean_pairwise(x[labels == c]) for c in range(10) if (labels == c).sum() > 1]
+    per_class_real = [mean_pairwise(real[load_digits().target == c]) for c in range(10)]
+    return {"accuracy": acc, "classifier_real_test_accuracy": real_acc, "n": int(len(x)),
+            "mean_pairwise_distance_same_class": float(np.mean(per_class_gen)),
+            "real_mean_pairwise_distance_same_class": float(np.mean(per_class_real)),
+            "nearest_training_distance_median": float(np.median(d_nn)),
+            "real_leave_one_out_nearest_distance_median": float(np.median(real_nn)),
+            "fraction_near_copies": float((d_nn < 0.5).mean())}
+
+
+def evaluate_digits(package="digits", n_per_class: int = 30, seed: int = 0, **settings) -> dict:
+    from ..pipeline import load
+    from ..pipeline import bundled_path
+
+    if package == "digits":
+        package = bundled_path("digits")
+    pipe = load(package)
+    labels = np.repeat(np.arange(10), n_per_class)
+    t0 = time.time()
+    imgs = pipe.generate(class_label=[int(v) for v in labels], output_type="numpy", progress=False,
+                         seed=seed, **settings)
+    rep = digits_figures(imgs[..., 0], labels, seed)
+    rep["seconds"] = round(time.time() - t0, 1)
+    rep["settings"] = settings
+    return rep
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="pydiff eval")
+    p.add_argument("what", choices=["shapes", "digits"])
+    p.add_argument("--model", default=None, help="package path (default: the bundled one)")
+    p.add_argument("--n", type=int, default=200, help="shapes: images per split; digits: per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--grid", help="save a PNG grid of samples here (shapes)")
+    a = p.parse_args(argv)
+    settings = {k: v for k, v in (("guidance_scale", a.guidance_scale), ("steps", a.steps)) if v is not None}
+    if a.what == "shapes":
+        rep = evaluate_shapes(a.model, a.n, seed=a.seed, save_grid=a.grid, **settings)
+    else:
+        rep = evaluate_digits(a.model or "digits", a.n, seed=a.seed, **settings)
+    print(json.dumps(rep, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
