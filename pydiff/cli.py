@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -167,18 +168,26 @@ def _say(args, msg):
         print(msg, file=sys.stderr)
 
 
-def _check_out(path: Path) -> None:
-    if path.suffix.lower() != ".png":
-        raise UsageError(f"--out {path}: must end in .png")
+def _check_writable_dir(path: Path, flag: str) -> None:
+    """The file's directory exists (made if needed) and is writable; the path is no directory."""
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"--out {path}: cannot create {parent} ({e.strerror})") from None
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"--out {path}: directory {parent} is not writable")
+        raise UsageError(f"{flag} {path}: cannot create {parent} ({e.strerror})") from None
+    try:  # the real test (os.access says yes to root everywhere): make and drop a temp file
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".pydiff-check-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write in {parent} ({e.strerror})") from None
     if path.is_dir():
-        raise UsageError(f"--out {path}: is a directory")
+        raise UsageError(f"{flag} {path}: is a directory")
+
+
+def _check_out(path: Path) -> None:
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"--out {path}: must end in .png")
+    _check_writable_dir(path, "--out")
 
 
 def _open_image(path, what):
@@ -203,7 +212,7 @@ def _cmd_images(args) -> int:
     out = Path(args.out)
     _check_out(out)
     if args.json_out:
-        _check_out(Path(args.json_out).with_suffix(".png"))
+        _check_writable_dir(Path(args.json_out), "--json-out")
     kwargs = dict(
         num_images=args.num_images,
         steps=_per_stage(args.steps, "steps", int),
@@ -227,7 +236,8 @@ def _cmd_images(args) -> int:
     if mode == "inpaint":
         kwargs["mask"] = _open_image(args.mask, "mask")
     if mode == "img2img":
-        kwargs["strength"] = _per_stage(args.strength, "strength", float) or 0.75
+        strength = _per_stage(args.strength, "strength", float)
+        kwargs["strength"] = 0.75 if strength is None else strength
     if mode == "upscale":
         kwargs["start_stage"] = args.stage
     if kwargs["seed"] is None:

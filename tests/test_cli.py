@@ -141,6 +141,8 @@ def test_editing_commands(pkgs, tmp_path):
     (("generate", "red", "--class-label", "1"), "not class-conditional"),
     (("generate", "red", "--out", "x.jpg"), ".png"),
     (("img2img", "/nonexistent/in.png", "red"), "no such file"),
+    (("generate", "red", "--out", "/proc/x.png"), "--out"),
+    (("generate", "red", "--num-images", "0"), "num_images"),
 ])
 def test_bad_input_exits_2_with_one_line(pkgs, tmp_path, args, frag):
     args = list(args)
@@ -160,6 +162,13 @@ def test_missing_or_corrupt_package_exits_2(tmp_path, pkgs):
     (bad / "manifest.json").write_text("{")
     r = run("generate", "red", "--model", bad, "--out", tmp_path / "x.png")
     assert r.returncode == 2 and "manifest.json" in one_line_error(r)
+
+
+def test_img2img_strength_zero_is_an_error(pkgs, tmp_path):
+    Image.new("RGB", (16, 16)).save(tmp_path / "in.png")
+    r = run("img2img", tmp_path / "in.png", "red", "--strength", "0", "--model", pkgs["text"],
+            "--out", tmp_path / "o.png")
+    assert r.returncode == 2 and "strength" in one_line_error(r)
 
 
 def test_mismatched_mask_exits_2(pkgs, tmp_path):
