@@ -81,18 +81,26 @@ PYDIFF_HOST_DEVICE void sincos_2pi(float u, float& c, float& s) {
   s = k == 0 ? sn : (k == 1 ? cs : (k == 2 ? -sn : -cs));
 }
 
-// Four standard normals for element group g (elements 4g .. 4g+3) of noise stream `step`:
-// Box-Muller on the two pairs of uniforms of one Philox block.
+// Two standard normals from two random words: Box-Muller.
+PYDIFF_HOST_DEVICE void box_muller(uint32_t a, uint32_t b, float& z0, float& z1) {
+  const float rad = sqrt_rn(-2.0f * log_unit(uniform_open0(a)));
+  float c, s;
+  sincos_2pi(uniform_closed0(b), c, s);
+  z0 = rad * c;
+  z1 = rad * s;
+}
+
+// The Philox block of element group g (elements 4g .. 4g+3) of noise stream (seed, step).
+PYDIFF_HOST_DEVICE U32x4 noise_block(uint64_t seed, uint32_t step, uint64_t g) {
+  return philox4x32_10(uint32_t(g), uint32_t(g >> 32), step, 0x70796466u /* "pydf" */, uint32_t(seed),
+                       uint32_t(seed >> 32));
+}
+
+// Four standard normals for element group g: Box-Muller on the two word pairs of its block.
 PYDIFF_HOST_DEVICE void normal4(uint64_t seed, uint32_t step, uint64_t g, float out[4]) {
-  const U32x4 r = philox4x32_10(uint32_t(g), uint32_t(g >> 32), step, 0x70796466u /* "pydf" */,
-                                uint32_t(seed), uint32_t(seed >> 32));
-  for (int p = 0; p < 2; ++p) {
-    const float rad = sqrt_rn(-2.0f * log_unit(uniform_open0(r.v[2 * p])));
-    float c, s;
-    sincos_2pi(uniform_closed0(r.v[2 * p + 1]), c, s);
-    out[2 * p] = rad * c;
-    out[2 * p + 1] = rad * s;
-  }
+  const U32x4 r = noise_block(seed, step, g);
+  box_muller(r.v[0], r.v[1], out[0], out[1]);
+  box_muller(r.v[2], r.v[3], out[2], out[3]);
 }
 
 }  // namespace pydiff

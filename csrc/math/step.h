@@ -12,15 +12,17 @@ PYDIFF_HOST_DEVICE float cfg_mix(float cond, float uncond, float scale) {
 }
 
 // The model output as x0 and eps, from x_t = alpha * x0 + sigma * eps (DDPM eq. 4 / v-param of
-// Salimans & Ho 2022), in diffusers' operation order.
-PYDIFF_HOST_DEVICE void predict_x0_eps(int32_t prediction_type, float x, float out, float alpha,
-                                       float sigma, float& x0, float& eps) {
-  if (prediction_type == kEpsilon) {
-    x0 = (x - sigma * out) / alpha;
+// Salimans & Ho 2022), in diffusers' operation order, except that a division by a per-step
+// constant is a multiplication by its reciprocal (at most 1 ulp apart; keeps the loops free of
+// divisions). PRED is a PredictionType.
+template <int PRED>
+PYDIFF_HOST_DEVICE void predict_x0_eps(float x, float out, float alpha, float sigma, float& x0, float& eps) {
+  if (PRED == kEpsilon) {
+    x0 = (x - sigma * out) * (1.0f / alpha);
     eps = out;
-  } else if (prediction_type == kSample) {
+  } else if (PRED == kSample) {
     x0 = out;
-    eps = (x - alpha * x0) / sigma;
+    eps = (x - alpha * x0) * (1.0f / sigma);
   } else {  // kVPrediction
     x0 = alpha * x - sigma * out;
     eps = alpha * out + sigma * x;
@@ -28,40 +30,69 @@ PYDIFF_HOST_DEVICE void predict_x0_eps(int32_t prediction_type, float x, float o
 }
 
 PYDIFF_HOST_DEVICE float eps_from_x0(float x, float x0, float alpha, float sigma) {
-  return (x - alpha * x0) / sigma;
+  return (x - alpha * x0) * (1.0f / sigma);
+}
+
+// `use_a ? a : b` for a flag that is the same for every element, as a bit blend: exact, and the
+// CPU loops vectorise it (GCC will not vectorise a select on a loop-invariant bool).
+PYDIFF_HOST_DEVICE float select_uniform(bool use_a, float a, float b) {
+  const uint32_t mask = 0u - uint32_t(use_a);
+  return bits_float((float_bits(a) & mask) | (float_bits(b) & ~mask));
 }
 
 PYDIFF_HOST_DEVICE float clamp_sym(float v, float r) { return v < -r ? -r : (v > r ? r : v); }
 
-// Imagen's dynamic thresholding, given the per-sample threshold s >= 1: clip to [-s, s], divide by s.
-PYDIFF_HOST_DEVICE float dynamic_clamp(float x0, float s) { return clamp_sym(x0, s) / s; }
+// Thresholding of x0 as one formula for every mode: clip to [-limit, limit], divide by divisor
+// (as a multiplication by its reciprocal, computed once per sample).
+// No threshold: (inf, 1); static clipping: (clip_range, 1); Imagen's dynamic thresholding with the
+// per-sample quantile s: (s, s). Dividing by 1 is exact, so each mode rounds as if written alone.
+PYDIFF_HOST_DEVICE void threshold_limits(const StepParams& p, float s_dyn, float& limit, float& divisor) {
+  limit = p.threshold_mode == kStaticClip ? p.clip_range
+                                          : (p.threshold_mode == kDynamic ? s_dyn : bits_float(0x7f800000u));  // +inf
+  divisor = p.threshold_mode == kDynamic ? s_dyn : 1.0f;
+}
 
-// The step's update, linear in what it knows (DDPM eq. 7, DDIM eq. 12, DPM-Solver++ 2M).
-PYDIFF_HOST_DEVICE float linear_update(const StepParams& p, float x, float x0, float eps,
-                                       float x0_prev, float z) {
+PYDIFF_HOST_DEVICE float threshold(float x0, float limit, float inv_divisor) {
+  return clamp_sym(x0, limit) * inv_divisor;
+}
+
+// The step's update, linear in what it knows (DDPM eq. 7, DDIM eq. 12, DPM-Solver++ 2M):
+//   x_prev = c_x0 x0 + c_x x + c_eps eps + c_d (x0 - x0_prev) + c_noise z.
+// Terms whose coefficient is 0 add an exact +0, so the rounding is that of the sampler's own formula.
+PYDIFF_HOST_DEVICE float linear_update(const StepParams& p, float x, float x0, float eps, float x0_prev,
+                                       float z) {
   float r = p.c_x0 * x0 + p.c_x * x;
   r = r + p.c_eps * eps;
-  if (p.c_d != 0.0f) r = r + p.c_d * (x0 - x0_prev);
-  if (p.c_noise != 0.0f) r = r + p.c_noise * z;
+  r = r + p.c_d * (x0 - x0_prev);
+  r = r + p.c_noise * z;
   return r;
 }
 
-// The x0 prediction before thresholding, from the raw network output(s): CFG mix (when an
-// unconditional half is given), then the prediction-type conversion.
-PYDIFF_HOST_DEVICE void model_x0_eps(const StepParams& p, float x, float cond, const float* uncond,
-                                     float scale, float& x0, float& eps) {
-  const float m = uncond ? cfg_mix(cond, *uncond, scale) : cond;
-  predict_x0_eps(p.prediction_type, x, m, p.alpha, p.sigma, x0, eps);
+// One element of the fused step. cond/uncond are the raw network outputs (uncond ignored unless
+// GUIDED); x0_prev is the previous step's x0, used when has_prev (otherwise the c_d term is an exact
+// 0); clipped_eps: re-derive eps from the thresholded x0. Writes that x0 and returns x_{t-1}.
+// Written without branches (selects only) so that the CPU loops vectorise.
+template <int PRED, bool GUIDED>
+PYDIFF_HOST_DEVICE float step_element(const StepParams& p, float x, float cond, float uncond, float scale,
+                                      float limit, float divisor, bool clipped_eps, float x0_prev,
+                                      bool has_prev, float z, float& x0_out) {
+  const float m = GUIDED ? cfg_mix(cond, uncond, scale) : cond;
+  float x0, eps;
+  predict_x0_eps<PRED>(x, m, p.alpha, p.sigma, x0, eps);
+  x0 = threshold(x0, limit, 1.0f / divisor);
+  const float eps_c = eps_from_x0(x, x0, p.alpha, p.sigma);
+  eps = select_uniform(clipped_eps, eps_c, eps);
+  x0_out = x0;
+  return linear_update(p, x, x0, eps, select_uniform(has_prev, x0_prev, x0), z);
 }
 
-// Thresholding of x0 and the eps that goes with it.
-PYDIFF_HOST_DEVICE void threshold_x0(const StepParams& p, float x, float s_dyn, float& x0, float& eps) {
-  if (p.threshold_mode == kStaticClip) {
-    x0 = clamp_sym(x0, p.clip_range);
-  } else if (p.threshold_mode == kDynamic) {
-    x0 = dynamic_clamp(x0, s_dyn);
-  }
-  if (p.use_clipped_eps && p.threshold_mode != kNoThreshold) eps = eps_from_x0(x, x0, p.alpha, p.sigma);
+// The x0 prediction before thresholding (the dynamic threshold's statistics need it first).
+template <int PRED, bool GUIDED>
+PYDIFF_HOST_DEVICE float raw_x0(const StepParams& p, float x, float cond, float uncond, float scale) {
+  const float m = GUIDED ? cfg_mix(cond, uncond, scale) : cond;
+  float x0, eps;
+  predict_x0_eps<PRED>(x, m, p.alpha, p.sigma, x0, eps);
+  return x0;
 }
 
 // ---- The dynamic-threshold quantile, exactly as torch.quantile(..., interpolation="linear") ----

@@ -16,7 +16,7 @@ namespace pydiff {
 namespace {
 
 constexpr int64_t kChunk = 16384;  // elements per work item: big enough to amortise scheduling
-constexpr int64_t kBlock = 256;    // elements per noise block (fits on the stack, in L1)
+constexpr int64_t kBlock = 512;    // elements per block of noise (on the stack, in L1)
 constexpr int64_t kSerialBelow = 32768;  // below this many elements threads cost more than they save
 
 struct Item {
@@ -35,36 +35,51 @@ int threads_for(int64_t total, int num_threads) {
   return total < kSerialBelow ? 1 : num_threads;
 }
 
+// Normals of stream (seed, step) for whole groups [g0, g0 + count): 4 * count values into dst.
+// Structure-of-arrays loops so that Philox and Box-Muller vectorise across groups.
+void normal_groups(uint64_t seed, uint32_t step, uint64_t g0, int64_t count, float* dst) {
+  constexpr int64_t kG = 64;
+  uint32_t w[4][kG];
+  float z[4][kG];
+  for (int64_t base = 0; base < count; base += kG) {
+    const int64_t len = std::min(kG, count - base);
+    for (int64_t j = 0; j < len; ++j) {
+      const U32x4 r = noise_block(seed, step, g0 + uint64_t(base + j));
+      w[0][j] = r.v[0];
+      w[1][j] = r.v[1];
+      w[2][j] = r.v[2];
+      w[3][j] = r.v[3];
+    }
+    for (int64_t j = 0; j < len; ++j) box_muller(w[0][j], w[1][j], z[0][j], z[1][j]);
+    for (int64_t j = 0; j < len; ++j) box_muller(w[2][j], w[3][j], z[2][j], z[3][j]);
+    float* d = dst + 4 * base;
+    for (int64_t j = 0; j < len; ++j) {
+      d[4 * j] = z[0][j];
+      d[4 * j + 1] = z[1][j];
+      d[4 * j + 2] = z[2][j];
+      d[4 * j + 3] = z[3][j];
+    }
+  }
+}
+
 // Normals of stream (seed, step) for elements [begin, begin + count) into dst.
 void fill_normals(uint64_t seed, uint32_t step, int64_t begin, int64_t count, float* dst) {
   const int64_t end = begin + count;
   int64_t g = begin >> 2;
-  // Unaligned head and tail go through a scratch quad; the aligned middle is written directly.
   float quad[4];
-  const int64_t head_end = std::min(end, (g + 1) << 2);
-  if ((begin & 3) != 0) {
+  if ((begin & 3) != 0) {  // unaligned head
     normal4(seed, step, uint64_t(g), quad);
-    for (int64_t e = begin; e < head_end; ++e) dst[e - begin] = quad[e & 3];
+    for (int64_t e = begin; e < std::min(end, (g + 1) << 2); ++e) dst[e - begin] = quad[e & 3];
     ++g;
   }
   const int64_t g_full_end = end >> 2;
-  for (; g < g_full_end; ++g) normal4(seed, step, uint64_t(g), dst + ((g << 2) - begin));
-  if ((g << 2) < end && (g << 2) >= begin) {
+  if (g < g_full_end) normal_groups(seed, step, uint64_t(g), g_full_end - g, dst + ((g << 2) - begin));
+  g = std::max(g, g_full_end);
+  if ((g << 2) < end) {  // unaligned tail
     normal4(seed, step, uint64_t(g), quad);
     for (int64_t e = g << 2; e < end; ++e) dst[e - begin] = quad[e & 3];
   }
 }
-
-// Where x0 comes from: the fused step derives it from x and the network output(s).
-struct ModelSource {
-  const StepArrays& a;
-  const StepParams& p;
-  float scale(int64_t b) const { return a.scales ? a.scales[b] : a.scale; }
-  void x0_eps(int64_t b, int64_t i, float s, float& x0, float& eps) const {
-    const int64_t k = b * a.n + i;
-    model_x0_eps(p, a.x[k], a.cond[k], a.uncond ? a.uncond + k : nullptr, s, x0, eps);
-  }
-};
 
 struct AbsStats {
   int64_t above_one = 0;  // |x0| > 1
@@ -118,28 +133,61 @@ int default_num_threads() {
 #endif
 }
 
-int64_t fused_step_cpu(const StepArrays& a, const StepParams& p, int num_threads) {
+namespace {
+
+// The element loop of the fused step over one block. Parameters by value and no pointer
+// into them: the compiler keeps every coefficient in a register and vectorises the loop.
+template <int PRED, bool GUIDED>
+int64_t step_block(const StepParams& params, const float* x, const float* c, const float* u, const float s,
+                   const float limit, const float divisor, const bool clipped_eps, const float* prev,
+                   const bool has_prev,
+                   const float* z, float* x0o, float* out, const int64_t len) {
+  // Only the float coefficients, in a local the loop can keep in registers.
+  StepParams p{};
+  p.alpha = params.alpha;
+  p.sigma = params.sigma;
+  p.c_x = params.c_x;
+  p.c_x0 = params.c_x0;
+  p.c_eps = params.c_eps;
+  p.c_d = params.c_d;
+  p.c_noise = params.c_noise;
+  int32_t bad = 0;  // 32-bit like the floats, so that the counter vectorises with them
+  for (int64_t j = 0; j < len; ++j) {
+    float x0;
+    const float r =
+        step_element<PRED, GUIDED>(p, x[j], c[j], u[j], s, limit, divisor, clipped_eps, prev[j], has_prev, z[j], x0);
+    // A non-finite network output can vanish behind a clamp, so it is counted on its own.
+    bad += int32_t(!(std::fabs(c[j]) <= FLT_MAX)) | int32_t(!(std::fabs(u[j]) <= FLT_MAX)) |
+           int32_t(!(std::fabs(r) <= FLT_MAX));
+    out[j] = r;
+    x0o[j] = x0;
+  }
+  return bad;
+}
+
+template <int PRED, bool GUIDED>
+int64_t fused_step_impl(const StepArrays& a, const StepParams& params, int num_threads) {
+  const StepParams p = params;
   const int64_t B = a.batch, n = a.n;
-  if (B == 0 || n == 0) return 0;
   const std::vector<Item> items = make_items(B, n);
   const int64_t num_items = int64_t(items.size());
   const int nt = threads_for(B * n, num_threads);
-  const ModelSource src{a, p};
+  const float* uncond = GUIDED ? a.uncond : a.cond;  // read only when GUIDED
+  auto scale_of = [&](int64_t b) { return a.scales ? a.scales[b] : a.scale; };
 
-  // Dynamic thresholding needs each sample's quantile before any element can be finished.
-  std::vector<float> s_dyn(size_t(B), 1.0f);
+  // Dynamic thresholding needs each sample's quantile of |x0| before any element can be finished.
+  std::vector<float> s_dyn(static_cast<size_t>(B), 1.0f);
   if (p.threshold_mode == kDynamic) {
     std::vector<AbsStats> stats(static_cast<size_t>(num_items));
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t it = 0; it < num_items; ++it) {
       const Item& item = items[size_t(it)];
-      const float s = src.scale(item.sample);
+      const float s = scale_of(item.sample);
+      const int64_t off = item.sample * n;
       int64_t above = 0, at_max = 0;
       float mx = 0.0f;
-      for (int64_t i = item.begin; i < item.end; ++i) {
-        float x0, eps;
-        src.x0_eps(item.sample, i, s, x0, eps);
-        const float v = std::fabs(x0);
+      for (int64_t i = off + item.begin; i < off + item.end; ++i) {
+        const float v = std::fabs(raw_x0<PRED, GUIDED>(p, a.x[i], a.cond[i], uncond[i], s));
         above += v > 1.0f;
         at_max += v >= p.sample_max_value;
         mx = (v <= 1.0f && v > mx) ? v : mx;
@@ -154,16 +202,15 @@ int64_t fused_step_cpu(const StepArrays& a, const StepParams& p, int num_threads
       t.at_max += u.at_max;
       t.max_le_one = std::max(t.max_le_one, u.max_le_one);
     }
-#pragma omp parallel num_threads(std::min<int64_t>(nt, B))
+#pragma omp parallel num_threads(int(std::min<int64_t>(nt, B)))
     {
       std::vector<float> scratch;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t b = 0; b < B; ++b) {
-        const float s = src.scale(b);
+        const float s = scale_of(b);
+        const int64_t off = b * n;
         auto abs_at = [&](int64_t i) {
-          float x0, eps;
-          src.x0_eps(b, i, s, x0, eps);
-          return std::fabs(x0);
+          return std::fabs(raw_x0<PRED, GUIDED>(p, a.x[off + i], a.cond[off + i], uncond[off + i], s));
         };
         s_dyn[size_t(b)] = select_threshold(abs_at, n, per_sample[size_t(b)], p.dynamic_ratio,
                                             p.sample_max_value, true, scratch);
@@ -173,37 +220,48 @@ int64_t fused_step_cpu(const StepArrays& a, const StepParams& p, int num_threads
       for (int64_t b = 0; b < B; ++b) a.thresholds[b] = s_dyn[size_t(b)];
   }
 
+  const bool has_noise = p.c_noise != 0.0f;
+  const bool has_prev = a.x0_prev != nullptr;
+  const bool clipped_eps = p.use_clipped_eps && p.threshold_mode != kNoThreshold;
   int64_t nonfinite = 0;
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : nonfinite)
   for (int64_t it = 0; it < num_items; ++it) {
     const Item& item = items[size_t(it)];
     const int64_t b = item.sample;
-    const float s = src.scale(b);
-    const float sd = s_dyn[size_t(b)];
+    const float s = scale_of(b);
+    float limit, divisor;
+    threshold_limits(p, s_dyn[size_t(b)], limit, divisor);
     float z[kBlock];
+    float x0_scratch[kBlock];
+    if (!has_noise) std::fill(z, z + kBlock, 0.0f);
+    int64_t bad = 0;
     for (int64_t blk = item.begin; blk < item.end; blk += kBlock) {
       const int64_t len = std::min(kBlock, item.end - blk);
       const int64_t k0 = b * n + blk;
-      if (p.c_noise != 0.0f) fill_normals(p.seed, p.noise_step, k0, len, z);
-      int64_t bad = 0;
-      for (int64_t j = 0; j < len; ++j) {
-        const int64_t k = k0 + j;
-        float x0, eps;
-        src.x0_eps(b, blk + j, s, x0, eps);
-        threshold_x0(p, a.x[k], sd, x0, eps);
-        const float prev = a.x0_prev ? a.x0_prev[k] : 0.0f;
-        const float r = linear_update(p, a.x[k], x0, eps, prev, p.c_noise != 0.0f ? z[j] : 0.0f);
-        a.out[k] = r;
-        if (a.x0_out) a.x0_out[k] = x0;
-        // A non-finite network output can vanish behind a clamp, so it is counted on its own.
-        const bool finite_in = std::fabs(a.cond[k]) <= FLT_MAX &&
-                               (!a.uncond || std::fabs(a.uncond[k]) <= FLT_MAX);
-        bad += !(finite_in && std::fabs(r) <= FLT_MAX);
-      }
-      nonfinite += bad;
+      if (has_noise) fill_normals(p.seed, p.noise_step, k0, len, z);
+      const float* prev = has_prev ? a.x0_prev + k0 : a.x + k0;  // any readable array when unused
+      float* x0o = a.x0_out ? a.x0_out + k0 : x0_scratch;
+      bad += step_block<PRED, GUIDED>(p, a.x + k0, a.cond + k0, uncond + k0, s, limit, divisor, clipped_eps,
+                                      prev, has_prev, z, x0o, a.out + k0, len);
     }
+    nonfinite += bad;
   }
   return nonfinite;
+}
+
+}  // namespace
+
+int64_t fused_step_cpu(const StepArrays& a, const StepParams& p, int num_threads) {
+  if (a.batch == 0 || a.n == 0) return 0;
+  const bool guided = a.uncond != nullptr;
+  switch (p.prediction_type * 2 + int(guided)) {
+    case kEpsilon * 2: return fused_step_impl<kEpsilon, false>(a, p, num_threads);
+    case kEpsilon * 2 + 1: return fused_step_impl<kEpsilon, true>(a, p, num_threads);
+    case kSample * 2: return fused_step_impl<kSample, false>(a, p, num_threads);
+    case kSample * 2 + 1: return fused_step_impl<kSample, true>(a, p, num_threads);
+    case kVPrediction * 2: return fused_step_impl<kVPrediction, false>(a, p, num_threads);
+    default: return fused_step_impl<kVPrediction, true>(a, p, num_threads);
+  }
 }
 
 void cfg_mix_cpu(const float* cond, const float* uncond, const float* scales, float scale,

@@ -95,12 +95,13 @@ def cfg_mix(cond: np.ndarray, uncond: np.ndarray, scale) -> np.ndarray:
 
 
 def predict_x0_eps(prediction_type: int, x, out, alpha, sigma):
-    """(x0, eps) from a network output, x_t = alpha * x0 + sigma * eps, in diffusers' operation order."""
+    """(x0, eps) from a network output, x_t = alpha * x0 + sigma * eps (diffusers' formulas; divisions by
+    alpha or sigma are multiplications by the float32 reciprocal, as in csrc/math/step.h)."""
     alpha, sigma = F32(alpha), F32(sigma)
     if prediction_type == EPSILON:
-        return (x - sigma * out) / alpha, out
+        return (x - sigma * out) * (F32(1) / alpha), out
     if prediction_type == SAMPLE:
-        return out, (x - alpha * out) / sigma
+        return out, (x - alpha * out) * (F32(1) / sigma)
     return alpha * x - sigma * out, alpha * out + sigma * x
 
 
@@ -140,7 +141,7 @@ def dynamic_threshold(x0: np.ndarray, ratio: float, sample_max_value: float):
     """Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3): (clip(x0, -s, s) / s, s [B])."""
     s = abs_quantile(x0, ratio, sample_max_value, clamp=True)
     sb = s.reshape((-1,) + (1,) * (x0.ndim - 1))
-    return np.clip(x0, -sb, sb) / sb, s
+    return np.clip(x0, -sb, sb) * (F32(1) / sb), s
 
 
 def _per_sample(v, like):
@@ -167,16 +168,19 @@ def fused_step(x, model_output, params: dict, *, guided=False, guidance_scale=1.
     s = None
     mode = p["threshold_mode"]
     if mode == STATIC_CLIP:
-        x0 = np.clip(x0, -p["clip_range"], p["clip_range"])
+        x0 = np.clip(x0, -p["clip_range"], p["clip_range"]) * F32(1)
     elif mode == DYNAMIC:
         x0, s = dynamic_threshold(x0, p["dynamic_ratio"], p["sample_max_value"])
     if p["use_clipped_eps"] and mode != NO_THRESHOLD:
-        eps = (x - F32(p["alpha"]) * x0) / F32(p["sigma"])
-    r = F32(p["c_x0"]) * x0 + F32(p["c_x"]) * x
-    r = r + F32(p["c_eps"]) * eps
-    if p["c_d"] != 0:
-        r = r + F32(p["c_d"]) * (x0 - x0_prev.astype(F32))
+        eps = (x - F32(p["alpha"]) * x0) * (F32(1) / F32(p["sigma"]))
+    # linear_update: terms with a zero coefficient add an exact +0.
+    prev = x0 if x0_prev is None else x0_prev.astype(F32)
     if p["c_noise"] != 0:
         z = noise if noise is not None else randn(p["seed"], p["noise_step"], x.size).reshape(x.shape)
-        r = r + F32(p["c_noise"]) * z.astype(F32)
+    else:
+        z = np.zeros_like(x)
+    r = F32(p["c_x0"]) * x0 + F32(p["c_x"]) * x
+    r = r + F32(p["c_eps"]) * eps
+    r = r + F32(p["c_d"]) * (x0 - prev)
+    r = r + F32(p["c_noise"]) * z.astype(F32)
     return r.astype(F32), x0.astype(F32), s
