@@ -27,6 +27,11 @@ PYDIFF_HOST_DEVICE void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, u
 // Philox4x32-10 of counter (c0, c1, c2, c3) under key (k0, k1).
 PYDIFF_HOST_DEVICE U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
                                       uint32_t k0, uint32_t k1) {
+#if defined(__CUDACC__)
+#pragma unroll
+#elif defined(__GNUC__)
+#pragma GCC unroll 10  // straight-line code lets the CPU loops vectorise across blocks
+#endif
   for (int r = 0; r < 10; ++r) {
     philox_round(c0, c1, c2, c3, k0, k1);
     k0 += 0x9E3779B9u;
