@@ -191,7 +191,7 @@ def _check_out(path: Path) -> None:
 
 
 def _open_image(path, what):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     from .imageio import load_image
 
@@ -204,8 +204,6 @@ def _open_image(path, what):
 
 
 def _cmd_images(args) -> int:
-    import numpy as np
-
     from . import imageio
     from .pipeline import _pipeline
 
@@ -274,7 +272,7 @@ def _cmd_images(args) -> int:
     labels = plan.class_labels or [None] * plan.n_prompts
     report = {
         "command": mode, "model": str(pipe.package.path), "package": pipe.package.name,
-        "backend": pipe.backend.name, "seed": plan.seed, "num_images": len(images),
+        "backend": pipe.backend.describe(), "seed": plan.seed, "num_images": len(images),
         "grid": str(out) if len(images) > 1 and not args.no_grid else None,
         "size": list(images[0].size),
         "images": [{"index": i, "path": paths[i], "prompt": per_prompt[i // plan.num_images],

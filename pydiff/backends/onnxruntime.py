@@ -1,8 +1,6 @@
 """ONNX Runtime backend: one InferenceSession per stage, created once and shared by all calls."""
 from __future__ import annotations
 
-import numpy as np
-
 from ..package import Package, PackageError, check_stage_io, check_text_encoder_io
 from .base import Backend, StageModel
 

@@ -9,7 +9,7 @@ import os
 import threading
 from pathlib import Path
 
-from ..package import Package, PackageError, load_package
+from ..package import PackageError, load_package
 from .pipeline import Pipeline, bundled_packages, bundled_path
 
 __all__ = ["Pipeline", "load", "generate", "inpaint", "img2img", "upscale", "PackageError",

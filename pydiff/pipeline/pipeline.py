@@ -10,11 +10,10 @@ batch they are made in (batch composition changes the draws), not on threads or 
 """
 from __future__ import annotations
 
-import os
 import secrets
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,7 +67,6 @@ class _Plan:
     image: np.ndarray | None = None      # [1, C, H, W] in [-1, 1]
     mask: np.ndarray | None = None       # [1, 1, H, W] in [0, 1], 1 = generate
     init_low_res: np.ndarray | None = None  # [1, 3, h, w] (upscale)
-    info: dict = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
