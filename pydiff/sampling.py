@@ -99,6 +99,10 @@ def sample(model: Callable[..., Any], x_T, *, schedule: Schedule, sampler: str =
     def call(xb, tb, c):
         return model(xb, tb) if c is None else model(xb, tb, c)
 
+    # Preallocated buffers: the doubled network input, and two x buffers used in turn (only when
+    # no callback could keep a reference to x).
+    x2 = np.empty((2 * B,) + x.shape[1:], np.float32) if guided and batch_cond_uncond else None
+    spare = np.empty_like(x) if callback is None else None
     steps_iter = range(start_step, n_steps)
     if progress:
         from tqdm.auto import tqdm
@@ -108,8 +112,9 @@ def sample(model: Callable[..., Any], x_T, *, schedule: Schedule, sampler: str =
         t = int(smp.timesteps[i])
         if guided:
             if batch_cond_uncond:
-                tt = np.full(2 * B, t, np.float32)
-                out = _as_output(call(np.concatenate([x, x]), tt, both), (2 * B,) + x.shape[1:], i, t)
+                x2[:B] = x
+                x2[B:] = x
+                out = _as_output(call(x2, np.full(2 * B, t, np.float32), both), x2.shape, i, t)
             else:
                 tt = np.full(B, t, np.float32)
                 oc = _as_output(call(x, tt, cond), x.shape, i, t)
@@ -122,7 +127,11 @@ def sample(model: Callable[..., Any], x_T, *, schedule: Schedule, sampler: str =
             z = np.asarray(noise(i, x.shape), dtype=np.float32)
             if z.shape != x.shape:
                 raise ValueError(f"noise({i}, shape) returned shape {z.shape}; expected {x.shape}")
-        x = smp.step(out, x, i, guidance_scale=scale if guided else None, seed=seed, noise=z)
+        new = smp.step(out, x, i, guidance_scale=scale if guided else None, seed=seed, noise=z, out=spare)
+        if spare is not None:
+            spare, x = x, new
+        else:
+            x = new
         if callback is not None:
             r = callback(i, t, x)
             if r is not None:
