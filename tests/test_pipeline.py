@@ -457,57 +457,24 @@ def test_torch_backend_matches_onnxruntime(pkgs):
 # ------------------------------------------------------------------------------- the real model
 
 
-def test_bundled_shapes_red_circle_on_blue():
-    """The bundled shapes cascade draws what it is asked for (analytic shapes evaluator)."""
+def test_bundled_shapes_red_circle_on_blue(tmp_path):
+    """The bundled shapes cascade draws what it is asked for (the analytic shapes reader)."""
     from pydiff.pipeline import bundled_path
 
     if not (bundled_path("shapes") / "manifest.json").is_file():
         pytest.skip("the bundled shapes package is not built yet")
+    from pydiff.training.eval import read_shape
+
     pipe = load()
     imgs = pipe.generate("a red circle on a blue background", num_images=4, seed=0, progress=False,
                          output_type="numpy")
-    found = [describe_shape_image(img) for img in imgs]
-    hits = [f == ("red", "circle", "blue") for f in found]
+    found = [read_shape(img) for img in imgs]
+    hits = [(r["fg"], r["shape"], r["bg"]) == ("red", "circle", "blue") for r in found]
     assert sum(hits) >= 2, found
+    # the command line the README starts with
+    from pydiff.cli import main
 
-
-def describe_shape_image(img: np.ndarray) -> tuple[str, str, str]:
-    """(shape colour, shape, background colour) of a shapes-style image HWC in [0, 1].
-
-    Analytic: background = palette colour nearest the border's median; the shape = pixels far
-    from it; its colour = palette colour nearest their median; circle / square / triangle from how
-    much of its bounding box it fills (pi/4, 1, 1/2).
-    """
-    from pydiff.data.shapes import PALETTE
-
-    names = list(PALETTE)
-    pal = np.array([PALETTE[n] for n in names], np.float32)
-    px = np.asarray(img, np.float32) * 255.0
-    h, w = px.shape[:2]
-    b = max(1, h // 32)
-    border = np.concatenate([px[:b].reshape(-1, 3), px[-b:].reshape(-1, 3),
-                             px[:, :b].reshape(-1, 3), px[:, -b:].reshape(-1, 3)])
-
-    def nearest(c):
-        return names[int(np.argmin(((pal - c) ** 2).sum(1)))]
-
-    bg = nearest(np.median(border, 0))
-    fg_mask = np.sqrt(((px - np.array(PALETTE[bg], np.float32)) ** 2).sum(-1)) > 80
-    if fg_mask.sum() < 4:
-        return ("none", "none", bg)
-    fg = nearest(np.median(px[fg_mask], 0))
-    ys, xs = np.nonzero(fg_mask)
-    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-    fill = fg_mask.sum() / box
-    shape = "square" if fill > 0.9 else ("circle" if fill > 0.65 else "triangle")
-    return (fg, shape, bg)
-
-
-def test_shape_describer_on_rendered_images():
-    from pydiff.data import shapes
-
-    rng = np.random.default_rng(0)
-    specs = shapes.sample_specs(rng, 24, include_held_out=True)
-    for spec in specs:
-        img = shapes.render(spec).astype(np.float32) / 255.0
-        assert describe_shape_image(img) == (spec.fg, spec.shape, spec.bg), spec
+    out = tmp_path / "red.png"
+    assert main(["generate", "a red circle on a blue background", "--out", str(out), "-q",
+                 "--seed", "0"]) == 0
+    assert out.is_file()
