@@ -1,0 +1,161 @@
+"""Per-step cost of pydiff's fused native step against the NumPy reference and diffusers.
+
+One denoising step = classifier-free guidance mix + the sampler's update (+ dynamic thresholding),
+on the same inputs, measured side by side in one run (medians). Also the bandwidth floor: the
+bytes the fused step must move (x, eps_cond, eps_uncond in; x_prev out; plus x0 state for DPM++)
+at the copy bandwidth measured in the same run for arrays of that size.
+
+    python benchmarks/bench_step.py                 # table on stdout
+    python benchmarks/bench_step.py --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import numpy as np
+
+import pydiff
+from pydiff import ops, reference
+
+SHAPES = [(4, 3, 64, 64), (16, 3, 64, 64), (4, 3, 256, 256), (1, 4, 128, 128)]
+SAMPLERS = ["ddpm", "ddim", "dpmpp_2m"]
+GUIDANCE = 5.0
+STEPS = 50
+STEP_INDEX = 20  # a step in the middle of the chain (noise on, history on)
+
+
+def median_time(fn, repeat: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def copy_bandwidth(nbytes: int, repeat: int) -> float:
+    a = np.ones(nbytes // 4, np.float32)
+    b = np.empty_like(a)
+    t = median_time(lambda: np.copyto(b, a), repeat)
+    return 2 * nbytes / t  # read + write
+
+
+def schedule_for(thresholding: bool) -> pydiff.Schedule:
+    # sample_max_value > 1 so that the quantile is really selected (with 1.0 it is clamp(-1, 1)).
+    return pydiff.Schedule(beta_schedule="squaredcos_cap_v2", clip_sample=False, thresholding=thresholding,
+                           dynamic_thresholding_ratio=0.995, sample_max_value=1.5)
+
+
+def make_diffusers_step(sampler, sched_cfg, shape, torch, diffusers):
+    cfg = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", thresholding=sched_cfg.thresholding,
+               dynamic_thresholding_ratio=0.995, sample_max_value=1.5)
+    if sampler == "ddpm":
+        s = diffusers.DDPMScheduler(**cfg, clip_sample=False)
+    elif sampler == "ddim":
+        s = diffusers.DDIMScheduler(**cfg, clip_sample=False)
+    else:
+        s = diffusers.DPMSolverMultistepScheduler(**cfg, algorithm_type="dpmsolver++", solver_order=2)
+    s.set_timesteps(STEPS)
+    t = s.timesteps[STEP_INDEX]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    both = torch.randn((2 * shape[0],) + shape[1:], generator=g) * 1.3
+    prev = torch.randn(shape, generator=g)
+    if sampler == "dpmpp_2m":
+        s.lower_order_nums = 1
+
+    def step():
+        c, u = both.chunk(2)
+        eps = u + GUIDANCE * (c - u)  # the usual torch CFG mix
+        if sampler == "dpmpp_2m":
+            s._step_index = STEP_INDEX
+            s.model_outputs = [None, prev]  # step() shifts it to [prev, this step's x0]
+        s.step(eps, t, x, generator=g) if sampler == "ddpm" else s.step(eps, t, x)
+
+    return step
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--shapes", default=None, help="e.g. 16x3x64x64,4x3x256x256")
+    ap.add_argument("--no-reference", action="store_true", help="skip the (slow) NumPy reference")
+    args = ap.parse_args(argv)
+    shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    try:
+        import diffusers
+        import torch
+    except ImportError:
+        torch = diffusers = None
+        print("(diffusers/torch not installed: their columns are skipped)")
+
+    rows = []
+    for shape in shapes:
+        n = int(np.prod(shape))
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(shape).astype(np.float32)
+        both = (rng.standard_normal((2 * shape[0],) + shape[1:]) * 1.3).astype(np.float32)
+        bw = copy_bandwidth(4 * n, args.repeat)
+        for thr in (False, True):
+            sched = schedule_for(thr)
+            for sampler in SAMPLERS:
+                smp = pydiff.make_sampler(sampler, sched, STEPS)
+                fields = smp.params(STEP_INDEX, seed=1)
+                # dynamic thresholding reads the inputs twice; the floor counts them once.
+                arrays = 5 + (2 if sampler == "dpmpp_2m" else 0)
+                floor = arrays * 4 * n / bw
+                prev = rng.standard_normal(shape).astype(np.float32)
+                x0_out = np.empty_like(x)
+                out = np.empty_like(x)
+                p = ops.step_params(**fields)
+                kw = dict(guidance_scale=GUIDANCE, out=out)
+                if sampler == "dpmpp_2m":
+                    kw.update(x0_prev=prev, x0_out=x0_out)
+                for nt in args.threads:
+                    ops.set_num_threads(nt)
+                    t_native = median_time(lambda: ops.fused_step(x, both, p, **kw), args.repeat)
+                    row = dict(shape="x".join(map(str, shape)), sampler=sampler,
+                               thresholding="dynamic" if thr else "off", threads=nt, pydiff_ms=t_native * 1e3,
+                               floor_ms=floor * 1e3, copy_GBps=bw / 1e9)
+                    if torch is not None:
+                        torch.set_num_threads(nt)
+                        step = make_diffusers_step(sampler, sched, shape, torch, diffusers)
+                        row["diffusers_ms"] = median_time(step, args.repeat) * 1e3
+                        row["speedup_vs_diffusers"] = row["diffusers_ms"] / row["pydiff_ms"]
+                    if not args.no_reference and nt == args.threads[0]:
+                        ref = lambda: reference.fused_step(x, both, fields, guided=True, guidance_scale=GUIDANCE,  # noqa: E731
+                                                           x0_prev=prev if sampler == "dpmpp_2m" else None)
+                        row["numpy_ms"] = median_time(ref, max(3, args.repeat // 10), warmup=1) * 1e3
+                    row["x_floor"] = row["pydiff_ms"] / row["floor_ms"]
+                    rows.append(row)
+                    print(_fmt(row), flush=True)
+        ops.set_num_threads(0)
+    if args.json:
+        meta = dict(machine=platform.processor() or platform.machine(), python=platform.python_version(),
+                    pydiff=pydiff.__version__, guidance=GUIDANCE, steps=STEPS, step_index=STEP_INDEX,
+                    diffusers=getattr(diffusers, "__version__", None), torch=getattr(torch, "__version__", None))
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    return rows
+
+
+def _fmt(r):
+    s = f"{r['shape']:>13} {r['sampler']:>8} thr={r['thresholding']:<7} th={r['threads']}  pydiff {r['pydiff_ms']:7.3f} ms"
+    s += f"  floor {r['floor_ms']:6.3f} ms ({r['x_floor']:.2f}x)"
+    if "diffusers_ms" in r:
+        s += f"  diffusers {r['diffusers_ms']:7.3f} ms ({r['speedup_vs_diffusers']:5.1f}x faster)"
+    if "numpy_ms" in r:
+        s += f"  numpy-ref {r['numpy_ms']:8.2f} ms"
+    return s
+
+
+if __name__ == "__main__":
+    main()
