@@ -64,6 +64,8 @@ def _add_export(sub):
     f.add_argument("--scheduler", help="scheduler_config.json (default: the model folder's sibling)")
     f.add_argument("--out", required=True)
     f.add_argument("--name", default=None)
+    f.add_argument("--text-encoder", help="UNet2DConditionModel: folder with model.onnx + tokenizer.json")
+    f.add_argument("--max-length", type=int, default=None, help="tokenizer length (default 77)")
     f.set_defaults(func=_run_export)
     e = esub.add_parser("text-encoder", help="export all-MiniLM-L6-v2 to int8 ONNX")
     e.add_argument("--out", required=True)
@@ -73,8 +75,6 @@ def _add_export(sub):
 
 def _run_export(a) -> int:
     import json
-
-    from .. import exporting as X
 
     if a.what == "text-encoder":
         from ..exporting.text_encoder import export_text_encoder
@@ -87,8 +87,8 @@ def _run_export(a) -> int:
         print(json.dumps(export_digits(a.run, a.out), indent=1))
     elif a.what == "diffusers":
         from ..exporting.diffusers_import import import_diffusers
-        print(json.dumps(import_diffusers(a.model, a.out, scheduler=a.scheduler, name=a.name), indent=1))
-    del X
+        print(json.dumps(import_diffusers(a.model, a.out, scheduler=a.scheduler, name=a.name,
+                                          text_encoder=a.text_encoder, max_length=a.max_length), indent=1))
     return 0
 
 
