@@ -4,8 +4,9 @@ Randomness (documented contract; the same seed gives the same images on the same
 ``rng = numpy.random.Generator(numpy.random.PCG64(seed))``; for each stage in order, x_T is
 ``rng.standard_normal((B, C, R, R), dtype=float32)``, then (super-resolution stages) the
 augmentation noise of the same shape as `low_res`, then (RePaint inpainting) one array of the
-sample's shape per step. The sampler's own per-step noise (DDPM, eta > 0) comes from the core's
-counter-based generator seeded with ``(seed + stage index) mod 2**64``. Images depend on the
+sample's shape per step; img2img uses the x_T draw as the noise of
+``schedule.add_noise(image, noise, t_start)``. The sampler's own per-step noise (DDPM, eta > 0)
+comes from the core's counter-based generator seeded with ``(seed + stage index) mod 2**64``. Images depend on the
 batch they are made in (batch composition changes the draws), not on threads or timing.
 """
 from __future__ import annotations
@@ -451,9 +452,7 @@ class Pipeline:
 
 def _timesteps(core, schedule, steps, sampler):
     """The int64 timesteps the sampler visits (they depend on the sampler, e.g. DPM-Solver++)."""
-    from ..schedules import timesteps
-
-    return np.asarray(timesteps(schedule, steps, sampler))
+    return np.asarray(core.timesteps(schedule, steps, sampler))
 
 
 def _threshold_kwargs(s: StageSettings) -> dict:
