@@ -10,4 +10,18 @@ from pydiff.samplers import NonFiniteError, make_sampler  # noqa: E402
 from pydiff.sampling import sample  # noqa: E402
 from pydiff.schedules import Schedule, ScheduleError, timesteps  # noqa: E402
 
-__all__ = ["Schedule", "ScheduleError", "sample", "make_sampler", "timesteps", "NonFiniteError", "__version__"]
+# The pipeline (ONNX Runtime, tokenizers, Pillow) loads on first use, so that `import pydiff`
+# stays cheap for users of the core alone.
+_PIPELINE_NAMES = ("generate", "load", "inpaint", "img2img", "upscale", "Pipeline", "PackageError")
+
+
+def __getattr__(name):
+    if name in _PIPELINE_NAMES:
+        from pydiff import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'pydiff' has no attribute {name!r}")
+
+
+__all__ = ["Schedule", "ScheduleError", "sample", "make_sampler", "timesteps", "NonFiniteError", "__version__",
+           *_PIPELINE_NAMES]
