@@ -26,8 +26,10 @@ def native_available() -> bool:
 
 
 def cuda_available() -> bool:
-    """Whether the CUDA twin was built and imported (never probes a GPU)."""
-    return False
+    """Whether the CUDA twin is built and a GPU is visible (asks the CUDA runtime; see pydiff.cuda)."""
+    from pydiff import cuda
+
+    return cuda.available()
 
 
 def _native():

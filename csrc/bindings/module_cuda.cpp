@@ -1,0 +1,92 @@
+// pydiff._C_cuda: the CUDA twin's entry points. Arrays arrive as device pointers that
+// pydiff/cuda.py has already validated (dtype, shape, contiguity, device); a stream is an integer
+// handle (0: the legacy default stream). Nothing here synchronises with the device.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "ops/ops.h"
+#include "ops/ops_cuda.h"
+
+#include <cuda_runtime_api.h>
+
+namespace py = pybind11;
+using namespace pydiff;
+
+namespace {
+
+template <class T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+void check(int err, const char* what) {
+  if (err != 0) throw std::runtime_error(std::string(what) + " failed to launch (cudaError " + std::to_string(err) + ")");
+}
+
+void fused_step(uintptr_t x, uintptr_t model_output, uintptr_t out, int64_t batch, int64_t n, int storage,
+                const StepParams& p, bool guided, float scale, uintptr_t scales, uintptr_t x0_prev,
+                uintptr_t x0_out, uintptr_t thresholds, uintptr_t nonfinite, uintptr_t stream) {
+  if (storage < kFloat32 || storage > kBFloat16) throw py::value_error("storage must be 0 (f32), 1 (f16) or 2 (bf16)");
+  if (p.c_d != 0.0f && !x0_prev) throw py::value_error("x0_prev is required when c_d != 0 (a multistep update)");
+  const size_t elem = storage == kFloat32 ? 4 : 2;
+  StepArraysCuda a;
+  a.x = ptr<const void>(x);
+  a.cond = ptr<const void>(model_output);
+  a.uncond = guided ? ptr<const char>(model_output) + batch * n * elem : nullptr;
+  a.scales = ptr<const float>(scales);
+  a.scale = scale;
+  a.x0_prev = ptr<const void>(x0_prev);
+  a.x0_out = ptr<void>(x0_out);
+  a.out = ptr<void>(out);
+  a.thresholds = ptr<float>(thresholds);
+  a.nonfinite = ptr<unsigned long long>(nonfinite);
+  a.batch = batch;
+  a.n = n;
+  a.storage = storage;
+  int err;
+  {
+    py::gil_scoped_release nogil;
+    err = fused_step_cuda(a, p, reinterpret_cast<cudaStream_t>(stream));
+  }
+  check(err, "fused_step");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "pydiff's native step kernels (CUDA twin)";
+  py::module_::import("pydiff._C");  // StepParams is defined there
+  m.def("fused_step", &fused_step, py::arg("x"), py::arg("model_output"), py::arg("out"), py::arg("batch"),
+        py::arg("n"), py::arg("storage"), py::arg("params"), py::arg("guided"), py::arg("scale"), py::arg("scales"),
+        py::arg("x0_prev"), py::arg("x0_out"), py::arg("thresholds"), py::arg("nonfinite"), py::arg("stream"));
+  m.def("randn", [](uintptr_t out, int64_t count, uint64_t seed, uint32_t step, int64_t offset, uintptr_t stream) {
+    int err;
+    {
+      py::gil_scoped_release nogil;
+      err = randn_cuda(seed, step, offset, ptr<float>(out), count, reinterpret_cast<cudaStream_t>(stream));
+    }
+    check(err, "randn");
+  });
+  m.def("cfg_mix", [](uintptr_t cond, uintptr_t uncond, uintptr_t out, int64_t batch, int64_t n, float scale,
+                      uintptr_t scales, uintptr_t stream) {
+    int err;
+    {
+      py::gil_scoped_release nogil;
+      err = cfg_mix_cuda(ptr<const float>(cond), ptr<const float>(uncond), ptr<const float>(scales), scale,
+                         ptr<float>(out), batch, n, reinterpret_cast<cudaStream_t>(stream));
+    }
+    check(err, "cfg_mix");
+  });
+  m.def("device_count", []() {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return n;
+  });
+  m.def("pointer_device", [](uintptr_t p) { return pointer_device(ptr<const void>(p)); },
+        "The CUDA device a pointer lives on, or -1 for host memory.");
+}
