@@ -261,3 +261,34 @@ def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
     assert json.loads(target.read_text()) == {"a": 1}
     mode = target.stat().st_mode & 0o777
     assert mode & 0o044, oct(mode)          # readable like a normal file, not mkstemp's 0600
+
+
+def test_sigint_during_sampling_exits_130_and_writes_nothing(pkgs, tmp_path):
+    """A real Ctrl-C (SIGINT) in the middle of sampling: exit 130, no image, no temp file."""
+    import signal
+    import time
+
+    slow = PRELUDE.replace("from pydiff.cli import main", """import time
+from pydiff.backends.onnxruntime import OrtStageModel
+_call = OrtStageModel.__call__
+def _slow(self, *a, **k):
+    time.sleep(0.005)   # make every network call slow enough to be interrupted
+    return _call(self, *a, **k)
+OrtStageModel.__call__ = _slow
+from pydiff.cli import main""").format(check_torch=False)
+    out = tmp_path / "x.png"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen([sys.executable, "-c", slow, "generate", "red", "--model", str(pkgs["text"]),
+                          "--steps", "1000", "--out", str(out)], stderr=subprocess.PIPE, text=True,
+                         env=env)
+    # wait for the first progress bar, then interrupt
+    seen = ""
+    deadline = time.time() + 60
+    while "base 8x8" not in seen and time.time() < deadline:
+        seen += p.stderr.read(1)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    rest = p.communicate(timeout=60)[1]
+    assert p.returncode == 130, seen + rest
+    assert "interrupted" in rest and "Traceback" not in rest
+    assert list(tmp_path.iterdir()) == []
