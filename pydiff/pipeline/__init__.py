@@ -40,7 +40,8 @@ def _pipeline(model, backend="auto") -> Pipeline:
     with _cache_lock:
         pipe = _cache.get(key)
         if pipe is None:
-            pipe = _cache[key] = Pipeline(path, backend=backend)
+            # None: Pipeline explains a missing bundled package itself
+            pipe = _cache[key] = Pipeline(None if model is None else path, backend=backend)
         return pipe
 
 
