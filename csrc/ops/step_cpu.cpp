@@ -101,13 +101,18 @@ float select_threshold(const AbsAt& abs_at, int64_t n, const AbsStats& st, float
     if (lo >= n - st.at_max) return max_value;              // lerp of two values >= max
   }
   // Candidates: the values above 1, or all values when not clamping.
-  scratch.clear();
-  const bool all = !clamp || lo < first_above - 1;
+  const bool all = !clamp;
+  // Branch-free compaction of the candidates (|x| is never below -1, so "all" keeps everything).
   const float floor_v = all ? -1.0f : 1.0f;
+  scratch.resize(static_cast<size_t>(n));
+  float* buf = scratch.data();
+  int64_t count = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float v = abs_at(i);
-    if (v > floor_v || all) scratch.push_back(v);
+    buf[count] = v;
+    count += v > floor_v;
   }
+  scratch.resize(static_cast<size_t>(count));
   const int64_t base = all ? 0 : first_above;
   float v_lo, v_hi;
   if (lo < base) {  // lo is the largest value <= 1, hi the smallest value > 1
@@ -285,14 +290,17 @@ void abs_quantile_cpu(const float* x, float q, float max_value, bool clamp, floa
     for (int64_t b = 0; b < batch; ++b) {
       const float* xb = x + b * n;
       AbsStats st;
+      int64_t nans = 0;
       for (int64_t i = 0; i < n; ++i) {
         const float v = std::fabs(xb[i]);
         st.above_one += v > 1.0f;
         st.at_max += v >= max_value;
         st.max_le_one = (v <= 1.0f && v > st.max_le_one) ? v : st.max_le_one;
+        nans += v != v;
       }
       auto abs_at = [xb](int64_t i) { return std::fabs(xb[i]); };
-      s[b] = select_threshold(abs_at, n, st, q, max_value, clamp, scratch);
+      // torch.quantile gives NaN for a row with a NaN; so do we.
+      s[b] = nans ? bits_float(0x7fc00000u) : select_threshold(abs_at, n, st, q, max_value, clamp, scratch);
     }
   }
 }
