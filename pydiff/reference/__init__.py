@@ -127,7 +127,7 @@ def torch_lerp(a, b, w):
 
 def abs_quantile(x: np.ndarray, q: float, max_value: float = 1.0, clamp: bool = False) -> np.ndarray:
     """Per-sample q-quantile of |x| (torch.quantile, linear), optionally clamped to [1, max_value]. x [B, ...] -> [B]."""
-    flat = np.abs(x.reshape(x.shape[0], -1).astype(F32))
+    flat = np.abs(x.reshape(x.shape[0], int(np.prod(x.shape[1:]))).astype(F32))
     out = np.empty(x.shape[0], F32)
     for b, row in enumerate(flat):
         srt = np.sort(row)
