@@ -60,6 +60,7 @@ def caption_embeddings(text_encoder_dir: str | Path, max_length: int, cache: str
         masks.append(m)
     states, masks = np.concatenate(states), np.concatenate(masks)
     if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
         save_file({"states": states, "mask": masks}, str(cache))
         Path(str(cache) + ".json").write_text(json.dumps(
             {"sha256": digest, "captions": captions, "max_length": max_length}))
