@@ -199,4 +199,7 @@ def timesteps(schedule: Schedule, steps: int, sampler: str = "ddim") -> np.ndarr
     ts = ts.astype(np.int64)
     if ts.max() >= T or ts.min() < 0:
         raise ValueError(f"steps_offset={offset} puts timesteps outside [0, {T - 1}]")
+    if np.any(np.diff(ts) >= 0):
+        raise ValueError(f"steps={steps} with {spacing!r} spacing repeats timesteps for {sampler} "
+                         f"(num_train_timesteps={T}); use fewer steps")
     return ts

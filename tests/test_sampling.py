@@ -181,6 +181,8 @@ class TestBadInput:
                 self.run(steps=steps)
         with pytest.raises(ValueError, match="steps must be an integer"):
             self.run(steps=2.5)
+        with pytest.raises(ValueError, match="repeats timesteps"):  # 1001 linspace points over 1000 timesteps
+            self.run(sampler="dpmpp_2m", steps=1000, schedule=SCHEDULE.replace(timestep_spacing="linspace"))
 
     def test_unknown_names(self):
         with pytest.raises(ValueError, match="unknown sampler 'euler'"):
