@@ -69,13 +69,14 @@ PYDIFF_HOST_DEVICE float linear_update(const StepParams& p, float x, float x0, f
 }
 
 // One element of the fused step. cond/uncond are the raw network outputs (uncond ignored unless
-// GUIDED); x0_prev is the previous step's x0, used when has_prev (otherwise the c_d term is an exact
-// 0); clipped_eps: re-derive eps from the thresholded x0. Writes that x0 and returns x_{t-1}.
+// GUIDED); x0_prev is the previous step's x0 (any finite value when the step has none: c_d is then
+// 0 and the term an exact 0); clipped_eps: re-derive eps from the thresholded x0. Writes that x0
+// and the guided network output m (non-finite exactly when an input is) and returns x_{t-1}.
 // Written without branches (selects only) so that the CPU loops vectorise.
 template <int PRED, bool GUIDED>
 PYDIFF_HOST_DEVICE float step_element(const StepParams& p, float x, float cond, float uncond, float scale,
-                                      float limit, float divisor, bool clipped_eps, float x0_prev,
-                                      bool has_prev, float z, float& x0_out) {
+                                      float limit, float divisor, bool clipped_eps, float x0_prev, float z,
+                                      float& x0_out, float& m_out) {
   const float m = GUIDED ? cfg_mix(cond, uncond, scale) : cond;
   float x0, eps;
   predict_x0_eps<PRED>(x, m, p.alpha, p.sigma, x0, eps);
@@ -83,7 +84,8 @@ PYDIFF_HOST_DEVICE float step_element(const StepParams& p, float x, float cond, 
   const float eps_c = eps_from_x0(x, x0, p.alpha, p.sigma);
   eps = select_uniform(clipped_eps, eps_c, eps);
   x0_out = x0;
-  return linear_update(p, x, x0, eps, select_uniform(has_prev, x0_prev, x0), z);
+  m_out = m;
+  return linear_update(p, x, x0, eps, x0_prev, z);
 }
 
 // The x0 prediction before thresholding (the dynamic threshold's statistics need it first).

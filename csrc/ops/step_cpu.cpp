@@ -142,12 +142,12 @@ namespace {
 
 // The element loop of the fused step over one block. Parameters by value and no pointer
 // into them: the compiler keeps every coefficient in a register and vectorises the loop.
+// The element loop of the fused step over one block. Coefficients in a local and no pointer into
+// them, so the compiler keeps them in registers and vectorises the loop.
 template <int PRED, bool GUIDED>
 int64_t step_block(const StepParams& params, const float* x, const float* c, const float* u, const float s,
                    const float limit, const float divisor, const bool clipped_eps, const float* prev,
-                   const bool has_prev,
                    const float* z, float* x0o, float* out, const int64_t len) {
-  // Only the float coefficients, in a local the loop can keep in registers.
   StepParams p{};
   p.alpha = params.alpha;
   p.sigma = params.sigma;
@@ -158,12 +158,10 @@ int64_t step_block(const StepParams& params, const float* x, const float* c, con
   p.c_noise = params.c_noise;
   int32_t bad = 0;  // 32-bit like the floats, so that the counter vectorises with them
   for (int64_t j = 0; j < len; ++j) {
-    float x0;
-    const float r =
-        step_element<PRED, GUIDED>(p, x[j], c[j], u[j], s, limit, divisor, clipped_eps, prev[j], has_prev, z[j], x0);
-    // A non-finite network output can vanish behind a clamp, so it is counted on its own.
-    bad += int32_t(!(std::fabs(c[j]) <= FLT_MAX)) | int32_t(!(std::fabs(u[j]) <= FLT_MAX)) |
-           int32_t(!(std::fabs(r) <= FLT_MAX));
+    float x0, m;
+    const float r = step_element<PRED, GUIDED>(p, x[j], c[j], u[j], s, limit, divisor, clipped_eps, prev[j], z[j], x0, m);
+    // m is non-finite exactly when a network output is; it can vanish behind a clamp, so it is counted.
+    bad += int32_t(!(std::fabs(m) <= FLT_MAX)) | int32_t(!(std::fabs(r) <= FLT_MAX));
     out[j] = r;
     x0o[j] = x0;
   }
@@ -244,10 +242,10 @@ int64_t fused_step_impl(const StepArrays& a, const StepParams& params, int num_t
       const int64_t len = std::min(kBlock, item.end - blk);
       const int64_t k0 = b * n + blk;
       if (has_noise) fill_normals(p.seed, p.noise_step, k0, len, z);
-      const float* prev = has_prev ? a.x0_prev + k0 : a.x + k0;  // any readable array when unused
+      const float* prev = has_prev ? a.x0_prev + k0 : a.x + k0;  // any finite values when c_d == 0
       float* x0o = a.x0_out ? a.x0_out + k0 : x0_scratch;
       bad += step_block<PRED, GUIDED>(p, a.x + k0, a.cond + k0, uncond + k0, s, limit, divisor, clipped_eps,
-                                      prev, has_prev, z, x0o, a.out + k0, len);
+                                      prev, z, x0o, a.out + k0, len);
     }
     nonfinite += bad;
   }

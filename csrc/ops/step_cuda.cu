@@ -170,10 +170,10 @@ __global__ void fused_step_kernel(StepArraysCuda a, StepParams p, const Selectio
       const float x = load<T>(a.x, e);
       const float c = load<T>(a.cond, e);
       const float u = GUIDED ? load<T>(a.uncond, e) : 0.0f;
-      const float prev = has_prev ? load<T>(a.x0_prev, e) : 0.0f;
-      float x0;
-      const float r = step_element<PRED, GUIDED>(p, x, c, u, s, limit, divisor, clipped_eps, prev, has_prev, z[k], x0);
-      bad += !(fabsf(c) <= FLT_MAX) | !(fabsf(u) <= FLT_MAX) | !(fabsf(r) <= FLT_MAX);
+      const float prev = has_prev ? load<T>(a.x0_prev, e) : x;  // any finite value when c_d == 0
+      float x0, m;
+      const float r = step_element<PRED, GUIDED>(p, x, c, u, s, limit, divisor, clipped_eps, prev, z[k], x0, m);
+      bad += !(fabsf(m) <= FLT_MAX) | !(fabsf(r) <= FLT_MAX);
       store<T>(a.out, e, r);
       if (a.x0_out) store<T>(a.x0_out, e, x0);
     }

@@ -174,7 +174,7 @@ def fused_step(x, model_output, params: dict, *, guided=False, guidance_scale=1.
     if p["use_clipped_eps"] and mode != NO_THRESHOLD:
         eps = (x - F32(p["alpha"]) * x0) * (F32(1) / F32(p["sigma"]))
     # linear_update: terms with a zero coefficient add an exact +0.
-    prev = x0 if x0_prev is None else x0_prev.astype(F32)
+    prev = x if x0_prev is None else x0_prev.astype(F32)  # c_d is 0 without history
     if p["c_noise"] != 0:
         z = noise if noise is not None else randn(p["seed"], p["noise_step"], x.size).reshape(x.shape)
     else:
