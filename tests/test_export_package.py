@@ -1,0 +1,181 @@
+"""Export: ONNX round trip vs PyTorch, package writing, diffusers import, bundled packages."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BUNDLED = Path(__file__).resolve().parent.parent / "pydiff" / "bundled"
+
+
+def _perturbed(cfg, seed=0):
+    import torch
+
+    from pydiff.models import UNet
+
+    torch.manual_seed(seed)
+    m = UNet(cfg).eval()
+    with torch.no_grad():  # zero-initialised output layers would make the check trivial
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+@pytest.mark.parametrize("kind", ["class", "text", "sr", "inpaint"])
+@pytest.mark.parametrize("fp16", [False, True])
+def test_onnx_round_trip(kind, fp16, tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    import onnxruntime as ort
+
+    from pydiff.exporting.onnx_export import example_inputs, export_stage_onnx
+    from tests.test_models_unet import KINDS
+
+    torch.set_num_threads(1)
+    cfg = KINDS[kind]
+    m = _perturbed(cfg)
+    names = cfg.input_names()
+    rep = export_stage_onnx(m, names, tmp_path / "net.onnx", channels=cfg.in_channels, resolution=8,
+                            max_length=5, text_dim=cfg.text_dim or 12, num_classes=cfg.num_classes or 3,
+                            fp16_weights=fp16)
+    assert rep["max_abs_err"] <= 1e-4
+    sess = ort.InferenceSession(rep["tmp_path"], providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == names
+    assert [o.name for o in sess.get_outputs()] == ["out"]
+    x = example_inputs(names, 5, cfg.in_channels, 8, max_length=5, text_dim=cfg.text_dim or 12,
+                       num_classes=cfg.num_classes or 3, seed=7)
+    (got,) = sess.run(None, x)
+    with torch.no_grad():
+        ref = m(**{k: torch.from_numpy(v) for k, v in x.items()}).numpy()
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-4
+
+
+def test_export_refuses_a_mismatch(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from pydiff.exporting.onnx_export import export_stage_onnx
+
+    class Flaky(torch.nn.Module):  # traced with one behaviour, checked with another
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, sample, timestep):
+            self.calls += 1
+            k = 1.0 if self.calls == 1 else 2.0
+            return sample * k + 1e-3 * timestep[:, None, None, None]
+
+    with pytest.raises(RuntimeError, match="disagrees"):
+        export_stage_onnx(Flaky(), ["sample", "timestep"], tmp_path / "x.onnx", channels=1, resolution=4)
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_digits_package(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    pytest.importorskip("sklearn")
+    from pydiff.exporting.package import export_digits
+    from pydiff.package import load_package
+    from pydiff.pipeline import load
+    from tests.test_training_loop import digits_cfg
+    from pydiff.training.trainer import train
+
+    train(digits_cfg(steps=2), tmp_path / "run", command="pytest", progress=False)
+    rep = export_digits(tmp_path / "run", tmp_path / "pkg")
+    assert rep["model"]["max_abs_err"] <= 1e-4
+    pkg = load_package(tmp_path / "pkg")
+    assert pkg.stages[0].inputs == ("sample", "timestep", "class_labels")
+    assert "pytest" in (tmp_path / "pkg" / "TRAINING.md").read_text()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+    imgs = load(tmp_path / "pkg").generate(class_label=[1, 2], steps=2, output_type="numpy", progress=False)
+    assert imgs.shape == (2, 8, 8, 1)
+
+
+@pytest.fixture(scope="module")
+def tiny_text_encoder(tmp_path_factory):
+    pytest.importorskip("onnx")
+    from pydiff.testing import make_tiny_package
+
+    return make_tiny_package(tmp_path_factory.mktemp("te") / "tiny", hidden=32, max_length=6) / "text_encoder"
+
+
+def test_import_diffusers_unet2d_class(tmp_path):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from pydiff.exporting.diffusers_import import import_diffusers
+    from pydiff.package import load_package
+
+    torch.manual_seed(0)
+    m = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+                              layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                              up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                              num_class_embeds=5)
+    m.save_pretrained(tmp_path / "unet")
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
+         "prediction_type": "v_prediction"}))
+    rep = import_diffusers(tmp_path / "unet", tmp_path / "pkg")
+    assert rep["max_abs_err"] <= 1e-4
+    st = load_package(tmp_path / "pkg").stages[0]
+    assert st.conditioning == "class" and st.num_classes == 4 and st.prediction_type == "v_prediction"
+    assert st.scheduler["beta_schedule"] == "linear"
+
+
+def test_import_diffusers_condition_from_config(tmp_path, tiny_text_encoder):
+    pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from pydiff.exporting.diffusers_import import import_diffusers
+    from pydiff.package import load_package
+    from pydiff.pipeline import load
+
+    cfg = dict(diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, norm_num_groups=8,
+        attention_head_dim=8).config)
+    cfg["_class_name"] = "UNet2DConditionModel"
+    (tmp_path / "config.json").write_text(json.dumps(cfg, default=list))
+    rep = import_diffusers(tmp_path / "config.json", tmp_path / "pkg", text_encoder=tiny_text_encoder,
+                           max_length=6)
+    assert rep["max_abs_err"] <= 1e-4 and rep["conditioning"] == "text"
+    pkg = load_package(tmp_path / "pkg")
+    assert pkg.text_encoder.hidden_size == 32
+    img = load(tmp_path / "pkg").generate("a red circle", steps=2, output_type="numpy", progress=False)
+    assert img.shape == (1, 8, 8, 4) and np.isfinite(img).all()
+
+
+# -- the bundled packages ----------------------------------------------------------------------
+
+def _bundled():
+    return sorted(p for p in BUNDLED.iterdir() if (p / "manifest.json").is_file()) if BUNDLED.is_dir() else []
+
+
+def test_bundled_size_budget():
+    total = sum(f.stat().st_size for f in BUNDLED.rglob("*") if f.is_file()) if BUNDLED.is_dir() else 0
+    assert total <= 40 * 2 ** 20
+
+
+@pytest.mark.parametrize("name", ["shapes", "digits"])
+def test_bundled_manifest_matches_onnx(name):
+    import onnxruntime as ort
+
+    from pydiff.package import check_stage_io, check_text_encoder_io, load_package
+
+    root = BUNDLED / name
+    if not (root / "manifest.json").is_file():
+        pytest.skip(f"no bundled {name} package in this checkout")
+    pkg = load_package(root)
+    for st in pkg.stages:
+        sess = ort.InferenceSession(str(st.onnx), providers=["CPUExecutionProvider"])
+        check_stage_io(pkg, st, sess)
+        assert [i.name for i in sess.get_inputs()] == list(st.inputs)
+        assert [o.name for o in sess.get_outputs()] == [st.output]
+    if pkg.text_encoder is not None:
+        check_text_encoder_io(pkg, ort.InferenceSession(str(pkg.text_encoder.onnx),
+                                                        providers=["CPUExecutionProvider"]))
+    assert (root / "TRAINING.md").is_file()
+    text = (root / "TRAINING.md").read_text()
+    assert "python -m pydiff.training train" in text and "final loss" in text
