@@ -78,8 +78,15 @@ def _training_md(title: str, runs: list[tuple[str, Path, object]], extra: str = 
     for name, run_dir, cfg in runs:
         s = _summary(run_dir)
         per_step = s["wall_s"] / max(1, s["steps"])
+        cmds = s.get("commands", [])
         lines += [f"## stage `{name}`", "",
-                  "Command(s):", "", "```"] + [c for c in s.get("commands", [])] + ["```", "",
+                  "Command(s):", "", "```"] + list(cmds) + ["```", ""]
+        if len(cmds) > 1:
+            lines += ["(Several commands: the run was stopped and resumed from its checkpoint with "
+                      "the later command; the step count, and so the cosine learning-rate schedule, "
+                      "is the one in force at each step. Running the last command alone on a fresh "
+                      "directory reproduces the recipe.)", ""]
+        lines += [
                   f"- task: `{cfg.task}`, data seed {s['seed']} (NumPy PCG64 for data, captions, "
                   f"dropout and crops; torch generator seeded {s['seed']} + 1 for t and noise)",
                   f"- steps: {s['steps']} at batch {cfg.batch_size}, lr {cfg.lr} (warmup {cfg.warmup}, "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 
@@ -54,10 +55,17 @@ def _add_export(sub):
     s.add_argument("--sr", required=True)
     s.add_argument("--text-encoder", required=True)
     s.add_argument("--out", required=True)
+    s.add_argument("--base-recommended", type=json.loads, default=None,
+                   help='JSON merged into the base stage\'s "recommended", e.g. \'{"guidance_scale": 4}\'')
+    s.add_argument("--sr-recommended", type=json.loads, default=None)
+    s.add_argument("--noise-aug-level", type=int, default=100)
+    s.add_argument("--notes", default="", help="Markdown appended to TRAINING.md (e.g. eval figures)")
     s.set_defaults(func=_run_export)
     d = esub.add_parser("digits", help="the digits class-conditional model from a run")
     d.add_argument("--run", required=True)
     d.add_argument("--out", required=True)
+    d.add_argument("--recommended", type=json.loads, default=None)
+    d.add_argument("--notes", default="")
     d.set_defaults(func=_run_export)
     f = esub.add_parser("diffusers", help="a diffusers UNet2DModel / UNet2DConditionModel folder")
     f.add_argument("--model", required=True, help="folder with config.json + weights (or a config.json)")
@@ -74,17 +82,19 @@ def _add_export(sub):
 
 
 def _run_export(a) -> int:
-    import json
-
     if a.what == "text-encoder":
         from ..exporting.text_encoder import export_text_encoder
         print(json.dumps(export_text_encoder(a.out, max_length=a.max_length)))
     elif a.what == "shapes":
         from ..exporting.package import export_shapes
-        print(json.dumps(export_shapes(a.base, a.sr, a.text_encoder, a.out), indent=1))
+        print(json.dumps(export_shapes(a.base, a.sr, a.text_encoder, a.out,
+                                       base_recommended=a.base_recommended,
+                                       sr_recommended=a.sr_recommended,
+                                       noise_aug_level=a.noise_aug_level, extra_md=a.notes), indent=1))
     elif a.what == "digits":
         from ..exporting.package import export_digits
-        print(json.dumps(export_digits(a.run, a.out), indent=1))
+        print(json.dumps(export_digits(a.run, a.out, recommended=a.recommended, extra_md=a.notes),
+                         indent=1))
     elif a.what == "diffusers":
         from ..exporting.diffusers_import import import_diffusers
         print(json.dumps(import_diffusers(a.model, a.out, scheduler=a.scheduler, name=a.name,
