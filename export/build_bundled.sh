@@ -20,9 +20,9 @@ train() { python -m pydiff.training train "$@" --seed "$SEED" --threads 1 --no-p
 # 2. The three networks (the shapes stages train on the embeddings of that exact ONNX file).
 mkdir -p "$RUNS"
 train digits --out "$RUNS/digits" --steps 1500 > "$RUNS/digits.log" 2>&1 &
-train shapes-base --out "$RUNS/shapes_base" --steps 2200 --text-encoder "$RUNS/text_encoder" \
+train shapes-base --out "$RUNS/shapes_base" --steps 3000 --text-encoder "$RUNS/text_encoder" \
     > "$RUNS/shapes_base.log" 2>&1 &
-train shapes-sr64 --out "$RUNS/shapes_sr64" --steps 1600 --text-encoder "$RUNS/text_encoder" \
+train shapes-sr64 --out "$RUNS/shapes_sr64" --steps 2200 --text-encoder "$RUNS/text_encoder" \
     > "$RUNS/shapes_sr64.log" 2>&1 &
 wait
 

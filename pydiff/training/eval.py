@@ -173,7 +173,8 @@ def digits_figures(samples: np.ndarray, labels: np.ndarray, seed: int = 0) -> di
             "fraction_near_copies": float((d_nn < 0.5).mean())}
 
 
-def evaluate_digits(package="digits", n_per_class: int = 30, seed: int = 0, **settings) -> dict:
+def evaluate_digits(package="digits", n_per_class: int = 30, seed: int = 0,
+                    save_grid: str | None = None, **settings) -> dict:
     from ..pipeline import load
     from ..pipeline import bundled_path
 
@@ -185,6 +186,9 @@ def evaluate_digits(package="digits", n_per_class: int = 30, seed: int = 0, **se
     imgs = pipe.generate(class_label=[int(v) for v in labels], output_type="numpy", progress=False,
                          seed=seed, **settings)
     rep = digits_figures(imgs[..., 0], labels, seed)
+    if save_grid:
+        save_image_grid(imgs[np.argsort(np.tile(np.arange(n_per_class), 10), kind="stable")][:100],
+                        save_grid, cols=10, scale=4)
     rep["seconds"] = round(time.time() - t0, 1)
     rep["settings"] = settings
     return rep
@@ -196,7 +200,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="pydiff eval")
     p.add_argument("what", choices=["shapes", "digits"])
     p.add_argument("--model", default=None, help="package path (default: the bundled one)")
-    p.add_argument("--n", type=int, default=200, help="shapes: images per split; digits: per class")
+    p.add_argument("--n", type=int, default=None,
+                   help="shapes: images per split (default 200); digits: per class (default 30)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--steps", type=int)
@@ -204,9 +209,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     settings = {k: v for k, v in (("guidance_scale", a.guidance_scale), ("steps", a.steps)) if v is not None}
     if a.what == "shapes":
-        rep = evaluate_shapes(a.model, a.n, seed=a.seed, save_grid=a.grid, **settings)
+        rep = evaluate_shapes(a.model, a.n or 200, seed=a.seed, save_grid=a.grid, **settings)
     else:
-        rep = evaluate_digits(a.model or "digits", a.n, seed=a.seed, **settings)
+        rep = evaluate_digits(a.model or "digits", a.n or 30, seed=a.seed, save_grid=a.grid, **settings)
     print(json.dumps(rep, indent=1))
     return 0
 
