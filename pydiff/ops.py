@@ -11,10 +11,13 @@ import os
 
 import numpy as np
 
-# OpenMP threads that spin while waiting fight the network's own thread pool (ONNX Runtime, torch)
-# for the cores: measured here on a busy 2-core machine, a 2-thread step went from 0.4 ms to 12 ms.
-# Sleeping waiters cost a few microseconds per step instead. Set OMP_WAIT_POLICY yourself to choose.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How long idle OpenMP threads spin before they sleep. libgomp's default (300,000 spins) made a
+# 2-thread (16,3,64,64) step take 5-28 ms instead of 0.2-0.35 ms on this project's 2-vCPU VMs, quiet
+# or busy (a spinning vCPU is descheduled by the hypervisor, and spinning fights the network's own
+# thread pool); sleeping at once (OMP_WAIT_POLICY=PASSIVE) lost all the speedup of a second thread.
+# A short spin keeps both (benchmarks/README). Set OMP_WAIT_POLICY or GOMP_SPINCOUNT to choose.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "1000"
 
 try:
     from pydiff import _C

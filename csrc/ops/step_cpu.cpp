@@ -89,9 +89,83 @@ struct AbsStats {
 
 // Per-sample selection of the quantile of |x0|, exact, O(n): two counts settle most samples
 // (the threshold is clamped to [1, max]); the rest select among the values above 1 only.
+// Scratch space of one thread's selections, reused across samples.
+struct SelectScratch {
+  std::vector<float> bucket;
+  std::vector<uint32_t> hist;
+};
+
+// Buckets of the radix pre-pass: the top 11 bits of a non-negative float (its exponent and 3
+// mantissa bits); non-negative floats order as their bits, so buckets order as their values.
+constexpr int kBucketShift = 20;
+constexpr int64_t kBuckets = int64_t(1) << (31 - kBucketShift);
+
+// Calls fn(block_of_values, len) over |x0| of the sample in blocks: the values are computed by a
+// loop that vectorises, and fn then consumes them.
+template <class AbsAt, class Fn>
+void for_abs_blocks(const AbsAt& abs_at, int64_t n, Fn&& fn) {
+  float vals[kBlock];
+  for (int64_t blk = 0; blk < n; blk += kBlock) {
+    const int64_t len = std::min(kBlock, n - blk);
+    for (int64_t j = 0; j < len; ++j) vals[j] = abs_at(blk + j);
+    fn(vals, len);
+  }
+}
+
+// The k-th smallest of the candidates (values > floor_v) and, when want_next, the (k+1)-th:
+// a histogram of the buckets finds the one holding rank k, and nth_element runs on it alone.
+template <class AbsAt>
+void select_kth(const AbsAt& abs_at, int64_t n, float floor_v, int64_t k, bool want_next, float& vk, float& vk1,
+                SelectScratch& sc) {
+  // Four interleaved histograms: consecutive values often fall in one bucket, and a single
+  // histogram would serialise on that counter. The last bucket collects the non-candidates.
+  constexpr int64_t kStride = kBuckets + 1;
+  sc.hist.assign(size_t(4 * kStride), 0u);
+  uint32_t* hist = sc.hist.data();
+  for_abs_blocks(abs_at, n, [&](const float* v, int64_t len) {
+    for (int64_t j = 0; j < len; ++j)
+      ++hist[(j & 3) * kStride + (v[j] > floor_v ? int64_t(float_bits(v[j]) >> kBucketShift) : kBuckets)];
+  });
+  for (int64_t i = 0; i < kStride; ++i) hist[i] += hist[kStride + i] + hist[2 * kStride + i] + hist[3 * kStride + i];
+  int64_t b = 0, before = 0;
+  while (before + int64_t(hist[b]) <= k) before += hist[b++];
+  const uint32_t key = uint32_t(b);
+  // Branch-free gather of the bucket; one spare slot, since each value is written before it counts.
+  sc.bucket.resize(size_t(hist[b]) + 1);
+  float* bucket = sc.bucket.data();
+  int64_t m = 0;
+  for_abs_blocks(abs_at, n, [&](const float* v, int64_t len) {
+    for (int64_t j = 0; j < len; ++j) {
+      bucket[m] = v[j];
+      m += int64_t(v[j] > floor_v) & int64_t((float_bits(v[j]) >> kBucketShift) == key);
+    }
+  });
+  sc.bucket.resize(size_t(hist[b]));
+  const int64_t kin = k - before;
+  auto nth = sc.bucket.begin() + kin;
+  std::nth_element(sc.bucket.begin(), nth, sc.bucket.end());
+  vk = *nth;
+  if (!want_next) {
+    vk1 = vk;
+  } else if (kin + 1 < int64_t(sc.bucket.size())) {
+    vk1 = *std::min_element(nth + 1, sc.bucket.end());
+  } else {  // the (k+1)-th opens the next non-empty bucket
+    int64_t b2 = b + 1;
+    while (hist[b2] == 0) ++b2;
+    float mn = bits_float(0x7f800000u);
+    for_abs_blocks(abs_at, n, [&](const float* v, int64_t len) {
+      for (int64_t j = 0; j < len; ++j)
+        if (v[j] > floor_v && (float_bits(v[j]) >> kBucketShift) == uint32_t(b2)) mn = std::min(mn, v[j]);
+    });
+    vk1 = mn;
+  }
+}
+
+// Per-sample selection of the quantile of |x0|, exact, O(n), no sort: two counts settle most
+// samples (the threshold is clamped to [1, max]); the rest select among the values above 1 only.
 template <class AbsAt>
 float select_threshold(const AbsAt& abs_at, int64_t n, const AbsStats& st, float q, float max_value,
-                       bool clamp, std::vector<float>& scratch) {
+                       bool clamp, SelectScratch& sc) {
   int64_t lo, hi;
   float w;
   quantile_rank(q, n, lo, hi, w);
@@ -100,29 +174,18 @@ float select_threshold(const AbsAt& abs_at, int64_t n, const AbsStats& st, float
     if (hi < first_above) return 1.0f;                      // lerp of two values <= 1
     if (lo >= n - st.at_max) return max_value;              // lerp of two values >= max
   }
-  // Candidates: the values above 1, or all values when not clamping.
-  const bool all = !clamp;
-  // Branch-free compaction of the candidates (|x| is never below -1, so "all" keeps everything).
-  const float floor_v = all ? -1.0f : 1.0f;
-  scratch.resize(static_cast<size_t>(n));
-  float* buf = scratch.data();
-  int64_t count = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = abs_at(i);
-    buf[count] = v;
-    count += v > floor_v;
-  }
-  scratch.resize(static_cast<size_t>(count));
-  const int64_t base = all ? 0 : first_above;
+  // Candidates: the values above 1 (at sorted positions first_above ..), or all values.
+  const float floor_v = clamp ? 1.0f : -1.0f;
+  const int64_t base = clamp ? first_above : 0;
   float v_lo, v_hi;
   if (lo < base) {  // lo is the largest value <= 1, hi the smallest value > 1
     v_lo = st.max_le_one;
-    v_hi = *std::min_element(scratch.begin(), scratch.end());
+    v_hi = bits_float(0x7f800000u);
+    for_abs_blocks(abs_at, n, [&](const float* v, int64_t len) {
+      for (int64_t j = 0; j < len; ++j) v_hi = v[j] > 1.0f && v[j] < v_hi ? v[j] : v_hi;
+    });
   } else {
-    auto nth = scratch.begin() + (lo - base);
-    std::nth_element(scratch.begin(), nth, scratch.end());
-    v_lo = *nth;
-    v_hi = hi == lo ? v_lo : *std::min_element(nth + 1, scratch.end());
+    select_kth(abs_at, n, floor_v, lo - base, hi != lo, v_lo, v_hi, sc);
   }
   const float s = torch_lerp(v_lo, v_hi, w);
   return clamp ? clamp_threshold(s, max_value) : s;
@@ -168,6 +231,30 @@ int64_t step_block(const StepParams& params, const float* x, const float* c, con
   return bad;
 }
 
+// The statistics of |x0| over one chunk that settle most dynamic thresholds: how many exceed 1,
+// how many reach sample_max_value, and the largest that does not exceed 1. Plain pointers, 32-bit
+// counters and an integer max over the bits (|x0| >= 0 orders as its bits) so that it vectorises.
+template <int PRED, bool GUIDED>
+void abs_stats_block(const StepParams& params, const float* x, const float* c, const float* u, const float s,
+                     const int64_t len, int32_t& above_one, int32_t& at_max, float& max_le_one) {
+  StepParams p{};
+  p.alpha = params.alpha;
+  p.sigma = params.sigma;
+  const float smax = params.sample_max_value;
+  int32_t above = 0, at = 0;
+  uint32_t mx = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    const float v = std::fabs(raw_x0<PRED, GUIDED>(p, x[j], c[j], u[j], s));
+    above += int32_t(v > 1.0f);
+    at += int32_t(v >= smax);
+    const uint32_t b = float_bits(v) & (0u - uint32_t(v <= 1.0f));
+    mx = std::max(mx, b);
+  }
+  above_one = above;
+  at_max = at;
+  max_le_one = bits_float(mx);
+}
+
 template <int PRED, bool GUIDED>
 int64_t fused_step_impl(const StepArrays& a, const StepParams& params, int num_threads) {
   const StepParams p = params;
@@ -187,14 +274,10 @@ int64_t fused_step_impl(const StepArrays& a, const StepParams& params, int num_t
       const Item& item = items[size_t(it)];
       const float s = scale_of(item.sample);
       const int64_t off = item.sample * n;
-      int64_t above = 0, at_max = 0;
+      int32_t above = 0, at_max = 0;
       float mx = 0.0f;
-      for (int64_t i = off + item.begin; i < off + item.end; ++i) {
-        const float v = std::fabs(raw_x0<PRED, GUIDED>(p, a.x[i], a.cond[i], uncond[i], s));
-        above += v > 1.0f;
-        at_max += v >= p.sample_max_value;
-        mx = (v <= 1.0f && v > mx) ? v : mx;
-      }
+      abs_stats_block<PRED, GUIDED>(p, a.x + off + item.begin, a.cond + off + item.begin, uncond + off + item.begin,
+                                    s, item.end - item.begin, above, at_max, mx);
       stats[size_t(it)] = {above, at_max, mx};
     }
     std::vector<AbsStats> per_sample(static_cast<size_t>(B));
@@ -207,13 +290,18 @@ int64_t fused_step_impl(const StepArrays& a, const StepParams& params, int num_t
     }
 #pragma omp parallel num_threads(int(std::min<int64_t>(nt, B)))
     {
-      std::vector<float> scratch;
+      SelectScratch scratch;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t b = 0; b < B; ++b) {
         const float s = scale_of(b);
         const int64_t off = b * n;
-        auto abs_at = [&](int64_t i) {
-          return std::fabs(raw_x0<PRED, GUIDED>(p, a.x[off + i], a.cond[off + i], uncond[off + i], s));
+        // Captured by value (pointers and scalars): the loops that call it then vectorise.
+        const float *xs = a.x + off, *cs = a.cond + off, *us = uncond + off;
+        StepParams q{};
+        q.alpha = p.alpha;
+        q.sigma = p.sigma;
+        auto abs_at = [xs, cs, us, s, q](int64_t i) {
+          return std::fabs(raw_x0<PRED, GUIDED>(q, xs[i], cs[i], us[i], s));
         };
         s_dyn[size_t(b)] = select_threshold(abs_at, n, per_sample[size_t(b)], p.dynamic_ratio,
                                             p.sample_max_value, true, scratch);
@@ -283,7 +371,7 @@ void abs_quantile_cpu(const float* x, float q, float max_value, bool clamp, floa
   const int nt = threads_for(batch * n, num_threads);
 #pragma omp parallel num_threads(std::min<int64_t>(nt, std::max<int64_t>(batch, 1)))
   {
-    std::vector<float> scratch;
+    SelectScratch scratch;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < batch; ++b) {
       const float* xb = x + b * n;
