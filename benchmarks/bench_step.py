@@ -2,7 +2,7 @@
 
 One denoising step = classifier-free guidance mix + the sampler's update (+ dynamic thresholding),
 on the same inputs, measured side by side in one run (medians). Also the bandwidth floor: the
-bytes the fused step must move (x, eps_cond, eps_uncond in; x_prev out; plus x0 state for DPM++)
+bytes the fused step must move (x, eps_cond, eps_uncond in; x_prev out; plus the x0 state for DPM++)
 at the copy bandwidth measured in the same run for arrays of that size.
 
     python benchmarks/bench_step.py                 # table on stdout
@@ -46,13 +46,25 @@ def copy_bandwidth(nbytes: int, repeat: int) -> float:
     return 2 * nbytes / t  # read + write
 
 
+def realistic_inputs(shape, alpha: float, sigma: float):
+    """x_t and [eps_cond; eps_uncond] of a good model: x_t = alpha x0 + sigma eps with x0 ~ N(0, 0.5^2),
+    each prediction eps + N(0, 0.02^2). With guidance 5, the 0.995-quantile of |x0_pred| then falls
+    in (1, 1.5): the dynamic threshold must really be selected, not settled by its clamp."""
+    rng = np.random.default_rng(0)
+    x0 = 0.5 * rng.standard_normal(shape)
+    eps = rng.standard_normal(shape)
+    x = (alpha * x0 + sigma * eps).astype(np.float32)
+    both = np.concatenate([eps + 0.02 * rng.standard_normal(shape), eps + 0.02 * rng.standard_normal(shape)])
+    return x, both.astype(np.float32)
+
+
 def schedule_for(thresholding: bool) -> pydiff.Schedule:
     # sample_max_value > 1 so that the quantile is really selected (with 1.0 it is clamp(-1, 1)).
     return pydiff.Schedule(beta_schedule="squaredcos_cap_v2", clip_sample=False, thresholding=thresholding,
                            dynamic_thresholding_ratio=0.995, sample_max_value=1.5)
 
 
-def make_diffusers_step(sampler, sched_cfg, shape, torch, diffusers):
+def make_diffusers_step(sampler, sched_cfg, shape, alpha, sigma, torch, diffusers):
     cfg = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", thresholding=sched_cfg.thresholding,
                dynamic_thresholding_ratio=0.995, sample_max_value=1.5)
     if sampler == "ddpm":
@@ -64,8 +76,7 @@ def make_diffusers_step(sampler, sched_cfg, shape, torch, diffusers):
     s.set_timesteps(STEPS)
     t = s.timesteps[STEP_INDEX]
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=g)
-    both = torch.randn((2 * shape[0],) + shape[1:], generator=g) * 1.3
+    x, both = (torch.from_numpy(a) for a in realistic_inputs(shape, alpha, sigma))
     prev = torch.randn(shape, generator=g)
     if sampler == "dpmpp_2m":
         s.lower_order_nums = 1
@@ -100,34 +111,37 @@ def main(argv=None):
     rows = []
     for shape in shapes:
         n = int(np.prod(shape))
-        rng = np.random.default_rng(0)
-        x = rng.standard_normal(shape).astype(np.float32)
-        both = (rng.standard_normal((2 * shape[0],) + shape[1:]) * 1.3).astype(np.float32)
         bw = copy_bandwidth(4 * n, args.repeat)
         for thr in (False, True):
             sched = schedule_for(thr)
             for sampler in SAMPLERS:
                 smp = pydiff.make_sampler(sampler, sched, STEPS)
                 fields = smp.params(STEP_INDEX, seed=1)
-                # dynamic thresholding reads the inputs twice; the floor counts them once.
-                arrays = 5 + (2 if sampler == "dpmpp_2m" else 0)
+                x, both = realistic_inputs(shape, fields["alpha"], fields["sigma"])
+                # x, eps_cond, eps_uncond in and x_prev out (+ x0_prev in, x0 out for DPM++); dynamic
+                # thresholding reads the inputs again, which the floor does not count.
+                arrays = 4 + (2 if sampler == "dpmpp_2m" else 0)
                 floor = arrays * 4 * n / bw
-                prev = rng.standard_normal(shape).astype(np.float32)
+                prev = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
                 x0_out = np.empty_like(x)
                 out = np.empty_like(x)
                 p = ops.step_params(**fields)
                 kw = dict(guidance_scale=GUIDANCE, out=out)
                 if sampler == "dpmpp_2m":
                     kw.update(x0_prev=prev, x0_out=x0_out)
+                thresholds = np.empty(shape[0], np.float32)
+                ops.fused_step(x, both, p, guidance_scale=GUIDANCE, thresholds=thresholds,
+                               **({"x0_prev": prev} if sampler == "dpmpp_2m" else {}))
+                selected = float(np.mean((thresholds > 1) & (thresholds < 1.5))) if thr else 0.0
                 for nt in args.threads:
                     ops.set_num_threads(nt)
                     t_native = median_time(lambda: ops.fused_step(x, both, p, **kw), args.repeat)
                     row = dict(shape="x".join(map(str, shape)), sampler=sampler,
                                thresholding="dynamic" if thr else "off", threads=nt, pydiff_ms=t_native * 1e3,
-                               floor_ms=floor * 1e3, copy_GBps=bw / 1e9)
+                               floor_ms=floor * 1e3, copy_GBps=bw / 1e9, selected_fraction=selected)
                     if torch is not None:
                         torch.set_num_threads(nt)
-                        step = make_diffusers_step(sampler, sched, shape, torch, diffusers)
+                        step = make_diffusers_step(sampler, sched, shape, fields["alpha"], fields["sigma"], torch, diffusers)
                         row["diffusers_ms"] = median_time(step, args.repeat) * 1e3
                         row["speedup_vs_diffusers"] = row["diffusers_ms"] / row["pydiff_ms"]
                     if not args.no_reference and nt == args.threads[0]:
@@ -149,6 +163,8 @@ def main(argv=None):
 
 def _fmt(r):
     s = f"{r['shape']:>13} {r['sampler']:>8} thr={r['thresholding']:<7} th={r['threads']}  pydiff {r['pydiff_ms']:7.3f} ms"
+    if r["thresholding"] == "dynamic":
+        s += f" (selected {r['selected_fraction']:.0%})"
     s += f"  floor {r['floor_ms']:6.3f} ms ({r['x_floor']:.2f}x)"
     if "diffusers_ms" in r:
         s += f"  diffusers {r['diffusers_ms']:7.3f} ms ({r['speedup_vs_diffusers']:5.1f}x faster)"

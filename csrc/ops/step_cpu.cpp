@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #ifdef _OPENMP
@@ -87,11 +88,9 @@ struct AbsStats {
   float max_le_one = 0.0f;
 };
 
-// Per-sample selection of the quantile of |x0|, exact, O(n): two counts settle most samples
-// (the threshold is clamped to [1, max]); the rest select among the values above 1 only.
 // Scratch space of one thread's selections, reused across samples.
 struct SelectScratch {
-  std::vector<float> bucket;
+  std::vector<float> values, bucket;
   std::vector<uint32_t> hist;
 };
 
@@ -100,46 +99,33 @@ struct SelectScratch {
 constexpr int kBucketShift = 20;
 constexpr int64_t kBuckets = int64_t(1) << (31 - kBucketShift);
 
-// Calls fn(block_of_values, len) over |x0| of the sample in blocks: the values are computed by a
-// loop that vectorises, and fn then consumes them.
-template <class AbsAt, class Fn>
-void for_abs_blocks(const AbsAt& abs_at, int64_t n, Fn&& fn) {
-  float vals[kBlock];
-  for (int64_t blk = 0; blk < n; blk += kBlock) {
-    const int64_t len = std::min(kBlock, n - blk);
-    for (int64_t j = 0; j < len; ++j) vals[j] = abs_at(blk + j);
-    fn(vals, len);
+// The k-th smallest of v[0, count) (non-negative floats) and, when want_next, the (k+1)-th.
+// A histogram of the buckets finds the one that holds rank k; nth_element runs on it alone.
+void select_kth(const float* v, int64_t count, int64_t k, bool want_next, float& vk, float& vk1, SelectScratch& sc) {
+  if (count <= 2048) {
+    sc.bucket.assign(v, v + count);
+    auto nth = sc.bucket.begin() + k;
+    std::nth_element(sc.bucket.begin(), nth, sc.bucket.end());
+    vk = *nth;
+    vk1 = want_next ? *std::min_element(nth + 1, sc.bucket.end()) : vk;
+    return;
   }
-}
-
-// The k-th smallest of the candidates (values > floor_v) and, when want_next, the (k+1)-th:
-// a histogram of the buckets finds the one holding rank k, and nth_element runs on it alone.
-template <class AbsAt>
-void select_kth(const AbsAt& abs_at, int64_t n, float floor_v, int64_t k, bool want_next, float& vk, float& vk1,
-                SelectScratch& sc) {
-  // Four interleaved histograms: consecutive values often fall in one bucket, and a single
-  // histogram would serialise on that counter. The last bucket collects the non-candidates.
-  constexpr int64_t kStride = kBuckets + 1;
-  sc.hist.assign(size_t(4 * kStride), 0u);
+  // Four interleaved histograms: consecutive values often share a bucket, and a single histogram
+  // would serialise on that counter.
+  sc.hist.assign(size_t(4 * kBuckets), 0u);
   uint32_t* hist = sc.hist.data();
-  for_abs_blocks(abs_at, n, [&](const float* v, int64_t len) {
-    for (int64_t j = 0; j < len; ++j)
-      ++hist[(j & 3) * kStride + (v[j] > floor_v ? int64_t(float_bits(v[j]) >> kBucketShift) : kBuckets)];
-  });
-  for (int64_t i = 0; i < kStride; ++i) hist[i] += hist[kStride + i] + hist[2 * kStride + i] + hist[3 * kStride + i];
+  for (int64_t i = 0; i < count; ++i) ++hist[(i & 3) * kBuckets + (float_bits(v[i]) >> kBucketShift)];
+  for (int64_t i = 0; i < kBuckets; ++i) hist[i] += hist[kBuckets + i] + hist[2 * kBuckets + i] + hist[3 * kBuckets + i];
   int64_t b = 0, before = 0;
   while (before + int64_t(hist[b]) <= k) before += hist[b++];
   const uint32_t key = uint32_t(b);
-  // Branch-free gather of the bucket; one spare slot, since each value is written before it counts.
-  sc.bucket.resize(size_t(hist[b]) + 1);
+  sc.bucket.resize(size_t(hist[b]) + 1);  // a spare slot: the branch-free gather writes before it counts
   float* bucket = sc.bucket.data();
   int64_t m = 0;
-  for_abs_blocks(abs_at, n, [&](const float* v, int64_t len) {
-    for (int64_t j = 0; j < len; ++j) {
-      bucket[m] = v[j];
-      m += int64_t(v[j] > floor_v) & int64_t((float_bits(v[j]) >> kBucketShift) == key);
-    }
-  });
+  for (int64_t i = 0; i < count; ++i) {
+    bucket[m] = v[i];
+    m += (float_bits(v[i]) >> kBucketShift) == key;
+  }
   sc.bucket.resize(size_t(hist[b]));
   const int64_t kin = k - before;
   auto nth = sc.bucket.begin() + kin;
@@ -153,55 +139,56 @@ void select_kth(const AbsAt& abs_at, int64_t n, float floor_v, int64_t k, bool w
     int64_t b2 = b + 1;
     while (hist[b2] == 0) ++b2;
     float mn = bits_float(0x7f800000u);
-    for_abs_blocks(abs_at, n, [&](const float* v, int64_t len) {
-      for (int64_t j = 0; j < len; ++j)
-        if (v[j] > floor_v && (float_bits(v[j]) >> kBucketShift) == uint32_t(b2)) mn = std::min(mn, v[j]);
-    });
+    for (int64_t i = 0; i < count; ++i)
+      if ((float_bits(v[i]) >> kBucketShift) == uint32_t(b2)) mn = std::min(mn, v[i]);
     vk1 = mn;
   }
 }
 
-// Per-sample selection of the quantile of |x0|, exact, O(n), no sort: two counts settle most
-// samples (the threshold is clamped to [1, max]); the rest select among the values above 1 only.
-template <class AbsAt>
-float select_threshold(const AbsAt& abs_at, int64_t n, const AbsStats& st, float q, float max_value,
-                       bool clamp, SelectScratch& sc) {
+// The per-sample threshold of Imagen's dynamic thresholding, exactly torch.quantile's value, in
+// O(n) and without a sort: two counts settle most samples (the quantile is clamped to
+// [1, max_value]); only otherwise does collect_above(dst) write the values > 1 (in any order) for
+// a selection among them alone.
+template <class CollectAbove>
+float threshold_from_stats(int64_t n, const AbsStats& st, const CollectAbove& collect_above, float q,
+                           float max_value, SelectScratch& sc) {
   int64_t lo, hi;
   float w;
   quantile_rank(q, n, lo, hi, w);
   const int64_t first_above = n - st.above_one;  // sorted position of the first value > 1
-  if (clamp) {
-    if (hi < first_above) return 1.0f;                      // lerp of two values <= 1
-    if (lo >= n - st.at_max) return max_value;              // lerp of two values >= max
-  }
-  // Candidates: the values above 1 (at sorted positions first_above ..), or all values.
-  const float floor_v = clamp ? 1.0f : -1.0f;
-  const int64_t base = clamp ? first_above : 0;
+  if (hi < first_above) return 1.0f;              // the lerp of two values <= 1
+  if (lo >= n - st.at_max) return max_value;      // the lerp of two values >= max_value
+  sc.values.resize(size_t(n) + 1);
+  const float* above = sc.values.data();
+  collect_above(sc.values.data());
   float v_lo, v_hi;
-  if (lo < base) {  // lo is the largest value <= 1, hi the smallest value > 1
+  if (lo < first_above) {  // lo is the largest value <= 1, hi the smallest value > 1
     v_lo = st.max_le_one;
-    v_hi = bits_float(0x7f800000u);
-    for_abs_blocks(abs_at, n, [&](const float* v, int64_t len) {
-      for (int64_t j = 0; j < len; ++j) v_hi = v[j] > 1.0f && v[j] < v_hi ? v[j] : v_hi;
-    });
+    v_hi = *std::min_element(above, above + st.above_one);
   } else {
-    select_kth(abs_at, n, floor_v, lo - base, hi != lo, v_lo, v_hi, sc);
+    select_kth(above, st.above_one, lo - first_above, hi != lo, v_lo, v_hi, sc);
   }
-  const float s = torch_lerp(v_lo, v_hi, w);
-  return clamp ? clamp_threshold(s, max_value) : s;
+  return clamp_threshold(torch_lerp(v_lo, v_hi, w), max_value);
 }
 
-}  // namespace
-
-int default_num_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
+// Writes the values of |x| > 1 of v[0, n) to dst (room for n + 1), branch-free.
+inline void compact_above_one(const float* v, int64_t n, float* dst) {
+  int64_t k = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    dst[k] = v[i];
+    k += v[i] > 1.0f;
+  }
 }
 
-namespace {
+// The unclamped quantile of all n values (pydiff.ops.abs_quantile).
+float quantile_of(const float* v, int64_t n, float q, SelectScratch& sc) {
+  int64_t lo, hi;
+  float w;
+  quantile_rank(q, n, lo, hi, w);
+  float v_lo, v_hi;
+  select_kth(v, n, lo, hi != lo, v_lo, v_hi, sc);
+  return torch_lerp(v_lo, v_hi, w);
+}
 
 // The element loop of the fused step over one block. Parameters by value and no pointer
 // into them: the compiler keeps every coefficient in a register and vectorises the loop.
@@ -232,27 +219,36 @@ int64_t step_block(const StepParams& params, const float* x, const float* c, con
 }
 
 // The statistics of |x0| over one chunk that settle most dynamic thresholds: how many exceed 1,
-// how many reach sample_max_value, and the largest that does not exceed 1. Plain pointers, 32-bit
-// counters and an integer max over the bits (|x0| >= 0 orders as its bits) so that it vectorises.
+// how many reach sample_max_value, and the largest that does not exceed 1. With `abs_out`, the
+// |x0| values are also stored. 32-bit counters and an integer max over the bits (|x0| >= 0 orders
+// as its bits) so that the loop vectorises.
 template <int PRED, bool GUIDED>
 void abs_stats_block(const StepParams& params, const float* x, const float* c, const float* u, const float s,
-                     const int64_t len, int32_t& above_one, int32_t& at_max, float& max_le_one) {
+                     const int64_t len, AbsStats& st, float* abs_out) {
   StepParams p{};
   p.alpha = params.alpha;
   p.sigma = params.sigma;
   const float smax = params.sample_max_value;
-  int32_t above = 0, at = 0;
+  int64_t n_above = 0, n_at = 0;
   uint32_t mx = 0;
-  for (int64_t j = 0; j < len; ++j) {
-    const float v = std::fabs(raw_x0<PRED, GUIDED>(p, x[j], c[j], u[j], s));
-    above += int32_t(v > 1.0f);
-    at += int32_t(v >= smax);
-    const uint32_t b = float_bits(v) & (0u - uint32_t(v <= 1.0f));
-    mx = std::max(mx, b);
+  float vals[kBlock];
+  for (int64_t blk = 0; blk < len; blk += kBlock) {
+    const int64_t m = std::min(kBlock, len - blk);
+    float* dst = abs_out ? abs_out + blk : vals;
+    int32_t a = 0, at = 0;
+    for (int64_t j = 0; j < m; ++j) {
+      const float v = std::fabs(raw_x0<PRED, GUIDED>(p, x[blk + j], c[blk + j], u[blk + j], s));
+      dst[j] = v;
+      a += int32_t(v > 1.0f);
+      at += int32_t(v >= smax);
+      mx = std::max(mx, float_bits(v) & (0u - uint32_t(v <= 1.0f)));
+    }
+    n_above += a;
+    n_at += at;
   }
-  above_one = above;
-  at_max = at;
-  max_le_one = bits_float(mx);
+  st.above_one = n_above;
+  st.at_max = n_at;
+  st.max_le_one = bits_float(mx);
 }
 
 template <int PRED, bool GUIDED>
@@ -265,20 +261,17 @@ int64_t fused_step_impl(const StepArrays& a, const StepParams& params, int num_t
   const float* uncond = GUIDED ? a.uncond : a.cond;  // read only when GUIDED
   auto scale_of = [&](int64_t b) { return a.scales ? a.scales[b] : a.scale; };
 
-  // Dynamic thresholding needs each sample's quantile of |x0| before any element can be finished.
+  // Dynamic thresholding needs each sample's quantile of |x0| before any element can be finished:
+  // a statistics pass, then a selection only for the samples that the counts do not settle.
   std::vector<float> s_dyn(static_cast<size_t>(B), 1.0f);
   if (p.threshold_mode == kDynamic) {
     std::vector<AbsStats> stats(static_cast<size_t>(num_items));
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t it = 0; it < num_items; ++it) {
       const Item& item = items[size_t(it)];
-      const float s = scale_of(item.sample);
-      const int64_t off = item.sample * n;
-      int32_t above = 0, at_max = 0;
-      float mx = 0.0f;
-      abs_stats_block<PRED, GUIDED>(p, a.x + off + item.begin, a.cond + off + item.begin, uncond + off + item.begin,
-                                    s, item.end - item.begin, above, at_max, mx);
-      stats[size_t(it)] = {above, at_max, mx};
+      const int64_t off = item.sample * n + item.begin;
+      abs_stats_block<PRED, GUIDED>(p, a.x + off, a.cond + off, uncond + off, scale_of(item.sample),
+                                    item.end - item.begin, stats[size_t(it)], nullptr);
     }
     std::vector<AbsStats> per_sample(static_cast<size_t>(B));
     for (int64_t it = 0; it < num_items; ++it) {
@@ -291,20 +284,19 @@ int64_t fused_step_impl(const StepArrays& a, const StepParams& params, int num_t
 #pragma omp parallel num_threads(int(std::min<int64_t>(nt, B)))
     {
       SelectScratch scratch;
+      std::vector<float> abs_vals;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t b = 0; b < B; ++b) {
-        const float s = scale_of(b);
         const int64_t off = b * n;
-        // Captured by value (pointers and scalars): the loops that call it then vectorise.
-        const float *xs = a.x + off, *cs = a.cond + off, *us = uncond + off;
-        StepParams q{};
-        q.alpha = p.alpha;
-        q.sigma = p.sigma;
-        auto abs_at = [xs, cs, us, s, q](int64_t i) {
-          return std::fabs(raw_x0<PRED, GUIDED>(q, xs[i], cs[i], us[i], s));
+        auto collect_above = [&](float* dst) {  // |x0| of the sample again, then its values > 1
+          abs_vals.resize(size_t(n));
+          AbsStats unused;
+          abs_stats_block<PRED, GUIDED>(p, a.x + off, a.cond + off, uncond + off, scale_of(b), n, unused,
+                                        abs_vals.data());
+          compact_above_one(abs_vals.data(), n, dst);
         };
-        s_dyn[size_t(b)] = select_threshold(abs_at, n, per_sample[size_t(b)], p.dynamic_ratio,
-                                            p.sample_max_value, true, scratch);
+        s_dyn[size_t(b)] = threshold_from_stats(n, per_sample[size_t(b)], collect_above, p.dynamic_ratio,
+                                                p.sample_max_value, scratch);
       }
     }
     if (a.thresholds)
@@ -342,6 +334,14 @@ int64_t fused_step_impl(const StepArrays& a, const StepParams& params, int num_t
 
 }  // namespace
 
+int default_num_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
 int64_t fused_step_cpu(const StepArrays& a, const StepParams& p, int num_threads) {
   if (a.batch == 0 || a.n == 0) return 0;
   const bool guided = a.uncond != nullptr;
@@ -369,7 +369,7 @@ void abs_quantile_cpu(const float* x, float q, float max_value, bool clamp, floa
                       int64_t n, int num_threads) {
   if (n == 0) return;
   const int nt = threads_for(batch * n, num_threads);
-#pragma omp parallel num_threads(std::min<int64_t>(nt, std::max<int64_t>(batch, 1)))
+#pragma omp parallel num_threads(int(std::min<int64_t>(nt, std::max<int64_t>(batch, 1))))
   {
     SelectScratch scratch;
 #pragma omp for schedule(dynamic, 1)
@@ -377,16 +377,33 @@ void abs_quantile_cpu(const float* x, float q, float max_value, bool clamp, floa
       const float* xb = x + b * n;
       AbsStats st;
       int64_t nans = 0;
+      uint32_t mx = 0;
       for (int64_t i = 0; i < n; ++i) {
         const float v = std::fabs(xb[i]);
         st.above_one += v > 1.0f;
         st.at_max += v >= max_value;
-        st.max_le_one = (v <= 1.0f && v > st.max_le_one) ? v : st.max_le_one;
+        mx = std::max(mx, float_bits(v) & (0u - uint32_t(v <= 1.0f)));
         nans += v != v;
       }
-      auto abs_at = [xb](int64_t i) { return std::fabs(xb[i]); };
+      st.max_le_one = bits_float(mx);
       // torch.quantile gives NaN for a row with a NaN; so do we.
-      s[b] = nans ? bits_float(0x7fc00000u) : select_threshold(abs_at, n, st, q, max_value, clamp, scratch);
+      auto collect_above = [&](float* dst) {
+        int64_t k = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          dst[k] = std::fabs(xb[i]);
+          k += std::fabs(xb[i]) > 1.0f;
+        }
+      };
+      if (nans) {
+        s[b] = bits_float(0x7fc00000u);
+      } else if (clamp) {
+        s[b] = threshold_from_stats(n, st, collect_above, q, max_value, scratch);
+      } else {
+        std::vector<float>& all = scratch.values;
+        all.resize(size_t(n));
+        for (int64_t i = 0; i < n; ++i) all[size_t(i)] = std::fabs(xb[i]);
+        s[b] = quantile_of(all.data(), n, q, scratch);
+      }
     }
   }
 }
