@@ -99,7 +99,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--shapes", default=None, help="e.g. 16x3x64x64,4x3x256x256")
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) NumPy reference")
+    ap.add_argument("--markdown", metavar="JSON", help="print a Markdown table of an earlier --json run and exit")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown_table(args.markdown))
+        return None
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     try:
         import diffusers
@@ -159,6 +163,26 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     return rows
+
+
+def markdown_table(path) -> str:
+    """The README's table: one line per shape, sampler and thresholding; 1 and 2 threads side by side."""
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    by = {}
+    for r in rows:
+        by.setdefault((r["shape"], r["sampler"], r["thresholding"]), {})[r["threads"]] = r
+    out = ["| shape | sampler | thresholding | pydiff 1 thr | pydiff 2 thr | diffusers 2 thr | speed-up (2 thr) "
+           "| bandwidth floor | pydiff / floor (2 thr) | NumPy reference |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for (shape, sampler, thr), t in by.items():
+        one, two = t.get(1, {}), t.get(2, {})
+        sel = f" ({one['selected_fraction']:.0%} selected)" if thr == "dynamic" and one else ""
+        out.append(f"| {shape} | {sampler} | {thr}{sel} | {one.get('pydiff_ms', float('nan')):.3f} ms "
+                   f"| {two.get('pydiff_ms', float('nan')):.3f} ms | {two.get('diffusers_ms', float('nan')):.3f} ms "
+                   f"| {two.get('speedup_vs_diffusers', float('nan')):.1f}x | {two.get('floor_ms', float('nan')):.3f} ms "
+                   f"| {two.get('x_floor', float('nan')):.2f}x | {one.get('numpy_ms', float('nan')):.2f} ms |")
+    return "\n".join(out)
 
 
 def _fmt(r):

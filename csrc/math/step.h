@@ -88,6 +88,21 @@ PYDIFF_HOST_DEVICE float step_element(const StepParams& p, float x, float cond, 
   return linear_update(p, x, x0, eps, x0_prev, z);
 }
 
+// The same step when it has no thresholding, no x0 history and no noise (DDIM with eta = 0, the
+// last step of DPM-Solver++): the terms that would add an exact 0 are left out, so it rounds as
+// step_element does (signed zeros aside) with half the arithmetic.
+template <int PRED, bool GUIDED>
+PYDIFF_HOST_DEVICE float step_element_plain(const StepParams& p, float x, float cond, float uncond, float scale,
+                                            float& x0_out, float& m_out) {
+  const float m = GUIDED ? cfg_mix(cond, uncond, scale) : cond;
+  float x0, eps;
+  predict_x0_eps<PRED>(x, m, p.alpha, p.sigma, x0, eps);
+  x0_out = x0;
+  m_out = m;
+  float r = p.c_x0 * x0 + p.c_x * x;
+  return r + p.c_eps * eps;
+}
+
 // The x0 prediction before thresholding (the dynamic threshold's statistics need it first).
 template <int PRED, bool GUIDED>
 PYDIFF_HOST_DEVICE float raw_x0(const StepParams& p, float x, float cond, float uncond, float scale) {

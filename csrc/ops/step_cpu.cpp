@@ -194,7 +194,7 @@ float quantile_of(const float* v, int64_t n, float q, SelectScratch& sc) {
 // into them: the compiler keeps every coefficient in a register and vectorises the loop.
 // The element loop of the fused step over one block. Coefficients in a local and no pointer into
 // them, so the compiler keeps them in registers and vectorises the loop.
-template <int PRED, bool GUIDED>
+template <int PRED, bool GUIDED, bool PLAIN>
 int64_t step_block(const StepParams& params, const float* x, const float* c, const float* u, const float s,
                    const float limit, const float divisor, const bool clipped_eps, const float* prev,
                    const float* z, float* x0o, float* out, const int64_t len) {
@@ -209,7 +209,9 @@ int64_t step_block(const StepParams& params, const float* x, const float* c, con
   int32_t bad = 0;  // 32-bit like the floats, so that the counter vectorises with them
   for (int64_t j = 0; j < len; ++j) {
     float x0, m;
-    const float r = step_element<PRED, GUIDED>(p, x[j], c[j], u[j], s, limit, divisor, clipped_eps, prev[j], z[j], x0, m);
+    const float r = PLAIN ? step_element_plain<PRED, GUIDED>(p, x[j], c[j], u[j], s, x0, m)
+                          : step_element<PRED, GUIDED>(p, x[j], c[j], u[j], s, limit, divisor, clipped_eps, prev[j],
+                                                       z[j], x0, m);
     // m is non-finite exactly when a network output is; it can vanish behind a clamp, so it is counted.
     bad += int32_t(!(std::fabs(m) <= FLT_MAX)) | int32_t(!(std::fabs(r) <= FLT_MAX));
     out[j] = r;
@@ -306,6 +308,7 @@ int64_t fused_step_impl(const StepArrays& a, const StepParams& params, int num_t
   const bool has_noise = p.c_noise != 0.0f;
   const bool has_prev = a.x0_prev != nullptr;
   const bool clipped_eps = p.use_clipped_eps && p.threshold_mode != kNoThreshold;
+  const bool plain = p.threshold_mode == kNoThreshold && !has_noise && p.c_d == 0.0f;
   int64_t nonfinite = 0;
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : nonfinite)
   for (int64_t it = 0; it < num_items; ++it) {
@@ -324,8 +327,10 @@ int64_t fused_step_impl(const StepArrays& a, const StepParams& params, int num_t
       if (has_noise) fill_normals(p.seed, p.noise_step, k0, len, z);
       const float* prev = has_prev ? a.x0_prev + k0 : a.x + k0;  // any finite values when c_d == 0
       float* x0o = a.x0_out ? a.x0_out + k0 : x0_scratch;
-      bad += step_block<PRED, GUIDED>(p, a.x + k0, a.cond + k0, uncond + k0, s, limit, divisor, clipped_eps,
-                                      prev, z, x0o, a.out + k0, len);
+      bad += plain ? step_block<PRED, GUIDED, true>(p, a.x + k0, a.cond + k0, uncond + k0, s, limit, divisor,
+                                                    clipped_eps, prev, z, x0o, a.out + k0, len)
+                   : step_block<PRED, GUIDED, false>(p, a.x + k0, a.cond + k0, uncond + k0, s, limit, divisor,
+                                                     clipped_eps, prev, z, x0o, a.out + k0, len);
     }
     nonfinite += bad;
   }
