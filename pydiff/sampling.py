@@ -5,6 +5,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pydiff import guidance as _guidance
 from pydiff.samplers import NonFiniteError, make_sampler
 from pydiff.schedules import Schedule
 
@@ -44,6 +45,7 @@ def sample(model: Callable[..., Any], x_T, *, schedule: Schedule, sampler: str =
            noise: Callable[[int, tuple], np.ndarray] | None = None,
            callback: Callable[[int, int, np.ndarray], Any] | None = None, progress: bool = False,
            start_step: int = 0, batch_cond_uncond: bool = True, use_clipped_model_output: bool = False,
+           guidance_fn: Callable[[np.ndarray, np.ndarray], Any] | None = None,
            backend: str = "native", **threshold_overrides) -> np.ndarray:
     """Run the reverse diffusion process from x_T [B, C, H, W] (or any [B, ...]) and return x_0 (float32).
 
@@ -55,6 +57,8 @@ def sample(model: Callable[..., Any], x_T, *, schedule: Schedule, sampler: str =
     seed: key of the in-kernel noise (and nothing else); ``noise(i, shape)`` replaces it.
     callback(i, t, x) runs after step i; an array it returns replaces x (RePaint-style editing).
     start_step: skip the first timesteps (SDEdit / img2img starts part-way).
+    guidance_fn(x_t, t): guidance by separate models (classifier, CLIP, your own), see pydiff.guidance:
+    it returns a scaled gradient of log p(y | x_t), an EpsCorrection, or a list of them.
     threshold_overrides: thresholding, dynamic_thresholding_ratio, sample_max_value, clip_sample,
     clip_sample_range (diffusers' meaning), overriding the schedule's.
     """
@@ -127,7 +131,12 @@ def sample(model: Callable[..., Any], x_T, *, schedule: Schedule, sampler: str =
             z = np.asarray(noise(i, x.shape), dtype=np.float32)
             if z.shape != x.shape:
                 raise ValueError(f"noise({i}, shape) returned shape {z.shape}; expected {x.shape}")
+        mean_shift = None
+        if guidance_fn is not None:
+            out, mean_shift = _apply_guidance(guidance_fn, smp, i, t, x, out)
         new = smp.step(out, x, i, guidance_scale=scale if guided else None, seed=seed, noise=z, out=spare)
+        if mean_shift is not None:
+            new += mean_shift
         if spare is not None:
             spare, x = x, new
         else:
@@ -137,6 +146,25 @@ def sample(model: Callable[..., Any], x_T, *, schedule: Schedule, sampler: str =
             if r is not None:
                 x = np.array(_as_output(r, x.shape, i, t, "callback"), copy=True)
     return x
+
+
+def _apply_guidance(guidance_fn, smp, i: int, t: int, x: np.ndarray, out: np.ndarray):
+    """(network output with the eps-form terms folded in, DDPM mean shift or None)."""
+    grad, eps = _guidance.collect(guidance_fn(x, np.full(x.shape[0], t, np.float32)), x.shape)
+    c = smp.coefficients(i)
+    mean_shift = None
+    if grad is not None:
+        if smp.name == "ddpm":  # mu <- mu + Sigma * grad, Sigma the step's variance (zero at t = 0)
+            mean_shift = (np.float32(c.c_noise**2) * grad).astype(np.float32)
+        else:  # score form: eps <- eps - sqrt(1 - abar_t) * grad
+            d = (-np.float32(c.sigma) * grad).astype(np.float32)
+            eps = d if eps is None else eps + d
+    if eps is not None:
+        delta = _guidance.eps_to_output_delta(eps, smp.schedule.prediction_type, c.alpha, c.sigma)
+        # Both halves of a guided batch move alike, so the CFG mix moves eps by exactly delta.
+        reps = out.shape[0] // x.shape[0]
+        out = out + (np.concatenate([delta] * reps) if reps > 1 else delta)
+    return out, mean_shift
 
 
 __all__ = ["sample", "NonFiniteError"]
