@@ -77,6 +77,12 @@ def _common(p, *, prompts=True):
                    help="ddpm, ddim or dpmpp_2m")
     g.add_argument("--guidance", action="append", metavar="[STAGE=]G[,G...]",
                    help="classifier-free guidance scale; a comma list gives one per prompt")
+    g.add_argument("--guidance-type", choices=["cfg", "classifier", "clip"], default=None,
+                   help="cfg (classifier-free, default) or a guidance model of the package: "
+                        "classifier (class-conditional packages with a classifier)")
+    g.add_argument("--classifier-scale", metavar="S[,S...]",
+                   help="classifier guidance scale (default: the package's recommended); "
+                        "a comma list gives one per class label")
     g.add_argument("--thresholding", action="append", metavar="[STAGE=]MODE",
                    help="none, static or dynamic")
     g.add_argument("--eta", action="append", metavar="[STAGE=]ETA", help="DDIM eta")
@@ -221,6 +227,10 @@ def _cmd_images(args) -> int:
         noise_aug_level=_per_stage(args.noise_aug_level, "noise-aug-level", int),
         seed=args.seed, progress=not args.quiet, output_type="pil",
     )
+    if args.guidance_type is not None:
+        kwargs["guidance_type"] = args.guidance_type
+    if args.classifier_scale is not None:
+        kwargs["classifier_scale"] = _convert(args.classifier_scale, "classifier-scale", _guidance)
     prompts = list(args.prompt) or None
     if prompts is not None and len(prompts) == 1:
         prompts = prompts[0]
@@ -278,6 +288,7 @@ def _cmd_images(args) -> int:
         "images": [{"index": i, "path": paths[i], "prompt": per_prompt[i // plan.num_images],
                     "class_label": labels[i // plan.num_images]} for i in range(len(images))],
         "stages": {n: s.as_dict() for n, s in plan.settings.items()},
+        "guidance": _guidance_report(plan),
         "elapsed_s": round(elapsed, 4),
     }
     if args.json:
@@ -285,6 +296,15 @@ def _cmd_images(args) -> int:
     if args.json_out:
         imageio.write_json(report, args.json_out)
     return EXIT_OK
+
+
+def _guidance_report(plan) -> dict:
+    d = {"type": plan.guidance_type}
+    if plan.guidance_model is not None:
+        sc = plan.guidance_model_scale
+        d.update(model=plan.guidance_model.name, stage=plan.guidance_model.stage,
+                 scale=float(sc[0]) if (sc == sc[0]).all() else [float(v) for v in sc])
+    return d
 
 
 def info() -> dict:

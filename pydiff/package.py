@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 __all__ = [
-    "PackageError", "Package", "Stage", "TextEncoderSpec", "load_package",
-    "check_stage_io", "check_text_encoder_io", "INPUT_SPECS", "MAX_RESOLUTION",
+    "PackageError", "Package", "Stage", "TextEncoderSpec", "GuidanceModelSpec", "load_package",
+    "check_stage_io", "check_text_encoder_io", "INPUT_SPECS", "MAX_RESOLUTION", "GUIDANCE_KINDS",
 ]
 
 FORMAT = "pydiff-package"
@@ -35,6 +35,11 @@ MAX_MANIFEST_BYTES = 1 << 20   # a manifest is a few KB; refuse to json-parse an
 CONDITIONINGS = ("text", "class", "none")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 THRESHOLDINGS = ("none", "static", "dynamic")
+# guidance model kind -> the inputs its network takes (docs/model-package.md, guidance_models)
+GUIDANCE_KINDS: dict[str, tuple[str, ...]] = {
+    "classifier": ("sample", "timestep", "class_labels"),
+    "clip": ("sample", "timestep", "encoder_hidden_states", "encoder_attention_mask"),
+}
 
 # name -> (ONNX element type, rank) of every stage network input the format knows.
 INPUT_SPECS: dict[str, tuple[str, int]] = {
@@ -94,6 +99,21 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class GuidanceModelSpec:
+    """A guidance model (classifier / CLIP) whose ONNX network outputs the input gradient."""
+
+    index: int
+    name: str
+    kind: str                              # "classifier" | "clip"
+    onnx: Path                             # absolute path
+    stage: str                             # the stage whose x_t it guides
+    inputs: tuple[str, ...]
+    output: str                            # the gradient output's name
+    num_classes: int | None = None         # classifier only
+    recommended: Mapping[str, Any] = field(default_factory=dict)   # {"scale": s}
+
+
+@dataclass(frozen=True)
 class Package:
     path: Path                             # the package directory (resolved)
     manifest_path: Path
@@ -103,6 +123,14 @@ class Package:
     text_encoder: TextEncoderSpec | None
     stages: tuple[Stage, ...]
     manifest: Mapping[str, Any] = field(repr=False, compare=False)
+    guidance_models: tuple[GuidanceModelSpec, ...] = ()
+
+    def guidance_model(self, kind: str, stage: str | None = None) -> GuidanceModelSpec | None:
+        """The first guidance model of `kind` (for `stage` when given), or None."""
+        for g in self.guidance_models:
+            if g.kind == kind and (stage is None or g.stage == stage):
+                return g
+        return None
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:
@@ -352,6 +380,42 @@ def _parse_stage(ctx: _Ctx, raw: Any, i: int, text_encoder: TextEncoderSpec | No
                  noise_aug_level=aug_level)
 
 
+def _parse_guidance_model(ctx: _Ctx, raw: Any, i: int, stages: list[Stage]) -> GuidanceModelSpec:
+    where = f"guidance_models[{i}]"
+    if not isinstance(raw, dict):
+        raise ctx.error(where, f"expected an object, got {_typename(raw)}")
+    name = _str(ctx, raw, "name", where)
+    if not name or not all(c.isalnum() or c in "_-." for c in name):
+        raise ctx.error(f"{where}.name", f"expected a non-empty name of letters, digits, '_', '-' "
+                                         f"or '.', got {name!r}")
+    kind = _str(ctx, raw, "kind", where, choices=tuple(GUIDANCE_KINDS))
+    onnx_path = _path(ctx, raw, "onnx", where)
+    stage_name = _str(ctx, raw, "stage", where)
+    st = next((s for s in stages if s.name == stage_name), None)
+    if st is None:
+        raise ctx.error(f"{where}.stage", f"unknown stage {stage_name!r}; the stages are "
+                                          f"{[s.name for s in stages]}")
+    inputs_raw = _get(ctx, raw, "inputs", where)
+    if not isinstance(inputs_raw, list) or not all(isinstance(x, str) for x in inputs_raw):
+        raise ctx.error(f"{where}.inputs", f"expected a list of input names, got {inputs_raw!r}")
+    want = GUIDANCE_KINDS[kind]
+    if sorted(inputs_raw) != sorted(want):
+        raise ctx.error(f"{where}.inputs", f"a {kind!r} guidance model takes {list(want)}, got "
+                                           f"{inputs_raw}")
+    output = _str(ctx, raw, "output", where, required=False, default="grad")
+    num_classes = None
+    if kind == "classifier":
+        num_classes = _int(ctx, raw, "num_classes", where, 1, 1 << 30)
+    elif st.conditioning != "text":
+        raise ctx.error(f"{where}.stage", f"CLIP guidance needs a text-conditional stage's prompts; "
+                                          f"stage {stage_name!r} is {st.conditioning!r}")
+    rec = _obj(ctx, raw, "recommended", where, required=False) or {}
+    _number(ctx, rec, "scale", f"{where}.recommended")
+    return GuidanceModelSpec(index=i, name=name, kind=kind, onnx=onnx_path, stage=stage_name,
+                             inputs=tuple(inputs_raw), output=output, num_classes=num_classes,
+                             recommended=dict(rec))
+
+
 def load_package(path: str | os.PathLike) -> Package:
     """Read and validate the package directory `path` (or its `manifest.json`)."""
     p = Path(path)
@@ -401,8 +465,19 @@ def load_package(path: str | os.PathLike) -> Package:
         if any(s.name == st.name for s in stages):
             raise ctx.error(f"stages[{i}].name", f"duplicate stage name {st.name!r}")
         stages.append(st)
+    gms: list[GuidanceModelSpec] = []
+    gm_raw = _get(ctx, data, "guidance_models", "", required=False, default=None)
+    if gm_raw is not None:
+        if not isinstance(gm_raw, list):
+            raise ctx.error("guidance_models", f"expected a list, got {_typename(gm_raw)}")
+        for i, raw in enumerate(gm_raw):
+            g = _parse_guidance_model(ctx, raw, i, stages)
+            if any(o.name == g.name for o in gms):
+                raise ctx.error(f"guidance_models[{i}].name", f"duplicate name {g.name!r}")
+            gms.append(g)
     return Package(path=root, manifest_path=manifest_path, name=name, description=description,
-                   version=version, text_encoder=te, stages=tuple(stages), manifest=data)
+                   version=version, text_encoder=te, stages=tuple(stages), manifest=data,
+                   guidance_models=tuple(gms))
 
 
 # --------------------------------------------------------------------------------------------

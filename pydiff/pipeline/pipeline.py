@@ -22,9 +22,10 @@ import numpy as np
 
 from .. import imageio
 from ..package import Package, PackageError, Stage, load_package
-from .settings import StageSettings, resolve
+from .settings import StageSettings, guidance_array, resolve
 
 OUTPUT_TYPES = ("pil", "numpy")
+GUIDANCE_TYPES = ("cfg", "classifier", "clip")
 MAX_BATCH = 4096
 MAX_SEED = 2**64 - 1
 
@@ -68,6 +69,9 @@ class _Plan:
     image: np.ndarray | None = None      # [1, C, H, W] in [-1, 1]
     mask: np.ndarray | None = None       # [1, 1, H, W] in [0, 1], 1 = generate
     init_low_res: np.ndarray | None = None  # [1, 3, h, w] (upscale)
+    guidance_type: str = "cfg"           # cfg | classifier | clip
+    guidance_model: Any = None           # the package's GuidanceModelSpec used (not cfg)
+    guidance_model_scale: np.ndarray | None = None   # float32 [B] scale of its gradient
 
     @property
     def batch(self) -> int:
@@ -106,6 +110,7 @@ class Pipeline:
                     core, st.noise_aug_scheduler, f"stages[{st.index}].noise_aug.scheduler")
         self._uncond_lock = threading.Lock()
         self._empty_encoding: tuple[np.ndarray, np.ndarray] | None = None
+        self._guidance_runtimes: dict[str, Any] = {}     # guidance model name -> runtime (lazy)
 
     def _schedule(self, core, config, key):
         try:
@@ -126,7 +131,7 @@ class Pipeline:
     def generate(self, prompt=None, *, class_label=None, negative_prompt=None, num_images=1,
                  steps=None, sampler=None, guidance_scale=None, thresholding=None, eta=None,
                  seed=None, noise_aug_level=None, output_type="pil", progress=True,
-                 callback=None):
+                 callback=None, guidance_type=None, classifier_scale=None):
         """Images for `prompt` (a string or a list: one batch) or `class_label` (int or list).
 
         Per-stage settings (steps, sampler, guidance_scale, thresholding, eta, noise_aug_level)
@@ -135,12 +140,19 @@ class Pipeline:
         images (`output_type="pil"`) or float32 [B, H, W, C] in [0, 1] (`"numpy"`), prompt-major
         (all images of prompt 0 first). `callback(stage, i, t, x)` runs after each step; if it
         returns an array, that replaces x.
+
+        `guidance_type`: "cfg" (default: classifier-free guidance with `guidance_scale`) or
+        "classifier" (the package's classifier guidance model: the stage network runs
+        unconditionally, with the label "no class", and the classifier's gradient of
+        log p(class_label | x_t) guides it at `classifier_scale`, a number or one per prompt or
+        image; default the guidance model's `recommended.scale`).
         """
         plan = self.plan(prompt=prompt, class_label=class_label, negative_prompt=negative_prompt,
                          num_images=num_images, steps=steps, sampler=sampler,
                          guidance_scale=guidance_scale, thresholding=thresholding, eta=eta,
                          seed=seed, noise_aug_level=noise_aug_level, output_type=output_type,
-                         progress=progress, callback=callback)
+                         progress=progress, callback=callback, guidance_type=guidance_type,
+                         classifier_scale=classifier_scale)
         return self.execute(plan)
 
     def inpaint(self, image, mask, prompt=None, **kwargs):
@@ -178,7 +190,8 @@ class Pipeline:
     def plan(self, *, prompt=None, class_label=None, negative_prompt=None, num_images=1,
              steps=None, sampler=None, guidance_scale=None, thresholding=None, eta=None, seed=None,
              noise_aug_level=None, output_type="pil", progress=True, callback=None,
-             mode="generate", image=None, mask=None, strength=None, start_stage=None) -> _Plan:
+             mode="generate", image=None, mask=None, strength=None, start_stage=None,
+             guidance_type=None, classifier_scale=None) -> _Plan:
         """Validate a call and return its plan; raises ValueError/TypeError before any work."""
         pkg = self.package
         stages = list(pkg.stages)
@@ -270,6 +283,35 @@ class Pipeline:
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable(stage, i, t, x)")
 
+        gtype = "cfg" if guidance_type is None else guidance_type
+        if gtype not in GUIDANCE_TYPES:
+            raise ValueError(f"guidance_type must be one of {list(GUIDANCE_TYPES)}, got {gtype!r}")
+        gspec = None
+        if gtype == "cfg":
+            if classifier_scale is not None:
+                raise ValueError('classifier_scale needs guidance_type="classifier"')
+        else:
+            gspec = pkg.guidance_model(gtype)
+            if gspec is None:
+                raise ValueError(f"guidance_type {gtype!r}: package {pkg.name!r} has no {gtype} "
+                                 f"guidance model (manifest guidance_models)")
+            if gspec.stage not in [s_.name for s_ in stages]:
+                raise ValueError(f"guidance_type {gtype!r}: its stage {gspec.stage!r} does not run "
+                                 f"in this call")
+            if guidance_scale is not None:
+                raise ValueError(f"guidance_scale is the classifier-free scale; with guidance_type "
+                                 f"{gtype!r} give classifier_scale")
+            if gtype == "classifier":
+                if labels is None or any(c is None for c in labels):
+                    raise ValueError("classifier guidance needs class_label (the class to guide to)")
+                for c in labels:
+                    if not 0 <= c < gspec.num_classes:
+                        raise ValueError(f"class_label {c} out of range for the classifier "
+                                         f"{gspec.name!r} (0..{gspec.num_classes - 1})")
+            default = gspec.recommended.get("scale", 1.0)
+            gscale = guidance_array(default if classifier_scale is None else classifier_scale,
+                                    "classifier_scale", n_prompts, int(num_images))
+
         settings = resolve(pkg, stages, n_prompts=n_prompts, num_images=int(num_images),
                            steps=steps, sampler=sampler, guidance_scale=guidance_scale,
                            thresholding=thresholding, eta=eta, noise_aug_level=noise_aug_level,
@@ -277,7 +319,9 @@ class Pipeline:
         plan = _Plan(stages=stages, settings=settings, n_prompts=n_prompts,
                      num_images=int(num_images), prompts=prompts, negative_prompts=negative,
                      class_labels=labels, seed=int(seed), output_type=output_type,
-                     progress=bool(progress), callback=callback, mode=mode)
+                     progress=bool(progress), callback=callback, mode=mode,
+                     guidance_type=gtype, guidance_model=gspec,
+                     guidance_model_scale=gscale if gspec is not None else None)
 
         # -- images
         final = stages[-1]
@@ -358,6 +402,20 @@ class Pipeline:
             return imageio.to_numpy(x)
         return imageio.to_pil(x)
 
+    def _guidance_runtime(self, spec):
+        """The ONNX Runtime guidance model for a manifest entry, created on first use."""
+        with self._uncond_lock:
+            rt = self._guidance_runtimes.get(spec.name)
+            if rt is None:
+                from ..guidance_models import load_guidance_model
+
+                try:
+                    rt = load_guidance_model(spec, providers=getattr(self.backend, "providers", None))
+                except ValueError as e:
+                    raise PackageError(str(e)) from None
+                self._guidance_runtimes[spec.name] = rt
+            return rt
+
     def _run_stage(self, core, plan: _Plan, st: Stage, rng, text, x_prev):
         B = plan.batch
         s = plan.settings[st.name]
@@ -410,6 +468,15 @@ class Pipeline:
             ts = _timesteps(core, sched, s.steps, s.sampler)
 
         guided = st.conditioning != "none" and s.uses_guidance
+        guidance_fn = None
+        gm = plan.guidance_model
+        if gm is not None and gm.stage == st.name:
+            guided = False          # the guidance model, not classifier-free guidance, conditions
+            if gm.kind == "classifier":
+                want = np.repeat(np.asarray(plan.class_labels, np.int64), plan.num_images)
+                if st.conditioning == "class":   # the network itself gets "no class"
+                    cond["class_labels"] = np.full(B, st.num_classes, np.int64)
+                guidance_fn = self._guidance_runtime(gm).guidance_fn(want, plan.guidance_model_scale)
         g = s.guidance_scale
         gscale = float(g[0]) if np.all(g == g[0]) else g
         thr = _threshold_kwargs(s)
@@ -433,7 +500,8 @@ class Pipeline:
                 self.backend.model(st.name), x, schedule=sched, sampler=s.sampler, steps=s.steps,
                 eta=s.eta, guidance_scale=gscale if guided else 1.0, cond=cond,
                 uncond=uncond if guided else None, seed=(plan.seed + st.index) % 2**64,
-                callback=callback, progress=False, start_step=start_step, **thr)
+                callback=callback, progress=False, start_step=start_step,
+                guidance_fn=guidance_fn, **thr)
         return np.asarray(result, np.float32)
 
     @staticmethod

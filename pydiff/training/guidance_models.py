@@ -1,0 +1,187 @@
+"""Training of guidance models: the noise-aware digits classifier p(y | x_t, t) (Dhariwal & Nichol
+2021, Sec. 4: a classifier trained on noised images x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps at
+uniformly drawn t, with the diffusion model's schedule).
+
+``python -m pydiff.training.guidance_models train-classifier --out runs/digits_classifier``
+writes ``model.safetensors`` (weights + config in the metadata; no pickle), ``config.json``,
+``summary.json`` (held-out accuracy per t band) and ``train.log``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models.classifier import ClassifierConfig, NoisyClassifier
+from .schedule import alphas_cumprod
+
+WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class ClassifierTrainConfig:
+    model: dict = field(default_factory=lambda: ClassifierConfig().to_dict())
+    steps: int = 4000
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+    val_fraction: float = 0.2
+    num_train_timesteps: int = 1000          # the bundled digits model's schedule
+    beta_schedule: str = "squaredcos_cap_v2"
+    shift: int = 1                           # random translation by up to this many pixels
+    threads: int = 1
+
+
+def _split(n: int, labels: np.ndarray, fraction: float, seed: int):
+    """Stratified train / held-out indices."""
+    rng = np.random.default_rng(seed + 12345)
+    tr, va = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = int(round(len(idx) * fraction))
+        va.extend(idx[:k])
+        tr.extend(idx[k:])
+    return np.sort(np.array(tr)), np.sort(np.array(va))
+
+
+def _shift(x: torch.Tensor, rng: np.random.Generator, k: int) -> torch.Tensor:
+    """Translate each image by up to k pixels (background -1 fills in)."""
+    if k <= 0:
+        return x
+    out = torch.full_like(x, -1.0)
+    H, W = x.shape[2:]
+    for i, (dy, dx) in enumerate(rng.integers(-k, k + 1, size=(len(x), 2))):
+        ys, yd = (slice(0, H - dy), slice(dy, H)) if dy >= 0 else (slice(-dy, H), slice(0, H + dy))
+        xs, xd = (slice(0, W - dx), slice(dx, W)) if dx >= 0 else (slice(-dx, W), slice(0, W + dx))
+        out[i, :, yd, xd] = x[i, :, ys, xs]
+    return out
+
+
+def save_classifier(model: NoisyClassifier, path: str | Path, extra: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"config": json.dumps(model.cfg.to_dict()), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+
+
+def load_classifier(path: str | Path) -> NoisyClassifier:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    model = NoisyClassifier(ClassifierConfig.from_dict(json.loads(meta["config"])))
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy_by_t(model, x0, y, abar, bands=((0, 200), (200, 400), (400, 600), (600, 800), (800, 1000)),
+                  seed: int = 0) -> dict:
+    """Held-out accuracy on x_t at t drawn uniformly inside each band."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for lo, hi in bands:
+        t = torch.randint(lo, hi, (len(x0),), generator=g)
+        a = abar[t][:, None, None, None]
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g)
+        out[f"t{lo}-{hi}"] = float((model(xt, t.float()).argmax(1) == y).float().mean())
+    return out
+
+
+def train_classifier(cfg: ClassifierTrainConfig, out: str | Path, command: str | None = None,
+                     log=print) -> dict:
+    from ..data.digits import load_digits_images
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    x, y = load_digits_images()
+    tr, va = _split(len(x), y, cfg.val_fraction, cfg.seed)
+    xtr, ytr = torch.from_numpy(x[tr]), torch.from_numpy(y[tr])
+    xva, yva = torch.from_numpy(x[va]), torch.from_numpy(y[va])
+    abar = torch.from_numpy(alphas_cumprod(cfg.num_train_timesteps, cfg.beta_schedule)).float()
+    model = NoisyClassifier(ClassifierConfig.from_dict(cfg.model))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    rng = np.random.default_rng(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    logf = open(out / "train.log", "a")
+    t0 = time.time()
+    losses = []
+    for step in range(1, cfg.steps + 1):
+        idx = torch.from_numpy(rng.integers(0, len(xtr), cfg.batch_size))
+        x0 = _shift(xtr[idx], rng, cfg.shift)
+        t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=g)
+        a = abar[t][:, None, None, None]
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g)
+        loss = F.cross_entropy(model(xt, t.float()), ytr[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if step % 250 == 0 or step == cfg.steps:
+            model.eval()
+            acc = accuracy_by_t(model, xva, yva, abar)
+            model.train()
+            line = (f"step {step} loss {np.mean(losses[-250:]):.4f} val_acc "
+                    + " ".join(f"{k}:{v:.3f}" for k, v in acc.items()) + f" {time.time() - t0:.0f}s")
+            log(line)
+            print(line, file=logf, flush=True)
+    model.eval()
+    summary = {"command": command, "steps": cfg.steps, "seconds": round(time.time() - t0, 1),
+               "final_loss_last250": float(np.mean(losses[-250:])),
+               "held_out_accuracy_by_t": accuracy_by_t(model, xva, yva, abar, seed=1),
+               "n_train": int(len(tr)), "n_held_out": int(len(va)),
+               "parameters": int(sum(p.numel() for p in model.parameters()))}
+    save_classifier(model, out / WEIGHTS, {"train": asdict(cfg)})
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    logf.close()
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pydiff.training.guidance_models")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train-classifier", help="noise-aware digits classifier")
+    t.add_argument("--out", required=True)
+    t.add_argument("--steps", type=int, default=4000)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=1)
+    e = sub.add_parser("export-classifier", help="ONNX of the input gradient, checked vs autograd")
+    e.add_argument("--run", required=True, help="training run directory (model.safetensors)")
+    e.add_argument("--out", required=True, help="ONNX file to write")
+    e.add_argument("--package", help="also add a guidance_models entry to this package's manifest")
+    e.add_argument("--name", default="classifier")
+    a = p.parse_args(argv)
+    if a.cmd == "train-classifier":
+        command = "python -m pydiff.training.guidance_models " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+        s = train_classifier(ClassifierTrainConfig(steps=a.steps, seed=a.seed, threads=a.threads), a.out, command)
+        print(json.dumps(s, indent=1))
+    else:
+        from ..exporting.guidance_export import add_guidance_model, export_classifier_gradient
+
+        torch.set_num_threads(1)
+        rep = export_classifier_gradient(load_classifier(Path(a.run) / WEIGHTS), a.out)
+        print(json.dumps(rep, indent=1))
+        if a.package:
+            add_guidance_model(a.package, a.out, name=a.name, kind="classifier",
+                               model=load_classifier(Path(a.run) / WEIGHTS))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""Guidance models (issue 7): the exported classifier gradient equals torch.autograd's, runs without
+torch, and classifier guidance through the pipeline raises the independent classifier's accuracy."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pydiff.pipeline import bundled_path
+
+DIGITS = bundled_path("digits")
+CLASSIFIER = DIGITS / "classifier.onnx"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_exported_gradient_matches_autograd(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from pydiff.exporting.guidance_export import GRAD_RTOL, export_classifier_gradient
+    from pydiff.models.classifier import (ClassifierConfig, ClassifierGradient, NoisyClassifier,
+                                          autograd_gradient)
+
+    torch.manual_seed(0)
+    for cfg in (ClassifierConfig(), ClassifierConfig(in_channels=3, resolution=16, num_classes=7,
+                                                     channels=(16, 32, 32, 32))):
+        m = NoisyClassifier(cfg).eval()
+        x = torch.randn(5, cfg.in_channels, cfg.resolution, cfg.resolution)
+        t = torch.tensor([0.0, 1.0, 250.0, 700.0, 999.0])
+        y = torch.randint(0, cfg.num_classes, (5,))
+        g, lp = ClassifierGradient(m)(x, t, y)                      # the explicit backward pass
+        rg, rlp = autograd_gradient(m, x, t, y)
+        assert torch.allclose(g, rg, rtol=1e-5, atol=1e-6 * rg.abs().max().item())
+        assert torch.allclose(lp, rlp, atol=1e-5)
+        rep = export_classifier_gradient(m, tmp_path / f"c{cfg.resolution}.onnx")   # ORT vs autograd
+        assert rep["max_rel_error_vs_autograd"] <= GRAD_RTOL
+
+
+def test_bundled_classifier_matches_its_weights_when_present():
+    """The shipped ONNX against autograd on the run's weights (when the run directory is here)."""
+    torch = pytest.importorskip("torch")
+    weights = REPO / "runs" / "digits_classifier" / "model.safetensors"
+    if not weights.is_file():
+        pytest.skip("runs/digits_classifier is not on this machine")
+    from pydiff.guidance_models import ClassifierGuidance
+    from pydiff.models.classifier import autograd_gradient
+    from pydiff.training.guidance_models import load_classifier
+
+    m = load_classifier(weights)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 1, 8, 8)).astype(np.float32)
+    t = np.linspace(0, 999, 16).astype(np.float32)
+    y = rng.integers(0, 10, 16)
+    got = ClassifierGuidance(CLASSIFIER).gradient(x, t, y)
+    ref, _ = autograd_gradient(m, torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y))
+    ref = ref.numpy()
+    rel = np.linalg.norm((got - ref).reshape(16, -1), axis=1) / np.linalg.norm(ref.reshape(16, -1), axis=1)
+    assert rel.max() <= 1e-4
+
+
+_NO_TORCH = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_guidance_fn_and_cli_run_without_torch(tmp_path):
+    """The ONNX guidance_fn and `pydiff generate --guidance-type classifier` with torch unimportable."""
+    code = _NO_TORCH + f"""
+import numpy as np, pydiff
+from pydiff.guidance_models import ClassifierGuidance
+gm = ClassifierGuidance({str(CLASSIFIER)!r}, num_classes=10)
+x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+g = gm.guidance_fn([1, 2, 3], scale=2.0)(x, np.full(3, 500, np.float32))
+assert g.shape == x.shape and np.isfinite(g).all() and np.abs(g).max() > 0
+sched = pydiff.Schedule(beta_schedule="squaredcos_cap_v2", clip_sample=False, timestep_spacing="trailing")
+out = pydiff.sample(lambda xt, t: 0.1 * xt, x, schedule=sched, sampler="ddim", steps=3,
+                    guidance_fn=gm.guidance_fn([1, 2, 3], 2.0))
+assert np.isfinite(out).all()
+from pydiff.cli import main
+rc = main(["generate", "--model", "digits", "--class-label", "3", "--class-label", "7",
+           "--guidance-type", "classifier", "--classifier-scale", "5", "--steps", "5", "--seed", "0",
+           "--out", {str(tmp_path / "c.png")!r}, "--json-out", {str(tmp_path / "c.json")!r}, "-q"])
+assert rc == 0, rc
+assert "torch" not in sys.modules
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+    rep = json.loads((tmp_path / "c.json").read_text())
+    assert rep["guidance"] == {"type": "classifier", "model": "classifier", "stage": "base", "scale": 5.0}
+    assert (tmp_path / "c.png").is_file()
+
+
+def test_manifest_entry_and_validation(tmp_path):
+    import shutil
+
+    from pydiff.package import PackageError, load_package
+
+    pkg = load_package(DIGITS)
+    (gm,) = pkg.guidance_models
+    assert (gm.kind, gm.stage, gm.num_classes, gm.output) == ("classifier", "base", 10, "grad")
+    assert pkg.guidance_model("classifier") is gm and pkg.guidance_model("clip") is None
+    d = tmp_path / "p"
+    shutil.copytree(DIGITS, d)
+    m = json.loads((d / "manifest.json").read_text())
+    for key, bad, msg in (("kind", "foo", "guidance_models[0].kind"), ("stage", "sr", "unknown stage"),
+                          ("inputs", ["sample"], "guidance_models[0].inputs"),
+                          ("onnx", "../x.onnx", "'..'")):
+        mm = json.loads(json.dumps(m))
+        mm["guidance_models"][0][key] = bad
+        (d / "manifest.json").write_text(json.dumps(mm))
+        with pytest.raises(PackageError, match=msg if msg.startswith("'") else msg.replace("[", r"\[").replace("]", r"\]")):
+            load_package(d)
+
+
+def test_pipeline_rejects_bad_guidance_calls():
+    import pydiff.pipeline as P
+
+    pipe = P.load(DIGITS)
+    with pytest.raises(ValueError, match="guidance_type"):
+        pipe.plan(class_label=1, guidance_type="foo")
+    with pytest.raises(ValueError, match="no clip guidance model"):
+        pipe.plan(class_label=1, guidance_type="clip")
+    with pytest.raises(ValueError, match="needs class_label"):
+        pipe.plan(guidance_type="classifier")
+    with pytest.raises(ValueError, match="classifier_scale"):
+        pipe.plan(class_label=1, guidance_type="classifier", guidance_scale=3.0)
+    with pytest.raises(ValueError, match='guidance_type="classifier"'):
+        pipe.plan(class_label=1, classifier_scale=3.0)
+
+
+def test_classifier_guidance_raises_accuracy():
+    """60 samples (6 per class), 10 DPM-Solver++ steps, the bundled digits model run unconditionally:
+    the independent SVM's agreement with the requested class is ~0.1 unguided and must rise by at
+    least 0.3 with classifier guidance at scale 10 (measured: 0.10 -> 0.72 at 100 samples, 25 steps)."""
+    pytest.importorskip("sklearn")
+    import pydiff.pipeline as P
+    from pydiff.training.eval import digits_figures
+
+    pipe = P.load(DIGITS)
+    labels = np.repeat(np.arange(10), 6)
+    acc = {}
+    for s in (0.0, 10.0):
+        imgs = pipe.generate(class_label=[int(v) for v in labels], output_type="numpy", progress=False,
+                             seed=1, steps=10, guidance_type="classifier", classifier_scale=s)
+        acc[s] = digits_figures(imgs[..., 0], labels)["accuracy"]
+    assert acc[0.0] <= 0.3, acc
+    assert acc[10.0] >= acc[0.0] + 0.3, acc
