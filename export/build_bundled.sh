@@ -31,6 +31,14 @@ python -m pydiff.training export digits --run "$RUNS/digits" --out "$OUT/digits"
 python -m pydiff.training export shapes --base "$RUNS/shapes_base" --sr "$RUNS/shapes_sr64" \
     --text-encoder "$RUNS/text_encoder" --out "$OUT/shapes"
 
+# 3b. The digits classifier for classifier guidance (issue 7): noise-aware, trained on the digits
+#     model's schedule (~2 min); its input gradient exported to ONNX (checked vs autograd) and added
+#     to the digits manifest's guidance_models.
+python -m pydiff.training.guidance_models train-classifier --out "$RUNS/digits_classifier" --steps 4000 \
+    --seed "$SEED" --threads 1
+python -m pydiff.training.guidance_models export-classifier --run "$RUNS/digits_classifier" \
+    --out "$OUT/digits/classifier.onnx" --package "$OUT/digits"
+
 # 4. Evaluate (figures go in the README and TRAINING.md).
 python benchmarks/eval_digits.py --model "$OUT/digits" --n 30
 python benchmarks/eval_shapes.py --model "$OUT/shapes" --n 200

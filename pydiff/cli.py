@@ -79,10 +79,13 @@ def _common(p, *, prompts=True):
                    help="classifier-free guidance scale; a comma list gives one per prompt")
     g.add_argument("--guidance-type", choices=["cfg", "classifier", "clip"], default=None,
                    help="cfg (classifier-free, default) or a guidance model of the package: "
-                        "classifier (class-conditional packages with a classifier)")
+                        "classifier or clip (packages with such guidance_models)")
     g.add_argument("--classifier-scale", metavar="S[,S...]",
                    help="classifier guidance scale (default: the package's recommended); "
                         "a comma list gives one per class label")
+    g.add_argument("--clip-scale", metavar="S[,S...]",
+                   help="CLIP guidance scale (default: the package's recommended); a comma list "
+                        "gives one per prompt")
     g.add_argument("--thresholding", action="append", metavar="[STAGE=]MODE",
                    help="none, static or dynamic")
     g.add_argument("--eta", action="append", metavar="[STAGE=]ETA", help="DDIM eta")
@@ -231,6 +234,8 @@ def _cmd_images(args) -> int:
         kwargs["guidance_type"] = args.guidance_type
     if args.classifier_scale is not None:
         kwargs["classifier_scale"] = _convert(args.classifier_scale, "classifier-scale", _guidance)
+    if args.clip_scale is not None:
+        kwargs["clip_scale"] = _convert(args.clip_scale, "clip-scale", _guidance)
     prompts = list(args.prompt) or None
     if prompts is not None and len(prompts) == 1:
         prompts = prompts[0]

@@ -10,6 +10,10 @@ A guidance model's ONNX network outputs the input gradient guidance needs (docs/
 
     gm = ClassifierGuidance("pydiff/bundled/digits/classifier.onnx")
     x0 = pydiff.sample(model, x_T, schedule=..., guidance_fn=gm.guidance_fn(labels, scale=4.0))
+
+- ``kind: "clip"``: (sample, timestep, encoder_hidden_states [B, L, D], encoder_attention_mask
+  [B, L]) -> grad = grad_x f(x_t, t) . g(c) (and optionally similarity [B]). CLIP guidance (GLIDE,
+  Nichol et al. 2022, Sec. 3.2): the guidance_fn returns ``s * grad``, used as above.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import os
 
 import numpy as np
 
-__all__ = ["ClassifierGuidance", "load_guidance_model", "GUIDANCE_KINDS"]
+__all__ = ["ClassifierGuidance", "CLIPGuidance", "load_guidance_model", "GUIDANCE_KINDS"]
 
 GUIDANCE_KINDS = ("classifier", "clip")
 
@@ -105,10 +109,69 @@ class ClassifierGuidance:
         return fn
 
 
+class CLIPGuidance:
+    """A noise-aware CLIP's exported gradient of f(x_t, t) . g(c), run with ONNX Runtime."""
+
+    kind = "clip"
+    INPUTS = ["encoder_attention_mask", "encoder_hidden_states", "sample", "timestep"]
+
+    def __init__(self, onnx_path: str | os.PathLike, *, output: str = "grad", providers=None,
+                 session_options=None, session=None):
+        self.path = str(onnx_path)
+        self.session = session if session is not None else _session(onnx_path, providers, session_options)
+        names = [i.name for i in self.session.get_inputs()]
+        if sorted(names) != self.INPUTS:
+            raise ValueError(f"{self.path}: a CLIP-guidance network takes {self.INPUTS}; this one "
+                             f"takes {names}")
+        outs = [o.name for o in self.session.get_outputs()]
+        if output not in outs:
+            raise ValueError(f"{self.path}: no output {output!r} (outputs {outs})")
+        self.output = output
+        self.has_similarity = "similarity" in outs
+
+    def _feeds(self, x, t, states, mask):
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        B = x.shape[0]
+        states = np.asarray(states, np.float32)
+        mask = np.asarray(mask, np.float32)
+        if states.ndim != 3 or mask.shape != states.shape[:2] or states.shape[0] not in (1, B):
+            raise ValueError(f"text states {states.shape} / mask {mask.shape} do not fit a batch of {B}")
+        if states.shape[0] == 1 and B > 1:
+            states, mask = np.repeat(states, B, 0), np.repeat(mask, B, 0)
+        t = np.ascontiguousarray(np.broadcast_to(np.asarray(t, np.float32), (B,)))
+        return {"sample": x, "timestep": t, "encoder_hidden_states": np.ascontiguousarray(states),
+                "encoder_attention_mask": np.ascontiguousarray(mask)}
+
+    def gradient(self, x, t, states, mask) -> np.ndarray:
+        """grad_x f(x_t, t) . g(c): x float32 [B, C, H, W], t [B], states [B, L, D], mask [B, L]."""
+        (g,) = self.session.run([self.output], self._feeds(x, t, states, mask))
+        return g
+
+    def similarity(self, x, t, states, mask) -> np.ndarray:
+        """f(x_t, t) . g(c) [B] (networks exported with a similarity output)."""
+        if not self.has_similarity:
+            raise ValueError(f"{self.path}: the network has no similarity output")
+        (s,) = self.session.run(["similarity"], self._feeds(x, t, states, mask))
+        return s
+
+    def guidance_fn(self, states, mask, scale=1.0):
+        """fn(x_t, t) -> scale * grad_x f(x_t, t) . g(c), for pydiff.sample(guidance_fn=...);
+        states [B, L, D] / mask [B, L] from the package's text encoder (pydiff.text_encoder)."""
+        def fn(x, t):
+            B = x.shape[0]
+            s = _scales(scale, B, "CLIP guidance scale")
+            return s.reshape((B,) + (1,) * (x.ndim - 1)) * self.gradient(x, t, states, mask)
+
+        return fn
+
+
 def load_guidance_model(spec, providers=None, session_options=None):
     """The runtime object for a package's guidance model entry (pydiff.package.GuidanceModelSpec)."""
     if spec.kind == "classifier":
         return ClassifierGuidance(spec.onnx, output=spec.output, num_classes=spec.num_classes,
                                   providers=providers, session_options=session_options)
+    if spec.kind == "clip":
+        return CLIPGuidance(spec.onnx, output=spec.output, providers=providers,
+                            session_options=session_options)
     raise ValueError(f"{spec.onnx}: guidance model kind {spec.kind!r} has no runtime in this pydiff "
-                     f"(known: 'classifier')")
+                     f"(known: 'classifier', 'clip')")

@@ -62,6 +62,60 @@ def export_classifier_gradient(classifier, out: str | os.PathLike, *, opset: int
     return rep
 
 
+def _relative_errors(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    B = ref.shape[0]
+    r = ref.astype(np.float64).reshape(B, -1)
+    d = got.astype(np.float64).reshape(B, -1) - r
+    return np.linalg.norm(d, axis=1) / np.maximum(np.linalg.norm(r, axis=1), 1e-30)
+
+
+def export_clip_gradient(clip, out: str | os.PathLike, *, max_length: int = 16, opset: int = 17,
+                         check_batch: int = 32, seed: int = 0) -> dict:
+    """Write the ONNX of CLIPGradient(clip): (sample, timestep, encoder_hidden_states,
+    encoder_attention_mask) -> (grad [B, C, H, W], similarity [B]); check it in ONNX Runtime
+    against torch.autograd like export_classifier_gradient."""
+    import onnxruntime as ort
+
+    from ..models.classifier import CLIPGradient, autograd_clip_gradient
+
+    clip = clip.eval()
+    cfg = clip.image.cfg
+    D = clip.text_proj.in_features
+    module = CLIPGradient(clip).eval()
+    g = torch.Generator().manual_seed(seed)
+
+    def inputs(B):
+        x = torch.randn(B, cfg.in_channels, cfg.resolution, cfg.resolution, generator=g)
+        t = torch.linspace(0, 999, B)
+        st = torch.randn(B, max_length, D, generator=g)
+        mk = (torch.rand(B, max_length, generator=g) < 0.6).float()
+        mk[:, 0] = 1.0
+        return x, t, st, mk
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    batch = {0: "batch"}
+    names = ["sample", "timestep", "encoder_hidden_states", "encoder_attention_mask"]
+    with torch.no_grad():
+        torch.onnx.export(module, inputs(2), str(tmp), dynamo=False, opset_version=opset,
+                          input_names=names, output_names=["grad", "similarity"],
+                          dynamic_axes={n: batch for n in names + ["grad", "similarity"]})
+    os.replace(tmp, out)
+    x, t, st, mk = inputs(check_batch)
+    ref, ref_sim = autograd_clip_gradient(clip, x, t, st, mk)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got, got_sim = sess.run(["grad", "similarity"], dict(zip(names, (x.numpy(), t.numpy(), st.numpy(), mk.numpy()))))
+    rel = _relative_errors(got, ref.numpy())
+    rep = {"onnx": str(out), "max_rel_error_vs_autograd": float(rel.max()),
+           "max_abs_similarity_error": float(np.abs(got_sim - ref_sim.numpy()).max()),
+           "check_batch": check_batch, "bound": GRAD_RTOL}
+    if not rel.max() <= GRAD_RTOL:
+        raise RuntimeError(f"{out}: exported gradient differs from autograd by {rel.max():.3g} "
+                           f"(relative) > {GRAD_RTOL}")
+    return rep
+
+
 def add_guidance_model(package: str | os.PathLike, onnx: str | os.PathLike, *, name: str, kind: str,
                        model=None, stage: str | None = None, recommended: dict | None = None,
                        description: str | None = None) -> dict:
@@ -78,12 +132,17 @@ def add_guidance_model(package: str | os.PathLike, onnx: str | os.PathLike, *, n
     else:
         rel = src.relative_to(pkg.resolve()).as_posix()
     stage = stage or manifest["stages"][0]["name"]
-    if kind != "classifier":
-        raise ValueError(f"kind {kind!r}: only 'classifier' is exported by this function so far")
-    entry = {"name": name, "kind": kind, "onnx": rel, "stage": stage,
-             "inputs": ["sample", "timestep", "class_labels"], "output": "grad",
-             "num_classes": int(model.cfg.num_classes) if model is not None else
-             int(next(s for s in manifest["stages"] if s["name"] == stage)["num_classes"])}
+    if kind == "classifier":
+        entry = {"name": name, "kind": kind, "onnx": rel, "stage": stage,
+                 "inputs": ["sample", "timestep", "class_labels"], "output": "grad",
+                 "num_classes": int(model.cfg.num_classes) if model is not None else
+                 int(next(s for s in manifest["stages"] if s["name"] == stage)["num_classes"])}
+    elif kind == "clip":
+        entry = {"name": name, "kind": kind, "onnx": rel, "stage": stage,
+                 "inputs": ["sample", "timestep", "encoder_hidden_states", "encoder_attention_mask"],
+                 "output": "grad"}
+    else:
+        raise ValueError(f"unknown guidance model kind {kind!r}")
     if description:
         entry["description"] = description
     if recommended:

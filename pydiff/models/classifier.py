@@ -102,6 +102,33 @@ def _conv_backward(g: torch.Tensor, conv: nn.Conv2d, in_size: tuple[int, int]) -
     return F.conv_transpose2d(g, conv.weight, stride=conv.stride, padding=conv.padding, output_padding=op)
 
 
+def _forward_saved(c: NoisyClassifier, sample, timestep):
+    """The classifier's trunk, keeping what the explicit backward pass needs."""
+    temb = c.time_mlp(timestep_embedding(timestep, c.cfg.time_dim))
+    h = sample
+    saved = []
+    for b in c.blocks:
+        scale, shift = b.film(temb)[:, :, None, None].chunk(2, dim=1)
+        a1 = b.conv1(h)
+        h1 = F.silu(a1) * (1 + scale) + shift
+        a2 = b.conv2(h1)
+        saved.append((h, a1, scale, a2))
+        h = b.skip(h) + F.silu(a2)
+    return h, saved, F.silu(h).mean(dim=(2, 3))
+
+
+def _backward_from_pooled(c: NoisyClassifier, h, saved, g_pooled):
+    """grad of the input [B, C, H, W] from the grad of the pooled features [B, C_last]."""
+    g = g_pooled[:, :, None, None] * _dsilu(h) * (1.0 / (c.final_size * c.final_size))
+    for b, (x_in, a1, scale, a2) in zip(reversed(c.blocks), reversed(saved)):
+        size = (x_in.shape[2], x_in.shape[3])
+        g_a2 = g * _dsilu(a2)
+        g_a1 = _conv_backward(g_a2, b.conv2, (a1.shape[2], a1.shape[3])) * (1 + scale) * _dsilu(a1)
+        g_x = _conv_backward(g_a1, b.conv1, size)
+        g = g_x + (_conv_backward(g, b.skip, size) if isinstance(b.skip, nn.Conv2d) else g)
+    return g
+
+
 class ClassifierGradient(nn.Module):
     """forward(sample [B, C, H, W], timestep [B], class_labels int64 [B]) ->
     (grad_x log p(y | x_t, t) [B, C, H, W], log p(y | x_t, t) [B]).
@@ -118,31 +145,56 @@ class ClassifierGradient(nn.Module):
 
     def forward(self, sample, timestep, class_labels):
         c = self.classifier
-        temb = c.time_mlp(timestep_embedding(timestep, c.cfg.time_dim))
-        h = sample
-        saved = []
-        for b in c.blocks:
-            scale, shift = b.film(temb)[:, :, None, None].chunk(2, dim=1)
-            a1 = b.conv1(h)
-            h1 = F.silu(a1) * (1 + scale) + shift
-            a2 = b.conv2(h1)
-            saved.append((h, a1, scale, a2))
-            h = b.skip(h) + F.silu(a2)
-        pooled = F.silu(h).mean(dim=(2, 3))
+        h, saved, pooled = _forward_saved(c, sample, timestep)
         logp = torch.log_softmax(c.head(pooled), dim=1)
-        y = class_labels.long()
-        onehot = F.one_hot(y, c.cfg.num_classes).to(logp.dtype)
+        onehot = F.one_hot(class_labels.long(), c.cfg.num_classes).to(logp.dtype)
         sel = (logp * onehot).sum(1)
         # d log softmax(z)[y] / dz = onehot(y) - softmax(z)
-        g = (onehot - torch.exp(logp)) @ c.head.weight                     # [B, C_last]
-        g = g[:, :, None, None] * _dsilu(h) * (1.0 / (c.final_size * c.final_size))
-        for b, (x_in, a1, scale, a2) in zip(reversed(c.blocks), reversed(saved)):
-            size = (x_in.shape[2], x_in.shape[3])
-            g_a2 = g * _dsilu(a2)
-            g_a1 = _conv_backward(g_a2, b.conv2, (a1.shape[2], a1.shape[3])) * (1 + scale) * _dsilu(a1)
-            g_x = _conv_backward(g_a1, b.conv1, size)
-            g = g_x + (_conv_backward(g, b.skip, size) if isinstance(b.skip, nn.Conv2d) else g)
-        return g, sel
+        g_pooled = (onehot - torch.exp(logp)) @ c.head.weight
+        return _backward_from_pooled(c, h, saved, g_pooled), sel
+
+
+class NoisyCLIP(nn.Module):
+    """A CLIP (Radford et al. 2021) trained on noised images, as GLIDE's noise-aware CLIP:
+    image side f(x_t, t) = normalize(NoisyClassifier(x_t, t)) (its head is the projection, with
+    `num_classes` = the embedding size), text side g(c) = normalize(W pool(states, mask) + b), the
+    masked mean of the frozen text encoder's token states through a learned projection."""
+
+    def __init__(self, image_cfg: ClassifierConfig, text_dim: int):
+        super().__init__()
+        self.image = NoisyClassifier(image_cfg)
+        self.text_proj = nn.Linear(text_dim, image_cfg.num_classes)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_text(self, states, mask):
+        m = mask.to(states.dtype)[:, :, None]
+        pooled = (states * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return F.normalize(self.text_proj(pooled), dim=-1)
+
+    def encode_image(self, x, t):
+        return F.normalize(self.image(x, t), dim=-1)
+
+
+class CLIPGradient(nn.Module):
+    """forward(sample, timestep, encoder_hidden_states [B, L, D], encoder_attention_mask [B, L]) ->
+    (grad_x f(x_t, t) . g(c) [B, C, H, W], f(x_t, t) . g(c) [B]): CLIP guidance (GLIDE, Nichol et
+    al. 2022, Sec. 3.2), the cosine similarity's gradient written out like ClassifierGradient's."""
+
+    def __init__(self, clip: NoisyCLIP):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask):
+        c = self.clip.image
+        txt = self.clip.encode_text(encoder_hidden_states, encoder_attention_mask)   # [B, E], unit
+        h, saved, pooled = _forward_saved(c, sample, timestep)
+        z = c.head(pooled)
+        n = torch.sqrt((z * z).sum(1, keepdim=True))
+        zh = z / n
+        sim = (zh * txt).sum(1)
+        # d (z / |z|) . u / dz = (u - ((z / |z|) . u) z / |z|) / |z|
+        g_z = (txt - sim[:, None] * zh) / n
+        return _backward_from_pooled(c, h, saved, g_z @ c.head.weight), sim
 
 
 def autograd_gradient(classifier: NoisyClassifier, sample, timestep, class_labels):
@@ -152,3 +204,11 @@ def autograd_gradient(classifier: NoisyClassifier, sample, timestep, class_label
     sel = logp.gather(1, class_labels[:, None].long())[:, 0]
     (grad,) = torch.autograd.grad(sel.sum(), x)
     return grad, sel.detach()
+
+
+def autograd_clip_gradient(clip: NoisyCLIP, sample, timestep, states, mask):
+    """The same (grad, similarity) by torch.autograd: the reference CLIPGradient is checked against."""
+    x = sample.detach().clone().requires_grad_(True)
+    sim = (clip.encode_image(x, timestep) * clip.encode_text(states, mask)).sum(1)
+    (grad,) = torch.autograd.grad(sim.sum(), x)
+    return grad, sim.detach()

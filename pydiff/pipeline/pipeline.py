@@ -131,7 +131,7 @@ class Pipeline:
     def generate(self, prompt=None, *, class_label=None, negative_prompt=None, num_images=1,
                  steps=None, sampler=None, guidance_scale=None, thresholding=None, eta=None,
                  seed=None, noise_aug_level=None, output_type="pil", progress=True,
-                 callback=None, guidance_type=None, classifier_scale=None):
+                 callback=None, guidance_type=None, classifier_scale=None, clip_scale=None):
         """Images for `prompt` (a string or a list: one batch) or `class_label` (int or list).
 
         Per-stage settings (steps, sampler, guidance_scale, thresholding, eta, noise_aug_level)
@@ -145,14 +145,16 @@ class Pipeline:
         "classifier" (the package's classifier guidance model: the stage network runs
         unconditionally, with the label "no class", and the classifier's gradient of
         log p(class_label | x_t) guides it at `classifier_scale`, a number or one per prompt or
-        image; default the guidance model's `recommended.scale`).
+        image; default the guidance model's `recommended.scale`) or "clip" (the package's CLIP
+        guidance model: its stage runs on the empty prompt, guided by grad f(x_t) . g(prompt) at
+        `clip_scale`; later stages run as usual with classifier-free guidance).
         """
         plan = self.plan(prompt=prompt, class_label=class_label, negative_prompt=negative_prompt,
                          num_images=num_images, steps=steps, sampler=sampler,
                          guidance_scale=guidance_scale, thresholding=thresholding, eta=eta,
                          seed=seed, noise_aug_level=noise_aug_level, output_type=output_type,
                          progress=progress, callback=callback, guidance_type=guidance_type,
-                         classifier_scale=classifier_scale)
+                         classifier_scale=classifier_scale, clip_scale=clip_scale)
         return self.execute(plan)
 
     def inpaint(self, image, mask, prompt=None, **kwargs):
@@ -191,7 +193,7 @@ class Pipeline:
              steps=None, sampler=None, guidance_scale=None, thresholding=None, eta=None, seed=None,
              noise_aug_level=None, output_type="pil", progress=True, callback=None,
              mode="generate", image=None, mask=None, strength=None, start_stage=None,
-             guidance_type=None, classifier_scale=None) -> _Plan:
+             guidance_type=None, classifier_scale=None, clip_scale=None) -> _Plan:
         """Validate a call and return its plan; raises ValueError/TypeError before any work."""
         pkg = self.package
         stages = list(pkg.stages)
@@ -287,10 +289,11 @@ class Pipeline:
         if gtype not in GUIDANCE_TYPES:
             raise ValueError(f"guidance_type must be one of {list(GUIDANCE_TYPES)}, got {gtype!r}")
         gspec = None
-        if gtype == "cfg":
-            if classifier_scale is not None:
-                raise ValueError('classifier_scale needs guidance_type="classifier"')
-        else:
+        if classifier_scale is not None and gtype != "classifier":
+            raise ValueError('classifier_scale needs guidance_type="classifier"')
+        if clip_scale is not None and gtype != "clip":
+            raise ValueError('clip_scale needs guidance_type="clip"')
+        if gtype != "cfg":
             gspec = pkg.guidance_model(gtype)
             if gspec is None:
                 raise ValueError(f"guidance_type {gtype!r}: package {pkg.name!r} has no {gtype} "
@@ -298,9 +301,13 @@ class Pipeline:
             if gspec.stage not in [s_.name for s_ in stages]:
                 raise ValueError(f"guidance_type {gtype!r}: its stage {gspec.stage!r} does not run "
                                  f"in this call")
-            if guidance_scale is not None:
+            if guidance_scale is not None and not (isinstance(guidance_scale, dict)
+                                                   and gspec.stage not in guidance_scale):
                 raise ValueError(f"guidance_scale is the classifier-free scale; with guidance_type "
-                                 f"{gtype!r} give classifier_scale")
+                                 f"{gtype!r} give {gtype}_scale (guidance_scale may still set "
+                                 f"other stages', as a dict)")
+            if gtype == "clip" and (prompts is None or all(p_ == "" for p_ in prompts)):
+                raise ValueError("CLIP guidance needs a prompt (the text to guide to)")
             if gtype == "classifier":
                 if labels is None or any(c is None for c in labels):
                     raise ValueError("classifier guidance needs class_label (the class to guide to)")
@@ -309,8 +316,9 @@ class Pipeline:
                         raise ValueError(f"class_label {c} out of range for the classifier "
                                          f"{gspec.name!r} (0..{gspec.num_classes - 1})")
             default = gspec.recommended.get("scale", 1.0)
-            gscale = guidance_array(default if classifier_scale is None else classifier_scale,
-                                    "classifier_scale", n_prompts, int(num_images))
+            given = classifier_scale if gtype == "classifier" else clip_scale
+            gscale = guidance_array(default if given is None else given, f"{gtype}_scale",
+                                    n_prompts, int(num_images))
 
         settings = resolve(pkg, stages, n_prompts=n_prompts, num_images=int(num_images),
                            steps=steps, sampler=sampler, guidance_scale=guidance_scale,
@@ -477,6 +485,13 @@ class Pipeline:
                 if st.conditioning == "class":   # the network itself gets "no class"
                     cond["class_labels"] = np.full(B, st.num_classes, np.int64)
                 guidance_fn = self._guidance_runtime(gm).guidance_fn(want, plan.guidance_model_scale)
+            elif gm.kind == "clip":
+                # the network gets the unconditional (empty-prompt) encoding; CLIP gets the prompt's
+                states, mask = cond["encoder_hidden_states"], cond["encoder_attention_mask"]
+                cond["encoder_hidden_states"] = uncond["encoder_hidden_states"]
+                cond["encoder_attention_mask"] = uncond["encoder_attention_mask"]
+                guidance_fn = self._guidance_runtime(gm).guidance_fn(states, mask,
+                                                                     plan.guidance_model_scale)
         g = s.guidance_scale
         gscale = float(g[0]) if np.all(g == g[0]) else g
         thr = _threshold_kwargs(s)

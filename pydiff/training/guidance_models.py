@@ -153,6 +153,149 @@ def train_classifier(cfg: ClassifierTrainConfig, out: str | Path, command: str |
     return summary
 
 
+# ---------------------------------------------------------------- noise-aware CLIP (shapes)
+
+
+@dataclass
+class ClipTrainConfig:
+    model: dict = field(default_factory=lambda: ClassifierConfig(
+        in_channels=3, resolution=16, num_classes=64, channels=(32, 64, 64, 64)).to_dict())
+    text_encoder: str = "runs/text_encoder"
+    max_length: int = 16
+    n_images: int = 6000                      # pre-rendered training images (16x16)
+    n_held_out: int = 600
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+    num_train_timesteps: int = 1000           # the shapes base stage's schedule
+    beta_schedule: str = "squaredcos_cap_v2"
+    threads: int = 1
+
+
+def _shapes_images(n: int, rng: np.random.Generator, resolution: int):
+    from ..data import shapes as S
+
+    specs = S.sample_specs(rng, n)
+    imgs = S.area_resize(S.render_batch(specs), resolution)
+    combos = S.all_combos(include_held_out=True)
+    ci = {c: i for i, c in enumerate(combos)}
+    return torch.from_numpy(imgs.astype(np.float32)), np.array([ci[(s.fg, s.shape, s.bg)] for s in specs])
+
+
+def save_clip(model, path: str | Path, extra: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"config": json.dumps(model.image.cfg.to_dict()), "text_dim": str(model.text_proj.in_features),
+            **{k: json.dumps(v) for k, v in (extra or {}).items()}}
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+
+
+def load_clip(path: str | Path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ..models.classifier import NoisyCLIP
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    model = NoisyCLIP(ClassifierConfig.from_dict(json.loads(meta["config"])), int(meta["text_dim"]))
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+@torch.no_grad()
+def clip_retrieval_by_t(model, x0, combo, text_emb, abar, seed: int = 0,
+                        bands=((0, 200), (200, 400), (400, 600), (600, 800), (800, 1000))) -> dict:
+    """Accuracy of picking an image's (colour, shape, background) among all 168 template-0 captions."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for lo, hi in bands:
+        t = torch.randint(lo, hi, (len(x0),), generator=g)
+        a = abar[t][:, None, None, None]
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g)
+        pick = (model.encode_image(xt, t.float()) @ text_emb.T).argmax(1).numpy()
+        out[f"t{lo}-{hi}"] = float((pick == combo).mean())
+    return out
+
+
+def train_clip(cfg: ClipTrainConfig, out: str | Path, command: str | None = None, log=print) -> dict:
+    """Contrastive training (CLIP's symmetric cross-entropy; captions of the same combination are
+    all positives) of a noise-aware image encoder against the frozen text encoder's pooled states."""
+    from ..data import shapes as S
+    from ..models.classifier import NoisyCLIP
+    from .tasks import caption_embeddings
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    captions, states, mask = caption_embeddings(cfg.text_encoder, cfg.max_length,
+                                                out / "caption_embeddings.safetensors")
+    states, mask = torch.from_numpy(states), torch.from_numpy(mask)
+    index = {c: i for i, c in enumerate(captions)}
+    combos = S.all_combos(include_held_out=True)
+    # caption row of (combo, template)
+    cap_row = torch.tensor([[index[S.caption(*c, template=k)] for k in range(len(S.TEMPLATES))] for c in combos])
+    rng = np.random.default_rng(cfg.seed)
+    t0 = time.time()
+    x_all, c_all = _shapes_images(cfg.n_images + cfg.n_held_out, rng, cfg.model["resolution"])
+    log(f"rendered {len(x_all)} images in {time.time() - t0:.0f}s")
+    xtr, ctr = x_all[:cfg.n_images], c_all[:cfg.n_images]
+    xva, cva = x_all[cfg.n_images:], c_all[cfg.n_images:]
+    abar = torch.from_numpy(alphas_cumprod(cfg.num_train_timesteps, cfg.beta_schedule)).float()
+    model = NoisyCLIP(ClassifierConfig.from_dict(cfg.model), states.shape[-1])
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    logf = open(out / "train.log", "a")
+    losses = []
+    for step in range(1, cfg.steps + 1):
+        idx = rng.integers(0, len(xtr), cfg.batch_size)
+        x0 = xtr[idx]
+        combo = torch.from_numpy(ctr[idx])
+        rows = cap_row[combo, torch.from_numpy(rng.integers(0, len(S.TEMPLATES), cfg.batch_size))]
+        t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=g)
+        a = abar[t][:, None, None, None]
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g)
+        logits = model.logit_scale.exp().clamp(max=100) * model.encode_image(xt, t.float()) \
+            @ model.encode_text(states[rows], mask[rows]).T
+        same = (combo[:, None] == combo[None, :]).float()
+        target = same / same.sum(1, keepdim=True)
+        loss = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean()
+                      - (target * logits.log_softmax(0)).sum(0).mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 250 == 0 or step == cfg.steps:
+            model.eval()
+            with torch.no_grad():
+                temb = model.encode_text(states[cap_row[:, 0]], mask[cap_row[:, 0]])
+            acc = clip_retrieval_by_t(model, xva, cva, temb, abar)
+            model.train()
+            line = (f"step {step} loss {np.mean(losses[-250:]):.4f} val_retrieval "
+                    + " ".join(f"{k}:{v:.3f}" for k, v in acc.items()) + f" {time.time() - t0:.0f}s")
+            log(line)
+            print(line, file=logf, flush=True)
+    model.eval()
+    with torch.no_grad():
+        temb = model.encode_text(states[cap_row[:, 0]], mask[cap_row[:, 0]])
+    summary = {"command": command, "steps": cfg.steps, "seconds": round(time.time() - t0, 1),
+               "final_loss_last250": float(np.mean(losses[-250:])),
+               "held_out_retrieval_168_by_t": clip_retrieval_by_t(model, xva, cva, temb, abar, seed=1),
+               "n_train_images": cfg.n_images, "n_held_out_images": cfg.n_held_out,
+               "parameters": int(sum(p.numel() for p in model.parameters()))}
+    save_clip(model, out / WEIGHTS, {"train": asdict(cfg)})
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    logf.close()
+    return summary
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pydiff.training.guidance_models")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -161,13 +304,37 @@ def main(argv=None) -> int:
     t.add_argument("--steps", type=int, default=4000)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1)
+    c = sub.add_parser("train-clip", help="noise-aware CLIP image encoder for the shapes base stage")
+    c.add_argument("--out", required=True)
+    c.add_argument("--text-encoder", default="runs/text_encoder")
+    c.add_argument("--steps", type=int, default=3000)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threads", type=int, default=1)
+    x = sub.add_parser("export-clip", help="ONNX of grad_x f(x_t, t) . g(c), checked vs autograd")
+    x.add_argument("--run", required=True)
+    x.add_argument("--out", required=True)
+    x.add_argument("--package", help="also add a guidance_models entry to this package's manifest")
+    x.add_argument("--name", default="clip")
     e = sub.add_parser("export-classifier", help="ONNX of the input gradient, checked vs autograd")
     e.add_argument("--run", required=True, help="training run directory (model.safetensors)")
     e.add_argument("--out", required=True, help="ONNX file to write")
     e.add_argument("--package", help="also add a guidance_models entry to this package's manifest")
     e.add_argument("--name", default="classifier")
     a = p.parse_args(argv)
-    if a.cmd == "train-classifier":
+    if a.cmd == "train-clip":
+        command = "python -m pydiff.training.guidance_models " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+        s = train_clip(ClipTrainConfig(steps=a.steps, seed=a.seed, threads=a.threads,
+                                       text_encoder=a.text_encoder), a.out, command)
+        print(json.dumps(s, indent=1))
+    elif a.cmd == "export-clip":
+        from ..exporting.guidance_export import add_guidance_model, export_clip_gradient
+
+        torch.set_num_threads(1)
+        model = load_clip(Path(a.run) / WEIGHTS)
+        print(json.dumps(export_clip_gradient(model, a.out), indent=1))
+        if a.package:
+            add_guidance_model(a.package, a.out, name=a.name, kind="clip", model=model)
+    elif a.cmd == "train-classifier":
         command = "python -m pydiff.training.guidance_models " + " ".join(shlex.quote(x) for x in sys.argv[1:])
         s = train_classifier(ClassifierTrainConfig(steps=a.steps, seed=a.seed, threads=a.threads), a.out, command)
         print(json.dumps(s, indent=1))

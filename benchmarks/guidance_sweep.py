@@ -1,0 +1,180 @@
+"""Quality against diversity for classifier guidance and classifier-free guidance on the bundled
+digits package (issue 7; the trade-off figures of GLIDE, Nichol et al. 2022, Fig. 4, and of
+Dhariwal & Nichol 2021).
+
+Every point: n samples (n/10 per class, the same seed and so the same x_T at every point), dynamic
+thresholding (the package's recommendation), the package's recommended sampler (DPM-Solver++ 2M,
+25 steps) and, for classifier guidance, also DDPM with 100 steps (Dhariwal & Nichol's sampler):
+
+- quality: accuracy of an independent RBF SVM trained on the real digits (pydiff.training.eval);
+- diversity: mean pairwise L2 distance between samples of the same requested class (pixels in [0, 1]).
+
+CFG: the network conditioned on the class, guidance scale s (s = 0: unconditional, s = 1: plain
+conditional). Classifier guidance: the network unconditional, the noise-aware classifier's gradient
+at scale s (s = 0: unconditional).
+
+    python benchmarks/guidance_sweep.py            # ~7 min on 2 busy cores
+writes benchmarks/results/guidance_sweep_digits.{json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+CFG_SCALES = (0.0, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
+CLASSIFIER_SCALES = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
+# (key, guidance type, sampler settings (None: the package's recommended), scales)
+SERIES = (
+    ("cfg", "cfg", None, CFG_SCALES),
+    ("classifier", "classifier", None, CLASSIFIER_SCALES),
+    # Dhariwal & Nichol's own sampler: DDPM, the mean shifted by Sigma * s * grad
+    ("classifier_ddpm100", "classifier", {"sampler": "ddpm", "steps": 100}, (0.0, 2.0, 5.0, 10.0, 20.0, 40.0)),
+)
+HERE = Path(__file__).resolve().parent
+
+
+def sweep(n_per_class: int = 10, seed: int = 0, steps: int | None = None, package="digits",
+          log=print) -> dict:
+    import pydiff.pipeline as P
+    from pydiff.training.eval import digits_figures
+
+    pipe = P.load(P.bundled_path(package) if package == "digits" else package)
+    labels = np.repeat(np.arange(10), n_per_class)
+    runs = {key: [] for key, *_ in SERIES}
+    samples = {}
+    for key, kind, sampler, scales in SERIES:
+        for s in scales:
+            kw = {"guidance_scale": s} if kind == "cfg" else {"guidance_type": "classifier",
+                                                              "classifier_scale": s}
+            if sampler:
+                kw.update(sampler)
+            elif steps:
+                kw["steps"] = steps
+            t0 = time.time()
+            imgs = pipe.generate(class_label=[int(v) for v in labels], output_type="numpy",
+                                 progress=False, seed=seed, **kw)
+            fig = digits_figures(imgs[..., 0], labels, seed)
+            pt = {"scale": s, "accuracy": fig["accuracy"],
+                  "diversity": fig["mean_pairwise_distance_same_class"],
+                  "nearest_training_distance_median": fig["nearest_training_distance_median"],
+                  "seconds": round(time.time() - t0, 1)}
+            runs[key].append(pt)
+            samples[(key, s)] = imgs[::n_per_class, ..., 0]        # one per class
+            log(f"{key:18s} scale {s:5.1f}: accuracy {pt['accuracy']:.3f} diversity "
+                f"{pt['diversity']:.3f} ({pt['seconds']} s)")
+    from sklearn.datasets import load_digits
+
+    from pydiff.training.eval import digits_classifier
+
+    d = load_digits()
+    real = d.data / 16.0
+    real_div = float(np.mean([_mean_pairwise(real[d.target == c]) for c in range(10)]))
+    settings = dict(pipe.package.stages[0].recommended) | ({"steps": steps} if steps else {})
+    return {"n": int(len(labels)), "seed": seed, "settings": settings,
+            "series": {key: {"guidance_type": kind, "settings": sampler or settings}
+                       for key, kind, sampler, _ in SERIES},
+            "svm_real_test_accuracy": digits_classifier(seed)[1], "real_diversity": real_div,
+            **runs}, samples
+
+
+def _mean_pairwise(a: np.ndarray) -> float:
+    dd = np.sqrt(((a[:, None] - a[None]) ** 2).sum(-1))
+    return float(dd.sum() / max(1, len(a) * (len(a) - 1)))
+
+
+# ---------------------------------------------------------------- drawing (Pillow only)
+
+COLOURS = {"cfg": (31, 119, 180), "classifier": (214, 39, 40), "classifier_ddpm100": (44, 160, 44)}
+NAMES = {"cfg": "classifier-free guidance, DPM-Solver++ 25", "classifier": "classifier guidance, DPM-Solver++ 25",
+         "classifier_ddpm100": "classifier guidance, DDPM 100"}
+SHORT = {"cfg": "cfg", "classifier": "clf", "classifier_ddpm100": "clf ddpm"}
+
+
+def plot(result: dict, samples: dict, path: str | Path) -> None:
+    """Left: accuracy vs diversity, one curve per guidance type, points labelled by scale.
+    Right: one sample per class (columns 0-9) at each point."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    W, H, m = 620, 520, 60
+    rows = [(k, p["scale"]) for k in COLOURS for p in result[k]]
+    cell = 3
+    gw = 10 * (8 * cell + 2) + 80
+    img = Image.new("RGB", (W + gw, max(H, 30 + len(rows) * (8 * cell + 4))), "white")
+    d = ImageDraw.Draw(img)
+    pts = [p for k in COLOURS for p in result[k]]
+    x_lo = min(min(p["diversity"] for p in pts), result["real_diversity"]) - 0.1
+    x_hi = max(max(p["diversity"] for p in pts), result["real_diversity"]) + 0.1
+    y_lo, y_hi = 0.0, 1.02
+
+    def xy(div, acc):
+        return (m + (div - x_lo) / (x_hi - x_lo) * (W - 2 * m),
+                H - m - (acc - y_lo) / (y_hi - y_lo) * (H - 2 * m))
+
+    d.rectangle([m, m, W - m, H - m], outline="black")
+    for v in np.arange(0, 1.01, 0.2):
+        _, yy = xy(x_lo, v)
+        d.line([m - 4, yy, m, yy], fill="black")
+        d.text((m - 30, yy - 6), f"{v:.1f}", fill="black", font=font)
+    for v in np.arange(np.ceil(x_lo * 4) / 4, x_hi, 0.25):
+        xx, _ = xy(v, y_lo)
+        d.line([xx, H - m, xx, H - m + 4], fill="black")
+        d.text((xx - 10, H - m + 8), f"{v:.2f}", fill="black", font=font)
+    d.text((W / 2 - 150, H - m + 26), "diversity: mean pairwise distance within a class", fill="black", font=font)
+    d.text((8, m - 30), "quality: SVM accuracy on samples", fill="black", font=font)
+    d.text((m, 10), f"bundled digits model, {result['n']} samples per point (the same x_T at every "
+                    f"point), dynamic thresholding", fill="black", font=font)
+    rx, _ = xy(result["real_diversity"], 0)
+    for yy in range(m, H - m, 8):
+        d.line([rx, yy, rx, yy + 4], fill=(120, 120, 120))
+    d.text((rx + 3, m + 4), "real digits", fill=(120, 120, 120), font=font)
+    for k in COLOURS:
+        c = COLOURS[k]
+        xys = [xy(p["diversity"], p["accuracy"]) for p in result[k]]
+        d.line(xys, fill=c, width=2)
+        for (px, py), p in zip(xys, result[k]):
+            d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=c)
+            d.text((px + 5, py - 12), f"{p['scale']:g}", fill=c, font=font)
+    for i, k in enumerate(COLOURS):
+        d.line([W - m - 260, m + 14 + 16 * i, W - m - 240, m + 14 + 16 * i], fill=COLOURS[k], width=3)
+        d.text((W - m - 235, m + 8 + 16 * i), NAMES[k], fill=COLOURS[k], font=font)
+    # sample grid
+    y = 20
+    d.text((W + 80, 4), "one sample per class 0..9", fill="black", font=font)
+    for k, s in rows:
+        d.text((W + 2, y + 6), f"{SHORT[k]} {s:g}", fill=COLOURS[k], font=font)
+        for j, a in enumerate(samples[(k, s)]):
+            tile = Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)).resize(
+                (8 * cell, 8 * cell), Image.NEAREST)
+            img.paste(tile, (W + 80 + j * (8 * cell + 2), y))
+        y += 8 * cell + 4
+    img.save(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n-per-class", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="default: the package's recommended")
+    p.add_argument("--out", default=str(HERE / "results" / "guidance_sweep_digits"),
+                   help="path prefix: writes PREFIX.json and PREFIX.png")
+    a = p.parse_args(argv)
+    t0 = time.time()
+    result, samples = sweep(a.n_per_class, a.seed, a.steps)
+    result["seconds"] = round(time.time() - t0, 1)
+    result["command"] = "python benchmarks/guidance_sweep.py" + (
+        f" --n-per-class {a.n_per_class}" if a.n_per_class != 10 else "") + (
+        f" --seed {a.seed}" if a.seed else "") + (f" --steps {a.steps}" if a.steps else "")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out + ".json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, samples, a.out + ".png")
+    print(f"wrote {a.out}.json and {a.out}.png ({result['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
