@@ -86,12 +86,63 @@ def _mean_pairwise(a: np.ndarray) -> float:
     return float(dd.sum() / max(1, len(a) * (len(a) - 1)))
 
 
+def sweep_shapes(package, n_prompts: int = 10, num_images: int = 4, seed: int = 0,
+                 cfg_scales=(0.0, 1.0, 2.0, 3.0, 5.0), clip_scales=(0.0, 50.0, 100.0, 200.0, 400.0),
+                 log=print) -> tuple[dict, dict]:
+    """CFG and CLIP guidance on a shapes package (its first stage's output; 16x16 bases are
+    upsampled bilinearly to 64x64 for the analytic reader): quality = fraction of images whose
+    (shape colour, shape, background) read back as prompted; diversity = mean pairwise distance
+    between the images of one prompt (pixels in [0, 1]), averaged over the prompts."""
+    import pydiff.pipeline as P
+    from pydiff import imageio
+    from pydiff.training.eval import read_shape, shapes_prompts
+
+    pipe = P.load(package)
+    items = shapes_prompts(n_prompts, seed)["seen"]
+    prompts = [c[0] for c in items]
+    runs = {"cfg": [], "clip": []}
+    samples = {}
+    for key, scales in (("cfg", cfg_scales), ("clip", clip_scales)):
+        for s in scales:
+            kw = {"guidance_scale": s} if key == "cfg" else {"guidance_type": "clip", "clip_scale": s}
+            t0 = time.time()
+            imgs = pipe.generate(prompts, num_images=num_images, output_type="numpy", progress=False,
+                                 seed=seed, **kw)                         # [B, H, W, 3] in [0, 1]
+            x = imgs
+            if x.shape[1] < 64:
+                x = imageio.to_numpy(imageio.upsample_bilinear(
+                    np.ascontiguousarray(imgs.transpose(0, 3, 1, 2) * 2 - 1, dtype=np.float32), 64))
+            ok = {"all": 0, "fg": 0, "shape": 0, "bg": 0}
+            for i, img in enumerate(x):
+                _, fg, shape, bg = items[i // num_images]
+                r = read_shape(img)
+                hit = {"fg": r["fg"] == fg, "shape": r["shape"] == shape, "bg": r["bg"] == bg}
+                for k, v in hit.items():
+                    ok[k] += int(v)
+                ok["all"] += int(all(hit.values()))
+            flat = imgs.reshape(len(prompts), num_images, -1).astype(np.float64)
+            div = float(np.mean([_mean_pairwise(f) for f in flat]))
+            pt = {"scale": s, "accuracy": ok["all"] / len(x), **{k: v / len(x) for k, v in ok.items()},
+                  "diversity": div, "seconds": round(time.time() - t0, 1)}
+            runs[key].append(pt)
+            samples[(key, s)] = imgs[::num_images][:10]
+            log(f"{key:5s} scale {s:6.1f}: alignment {pt['all']:.3f} (fg {pt['fg']:.2f} shape "
+                f"{pt['shape']:.2f} bg {pt['bg']:.2f}) diversity {div:.3f} ({pt['seconds']} s)")
+    return {"n": len(prompts) * num_images, "n_prompts": len(prompts), "num_images": num_images,
+            "title": f"shapes ({pipe.package.name}), {len(prompts)} prompts x {num_images} images per point",
+            "quality_label": "quality: fraction read back as prompted (colour, shape, background)",
+            "diversity_label": "diversity: mean pairwise distance between images of one prompt",
+            "seed": seed, "package": str(pipe.package.path),
+            "settings": dict(pipe.package.stages[0].recommended), **runs}, samples
+
+
 # ---------------------------------------------------------------- drawing (Pillow only)
 
-COLOURS = {"cfg": (31, 119, 180), "classifier": (214, 39, 40), "classifier_ddpm100": (44, 160, 44)}
+COLOURS = {"cfg": (31, 119, 180), "classifier": (214, 39, 40), "classifier_ddpm100": (44, 160, 44),
+           "clip": (148, 103, 189)}
 NAMES = {"cfg": "classifier-free guidance, DPM-Solver++ 25", "classifier": "classifier guidance, DPM-Solver++ 25",
-         "classifier_ddpm100": "classifier guidance, DDPM 100"}
-SHORT = {"cfg": "cfg", "classifier": "clf", "classifier_ddpm100": "clf ddpm"}
+         "classifier_ddpm100": "classifier guidance, DDPM 100", "clip": "CLIP guidance, DPM-Solver++ 25"}
+SHORT = {"cfg": "cfg", "classifier": "clf", "classifier_ddpm100": "clf ddpm", "clip": "clip"}
 
 
 def plot(result: dict, samples: dict, path: str | Path) -> None:
@@ -100,15 +151,17 @@ def plot(result: dict, samples: dict, path: str | Path) -> None:
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
+    keys = [k for k in keys if k in result]
     W, H, m = 620, 520, 60
-    rows = [(k, p["scale"]) for k in COLOURS for p in result[k]]
-    cell = 3
-    gw = 10 * (8 * cell + 2) + 80
-    img = Image.new("RGB", (W + gw, max(H, 30 + len(rows) * (8 * cell + 4))), "white")
+    rows = [(k, p["scale"]) for k in keys for p in result[k]]
+    tile_px = 24
+    gw = 10 * (tile_px + 2) + 80
+    img = Image.new("RGB", (W + gw, max(H, 30 + len(rows) * (tile_px + 4))), "white")
     d = ImageDraw.Draw(img)
-    pts = [p for k in COLOURS for p in result[k]]
-    x_lo = min(min(p["diversity"] for p in pts), result["real_diversity"]) - 0.1
-    x_hi = max(max(p["diversity"] for p in pts), result["real_diversity"]) + 0.1
+    pts = [p for k in keys for p in result[k]]
+    real = result.get("real_diversity")
+    x_lo = min([p["diversity"] for p in pts] + ([real] if real else [])) - 0.1
+    x_hi = max([p["diversity"] for p in pts] + ([real] if real else [])) + 0.1
     y_lo, y_hi = 0.0, 1.02
 
     def xy(div, acc):
@@ -124,34 +177,37 @@ def plot(result: dict, samples: dict, path: str | Path) -> None:
         xx, _ = xy(v, y_lo)
         d.line([xx, H - m, xx, H - m + 4], fill="black")
         d.text((xx - 10, H - m + 8), f"{v:.2f}", fill="black", font=font)
-    d.text((W / 2 - 150, H - m + 26), "diversity: mean pairwise distance within a class", fill="black", font=font)
-    d.text((8, m - 30), "quality: SVM accuracy on samples", fill="black", font=font)
-    d.text((m, 10), f"bundled digits model, {result['n']} samples per point (the same x_T at every "
-                    f"point), dynamic thresholding", fill="black", font=font)
-    rx, _ = xy(result["real_diversity"], 0)
-    for yy in range(m, H - m, 8):
-        d.line([rx, yy, rx, yy + 4], fill=(120, 120, 120))
-    d.text((rx + 3, m + 4), "real digits", fill=(120, 120, 120), font=font)
-    for k in COLOURS:
+    d.text((W / 2 - 150, H - m + 26), result.get("diversity_label", "diversity: mean pairwise distance "
+                                                 "within a class"), fill="black", font=font)
+    d.text((8, m - 30), result.get("quality_label", "quality: SVM accuracy on samples"), fill="black", font=font)
+    d.text((m, 10), result.get("title", f"bundled digits model, {result['n']} samples per point (the "
+                                        f"same x_T at every point), dynamic thresholding"),
+           fill="black", font=font)
+    if real:
+        rx, _ = xy(real, 0)
+        for yy in range(m, H - m, 8):
+            d.line([rx, yy, rx, yy + 4], fill=(120, 120, 120))
+        d.text((rx + 3, m + 4), "real digits", fill=(120, 120, 120), font=font)
+    for k in keys:
         c = COLOURS[k]
         xys = [xy(p["diversity"], p["accuracy"]) for p in result[k]]
         d.line(xys, fill=c, width=2)
         for (px, py), p in zip(xys, result[k]):
             d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=c)
             d.text((px + 5, py - 12), f"{p['scale']:g}", fill=c, font=font)
-    for i, k in enumerate(COLOURS):
+    for i, k in enumerate(keys):
         d.line([W - m - 260, m + 14 + 16 * i, W - m - 240, m + 14 + 16 * i], fill=COLOURS[k], width=3)
         d.text((W - m - 235, m + 8 + 16 * i), NAMES[k], fill=COLOURS[k], font=font)
     # sample grid
     y = 20
-    d.text((W + 80, 4), "one sample per class 0..9", fill="black", font=font)
+    d.text((W + 80, 4), result.get("tiles_label", "one sample per class 0..9"), fill="black", font=font)
     for k, s in rows:
         d.text((W + 2, y + 6), f"{SHORT[k]} {s:g}", fill=COLOURS[k], font=font)
         for j, a in enumerate(samples[(k, s)]):
             tile = Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)).resize(
-                (8 * cell, 8 * cell), Image.NEAREST)
-            img.paste(tile, (W + 80 + j * (8 * cell + 2), y))
-        y += 8 * cell + 4
+                (tile_px, tile_px), Image.NEAREST)
+            img.paste(tile, (W + 80 + j * (tile_px + 2), y))
+        y += tile_px + 4
     img.save(path)
 
 

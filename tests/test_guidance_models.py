@@ -39,6 +39,32 @@ def test_exported_gradient_matches_autograd(tmp_path):
         assert rep["max_rel_error_vs_autograd"] <= GRAD_RTOL
 
 
+def test_exported_clip_gradient_matches_autograd(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from pydiff.exporting.guidance_export import GRAD_RTOL, export_clip_gradient
+    from pydiff.guidance_models import CLIPGuidance
+    from pydiff.models.classifier import (ClassifierConfig, CLIPGradient, NoisyCLIP,
+                                          autograd_clip_gradient)
+
+    torch.manual_seed(0)
+    clip = NoisyCLIP(ClassifierConfig(in_channels=3, resolution=16, num_classes=32,
+                                      channels=(16, 32, 32, 32)), text_dim=24).eval()
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([0.0, 30.0, 600.0, 999.0])
+    st, mk = torch.randn(4, 16, 24), (torch.rand(4, 16) < 0.5).float()
+    mk[:, 0] = 1
+    g, sim = CLIPGradient(clip)(x, t, st, mk)
+    rg, rsim = autograd_clip_gradient(clip, x, t, st, mk)
+    assert ((g - rg).norm() / rg.norm()).item() <= 1e-5
+    assert torch.allclose(sim, rsim, atol=1e-6)
+    rep = export_clip_gradient(clip, tmp_path / "clip.onnx")
+    assert rep["max_rel_error_vs_autograd"] <= GRAD_RTOL
+    gm = CLIPGuidance(tmp_path / "clip.onnx")                       # the torch-free runtime
+    out = gm.guidance_fn(st[:1].numpy(), mk[:1].numpy(), scale=3.0)(x.numpy(), t.numpy())
+    np.testing.assert_allclose(out, 3.0 * gm.gradient(x.numpy(), t.numpy(), np.repeat(st[:1].numpy(), 4, 0),
+                                                      np.repeat(mk[:1].numpy(), 4, 0)), rtol=1e-6)
+
+
 def test_bundled_classifier_matches_its_weights_when_present():
     """The shipped ONNX against autograd on the run's weights (when the run directory is here)."""
     torch = pytest.importorskip("torch")
