@@ -180,3 +180,44 @@ def test_classifier_guidance_raises_accuracy():
         acc[s] = digits_figures(imgs[..., 0], labels)["accuracy"]
     assert acc[0.0] <= 0.3, acc
     assert acc[10.0] >= acc[0.0] + 0.3, acc
+
+
+def test_clip_guidance_through_the_pipeline(tmp_path):
+    """A tiny text package plus a random noise-aware CLIP: `guidance_type="clip"` runs the stage on
+    the empty prompt guided by the CLIP gradient, which raises the CLIP similarity of the result (measured -0.066 -> 0.053 at scale 2000)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    import pydiff.pipeline as P
+    from pydiff.exporting.guidance_export import add_guidance_model, export_clip_gradient
+    from pydiff.models.classifier import ClassifierConfig, NoisyCLIP
+    from pydiff.package import load_package
+    from pydiff.testing import make_tiny_package
+
+    pkg = make_tiny_package(tmp_path / "text", resolutions=(8,), hidden=8, max_length=6,
+                            sampler="dpmpp_2m", steps=6)
+    torch.manual_seed(0)
+    clip = NoisyCLIP(ClassifierConfig(in_channels=3, resolution=8, num_classes=16, channels=(8, 16)),
+                     text_dim=8).eval()
+    export_clip_gradient(clip, tmp_path / "clip.onnx", max_length=6)
+    add_guidance_model(pkg, tmp_path / "clip.onnx", name="clip", kind="clip", recommended={"scale": 5.0})
+    (g,) = load_package(pkg).guidance_models
+    assert (g.kind, g.onnx.name, g.recommended["scale"]) == ("clip", "clip.onnx", 5.0)
+
+    pipe = P.load(pkg)
+    prompt = "a red circle"
+    states, mask = pipe.backend.text_encoder.encode([prompt])
+    gm = pipe._guidance_runtime(g)
+
+    def sim(imgs):
+        x = np.ascontiguousarray(imgs.transpose(0, 3, 1, 2) * 2 - 1, dtype=np.float32)
+        return gm.similarity(x, np.zeros(len(x), np.float32), states, mask)
+
+    base = pipe.generate(prompt, num_images=8, seed=0, output_type="numpy", progress=False,
+                         guidance_type="clip", clip_scale=0.0)
+    guided = pipe.generate(prompt, num_images=8, seed=0, output_type="numpy", progress=False,
+                           guidance_type="clip", clip_scale=2000.0)
+    assert sim(guided).mean() > sim(base).mean() + 0.05, (sim(base), sim(guided))
+    with pytest.raises(ValueError, match="needs a prompt"):
+        pipe.plan(guidance_type="clip")
+    with pytest.raises(ValueError, match="clip_scale"):
+        pipe.plan(prompt=prompt, clip_scale=2.0)
