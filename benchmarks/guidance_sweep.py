@@ -136,6 +136,42 @@ def sweep_shapes(package, n_prompts: int = 10, num_images: int = 4, seed: int = 
             "settings": dict(pipe.package.stages[0].recommended), **runs}, samples
 
 
+def thresholding_comparison(package, n_prompts: int = 10, num_images: int = 4, seed: int = 0,
+                            scales=(3.0, 8.0, 15.0), log=print) -> list[dict]:
+    """Classifier-free guidance at large scales with thresholding none / static / dynamic (Imagen,
+    Saharia et al. 2022, Sec. 2.3 and Fig. A.11): alignment and the fraction of saturated pixel
+    values (|x| >= 0.99 in [-1, 1]; the shapes palette stays inside [-0.87, 0.98])."""
+    import pydiff.pipeline as P
+    from pydiff import imageio
+    from pydiff.training.eval import read_shape, shapes_prompts
+
+    pipe = P.load(package)
+    items = shapes_prompts(n_prompts, seed)["seen"]
+    prompts = [c[0] for c in items]
+    out = []
+    for s in scales:
+        for th in ("none", "static", "dynamic"):
+            t0 = time.time()
+            imgs = pipe.generate(prompts, num_images=num_images, output_type="numpy", progress=False,
+                                 seed=seed, guidance_scale=s, thresholding=th)
+            x = imgs
+            if x.shape[1] < 64:
+                x = imageio.to_numpy(imageio.upsample_bilinear(
+                    np.ascontiguousarray(imgs.transpose(0, 3, 1, 2) * 2 - 1, dtype=np.float32), 64))
+            hits = 0
+            for i, img in enumerate(x):
+                _, fg, shape, bg = items[i // num_images]
+                r = read_shape(img)
+                hits += int(r["fg"] == fg and r["shape"] == shape and r["bg"] == bg)
+            sat = float((np.abs(imgs * 2 - 1) >= 0.99).mean())
+            pt = {"guidance_scale": s, "thresholding": th, "alignment": hits / len(x),
+                  "saturated_fraction": sat, "seconds": round(time.time() - t0, 1)}
+            out.append(pt)
+            log(f"cfg {s:5.1f} thresholding {th:8s}: alignment {pt['alignment']:.3f} saturated "
+                f"{sat:.3f} ({pt['seconds']} s)")
+    return out
+
+
 # ---------------------------------------------------------------- drawing (Pillow only)
 
 COLOURS = {"cfg": (31, 119, 180), "classifier": (214, 39, 40), "classifier_ddpm100": (44, 160, 44),
@@ -216,10 +252,31 @@ def main(argv=None) -> int:
     p.add_argument("--n-per-class", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="default: the package's recommended")
-    p.add_argument("--out", default=str(HERE / "results" / "guidance_sweep_digits"),
-                   help="path prefix: writes PREFIX.json and PREFIX.png")
+    p.add_argument("--out", default=None,
+                   help="path prefix: writes PREFIX.json and PREFIX.png (default "
+                        "benchmarks/results/guidance_sweep_{digits,shapes})")
+    p.add_argument("--shapes", metavar="PACKAGE",
+                   help="sweep CFG and CLIP guidance (and compare thresholding at large CFG scales) on "
+                        "this shapes package, which must carry a clip guidance model")
+    p.add_argument("--clip-scales", default="0,50,100,200,400")
+    p.add_argument("--n-prompts", type=int, default=10)
+    p.add_argument("--num-images", type=int, default=4)
     a = p.parse_args(argv)
     t0 = time.time()
+    if a.shapes:
+        out = a.out or str(HERE / "results" / "guidance_sweep_shapes")
+        result, samples = sweep_shapes(a.shapes, a.n_prompts, a.num_images, a.seed,
+                                       clip_scales=tuple(float(v) for v in a.clip_scales.split(",")))
+        result["tiles_label"] = "one sample for each of the first 10 prompts"
+        result["thresholding"] = thresholding_comparison(a.shapes, a.n_prompts, a.num_images, a.seed)
+        result["seconds"] = round(time.time() - t0, 1)
+        result["command"] = f"python benchmarks/guidance_sweep.py --shapes {a.shapes} --clip-scales {a.clip_scales}"
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out + ".json").write_text(json.dumps(result, indent=1) + "\n")
+        plot(result, samples, out + ".png")
+        print(f"wrote {out}.json and {out}.png ({result['seconds']} s)")
+        return 0
+    a.out = a.out or str(HERE / "results" / "guidance_sweep_digits")
     result, samples = sweep(a.n_per_class, a.seed, a.steps)
     result["seconds"] = round(time.time() - t0, 1)
     result["command"] = "python benchmarks/guidance_sweep.py" + (
