@@ -187,7 +187,7 @@ def plot(result: dict, samples: dict, path: str | Path) -> None:
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
-    keys = [k for k in keys if k in result]
+    keys = [k for k in COLOURS if k in result]
     W, H, m = 620, 520, 60
     rows = [(k, p["scale"]) for k in keys for p in result[k]]
     tile_px = 24
@@ -209,7 +209,8 @@ def plot(result: dict, samples: dict, path: str | Path) -> None:
         _, yy = xy(x_lo, v)
         d.line([m - 4, yy, m, yy], fill="black")
         d.text((m - 30, yy - 6), f"{v:.1f}", fill="black", font=font)
-    for v in np.arange(np.ceil(x_lo * 4) / 4, x_hi, 0.25):
+    step = next(v for v in (0.1, 0.25, 0.5, 1.0, 2.0, 5.0) if (x_hi - x_lo) / v <= 10)
+    for v in np.arange(np.ceil(x_lo / step) * step, x_hi, step):
         xx, _ = xy(v, y_lo)
         d.line([xx, H - m, xx, H - m + 4], fill="black")
         d.text((xx - 10, H - m + 8), f"{v:.2f}", fill="black", font=font)
@@ -259,6 +260,7 @@ def main(argv=None) -> int:
                    help="sweep CFG and CLIP guidance (and compare thresholding at large CFG scales) on "
                         "this shapes package, which must carry a clip guidance model")
     p.add_argument("--clip-scales", default="0,50,100,200,400")
+    p.add_argument("--note", help="a note stored in the JSON (e.g. which runs the package came from)")
     p.add_argument("--n-prompts", type=int, default=10)
     p.add_argument("--num-images", type=int, default=4)
     a = p.parse_args(argv)
@@ -271,6 +273,8 @@ def main(argv=None) -> int:
         result["thresholding"] = thresholding_comparison(a.shapes, a.n_prompts, a.num_images, a.seed)
         result["seconds"] = round(time.time() - t0, 1)
         result["command"] = f"python benchmarks/guidance_sweep.py --shapes {a.shapes} --clip-scales {a.clip_scales}"
+        if a.note:
+            result["note"] = a.note
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out + ".json").write_text(json.dumps(result, indent=1) + "\n")
         plot(result, samples, out + ".png")
