@@ -39,6 +39,14 @@ python -m pydiff.training.guidance_models train-classifier --out "$RUNS/digits_c
 python -m pydiff.training.guidance_models export-classifier --run "$RUNS/digits_classifier" \
     --out "$OUT/digits/classifier.onnx" --package "$OUT/digits"
 
+# 3c. The noise-aware CLIP for CLIP guidance of the shapes base stage (~12 min on 1 busy thread):
+#     contrastive against the frozen text encoder's pooled states; gradient exported and added to
+#     the shapes manifest's guidance_models.
+python -m pydiff.training.guidance_models train-clip --out "$RUNS/shapes_clip" --steps 5000 \
+    --text-encoder "$RUNS/text_encoder" --seed "$SEED" --threads 1
+python -m pydiff.training.guidance_models export-clip --run "$RUNS/shapes_clip" \
+    --out "$OUT/shapes/clip.onnx" --package "$OUT/shapes"
+
 # 4. Evaluate (figures go in the README and TRAINING.md).
 python benchmarks/eval_digits.py --model "$OUT/digits" --n 30
 python benchmarks/eval_shapes.py --model "$OUT/shapes" --n 200
