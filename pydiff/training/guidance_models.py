@@ -296,6 +296,10 @@ def train_clip(cfg: ClipTrainConfig, out: str | Path, command: str | None = None
     return summary
 
 
+def _nparams(model) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pydiff.training.guidance_models")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -315,11 +319,13 @@ def main(argv=None) -> int:
     x.add_argument("--out", required=True)
     x.add_argument("--package", help="also add a guidance_models entry to this package's manifest")
     x.add_argument("--name", default="clip")
+    x.add_argument("--scale", type=float, default=100.0, help="the manifest's recommended scale")
     e = sub.add_parser("export-classifier", help="ONNX of the input gradient, checked vs autograd")
     e.add_argument("--run", required=True, help="training run directory (model.safetensors)")
     e.add_argument("--out", required=True, help="ONNX file to write")
     e.add_argument("--package", help="also add a guidance_models entry to this package's manifest")
     e.add_argument("--name", default="classifier")
+    e.add_argument("--scale", type=float, default=10.0, help="the manifest's recommended scale")
     a = p.parse_args(argv)
     if a.cmd == "train-clip":
         command = "python -m pydiff.training.guidance_models " + " ".join(shlex.quote(x) for x in sys.argv[1:])
@@ -333,7 +339,10 @@ def main(argv=None) -> int:
         model = load_clip(Path(a.run) / WEIGHTS)
         print(json.dumps(export_clip_gradient(model, a.out), indent=1))
         if a.package:
-            add_guidance_model(a.package, a.out, name=a.name, kind="clip", model=model)
+            add_guidance_model(a.package, a.out, name=a.name, kind="clip", model=model,
+                               recommended={"scale": a.scale},
+                               description=f"noise-aware CLIP image encoder ({_nparams(model)} parameters) "
+                                           f"against the frozen text encoder's pooled states")
     elif a.cmd == "train-classifier":
         command = "python -m pydiff.training.guidance_models " + " ".join(shlex.quote(x) for x in sys.argv[1:])
         s = train_classifier(ClassifierTrainConfig(steps=a.steps, seed=a.seed, threads=a.threads), a.out, command)
@@ -345,8 +354,12 @@ def main(argv=None) -> int:
         rep = export_classifier_gradient(load_classifier(Path(a.run) / WEIGHTS), a.out)
         print(json.dumps(rep, indent=1))
         if a.package:
-            add_guidance_model(a.package, a.out, name=a.name, kind="classifier",
-                               model=load_classifier(Path(a.run) / WEIGHTS))
+            model = load_classifier(Path(a.run) / WEIGHTS)
+            add_guidance_model(a.package, a.out, name=a.name, kind="classifier", model=model,
+                               recommended={"scale": a.scale},
+                               description=f"noise-aware CNN p(y | x_t, t), {round(_nparams(model) / 1000)}k "
+                                           f"parameters, trained on noised digits (squaredcos_cap_v2, "
+                                           f"1000 steps)")
     return 0
 
 
