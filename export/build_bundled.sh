@@ -29,7 +29,9 @@ wait
 # 3. Export (each network verified against PyTorch before anything is written; atomic).
 python -m pydiff.training export digits --run "$RUNS/digits" --out "$OUT/digits"
 python -m pydiff.training export shapes --base "$RUNS/shapes_base" --sr "$RUNS/shapes_sr64" \
-    --text-encoder "$RUNS/text_encoder" --out "$OUT/shapes"
+    --text-encoder "$RUNS/text_encoder" --out "$OUT/shapes" \
+    --base-recommended '{"guidance_scale": 5.0, "thresholding": "static"}' \
+    --sr-recommended '{"guidance_scale": 3.0, "thresholding": "static"}' --noise-aug-level 100
 
 # 3b. The digits classifier for classifier guidance (issue 7): noise-aware, trained on the digits
 #     model's schedule (~2 min); its input gradient exported to ONNX (checked vs autograd) and added

