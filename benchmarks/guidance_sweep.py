@@ -220,6 +220,8 @@ def plot(result: dict, samples: dict, path: str | Path) -> None:
     d.text((m, 10), result.get("title", f"bundled digits model, {result['n']} samples per point (the "
                                         f"same x_T at every point), dynamic thresholding"),
            fill="black", font=font)
+    if result.get("note"):
+        d.text((m, H - 18), result["note"][:110], fill=(180, 0, 0), font=font)
     if real:
         rx, _ = xy(real, 0)
         for yy in range(m, H - m, 8):
