@@ -88,8 +88,8 @@ def _mean_pairwise(a: np.ndarray) -> float:
 
 def sweep_shapes(package, n_prompts: int = 10, num_images: int = 4, seed: int = 0,
                  cfg_scales=(0.0, 1.0, 2.0, 3.0, 5.0), clip_scales=(0.0, 50.0, 100.0, 200.0, 400.0),
-                 log=print) -> tuple[dict, dict]:
-    """CFG and CLIP guidance on a shapes package (its first stage's output; 16x16 bases are
+                 classifier_scales=(0.0, 3.0, 10.0, 30.0, 100.0), log=print) -> tuple[dict, dict]:
+    """CFG, CLIP guidance and (if the package has one) classifier guidance on a shapes package (its first stage's output; 16x16 bases are
     upsampled bilinearly to 64x64 for the analytic reader): quality = fraction of images whose
     (shape colour, shape, background) read back as prompted; diversity = mean pairwise distance
     between the images of one prompt (pixels in [0, 1]), averaged over the prompts."""
@@ -100,14 +100,26 @@ def sweep_shapes(package, n_prompts: int = 10, num_images: int = 4, seed: int = 
     pipe = P.load(package)
     items = shapes_prompts(n_prompts, seed)["seen"]
     prompts = [c[0] for c in items]
-    runs = {"cfg": [], "clip": []}
+    from pydiff.data import shapes as S
+
+    series = [("cfg", cfg_scales), ("clip", clip_scales)]
+    if pipe.package.guidance_model("classifier") is not None:
+        series.append(("classifier", classifier_scales))
+    combo_index = {c: i for i, c in enumerate(S.all_combos(include_held_out=True))}
+    labels = [combo_index[c[1:]] for c in items]
+    runs = {key: [] for key, _ in series}
     samples = {}
-    for key, scales in (("cfg", cfg_scales), ("clip", clip_scales)):
+    for key, scales in series:
         for s in scales:
-            kw = {"guidance_scale": s} if key == "cfg" else {"guidance_type": "clip", "clip_scale": s}
+            if key == "cfg":
+                kw = {"guidance_scale": s}
+            elif key == "clip":
+                kw = {"guidance_type": "clip", "clip_scale": s}
+            else:   # the network on the empty prompt, the classifier on the combination's label
+                kw = {"guidance_type": "classifier", "classifier_scale": s, "class_label": labels}
             t0 = time.time()
-            imgs = pipe.generate(prompts, num_images=num_images, output_type="numpy", progress=False,
-                                 seed=seed, **kw)                         # [B, H, W, 3] in [0, 1]
+            imgs = pipe.generate(None if key == "classifier" else prompts, num_images=num_images,
+                                 output_type="numpy", progress=False, seed=seed, **kw)   # [B, H, W, 3]
             x = imgs
             if x.shape[1] < 64:
                 x = imageio.to_numpy(imageio.upsample_bilinear(
@@ -126,7 +138,7 @@ def sweep_shapes(package, n_prompts: int = 10, num_images: int = 4, seed: int = 
                   "diversity": div, "seconds": round(time.time() - t0, 1)}
             runs[key].append(pt)
             samples[(key, s)] = imgs[::num_images][:10]
-            log(f"{key:5s} scale {s:6.1f}: alignment {pt['all']:.3f} (fg {pt['fg']:.2f} shape "
+            log(f"{key:10s} scale {s:6.1f}: alignment {pt['all']:.3f} (fg {pt['fg']:.2f} shape "
                 f"{pt['shape']:.2f} bg {pt['bg']:.2f}) diversity {div:.3f} ({pt['seconds']} s)")
     return {"n": len(prompts) * num_images, "n_prompts": len(prompts), "num_images": num_images,
             "title": f"shapes ({pipe.package.name}), {len(prompts)} prompts x {num_images} images per point",
@@ -261,7 +273,8 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", metavar="PACKAGE",
                    help="sweep CFG and CLIP guidance (and compare thresholding at large CFG scales) on "
                         "this shapes package, which must carry a clip guidance model")
-    p.add_argument("--clip-scales", default="0,50,100,200,400")
+    p.add_argument("--clip-scales", default="0,30,100,300,1000")
+    p.add_argument("--classifier-scales", default="0,3,10,30,100")
     p.add_argument("--note", help="a note stored in the JSON (e.g. which runs the package came from)")
     p.add_argument("--n-prompts", type=int, default=10)
     p.add_argument("--num-images", type=int, default=4)
@@ -270,11 +283,13 @@ def main(argv=None) -> int:
     if a.shapes:
         out = a.out or str(HERE / "results" / "guidance_sweep_shapes")
         result, samples = sweep_shapes(a.shapes, a.n_prompts, a.num_images, a.seed,
-                                       clip_scales=tuple(float(v) for v in a.clip_scales.split(",")))
+                                       clip_scales=tuple(float(v) for v in a.clip_scales.split(",")),
+                                       classifier_scales=tuple(float(v) for v in a.classifier_scales.split(",")))
         result["tiles_label"] = "one sample for each of the first 10 prompts"
         result["thresholding"] = thresholding_comparison(a.shapes, a.n_prompts, a.num_images, a.seed)
         result["seconds"] = round(time.time() - t0, 1)
-        result["command"] = f"python benchmarks/guidance_sweep.py --shapes {a.shapes} --clip-scales {a.clip_scales}"
+        result["command"] = (f"python benchmarks/guidance_sweep.py --shapes {a.shapes} --clip-scales "
+                             f"{a.clip_scales} --classifier-scales {a.classifier_scales}")
         if a.note:
             result["note"] = a.note
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,7 @@ class GuidanceModelSpec:
     inputs: tuple[str, ...]
     output: str                            # the gradient output's name
     num_classes: int | None = None         # classifier only
+    class_names: tuple[str, ...] | None = None   # classifier only, optional: what each label means
     recommended: Mapping[str, Any] = field(default_factory=dict)   # {"scale": s}
 
 
@@ -404,8 +405,15 @@ def _parse_guidance_model(ctx: _Ctx, raw: Any, i: int, stages: list[Stage]) -> G
                                            f"{inputs_raw}")
     output = _str(ctx, raw, "output", where, required=False, default="grad")
     num_classes = None
+    class_names = None
     if kind == "classifier":
         num_classes = _int(ctx, raw, "num_classes", where, 1, 1 << 30)
+        names = _get(ctx, raw, "class_names", where, required=False)
+        if names is not None:
+            if (not isinstance(names, list) or len(names) != num_classes
+                    or not all(isinstance(n, str) for n in names)):
+                raise ctx.error(f"{where}.class_names", f"expected a list of {num_classes} strings")
+            class_names = tuple(names)
     elif st.conditioning != "text":
         raise ctx.error(f"{where}.stage", f"CLIP guidance needs a text-conditional stage's prompts; "
                                           f"stage {stage_name!r} is {st.conditioning!r}")
@@ -413,7 +421,7 @@ def _parse_guidance_model(ctx: _Ctx, raw: Any, i: int, stages: list[Stage]) -> G
     _number(ctx, rec, "scale", f"{where}.recommended")
     return GuidanceModelSpec(index=i, name=name, kind=kind, onnx=onnx_path, stage=stage_name,
                              inputs=tuple(inputs_raw), output=output, num_classes=num_classes,
-                             recommended=dict(rec))
+                             class_names=class_names, recommended=dict(rec))
 
 
 def load_package(path: str | os.PathLike) -> Package:

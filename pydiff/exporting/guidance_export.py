@@ -118,7 +118,7 @@ def export_clip_gradient(clip, out: str | os.PathLike, *, max_length: int = 16, 
 
 def add_guidance_model(package: str | os.PathLike, onnx: str | os.PathLike, *, name: str, kind: str,
                        model=None, stage: str | None = None, recommended: dict | None = None,
-                       description: str | None = None) -> dict:
+                       description: str | None = None, class_names: list[str] | None = None) -> dict:
     """Copy `onnx` into the package directory (if it is not there) and add or replace the
     manifest's guidance_models entry `name` (docs/model-package.md). Returns the entry."""
     pkg = Path(package)
@@ -143,6 +143,8 @@ def add_guidance_model(package: str | os.PathLike, onnx: str | os.PathLike, *, n
                  "output": "grad"}
     else:
         raise ValueError(f"unknown guidance model kind {kind!r}")
+    if class_names is not None:
+        entry["class_names"] = list(class_names)
     if description:
         entry["description"] = description
     if recommended:

@@ -231,8 +231,11 @@ class Pipeline:
             if not has_text:
                 raise ValueError(f"negative_prompt: package {pkg.name!r} is not text-conditional")
             negative = self._str_list(negative_prompt, "negative_prompt")
+        # a text package with a classifier guidance model takes class labels for it alone
+        labels_for_classifier = (guidance_type == "classifier" and not class_stages
+                                 and pkg.guidance_model("classifier") is not None)
         if class_label is not None:
-            if not class_stages:
+            if not class_stages and not labels_for_classifier:
                 raise ValueError(f"class_label: package {pkg.name!r} is not class-conditional"
                                  + ("; give a prompt" if has_text else ""))
             raw = class_label if isinstance(class_label, (list, tuple, np.ndarray)) else [class_label]
