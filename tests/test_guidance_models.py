@@ -87,6 +87,9 @@ def test_bundled_classifier_matches_its_weights_when_present():
     assert rel.max() <= 1e-4
 
 
+SHAPES = bundled_path("shapes")
+HAS_SHAPES_CLIP = (SHAPES / "clip.onnx").is_file()
+
 _NO_TORCH = """
 import sys, importlib.abc
 class Block(importlib.abc.MetaPathFinder):
@@ -98,7 +101,8 @@ sys.meta_path.insert(0, Block())
 
 
 def test_guidance_fn_and_cli_run_without_torch(tmp_path):
-    """The ONNX guidance_fn and `pydiff generate --guidance-type classifier` with torch unimportable."""
+    """The ONNX guidance_fn and `pydiff generate --guidance-type classifier` (and `clip` on the
+    bundled shapes cascade, when it has its CLIP) with torch unimportable."""
     code = _NO_TORCH + f"""
 import numpy as np, pydiff
 from pydiff.guidance_models import ClassifierGuidance
@@ -115,6 +119,11 @@ rc = main(["generate", "--model", "digits", "--class-label", "3", "--class-label
            "--guidance-type", "classifier", "--classifier-scale", "5", "--steps", "5", "--seed", "0",
            "--out", {str(tmp_path / "c.png")!r}, "--json-out", {str(tmp_path / "c.json")!r}, "-q"])
 assert rc == 0, rc
+if {HAS_SHAPES_CLIP!r}:
+    rc = main(["generate", "a red circle on a blue background", "--guidance-type", "clip",
+               "--clip-scale", "100", "--steps", "base=4", "--steps", "sr64=2", "--seed", "0",
+               "--out", {str(tmp_path / "s.png")!r}, "-q"])
+    assert rc == 0, rc
 assert "torch" not in sys.modules
 print("ok")
 """
