@@ -141,9 +141,15 @@ def _torch_cascade(pipe, modules, plan, rng_seed, record):
 def load_torch_modules(runs: dict[str, str]):
     from .training.trainer import load_run_model
 
+    import torch
+
     mods = {}
     for name, run in runs.items():
         model, _ = load_run_model(run)
+        # The package stores the weights rounded to float16 (pydiff.exporting): run the same ones.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.half().float())
         mods[name] = model.eval()
     return mods
 
@@ -186,7 +192,7 @@ def check_same_networks(pipe, modules, batch=2, seed=0) -> dict[str, float]:
 
 
 def run_benchmark(model=None, runs=None, *, modules=None, batch=8, steps=None, guidance_scale=None,
-                  repeats=3, warmup=1, seed=0, threads=None, progress=True) -> dict:
+                  thresholding=None, repeats=3, warmup=1, seed=0, threads=None, progress=True) -> dict:
     """Time the cascade on pydiff and on the diffusers-style torch loop; returns a report dict."""
     import onnxruntime as ort
     import torch
@@ -215,7 +221,7 @@ def run_benchmark(model=None, runs=None, *, modules=None, batch=8, steps=None, g
                          f"per stage {same}")
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-    kw = dict(steps=steps, guidance_scale=guidance_scale)
+    kw = dict(steps=steps, guidance_scale=guidance_scale, thresholding=thresholding)
     plan = pipe.plan(prompt=prompts, seed=seed, progress=False, output_type="numpy", **kw)
 
     # pydiff: time the network inside the pipeline's own loop
@@ -349,6 +355,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)
+    p.add_argument("--thresholding", choices=["none", "static", "dynamic"],
+                   help="for every stage (default: the package's recommendation)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -370,7 +378,7 @@ def _cmd_bench(args) -> int:
                 raise ValueError(f"--run {r!r}: expected STAGE=RUN_DIR")
             k, _, v = r.partition("=")
             runs[k] = v
-    rep = run_benchmark(args.model, runs, batch=args.batch, steps=args.steps,
+    rep = run_benchmark(args.model, runs, batch=args.batch, steps=args.steps, thresholding=args.thresholding,
                         guidance_scale=args.guidance, repeats=args.repeats, warmup=args.warmup,
                         seed=args.seed, progress=not args.quiet)
     if args.json:
