@@ -49,6 +49,12 @@ python -m pydiff.training.guidance_models train-clip --out "$RUNS/shapes_clip" -
 python -m pydiff.training.guidance_models export-clip --run "$RUNS/shapes_clip" \
     --out "$OUT/shapes/clip.onnx" --package "$OUT/shapes"
 
+# 3d. The shapes combination classifier (168 classes) for classifier guidance of the shapes base.
+python -m pydiff.training.guidance_models train-classifier --task shapes --out "$RUNS/shapes_classifier" \
+    --steps 4000 --seed "$SEED" --threads 1
+python -m pydiff.training.guidance_models export-classifier --run "$RUNS/shapes_classifier" \
+    --out "$OUT/shapes/classifier.onnx" --package "$OUT/shapes" --scale 10
+
 # 4. Evaluate (figures go in the README and TRAINING.md).
 python benchmarks/eval_digits.py --model "$OUT/digits" --n 30
 python benchmarks/eval_shapes.py --model "$OUT/shapes" --n 200
