@@ -275,6 +275,8 @@ def main(argv=None) -> int:
                         "this shapes package, which must carry a clip guidance model")
     p.add_argument("--clip-scales", default="0,30,100,300,1000")
     p.add_argument("--classifier-scales", default="0,3,10,30,100")
+    p.add_argument("--base-only", action="store_true",
+                   help="--shapes: run a copy of the package cut to its first stage (16x16; fast)")
     p.add_argument("--note", help="a note stored in the JSON (e.g. which runs the package came from)")
     p.add_argument("--n-prompts", type=int, default=10)
     p.add_argument("--num-images", type=int, default=4)
@@ -282,13 +284,28 @@ def main(argv=None) -> int:
     t0 = time.time()
     if a.shapes:
         out = a.out or str(HERE / "results" / "guidance_sweep_shapes")
-        result, samples = sweep_shapes(a.shapes, a.n_prompts, a.num_images, a.seed,
+        package = a.shapes
+        if a.base_only:
+            import shutil
+            import tempfile
+
+            import pydiff.pipeline as P
+
+            src = Path(a.shapes) if Path(a.shapes).exists() else P.bundled_path(a.shapes)
+            package = str(Path(tempfile.mkdtemp(prefix="pydiff-sweep-")) / "base_only")
+            shutil.copytree(src, package)
+            m = json.loads((Path(package) / "manifest.json").read_text())
+            m["name"] = m["name"] + "-base-only"
+            m["stages"] = m["stages"][:1]
+            (Path(package) / "manifest.json").write_text(json.dumps(m, indent=2))
+        result, samples = sweep_shapes(package, a.n_prompts, a.num_images, a.seed,
                                        clip_scales=tuple(float(v) for v in a.clip_scales.split(",")),
                                        classifier_scales=tuple(float(v) for v in a.classifier_scales.split(",")))
         result["tiles_label"] = "one sample for each of the first 10 prompts"
-        result["thresholding"] = thresholding_comparison(a.shapes, a.n_prompts, a.num_images, a.seed)
+        result["thresholding"] = thresholding_comparison(package, a.n_prompts, a.num_images, a.seed)
         result["seconds"] = round(time.time() - t0, 1)
-        result["command"] = (f"python benchmarks/guidance_sweep.py --shapes {a.shapes} --clip-scales "
+        result["command"] = (f"python benchmarks/guidance_sweep.py --shapes {a.shapes}"
+                             f"{' --base-only' if a.base_only else ''} --clip-scales "
                              f"{a.clip_scales} --classifier-scales {a.classifier_scales}")
         if a.note:
             result["note"] = a.note
