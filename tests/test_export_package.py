@@ -31,7 +31,7 @@ def test_onnx_round_trip(kind, fp16, tmp_path):
     import onnxruntime as ort
 
     from pydiff.exporting.onnx_export import example_inputs, export_stage_onnx
-    from tests.test_models_unet import KINDS
+    from test_models_unet import KINDS
 
     torch.set_num_threads(1)
     cfg = KINDS[kind]
@@ -79,7 +79,7 @@ def test_export_digits_package(tmp_path):
     from pydiff.exporting.package import export_digits
     from pydiff.package import load_package
     from pydiff.pipeline import load
-    from tests.test_training_loop import digits_cfg
+    from test_training_loop import digits_cfg
     from pydiff.training.trainer import train
 
     train(digits_cfg(steps=2), tmp_path / "run", command="pytest", progress=False)
