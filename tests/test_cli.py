@@ -20,6 +20,7 @@ from pydiff import cli  # noqa: E402
 from pydiff.testing import make_tiny_package  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+NEUTRAL_CWD = Path(__file__).resolve().parent  # tests/: no pydiff/ here, so subprocesses import the installed one
 
 # Runs pydiff.cli.main; on the NumPy reference sampler where the native module is not built.
 PRELUDE = """
@@ -37,11 +38,11 @@ raise SystemExit(rc)
 
 
 def run(*args, check_torch=True, timeout=120):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ)  # the installed pydiff: run from a folder that has no pydiff/ in it
     env.pop("PYDIFF_DEBUG", None)
     code = PRELUDE.format(check_torch=check_torch)
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+                          text=True, env=env, timeout=timeout, cwd=NEUTRAL_CWD)
 
 
 @pytest.fixture(scope="module")
@@ -277,10 +278,10 @@ def _slow(self, *a, **k):
 OrtStageModel.__call__ = _slow
 from pydiff.cli import main""").format(check_torch=False)
     out = tmp_path / "x.png"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ)  # the installed pydiff: run from a folder that has no pydiff/ in it
     p = subprocess.Popen([sys.executable, "-c", slow, "generate", "red", "--model", str(pkgs["text"]),
                           "--steps", "1000", "--out", str(out)], stderr=subprocess.PIPE, text=True,
-                         env=env)
+                         env=env, cwd=NEUTRAL_CWD)
     # wait for the first progress bar, then interrupt
     seen = ""
     deadline = time.time() + 60

@@ -127,7 +127,7 @@ if {HAS_SHAPES_CLIP!r}:
 assert "torch" not in sys.modules
 print("ok")
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent)  # the installed pydiff, not the source tree
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
     rep = json.loads((tmp_path / "c.json").read_text())
     assert rep["guidance"] == {"type": "classifier", "model": "classifier", "stage": "base", "scale": 5.0}

@@ -20,6 +20,7 @@ from pydiff.pipeline import Pipeline, load  # noqa: E402
 from pydiff.testing import make_tiny_package  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+NEUTRAL_CWD = Path(__file__).resolve().parent  # tests/: no pydiff/ here, so subprocesses import the installed one
 
 
 def _native() -> bool:
@@ -388,9 +389,9 @@ def test_generate_does_not_import_torch(pkgs):
         assert not bad, bad
         print("ok")
     """)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ)  # the installed pydiff: run from a folder that has no pydiff/ in it
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                       timeout=120)
+                       timeout=120, cwd=NEUTRAL_CWD)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("ok")
 

@@ -17,7 +17,7 @@ def test_runtime_does_not_import_torch():
     code = ("import sys; import pydiff.text_encoder; "
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parent.parent)
+                         cwd=Path(__file__).resolve().parent)  # the installed pydiff
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
