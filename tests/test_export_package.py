@@ -89,8 +89,15 @@ def test_export_digits_package(tmp_path):
     assert pkg.stages[0].inputs == ("sample", "timestep", "class_labels")
     assert "pytest" in (tmp_path / "pkg" / "TRAINING.md").read_text()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
-    imgs = load(tmp_path / "pkg").generate(class_label=[1, 2], steps=2, output_type="numpy", progress=False)
+    imgs = load(tmp_path / "pkg").generate(class_label=[1, 2], steps=2, output_type="numpy", progress=False,
+                                           seed=3)
     assert imgs.shape == (2, 8, 8, 1)
+    # The torch backend runs the training checkpoint itself and gives the same images (1e-3 documented).
+    same = load(tmp_path / "pkg", backend="torch", checkpoints={"base": tmp_path / "run"}).generate(
+        class_label=[1, 2], steps=2, output_type="numpy", progress=False, seed=3)
+    np.testing.assert_allclose(same, imgs, atol=1e-3)
+    with pytest.raises(ValueError, match="unknown stage"):
+        load(tmp_path / "pkg", backend="torch", checkpoints={"sr": tmp_path / "run"})
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 
 Model packages carry ONNX networks only, so the torch modules come from the caller:
 `TorchBackend(package, modules={"base": net, "sr64": net2})`, or `pydiff.load(path,
-backend="torch", modules=...)`. Each module is called with keyword arguments named like the
+backend="torch", modules=...)`, or from pydiff training runs (safetensors checkpoints, EMA
+weights): `pydiff.load(path, backend="torch", checkpoints={"base": "runs/shapes_base", ...})`. Each module is called with keyword arguments named like the
 stage's ONNX inputs (`sample`, `timestep`, `encoder_hidden_states`, ...) and returns the
 prediction tensor (or a tuple / object whose first element / `.sample` is it). The text encoder
 still runs on ONNX Runtime (it is frozen and shared by both backends).
@@ -46,12 +47,20 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, package: Package, modules=None, device: str | None = None,
-                 providers: list[str] | None = None, session_options=None):
+                 providers: list[str] | None = None, session_options=None, checkpoints=None):
         import torch
 
         super().__init__(package)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         modules = dict(modules or {})
+        if checkpoints:  # {stage: training run directory}: the EMA network, weights as the package ships them
+            unknown = [k for k in checkpoints if k not in package.stage_names]
+            if unknown:
+                raise ValueError(f"checkpoints given for unknown stage(s) {unknown}; the package has "
+                                 f"{package.stage_names}")
+            from ..bench import load_torch_modules
+
+            modules.update(load_torch_modules(dict(checkpoints)))
         unknown = [k for k in modules if k not in package.stage_names]
         if unknown:
             raise ValueError(f"modules given for unknown stage(s) {unknown}; the package has "
