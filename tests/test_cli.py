@@ -269,7 +269,10 @@ def test_sigint_during_sampling_exits_130_and_writes_nothing(pkgs, tmp_path):
     import signal
     import time
 
-    slow = PRELUDE.replace("from pydiff.cli import main", """import time
+    # A shell that starts commands in the background (as CI runners may) makes them ignore SIGINT;
+    # restore Python's handler, as an interactive terminal would have it.
+    slow = PRELUDE.replace("from pydiff.cli import main", """import time, signal
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from pydiff.backends.onnxruntime import OrtStageModel
 _call = OrtStageModel.__call__
 def _slow(self, *a, **k):
