@@ -126,11 +126,20 @@ def _run_eval(a) -> int:
     return eval_main(argv)
 
 
+def _add_guidance(sub):
+    p = sub.add_parser("guidance", help="train and export guidance models: train-classifier, train-clip, "
+                                        "export-classifier, export-clip (see pydiff.training.guidance_models)",
+                       add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: __import__("pydiff.training.guidance_models", fromlist=["main"]).main(a.args))
+
+
 def register(subparsers) -> None:
-    """Add the `train`, `export` and `eval` subcommands to an argparse subparsers object."""
+    """Add the `train`, `export`, `eval` and `guidance` subcommands to an argparse subparsers object."""
     _add_train(subparsers)
     _add_export(subparsers)
     _add_eval(subparsers)
+    _add_guidance(subparsers)
 
 
 def main(argv=None) -> int:
