@@ -297,15 +297,21 @@ def _recommended(ctx, obj, where) -> dict:
     return dict(rec)
 
 
+def _name(ctx: _Ctx, raw: dict, where: str) -> str:
+    """The `name` of a stage or guidance model: letters, digits, '_', '-' or '.'."""
+    name = _str(ctx, raw, "name", where)
+    if not name or not all(c.isalnum() or c in "_-." for c in name):
+        raise ctx.error(f"{where}.name", f"expected a non-empty name of letters, digits, '_', '-' "
+                                         f"or '.', got {name!r}")
+    return name
+
+
 def _parse_stage(ctx: _Ctx, raw: Any, i: int, text_encoder: TextEncoderSpec | None,
                  previous: Stage | None) -> Stage:
     where = f"stages[{i}]"
     if not isinstance(raw, dict):
         raise ctx.error(where, f"expected an object, got {_typename(raw)}")
-    name = _str(ctx, raw, "name", where)
-    if not name or not all(c.isalnum() or c in "_-." for c in name):
-        raise ctx.error(f"{where}.name", f"expected a non-empty name of letters, digits, '_', '-' "
-                                         f"or '.', got {name!r}")
+    name = _name(ctx, raw, where)
     onnx_path = _path(ctx, raw, "onnx", where)
     resolution = _int(ctx, raw, "resolution", where, 1, MAX_RESOLUTION)
     channels = _int(ctx, raw, "channels", where, 1, MAX_CHANNELS)
@@ -385,10 +391,7 @@ def _parse_guidance_model(ctx: _Ctx, raw: Any, i: int, stages: list[Stage]) -> G
     where = f"guidance_models[{i}]"
     if not isinstance(raw, dict):
         raise ctx.error(where, f"expected an object, got {_typename(raw)}")
-    name = _str(ctx, raw, "name", where)
-    if not name or not all(c.isalnum() or c in "_-." for c in name):
-        raise ctx.error(f"{where}.name", f"expected a non-empty name of letters, digits, '_', '-' "
-                                         f"or '.', got {name!r}")
+    name = _name(ctx, raw, where)
     kind = _str(ctx, raw, "kind", where, choices=tuple(GUIDANCE_KINDS))
     onnx_path = _path(ctx, raw, "onnx", where)
     stage_name = _str(ctx, raw, "stage", where)

@@ -103,27 +103,11 @@ def _run_export(a) -> int:
 
 
 def _add_eval(sub):
+    from . import eval as ev
+
     p = sub.add_parser("eval", help="evaluate a shapes or digits package (alignment / accuracy)")
-    p.add_argument("what", choices=["shapes", "digits"])
-    p.add_argument("--model", default=None, help="package path (default: the bundled one)")
-    p.add_argument("--n", type=int, default=None,
-                   help="shapes: images per split (default 200); digits: per class (default 30)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--grid", help="save a PNG grid of samples here")
-    p.set_defaults(func=_run_eval)
-
-
-def _run_eval(a) -> int:
-    from .eval import main as eval_main
-
-    argv = [a.what, "--seed", str(a.seed)]
-    for flag, v in (("--model", a.model), ("--n", a.n), ("--guidance-scale", a.guidance_scale),
-                    ("--steps", a.steps), ("--grid", a.grid)):
-        if v is not None:
-            argv += [flag, str(v)]
-    return eval_main(argv)
+    ev.add_arguments(p)
+    p.set_defaults(func=ev.run)
 
 
 def _add_guidance(sub):

@@ -194,10 +194,8 @@ def evaluate_digits(package="digits", n_per_class: int = 30, seed: int = 0,
     return rep
 
 
-def main(argv=None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="pydiff eval")
+def add_arguments(p) -> None:
+    """The arguments of `pydiff eval` (also `python -m pydiff.training.eval`)."""
     p.add_argument("what", choices=["shapes", "digits"])
     p.add_argument("--model", default=None, help="package path (default: the bundled one)")
     p.add_argument("--n", type=int, default=None,
@@ -205,8 +203,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--steps", type=int)
-    p.add_argument("--grid", help="save a PNG grid of samples here (shapes)")
-    a = p.parse_args(argv)
+    p.add_argument("--grid", help="save a PNG grid of samples here")
+
+
+def run(a) -> int:
     settings = {k: v for k, v in (("guidance_scale", a.guidance_scale), ("steps", a.steps)) if v is not None}
     if a.what == "shapes":
         rep = evaluate_shapes(a.model, a.n or 200, seed=a.seed, save_grid=a.grid, **settings)
@@ -214,6 +214,14 @@ def main(argv=None) -> int:
         rep = evaluate_digits(a.model or "digits", a.n or 30, seed=a.seed, save_grid=a.grid, **settings)
     print(json.dumps(rep, indent=1))
     return 0
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="pydiff eval")
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":
