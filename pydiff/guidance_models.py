@@ -46,6 +46,18 @@ def _scales(scale, B: int, what: str) -> np.ndarray:
     return s.astype(np.float32)
 
 
+def _checked_session(onnx_path, session, providers, session_options, inputs, what, output):
+    """(session, output names) of a guidance network whose inputs are exactly `inputs` (sorted)."""
+    session = session if session is not None else _session(onnx_path, providers, session_options)
+    names = [i.name for i in session.get_inputs()]
+    if sorted(names) != inputs:
+        raise ValueError(f"{onnx_path}: {what} network takes {inputs}; this one takes {names}")
+    outs = [o.name for o in session.get_outputs()]
+    if output not in outs:
+        raise ValueError(f"{onnx_path}: no output {output!r} (outputs {outs})")
+    return session, outs
+
+
 class ClassifierGuidance:
     """A noise-aware classifier's exported input gradient, run with ONNX Runtime.
 
@@ -53,19 +65,14 @@ class ClassifierGuidance:
     """
 
     kind = "classifier"
+    INPUTS = ["class_labels", "sample", "timestep"]
 
     def __init__(self, onnx_path: str | os.PathLike, *, output: str = "grad", num_classes: int | None = None,
                  providers=None, session_options=None, session=None):
         self.path = str(onnx_path)
-        self.session = session if session is not None else _session(onnx_path, providers, session_options)
+        self.session, outs = _checked_session(onnx_path, session, providers, session_options, self.INPUTS,
+                                              "a classifier-guidance", output)
         self.num_classes = num_classes
-        names = [i.name for i in self.session.get_inputs()]
-        if sorted(names) != ["class_labels", "sample", "timestep"]:
-            raise ValueError(f"{self.path}: a classifier-guidance network takes sample, timestep and "
-                             f"class_labels; this one takes {names}")
-        outs = [o.name for o in self.session.get_outputs()]
-        if output not in outs:
-            raise ValueError(f"{self.path}: no output {output!r} (outputs {outs})")
         self.output = output
         self.has_log_prob = "log_prob" in outs
 
@@ -118,14 +125,8 @@ class CLIPGuidance:
     def __init__(self, onnx_path: str | os.PathLike, *, output: str = "grad", providers=None,
                  session_options=None, session=None):
         self.path = str(onnx_path)
-        self.session = session if session is not None else _session(onnx_path, providers, session_options)
-        names = [i.name for i in self.session.get_inputs()]
-        if sorted(names) != self.INPUTS:
-            raise ValueError(f"{self.path}: a CLIP-guidance network takes {self.INPUTS}; this one "
-                             f"takes {names}")
-        outs = [o.name for o in self.session.get_outputs()]
-        if output not in outs:
-            raise ValueError(f"{self.path}: no output {output!r} (outputs {outs})")
+        self.session, outs = _checked_session(onnx_path, session, providers, session_options, self.INPUTS,
+                                              "a CLIP-guidance", output)
         self.output = output
         self.has_similarity = "similarity" in outs
 
