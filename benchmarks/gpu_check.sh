@@ -1,16 +1,54 @@
 #!/usr/bin/env bash
-# One GPU check, for a fresh GPU machine with PyTorch installed and no network:
-#   bash benchmarks/gpu_check.sh RESULTS_DIR [WHEELS_DIR]
-# builds pydiff with the CUDA twin (wheels for the build come from WHEELS_DIR when given), runs
-# tests/gpu, and writes the results there. Never run yet: the project has had no GPU so far.
-set -euo pipefail
-out=${1:?usage: gpu_check.sh RESULTS_DIR [WHEELS_DIR]}
+# The GPU check (issue 3), for a fresh GPU machine with PyTorch (CUDA) installed and no network:
+#   bash benchmarks/gpu_check.sh RESULTS_DIR [WHEELS_DIR] [SHAPES_BASE_RUN]
+# builds pydiff with the CUDA twin, runs tests/gpu (plus the host-side CUDA tests), then
+# benchmarks/bench_gpu.py, and writes logs and gpu.json to RESULTS_DIR. WHEELS_DIR: wheels to install
+# first without network (diffusers, for the per-step comparison). SHAPES_BASE_RUN: a training run of
+# the shapes base stage (final.safetensors + config.json) for the CUDA-graph benchmark.
+# Each stage has a time limit, so that a failure still leaves the other stages' results.
+set -uo pipefail
+out=$(realpath -m "${1:?usage: gpu_check.sh RESULTS_DIR [WHEELS_DIR] [SHAPES_BASE_RUN]}")
 wheels=${2:-}
+ckpt=${3:+$(realpath "$3")}
+wheels=${wheels:+$(realpath "$wheels")}
 mkdir -p "$out"
-cd "$(dirname "$0")/.."
-find_links=()
-[ -n "$wheels" ] && find_links=(--no-index --find-links "$wheels")
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+py=${PYTHON:-python3}
+stamp() { echo "== $(date +%T) $*" | tee -a "$out/stages.txt"; }
+
+stamp "machine"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
-PYDIFF_CUDA=1 pip install --no-build-isolation "${find_links[@]}" . > "$out/build.log" 2>&1
-python -c "import pydiff.cuda as c; print('cuda built', c.built(), 'available', c.available())" | tee "$out/info.txt"
-(cd /tmp && pytest -q "$OLDPWD/tests/gpu" --junitxml="$out/gpu-tests.xml") 2>&1 | tee "$out/gpu-tests.txt"
+$py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" \
+  2>&1 | tee -a "$out/stages.txt"
+
+if [ -n "$wheels" ]; then
+  stamp "wheels from $wheels"
+  $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/pydiff-wheels "$wheels"/*.whl \
+    > "$out/wheels.log" 2>&1 && export PYTHONPATH=/tmp/pydiff-wheels${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+stamp "build (PYDIFF_CUDA=1)"
+export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
+[ -z "${CUDACXX:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && export CUDACXX=/usr/local/cuda/bin/nvcc
+if ! PYDIFF_CUDA=1 timeout 400 $py -m pip install --no-build-isolation --no-deps --no-index . > "$out/build.log" 2>&1; then
+  stamp "BUILD FAILED"
+  tail -40 "$out/build.log"
+  exit 1
+fi
+cd /tmp  # the installed pydiff, not the source tree
+$py -c "import pydiff.cuda as c; print('cuda built', c.built(), 'available', c.available())" 2>&1 \
+  | tee -a "$out/stages.txt"
+
+stamp "tests"
+timeout 300 $py -m pytest -q -p no:cacheprovider --junitxml="$out/gpu-tests.xml" "$repo/tests/gpu" \
+  "$repo/tests/test_cuda_graph_plan.py" "$repo/tests/test_cuda_host.py" > "$out/gpu-tests.txt" 2>&1
+echo "tests exit $?" | tee -a "$out/stages.txt"
+tail -30 "$out/gpu-tests.txt"
+
+stamp "benchmarks"
+PYTHONUNBUFFERED=1 timeout 400 $py "$repo/benchmarks/bench_gpu.py" --json "$out/gpu.json" \
+  ${ckpt:+--checkpoint "$ckpt"} > "$out/bench.txt" 2>&1
+echo "bench exit $?" | tee -a "$out/stages.txt"
+cat "$out/bench.txt" | tail -40
+stamp "done"

@@ -2,8 +2,10 @@
 // Nothing here casts or copies: a wrong dtype, shape or layout is an error naming the argument.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <atomic>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -172,6 +174,48 @@ void randn(py::handle out_, uint64_t seed, uint32_t step, int64_t offset) {
   randn_cpu(seed, step, offset, out.ptr, out.size, nt);
 }
 
+// The parts of the DLPack ABI (dlpack.h 0.8 and 1.x) that dlpack_info reads.
+struct DLDeviceAbi { int32_t device_type; int32_t device_id; };
+struct DLDataTypeAbi { uint8_t code; uint8_t bits; uint16_t lanes; };
+struct DLTensorAbi {
+  void* data;
+  DLDeviceAbi device;
+  int32_t ndim;
+  DLDataTypeAbi dtype;
+  int64_t* shape;
+  int64_t* strides;
+  uint64_t byte_offset;
+};
+struct DLManagedTensorAbi { DLTensorAbi dl_tensor; void* manager_ctx; void (*deleter)(DLManagedTensorAbi*); };
+struct DLManagedTensorVersionedAbi {
+  uint32_t major, minor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensorVersionedAbi*);
+  uint64_t flags;
+  DLTensorAbi dl_tensor;
+};
+
+// (data pointer, shape, strides in elements or None, dtype code, bits, lanes) of a DLPack capsule,
+// which stays unconsumed: its producer's destructor frees it. The caller keeps the array alive.
+py::tuple dlpack_info(const py::capsule& cap) {
+  const char* name = cap.name();
+  const DLTensorAbi* t = nullptr;
+  if (name && std::strcmp(name, "dltensor") == 0)
+    t = &cap.get_pointer<DLManagedTensorAbi>()->dl_tensor;
+  else if (name && std::strcmp(name, "dltensor_versioned") == 0)
+    t = &cap.get_pointer<DLManagedTensorVersionedAbi>()->dl_tensor;
+  else
+    throw py::type_error(std::string("not an unconsumed DLPack capsule (name ") + (name ? name : "null") + ")");
+  py::list shape, strides;
+  for (int32_t i = 0; i < t->ndim; ++i) {
+    shape.append(t->shape[i]);
+    if (t->strides) strides.append(t->strides[i]);
+  }
+  const auto data = reinterpret_cast<uintptr_t>(t->data) + t->byte_offset;
+  return py::make_tuple(data, py::tuple(shape), t->strides ? py::object(py::tuple(strides)) : py::object(py::none()),
+                        int(t->dtype.code), int(t->dtype.bits), int(t->dtype.lanes));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -202,6 +246,16 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("c_noise", &StepParams::c_noise)
       .def_readwrite("seed", &StepParams::seed)
       .def_readwrite("noise_step", &StepParams::noise_step);
+  m.def("dlpack_info", &dlpack_info, py::arg("capsule"),
+        "(data pointer, shape, strides in elements or None, dtype code, bits, lanes) of a DLPack capsule.");
+  m.attr("STEP_PARAMS_BYTES") = py::int_(sizeof(StepParams));
+  m.def(
+      "pack_step_params",
+      [](const std::vector<StepParams>& rows) {
+        return py::bytes(reinterpret_cast<const char*>(rows.data()), rows.size() * sizeof(StepParams));
+      },
+      py::arg("rows"),
+      "The rows as the native struct's bytes: a step table for CUDA-graph replay (pydiff.cuda_graph).");
 
   m.def("fused_step", &fused_step, py::arg("x"), py::arg("model_output"), py::arg("out"),
         py::arg("params"), py::arg("guided") = false, py::arg("guidance_scale") = 1.0f,

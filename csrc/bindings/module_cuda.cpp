@@ -27,8 +27,10 @@ void check(int err, const char* what) {
 
 void fused_step(uintptr_t x, uintptr_t model_output, uintptr_t out, int64_t batch, int64_t n, int storage,
                 const StepParams& p, bool guided, float scale, uintptr_t scales, uintptr_t x0_prev,
-                uintptr_t x0_out, uintptr_t thresholds, uintptr_t nonfinite, uintptr_t stream) {
+                uintptr_t x0_out, uintptr_t thresholds, uintptr_t nonfinite, uintptr_t stream,
+                uintptr_t param_table, uintptr_t step_counter, uintptr_t workspace, size_t workspace_bytes) {
   if (storage < kFloat32 || storage > kBFloat16) throw py::value_error("storage must be 0 (f32), 1 (f16) or 2 (bf16)");
+  if (param_table && !step_counter) throw py::value_error("a param_table needs a step_counter");
   if (p.c_d != 0.0f && !x0_prev) throw py::value_error("x0_prev is required when c_d != 0 (a multistep update)");
   const size_t elem = storage == kFloat32 ? 4 : 2;
   StepArraysCuda a;
@@ -45,6 +47,10 @@ void fused_step(uintptr_t x, uintptr_t model_output, uintptr_t out, int64_t batc
   a.batch = batch;
   a.n = n;
   a.storage = storage;
+  a.param_table = ptr<const StepParams>(param_table);
+  a.step_counter = param_table ? ptr<int32_t>(step_counter) : nullptr;
+  a.workspace = ptr<void>(workspace);
+  a.workspace_bytes = workspace_bytes;
   int err;
   {
     py::gil_scoped_release nogil;
@@ -60,7 +66,11 @@ PYBIND11_MODULE(_C_cuda, m) {
   py::module_::import("pydiff._C");  // StepParams is defined there
   m.def("fused_step", &fused_step, py::arg("x"), py::arg("model_output"), py::arg("out"), py::arg("batch"),
         py::arg("n"), py::arg("storage"), py::arg("params"), py::arg("guided"), py::arg("scale"), py::arg("scales"),
-        py::arg("x0_prev"), py::arg("x0_out"), py::arg("thresholds"), py::arg("nonfinite"), py::arg("stream"));
+        py::arg("x0_prev"), py::arg("x0_out"), py::arg("thresholds"), py::arg("nonfinite"), py::arg("stream"),
+        py::arg("param_table") = 0, py::arg("step_counter") = 0, py::arg("workspace") = 0,
+        py::arg("workspace_bytes") = 0);
+  m.def("workspace_bytes", [](int64_t batch) { return fused_step_workspace_bytes(batch); },
+        "Scratch bytes of one dynamic-thresholding step for a batch of this size.");
   m.def("randn", [](uintptr_t out, int64_t count, uint64_t seed, uint32_t step, int64_t offset, uintptr_t stream) {
     int err;
     {

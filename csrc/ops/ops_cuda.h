@@ -27,7 +27,21 @@ struct StepArraysCuda {
   int64_t batch = 0;
   int64_t n = 0;
   int32_t storage = kFloat32;
+
+  // For CUDA-graph replay: the step's scalars come from param_table[*step_counter] (device
+  // memory) instead of the StepParams passed by value, and the step adds 1 to *step_counter when
+  // it is done. Every row shares the by-value params' prediction type and thresholding mode.
+  const StepParams* param_table = nullptr;  // [T] or null
+  int32_t* step_counter = nullptr;          // [1] or null
+
+  // Scratch for dynamic thresholding, fused_step_workspace_bytes(batch) bytes; null: the step
+  // allocates it stream-ordered (cudaMallocAsync) and frees it after.
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
 };
+
+// The scratch one dynamic-thresholding step needs for a batch of `batch` samples.
+size_t fused_step_workspace_bytes(int64_t batch);
 
 // One fused step on `stream`. Dynamic thresholding selects each sample's quantile exactly on the
 // device (radix select over the float bits of |x0|, after the same count shortcuts as the CPU

@@ -42,19 +42,30 @@ int blocks_for(int64_t work) {
   return int(b < 65535 * 8 ? (b > 0 ? b : 1) : 65535 * 8);
 }
 
+// The step's scalars: by value, or for CUDA-graph replay the current row of a device table.
+__device__ __forceinline__ StepParams params_of(const StepArraysCuda& a, const StepParams& p) {
+  return a.param_table ? a.param_table[*a.step_counter] : p;
+}
+
 // ---------------------------------------------------------------- dynamic-threshold selection
-// Per-sample state of the exact quantile selection (see select_threshold in step_cpu.cpp).
+// Per-sample state of the exact quantile selection (see threshold_from_stats in step_cpu.cpp):
+// the same two counts settle most samples; otherwise a radix select, 8 bits per pass, finds the
+// values of ranks lo and hi among |x0| > 1 (non-negative floats order as their bits do).
 struct Selection {
   unsigned long long above_one;  // |x0| > 1
   unsigned long long at_max;     // |x0| >= sample_max_value
-  unsigned int max_le_one_bits;  // bits of the largest |x0| <= 1 (non-negative floats order as ints)
+  unsigned int max_le_one_bits;  // bits of the largest |x0| <= 1
   int selecting;                 // 1 while the radix passes run for this sample
-  long long rank[2];             // ranks of v_lo, v_hi among the values > 1
+  long long rank[2];             // ranks of v_lo, v_hi among the values > 1, within the current prefix
   unsigned int prefix[2];        // their float bits, decided 8 bits per pass
   int need_lo;                   // v_lo is among the values > 1 (else it is max_le_one)
   float w;
   float s;                       // the threshold
 };
+
+constexpr int64_t kHistBins = 2 * 256;  // per sample: one 256-bin histogram per target (v_lo, v_hi)
+
+size_t selection_bytes(int64_t batch) { return (sizeof(Selection) * size_t(batch) + 255) / 256 * 256; }
 
 template <class T, int PRED, bool GUIDED>
 __device__ __forceinline__ float abs_raw_x0(const StepArraysCuda& a, const StepParams& p, int64_t e, int64_t b) {
@@ -63,32 +74,71 @@ __device__ __forceinline__ float abs_raw_x0(const StepArraysCuda& a, const StepP
   return fabsf(raw_x0<PRED, GUIDED>(p, load<T>(a.x, e), load<T>(a.cond, e), u, s));
 }
 
-template <class T, int PRED, bool GUIDED>
-__global__ void threshold_stats_kernel(StepArraysCuda a, StepParams p, Selection* sel) {
-  const int64_t total = a.batch * a.n;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = e / a.n;
-    const float v = abs_raw_x0<T, PRED, GUIDED>(a, p, e, b);
-    if (v > 1.0f) atomicAdd(&sel[b].above_one, 1ull);
-    if (v >= p.sample_max_value) atomicAdd(&sel[b].at_max, 1ull);
-    if (v <= 1.0f) atomicMax(&sel[b].max_le_one_bits, float_bits(v));
-  }
+// Adds 1 to bin `bin` of a shared histogram for every lane with `valid`, one atomic per distinct bin
+// of the warp (the first passes see only a few distinct top bytes). All 32 lanes must call it.
+__device__ __forceinline__ void warp_histogram_add(unsigned int* h, bool valid, unsigned int bin) {
+  const unsigned int key = valid ? bin : 0xFFFFFFFFu;
+  const unsigned int peers = __match_any_sync(0xFFFFFFFFu, key);
+  const int lane = threadIdx.x & 31;
+  if (valid && lane == __ffs(peers) - 1) atomicAdd(&h[bin], unsigned(__popc(peers)));
 }
 
-__global__ void threshold_plan_kernel(StepParams p, int64_t batch, int64_t n, Selection* sel) {
+// Grid (chunks, batch): each block reads one chunk of one sample, so no element needs a division
+// to find its sample. All threads of a block run the same number of iterations (warp collectives).
+#define PYDIFF_SAMPLE_LOOP(j, valid)                                                                    \
+  for (int64_t j##0 = int64_t(blockIdx.x) * blockDim.x; j##0 < a.n; j##0 += int64_t(gridDim.x) * blockDim.x) \
+    if (const int64_t j = j##0 + threadIdx.x; true)                                                     \
+      if (const bool valid = j < a.n; true)
+
+// Pass 1: the counts of threshold_from_stats, and the histogram of the top 8 bits of every |x0| > 1
+// (no prefix to match yet, so it serves both targets).
+template <class T, int PRED, bool GUIDED>
+__global__ void threshold_stats_kernel(StepArraysCuda a, StepParams p0, Selection* sel, unsigned long long* hist) {
+  const StepParams p = params_of(a, p0);
+  const int64_t b = blockIdx.y;
+  __shared__ unsigned int h[256];
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) h[i] = 0u;
+  __syncthreads();
+  unsigned long long above = 0, at_max = 0;
+  unsigned int max_le = 0u;
+  PYDIFF_SAMPLE_LOOP(j, valid) {
+    const float v = valid ? abs_raw_x0<T, PRED, GUIDED>(a, p, b * a.n + j, b) : 0.0f;
+    const bool gt1 = valid && v > 1.0f;
+    above += gt1;
+    at_max += valid && v >= p.sample_max_value;
+    if (valid && v <= 1.0f) max_le = max(max_le, float_bits(v));
+    warp_histogram_add(h, gt1, float_bits(v) >> 24);
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    above += __shfl_down_sync(0xFFFFFFFFu, above, off);
+    at_max += __shfl_down_sync(0xFFFFFFFFu, at_max, off);
+    max_le = max(max_le, __shfl_down_sync(0xFFFFFFFFu, max_le, off));
+  }
+  if ((threadIdx.x & 31) == 0) {
+    if (above) atomicAdd(&sel[b].above_one, above);
+    if (at_max) atomicAdd(&sel[b].at_max, at_max);
+    if (max_le) atomicMax(&sel[b].max_le_one_bits, max_le);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 256; i += blockDim.x)
+    if (h[i]) atomicAdd(&hist[b * kHistBins + i], (unsigned long long)h[i]);
+}
+
+__global__ void threshold_plan_kernel(StepArraysCuda a, StepParams p0, Selection* sel) {
+  const StepParams p = params_of(a, p0);
   const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (b >= batch) return;
+  if (b >= a.batch) return;
   Selection& s = sel[b];
   int64_t lo, hi;
   float w;
-  quantile_rank(p.dynamic_ratio, n, lo, hi, w);
-  const int64_t first_above = n - int64_t(s.above_one);
+  quantile_rank(p.dynamic_ratio, a.n, lo, hi, w);
+  const int64_t first_above = a.n - int64_t(s.above_one);  // sorted position of the first value > 1
   s.w = w;
   s.selecting = 0;
   if (hi < first_above) {
-    s.s = 1.0f;
-  } else if (lo >= n - int64_t(s.at_max)) {
-    s.s = p.sample_max_value;
+    s.s = 1.0f;  // the lerp of two values <= 1, clamped
+  } else if (lo >= a.n - int64_t(s.at_max)) {
+    s.s = p.sample_max_value;  // the lerp of two values >= sample_max_value, clamped
   } else {
     s.selecting = 1;
     s.need_lo = lo >= first_above;
@@ -98,85 +148,142 @@ __global__ void threshold_plan_kernel(StepParams p, int64_t batch, int64_t n, Se
   }
 }
 
-// One radix pass: histogram the 8 bits at `shift` of |x0| > 1 whose higher bits match each target's prefix.
+// Passes 2-4: histogram the 8 bits at `shift` of the |x0| > 1 whose higher bits match each target's prefix.
 template <class T, int PRED, bool GUIDED>
-__global__ void threshold_histogram_kernel(StepArraysCuda a, StepParams p, const Selection* sel, int shift,
-                                           unsigned long long* hist /* [B, 2, 256] */) {
-  const int64_t total = a.batch * a.n;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = e / a.n;
-    if (!sel[b].selecting) continue;
-    const float v = abs_raw_x0<T, PRED, GUIDED>(a, p, e, b);
-    if (!(v > 1.0f)) continue;
+__global__ void threshold_histogram_kernel(StepArraysCuda a, StepParams p0, const Selection* sel, int shift,
+                                           unsigned long long* hist) {
+  const int64_t b = blockIdx.y;
+  if (!sel[b].selecting) return;  // uniform over the block
+  const StepParams p = params_of(a, p0);
+  __shared__ unsigned int h[kHistBins];
+  for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) h[i] = 0u;
+  __syncthreads();
+  const unsigned int want0 = sel[b].prefix[0] >> (shift + 8), want1 = sel[b].prefix[1] >> (shift + 8);
+  PYDIFF_SAMPLE_LOOP(j, valid) {
+    const float v = valid ? abs_raw_x0<T, PRED, GUIDED>(a, p, b * a.n + j, b) : 0.0f;
+    const bool gt1 = valid && v > 1.0f;
     const unsigned int bits = float_bits(v);
-    for (int t = 0; t < 2; ++t) {
-      const bool match = shift == 24 || (bits >> (shift + 8)) == (sel[b].prefix[t] >> (shift + 8));
-      if (match) atomicAdd(&hist[(b * 2 + t) * 256 + ((bits >> shift) & 255u)], 1ull);
-    }
+    const unsigned int digit = (bits >> shift) & 255u;
+    warp_histogram_add(h, gt1 && (bits >> (shift + 8)) == want0, digit);
+    warp_histogram_add(h + 256, gt1 && (bits >> (shift + 8)) == want1, digit);
   }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kHistBins; i += blockDim.x)
+    if (h[i]) atomicAdd(&hist[b * kHistBins + i], (unsigned long long)h[i]);
 }
 
+// After each pass: fix the next 8 bits of each target's prefix, and clear the histograms.
 __global__ void threshold_scan_kernel(int64_t batch, int shift, Selection* sel, unsigned long long* hist) {
   const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (b >= batch || !sel[b].selecting) return;
-  for (int t = 0; t < 2; ++t) {
-    unsigned long long* h = hist + (b * 2 + t) * 256;
-    long long cum = 0;
-    for (int d = 0; d < 256; ++d) {
-      const long long c = (long long)h[d];
-      if (cum + c > sel[b].rank[t]) {
-        sel[b].prefix[t] |= unsigned(d) << shift;
-        sel[b].rank[t] -= cum;
-        break;
+  if (b >= batch) return;
+  unsigned long long* hb = hist + b * kHistBins;
+  if (sel[b].selecting) {
+    for (int t = 0; t < 2; ++t) {
+      const unsigned long long* h = hb + (shift == 24 ? 0 : t * 256);  // pass 1 has one histogram for both
+      long long cum = 0;
+      for (int d = 0; d < 256; ++d) {
+        const long long c = (long long)h[d];
+        if (cum + c > sel[b].rank[t]) {
+          sel[b].prefix[t] |= unsigned(d) << shift;
+          sel[b].rank[t] -= cum;
+          break;
+        }
+        cum += c;
       }
-      cum += c;
     }
-    for (int d = 0; d < 256; ++d) h[d] = 0ull;  // ready for the next pass
   }
+  for (int d = 0; d < kHistBins; ++d) hb[d] = 0ull;  // ready for the next pass
 }
 
-__global__ void threshold_finish_kernel(StepParams p, int64_t batch, Selection* sel, float* thresholds) {
+__global__ void threshold_finish_kernel(StepArraysCuda a, StepParams p0, Selection* sel) {
+  const StepParams p = params_of(a, p0);
   const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (b >= batch) return;
+  if (b >= a.batch) return;
   Selection& s = sel[b];
   if (s.selecting) {
     const float v_lo = s.need_lo ? bits_float(s.prefix[0]) : bits_float(s.max_le_one_bits);
     const float v_hi = bits_float(s.prefix[1]);
     s.s = clamp_threshold(torch_lerp(v_lo, v_hi, s.w), p.sample_max_value);
   }
-  if (thresholds) thresholds[b] = s.s;
+  if (a.thresholds) a.thresholds[b] = s.s;
 }
 
 // ---------------------------------------------------------------- the fused step
-// One thread per group of 4 consecutive elements: one Philox block gives their 4 normals.
+// Four consecutive elements per thread: one Philox block gives their 4 normals (the CPU twin's
+// grouping), and aligned groups move as one 16-byte (float32) or 8-byte (16-bit) access.
+template <class T> struct Vec4;
+template <> struct Vec4<float> { using type = float4; };
+template <> struct Vec4<__half> { using type = uint2; };
+template <> struct Vec4<__nv_bfloat16> { using type = uint2; };
+
+template <class T>
+__device__ __forceinline__ void load4(const void* p, int64_t e, bool vec, int64_t total, float v[4]) {
+  if (vec) {
+    const typename Vec4<T>::type raw = static_cast<const typename Vec4<T>::type*>(p)[e >> 2];
+    const T* t = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = load<T>(t, k);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = e + k < total ? load<T>(p, e + k) : 0.0f;
+  }
+}
+
+template <class T>
+__device__ __forceinline__ void store4(void* p, int64_t e, bool vec, int64_t total, const float v[4]) {
+  if (vec) {
+    typename Vec4<T>::type raw;
+    T* t = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) store<T>(t, k, v[k]);
+    static_cast<typename Vec4<T>::type*>(p)[e >> 2] = raw;
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      if (e + k < total) store<T>(p, e + k, v[k]);
+  }
+}
+
 template <class T, int PRED, bool GUIDED>
-__global__ void fused_step_kernel(StepArraysCuda a, StepParams p, const Selection* sel) {
+__global__ void fused_step_kernel(StepArraysCuda a, StepParams p0, const Selection* sel, bool aligned) {
+  const StepParams p = params_of(a, p0);
   const int64_t total = a.batch * a.n;
   const int64_t groups = (total + 3) / 4;
   const bool has_noise = p.c_noise != 0.0f;
   const bool has_prev = a.x0_prev != nullptr;
   const bool clipped_eps = p.use_clipped_eps && p.threshold_mode != kNoThreshold;
+  const bool small = total <= 0xFFFFFFFFll;
   unsigned int bad = 0;
   for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < groups; g += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t e0 = 4 * g;
+    const bool vec = aligned && e0 + 4 <= total;
     float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (has_noise) normal4(p.seed, p.noise_step, uint64_t(g), z);
+    float x[4], c[4], u[4] = {0.0f, 0.0f, 0.0f, 0.0f}, prev[4], r[4], x0[4];
+    load4<T>(a.x, e0, vec, total, x);
+    load4<T>(a.cond, e0, vec, total, c);
+    if (GUIDED) load4<T>(a.uncond, e0, vec, total, u);
+    if (has_prev) load4<T>(a.x0_prev, e0, vec, total, prev);
+    // The sample of the group's first element, then step across a sample boundary inside the group.
+    int64_t b = small ? int64_t(uint32_t(e0) / uint32_t(a.n)) : e0 / a.n;
+    int64_t next = (b + 1) * a.n;
+#pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const int64_t e = 4 * g + k;
-      if (e >= total) break;
-      const int64_t b = e / a.n;
-      const float s = a.scales ? a.scales[b] : a.scale;
+      if (e0 + k >= next) {
+        ++b;
+        next += a.n;
+      }
+      const int64_t bb = b < a.batch ? b : a.batch - 1;  // padding lanes of the last group
+      const float s = a.scales ? a.scales[bb] : a.scale;
       float limit, divisor;
-      threshold_limits(p, sel ? sel[b].s : 1.0f, limit, divisor);
-      const float x = load<T>(a.x, e);
-      const float c = load<T>(a.cond, e);
-      const float u = GUIDED ? load<T>(a.uncond, e) : 0.0f;
-      const float prev = has_prev ? load<T>(a.x0_prev, e) : x;  // any finite value when c_d == 0
-      float x0, m;
-      const float r = step_element<PRED, GUIDED>(p, x, c, u, s, limit, divisor, clipped_eps, prev, z[k], x0, m);
-      bad += !(fabsf(m) <= FLT_MAX) | !(fabsf(r) <= FLT_MAX);
-      store<T>(a.out, e, r);
-      if (a.x0_out) store<T>(a.x0_out, e, x0);
+      threshold_limits(p, sel ? sel[bb].s : 1.0f, limit, divisor);
+      float m;
+      r[k] = step_element<PRED, GUIDED>(p, x[k], c[k], u[k], s, limit, divisor, clipped_eps,
+                                        has_prev ? prev[k] : x[k], z[k], x0[k], m);
+      if (e0 + k < total) bad += !(fabsf(m) <= FLT_MAX) | !(fabsf(r[k]) <= FLT_MAX);
     }
+    store4<T>(a.out, e0, vec, total, r);
+    if (a.x0_out) store4<T>(a.x0_out, e0, vec, total, x0);
   }
   if (a.nonfinite) {
     for (int off = 16; off > 0; off >>= 1) bad += __shfl_down_sync(0xffffffffu, bad, off);
@@ -184,32 +291,49 @@ __global__ void fused_step_kernel(StepArraysCuda a, StepParams p, const Selectio
   }
 }
 
+__global__ void advance_kernel(int32_t* counter) { *counter += 1; }
+
+bool aligned_for_vectors(const StepArraysCuda& a) {
+  const uintptr_t mask = (a.storage == kFloat32 ? 16 : 8) - 1;
+  auto ok = [&](const void* p) { return (reinterpret_cast<uintptr_t>(p) & mask) == 0; };
+  return ok(a.x) && ok(a.cond) && ok(a.uncond) && ok(a.x0_prev) && ok(a.x0_out) && ok(a.out);
+}
+
 template <class T, int PRED, bool GUIDED>
 int launch(const StepArraysCuda& a, const StepParams& p, cudaStream_t stream) {
   const int64_t total = a.batch * a.n;
   Selection* sel = nullptr;
-  unsigned long long* hist = nullptr;
+  void* owned = nullptr;
   if (p.threshold_mode == kDynamic) {
-    // Stream-ordered allocations: no synchronisation, and capturable in a CUDA graph.
-    if (cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&sel), sizeof(Selection) * a.batch, stream)) return e;
-    if (cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&hist), sizeof(unsigned long long) * a.batch * 512, stream))
-      return e;
-    cudaMemsetAsync(sel, 0, sizeof(Selection) * a.batch, stream);
-    cudaMemsetAsync(hist, 0, sizeof(unsigned long long) * a.batch * 512, stream);
-    threshold_stats_kernel<T, PRED, GUIDED><<<blocks_for(total), kThreads, 0, stream>>>(a, p, sel);
+    if (a.batch > 65535) return int(cudaErrorInvalidValue);  // grid.y is the sample
+    const size_t need = fused_step_workspace_bytes(a.batch);
+    void* ws = a.workspace;
+    if (!ws || a.workspace_bytes < need) {
+      // Stream-ordered: no synchronisation, and capturable in a CUDA graph.
+      if (cudaError_t e = cudaMallocAsync(&owned, need, stream)) return int(e);
+      ws = owned;
+    }
+    sel = static_cast<Selection*>(ws);
+    auto* hist = reinterpret_cast<unsigned long long*>(static_cast<char*>(ws) + selection_bytes(a.batch));
+    cudaMemsetAsync(ws, 0, need, stream);
+    // Enough blocks per sample to fill the GPU, and no more than its chunks of kThreads elements.
+    const int64_t chunks = (a.n + kThreads - 1) / kThreads;
+    const int64_t per_sample = (1024 + a.batch - 1) / a.batch;
+    const dim3 grid(unsigned(chunks < per_sample ? chunks : per_sample), unsigned(a.batch));
     const int sample_blocks = int((a.batch + kThreads - 1) / kThreads);
-    threshold_plan_kernel<<<sample_blocks, kThreads, 0, stream>>>(p, a.batch, a.n, sel);
-    for (int shift = 24; shift >= 0; shift -= 8) {
-      threshold_histogram_kernel<T, PRED, GUIDED><<<blocks_for(total), kThreads, 0, stream>>>(a, p, sel, shift, hist);
+    threshold_stats_kernel<T, PRED, GUIDED><<<grid, kThreads, 0, stream>>>(a, p, sel, hist);
+    threshold_plan_kernel<<<sample_blocks, kThreads, 0, stream>>>(a, p, sel);
+    threshold_scan_kernel<<<sample_blocks, kThreads, 0, stream>>>(a.batch, 24, sel, hist);
+    for (int shift = 16; shift >= 0; shift -= 8) {
+      threshold_histogram_kernel<T, PRED, GUIDED><<<grid, kThreads, 0, stream>>>(a, p, sel, shift, hist);
       threshold_scan_kernel<<<sample_blocks, kThreads, 0, stream>>>(a.batch, shift, sel, hist);
     }
-    threshold_finish_kernel<<<sample_blocks, kThreads, 0, stream>>>(p, a.batch, sel, a.thresholds);
+    threshold_finish_kernel<<<sample_blocks, kThreads, 0, stream>>>(a, p, sel);
   }
-  fused_step_kernel<T, PRED, GUIDED><<<blocks_for((total + 3) / 4), kThreads, 0, stream>>>(a, p, sel);
-  if (sel) {
-    cudaFreeAsync(sel, stream);
-    cudaFreeAsync(hist, stream);
-  }
+  fused_step_kernel<T, PRED, GUIDED>
+      <<<blocks_for((total + 3) / 4), kThreads, 0, stream>>>(a, p, sel, aligned_for_vectors(a));
+  if (a.step_counter) advance_kernel<<<1, 1, 0, stream>>>(a.step_counter);
+  if (owned) cudaFreeAsync(owned, stream);
   return int(cudaGetLastError());
 }
 
@@ -247,6 +371,10 @@ __global__ void cfg_mix_kernel(const float* cond, const float* uncond, const flo
 }
 
 }  // namespace
+
+size_t fused_step_workspace_bytes(int64_t batch) {
+  return selection_bytes(batch) + sizeof(unsigned long long) * size_t(kHistBins) * size_t(batch);
+}
 
 int fused_step_cuda(const StepArraysCuda& a, const StepParams& p, cudaStream_t stream) {
   if (a.batch == 0 || a.n == 0) return 0;

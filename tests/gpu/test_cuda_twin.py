@@ -123,3 +123,89 @@ def test_cuda_array_interface_round_trip():
     cuda.fused_step(CAI(x), CAI(mo), p, out=CAI(b))
     torch.cuda.synchronize()
     assert torch.equal(a, b)
+
+
+def _realistic(shape, alpha=0.6, sigma=0.8, seed=0):
+    """x_t and [cond; uncond] of a good model: with guidance 5 the 0.995-quantile of |x0| falls in
+    (1, 1.5), so the dynamic threshold is really selected (not settled by its clamp)."""
+    rng = np.random.default_rng(seed)
+    x0 = 0.4 * rng.standard_normal(shape)
+    eps = rng.standard_normal(shape)
+    x = (alpha * x0 + sigma * eps).astype(np.float32)
+    both = np.concatenate([eps + 0.02 * rng.standard_normal(shape), eps + 0.02 * rng.standard_normal(shape)])
+    return x, both.astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(16, 3, 64, 64), (3, 1, 33, 17), (1, (1 << 24) + 7)])
+def test_dynamic_threshold_selected_exactly(shape):
+    import torch
+
+    x, mo = _realistic(shape)
+    p = ops.step_params(**_params(threshold_mode=2, c_noise=0.3))
+    B = shape[0]
+    thr_cpu = np.empty(B, np.float32)
+    want, _ = ops.fused_step(x, mo, p, guidance_scale=5.0, thresholds=thr_cpu)
+    assert np.mean((thr_cpu > 1) & (thr_cpu < 1.5)) == 1.0  # the radix select really ran
+    out, thr = torch.empty(shape, device="cuda"), torch.empty(B, device="cuda")
+    ws = torch.empty(cuda.workspace_bytes(B), dtype=torch.uint8, device="cuda")
+    for workspace in (None, ws):
+        cuda.fused_step(_dev(x), _dev(mo), p, out=out, guidance_scale=5.0, thresholds=thr, workspace=workspace)
+        torch.cuda.synchronize()
+        assert np.array_equal(thr.cpu().numpy(), thr_cpu)
+        np.testing.assert_allclose(out.cpu().numpy(), want, rtol=4e-7 * 8, atol=1e-6)
+
+
+def test_param_table_rows_and_counter():
+    import torch
+
+    from pydiff import _C
+
+    x, mo = _realistic((4, 3, 16, 16))
+    rows = [_params(threshold_mode=2, alpha=0.5 + 0.1 * i, sigma=0.7, c_noise=0.1 * i, noise_step=i, c_x=0.8 + 0.05 * i)
+            for i in range(3)]
+    table = torch.frombuffer(bytearray(_C.pack_step_params([ops.step_params(**r) for r in rows])),
+                             dtype=torch.uint8).cuda()
+    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+    out = torch.empty(x.shape, device="cuda")
+    for i, r in enumerate(rows):
+        want, _ = ops.fused_step(x, mo, ops.step_params(**r), guidance_scale=5.0)
+        # the by-value params are a decoy: the step must read row counter[0] of the table
+        cuda.fused_step(_dev(x), _dev(mo), ops.step_params(**rows[0], ), out=out, guidance_scale=5.0,
+                        param_table=table, step_counter=counter)
+        torch.cuda.synchronize()
+        assert int(counter.item()) == i + 1
+        np.testing.assert_allclose(out.cpu().numpy(), want, rtol=4e-7 * 8, atol=1e-6)
+
+
+def test_dlpack_round_trip():
+    import torch
+
+    class DL:  # a foreign device array that speaks DLPack only
+        def __init__(self, t):
+            self.t = t
+
+        def __dlpack__(self, stream=None):
+            return self.t.__dlpack__(stream=stream)
+
+        def __dlpack_device__(self):
+            return self.t.__dlpack_device__()
+
+    x, mo = torch.randn(3, 16, device="cuda"), torch.randn(3, 16, device="cuda")
+    p = ops.step_params(**_params())
+    a, b = torch.empty_like(x), torch.empty_like(x)
+    cuda.fused_step(x, mo, p, out=a)
+    cuda.fused_step(DL(x), DL(mo), p, out=DL(b))
+    torch.cuda.synchronize()
+    assert torch.equal(a, b)
+
+
+def test_cupy_arrays():
+    cp = pytest.importorskip("cupy")
+    x, mo = _realistic((2, 3, 8, 8))
+    p = ops.step_params(**_params(threshold_mode=2))
+    want, _ = ops.fused_step(x, mo, p, guidance_scale=5.0)
+    out = cp.empty(x.shape, cp.float32)
+    s = cp.cuda.Stream(non_blocking=True)
+    cuda.fused_step(cp.asarray(x), cp.asarray(mo), p, out=out, guidance_scale=5.0, stream=s)
+    s.synchronize()
+    np.testing.assert_allclose(cp.asnumpy(out), want, rtol=4e-7 * 8, atol=1e-6)

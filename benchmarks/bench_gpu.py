@@ -1,0 +1,249 @@
+"""GPU benchmarks of the CUDA twin (issue 3), side by side in one run, written as JSON.
+
+1. bandwidth: the fused step's achieved GB/s (the bytes it must move: x, cond, uncond in, x_prev out)
+   against a device-to-device copy moving as many bytes; GPU time only (20 launches captured in a
+   CUDA graph, replayed between CUDA events), so launch overhead does not count.
+2. per_step: one step as a user runs it eagerly (wall time of 50 launches, then one synchronisation):
+   pydiff.cuda.fused_step against diffusers' scheduler.step plus the usual torch CFG mix, thresholding
+   off (DDIM) and dynamic (DDPM, Imagen's thresholding).
+3. graph: steps/s of the bundled shapes base network (torch, its EMA training weights rounded to fp16 as
+   the package ships them) with classifier-free guidance, eager against CUDA-graph replay
+   (pydiff.cuda_graph), DPM-Solver++ 25 steps at the package's settings.
+
+    python benchmarks/bench_gpu.py --json results/gpu.json [--checkpoint RUN_DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import pydiff
+from pydiff import cuda, ops
+
+BANDWIDTH_SHAPES = [(4, 3, 64, 64), (16, 3, 64, 64), (4, 3, 256, 256), (1, 4, 128, 128), (16, 3, 256, 256),
+                    (4, 3, 1024, 1024)]
+STEP_SHAPES = [(16, 3, 64, 64), (16, 3, 256, 256), (4, 3, 1024, 1024)]
+GUIDANCE = 5.0
+STEPS = 50
+STEP_INDEX = 20
+
+
+def realistic_inputs(shape, alpha, sigma, seed=0):
+    """x_t and [cond; uncond] of a good model (see bench_step.py): with guidance 5 the dynamic threshold
+    falls inside (1, 1.5), so it is really selected."""
+    rng = np.random.default_rng(seed)
+    x0 = 0.4 * rng.standard_normal(shape, dtype=np.float32)
+    eps = rng.standard_normal(shape, dtype=np.float32)
+    x = (alpha * x0 + sigma * eps).astype(np.float32)
+    both = np.concatenate([eps + 0.02 * rng.standard_normal(shape, dtype=np.float32),
+                           eps + 0.02 * rng.standard_normal(shape, dtype=np.float32)])
+    return x, both.astype(np.float32)
+
+
+def gpu_time(torch, fn, launches=20, replays=10) -> float:
+    """Seconds per call of fn on the GPU alone: `launches` calls captured in one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(launches):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / launches)
+    return statistics.median(times)
+
+
+def wall_time(torch, fn, calls=50, repeats=7) -> float:
+    """Seconds per call as a user sees it: `calls` eager calls, then one synchronisation (median)."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / calls)
+    return statistics.median(times)
+
+
+def schedule(thresholding: bool) -> pydiff.Schedule:
+    return pydiff.Schedule(beta_schedule="squaredcos_cap_v2", clip_sample=False, thresholding=thresholding,
+                           dynamic_thresholding_ratio=0.995, sample_max_value=1.5)
+
+
+def bench_bandwidth(torch, shapes):
+    rows = []
+    smp = pydiff.make_sampler("ddim", schedule(False), STEPS)
+    fields = smp.params(STEP_INDEX, seed=1)
+    p = ops.step_params(**fields)
+    for shape in shapes:
+        n = int(np.prod(shape))
+        x, both = (torch.from_numpy(a).cuda() for a in realistic_inputs(shape, fields["alpha"], fields["sigma"]))
+        out = torch.empty_like(x)
+        step_bytes = 4 * n * 4  # x, cond, uncond in; x_prev out
+        t_step = gpu_time(torch, lambda: cuda.fused_step(x, both, p, out=out, guidance_scale=GUIDANCE,
+                                                         stream=torch.cuda.current_stream().cuda_stream))
+        src = torch.ones(step_bytes // 8, device="cuda")  # a copy moves 2x its size: as many bytes as the step
+        dst = torch.empty_like(src)
+        t_copy = gpu_time(torch, lambda: dst.copy_(src))
+        dyn = ops.step_params(**pydiff.make_sampler("ddpm", schedule(True), STEPS).params(STEP_INDEX, seed=1))
+        ws = torch.empty(cuda.workspace_bytes(shape[0]), dtype=torch.uint8, device="cuda")
+        t_dyn = gpu_time(torch, lambda: cuda.fused_step(x, both, dyn, out=out, guidance_scale=GUIDANCE, workspace=ws,
+                                                        stream=torch.cuda.current_stream().cuda_stream))
+        row = dict(shape="x".join(map(str, shape)), step_us=t_step * 1e6, copy_us=t_copy * 1e6,
+                   step_GBps=step_bytes / t_step / 1e9, copy_GBps=step_bytes / t_copy / 1e9,
+                   fraction_of_copy=t_copy / t_step, dynamic_step_us=t_dyn * 1e6)
+        rows.append(row)
+        print("bandwidth", json.dumps(row), flush=True)
+        del x, both, out, src, dst
+    return rows
+
+
+def diffusers_step(torch, diffusers, sampler, thresholding, x, both, t):
+    cfg = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", thresholding=thresholding,
+               dynamic_thresholding_ratio=0.995, sample_max_value=1.5, clip_sample=False)
+    s = (diffusers.DDPMScheduler if sampler == "ddpm" else diffusers.DDIMScheduler)(**cfg)
+    s.set_timesteps(STEPS)
+
+    def step():
+        c, u = both.chunk(2)
+        eps = u + GUIDANCE * (c - u)  # the usual torch CFG mix
+        return s.step(eps, t, x).prev_sample
+
+    return step
+
+
+def bench_per_step(torch, shapes):
+    try:
+        import diffusers
+    except ImportError as e:
+        print(f"per_step: diffusers is not installed ({e}); skipped", flush=True)
+        return []
+    rows = []
+    for shape in shapes:
+        for sampler, thr in (("ddim", False), ("ddpm", True)):
+            smp = pydiff.make_sampler(sampler, schedule(thr), STEPS)
+            fields = smp.params(STEP_INDEX, seed=1)
+            p = ops.step_params(**fields)
+            x, both = (torch.from_numpy(a).cuda() for a in realistic_inputs(shape, fields["alpha"], fields["sigma"]))
+            out = torch.empty_like(x)
+            thresholds = torch.empty(shape[0], device="cuda")
+            ours = wall_time(torch, lambda: cuda.fused_step(x, both, p, out=out, guidance_scale=GUIDANCE,
+                                                            thresholds=thresholds))
+            t = int(smp.timesteps[STEP_INDEX])
+            theirs = wall_time(torch, diffusers_step(torch, diffusers, sampler, thr, x, both, t))
+            # the two agree (DDIM exactly up to rounding; DDPM up to its noise, so compare the mean)
+            ref = diffusers_step(torch, diffusers, sampler, thr, x, both, t)()
+            cuda.fused_step(x, both, p, out=out, guidance_scale=GUIDANCE, thresholds=thresholds)
+            torch.cuda.synchronize()
+            if sampler == "ddim":
+                agree = float((out - ref).abs().max())
+            else:
+                agree = float((out - ref).mean().abs())
+            sel = float(((thresholds > 1) & (thresholds < 1.5)).float().mean()) if thr else 0.0
+            row = dict(shape="x".join(map(str, shape)), sampler=sampler, thresholding="dynamic" if thr else "off",
+                       pydiff_us=ours * 1e6, diffusers_us=theirs * 1e6, speedup=theirs / ours,
+                       gpu_only_pydiff_us=gpu_time(torch, lambda: cuda.fused_step(
+                           x, both, p, out=out, guidance_scale=GUIDANCE,
+                           stream=torch.cuda.current_stream().cuda_stream)) * 1e6,
+                       agreement=agree, selected_fraction=sel)
+            rows.append(row)
+            print("per_step", json.dumps(row), flush=True)
+            del x, both, out
+    return rows
+
+
+def bench_graph(torch, checkpoint, batches=(1, 8)):
+    from pydiff.bench import load_torch_modules
+    from pydiff.cuda_graph import GraphSampler, StepPlan
+
+    pipe = pydiff.load()  # the bundled shapes cascade
+    stage = pipe.package.stages[0]
+    net = load_torch_modules({stage.name: checkpoint})[stage.name].cuda().eval()
+    enc = pipe.backend.text_encoder
+    rows = []
+    for B in batches:
+        states, mask = enc.encode(["a red circle on a blue background"] * B + [""] * B)
+        st, mk = torch.from_numpy(states).cuda(), torch.from_numpy(mask).cuda()
+
+        def network(x, t):
+            with torch.inference_mode():
+                return net(sample=x, timestep=t, encoder_hidden_states=st, encoder_attention_mask=mk)
+
+        smp = pydiff.make_sampler("dpmpp_2m", pipe._schedules[stage.name], 25)  # static clipping, as recommended
+        plan = StepPlan.from_sampler(smp, seed=0)
+        shape = (B, stage.channels, stage.resolution, stage.resolution)
+        x_T = torch.from_numpy(ops.randn(shape, 0, 2**32 - 1)).cuda()
+        res = {}
+        outs = {}
+        for graph in (False, True):
+            r = GraphSampler(network, plan, shape=shape, guidance_scale=5.0, graph=graph)
+            outs[graph] = r.run(x_T)  # warm-up (and capture)
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                r.run(x_T)
+                times.append(time.perf_counter() - t0)
+            res[graph] = len(plan) / statistics.median(times)
+        row = dict(batch=B, steps=len(plan), eager_steps_per_s=res[False], graph_steps_per_s=res[True],
+                   graph_speedup=res[True] / res[False],
+                   graph_vs_eager_max_abs=float((outs[True] - outs[False]).abs().max()))
+        rows.append(row)
+        print("graph", json.dumps(row), flush=True)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--checkpoint", help="training run of the shapes base stage (for the graph benchmark)")
+    ap.add_argument("--only", choices=["bandwidth", "per_step", "graph"], nargs="*")
+    args = ap.parse_args(argv)
+    import torch
+
+    if not cuda.available():
+        sys.exit("bench_gpu: no GPU, or pydiff built without PYDIFF_CUDA=1")
+    torch.backends.cudnn.benchmark = True
+    results = dict(meta=dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                             python=platform.python_version(), pydiff=pydiff.__version__))
+    want = set(args.only or ["bandwidth", "per_step", "graph"])
+    for name, fn in (("bandwidth", lambda: bench_bandwidth(torch, BANDWIDTH_SHAPES)),
+                     ("per_step", lambda: bench_per_step(torch, STEP_SHAPES)),
+                     ("graph", lambda: bench_graph(torch, args.checkpoint) if args.checkpoint else [])):
+        if name not in want:
+            continue
+        try:
+            results[name] = fn()
+        except Exception as e:  # keep the other sections' figures
+            import traceback
+
+            traceback.print_exc()
+            results[name + "_error"] = f"{type(e).__name__}: {e}"
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
