@@ -69,8 +69,12 @@ def _common(p, *, prompts=True):
     g = p.add_argument_group("model and sampling")
     g.add_argument("--model", metavar="PATH", help="model package directory or bundled name "
                                                    "(default: the bundled shapes cascade)")
-    g.add_argument("--backend", default="auto", choices=["auto", "onnxruntime"],
-                   help="runtime for the networks (default: onnxruntime)")
+    g.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
+                   help="runtime for the networks (default: onnxruntime; tensorrt needs "
+                        "pydiff[tensorrt] and a GPU)")
+    g.add_argument("--provider", choices=["auto", "cpu", "cuda", "tensorrt"], default=None,
+                   help="ONNX Runtime execution provider (default: CUDA when this onnxruntime "
+                        "has it, else CPU; cuda/tensorrt need onnxruntime-gpu)")
     g.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt")
     g.add_argument("--steps", action="append", metavar="[STAGE=]N", help="sampling steps")
     g.add_argument("--sampler", action="append", metavar="[STAGE=]NAME",
@@ -259,7 +263,8 @@ def _cmd_images(args) -> int:
         kwargs["seed"] = secrets.randbits(63)
 
     t0 = time.perf_counter()
-    pipe = _pipeline(args.model, args.backend)
+    pipe = _pipeline(args.model, args.backend,
+                     **({"providers": args.provider} if args.provider else {}))
     plan = pipe.plan(prompt=prompts, mode=mode, **kwargs)   # validation: errors exit 2
     try:
         images = pipe.execute(plan)
@@ -392,6 +397,7 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    from .backends.base import BackendUnavailableError
     from .package import PackageError
 
     try:
@@ -400,7 +406,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("pydiff: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (UsageError, PackageError, ValueError, TypeError, FileNotFoundError) as e:
+    except (UsageError, PackageError, ValueError, TypeError, FileNotFoundError,
+            BackendUnavailableError) as e:
         if debug:
             raise
         msg = str(e).replace("\n", " ") or type(e).__name__

@@ -8,6 +8,16 @@ import numpy as np
 from ..package import Package, Stage
 
 
+class BackendUnavailableError(ImportError):
+    """An optional runtime (onnxruntime-gpu's CUDA provider, TensorRT) is not installed here; the
+    message names what is missing and how to install it."""
+
+
+def input_dtype(name: str) -> type:
+    """The NumPy dtype of a stage network input (docs/model-package.md): int64 labels, else f32."""
+    return np.int64 if name == "class_labels" else np.float32
+
+
 class StageModel:
     """Callable `model(x_t [B,C,H,W] f32, t [B] f32, cond: dict name -> [B,...]) -> [B,C,H,W] f32`.
 
@@ -18,20 +28,24 @@ class StageModel:
     def __init__(self, stage: Stage):
         self.stage = stage
 
-    def feeds(self, x: np.ndarray, t: np.ndarray, cond: Mapping[str, np.ndarray] | None) -> dict:
-        feeds = {"sample": np.ascontiguousarray(x, dtype=np.float32),
-                 "timestep": np.ascontiguousarray(np.broadcast_to(np.asarray(t, np.float32),
-                                                                  (x.shape[0],)))}
+    def input_values(self, x, t, cond: Mapping | None) -> dict:
+        """The stage's network inputs by name, as given (host or device arrays), unconverted."""
+        values = {"sample": x, "timestep": t}
         cond = cond or {}
         for name in self.stage.inputs:
-            if name in feeds:
+            if name in values:
                 continue
             if name not in cond:
                 raise ValueError(f"stage {self.stage.name!r} needs the input {name!r}, "
                                  f"which the pipeline did not provide")
-            dtype = np.int64 if name == "class_labels" else np.float32
-            feeds[name] = np.ascontiguousarray(cond[name], dtype=dtype)
-        return feeds
+            values[name] = cond[name]
+        return values
+
+    def feeds(self, x: np.ndarray, t: np.ndarray, cond: Mapping[str, np.ndarray] | None) -> dict:
+        """`input_values` as C-contiguous host arrays of the format's dtypes; `t` broadcast to [B]."""
+        feeds = self.input_values(x, t, cond)
+        feeds["timestep"] = np.broadcast_to(np.asarray(t, np.float32), (np.shape(x)[0],))
+        return {name: np.ascontiguousarray(v, dtype=input_dtype(name)) for name, v in feeds.items()}
 
     def __call__(self, x, t, cond=None):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -1,8 +1,25 @@
-"""ONNX Runtime backend: one InferenceSession per stage, created once and shared by all calls."""
+"""ONNX Runtime backend: one InferenceSession per stage, created once and shared by all calls.
+
+Providers: `providers=` None (CUDA where this onnxruntime build has it, else CPU, silently),
+"auto" (the same, with a warning when it falls back to the CPU), "cpu", "cuda", "tensorrt", or a
+list of ONNX Runtime provider names. A provider this build lacks is a `BackendUnavailableError`.
+
+`OrtStageModel.run_device` runs a stage through ORT IO binding, so that callers holding device
+arrays (OrtValues, torch CUDA tensors) chain network calls and pydiff's CUDA step without host copies.
+"""
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
+
 from ..package import Package, PackageError, check_stage_io, check_text_encoder_io
-from .base import Backend, StageModel
+from .base import Backend, BackendUnavailableError, StageModel, input_dtype
+
+CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+# --provider choice -> ORT providers, in priority order (CPU stays as the fallback for odd nodes)
+PROVIDER_CHOICES = {"cpu": (CPU,), "cuda": (CUDA, CPU), "tensorrt": (TENSORRT, CUDA, CPU)}
+_ORT_TYPES = {np.float32: "tensor(float)", np.int64: "tensor(int64)"}
 
 
 def default_providers() -> list[str]:
@@ -10,8 +27,42 @@ def default_providers() -> list[str]:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    providers = [p for p in ("CUDAExecutionProvider",) if p in available]
-    return providers + ["CPUExecutionProvider"]
+    providers = [p for p in (CUDA,) if p in available]
+    return providers + [CPU]
+
+
+def resolve_providers(providers=None, device_id: int = 0) -> list:
+    """ORT's provider list for None, "auto", "cpu", "cuda", "tensorrt" or a list of ORT names."""
+    import onnxruntime as ort
+
+    if providers is None:
+        return default_providers()
+    available = ort.get_available_providers()
+    if isinstance(providers, str):
+        key = providers.lower()
+        if key == "auto":
+            key = "cuda" if CUDA in available else "cpu"
+            if key == "cpu":
+                warnings.warn(f"providers='auto': this onnxruntime {ort.__version__} build has no "
+                              f"{CUDA} (it has {available}); running on the CPU. For the GPU: "
+                              f"pip uninstall onnxruntime && pip install onnxruntime-gpu",
+                              RuntimeWarning, stacklevel=3)
+        if key not in PROVIDER_CHOICES:
+            raise ValueError(f"unknown provider {providers!r}; choose one of "
+                             f"{['auto', *PROVIDER_CHOICES]} or a list of ONNX Runtime provider names")
+        names = PROVIDER_CHOICES[key]
+        chosen = [(p, {"device_id": device_id}) if p != CPU else p for p in names]
+    else:
+        chosen = list(providers)
+        names = [p if isinstance(p, str) else p[0] for p in chosen]
+    missing = [p for p in names if p not in available]
+    if missing:
+        raise BackendUnavailableError(
+            f"this onnxruntime {ort.__version__} build lacks {missing} (it has {available}); "
+            f"the CUDA and TensorRT providers come with the GPU build: pip uninstall onnxruntime && "
+            f"pip install onnxruntime-gpu (TensorRT also needs NVIDIA's TensorRT libraries), or "
+            f"choose the CPU (providers='cpu', --provider cpu)")
+    return chosen
 
 
 def _session(path, providers, session_options):
@@ -46,6 +97,10 @@ class OrtStageModel(StageModel):
         super().__init__(stage)
         self.session = session
         self._outputs = [stage.output]
+        # where run_device binds: the CUDA provider's device when the session has it
+        opts = session.get_provider_options().get(CUDA)
+        self.device = "cuda" if opts is not None else "cpu"
+        self.device_id = int(opts.get("device_id", 0)) if opts is not None else 0
 
     def __call__(self, x, t, cond=None):
         (out,) = self.session.run(self._outputs, self.feeds(x, t, cond))
@@ -54,14 +109,104 @@ class OrtStageModel(StageModel):
                                f"for a sample of shape {x.shape}")
         return out
 
+    def run_device(self, x, t, cond=None, *, out=None):
+        """One network call through ORT IO binding; returns `out`, or the output OrtValue.
+
+        `x` [B,C,H,W] f32, `t` [B] f32 (a host scalar is broadcast), `cond` name -> [B,...]: each an
+        OrtValue, a device array with `__cuda_array_interface__` (torch CUDA tensor, CuPy), or host
+        data (copied in by ORT). Device arrays must have the input's dtype, be C-contiguous and be
+        complete on their stream. `out`: None (ORT allocates it on the session's device, `.device`),
+        or an OrtValue / device array / NumPy array of x's shape, f32, C-contiguous, written in place.
+        """
+        binding = self.session.io_binding()
+        keep = []   # host arrays bound by pointer must outlive run_with_iobinding
+        values = self.input_values(x, t, cond)
+        x_shape = self._bind(binding, "sample", x, keep, binding.bind_input)
+        if not _on_device(t):
+            values["timestep"] = np.broadcast_to(np.asarray(t, np.float32), x_shape[:1])
+        for name, value in values.items():
+            if name != "sample":
+                self._bind(binding, name, value, keep, binding.bind_input)
+        if out is None:
+            binding.bind_output(self.stage.output, self.device, self.device_id)
+        else:
+            out_shape = self._bind(binding, "out", out, keep, binding.bind_output)
+            if out_shape != x_shape:
+                raise ValueError(f"out: shape {out_shape} differs from the sample's {x_shape}")
+        self.session.run_with_iobinding(binding)
+        if out is None:
+            (out,) = binding.get_outputs()
+            if tuple(out.shape()) != x_shape:
+                raise RuntimeError(f"stage {self.stage.name!r}: the network returned shape "
+                                   f"{tuple(out.shape())} for a sample of shape {x_shape}")
+        return out
+
+    def _bind(self, binding, name, value, keep, bind) -> tuple:
+        """Bind `value` as input (or output "out") `name`; returns its shape."""
+        import onnxruntime as ort
+
+        port = self.stage.output if name == "out" else name
+        dtype = np.float32 if name == "out" else input_dtype(name)
+        if isinstance(value, ort.OrtValue):
+            if value.data_type() != _ORT_TYPES[dtype]:
+                raise TypeError(f"{name}: expected an OrtValue of {_ORT_TYPES[dtype]}, got "
+                                f"{value.data_type()}")
+            if name == "out":
+                binding.bind_ortvalue_output(port, value)
+            else:
+                binding.bind_ortvalue_input(port, value)
+            return tuple(value.shape())
+        if hasattr(value, "__cuda_array_interface__"):
+            device, iface = "cuda", value.__cuda_array_interface__
+            if self.device != "cuda":
+                raise ValueError(f"{name}: a CUDA array, but this session runs on "
+                                 f"{self.session.get_providers()}; load with providers='cuda'")
+            index = getattr(getattr(value, "device", None), "index", None)
+            if index is not None and index != self.device_id:
+                raise ValueError(f"{name}: on CUDA device {index}, the session on {self.device_id}")
+        elif name == "out":
+            if not isinstance(value, np.ndarray):
+                raise TypeError(f"out: expected an OrtValue, a CUDA array or a NumPy array, got "
+                                f"{type(value).__name__}")
+            device, iface = "cpu", value.__array_interface__
+        else:   # host data: converted like __call__'s feeds, bound by pointer like a device array
+            value = np.ascontiguousarray(value, dtype=dtype)
+            keep.append(value)
+            device, iface = "cpu", value.__array_interface__
+        shape = _check_interface(name, iface, dtype)
+        bind(port, device, self.device_id if device == "cuda" else 0, dtype, list(shape),
+             iface["data"][0])
+        return shape
+
+
+def _on_device(v) -> bool:
+    """An OrtValue or a CUDA array: bound as it is, never converted."""
+    import onnxruntime as ort
+
+    return isinstance(v, ort.OrtValue) or hasattr(v, "__cuda_array_interface__")
+
+
+def _check_interface(name, iface: dict, dtype) -> tuple:
+    """The shape of an array interface (NumPy's or CUDA's) of `dtype`, C-contiguous, else raise."""
+    shape = tuple(iface["shape"])
+    if np.dtype(iface["typestr"]) != np.dtype(dtype):
+        raise TypeError(f"{name}: expected {np.dtype(dtype)}, got {np.dtype(iface['typestr'])} "
+                        f"(device arrays are not converted)")
+    strides, itemsize = iface.get("strides"), np.dtype(dtype).itemsize
+    dense = [itemsize * int(np.prod(shape[i + 1:])) for i in range(len(shape))]
+    if strides is not None and any(n > 1 and s != d for n, s, d in zip(shape, strides, dense)):
+        raise ValueError(f"{name}: must be C-contiguous (strides {tuple(strides)}, shape {shape})")
+    if name == "out" and iface["data"][1]:
+        raise ValueError("out: is read-only")
+    return shape
+
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, package: Package, providers: list[str] | None = None,
-                 session_options=None):
+    def __init__(self, package: Package, providers=None, session_options=None, device_id: int = 0):
         super().__init__(package)
-        self.providers = list(providers) if providers else default_providers()
+        self.providers = resolve_providers(providers, device_id)
         self.text_encoder = load_text_encoder(package, self.providers, session_options)
         for stage in package.stages:
             sess = _session(stage.onnx, self.providers, session_options)

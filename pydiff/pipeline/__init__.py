@@ -15,7 +15,7 @@ from .pipeline import Pipeline, bundled_packages, bundled_path
 __all__ = ["Pipeline", "load", "generate", "inpaint", "img2img", "upscale", "PackageError",
            "load_package", "bundled_path", "bundled_packages", "clear_cache"]
 
-_cache: dict[tuple[str, str], Pipeline] = {}
+_cache: dict[tuple[str, str, str], Pipeline] = {}
 _cache_lock = threading.Lock()
 
 
@@ -24,7 +24,7 @@ def load(path=None, backend: str = "auto", **backend_options) -> Pipeline:
     return Pipeline(path, backend=backend, **backend_options)
 
 
-def _pipeline(model, backend="auto") -> Pipeline:
+def _pipeline(model, backend="auto", **backend_options) -> Pipeline:
     if isinstance(model, Pipeline):
         return model
     if model is None:
@@ -36,12 +36,13 @@ def _pipeline(model, backend="auto") -> Pipeline:
     else:
         raise TypeError(f"model must be a package path, a bundled package name or a Pipeline, "
                         f"got {type(model).__name__}")
-    key = (os.path.realpath(path), str(backend))
+    key = (os.path.realpath(path), str(backend), repr(sorted(backend_options.items())))
     with _cache_lock:
         pipe = _cache.get(key)
         if pipe is None:
             # None: Pipeline explains a missing bundled package itself
-            pipe = _cache[key] = Pipeline(None if model is None else path, backend=backend)
+            pipe = _cache[key] = Pipeline(None if model is None else path, backend=backend,
+                                          **backend_options)
         return pipe
 
 
