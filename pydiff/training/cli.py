@@ -105,7 +105,8 @@ def _run_export(a) -> int:
 def _add_eval(sub):
     from . import eval as ev
 
-    p = sub.add_parser("eval", help="evaluate a shapes or digits package (alignment / accuracy)")
+    p = sub.add_parser("eval", help="evaluate a shapes or digits package (alignment / accuracy), or sweep "
+                                    "guidance types and scales (quality against diversity)")
     ev.add_arguments(p)
     p.set_defaults(func=ev.run)
 

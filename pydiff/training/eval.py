@@ -6,9 +6,11 @@ shape colour, and the fill ratio of the foreground's bounding box the shape (dis
 square 1.0, triangle 0.5).
 digits: accuracy of a scikit-learn classifier trained on the real digits, plus diversity (mean
 pairwise distance) and memorisation (distance to the nearest training image) figures.
+The guidance sweep (`pydiff eval guidance`) built on these: pydiff.training.eval_guidance.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -131,8 +133,12 @@ def save_image_grid(imgs: np.ndarray, path: str, cols: int = 8, scale: int = 2) 
         (g.shape[1] * scale, g.shape[0] * scale), Image.NEAREST).save(path)
 
 
+@functools.lru_cache(maxsize=4)
 def digits_classifier(seed: int = 0):
-    """An SVM (RBF) on the real digits, 0..16 scaled to [0, 1]; returns (clf, held-out accuracy)."""
+    """An SVM (RBF) on the real digits, 0..16 scaled to [0, 1]; returns (clf, held-out accuracy).
+
+    Cached: a guidance sweep scores many sets of samples against the same classifier.
+    """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     from sklearn.svm import SVC
@@ -144,32 +150,42 @@ def digits_classifier(seed: int = 0):
     return SVC(gamma="scale", C=10).fit(x, d.target), acc
 
 
-def digits_figures(samples: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
-    """samples float [N, 8, 8] in [0, 1] (or [N, 8, 8, 1]); labels int [N]."""
+@functools.lru_cache(maxsize=1)
+def _real_digits() -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(real [1797, 64] in [0, 1], labels [1797], mean same-class pairwise distance, median
+    leave-one-out nearest distance): the real-data figures, computed once (~5 s)."""
     from sklearn.datasets import load_digits
 
+    d = load_digits()
+    real = d.data / 16.0
+    rr = np.sqrt(((real[:, None, :] - real[None]) ** 2).sum(-1))
+    np.fill_diagonal(rr, np.inf)
+    same_class = float(np.mean([mean_pairwise_distance(real[d.target == c]) for c in range(10)]))
+    return real, d.target, same_class, float(np.median(rr.min(1)))
+
+
+def mean_pairwise_distance(a: np.ndarray) -> float:
+    """Mean L2 distance over the ordered pairs of distinct rows of a [N, D] (0 when N < 2)."""
+    a = np.asarray(a, dtype=np.float64).reshape(len(a), -1)
+    d = np.sqrt(((a[:, None] - a[None]) ** 2).sum(-1))
+    k = len(a)
+    return float(d.sum() / max(1, k * (k - 1)))
+
+
+def digits_figures(samples: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
+    """samples float [N, 8, 8] in [0, 1] (or [N, 8, 8, 1]); labels int [N]."""
     x = np.asarray(samples, dtype=np.float64).reshape(len(samples), 64)
     clf, real_acc = digits_classifier(seed)
     acc = float((clf.predict(x) == labels).mean())
-    real = load_digits().data / 16.0
+    real, _, real_same_class, real_nn_median = _real_digits()
     d_nn = np.sqrt(((x[:, None, :] - real[None]) ** 2).sum(-1)).min(1)
-    # The same figure for real images against the other real images (leave-one-out).
-    rr = np.sqrt(((real[:, None, :] - real[None]) ** 2).sum(-1))
-    np.fill_diagonal(rr, np.inf)
-    real_nn = rr.min(1)
-
-    def mean_pairwise(a):
-        d = np.sqrt(((a[:, None] - a[None]) ** 2).sum(-1))
-        k = len(a)
-        return float(d.sum() / max(1, k * (k - 1)))
-
-    per_class_gen = [mean_pairwise(x[labels == c]) for c in range(10) if (labels == c).sum() > 1]
-    per_class_real = [mean_pairwise(real[load_digits().target == c]) for c in range(10)]
+    per_class_gen = [mean_pairwise_distance(x[labels == c]) for c in range(10) if (labels == c).sum() > 1]
     return {"accuracy": acc, "classifier_real_test_accuracy": real_acc, "n": int(len(x)),
             "mean_pairwise_distance_same_class": float(np.mean(per_class_gen)),
-            "real_mean_pairwise_distance_same_class": float(np.mean(per_class_real)),
+            "real_mean_pairwise_distance_same_class": real_same_class,
             "nearest_training_distance_median": float(np.median(d_nn)),
-            "real_leave_one_out_nearest_distance_median": float(np.median(real_nn)),
+            # the same figure for real images against the other real images (leave-one-out)
+            "real_leave_one_out_nearest_distance_median": real_nn_median,
             "fraction_near_copies": float((d_nn < 0.5).mean())}
 
 
@@ -195,18 +211,30 @@ def evaluate_digits(package="digits", n_per_class: int = 30, seed: int = 0,
 
 
 def add_arguments(p) -> None:
-    """The arguments of `pydiff eval` (also `python -m pydiff.training.eval`)."""
-    p.add_argument("what", choices=["shapes", "digits"])
-    p.add_argument("--model", default=None, help="package path (default: the bundled one)")
-    p.add_argument("--n", type=int, default=None,
-                   help="shapes: images per split (default 200); digits: per class (default 30)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--grid", help="save a PNG grid of samples here")
+    """The arguments of `pydiff eval` (also `python -m pydiff.training.eval`): WHAT, then its options."""
+    from . import eval_guidance
+
+    sub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    for what, help_ in (("shapes", "alignment of a shapes package on seen and held-out prompts"),
+                        ("digits", "SVM accuracy, diversity and memorisation of a digits package")):
+        q = sub.add_parser(what, help=help_, description=help_)
+        q.add_argument("--model", default=None, help="package path (default: the bundled one)")
+        q.add_argument("--n", type=int, default=None,
+                       help="shapes: images per split (default 200); digits: per class (default 30)")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--guidance-scale", type=float)
+        q.add_argument("--steps", type=int)
+        q.add_argument("--grid", help="save a PNG grid of samples here")
+    eval_guidance.add_arguments(sub.add_parser(
+        "guidance", help="quality against diversity per guidance type and scale (JSON + PNG)",
+        description=eval_guidance.__doc__.split("\n\n")[0]))
 
 
 def run(a) -> int:
+    if a.what == "guidance":
+        from . import eval_guidance
+
+        return eval_guidance.run(a)
     settings = {k: v for k, v in (("guidance_scale", a.guidance_scale), ("steps", a.steps)) if v is not None}
     if a.what == "shapes":
         rep = evaluate_shapes(a.model, a.n or 200, seed=a.seed, save_grid=a.grid, **settings)
@@ -217,11 +245,12 @@ def run(a) -> int:
 
 
 def main(argv=None) -> int:
-    import argparse
+    """`python -m pydiff.training.eval WHAT ...`: the same as `pydiff eval WHAT ...` (exit codes too)."""
+    import sys
 
-    p = argparse.ArgumentParser(prog="pydiff eval")
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    from ..cli import main as cli_main
+
+    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
