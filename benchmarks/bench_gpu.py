@@ -107,7 +107,7 @@ def bench_bandwidth(torch, shapes):
         dst = torch.empty_like(src)
         t_copy = gpu_time(torch, lambda: dst.copy_(src))
         dyn = ops.step_params(**pydiff.make_sampler("ddpm", schedule(True), STEPS).params(STEP_INDEX, seed=1))
-        ws = torch.empty(cuda.workspace_bytes(shape[0]), dtype=torch.uint8, device="cuda")
+        ws = torch.empty(cuda.workspace_bytes(shape[0], n // shape[0]), dtype=torch.uint8, device="cuda")
         t_dyn = gpu_time(torch, lambda: cuda.fused_step(x, both, dyn, out=out, guidance_scale=GUIDANCE, workspace=ws,
                                                         stream=torch.cuda.current_stream().cuda_stream))
         row = dict(shape="x".join(map(str, shape)), step_us=t_step * 1e6, copy_us=t_copy * 1e6,
@@ -214,11 +214,33 @@ def bench_graph(torch, checkpoint, batches=(1, 8)):
     return rows
 
 
+def profile_dynamic(torch, shape=(16, 3, 256, 256)):
+    """Per-kernel GPU time of the dynamic-thresholding step (torch.profiler sees every kernel)."""
+    smp = pydiff.make_sampler("ddpm", schedule(True), STEPS)
+    fields = smp.params(STEP_INDEX, seed=1)
+    p = ops.step_params(**fields)
+    x, both = (torch.from_numpy(a).cuda() for a in realistic_inputs(shape, fields["alpha"], fields["sigma"]))
+    out = torch.empty_like(x)
+    ws = torch.empty(cuda.workspace_bytes(shape[0], int(np.prod(shape[1:]))), dtype=torch.uint8, device="cuda")
+    for _ in range(5):
+        cuda.fused_step(x, both, p, out=out, guidance_scale=GUIDANCE, workspace=ws)
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            cuda.fused_step(x, both, p, out=out, guidance_scale=GUIDANCE, workspace=ws)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+    print(table, flush=True)
+    return table
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", required=True)
     ap.add_argument("--checkpoint", help="training run of the shapes base stage (for the graph benchmark)")
-    ap.add_argument("--only", choices=["bandwidth", "per_step", "graph"], nargs="*")
+    ap.add_argument("--only", choices=["bandwidth", "per_step", "graph", "profile"], nargs="*")
     args = ap.parse_args(argv)
     import torch
 
@@ -227,10 +249,11 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = True
     results = dict(meta=dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                              python=platform.python_version(), pydiff=pydiff.__version__))
-    want = set(args.only or ["bandwidth", "per_step", "graph"])
+    want = set(args.only or ["bandwidth", "per_step", "graph", "profile"])
     for name, fn in (("bandwidth", lambda: bench_bandwidth(torch, BANDWIDTH_SHAPES)),
                      ("per_step", lambda: bench_per_step(torch, STEP_SHAPES)),
-                     ("graph", lambda: bench_graph(torch, args.checkpoint) if args.checkpoint else [])):
+                     ("graph", lambda: bench_graph(torch, args.checkpoint) if args.checkpoint else []),
+                     ("profile", lambda: profile_dynamic(torch))):
         if name not in want:
             continue
         try:

@@ -41,7 +41,7 @@ $py -c "import pydiff.cuda as c; print('cuda built', c.built(), 'available', c.a
   | tee -a "$out/stages.txt"
 
 stamp "tests"
-timeout 300 $py -m pytest -q -p no:cacheprovider "$repo/tests/gpu" \
+timeout 300 $py -m pytest -q -p no:cacheprovider -rs "$repo/tests/gpu" \
   "$repo/tests/test_cuda_graph_plan.py" "$repo/tests/test_cuda_host.py" > "$out/gpu-tests.txt" 2>&1
 echo "tests exit $?" | tee -a "$out/stages.txt"
 tail -30 "$out/gpu-tests.txt"

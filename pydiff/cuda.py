@@ -130,11 +130,11 @@ def _stream_handle(stream) -> int:
     raise TypeError(f"stream must be an integer handle or a stream object, got {type(stream).__name__}")
 
 
-def workspace_bytes(batch: int) -> int:
-    """Scratch bytes one dynamic-thresholding step needs for `batch` samples (see fused_step's workspace)."""
+def workspace_bytes(batch: int, n: int) -> int:
+    """Scratch bytes one dynamic-thresholding step needs for `batch` samples of `n` elements each."""
     if _C_cuda is None:
         raise ImportError(f"pydiff was built without the CUDA twin (reinstall with PYDIFF_CUDA=1): {_IMPORT_ERROR}")
-    return int(_C_cuda.workspace_bytes(int(batch)))
+    return int(_C_cuda.workspace_bytes(int(batch), int(n)))
 
 
 def fused_step(x, model_output, params, *, out, guidance_scale=None, x0_prev=None, x0_out=None, thresholds=None,
@@ -149,7 +149,7 @@ def fused_step(x, model_output, params, *, out, guidance_scale=None, x0_prev=Non
     ``pydiff._C.pack_step_params(rows)``, and step_counter, an int32 [1] device array: the step reads
     row ``step_counter[0]`` instead of `params` (whose prediction type and thresholding mode every row
     shares) and adds 1 to the counter. workspace: a device buffer of at least
-    ``workspace_bytes(B)`` bytes for dynamic thresholding (else it allocates stream-ordered).
+    ``workspace_bytes(B, n)`` bytes for dynamic thresholding (else it allocates stream-ordered).
     """
     xv = device_array(x, "x")
     mv = device_array(model_output, "model_output")

@@ -117,8 +117,10 @@ class GraphSampler:
         self.nonfinite = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.x0_prev = torch.zeros(shape, **f32) if plan.uses_history else None
         self.x0_out = torch.zeros(shape, **f32) if plan.uses_history else None
-        self.workspace = (torch.empty(cuda.workspace_bytes(B), dtype=torch.uint8, device=self.device)
-                          if plan.threshold_mode == ops.DYNAMIC else None)
+        self.workspace = None
+        if plan.threshold_mode == ops.DYNAMIC:
+            nbytes = cuda.workspace_bytes(B, int(np.prod(shape[1:])))
+            self.workspace = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         if self.guided and np.ndim(guidance_scale) > 0:
             self.scale = torch.as_tensor(np.asarray(guidance_scale, np.float32), device=self.device)
         else:

@@ -73,4 +73,4 @@ def test_without_the_cuda_module_the_error_says_how_to_build_it():
     with pytest.raises(ImportError, match="PYDIFF_CUDA=1"):
         cuda.device_array(FakeGpuArray(np.zeros(3, np.float32)), "x")
     with pytest.raises(ImportError, match="PYDIFF_CUDA=1"):
-        cuda.workspace_bytes(4)
+        cuda.workspace_bytes(4, 10)

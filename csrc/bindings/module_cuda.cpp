@@ -69,8 +69,8 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("x0_prev"), py::arg("x0_out"), py::arg("thresholds"), py::arg("nonfinite"), py::arg("stream"),
         py::arg("param_table") = 0, py::arg("step_counter") = 0, py::arg("workspace") = 0,
         py::arg("workspace_bytes") = 0);
-  m.def("workspace_bytes", [](int64_t batch) { return fused_step_workspace_bytes(batch); },
-        "Scratch bytes of one dynamic-thresholding step for a batch of this size.");
+  m.def("workspace_bytes", [](int64_t batch, int64_t n) { return fused_step_workspace_bytes(batch, n); },
+        "Scratch bytes of one dynamic-thresholding step for `batch` samples of `n` elements.");
   m.def("randn", [](uintptr_t out, int64_t count, uint64_t seed, uint32_t step, int64_t offset, uintptr_t stream) {
     int err;
     {

@@ -34,14 +34,14 @@ struct StepArraysCuda {
   const StepParams* param_table = nullptr;  // [T] or null
   int32_t* step_counter = nullptr;          // [1] or null
 
-  // Scratch for dynamic thresholding, fused_step_workspace_bytes(batch) bytes; null: the step
+  // Scratch for dynamic thresholding, fused_step_workspace_bytes(batch, n) bytes; null: the step
   // allocates it stream-ordered (cudaMallocAsync) and frees it after.
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
 };
 
-// The scratch one dynamic-thresholding step needs for a batch of `batch` samples.
-size_t fused_step_workspace_bytes(int64_t batch);
+// The scratch one dynamic-thresholding step needs for `batch` samples of `n` elements.
+size_t fused_step_workspace_bytes(int64_t batch, int64_t n);
 
 // One fused step on `stream`. Dynamic thresholding selects each sample's quantile exactly on the
 // device (radix select over the float bits of |x0|, after the same count shortcuts as the CPU

@@ -48,11 +48,13 @@ __device__ __forceinline__ StepParams params_of(const StepArraysCuda& a, const S
 }
 
 // ---------------------------------------------------------------- dynamic-threshold selection
-// Per-sample state of the exact quantile selection (see threshold_from_stats in step_cpu.cpp):
-// the same two counts settle most samples; otherwise a radix select, 8 bits per pass, finds the
-// values of ranks lo and hi among |x0| > 1 (non-negative floats order as their bits do).
+// Per-sample exact quantile of |x0| (see threshold_from_stats in step_cpu.cpp): the same two counts
+// settle most samples; otherwise a radix select, 8 bits per pass, finds the values of ranks lo and hi
+// among |x0| > 1 (non-negative floats order as their bits do). The first pass reads the inputs once,
+// counts, histograms the top 8 bits and compacts the values > 1 (usually a few percent) into the
+// workspace; the three later passes read only those.
 struct Selection {
-  unsigned long long above_one;  // |x0| > 1
+  unsigned long long above_one;  // |x0| > 1: also the number of compacted values
   unsigned long long at_max;     // |x0| >= sample_max_value
   unsigned int max_le_one_bits;  // bits of the largest |x0| <= 1
   int selecting;                 // 1 while the radix passes run for this sample
@@ -65,7 +67,11 @@ struct Selection {
 
 constexpr int64_t kHistBins = 2 * 256;  // per sample: one 256-bin histogram per target (v_lo, v_hi)
 
-size_t selection_bytes(int64_t batch) { return (sizeof(Selection) * size_t(batch) + 255) / 256 * 256; }
+size_t align256(size_t v) { return (v + 255) / 256 * 256; }
+size_t selection_bytes(int64_t batch) { return align256(sizeof(Selection) * size_t(batch)); }
+size_t zeroed_bytes(int64_t batch) {  // the part of the workspace cleared before each step
+  return selection_bytes(batch) + align256(sizeof(unsigned long long) * size_t(kHistBins) * size_t(batch));
+}
 
 template <class T, int PRED, bool GUIDED>
 __device__ __forceinline__ float abs_raw_x0(const StepArraysCuda& a, const StepParams& p, int64_t e, int64_t b) {
@@ -83,39 +89,46 @@ __device__ __forceinline__ void warp_histogram_add(unsigned int* h, bool valid, 
   if (valid && lane == __ffs(peers) - 1) atomicAdd(&h[bin], unsigned(__popc(peers)));
 }
 
-// Grid (chunks, batch): each block reads one chunk of one sample, so no element needs a division
-// to find its sample. All threads of a block run the same number of iterations (warp collectives).
-#define PYDIFF_SAMPLE_LOOP(j, valid)                                                                    \
-  for (int64_t j##0 = int64_t(blockIdx.x) * blockDim.x; j##0 < a.n; j##0 += int64_t(gridDim.x) * blockDim.x) \
-    if (const int64_t j = j##0 + threadIdx.x; true)                                                     \
-      if (const bool valid = j < a.n; true)
+// Grid (chunks, batch): each block reads chunks of one sample, so no element needs a division to find
+// its sample. All threads of a block run the same number of iterations (warp collectives inside).
+#define PYDIFF_CHUNK_LOOP(j, valid, count)                                                                   \
+  for (int64_t j##0 = int64_t(blockIdx.x) * blockDim.x; j##0 < (count); j##0 += int64_t(gridDim.x) * blockDim.x) \
+    if (const int64_t j = j##0 + threadIdx.x; true)                                                          \
+      if (const bool valid = j < (count); true)
 
-// Pass 1: the counts of threshold_from_stats, and the histogram of the top 8 bits of every |x0| > 1
-// (no prefix to match yet, so it serves both targets).
+// Pass 1: the counts, the top-8-bit histogram of every |x0| > 1 (no prefix to match yet, so it serves
+// both targets), and those values compacted to vals[b * n, b * n + above_one) in any order.
 template <class T, int PRED, bool GUIDED>
-__global__ void threshold_stats_kernel(StepArraysCuda a, StepParams p0, Selection* sel, unsigned long long* hist) {
+__global__ void threshold_stats_kernel(StepArraysCuda a, StepParams p0, Selection* sel, unsigned long long* hist,
+                                       float* vals) {
   const StepParams p = params_of(a, p0);
   const int64_t b = blockIdx.y;
+  const int lane = threadIdx.x & 31;
   __shared__ unsigned int h[256];
   for (int i = threadIdx.x; i < 256; i += blockDim.x) h[i] = 0u;
   __syncthreads();
-  unsigned long long above = 0, at_max = 0;
+  unsigned long long at_max = 0;
   unsigned int max_le = 0u;
-  PYDIFF_SAMPLE_LOOP(j, valid) {
+  PYDIFF_CHUNK_LOOP(j, valid, a.n) {
     const float v = valid ? abs_raw_x0<T, PRED, GUIDED>(a, p, b * a.n + j, b) : 0.0f;
     const bool gt1 = valid && v > 1.0f;
-    above += gt1;
     at_max += valid && v >= p.sample_max_value;
     if (valid && v <= 1.0f) max_le = max(max_le, float_bits(v));
     warp_histogram_add(h, gt1, float_bits(v) >> 24);
+    const unsigned int mask = __ballot_sync(0xFFFFFFFFu, gt1);
+    if (mask) {  // warp-aggregated compaction: one atomic per warp reserves the slots
+      const int leader = __ffs(mask) - 1;
+      unsigned long long base = 0;
+      if (lane == leader) base = atomicAdd(&sel[b].above_one, (unsigned long long)__popc(mask));
+      base = __shfl_sync(0xFFFFFFFFu, base, leader);
+      if (gt1) vals[b * a.n + int64_t(base) + __popc(mask & ((1u << lane) - 1u))] = v;
+    }
   }
   for (int off = 16; off > 0; off >>= 1) {
-    above += __shfl_down_sync(0xFFFFFFFFu, above, off);
     at_max += __shfl_down_sync(0xFFFFFFFFu, at_max, off);
     max_le = max(max_le, __shfl_down_sync(0xFFFFFFFFu, max_le, off));
   }
-  if ((threadIdx.x & 31) == 0) {
-    if (above) atomicAdd(&sel[b].above_one, above);
+  if (lane == 0) {
     if (at_max) atomicAdd(&sel[b].at_max, at_max);
     if (max_le) atomicMax(&sel[b].max_le_one_bits, max_le);
   }
@@ -124,88 +137,93 @@ __global__ void threshold_stats_kernel(StepArraysCuda a, StepParams p0, Selectio
     if (h[i]) atomicAdd(&hist[b * kHistBins + i], (unsigned long long)h[i]);
 }
 
-__global__ void threshold_plan_kernel(StepArraysCuda a, StepParams p0, Selection* sel) {
-  const StepParams p = params_of(a, p0);
-  const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (b >= a.batch) return;
-  Selection& s = sel[b];
-  int64_t lo, hi;
-  float w;
-  quantile_rank(p.dynamic_ratio, a.n, lo, hi, w);
-  const int64_t first_above = a.n - int64_t(s.above_one);  // sorted position of the first value > 1
-  s.w = w;
-  s.selecting = 0;
-  if (hi < first_above) {
-    s.s = 1.0f;  // the lerp of two values <= 1, clamped
-  } else if (lo >= a.n - int64_t(s.at_max)) {
-    s.s = p.sample_max_value;  // the lerp of two values >= sample_max_value, clamped
-  } else {
-    s.selecting = 1;
-    s.need_lo = lo >= first_above;
-    s.rank[0] = s.need_lo ? lo - first_above : 0;
-    s.rank[1] = hi - first_above;
-    s.prefix[0] = s.prefix[1] = 0u;
-  }
-}
-
-// Passes 2-4: histogram the 8 bits at `shift` of the |x0| > 1 whose higher bits match each target's prefix.
-template <class T, int PRED, bool GUIDED>
-__global__ void threshold_histogram_kernel(StepArraysCuda a, StepParams p0, const Selection* sel, int shift,
+// Passes 2-4: histogram the 8 bits at `shift` of the compacted values whose higher bits match each
+// target's prefix.
+__global__ void threshold_histogram_kernel(const Selection* sel, const float* vals, int64_t n, int shift,
                                            unsigned long long* hist) {
   const int64_t b = blockIdx.y;
   if (!sel[b].selecting) return;  // uniform over the block
-  const StepParams p = params_of(a, p0);
+  const int64_t count = int64_t(sel[b].above_one);
+  if (int64_t(blockIdx.x) * blockDim.x >= count) return;
   __shared__ unsigned int h[kHistBins];
   for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) h[i] = 0u;
   __syncthreads();
   const unsigned int want0 = sel[b].prefix[0] >> (shift + 8), want1 = sel[b].prefix[1] >> (shift + 8);
-  PYDIFF_SAMPLE_LOOP(j, valid) {
-    const float v = valid ? abs_raw_x0<T, PRED, GUIDED>(a, p, b * a.n + j, b) : 0.0f;
-    const bool gt1 = valid && v > 1.0f;
-    const unsigned int bits = float_bits(v);
+  PYDIFF_CHUNK_LOOP(j, valid, count) {
+    const unsigned int bits = valid ? float_bits(vals[b * n + j]) : 0u;
     const unsigned int digit = (bits >> shift) & 255u;
-    warp_histogram_add(h, gt1 && (bits >> (shift + 8)) == want0, digit);
-    warp_histogram_add(h + 256, gt1 && (bits >> (shift + 8)) == want1, digit);
+    warp_histogram_add(h, valid && (bits >> (shift + 8)) == want0, digit);
+    warp_histogram_add(h + 256, valid && (bits >> (shift + 8)) == want1, digit);
   }
   __syncthreads();
   for (int i = threadIdx.x; i < kHistBins; i += blockDim.x)
     if (h[i]) atomicAdd(&hist[b * kHistBins + i], (unsigned long long)h[i]);
 }
 
-// After each pass: fix the next 8 bits of each target's prefix, and clear the histograms.
-__global__ void threshold_scan_kernel(int64_t batch, int shift, Selection* sel, unsigned long long* hist) {
-  const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (b >= batch) return;
+// After each pass, one block of 256 threads per sample: fix the next 8 bits of each target's prefix
+// (a block-wide prefix sum over the bins) and clear the histograms. After pass 1 it first decides
+// whether the sample needs the select at all; after the last it computes the threshold.
+__global__ void threshold_scan_kernel(StepArraysCuda a, StepParams p0, int shift, Selection* sel,
+                                      unsigned long long* hist) {
+  const int64_t b = blockIdx.x;
+  const int d = threadIdx.x;  // the digit
+  Selection& s = sel[b];
+  const StepParams p = params_of(a, p0);
+  if (shift == 24 && d == 0) {
+    int64_t lo, hi;
+    float w;
+    quantile_rank(p.dynamic_ratio, a.n, lo, hi, w);
+    const int64_t first_above = a.n - int64_t(s.above_one);  // sorted position of the first value > 1
+    s.w = w;
+    s.selecting = 0;
+    if (hi < first_above) {
+      s.s = 1.0f;  // the lerp of two values <= 1, clamped
+    } else if (lo >= a.n - int64_t(s.at_max)) {
+      s.s = p.sample_max_value;  // the lerp of two values >= sample_max_value, clamped
+    } else {
+      s.selecting = 1;
+      s.need_lo = lo >= first_above;
+      s.rank[0] = s.need_lo ? lo - first_above : 0;
+      s.rank[1] = hi - first_above;
+      s.prefix[0] = s.prefix[1] = 0u;
+    }
+  }
+  __syncthreads();
   unsigned long long* hb = hist + b * kHistBins;
-  if (sel[b].selecting) {
+  if (s.selecting) {
+    __shared__ long long incl[2][256];
+    long long c[2];
+    for (int t = 0; t < 2; ++t) incl[t][d] = c[t] = (long long)hb[(shift == 24 ? 0 : t * 256) + d];
+    __syncthreads();
+    for (int off = 1; off < 256; off <<= 1) {  // Hillis-Steele inclusive scan
+      long long add[2];
+      for (int t = 0; t < 2; ++t) add[t] = d >= off ? incl[t][d - off] : 0;
+      __syncthreads();
+      for (int t = 0; t < 2; ++t) incl[t][d] += add[t];
+      __syncthreads();
+    }
+    const long long rank[2] = {s.rank[0], s.rank[1]};
+    __syncthreads();  // every thread has read the ranks before one rewrites them
     for (int t = 0; t < 2; ++t) {
-      const unsigned long long* h = hb + (shift == 24 ? 0 : t * 256);  // pass 1 has one histogram for both
-      long long cum = 0;
-      for (int d = 0; d < 256; ++d) {
-        const long long c = (long long)h[d];
-        if (cum + c > sel[b].rank[t]) {
-          sel[b].prefix[t] |= unsigned(d) << shift;
-          sel[b].rank[t] -= cum;
-          break;
-        }
-        cum += c;
+      const long long before = incl[t][d] - c[t];
+      if (before <= rank[t] && rank[t] < incl[t][d]) {  // exactly one digit holds the rank
+        s.prefix[t] |= unsigned(d) << shift;
+        s.rank[t] = rank[t] - before;
       }
     }
   }
-  for (int d = 0; d < kHistBins; ++d) hb[d] = 0ull;  // ready for the next pass
-}
-
-__global__ void threshold_finish_kernel(StepArraysCuda a, StepParams p0, Selection* sel) {
-  const StepParams p = params_of(a, p0);
-  const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (b >= a.batch) return;
-  Selection& s = sel[b];
-  if (s.selecting) {
-    const float v_lo = s.need_lo ? bits_float(s.prefix[0]) : bits_float(s.max_le_one_bits);
-    const float v_hi = bits_float(s.prefix[1]);
-    s.s = clamp_threshold(torch_lerp(v_lo, v_hi, s.w), p.sample_max_value);
+  hb[d] = 0ull;  // ready for the next pass
+  hb[256 + d] = 0ull;
+  if (shift == 0) {
+    __syncthreads();
+    if (d == 0) {
+      if (s.selecting) {
+        const float v_lo = s.need_lo ? bits_float(s.prefix[0]) : bits_float(s.max_le_one_bits);
+        s.s = clamp_threshold(torch_lerp(v_lo, bits_float(s.prefix[1]), s.w), p.sample_max_value);
+      }
+      if (a.thresholds) a.thresholds[b] = s.s;
+    }
   }
-  if (a.thresholds) a.thresholds[b] = s.s;
 }
 
 // ---------------------------------------------------------------- the fused step
@@ -306,7 +324,7 @@ int launch(const StepArraysCuda& a, const StepParams& p, cudaStream_t stream) {
   void* owned = nullptr;
   if (p.threshold_mode == kDynamic) {
     if (a.batch > 65535) return int(cudaErrorInvalidValue);  // grid.y is the sample
-    const size_t need = fused_step_workspace_bytes(a.batch);
+    const size_t need = fused_step_workspace_bytes(a.batch, a.n);
     void* ws = a.workspace;
     if (!ws || a.workspace_bytes < need) {
       // Stream-ordered: no synchronisation, and capturable in a CUDA graph.
@@ -315,20 +333,18 @@ int launch(const StepArraysCuda& a, const StepParams& p, cudaStream_t stream) {
     }
     sel = static_cast<Selection*>(ws);
     auto* hist = reinterpret_cast<unsigned long long*>(static_cast<char*>(ws) + selection_bytes(a.batch));
-    cudaMemsetAsync(ws, 0, need, stream);
+    auto* vals = reinterpret_cast<float*>(static_cast<char*>(ws) + zeroed_bytes(a.batch));
+    cudaMemsetAsync(ws, 0, zeroed_bytes(a.batch), stream);
     // Enough blocks per sample to fill the GPU, and no more than its chunks of kThreads elements.
     const int64_t chunks = (a.n + kThreads - 1) / kThreads;
     const int64_t per_sample = (1024 + a.batch - 1) / a.batch;
     const dim3 grid(unsigned(chunks < per_sample ? chunks : per_sample), unsigned(a.batch));
-    const int sample_blocks = int((a.batch + kThreads - 1) / kThreads);
-    threshold_stats_kernel<T, PRED, GUIDED><<<grid, kThreads, 0, stream>>>(a, p, sel, hist);
-    threshold_plan_kernel<<<sample_blocks, kThreads, 0, stream>>>(a, p, sel);
-    threshold_scan_kernel<<<sample_blocks, kThreads, 0, stream>>>(a.batch, 24, sel, hist);
+    threshold_stats_kernel<T, PRED, GUIDED><<<grid, kThreads, 0, stream>>>(a, p, sel, hist, vals);
+    threshold_scan_kernel<<<unsigned(a.batch), 256, 0, stream>>>(a, p, 24, sel, hist);
     for (int shift = 16; shift >= 0; shift -= 8) {
-      threshold_histogram_kernel<T, PRED, GUIDED><<<grid, kThreads, 0, stream>>>(a, p, sel, shift, hist);
-      threshold_scan_kernel<<<sample_blocks, kThreads, 0, stream>>>(a.batch, shift, sel, hist);
+      threshold_histogram_kernel<<<grid, kThreads, 0, stream>>>(sel, vals, a.n, shift, hist);
+      threshold_scan_kernel<<<unsigned(a.batch), 256, 0, stream>>>(a, p, shift, sel, hist);
     }
-    threshold_finish_kernel<<<sample_blocks, kThreads, 0, stream>>>(a, p, sel);
   }
   fused_step_kernel<T, PRED, GUIDED>
       <<<blocks_for((total + 3) / 4), kThreads, 0, stream>>>(a, p, sel, aligned_for_vectors(a));
@@ -372,8 +388,8 @@ __global__ void cfg_mix_kernel(const float* cond, const float* uncond, const flo
 
 }  // namespace
 
-size_t fused_step_workspace_bytes(int64_t batch) {
-  return selection_bytes(batch) + sizeof(unsigned long long) * size_t(kHistBins) * size_t(batch);
+size_t fused_step_workspace_bytes(int64_t batch, int64_t n) {
+  return zeroed_bytes(batch) + sizeof(float) * size_t(batch) * size_t(n);
 }
 
 int fused_step_cuda(const StepArraysCuda& a, const StepParams& p, cudaStream_t stream) {

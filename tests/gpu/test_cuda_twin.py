@@ -147,7 +147,7 @@ def test_dynamic_threshold_selected_exactly(shape):
     want, _ = ops.fused_step(x, mo, p, guidance_scale=5.0, thresholds=thr_cpu)
     assert np.mean((thr_cpu > 1) & (thr_cpu < 1.5)) == 1.0  # the radix select really ran
     out, thr = torch.empty(shape, device="cuda"), torch.empty(B, device="cuda")
-    ws = torch.empty(cuda.workspace_bytes(B), dtype=torch.uint8, device="cuda")
+    ws = torch.empty(cuda.workspace_bytes(B, int(np.prod(shape[1:]))), dtype=torch.uint8, device="cuda")
     for workspace in (None, ws):
         cuda.fused_step(_dev(x), _dev(mo), p, out=out, guidance_scale=5.0, thresholds=thr, workspace=workspace)
         torch.cuda.synchronize()
