@@ -114,9 +114,10 @@ __global__ void threshold_stats_kernel(StepArraysCuda a, StepParams p0, Selectio
     const bool gt1 = valid && v > 1.0f;
     at_max += valid && v >= p.sample_max_value;
     if (valid && v <= 1.0f) max_le = max(max_le, float_bits(v));
-    warp_histogram_add(h, gt1, float_bits(v) >> 24);
     const unsigned int mask = __ballot_sync(0xFFFFFFFFu, gt1);
-    if (mask) {  // warp-aggregated compaction: one atomic per warp reserves the slots
+    if (mask) {  // (warp-uniform; usually a few percent of the values exceed 1)
+      warp_histogram_add(h, gt1, float_bits(v) >> 24);
+      // Warp-aggregated compaction: one atomic per warp reserves the slots.
       const int leader = __ffs(mask) - 1;
       unsigned long long base = 0;
       if (lane == leader) base = atomicAdd(&sel[b].above_one, (unsigned long long)__popc(mask));
