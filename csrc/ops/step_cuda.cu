@@ -47,6 +47,42 @@ __device__ __forceinline__ StepParams params_of(const StepArraysCuda& a, const S
   return a.param_table ? a.param_table[*a.step_counter] : p;
 }
 
+// ---------------------------------------------------------------- vector access
+// Four consecutive elements per thread: one Philox block gives their 4 normals (the CPU twin's
+// grouping), and aligned groups move as one 16-byte (float32) or 8-byte (16-bit) access.
+template <class T> struct Vec4;
+template <> struct Vec4<float> { using type = float4; };
+template <> struct Vec4<__half> { using type = uint2; };
+template <> struct Vec4<__nv_bfloat16> { using type = uint2; };
+
+template <class T>
+__device__ __forceinline__ void load4(const void* p, int64_t e, bool vec, int64_t total, float v[4]) {
+  if (vec) {
+    const typename Vec4<T>::type raw = static_cast<const typename Vec4<T>::type*>(p)[e >> 2];
+    const T* t = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = load<T>(t, k);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = e + k < total ? load<T>(p, e + k) : 0.0f;
+  }
+}
+
+template <class T>
+__device__ __forceinline__ void store4(void* p, int64_t e, bool vec, int64_t total, const float v[4]) {
+  if (vec) {
+    typename Vec4<T>::type raw;
+    T* t = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) store<T>(t, k, v[k]);
+    static_cast<typename Vec4<T>::type*>(p)[e >> 2] = raw;
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      if (e + k < total) store<T>(p, e + k, v[k]);
+  }
+}
+
 // ---------------------------------------------------------------- dynamic-threshold selection
 // Per-sample exact quantile of |x0| (see threshold_from_stats in step_cpu.cpp): the same two counts
 // settle most samples; otherwise a radix select, 8 bits per pass, finds the values of ranks lo and hi
@@ -97,32 +133,45 @@ __device__ __forceinline__ void warp_histogram_add(unsigned int* h, bool valid, 
       if (const bool valid = j < (count); true)
 
 // Pass 1: the counts, the top-8-bit histogram of every |x0| > 1 (no prefix to match yet, so it serves
-// both targets), and those values compacted to vals[b * n, b * n + above_one) in any order.
+// both targets), and those values compacted to vals[b * n, b * n + above_one) in any order. Four
+// elements per thread, loaded as one vector when `vec` (aligned arrays, n a multiple of 4).
 template <class T, int PRED, bool GUIDED>
 __global__ void threshold_stats_kernel(StepArraysCuda a, StepParams p0, Selection* sel, unsigned long long* hist,
-                                       float* vals) {
+                                       float* vals, bool vec) {
   const StepParams p = params_of(a, p0);
   const int64_t b = blockIdx.y;
   const int lane = threadIdx.x & 31;
   __shared__ unsigned int h[256];
   for (int i = threadIdx.x; i < 256; i += blockDim.x) h[i] = 0u;
   __syncthreads();
+  const float scale = a.scales ? a.scales[b] : a.scale;
+  const int64_t begin = b * a.n, end = begin + a.n, groups = (a.n + 3) / 4;
   unsigned long long at_max = 0;
   unsigned int max_le = 0u;
-  PYDIFF_CHUNK_LOOP(j, valid, a.n) {
-    const float v = valid ? abs_raw_x0<T, PRED, GUIDED>(a, p, b * a.n + j, b) : 0.0f;
-    const bool gt1 = valid && v > 1.0f;
-    at_max += valid && v >= p.sample_max_value;
-    if (valid && v <= 1.0f) max_le = max(max_le, float_bits(v));
-    const unsigned int mask = __ballot_sync(0xFFFFFFFFu, gt1);
-    if (mask) {  // (warp-uniform; usually a few percent of the values exceed 1)
-      warp_histogram_add(h, gt1, float_bits(v) >> 24);
-      // Warp-aggregated compaction: one atomic per warp reserves the slots.
-      const int leader = __ffs(mask) - 1;
-      unsigned long long base = 0;
-      if (lane == leader) base = atomicAdd(&sel[b].above_one, (unsigned long long)__popc(mask));
-      base = __shfl_sync(0xFFFFFFFFu, base, leader);
-      if (gt1) vals[b * a.n + int64_t(base) + __popc(mask & ((1u << lane) - 1u))] = v;
+  PYDIFF_CHUNK_LOOP(g, group_valid, groups) {
+    float xv[4], cv[4], uv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (group_valid) {
+      load4<T>(a.x, begin + 4 * g, vec, end, xv);
+      load4<T>(a.cond, begin + 4 * g, vec, end, cv);
+      if (GUIDED) load4<T>(a.uncond, begin + 4 * g, vec, end, uv);
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const bool valid = group_valid && 4 * g + k < a.n;
+      const float v = valid ? fabsf(raw_x0<PRED, GUIDED>(p, xv[k], cv[k], uv[k], scale)) : 0.0f;
+      const bool gt1 = valid && v > 1.0f;
+      at_max += valid && v >= p.sample_max_value;
+      if (valid && v <= 1.0f) max_le = max(max_le, float_bits(v));
+      const unsigned int mask = __ballot_sync(0xFFFFFFFFu, gt1);
+      if (mask) {  // (warp-uniform; usually a few percent of the values exceed 1)
+        warp_histogram_add(h, gt1, float_bits(v) >> 24);
+        // Warp-aggregated compaction: one atomic per warp reserves the slots.
+        const int leader = __ffs(mask) - 1;
+        unsigned long long base = 0;
+        if (lane == leader) base = atomicAdd(&sel[b].above_one, (unsigned long long)__popc(mask));
+        base = __shfl_sync(0xFFFFFFFFu, base, leader);
+        if (gt1) vals[begin + int64_t(base) + __popc(mask & ((1u << lane) - 1u))] = v;
+      }
     }
   }
   for (int off = 16; off > 0; off >>= 1) {
@@ -228,41 +277,6 @@ __global__ void threshold_scan_kernel(StepArraysCuda a, StepParams p0, int shift
 }
 
 // ---------------------------------------------------------------- the fused step
-// Four consecutive elements per thread: one Philox block gives their 4 normals (the CPU twin's
-// grouping), and aligned groups move as one 16-byte (float32) or 8-byte (16-bit) access.
-template <class T> struct Vec4;
-template <> struct Vec4<float> { using type = float4; };
-template <> struct Vec4<__half> { using type = uint2; };
-template <> struct Vec4<__nv_bfloat16> { using type = uint2; };
-
-template <class T>
-__device__ __forceinline__ void load4(const void* p, int64_t e, bool vec, int64_t total, float v[4]) {
-  if (vec) {
-    const typename Vec4<T>::type raw = static_cast<const typename Vec4<T>::type*>(p)[e >> 2];
-    const T* t = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) v[k] = load<T>(t, k);
-  } else {
-#pragma unroll
-    for (int k = 0; k < 4; ++k) v[k] = e + k < total ? load<T>(p, e + k) : 0.0f;
-  }
-}
-
-template <class T>
-__device__ __forceinline__ void store4(void* p, int64_t e, bool vec, int64_t total, const float v[4]) {
-  if (vec) {
-    typename Vec4<T>::type raw;
-    T* t = reinterpret_cast<T*>(&raw);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) store<T>(t, k, v[k]);
-    static_cast<typename Vec4<T>::type*>(p)[e >> 2] = raw;
-  } else {
-#pragma unroll
-    for (int k = 0; k < 4; ++k)
-      if (e + k < total) store<T>(p, e + k, v[k]);
-  }
-}
-
 template <class T, int PRED, bool GUIDED>
 __global__ void fused_step_kernel(StepArraysCuda a, StepParams p0, const Selection* sel, bool aligned) {
   const StepParams p = params_of(a, p0);
@@ -340,7 +354,10 @@ int launch(const StepArraysCuda& a, const StepParams& p, cudaStream_t stream) {
     const int64_t chunks = (a.n + kThreads - 1) / kThreads;
     const int64_t per_sample = (1024 + a.batch - 1) / a.batch;
     const dim3 grid(unsigned(chunks < per_sample ? chunks : per_sample), unsigned(a.batch));
-    threshold_stats_kernel<T, PRED, GUIDED><<<grid, kThreads, 0, stream>>>(a, p, sel, hist, vals);
+    const int64_t chunks4 = ((a.n + 3) / 4 + kThreads - 1) / kThreads;
+    const dim3 grid4(unsigned(chunks4 < per_sample ? chunks4 : per_sample), unsigned(a.batch));
+    threshold_stats_kernel<T, PRED, GUIDED>
+        <<<grid4, kThreads, 0, stream>>>(a, p, sel, hist, vals, aligned_for_vectors(a) && a.n % 4 == 0);
     threshold_scan_kernel<<<unsigned(a.batch), 256, 0, stream>>>(a, p, 24, sel, hist);
     for (int shift = 16; shift >= 0; shift -= 8) {
       threshold_histogram_kernel<<<grid, kThreads, 0, stream>>>(sel, vals, a.n, shift, hist);
