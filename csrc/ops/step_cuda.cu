@@ -146,33 +146,55 @@ __global__ void threshold_stats_kernel(StepArraysCuda a, StepParams p0, Selectio
   __syncthreads();
   const float scale = a.scales ? a.scales[b] : a.scale;
   const int64_t begin = b * a.n, end = begin + a.n, groups = (a.n + 3) / 4;
+  // Compaction slots are reserved per block and iteration (one global atomic), then per warp in
+  // shared memory: a per-warp global atomic on the sample's one counter serialised at the L2.
+  __shared__ unsigned int block_count[2];  // by iteration parity, so the reset needs no extra barrier
+  __shared__ unsigned long long block_base;
+  if (threadIdx.x == 0) block_count[0] = 0u;
+  __syncthreads();
   unsigned long long at_max = 0;
   unsigned int max_le = 0u;
+  int parity = 0;
   PYDIFF_CHUNK_LOOP(g, group_valid, groups) {
-    float xv[4], cv[4], uv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float xv[4], cv[4], uv[4] = {0.0f, 0.0f, 0.0f, 0.0f}, v[4];
     if (group_valid) {
       load4<T>(a.x, begin + 4 * g, vec, end, xv);
       load4<T>(a.cond, begin + 4 * g, vec, end, cv);
       if (GUIDED) load4<T>(a.uncond, begin + 4 * g, vec, end, uv);
     }
+    unsigned int mine = 0u;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const bool valid = group_valid && 4 * g + k < a.n;
-      const float v = valid ? fabsf(raw_x0<PRED, GUIDED>(p, xv[k], cv[k], uv[k], scale)) : 0.0f;
-      const bool gt1 = valid && v > 1.0f;
-      at_max += valid && v >= p.sample_max_value;
-      if (valid && v <= 1.0f) max_le = max(max_le, float_bits(v));
-      const unsigned int mask = __ballot_sync(0xFFFFFFFFu, gt1);
-      if (mask) {  // (warp-uniform; usually a few percent of the values exceed 1)
-        warp_histogram_add(h, gt1, float_bits(v) >> 24);
-        // Warp-aggregated compaction: one atomic per warp reserves the slots.
-        const int leader = __ffs(mask) - 1;
-        unsigned long long base = 0;
-        if (lane == leader) base = atomicAdd(&sel[b].above_one, (unsigned long long)__popc(mask));
-        base = __shfl_sync(0xFFFFFFFFu, base, leader);
-        if (gt1) vals[begin + int64_t(base) + __popc(mask & ((1u << lane) - 1u))] = v;
-      }
+      v[k] = valid ? fabsf(raw_x0<PRED, GUIDED>(p, xv[k], cv[k], uv[k], scale)) : 0.0f;
+      const bool gt1 = valid && v[k] > 1.0f;
+      mine += gt1;
+      at_max += valid && v[k] >= p.sample_max_value;
+      if (valid && v[k] <= 1.0f) max_le = max(max_le, float_bits(v[k]));
+      if (__ballot_sync(0xFFFFFFFFu, gt1)) warp_histogram_add(h, gt1, float_bits(v[k]) >> 24);
+      if (!valid) v[k] = 0.0f;  // not compacted below (0 is not > 1)
     }
+    unsigned int incl = mine;  // inclusive prefix sum over the warp
+    for (int off = 1; off < 32; off <<= 1) {
+      const unsigned int up = __shfl_up_sync(0xFFFFFFFFu, incl, off);
+      if (lane >= off) incl += up;
+    }
+    const unsigned int warp_total = __shfl_sync(0xFFFFFFFFu, incl, 31);
+    unsigned int warp_base = 0u;
+    if (lane == 31 && warp_total) warp_base = atomicAdd(&block_count[parity], warp_total);
+    warp_base = __shfl_sync(0xFFFFFFFFu, warp_base, 31);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const unsigned int c = block_count[parity];
+      block_base = c ? atomicAdd(&sel[b].above_one, (unsigned long long)c) : 0ull;
+      block_count[parity ^ 1] = 0u;  // the next iteration's counter
+    }
+    __syncthreads();
+    unsigned long long pos = block_base + warp_base + (incl - mine);
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      if (v[k] > 1.0f) vals[begin + int64_t(pos++)] = v[k];
+    parity ^= 1;
   }
   for (int off = 16; off > 0; off >>= 1) {
     at_max += __shfl_down_sync(0xFFFFFFFFu, at_max, off);
