@@ -236,12 +236,41 @@ def profile_dynamic(torch, shape=(16, 3, 256, 256)):
     return table
 
 
+def markdown(path) -> str:
+    """Markdown tables of a --json run (the README's)."""
+    r = json.load(open(path))
+    out = [f"GPU: {r['meta']['gpu']}, torch {r['meta']['torch']}", "",
+           "| shape | fused step (us) | copy of as many bytes (us) | step GB/s | fraction of copy | "
+           "dynamic-threshold step (us) |", "|---|---|---|---|---|---|"]
+    for b in r.get("bandwidth", []):
+        out.append(f"| {b['shape']} | {b['step_us']:.1f} | {b['copy_us']:.1f} | {b['step_GBps']:.0f} | "
+                   f"{b['fraction_of_copy']:.2f} | {b['dynamic_step_us']:.1f} |")
+    out += ["", "| shape | step | thresholding | pydiff wall (us) | pydiff GPU (us) | diffusers + torch CFG (us) | "
+            "speedup | agreement |", "|---|---|---|---|---|---|---|---|"]
+    for p in r.get("per_step", []):
+        out.append(f"| {p['shape']} | {p['sampler']} | {p['thresholding']} | {p['pydiff_us']:.1f} | "
+                   f"{p['gpu_only_pydiff_us']:.1f} | {p['diffusers_us']:.1f} | {p['speedup']:.1f}x | "
+                   f"{p['agreement']:.1e} |")
+    out += ["", "| batch (x2 with CFG) | steps | eager steps/s | CUDA-graph steps/s | speedup | max abs(graph - eager) |",
+            "|---|---|---|---|---|---|"]
+    for g in r.get("graph", []):
+        out.append(f"| {g['batch']} | {g['steps']} | {g['eager_steps_per_s']:.0f} | {g['graph_steps_per_s']:.0f} | "
+                   f"{g['graph_speedup']:.1f}x | {g['graph_vs_eager_max_abs']:.1g} |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", required=True)
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--markdown", metavar="JSON", help="print Markdown tables of an earlier --json run and exit")
     ap.add_argument("--checkpoint", help="training run of the shapes base stage (for the graph benchmark)")
     ap.add_argument("--only", choices=["bandwidth", "per_step", "graph", "profile"], nargs="*")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(args.markdown))
+        return None
+    if not args.json:
+        ap.error("--json is required")
     import torch
 
     if not cuda.available():
