@@ -20,7 +20,7 @@ train() { python -m pydiff.training train "$@" --seed "$SEED" --threads 1 --no-p
 # 2. The three networks (the shapes stages train on the embeddings of that exact ONNX file).
 mkdir -p "$RUNS"
 train digits --out "$RUNS/digits" --steps 1500 > "$RUNS/digits.log" 2>&1 &
-train shapes-base --out "$RUNS/shapes_base" --steps 3000 --text-encoder "$RUNS/text_encoder" \
+train shapes-base --out "$RUNS/shapes_base" --steps 6000 --text-encoder "$RUNS/text_encoder" \
     > "$RUNS/shapes_base.log" 2>&1 &
 train shapes-sr64 --out "$RUNS/shapes_sr64" --steps 2200 --text-encoder "$RUNS/text_encoder" \
     > "$RUNS/shapes_sr64.log" 2>&1 &
@@ -30,8 +30,8 @@ wait
 python -m pydiff.training export digits --run "$RUNS/digits" --out "$OUT/digits"
 python -m pydiff.training export shapes --base "$RUNS/shapes_base" --sr "$RUNS/shapes_sr64" \
     --text-encoder "$RUNS/text_encoder" --out "$OUT/shapes" \
-    --base-recommended '{"guidance_scale": 5.0, "thresholding": "static"}' \
-    --sr-recommended '{"guidance_scale": 3.0, "thresholding": "static"}' --noise-aug-level 100
+    --base-recommended '{"guidance_scale": 7.0, "steps": 50, "thresholding": "static"}' \
+    --sr-recommended '{"guidance_scale": 7.0, "steps": 50, "thresholding": "static"}' --noise-aug-level 100
 
 # 3b. The digits classifier for classifier guidance (issue 7): noise-aware, trained on the digits
 #     model's schedule (~2 min); its input gradient exported to ONNX (checked vs autograd) and added
