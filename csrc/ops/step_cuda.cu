@@ -99,7 +99,6 @@ struct Selection {
   int need_lo;                   // v_lo is among the values > 1 (else it is max_le_one)
   float w;
   float s;                       // the threshold
-  unsigned int blocks_done;      // blocks of the current pass finished (the last one scans)
 };
 
 constexpr int64_t kHistBins = 2 * 256;  // per sample: one 256-bin histogram per target (v_lo, v_hi)
@@ -124,84 +123,6 @@ __device__ __forceinline__ void warp_histogram_add(unsigned int* h, bool valid, 
   const unsigned int peers = __match_any_sync(0xFFFFFFFFu, key);
   const int lane = threadIdx.x & 31;
   if (valid && lane == __ffs(peers) - 1) atomicAdd(&h[bin], unsigned(__popc(peers)));
-}
-
-// After each pass, by the last block of the sample to finish it (256 threads): fix the next 8 bits of
-// each target's prefix (a block-wide prefix sum over the bins) and clear the histograms. After pass 1
-// it first decides whether the sample needs the select at all; after the last it computes the
-// threshold. Counts and bins that other blocks' atomics wrote are read through the L2 (__ldcg);
-// max_le_one_bits is read in a later kernel.
-__device__ void scan_sample(const StepArraysCuda& a, const StepParams& p, int shift, int64_t b, Selection& s,
-                            unsigned long long* hb) {
-  const int d = threadIdx.x;  // the digit
-  if (shift == 24 && d == 0) {
-    int64_t lo, hi;
-    float w;
-    quantile_rank(p.dynamic_ratio, a.n, lo, hi, w);
-    const int64_t above = int64_t(__ldcg(&s.above_one)), at_max = int64_t(__ldcg(&s.at_max));
-    const int64_t first_above = a.n - above;  // sorted position of the first value > 1
-    s.w = w;
-    s.selecting = 0;
-    if (hi < first_above) {
-      s.s = 1.0f;  // the lerp of two values <= 1, clamped
-    } else if (lo >= a.n - at_max) {
-      s.s = p.sample_max_value;  // the lerp of two values >= sample_max_value, clamped
-    } else {
-      s.selecting = 1;
-      s.need_lo = lo >= first_above;
-      s.rank[0] = s.need_lo ? lo - first_above : 0;
-      s.rank[1] = hi - first_above;
-      s.prefix[0] = s.prefix[1] = 0u;
-    }
-  }
-  __syncthreads();
-  if (s.selecting) {
-    __shared__ long long incl[2][256];
-    long long c[2];
-    for (int t = 0; t < 2; ++t) incl[t][d] = c[t] = (long long)__ldcg(&hb[(shift == 24 ? 0 : t * 256) + d]);
-    __syncthreads();
-    for (int off = 1; off < 256; off <<= 1) {  // Hillis-Steele inclusive scan
-      long long add[2];
-      for (int t = 0; t < 2; ++t) add[t] = d >= off ? incl[t][d - off] : 0;
-      __syncthreads();
-      for (int t = 0; t < 2; ++t) incl[t][d] += add[t];
-      __syncthreads();
-    }
-    const long long rank[2] = {s.rank[0], s.rank[1]};
-    __syncthreads();  // every thread has read the ranks before one rewrites them
-    for (int t = 0; t < 2; ++t) {
-      const long long before = incl[t][d] - c[t];
-      if (before <= rank[t] && rank[t] < incl[t][d]) {  // exactly one digit holds the rank
-        s.prefix[t] |= unsigned(d) << shift;
-        s.rank[t] = rank[t] - before;
-      }
-    }
-  }
-  hb[d] = 0ull;  // ready for the next pass
-  hb[256 + d] = 0ull;
-  __syncthreads();
-  if (d == 0) {
-    s.blocks_done = 0u;  // ready for the next pass
-    if (shift == 0) {
-      if (s.selecting) {
-        const float v_lo = s.need_lo ? bits_float(s.prefix[0]) : bits_float(s.max_le_one_bits);
-        s.s = clamp_threshold(torch_lerp(v_lo, bits_float(s.prefix[1]), s.w), p.sample_max_value);
-      }
-      if (a.thresholds) a.thresholds[b] = s.s;
-    }
-  }
-}
-
-// Whether this block is the last of its sample to finish the pass (all blocks of the grid call it
-// once, after their global atomics).
-__device__ __forceinline__ bool last_block_of_sample(Selection& s) {
-  __shared__ bool last;
-  __threadfence();  // this block's histogram and count updates, visible before the count below
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&s.blocks_done, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (last) __threadfence();
-  return last;
 }
 
 // Grid (chunks, batch): each block reads chunks of one sample, so no element needs a division to find
@@ -286,33 +207,95 @@ __global__ void threshold_stats_kernel(StepArraysCuda a, StepParams p0, Selectio
   __syncthreads();
   for (int i = threadIdx.x; i < 256; i += blockDim.x)
     if (h[i]) atomicAdd(&hist[b * kHistBins + i], (unsigned long long)h[i]);
-  if (last_block_of_sample(sel[b])) scan_sample(a, p, 24, b, sel[b], hist + b * kHistBins);
 }
 
 // Passes 2-4: histogram the 8 bits at `shift` of the compacted values whose higher bits match each
 // target's prefix.
-__global__ void threshold_histogram_kernel(StepArraysCuda a, StepParams p0, Selection* sel, const float* vals,
-                                           int shift, unsigned long long* hist) {
+__global__ void threshold_histogram_kernel(const Selection* sel, const float* vals, int64_t n, int shift,
+                                           unsigned long long* hist) {
   const int64_t b = blockIdx.y;
+  if (!sel[b].selecting) return;  // uniform over the block
   const int64_t count = int64_t(sel[b].above_one);
-  // uniform over the block; every block still counts itself done below
-  const bool active = sel[b].selecting && int64_t(blockIdx.x) * blockDim.x < count;
-  if (active) {
-    __shared__ unsigned int h[kHistBins];
-    for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) h[i] = 0u;
-    __syncthreads();
-    const unsigned int want0 = sel[b].prefix[0] >> (shift + 8), want1 = sel[b].prefix[1] >> (shift + 8);
-    PYDIFF_CHUNK_LOOP(j, valid, count) {
-      const unsigned int bits = valid ? float_bits(vals[b * a.n + j]) : 0u;
-      const unsigned int digit = (bits >> shift) & 255u;
-      warp_histogram_add(h, valid && (bits >> (shift + 8)) == want0, digit);
-      warp_histogram_add(h + 256, valid && (bits >> (shift + 8)) == want1, digit);
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < kHistBins; i += blockDim.x)
-      if (h[i]) atomicAdd(&hist[b * kHistBins + i], (unsigned long long)h[i]);
+  if (int64_t(blockIdx.x) * blockDim.x >= count) return;
+  __shared__ unsigned int h[kHistBins];
+  for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) h[i] = 0u;
+  __syncthreads();
+  const unsigned int want0 = sel[b].prefix[0] >> (shift + 8), want1 = sel[b].prefix[1] >> (shift + 8);
+  PYDIFF_CHUNK_LOOP(j, valid, count) {
+    const unsigned int bits = valid ? float_bits(vals[b * n + j]) : 0u;
+    const unsigned int digit = (bits >> shift) & 255u;
+    warp_histogram_add(h, valid && (bits >> (shift + 8)) == want0, digit);
+    warp_histogram_add(h + 256, valid && (bits >> (shift + 8)) == want1, digit);
   }
-  if (last_block_of_sample(sel[b])) scan_sample(a, params_of(a, p0), shift, b, sel[b], hist + b * kHistBins);
+  __syncthreads();
+  for (int i = threadIdx.x; i < kHistBins; i += blockDim.x)
+    if (h[i]) atomicAdd(&hist[b * kHistBins + i], (unsigned long long)h[i]);
+}
+
+// After each pass, one block of 256 threads per sample: fix the next 8 bits of each target's prefix
+// (a block-wide prefix sum over the bins) and clear the histograms. After pass 1 it first decides
+// whether the sample needs the select at all; after the last it computes the threshold.
+__global__ void threshold_scan_kernel(StepArraysCuda a, StepParams p0, int shift, Selection* sel,
+                                      unsigned long long* hist) {
+  const int64_t b = blockIdx.x;
+  const int d = threadIdx.x;  // the digit
+  Selection& s = sel[b];
+  const StepParams p = params_of(a, p0);
+  if (shift == 24 && d == 0) {
+    int64_t lo, hi;
+    float w;
+    quantile_rank(p.dynamic_ratio, a.n, lo, hi, w);
+    const int64_t first_above = a.n - int64_t(s.above_one);  // sorted position of the first value > 1
+    s.w = w;
+    s.selecting = 0;
+    if (hi < first_above) {
+      s.s = 1.0f;  // the lerp of two values <= 1, clamped
+    } else if (lo >= a.n - int64_t(s.at_max)) {
+      s.s = p.sample_max_value;  // the lerp of two values >= sample_max_value, clamped
+    } else {
+      s.selecting = 1;
+      s.need_lo = lo >= first_above;
+      s.rank[0] = s.need_lo ? lo - first_above : 0;
+      s.rank[1] = hi - first_above;
+      s.prefix[0] = s.prefix[1] = 0u;
+    }
+  }
+  __syncthreads();
+  unsigned long long* hb = hist + b * kHistBins;
+  if (s.selecting) {
+    __shared__ long long incl[2][256];
+    long long c[2];
+    for (int t = 0; t < 2; ++t) incl[t][d] = c[t] = (long long)hb[(shift == 24 ? 0 : t * 256) + d];
+    __syncthreads();
+    for (int off = 1; off < 256; off <<= 1) {  // Hillis-Steele inclusive scan
+      long long add[2];
+      for (int t = 0; t < 2; ++t) add[t] = d >= off ? incl[t][d - off] : 0;
+      __syncthreads();
+      for (int t = 0; t < 2; ++t) incl[t][d] += add[t];
+      __syncthreads();
+    }
+    const long long rank[2] = {s.rank[0], s.rank[1]};
+    __syncthreads();  // every thread has read the ranks before one rewrites them
+    for (int t = 0; t < 2; ++t) {
+      const long long before = incl[t][d] - c[t];
+      if (before <= rank[t] && rank[t] < incl[t][d]) {  // exactly one digit holds the rank
+        s.prefix[t] |= unsigned(d) << shift;
+        s.rank[t] = rank[t] - before;
+      }
+    }
+  }
+  hb[d] = 0ull;  // ready for the next pass
+  hb[256 + d] = 0ull;
+  if (shift == 0) {
+    __syncthreads();
+    if (d == 0) {
+      if (s.selecting) {
+        const float v_lo = s.need_lo ? bits_float(s.prefix[0]) : bits_float(s.max_le_one_bits);
+        s.s = clamp_threshold(torch_lerp(v_lo, bits_float(s.prefix[1]), s.w), p.sample_max_value);
+      }
+      if (a.thresholds) a.thresholds[b] = s.s;
+    }
+  }
 }
 
 // ---------------------------------------------------------------- the fused step
@@ -397,8 +380,11 @@ int launch(const StepArraysCuda& a, const StepParams& p, cudaStream_t stream) {
     const dim3 grid4(unsigned(chunks4 < per_sample ? chunks4 : per_sample), unsigned(a.batch));
     threshold_stats_kernel<T, PRED, GUIDED>
         <<<grid4, kThreads, 0, stream>>>(a, p, sel, hist, vals, aligned_for_vectors(a) && a.n % 4 == 0);
-    for (int shift = 16; shift >= 0; shift -= 8)
-      threshold_histogram_kernel<<<grid, kThreads, 0, stream>>>(a, p, sel, vals, shift, hist);
+    threshold_scan_kernel<<<unsigned(a.batch), 256, 0, stream>>>(a, p, 24, sel, hist);
+    for (int shift = 16; shift >= 0; shift -= 8) {
+      threshold_histogram_kernel<<<grid, kThreads, 0, stream>>>(sel, vals, a.n, shift, hist);
+      threshold_scan_kernel<<<unsigned(a.batch), 256, 0, stream>>>(a, p, shift, sel, hist);
+    }
   }
   fused_step_kernel<T, PRED, GUIDED>
       <<<blocks_for((total + 3) / 4), kThreads, 0, stream>>>(a, p, sel, aligned_for_vectors(a));
