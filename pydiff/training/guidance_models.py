@@ -54,6 +54,13 @@ class ClassifierTrainConfig:
         return cls(task=task, **kw)
 
 
+def noised(x0, abar, lo: int, hi: int, g):
+    """(x_t, t): x0 noised by q(x_t | x0) at t uniform in [lo, hi) (draws t, then the noise, from g)."""
+    t = torch.randint(lo, hi, (len(x0),), generator=g)
+    a = abar[t][:, None, None, None]
+    return a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g), t
+
+
 def _split(n: int, labels: np.ndarray, fraction: float, seed: int):
     """Stratified train / held-out indices."""
     rng = np.random.default_rng(seed + 12345)
@@ -104,9 +111,7 @@ def accuracy_by_t(model, x0, y, abar, bands=((0, 200), (200, 400), (400, 600), (
     g = torch.Generator().manual_seed(seed)
     out = {}
     for lo, hi in bands:
-        t = torch.randint(lo, hi, (len(x0),), generator=g)
-        a = abar[t][:, None, None, None]
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g)
+        xt, t = noised(x0, abar, lo, hi, g)
         out[f"t{lo}-{hi}"] = float((model(xt, t.float()).argmax(1) == y).float().mean())
     return out
 
@@ -145,9 +150,7 @@ def train_classifier(cfg: ClassifierTrainConfig, out: str | Path, command: str |
     for step in range(1, cfg.steps + 1):
         idx = torch.from_numpy(rng.integers(0, len(xtr), cfg.batch_size))
         x0 = _shift(xtr[idx], rng, cfg.shift)
-        t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=g)
-        a = abar[t][:, None, None, None]
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g)
+        xt, t = noised(x0, abar, 0, cfg.num_train_timesteps, g)
         loss = F.cross_entropy(model(xt, t.float()), ytr[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -234,9 +237,7 @@ def clip_retrieval_by_t(model, x0, combo, text_emb, abar, seed: int = 0,
     g = torch.Generator().manual_seed(seed)
     out = {}
     for lo, hi in bands:
-        t = torch.randint(lo, hi, (len(x0),), generator=g)
-        a = abar[t][:, None, None, None]
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g)
+        xt, t = noised(x0, abar, lo, hi, g)
         pick = (model.encode_image(xt, t.float()) @ text_emb.T).argmax(1).numpy()
         out[f"t{lo}-{hi}"] = float((pick == combo).mean())
     return out
@@ -279,9 +280,7 @@ def train_clip(cfg: ClipTrainConfig, out: str | Path, command: str | None = None
         x0 = xtr[idx]
         combo = torch.from_numpy(ctr[idx])
         rows = cap_row[combo, torch.from_numpy(rng.integers(0, len(S.TEMPLATES), cfg.batch_size))]
-        t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=g)
-        a = abar[t][:, None, None, None]
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g)
+        xt, t = noised(x0, abar, 0, cfg.num_train_timesteps, g)
         logits = model.logit_scale.exp().clamp(max=100) * model.encode_image(xt, t.float()) \
             @ model.encode_text(states[rows], mask[rows]).T
         same = (combo[:, None] == combo[None, :]).float()
