@@ -4,11 +4,14 @@
    against a device-to-device copy moving as many bytes; GPU time only (20 launches captured in a
    CUDA graph, replayed between CUDA events), so launch overhead does not count.
 2. per_step: one step as a user runs it eagerly (wall time of 50 launches, then one synchronisation):
-   pydiff.cuda.fused_step against diffusers' scheduler.step plus the usual torch CFG mix, thresholding
-   off (DDIM) and dynamic (DDPM, Imagen's thresholding).
-3. graph: steps/s of the bundled shapes base network (torch, its EMA training weights rounded to fp16 as
-   the package ships them) with classifier-free guidance, eager against CUDA-graph replay
-   (pydiff.cuda_graph), DPM-Solver++ 25 steps at the package's settings.
+   pydiff.cuda.fused_step (as a plain call, and with the caller's workspace) against diffusers'
+   scheduler.step plus the usual torch CFG mix, thresholding off (DDIM) and dynamic (DDPM, Imagen's
+   thresholding); the three measured in alternation over 5 rounds, the speedup the median of the
+   rounds' ratios (diffusers' step varied 590-1088 us between runs on the H200).
+3. graph: steps/s of the bundled shapes base network with classifier-free guidance, eager against
+   CUDA-graph replay (pydiff.cuda_graph), DPM-Solver++ 25 steps at the package's settings: as a torch
+   module (its EMA training weights rounded to fp16 as the package ships them; --checkpoint), and its
+   ONNX file through ONNX Runtime's CUDA provider and through TensorRT where those are installed.
 
     python benchmarks/bench_gpu.py --json results/gpu.json [--checkpoint RUN_DIR]
 """
@@ -133,7 +136,17 @@ def diffusers_step(torch, diffusers, sampler, thresholding, x, both, t):
     return step
 
 
-def bench_per_step(torch, shapes):
+def interleaved(torch, fns: dict, rounds=5) -> dict:
+    """Wall seconds per call of each fn, measured in alternation round after round, so that a slow
+    moment of the shared machine hits every contender: name -> per-round list."""
+    out = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            out[name].append(wall_time(torch, fn, repeats=3))
+    return out
+
+
+def bench_per_step(torch, shapes, rounds=5):
     try:
         import diffusers
     except ImportError as e:
@@ -148,10 +161,14 @@ def bench_per_step(torch, shapes):
             x, both = (torch.from_numpy(a).cuda() for a in realistic_inputs(shape, fields["alpha"], fields["sigma"]))
             out = torch.empty_like(x)
             thresholds = torch.empty(shape[0], device="cuda")
-            ours = wall_time(torch, lambda: cuda.fused_step(x, both, p, out=out, guidance_scale=GUIDANCE,
-                                                            thresholds=thresholds))
+            # as a plain call allocates its scratch (stream-ordered), and with the caller's workspace
+            ws = torch.empty(cuda.workspace_bytes(shape[0], x[0].numel()), dtype=torch.uint8, device="cuda")
             t = int(smp.timesteps[STEP_INDEX])
-            theirs = wall_time(torch, diffusers_step(torch, diffusers, sampler, thr, x, both, t))
+            times = interleaved(torch, {
+                "pydiff": lambda: cuda.fused_step(x, both, p, out=out, guidance_scale=GUIDANCE, thresholds=thresholds),
+                "pydiff_ws": lambda: cuda.fused_step(x, both, p, out=out, guidance_scale=GUIDANCE,
+                                                     thresholds=thresholds, workspace=ws),
+                "diffusers": diffusers_step(torch, diffusers, sampler, thr, x, both, t)}, rounds)
             # the two agree (DDIM exactly up to rounding; DDPM up to its noise, so compare the mean)
             ref = diffusers_step(torch, diffusers, sampler, thr, x, both, t)()
             cuda.fused_step(x, both, p, out=out, guidance_scale=GUIDANCE, thresholds=thresholds)
@@ -161,56 +178,107 @@ def bench_per_step(torch, shapes):
             else:
                 agree = float((out - ref).mean().abs())
             sel = float(((thresholds > 1) & (thresholds < 1.5)).float().mean()) if thr else 0.0
+            med = {k: statistics.median(v) for k, v in times.items()}
+            ratios = [d / o for d, o in zip(times["diffusers"], times["pydiff"])]
+            ratios_ws = [d / o for d, o in zip(times["diffusers"], times["pydiff_ws"])]
             row = dict(shape="x".join(map(str, shape)), sampler=sampler, thresholding="dynamic" if thr else "off",
-                       pydiff_us=ours * 1e6, diffusers_us=theirs * 1e6, speedup=theirs / ours,
+                       pydiff_us=med["pydiff"] * 1e6, pydiff_workspace_us=med["pydiff_ws"] * 1e6,
+                       diffusers_us=med["diffusers"] * 1e6, speedup=statistics.median(ratios),
+                       speedup_workspace=statistics.median(ratios_ws), rounds=rounds,
+                       speedup_range=[min(ratios), max(ratios)],
                        gpu_only_pydiff_us=gpu_time(torch, lambda: cuda.fused_step(
-                           x, both, p, out=out, guidance_scale=GUIDANCE,
+                           x, both, p, out=out, guidance_scale=GUIDANCE, workspace=ws,
                            stream=torch.cuda.current_stream().cuda_stream)) * 1e6,
                        agreement=agree, selected_fraction=sel)
             rows.append(row)
             print("per_step", json.dumps(row), flush=True)
-            del x, both, out
+            del x, both, out, ws
     return rows
 
 
+def graph_row(torch, make_network, plan, shape, label, B, stream=None):
+    """Steps/s of one network with the fused step: eager against CUDA-graph replay (median of 5 runs)."""
+    from pydiff.cuda_graph import GraphSampler
+
+    x_T = torch.from_numpy(ops.randn(shape, 0, 2**32 - 1)).cuda()
+    res, outs = {}, {}
+    for graph in (False, True):
+        r = GraphSampler(make_network(), plan, shape=shape, guidance_scale=5.0, graph=graph, stream=stream)
+        outs[graph] = r.run(x_T)  # warm-up (and capture)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            r.run(x_T)
+            times.append(time.perf_counter() - t0)
+        res[graph] = len(plan) / statistics.median(times)
+    row = dict(network=label, batch=B, steps=len(plan), eager_steps_per_s=res[False], graph_steps_per_s=res[True],
+               graph_speedup=res[True] / res[False],
+               graph_vs_eager_max_abs=float((outs[True] - outs[False]).abs().max()))
+    print("graph", json.dumps(row), flush=True)
+    return row
+
+
 def bench_graph(torch, checkpoint, batches=(1, 8)):
-    from pydiff.bench import load_torch_modules
-    from pydiff.cuda_graph import GraphSampler, StepPlan
+    """The bundled shapes base network with the fused step: as a torch module (its training weights,
+    when a checkpoint is given), through ONNX Runtime's CUDA provider and through TensorRT (each where
+    installed), eager against CUDA-graph replay."""
+    from pydiff.cuda_graph import StageNetwork, StepPlan
 
     pipe = pydiff.load()  # the bundled shapes cascade
     stage = pipe.package.stages[0]
-    net = load_torch_modules({stage.name: checkpoint})[stage.name].cuda().eval()
+    smp = pydiff.make_sampler("dpmpp_2m", pipe._schedules[stage.name], 25)  # static clipping, as recommended
+    plan = StepPlan.from_sampler(smp, seed=0)
     enc = pipe.backend.text_encoder
+    backends = []
+    if checkpoint:
+        from pydiff.bench import load_torch_modules
+
+        net = load_torch_modules({stage.name: checkpoint})[stage.name].cuda().eval()
+        backends.append("torch")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        backends.append("onnxruntime-cuda")
+    else:
+        print("graph: this onnxruntime has no CUDA provider; its rows are skipped", flush=True)
+    try:
+        import tensorrt  # noqa: F401
+
+        backends.append("tensorrt")
+    except ImportError:
+        print("graph: tensorrt is not installed; its rows are skipped", flush=True)
     rows = []
-    for B in batches:
-        states, mask = enc.encode(["a red circle on a blue background"] * B + [""] * B)
-        st, mk = torch.from_numpy(states).cuda(), torch.from_numpy(mask).cuda()
+    for label in backends:
+        stream = torch.cuda.Stream() if label == "onnxruntime-cuda" else None
+        if label == "onnxruntime-cuda":
+            model = pydiff.load(providers="cuda", stream=stream).backend.model(stage.name)
+        elif label == "tensorrt":
+            import tempfile
 
-        def network(x, t):
-            with torch.inference_mode():
-                return net(sample=x, timestep=t, encoder_hidden_states=st, encoder_attention_mask=mk)
+            model = pydiff.load(backend="tensorrt", cache_dir=tempfile.mkdtemp(), providers="cpu").backend.model(
+                stage.name)
+        for B in batches:
+            states, mask = enc.encode(["a red circle on a blue background"] * B + [""] * B)
+            shape = (B, stage.channels, stage.resolution, stage.resolution)
+            if label == "torch":
+                st, mk = torch.from_numpy(states).cuda(), torch.from_numpy(mask).cuda()
 
-        smp = pydiff.make_sampler("dpmpp_2m", pipe._schedules[stage.name], 25)  # static clipping, as recommended
-        plan = StepPlan.from_sampler(smp, seed=0)
-        shape = (B, stage.channels, stage.resolution, stage.resolution)
-        x_T = torch.from_numpy(ops.randn(shape, 0, 2**32 - 1)).cuda()
-        res = {}
-        outs = {}
-        for graph in (False, True):
-            r = GraphSampler(network, plan, shape=shape, guidance_scale=5.0, graph=graph)
-            outs[graph] = r.run(x_T)  # warm-up (and capture)
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                r.run(x_T)
-                times.append(time.perf_counter() - t0)
-            res[graph] = len(plan) / statistics.median(times)
-        row = dict(batch=B, steps=len(plan), eager_steps_per_s=res[False], graph_steps_per_s=res[True],
-                   graph_speedup=res[True] / res[False],
-                   graph_vs_eager_max_abs=float((outs[True] - outs[False]).abs().max()))
-        rows.append(row)
-        print("graph", json.dumps(row), flush=True)
+                def make_network():
+                    def network(x, t):
+                        with torch.inference_mode():
+                            return net(sample=x, timestep=t, encoder_hidden_states=st, encoder_attention_mask=mk)
+                    return network
+            else:
+                cond = {"encoder_hidden_states": states, "encoder_attention_mask": mask}
+
+                def make_network():
+                    return StageNetwork(model, cond)
+            try:
+                rows.append(graph_row(torch, make_network, plan, shape, label, B, stream=stream))
+            except Exception as e:  # keep the other networks' rows
+                print(f"graph: {label} batch {B} failed: {type(e).__name__}: {e}", flush=True)
+                rows.append(dict(network=label, batch=B, error=f"{type(e).__name__}: {e}"))
     return rows
 
 
@@ -246,16 +314,24 @@ def markdown(path) -> str:
         out.append(f"| {b['shape']} | {b['step_us']:.1f} | {b['copy_us']:.1f} | {b['step_GBps']:.0f} | "
                    f"{b['fraction_of_copy']:.2f} | {b['dynamic_step_us']:.1f} |")
     out += ["", "| shape | step | thresholding | pydiff wall (us) | pydiff GPU (us) | diffusers + torch CFG (us) | "
-            "speedup | agreement |", "|---|---|---|---|---|---|---|---|"]
+            "speedup | with a workspace | agreement |", "|---|---|---|---|---|---|---|---|---|"]
     for p in r.get("per_step", []):
+        ws = (f"{p['pydiff_workspace_us']:.1f} us, {p['speedup_workspace']:.1f}x"
+              if "speedup_workspace" in p else "not measured")
+        spread = (f" ({p['speedup_range'][0]:.1f}-{p['speedup_range'][1]:.1f} over {p['rounds']} rounds)"
+                  if "speedup_range" in p else "")
         out.append(f"| {p['shape']} | {p['sampler']} | {p['thresholding']} | {p['pydiff_us']:.1f} | "
-                   f"{p['gpu_only_pydiff_us']:.1f} | {p['diffusers_us']:.1f} | {p['speedup']:.1f}x | "
-                   f"{p['agreement']:.1e} |")
-    out += ["", "| batch (x2 with CFG) | steps | eager steps/s | CUDA-graph steps/s | speedup | max abs(graph - eager) |",
-            "|---|---|---|---|---|---|"]
+                   f"{p['gpu_only_pydiff_us']:.1f} | {p['diffusers_us']:.1f} | {p['speedup']:.1f}x{spread} | "
+                   f"{ws} | {p['agreement']:.1e} |")
+    out += ["", "| network | batch (x2 with CFG) | steps | eager steps/s | CUDA-graph steps/s | speedup | "
+            "max abs(graph - eager) |", "|---|---|---|---|---|---|---|"]
     for g in r.get("graph", []):
-        out.append(f"| {g['batch']} | {g['steps']} | {g['eager_steps_per_s']:.0f} | {g['graph_steps_per_s']:.0f} | "
-                   f"{g['graph_speedup']:.1f}x | {g['graph_vs_eager_max_abs']:.1g} |")
+        net = g.get("network", "torch")
+        if "error" in g:
+            out.append(f"| {net} | {g['batch']} | failed: {g['error']} | | | | |")
+            continue
+        out.append(f"| {net} | {g['batch']} | {g['steps']} | {g['eager_steps_per_s']:.0f} | "
+                   f"{g['graph_steps_per_s']:.0f} | {g['graph_speedup']:.1f}x | {g['graph_vs_eager_max_abs']:.1g} |")
     return "\n".join(out)
 
 
@@ -281,7 +357,7 @@ def main(argv=None):
     want = set(args.only or ["bandwidth", "per_step", "graph", "profile"])
     for name, fn in (("bandwidth", lambda: bench_bandwidth(torch, BANDWIDTH_SHAPES)),
                      ("per_step", lambda: bench_per_step(torch, STEP_SHAPES)),
-                     ("graph", lambda: bench_graph(torch, args.checkpoint) if args.checkpoint else []),
+                     ("graph", lambda: bench_graph(torch, args.checkpoint)),
                      ("profile", lambda: profile_dynamic(torch))):
         if name not in want:
             continue

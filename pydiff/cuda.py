@@ -119,13 +119,15 @@ def _from_dlpack(obj, name: str) -> DeviceArray:
     return DeviceArray(int(ptr), tuple(shape), storage, int(dev_id))
 
 
-def _stream_handle(stream) -> int:
+def stream_handle(stream) -> int:
+    """The cudaStream_t of None (0, the legacy default stream), an integer handle, or a stream object
+    (torch.cuda.Stream: `.cuda_stream`, CuPy: `.ptr`, or `.handle`)."""
     if stream is None:
         return 0
-    if isinstance(stream, int):
+    if isinstance(stream, int) and not isinstance(stream, bool):
         return stream
     for attr in ("cuda_stream", "ptr", "handle"):
-        if hasattr(stream, attr):
+        if isinstance(getattr(stream, attr, None), int):
             return int(getattr(stream, attr))
     raise TypeError(f"stream must be an integer handle or a stream object, got {type(stream).__name__}")
 
@@ -211,7 +213,7 @@ def fused_step(x, model_output, params, *, out, guidance_scale=None, x0_prev=Non
         if v.device != xv.device:
             raise ValueError(f"{name} is on GPU {v.device} but x is on GPU {xv.device}")
     _C_cuda.fused_step(xv.ptr, mv.ptr, ov.ptr, B, n, xv.storage, params, guided, scale, scales_ptr,
-                       ptrs["x0_prev"], ptrs["x0_out"], thr_ptr, nf_ptr, _stream_handle(stream),
+                       ptrs["x0_prev"], ptrs["x0_out"], thr_ptr, nf_ptr, stream_handle(stream),
                        table_ptr, counter_ptr, ws_ptr, ws_bytes)
 
 
@@ -242,4 +244,4 @@ def randn(out, seed: int, step: int = 0, *, offset: int = 0, stream=None) -> Non
     if v.storage != F32:
         raise TypeError("out must be float32")
     _C_cuda.randn(v.ptr, int(np.prod(v.shape)), int(seed) & (2**64 - 1), int(step) & 0xFFFFFFFF, int(offset),
-                  _stream_handle(stream))
+                  stream_handle(stream))

@@ -10,7 +10,15 @@ step depends on the host, so one step captured as a CUDA graph replays for every
     x0 = runner.run(x_T)                      # a torch CUDA tensor in, a new one out
 
 `net(x, t)` takes the static input batch (``[2B, ...]`` = ``[x; x]`` with guidance: close over the
-stacked ``[cond; uncond]`` conditioning) and float32 timesteps, and returns the prediction.
+stacked ``[cond; uncond]`` conditioning) and float32 timesteps, enqueues its work on torch's current
+stream, and returns the prediction. A torch module does; so does a backend's stage through
+`StageNetwork`, TensorRT's engine or ONNX Runtime's CUDA provider on the runner's stream:
+
+    s = torch.cuda.Stream()
+    pipe = pydiff.load(path, providers="cuda", stream=s)          # or backend="tensorrt"
+    net = StageNetwork(pipe.backend.model("base"), {"encoder_hidden_states": states, ...})
+    runner = GraphSampler(net, plan, shape=(8, 3, 16, 16), guidance_scale=5.0, stream=s)
+
 `StepPlan.run_cpu` is the same run on the CPU twin: the readable reference the GPU run is tested
 against, and itself tested to equal `pydiff.sample` bit for bit.
 """
@@ -82,15 +90,63 @@ class StepPlan:
         return x
 
 
+class StageNetwork:
+    """A backend's stage (TensorRT or ONNX Runtime) as a GraphSampler network: `net(x, t)` enqueues one
+    call on torch's current stream, writing one static output buffer, with no host synchronisation.
+
+    `cond`: the stage's other inputs by name (``[2B, ...]`` = ``[cond; uncond]`` with guidance), NumPy
+    arrays (copied to the GPU once, here) or torch CUDA tensors (kept). ONNX Runtime sessions must be
+    loaded with the runner's stream (`pydiff.load(..., providers="cuda", stream=s)`): its CUDA provider
+    computes on the stream it was created with, and the call is refused on any other one. One shape
+    per instance: the output buffer's address is what a captured graph replays.
+    """
+
+    def __init__(self, stage_model, cond=None, *, device="cuda"):
+        import torch
+
+        from pydiff.backends.base import input_dtype
+
+        if not callable(getattr(stage_model, "run_device", None)):
+            raise TypeError(f"stage_model: expected a backend's stage model (pipe.backend.model(name)) with "
+                            f"run_device, got {type(stage_model).__name__}")
+        self.torch, self.stage_model = torch, stage_model
+        self.device = torch.device(device)
+        self.cond = {}
+        for name, value in (cond or {}).items():
+            if isinstance(value, torch.Tensor):
+                if value.device != self.device:
+                    raise ValueError(f"cond[{name!r}]: on {value.device}, the network runs on {self.device}")
+                self.cond[name] = value.contiguous()
+            else:
+                self.cond[name] = torch.from_numpy(np.ascontiguousarray(value, input_dtype(name))).to(self.device)
+        self.out = None
+
+    def __call__(self, x, t):
+        torch = self.torch
+        if self.out is None:
+            for name, value in self.cond.items():
+                if value.shape[0] != x.shape[0]:
+                    raise ValueError(f"cond[{name!r}]: batch {value.shape[0]}, the network input's is "
+                                     f"{x.shape[0]} (with guidance: [cond; uncond], twice the images)")
+            self.out = torch.empty(tuple(x.shape), dtype=torch.float32, device=self.device)
+        elif tuple(self.out.shape) != tuple(x.shape):
+            raise ValueError(f"this StageNetwork serves shape {tuple(self.out.shape)}, not {tuple(x.shape)}: "
+                             f"make one per shape")
+        self.stage_model.run_device(x, t, self.cond, out=self.out, stream=torch.cuda.current_stream(self.device))
+        return self.out
+
+
 class GraphSampler:
     """A plan run on the GPU for fixed shapes: eagerly (`graph=False`) or as CUDA-graph replays.
 
     Static device buffers hold x, the network input and the step state; `run` copies x_T in, runs
-    every step with no host synchronisation, then checks the non-finite counter once.
+    every step with no host synchronisation, then checks the non-finite counter once. `stream`: the
+    torch.cuda.Stream every step runs (and is captured) on, e.g. the one an ONNX Runtime session
+    computes on; default: torch's current stream for eager steps, a side stream for the capture.
     """
 
     def __init__(self, network, plan: StepPlan, *, shape, guidance_scale=None, graph: bool = True,
-                 device="cuda"):
+                 device="cuda", stream=None):
         import torch
 
         from pydiff import cuda
@@ -126,6 +182,10 @@ class GraphSampler:
         else:
             self.scale = None if guidance_scale is None else float(guidance_scale)
         self.params0 = ops.step_params(**plan.rows[0])  # the mode and prediction type all rows share
+        if stream is not None and not isinstance(stream, torch.cuda.Stream):
+            raise TypeError(f"stream: expected a torch.cuda.Stream (torch.cuda.ExternalStream wraps a raw "
+                            f"handle), got {type(stream).__name__}")
+        self.stream = stream
         self._graph = None
 
     def _step(self) -> None:
@@ -156,7 +216,7 @@ class GraphSampler:
         """Record one step as a CUDA graph (after a warm-up step on a side stream, as torch requires)."""
         torch = self.torch
         saved = self.x.clone()
-        side = torch.cuda.Stream(device=self.device)
+        side = self.stream or torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self.counter.zero_()
@@ -164,8 +224,14 @@ class GraphSampler:
         torch.cuda.current_stream().wait_stream(side)
         self.counter.zero_()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            self._step()
+        try:
+            with torch.cuda.graph(g, stream=self.stream):
+                self._step()
+        except RuntimeError as e:
+            raise RuntimeError(f"the step could not be captured as a CUDA graph ({str(e).splitlines()[0]}): "
+                               f"the network synchronised, copied to the host or allocated during the step "
+                               f"(for ONNX Runtime: load with providers='cuda', stream=<the runner's stream>). "
+                               f"graph=False runs the same steps eagerly") from e
         self._graph = g
         self.x.copy_(saved)
 
@@ -179,16 +245,24 @@ class GraphSampler:
             raise ValueError(f"x_T must have shape {tuple(self.x.shape)}, got {tuple(x_T.shape)}")
         if self.graph and self._graph is None:
             self.capture()
-        self._reset(x_T)
-        for _ in range(len(self.plan)):
-            if self.graph:
-                self._graph.replay()
-            else:
-                self._step()
+        torch = self.torch
+        caller = torch.cuda.current_stream(self.device)
+        run_on = self.stream or caller
+        run_on.wait_stream(caller)
+        with torch.cuda.stream(run_on):
+            self._reset(x_T)
+            for _ in range(len(self.plan)):
+                if self.graph:
+                    self._graph.replay()
+                else:
+                    self._step()
+            result = self.x.clone()
+        caller.wait_stream(run_on)
+        result.record_stream(caller)
         bad = int(self.nonfinite.item())
         if bad:
             raise NonFiniteError(f"{bad} non-finite values in the network's output or the update during the run")
-        return self.x.clone()
+        return result
 
 
-__all__ = ["StepPlan", "GraphSampler"]
+__all__ = ["StepPlan", "GraphSampler", "StageNetwork"]

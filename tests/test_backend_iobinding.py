@@ -113,11 +113,12 @@ def test_run_device_errors_name_the_argument(base):
 class _RecordingSession:
     """An InferenceSession stand-in on the CUDA provider (device 1): records the IO binding."""
 
-    def __init__(self, real):
+    def __init__(self, real, **cuda_options):
         self.real, self.calls = real, []
+        self.cuda_options = {"device_id": "1", **cuda_options}   # ORT reports option values as strings
 
     def get_provider_options(self):
-        return {CUDA: {"device_id": "1"}, CPU: {}}
+        return {CUDA: dict(self.cuda_options), CPU: {}}
 
     def get_providers(self):
         return [CUDA, CPU]
@@ -136,8 +137,9 @@ class _RecordingSession:
                 return [ort.OrtValue.ortvalue_from_numpy(np.zeros((2, 3, 16, 16), np.float32))]
         return Binding()
 
-    def run_with_iobinding(self, binding):
-        self.calls.append(("run",))
+    def run_with_iobinding(self, binding, run_options=None):
+        key = "disable_synchronize_execution_providers"
+        self.calls.append(("run",) if run_options is None else ("run", key, run_options.get_run_config_entry(key)))
 
 
 def test_cuda_session_binds_device_pointers_on_its_device(base):
@@ -161,6 +163,51 @@ def test_cuda_session_binds_device_pointers_on_its_device(base):
         model.run_device(_FakeCudaArray(x.astype(np.float64), index=1), t, cond)
     with pytest.raises(ValueError, match="sample: must be C-contiguous"):
         model.run_device(_FakeCudaArray(x, index=1, strides=(4, 8, 16, 32)), t, cond)
+
+
+def test_session_on_the_callers_stream_enqueues_without_synchronising(base):
+    sess = _RecordingSession(base.session, user_compute_stream=str(0x5A00), has_user_compute_stream="1")
+    model = ortb.OrtStageModel(base.stage, sess)
+    assert model.stream == 0x5A00
+    x, t, cond = _inputs()
+    dx, out = _FakeCudaArray(x, index=1), _FakeCudaArray(np.empty_like(x), index=1)
+    stream = type("Stream", (), {"cuda_stream": 0x5A00})()    # a torch.cuda.Stream stand-in
+    assert model.run_device(dx, t, cond, out=out, stream=stream) is out
+    assert sess.calls[-1] == ("run", "disable_synchronize_execution_providers", "1")
+    model.run_device(dx, t, cond, out=out)                     # no stream: ORT synchronises, as before
+    assert sess.calls[-1] == ("run",)
+    sess.calls.clear()
+    with pytest.raises(ValueError, match="computes on stream 0x5a00, not 0x77"):
+        model.run_device(dx, t, cond, out=out, stream=0x77)
+    with pytest.raises(TypeError, match="stream must be an integer handle or a stream object"):
+        model.run_device(dx, t, cond, out=out, stream="0x5a00")
+    assert sess.calls == []                                    # refused before anything was bound or run
+    plain = ortb.OrtStageModel(base.stage, _RecordingSession(base.session))
+    assert plain.stream is None
+    with pytest.raises(ValueError, match="ONNX Runtime's own stream.*providers='cuda', stream="):
+        plain.run_device(dx, t, cond, out=out, stream=0x5A00)
+    with pytest.raises(ValueError, match="own stream"):        # the CPU session has no stream at all
+        base.run_device(x, t, cond, stream=0x5A00)
+
+
+def test_stream_becomes_the_cuda_providers_user_compute_stream(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [TRT, CUDA, CPU])
+    on = {"has_user_compute_stream": "1"}
+    want = [(CUDA, {"device_id": 0, **on, "user_compute_stream": str(0x5A00)}), CPU]
+    assert ortb.resolve_providers("cuda", stream=0x5A00) == want
+    assert ortb.resolve_providers(None, stream=type("S", (), {"cuda_stream": 0x5A00})()) == want
+    assert ortb.resolve_providers([CUDA, CPU], device_id=3, stream=7) == [
+        (CUDA, {"device_id": 3, **on, "user_compute_stream": "7"}), CPU]
+    assert ortb.resolve_providers("tensorrt", stream=7)[1] == (CUDA, {"device_id": 0, **on, "user_compute_stream": "7"})
+    with pytest.raises(ValueError, match="only the CUDA provider.*providers='cuda'"):
+        ortb.resolve_providers("cpu", stream=7)
+    with pytest.raises(ValueError, match="stream 0 .*legacy default stream"):
+        ortb.resolve_providers("cuda", stream=0)
+    with pytest.raises(TypeError, match="stream must be an integer handle"):
+        ortb.resolve_providers("cuda", stream=1.5)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
+    with pytest.raises(BackendUnavailableError, match="lacks"):   # the missing provider is named first
+        ortb.resolve_providers(None, stream=7)
 
 
 def test_provider_choices(monkeypatch):

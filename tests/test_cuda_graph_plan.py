@@ -97,3 +97,77 @@ def test_graph_sampler_needs_a_gpu_and_says_so():
 
 def test_ops_constants_match_the_plan_modes():
     assert ops.DYNAMIC == 2 and ops.STATIC_CLIP == 1 and ops.NO_THRESHOLD == 0
+
+
+class _FakeStage:
+    """A backend stage model stand-in: records what StageNetwork enqueues."""
+
+    def __init__(self):
+        self.calls = []
+
+    def run_device(self, x, t, cond, *, out, stream):
+        self.calls.append((x, t, cond, out, stream))
+        out.copy_(x * 2)
+        return out
+
+
+@pytest.fixture
+def stream_1234(monkeypatch):
+    """torch.cuda.current_stream answering a fake stream on this GPU-less machine."""
+    torch = pytest.importorskip("torch")
+    stream = type("Stream", (), {"cuda_stream": 0x1234})()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    return stream
+
+
+def test_stage_network_binds_static_buffers_on_the_current_stream(stream_1234):
+    import torch
+
+    from pydiff.cuda_graph import StageNetwork
+
+    stage = _FakeStage()
+    labels = np.array([3, 7], np.int64)
+    states = torch.ones(2, 4, 8)
+    net = StageNetwork(stage, {"class_labels": labels, "encoder_hidden_states": states}, device="cpu")
+    assert net.cond["class_labels"].dtype == torch.int64 and net.cond["class_labels"].tolist() == [3, 7]
+    assert net.cond["encoder_hidden_states"] is states      # device tensors are kept, not copied
+    x, t = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4), torch.full((2,), 10.0)
+    first = net(x, t)
+    second = net(x + 1, t)
+    assert second is first and first.data_ptr() == net.out.data_ptr()   # one buffer: what a graph replays
+    assert torch.equal(second, (x + 1) * 2)
+    assert [c[4] for c in stage.calls] == [stream_1234, stream_1234]
+    assert all(c[2] is net.cond and c[3] is net.out for c in stage.calls)
+    with pytest.raises(ValueError, match=r"serves shape \(2, 3, 4\), not \(2, 3, 5\)"):
+        net(torch.zeros(2, 3, 5), t)
+
+
+def test_stage_network_refuses_what_it_cannot_replay(stream_1234):
+    import torch
+
+    from pydiff.cuda_graph import StageNetwork
+
+    with pytest.raises(TypeError, match="backend's stage model.*run_device, got function"):
+        StageNetwork(lambda x, t: x, device="cpu")
+    net = StageNetwork(_FakeStage(), {"encoder_hidden_states": np.zeros((4, 2), np.float32)}, device="cpu")
+    with pytest.raises(ValueError, match=r"cond\['encoder_hidden_states'\]: batch 4, the network input's is 2"):
+        net(torch.zeros(2, 3), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"cond\['s'\]: on meta, the network runs on cpu"):
+        StageNetwork(_FakeStage(), {"s": torch.empty(2, device="meta")}, device="cpu")
+
+
+def test_stage_network_over_a_cpu_onnx_session_names_the_fix(stream_1234):
+    """ONNX Runtime without the caller's stream cannot join a captured step: the call is refused."""
+    import torch
+
+    from pydiff.backends import create_backend
+    from pydiff.cuda_graph import StageNetwork
+    from pydiff.package import load_package
+    from pydiff.pipeline import bundled_path
+
+    model = create_backend("onnxruntime", load_package(bundled_path("shapes")), providers="cpu").model("base")
+    cond = {"encoder_hidden_states": np.zeros((2, 16, 384), np.float32),
+            "encoder_attention_mask": np.ones((2, 16), np.float32)}
+    net = StageNetwork(model, cond, device="cpu")
+    with pytest.raises(ValueError, match="ONNX Runtime's own stream.*providers='cuda', stream="):
+        net(torch.zeros(2, 3, 16, 16), torch.full((2,), 500.0))

@@ -6,6 +6,9 @@ list of ONNX Runtime provider names. A provider this build lacks is a `BackendUn
 
 `OrtStageModel.run_device` runs a stage through ORT IO binding, so that callers holding device
 arrays (OrtValues, torch CUDA tensors) chain network calls and pydiff's CUDA step without host copies.
+With `stream=` (a cudaStream_t; the CUDA provider's `user_compute_stream`) the sessions compute on the
+caller's stream, and `run_device(..., stream=)` returns without synchronising: what
+pydiff.cuda_graph needs to capture the network and the step in one CUDA graph.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import warnings
 
 import numpy as np
 
+from ..cuda import stream_handle
 from ..package import Package, PackageError, check_stage_io, check_text_encoder_io
 from .base import Backend, BackendUnavailableError, StageModel, input_dtype
 
@@ -31,10 +35,30 @@ def default_providers() -> list[str]:
     return providers + [CPU]
 
 
-def resolve_providers(providers=None, device_id: int = 0) -> list:
-    """ORT's provider list for None, "auto", "cpu", "cuda", "tensorrt" or a list of ORT names."""
+def resolve_providers(providers=None, device_id: int = 0, stream=None) -> list:
+    """ORT's provider list for None, "auto", "cpu", "cuda", "tensorrt" or a list of ORT names.
+
+    `stream`: a cudaStream_t (or stream object) for the CUDA provider to compute on
+    (`user_compute_stream`); needs the CUDA provider, and a stream other than the legacy default
+    stream 0, which ONNX Runtime takes for "none".
+    """
     import onnxruntime as ort
 
+    if stream is not None:
+        handle = stream_handle(stream)
+        if handle == 0:
+            raise ValueError("stream: ONNX Runtime takes stream 0 (the legacy default stream) for "
+                             "'none'; create one, e.g. torch.cuda.Stream(), and pass it")
+        chosen = resolve_providers("cuda" if providers is None else providers, device_id)
+        names = [p if isinstance(p, str) else p[0] for p in chosen]
+        if CUDA not in names:
+            raise ValueError(f"stream: only the CUDA provider computes on a caller's stream, and the "
+                             f"providers are {names}; choose providers='cuda'")
+        i = names.index(CUDA)
+        opts = dict(chosen[i][1]) if not isinstance(chosen[i], str) else {"device_id": device_id}
+        opts.update(has_user_compute_stream="1", user_compute_stream=str(handle))   # decimal, as ORT parses it
+        chosen[i] = (CUDA, opts)
+        return chosen
     if providers is None:
         return default_providers()
     available = ort.get_available_providers()
@@ -101,6 +125,9 @@ class OrtStageModel(StageModel):
         opts = session.get_provider_options().get(CUDA)
         self.device = "cuda" if opts is not None else "cpu"
         self.device_id = int(opts.get("device_id", 0)) if opts is not None else 0
+        # the caller's stream the CUDA provider computes on (user_compute_stream), else None
+        user = int(opts.get("user_compute_stream", 0) or 0) if opts is not None else 0
+        self.stream = user or None
 
     def __call__(self, x, t, cond=None):
         (out,) = self.session.run(self._outputs, self.feeds(x, t, cond))
@@ -109,7 +136,7 @@ class OrtStageModel(StageModel):
                                f"for a sample of shape {x.shape}")
         return out
 
-    def run_device(self, x, t, cond=None, *, out=None):
+    def run_device(self, x, t, cond=None, *, out=None, stream=None):
         """One network call through ORT IO binding; returns `out`, or the output OrtValue.
 
         `x` [B,C,H,W] f32, `t` [B] f32 (a host scalar is broadcast), `cond` name -> [B,...]: each an
@@ -117,7 +144,25 @@ class OrtStageModel(StageModel):
         data (copied in by ORT). Device arrays must have the input's dtype, be C-contiguous and be
         complete on their stream. `out`: None (ORT allocates it on the session's device, `.device`),
         or an OrtValue / device array / NumPy array of x's shape, f32, C-contiguous, written in place.
+
+        `stream`: None (ORT synchronises before it returns), or the stream this session computes on
+        (loaded with `stream=`): the call is then only enqueued there, as TensorRT's is, and the
+        caller synchronises that stream before reading `out` elsewhere.
         """
+        run_options = None
+        if stream is not None:
+            handle = stream_handle(stream)
+            if self.stream is None:
+                raise ValueError(f"stream: stage {self.stage.name!r} computes on ONNX Runtime's own "
+                                 f"stream; to enqueue on {handle:#x}, load with providers='cuda', "
+                                 f"stream=<that stream>")
+            if handle != self.stream:
+                raise ValueError(f"stream: stage {self.stage.name!r} computes on stream "
+                                 f"{self.stream:#x}, not {handle:#x}; run on the stream it was loaded with")
+            import onnxruntime as ort
+
+            run_options = ort.RunOptions()
+            run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         binding = self.session.io_binding()
         keep = []   # host arrays bound by pointer must outlive run_with_iobinding
         values = self.input_values(x, t, cond)
@@ -133,7 +178,7 @@ class OrtStageModel(StageModel):
             out_shape = self._bind(binding, "out", out, keep, binding.bind_output)
             if out_shape != x_shape:
                 raise ValueError(f"out: shape {out_shape} differs from the sample's {x_shape}")
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, run_options)
         if out is None:
             (out,) = binding.get_outputs()
             if tuple(out.shape()) != x_shape:
@@ -204,9 +249,10 @@ def _check_interface(name, iface: dict, dtype) -> tuple:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, package: Package, providers=None, session_options=None, device_id: int = 0):
+    def __init__(self, package: Package, providers=None, session_options=None, device_id: int = 0,
+                 stream=None):
         super().__init__(package)
-        self.providers = resolve_providers(providers, device_id)
+        self.providers = resolve_providers(providers, device_id, stream)
         self.text_encoder = load_text_encoder(package, self.providers, session_options)
         for stage in package.stages:
             sess = _session(stage.onnx, self.providers, session_options)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cuda import stream_handle
 from ..package import Package, PackageError
 from .base import Backend, BackendUnavailableError, StageModel, input_dtype
 
@@ -178,16 +179,12 @@ def _write_atomic(path: Path, blob: bytes) -> None:
 
 
 def _stream_handle(stream) -> int:
-    """cudaStream_t of None (torch's current stream), a torch.cuda.Stream or a raw handle."""
+    """cudaStream_t of None (torch's current stream), a stream object or a raw handle."""
     if stream is None:
         import torch
 
         return torch.cuda.current_stream().cuda_stream
-    handle = stream if isinstance(stream, int) else getattr(stream, "cuda_stream", None)
-    if not isinstance(handle, int):
-        raise TypeError(f"stream: expected a torch.cuda.Stream or a cudaStream_t int, got "
-                        f"{type(stream).__name__}")
-    return handle
+    return stream_handle(stream)
 
 
 def _cuda_pointer(name: str, value, dtype) -> tuple[int, tuple]:

@@ -106,3 +106,51 @@ def test_tensorrt_backend_runs_the_pipeline(package, tmp_path):
     assert img.shape == ref.shape and np.isfinite(img).all()
     # same seed, networks within 1e-2 of each other: the images agree to a few grey levels
     assert np.abs(img - ref).mean() < 0.02
+
+
+def _graph_runs(model, cpu_base, stream=None, B=2, steps=5):
+    """The whole denoising step (network + fused step) on a backend's stage: eager, then captured,
+    against the same plan with the CPU provider's network on the CPU twin."""
+    import torch
+
+    import pydiff
+    from pydiff.cuda_graph import GraphSampler, StageNetwork, StepPlan
+
+    rng = np.random.default_rng(1)
+    cond = {"encoder_hidden_states": rng.standard_normal((2 * B, 16, 384)).astype(np.float32),
+            "encoder_attention_mask": (rng.random((2 * B, 16)) < 0.7).astype(np.float32)}
+    sched = pydiff.Schedule(beta_schedule="squaredcos_cap_v2", clip_sample=True)
+    plan = StepPlan.from_sampler(pydiff.make_sampler("dpmpp_2m", sched, steps), seed=4)
+    x_T = rng.standard_normal((B, 3, 16, 16)).astype(np.float32)
+    want = plan.run_cpu(lambda x, t: cpu_base(x, t, cond), x_T, guidance_scale=3.0)
+    got = {}
+    for graph in (False, True):
+        runner = GraphSampler(StageNetwork(model, cond), plan, shape=x_T.shape, guidance_scale=3.0,
+                              graph=graph, stream=stream)
+        got[graph] = runner.run(_cuda(x_T)).cpu().numpy()
+        assert runner.captured == graph
+    np.testing.assert_allclose(got[True], got[False], atol=1e-4, rtol=0)   # the same kernels, replayed
+    np.testing.assert_allclose(got[True], want, atol=2e-2, rtol=0)
+    assert np.abs(want).max() > 0.1
+
+
+def test_ort_cuda_network_and_step_captured_in_one_graph(package, cpu_base):
+    ort = pytest.importorskip("onnxruntime")
+    if CUDA not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
+    import torch
+
+    stream = torch.cuda.Stream()
+    providers = [(CUDA, {"device_id": 0, "use_tf32": 0}), CPU]
+    model = create_backend("onnxruntime", package, providers=providers, stream=stream).model("base")
+    assert model.stream == stream.cuda_stream
+    _graph_runs(model, cpu_base, stream=stream)
+
+
+def test_tensorrt_network_and_step_captured_in_one_graph(package, cpu_base, tmp_path):
+    pytest.importorskip("tensorrt")
+    from pydiff.backends import tensorrt as trtb
+
+    stage, options = package.stage("base"), trtb.EngineOptions(fp16=False, max_batch=8)
+    engine, _, _ = trtb.load_engine(stage.onnx, options, cache=tmp_path)
+    _graph_runs(trtb.TrtStageModel(stage, engine), cpu_base)
