@@ -312,13 +312,15 @@ __global__ void fused_step_kernel(StepArraysCuda a, StepParams p0, const Selecti
   for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < groups; g += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e0 = 4 * g;
     const bool vec = aligned && e0 + 4 <= total;
-    float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (has_noise) normal4(p.seed, p.noise_step, uint64_t(g), z);
+    // Loads first, then the noise: the Philox rounds run while the loads are in flight. (Noise first
+    // made every warp of a wave compute, then every warp wait on memory, the two phases adding up.)
     float x[4], c[4], u[4] = {0.0f, 0.0f, 0.0f, 0.0f}, prev[4], r[4], x0[4];
     load4<T>(a.x, e0, vec, total, x);
     load4<T>(a.cond, e0, vec, total, c);
     if (GUIDED) load4<T>(a.uncond, e0, vec, total, u);
     if (has_prev) load4<T>(a.x0_prev, e0, vec, total, prev);
+    float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (has_noise) normal4(p.seed, p.noise_step, uint64_t(g), z);
     // The sample of the group's first element, then step across a sample boundary inside the group.
     int64_t b = small ? int64_t(uint32_t(e0) / uint32_t(a.n)) : e0 / a.n;
     int64_t next = (b + 1) * a.n;
