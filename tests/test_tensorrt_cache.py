@@ -118,10 +118,14 @@ def fake_tensorrt(version="10.13.0.35"):
 
     class Context:
         def __init__(self):
-            self.shapes, self.addresses = {}, {}
+            self.shapes, self.addresses, self.shape_calls = {}, {}, 0
 
         def set_input_shape(self, name, shape):
+            self.shape_calls += 1
+            if any(d <= 0 for d in shape):
+                return False                      # TensorRT answers a bad shape with False
             self.shapes[name] = tuple(shape)
+            return True
 
         def set_tensor_address(self, name, ptr):
             self.addresses[name] = ptr
@@ -310,6 +314,17 @@ def test_backend_builds_each_stage_once_and_binds_device_pointers(trt, tmp_path)
                          "encoder_attention_mask": mask.ctypes.data}
     with pytest.raises(TypeError, match="timestep: expected a CUDA array"):
         model.run_device(_CudaArray(x), t, cond, out=_CudaArray(out), stream=1234)
+    # shapes are set only when they change: an enqueue captured in a CUDA graph has no deferred update
+    calls = model.context.shape_calls
+    model.run_device(_CudaArray(x), _CudaArray(t), cond, out=_CudaArray(out), stream=1234)
+    assert model.context.shape_calls == calls
+    x1, t1, out1 = x[:1], t[:1], out[:1]
+    cond1 = {"encoder_hidden_states": _CudaArray(states[:1]), "encoder_attention_mask": _CudaArray(mask[:1])}
+    model.run_device(_CudaArray(x1), _CudaArray(t1), cond1, out=_CudaArray(out1), stream=1234)
+    assert model.context.shape_calls == calls + 4 and trt.executions[-1][0]["sample"] == (1, 3, 16, 16)
+    empty = {"encoder_hidden_states": _CudaArray(states[:1, :0]), "encoder_attention_mask": _CudaArray(mask[:1])}
+    with pytest.raises(ValueError, match=r"TensorRT refuses shape \(1, 0, 384\) for input 'encoder_hidden_states'"):
+        model.run_device(_CudaArray(x1), _CudaArray(t1), empty, out=_CudaArray(out1), stream=1234)
     big = np.zeros((5, 3, 16, 16), np.float32)
     with pytest.raises(ValueError, match="batch 5 is outside the engine's profile 1..4; load with max_batch=5"):
         model.run_device(_CudaArray(big), _CudaArray(np.zeros(5, np.float32)), cond, out=_CudaArray(big))

@@ -214,6 +214,7 @@ class TrtStageModel(StageModel):
         self.batch_range = (engine.get_tensor_profile_shape("sample", 0)[0][0],
                             engine.get_tensor_profile_shape("sample", 0)[2][0])
         self.context = engine.create_execution_context()
+        self._shapes = {}                # input name -> the shape last set on the context
         self._lock = threading.RLock()   # one context: one call in flight (held to its end in __call__)
 
     def __call__(self, x, t, cond=None):
@@ -254,7 +255,14 @@ class TrtStageModel(StageModel):
         with self._lock:
             for name, value in values.items():
                 ptr, shape = _cuda_pointer(name, value, input_dtype(name))
-                self.context.set_input_shape(name, shape)
+                # a new shape only when it changes: a set shape is a deferred update that the next
+                # enqueue applies, and the enqueue captured in a CUDA graph must have none
+                if self._shapes.get(name) != shape:
+                    self._shapes.pop(name, None)
+                    if not self.context.set_input_shape(name, shape):
+                        raise ValueError(f"stage {self.stage.name!r}: TensorRT refuses shape {shape} for "
+                                         f"input {name!r} (its log says why)")
+                    self._shapes[name] = shape
                 self.context.set_tensor_address(name, ptr)
             self.context.set_tensor_address(self.stage.output, out_ptr)
             if not self.context.execute_async_v3(handle):
