@@ -1,6 +1,7 @@
 // CUDA twin of the step kernels: indexing, reductions and launches only; the formulas are the
 // host+device functions of csrc/math, unchanged. Built with --fmad=false so that it rounds as the
-// CPU twin does. Never run on a GPU in this project's CI (no GPU there): tests/gpu checks it.
+// CPU twin does. CI has no GPU: there it runs on csrc/tests/cuda_emu, a CPU emulator of the CUDA
+// it uses (ctest: test_cuda_emu, bit for bit against the CPU twin); tests/gpu checks it on a GPU.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -10,6 +11,14 @@
 #include "math/philox.h"
 #include "math/step.h"
 #include "ops/ops_cuda.h"
+
+// `PYDIFF_LAUNCH(grid, block, stream, kernel)(args...)` is `kernel<<<grid, block, 0, stream>>>(args...)`,
+// or the emulator's launch.
+#if defined(PYDIFF_CUDA_EMULATION)
+#define PYDIFF_LAUNCH(grid, block, stream, ...) ::pydiff_emu::launch(grid, block, stream, __VA_ARGS__)
+#else
+#define PYDIFF_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<grid, block, 0, stream>>>
+#endif
 
 namespace pydiff {
 namespace {
@@ -59,7 +68,9 @@ template <class T>
 __device__ __forceinline__ void load4(const void* p, int64_t e, bool vec, int64_t total, float v[4]) {
   if (vec) {
     const typename Vec4<T>::type raw = static_cast<const typename Vec4<T>::type*>(p)[e >> 2];
-    const T* t = reinterpret_cast<const T*>(&raw);
+    T t[4];
+    static_assert(sizeof t == sizeof raw, "four elements make one vector");
+    memcpy(t, &raw, sizeof t);  // not a cast: the vector is no T object (strict aliasing)
 #pragma unroll
     for (int k = 0; k < 4; ++k) v[k] = load<T>(t, k);
   } else {
@@ -71,10 +82,11 @@ __device__ __forceinline__ void load4(const void* p, int64_t e, bool vec, int64_
 template <class T>
 __device__ __forceinline__ void store4(void* p, int64_t e, bool vec, int64_t total, const float v[4]) {
   if (vec) {
-    typename Vec4<T>::type raw;
-    T* t = reinterpret_cast<T*>(&raw);
+    T t[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) store<T>(t, k, v[k]);
+    typename Vec4<T>::type raw;
+    memcpy(&raw, t, sizeof raw);
     static_cast<typename Vec4<T>::type*>(p)[e >> 2] = raw;
   } else {
 #pragma unroll
@@ -380,17 +392,17 @@ int launch(const StepArraysCuda& a, const StepParams& p, cudaStream_t stream) {
     const dim3 grid(unsigned(chunks < per_sample ? chunks : per_sample), unsigned(a.batch));
     const int64_t chunks4 = ((a.n + 3) / 4 + kThreads - 1) / kThreads;
     const dim3 grid4(unsigned(chunks4 < per_sample ? chunks4 : per_sample), unsigned(a.batch));
-    threshold_stats_kernel<T, PRED, GUIDED>
-        <<<grid4, kThreads, 0, stream>>>(a, p, sel, hist, vals, aligned_for_vectors(a) && a.n % 4 == 0);
-    threshold_scan_kernel<<<unsigned(a.batch), 256, 0, stream>>>(a, p, 24, sel, hist);
+    PYDIFF_LAUNCH(grid4, kThreads, stream, threshold_stats_kernel<T, PRED, GUIDED>)(
+        a, p, sel, hist, vals, aligned_for_vectors(a) && a.n % 4 == 0);
+    PYDIFF_LAUNCH(unsigned(a.batch), 256, stream, threshold_scan_kernel)(a, p, 24, sel, hist);
     for (int shift = 16; shift >= 0; shift -= 8) {
-      threshold_histogram_kernel<<<grid, kThreads, 0, stream>>>(sel, vals, a.n, shift, hist);
-      threshold_scan_kernel<<<unsigned(a.batch), 256, 0, stream>>>(a, p, shift, sel, hist);
+      PYDIFF_LAUNCH(grid, kThreads, stream, threshold_histogram_kernel)(sel, vals, a.n, shift, hist);
+      PYDIFF_LAUNCH(unsigned(a.batch), 256, stream, threshold_scan_kernel)(a, p, shift, sel, hist);
     }
   }
-  fused_step_kernel<T, PRED, GUIDED>
-      <<<blocks_for((total + 3) / 4), kThreads, 0, stream>>>(a, p, sel, aligned_for_vectors(a));
-  if (a.step_counter) advance_kernel<<<1, 1, 0, stream>>>(a.step_counter);
+  PYDIFF_LAUNCH(blocks_for((total + 3) / 4), kThreads, stream, fused_step_kernel<T, PRED, GUIDED>)(
+      a, p, sel, aligned_for_vectors(a));
+  if (a.step_counter) PYDIFF_LAUNCH(1, 1, stream, advance_kernel)(a.step_counter);
   if (owned) cudaFreeAsync(owned, stream);
   return int(cudaGetLastError());
 }
@@ -445,14 +457,14 @@ int fused_step_cuda(const StepArraysCuda& a, const StepParams& p, cudaStream_t s
 
 int randn_cuda(uint64_t seed, uint32_t step, int64_t offset, float* out, int64_t count, cudaStream_t stream) {
   if (count == 0) return 0;
-  randn_kernel<<<blocks_for((count + 7) / 4), kThreads, 0, stream>>>(seed, step, offset, out, count);
+  PYDIFF_LAUNCH(blocks_for((count + 7) / 4), kThreads, stream, randn_kernel)(seed, step, offset, out, count);
   return int(cudaGetLastError());
 }
 
 int cfg_mix_cuda(const float* cond, const float* uncond, const float* scales, float scale, float* out, int64_t batch,
                  int64_t n, cudaStream_t stream) {
   if (batch * n == 0) return 0;
-  cfg_mix_kernel<<<blocks_for(batch * n), kThreads, 0, stream>>>(cond, uncond, scales, scale, out, batch, n);
+  PYDIFF_LAUNCH(blocks_for(batch * n), kThreads, stream, cfg_mix_kernel)(cond, uncond, scales, scale, out, batch, n);
   return int(cudaGetLastError());
 }
 
