@@ -97,23 +97,27 @@ __device__ __forceinline__ void store4(void* p, int64_t e, bool vec, int64_t tot
 
 // ---------------------------------------------------------------- dynamic-threshold selection
 // Per-sample exact quantile of |x0| (see threshold_from_stats in step_cpu.cpp): the same two counts
-// settle most samples; otherwise a radix select, 8 bits per pass, finds the values of ranks lo and hi
-// among |x0| > 1 (non-negative floats order as their bits do). The first pass reads the inputs once,
-// counts, histograms the top 8 bits and compacts the values > 1 (usually a few percent) into the
-// workspace; the three later passes read only those.
+// settle most samples; otherwise a radix select finds the values of ranks lo and hi among |x0| > 1
+// (non-negative floats order as their bits do). The first pass reads the inputs once, counts,
+// histograms the top 8 bits and compacts the values > 1 (usually a few percent) into the workspace.
+// Then one block per sample fixes the top 8 bits from that histogram and the other 24 in two passes
+// of 12 bits over the compacted values, in shared memory: two launches in all, not one per pass.
 struct Selection {
   unsigned long long above_one;  // |x0| > 1: also the number of compacted values
   unsigned long long at_max;     // |x0| >= sample_max_value
   unsigned int max_le_one_bits;  // bits of the largest |x0| <= 1
   int selecting;                 // 1 while the radix passes run for this sample
   long long rank[2];             // ranks of v_lo, v_hi among the values > 1, within the current prefix
-  unsigned int prefix[2];        // their float bits, decided 8 bits per pass
+  unsigned int prefix[2];        // their float bits, decided from the top
   int need_lo;                   // v_lo is among the values > 1 (else it is max_le_one)
   float w;
   float s;                       // the threshold
 };
 
-constexpr int64_t kHistBins = 2 * 256;  // per sample: one 256-bin histogram per target (v_lo, v_hi)
+constexpr int64_t kHistBins = 256;    // per sample: the first pass's histogram of the top 8 bits
+constexpr int kSelectThreads = 1024;  // the select kernel's block, one per sample
+constexpr int kWideBits = 12;         // bits per pass of the select kernel: 24 = 2 x 12
+constexpr int kWideBins = 1 << kWideBits;
 
 size_t align256(size_t v) { return (v + 255) / 256 * 256; }
 size_t selection_bytes(int64_t batch) { return align256(sizeof(Selection) * size_t(batch)); }
@@ -221,92 +225,128 @@ __global__ void threshold_stats_kernel(StepArraysCuda a, StepParams p0, Selectio
     if (h[i]) atomicAdd(&hist[b * kHistBins + i], (unsigned long long)h[i]);
 }
 
-// Passes 2-4: histogram the 8 bits at `shift` of the compacted values whose higher bits match each
-// target's prefix.
-__global__ void threshold_histogram_kernel(const Selection* sel, const float* vals, int64_t n, int shift,
-                                           unsigned long long* hist) {
-  const int64_t b = blockIdx.y;
-  if (!sel[b].selecting) return;  // uniform over the block
-  const int64_t count = int64_t(sel[b].above_one);
-  if (int64_t(blockIdx.x) * blockDim.x >= count) return;
-  __shared__ unsigned int h[kHistBins];
-  for (int i = threadIdx.x; i < kHistBins; i += blockDim.x) h[i] = 0u;
-  __syncthreads();
-  const unsigned int want0 = sel[b].prefix[0] >> (shift + 8), want1 = sel[b].prefix[1] >> (shift + 8);
-  PYDIFF_CHUNK_LOOP(j, valid, count) {
-    const unsigned int bits = valid ? float_bits(vals[b * n + j]) : 0u;
-    const unsigned int digit = (bits >> shift) & 255u;
-    warp_histogram_add(h, valid && (bits >> (shift + 8)) == want0, digit);
-    warp_histogram_add(h + 256, valid && (bits >> (shift + 8)) == want1, digit);
+// One block per sample: after it, each target's prefix holds 8 more bits (at `shift`, from the
+// histograms h[t][0..BINS) of the values that match its higher bits) and its rank is the rank within
+// them. Each thread owns BINS / kSelectThreads consecutive bins (at least one); a block-wide scan of
+// the owners' sums finds the bin holding each rank.
+template <int BINS>
+__device__ void settle_digits(const unsigned int (&h)[2][BINS], Selection& st, int shift) {
+  constexpr int kPer = BINS >= kSelectThreads ? BINS / kSelectThreads : 1;
+  constexpr int kWarps = kSelectThreads / 32;
+  __shared__ unsigned long long warp_base[2][kWarps];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, first = tid * kPer;
+  unsigned long long mine[2] = {0ull, 0ull}, incl[2];
+  for (int t = 0; t < 2; ++t) {
+    for (int i = 0; i < kPer; ++i) mine[t] += first + i < BINS ? h[t][first + i] : 0u;
+    incl[t] = mine[t];
+    for (int off = 1; off < 32; off <<= 1) {  // inclusive scan over the warp
+      const unsigned long long up = __shfl_up_sync(0xFFFFFFFFu, incl[t], off);
+      if (lane >= off) incl[t] += up;
+    }
+    if (lane == 31) warp_base[t][warp] = incl[t];
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < kHistBins; i += blockDim.x)
-    if (h[i]) atomicAdd(&hist[b * kHistBins + i], (unsigned long long)h[i]);
+  if (warp == 0) {  // the warps' totals, scanned into each warp's exclusive base
+    for (int t = 0; t < 2; ++t) {
+      const unsigned long long total = lane < kWarps ? warp_base[t][lane] : 0ull;
+      unsigned long long scan = total;
+      for (int off = 1; off < 32; off <<= 1) {
+        const unsigned long long up = __shfl_up_sync(0xFFFFFFFFu, scan, off);
+        if (lane >= off) scan += up;
+      }
+      if (lane < kWarps) warp_base[t][lane] = scan - total;
+    }
+  }
+  __syncthreads();
+  const long long rank[2] = {st.rank[0], st.rank[1]};
+  __syncthreads();  // every thread has read the ranks before their owners rewrite them
+  for (int t = 0; t < 2; ++t) {
+    long long before = (long long)(warp_base[t][warp] + incl[t] - mine[t]);
+    if (before <= rank[t] && rank[t] < before + (long long)mine[t]) {  // exactly one thread holds the rank
+      for (int i = 0; i < kPer; ++i) {
+        const long long c = h[t][first + i];
+        if (rank[t] < before + c) {
+          st.prefix[t] |= unsigned(first + i) << shift;
+          st.rank[t] = rank[t] - before;
+          break;
+        }
+        before += c;
+      }
+    }
+  }
+  __syncthreads();
 }
 
-// After each pass, one block of 256 threads per sample: fix the next 8 bits of each target's prefix
-// (a block-wide prefix sum over the bins) and clear the histograms. After pass 1 it first decides
-// whether the sample needs the select at all; after the last it computes the threshold.
-__global__ void threshold_scan_kernel(StepArraysCuda a, StepParams p0, int shift, Selection* sel,
-                                      unsigned long long* hist) {
+// One block of kSelectThreads per sample, after the first pass: decides whether the sample needs the
+// select at all (the CPU twin's two shortcuts), else selects v_lo and v_hi, and computes the threshold.
+__global__ void threshold_select_kernel(StepArraysCuda a, StepParams p0, Selection* sel, const unsigned long long* hist,
+                                        const float* vals) {
   const int64_t b = blockIdx.x;
-  const int d = threadIdx.x;  // the digit
-  Selection& s = sel[b];
+  const int tid = threadIdx.x;
   const StepParams p = params_of(a, p0);
-  if (shift == 24 && d == 0) {
+  __shared__ Selection st;
+  __shared__ unsigned int h8[2][256];
+  __shared__ unsigned int h12[2][kWideBins];
+  if (tid == 0) {
+    st = sel[b];
     int64_t lo, hi;
     float w;
     quantile_rank(p.dynamic_ratio, a.n, lo, hi, w);
-    const int64_t first_above = a.n - int64_t(s.above_one);  // sorted position of the first value > 1
-    s.w = w;
-    s.selecting = 0;
+    const int64_t first_above = a.n - int64_t(st.above_one);  // sorted position of the first value > 1
+    st.w = w;
+    st.selecting = 0;
     if (hi < first_above) {
-      s.s = 1.0f;  // the lerp of two values <= 1, clamped
-    } else if (lo >= a.n - int64_t(s.at_max)) {
-      s.s = p.sample_max_value;  // the lerp of two values >= sample_max_value, clamped
+      st.s = 1.0f;  // the lerp of two values <= 1, clamped
+    } else if (lo >= a.n - int64_t(st.at_max)) {
+      st.s = p.sample_max_value;  // the lerp of two values >= sample_max_value, clamped
     } else {
-      s.selecting = 1;
-      s.need_lo = lo >= first_above;
-      s.rank[0] = s.need_lo ? lo - first_above : 0;
-      s.rank[1] = hi - first_above;
-      s.prefix[0] = s.prefix[1] = 0u;
+      st.selecting = 1;
+      st.need_lo = lo >= first_above;
+      st.rank[0] = st.need_lo ? lo - first_above : 0;
+      st.rank[1] = hi - first_above;
+      st.prefix[0] = st.prefix[1] = 0u;
     }
   }
   __syncthreads();
-  unsigned long long* hb = hist + b * kHistBins;
-  if (s.selecting) {
-    __shared__ long long incl[2][256];
-    long long c[2];
-    for (int t = 0; t < 2; ++t) incl[t][d] = c[t] = (long long)hb[(shift == 24 ? 0 : t * 256) + d];
+  if (st.selecting) {  // uniform over the block
+    for (int d = tid; d < 256; d += blockDim.x) h8[0][d] = h8[1][d] = unsigned(hist[b * kHistBins + d]);
     __syncthreads();
-    for (int off = 1; off < 256; off <<= 1) {  // Hillis-Steele inclusive scan
-      long long add[2];
-      for (int t = 0; t < 2; ++t) add[t] = d >= off ? incl[t][d - off] : 0;
+    settle_digits(h8, st, 24);  // the top 8 bits, from the first pass's histogram
+    const float* v = vals + b * a.n;
+    const int64_t count = int64_t(st.above_one);
+    for (int shift = 32 - 8 - kWideBits; shift >= 0; shift -= kWideBits) {
+      for (int i = tid; i < 2 * kWideBins; i += blockDim.x) h12[i / kWideBins][i % kWideBins] = 0u;
       __syncthreads();
-      for (int t = 0; t < 2; ++t) incl[t][d] += add[t];
-      __syncthreads();
-    }
-    const long long rank[2] = {s.rank[0], s.rank[1]};
-    __syncthreads();  // every thread has read the ranks before one rewrites them
-    for (int t = 0; t < 2; ++t) {
-      const long long before = incl[t][d] - c[t];
-      if (before <= rank[t] && rank[t] < incl[t][d]) {  // exactly one digit holds the rank
-        s.prefix[t] |= unsigned(d) << shift;
-        s.rank[t] = rank[t] - before;
+      const unsigned int want0 = st.prefix[0] >> (shift + kWideBits), want1 = st.prefix[1] >> (shift + kWideBits);
+      // kLoads loads in flight per thread before their histogram updates: one block streams a
+      // sample's compacted values, and one load at a time would wait on each.
+      constexpr int kLoads = 8;
+      for (int64_t j0 = tid; j0 < count; j0 += int64_t(kLoads) * blockDim.x) {
+        unsigned int bits[kLoads];
+#pragma unroll
+        for (int u = 0; u < kLoads; ++u) {
+          const int64_t j = j0 + int64_t(u) * blockDim.x;
+          bits[u] = j < count ? float_bits(v[j]) : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < kLoads; ++u) {
+          if (j0 + int64_t(u) * blockDim.x >= count) break;
+          const unsigned int digit = (bits[u] >> shift) & (kWideBins - 1);
+          if ((bits[u] >> (shift + kWideBits)) == want0) atomicAdd(&h12[0][digit], 1u);
+          if ((bits[u] >> (shift + kWideBits)) == want1) atomicAdd(&h12[1][digit], 1u);
+        }
       }
+      __syncthreads();
+      settle_digits(h12, st, shift);
+    }
+    if (tid == 0) {
+      const float v_lo = st.need_lo ? bits_float(st.prefix[0]) : bits_float(st.max_le_one_bits);
+      st.s = clamp_threshold(torch_lerp(v_lo, bits_float(st.prefix[1]), st.w), p.sample_max_value);
     }
   }
-  hb[d] = 0ull;  // ready for the next pass
-  hb[256 + d] = 0ull;
-  if (shift == 0) {
-    __syncthreads();
-    if (d == 0) {
-      if (s.selecting) {
-        const float v_lo = s.need_lo ? bits_float(s.prefix[0]) : bits_float(s.max_le_one_bits);
-        s.s = clamp_threshold(torch_lerp(v_lo, bits_float(s.prefix[1]), s.w), p.sample_max_value);
-      }
-      if (a.thresholds) a.thresholds[b] = s.s;
-    }
+  if (tid == 0) {
+    sel[b].s = st.s;
+    if (a.thresholds) a.thresholds[b] = st.s;
   }
 }
 
@@ -386,19 +426,13 @@ int launch(const StepArraysCuda& a, const StepParams& p, cudaStream_t stream) {
     auto* hist = reinterpret_cast<unsigned long long*>(static_cast<char*>(ws) + selection_bytes(a.batch));
     auto* vals = reinterpret_cast<float*>(static_cast<char*>(ws) + zeroed_bytes(a.batch));
     cudaMemsetAsync(ws, 0, zeroed_bytes(a.batch), stream);
-    // Enough blocks per sample to fill the GPU, and no more than its chunks of kThreads elements.
-    const int64_t chunks = (a.n + kThreads - 1) / kThreads;
+    // Enough blocks per sample to fill the GPU, and no more than its chunks of 4 x kThreads elements.
     const int64_t per_sample = (1024 + a.batch - 1) / a.batch;
-    const dim3 grid(unsigned(chunks < per_sample ? chunks : per_sample), unsigned(a.batch));
     const int64_t chunks4 = ((a.n + 3) / 4 + kThreads - 1) / kThreads;
     const dim3 grid4(unsigned(chunks4 < per_sample ? chunks4 : per_sample), unsigned(a.batch));
     PYDIFF_LAUNCH(grid4, kThreads, stream, threshold_stats_kernel<T, PRED, GUIDED>)(
         a, p, sel, hist, vals, aligned_for_vectors(a) && a.n % 4 == 0);
-    PYDIFF_LAUNCH(unsigned(a.batch), 256, stream, threshold_scan_kernel)(a, p, 24, sel, hist);
-    for (int shift = 16; shift >= 0; shift -= 8) {
-      PYDIFF_LAUNCH(grid, kThreads, stream, threshold_histogram_kernel)(sel, vals, a.n, shift, hist);
-      PYDIFF_LAUNCH(unsigned(a.batch), 256, stream, threshold_scan_kernel)(a, p, shift, sel, hist);
-    }
+    PYDIFF_LAUNCH(unsigned(a.batch), kSelectThreads, stream, threshold_select_kernel)(a, p, sel, hist, vals);
   }
   PYDIFF_LAUNCH(blocks_for((total + 3) / 4), kThreads, stream, fused_step_kernel<T, PRED, GUIDED>)(
       a, p, sel, aligned_for_vectors(a));

@@ -102,6 +102,7 @@ struct Case {
   bool guided, per_sample_scales, with_prev, with_x0_out, with_noise, clipped_eps, unaligned, table, own_workspace,
       inject_nan;
   float x0_scale;  // spread of the raw x0: below, around or above the dynamic threshold's range
+  float max_value = 1.5f;  // sample_max_value
 };
 
 static int dynamic_selected = 0, dynamic_cases = 0;
@@ -118,7 +119,7 @@ static void run_case(const Case& c, std::mt19937& gen) {
   p.threshold_mode = c.mode;
   p.clip_range = 1.0f;
   p.dynamic_ratio = 0.995f;
-  p.sample_max_value = 1.5f;
+  p.sample_max_value = c.max_value;
   p.use_clipped_eps = c.clipped_eps;
   p.c_x = ud(gen);
   p.c_x0 = ud(gen);
@@ -266,7 +267,11 @@ static void test_fused_step_matches_the_cpu_twin() {
   Case looping{16, 70000, kVPrediction, kDynamic, kFloat32, true, true, false, false, true, true, false, true, false,
                false, 0.5f};
   run_case(looping, gen);
-  k += 2;
+  // Most values above 1 and the threshold still inside (1, max): the select streams a long list.
+  Case wide{2, 40000, kSample, kDynamic, kFloat32, false, false, false, true, false, false, false, false, false,
+            false, 2.0f, 10.0f};
+  run_case(wide, gen);
+  k += 3;
   CHECK(dynamic_selected >= 20, "only %d dynamic thresholds were selected inside (1, max) in %d cases",
         dynamic_selected, dynamic_cases);
   std::printf("fused step: %d cases, %d dynamic (%d thresholds selected inside (1, max))\n", k, dynamic_cases,
