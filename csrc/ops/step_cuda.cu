@@ -101,7 +101,10 @@ __device__ __forceinline__ void store4(void* p, int64_t e, bool vec, int64_t tot
 // (non-negative floats order as their bits do). The first pass reads the inputs once, counts,
 // histograms the top 8 bits and compacts the values > 1 (usually a few percent) into the workspace.
 // Then one block per sample fixes the top 8 bits from that histogram and the other 24 in two passes
-// of 12 bits over the compacted values, in shared memory: two launches in all, not one per pass.
+// of 12 bits over the compacted values, in shared memory: two launches in all, not one per pass (the
+// earlier design's nine launches cost more than the work in a typical step). The price: one SM
+// streams a sample's compacted values twice, which grows with their count, a few percent of the
+// sample in a typical step but all of it when the quantile lies far above 1.
 struct Selection {
   unsigned long long above_one;  // |x0| > 1: also the number of compacted values
   unsigned long long at_max;     // |x0| >= sample_max_value
