@@ -279,7 +279,7 @@ static void test_fused_step_matches_the_cpu_twin() {
 }
 
 static void test_noise_and_cfg_mix_match_the_cpu_twin() {
-  for (int64_t offset : {0, 1, 3, 4, 1001})
+  for (int64_t offset : {int64_t(0), int64_t(1), int64_t(3), int64_t(4), int64_t(1001), (int64_t(1) << 34) + 3})
     for (int64_t count : {1, 2, 5, 64, 4099}) {
       std::vector<float> want(count), got(count, std::nanf(""));
       randn_cpu(99, 17, offset, want.data(), count, 1);
