@@ -128,13 +128,6 @@ size_t zeroed_bytes(int64_t batch) {  // the part of the workspace cleared befor
   return selection_bytes(batch) + align256(sizeof(unsigned long long) * size_t(kHistBins) * size_t(batch));
 }
 
-template <class T, int PRED, bool GUIDED>
-__device__ __forceinline__ float abs_raw_x0(const StepArraysCuda& a, const StepParams& p, int64_t e, int64_t b) {
-  const float s = a.scales ? a.scales[b] : a.scale;
-  const float u = GUIDED ? load<T>(a.uncond, e) : 0.0f;
-  return fabsf(raw_x0<PRED, GUIDED>(p, load<T>(a.x, e), load<T>(a.cond, e), u, s));
-}
-
 // Adds 1 to bin `bin` of a shared histogram for every lane with `valid`, one atomic per distinct bin
 // of the warp (the first passes see only a few distinct top bytes). All 32 lanes must call it.
 __device__ __forceinline__ void warp_histogram_add(unsigned int* h, bool valid, unsigned int bin) {
@@ -144,16 +137,15 @@ __device__ __forceinline__ void warp_histogram_add(unsigned int* h, bool valid, 
   if (valid && lane == __ffs(peers) - 1) atomicAdd(&h[bin], unsigned(__popc(peers)));
 }
 
-// Grid (chunks, batch): each block reads chunks of one sample, so no element needs a division to find
-// its sample. All threads of a block run the same number of iterations (warp collectives inside).
-#define PYDIFF_CHUNK_LOOP(j, valid, count)                                                                   \
-  for (int64_t j##0 = int64_t(blockIdx.x) * blockDim.x; j##0 < (count); j##0 += int64_t(gridDim.x) * blockDim.x) \
-    if (const int64_t j = j##0 + threadIdx.x; true)                                                          \
-      if (const bool valid = j < (count); true)
+// Pass 1, grid (blocks per sample, batch): each block reads kStatsGroups x kThreads groups of four
+// elements of one sample (no element needs a division to find its sample) and gives the counts, the
+// top-8-bit histogram of every |x0| > 1 (no prefix to match yet, so it serves both targets), and those
+// values compacted to vals[b * n, b * n + above_one) in any order. A thread holds its |x0| values in
+// registers until the block has reserved its slots: one reservation (two barriers, one global atomic)
+// per block, and loads independent of each other, all in flight at once. Groups load as one vector
+// when `vec` (aligned arrays, n a multiple of 4).
+constexpr int kStatsGroups = 4;
 
-// Pass 1: the counts, the top-8-bit histogram of every |x0| > 1 (no prefix to match yet, so it serves
-// both targets), and those values compacted to vals[b * n, b * n + above_one) in any order. Four
-// elements per thread, loaded as one vector when `vec` (aligned arrays, n a multiple of 4).
 template <class T, int PRED, bool GUIDED>
 __global__ void threshold_stats_kernel(StepArraysCuda a, StepParams p0, Selection* sel, unsigned long long* hist,
                                        float* vals, bool vec) {
@@ -161,60 +153,59 @@ __global__ void threshold_stats_kernel(StepArraysCuda a, StepParams p0, Selectio
   const int64_t b = blockIdx.y;
   const int lane = threadIdx.x & 31;
   __shared__ unsigned int h[256];
+  __shared__ unsigned int block_count;
+  __shared__ unsigned long long block_base;
   for (int i = threadIdx.x; i < 256; i += blockDim.x) h[i] = 0u;
+  if (threadIdx.x == 0) block_count = 0u;
   __syncthreads();
   const float scale = a.scales ? a.scales[b] : a.scale;
   const int64_t begin = b * a.n, end = begin + a.n, groups = (a.n + 3) / 4;
-  // Compaction slots are reserved per block and iteration (one global atomic), then per warp in
-  // shared memory: a per-warp global atomic on the sample's one counter serialised at the L2.
-  __shared__ unsigned int block_count[2];  // by iteration parity, so the reset needs no extra barrier
-  __shared__ unsigned long long block_base;
-  if (threadIdx.x == 0) block_count[0] = 0u;
-  __syncthreads();
+  const int64_t g0 = int64_t(blockIdx.x) * blockDim.x * kStatsGroups + threadIdx.x;
+  float v[kStatsGroups][4];
   unsigned long long at_max = 0;
-  unsigned int max_le = 0u;
-  int parity = 0;
-  PYDIFF_CHUNK_LOOP(g, group_valid, groups) {
-    float xv[4], cv[4], uv[4] = {0.0f, 0.0f, 0.0f, 0.0f}, v[4];
+  unsigned int max_le = 0u, mine = 0u;
+#pragma unroll
+  for (int i = 0; i < kStatsGroups; ++i) {
+    const int64_t g = g0 + int64_t(i) * blockDim.x;  // consecutive threads, consecutive groups
+    float xv[4], cv[4], uv[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const bool group_valid = g < groups;
     if (group_valid) {
       load4<T>(a.x, begin + 4 * g, vec, end, xv);
       load4<T>(a.cond, begin + 4 * g, vec, end, cv);
       if (GUIDED) load4<T>(a.uncond, begin + 4 * g, vec, end, uv);
     }
-    unsigned int mine = 0u;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const bool valid = group_valid && 4 * g + k < a.n;
-      v[k] = valid ? fabsf(raw_x0<PRED, GUIDED>(p, xv[k], cv[k], uv[k], scale)) : 0.0f;
-      const bool gt1 = valid && v[k] > 1.0f;
+      v[i][k] = valid ? fabsf(raw_x0<PRED, GUIDED>(p, xv[k], cv[k], uv[k], scale)) : 0.0f;
+      const bool gt1 = valid && v[i][k] > 1.0f;
       mine += gt1;
-      at_max += valid && v[k] >= p.sample_max_value;
-      if (valid && v[k] <= 1.0f) max_le = max(max_le, float_bits(v[k]));
-      if (__ballot_sync(0xFFFFFFFFu, gt1)) warp_histogram_add(h, gt1, float_bits(v[k]) >> 24);
-      if (!valid) v[k] = 0.0f;  // not compacted below (0 is not > 1)
+      at_max += valid && v[i][k] >= p.sample_max_value;
+      if (valid && v[i][k] <= 1.0f) max_le = max(max_le, float_bits(v[i][k]));
+      if (__ballot_sync(0xFFFFFFFFu, gt1)) warp_histogram_add(h, gt1, float_bits(v[i][k]) >> 24);
+      if (!valid) v[i][k] = 0.0f;  // not compacted below (0 is not > 1)
     }
-    unsigned int incl = mine;  // inclusive prefix sum over the warp
-    for (int off = 1; off < 32; off <<= 1) {
-      const unsigned int up = __shfl_up_sync(0xFFFFFFFFu, incl, off);
-      if (lane >= off) incl += up;
-    }
-    const unsigned int warp_total = __shfl_sync(0xFFFFFFFFu, incl, 31);
-    unsigned int warp_base = 0u;
-    if (lane == 31 && warp_total) warp_base = atomicAdd(&block_count[parity], warp_total);
-    warp_base = __shfl_sync(0xFFFFFFFFu, warp_base, 31);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      const unsigned int c = block_count[parity];
-      block_base = c ? atomicAdd(&sel[b].above_one, (unsigned long long)c) : 0ull;
-      block_count[parity ^ 1] = 0u;  // the next iteration's counter
-    }
-    __syncthreads();
-    unsigned long long pos = block_base + warp_base + (incl - mine);
+  }
+  // Slots: the warp's by a prefix sum, the block's by one atomic on the sample's counter (a global
+  // atomic per warp serialised at the L2).
+  unsigned int incl = mine;
+  for (int off = 1; off < 32; off <<= 1) {
+    const unsigned int up = __shfl_up_sync(0xFFFFFFFFu, incl, off);
+    if (lane >= off) incl += up;
+  }
+  const unsigned int warp_total = __shfl_sync(0xFFFFFFFFu, incl, 31);
+  unsigned int warp_base = 0u;
+  if (lane == 31 && warp_total) warp_base = atomicAdd(&block_count, warp_total);
+  warp_base = __shfl_sync(0xFFFFFFFFu, warp_base, 31);
+  __syncthreads();
+  if (threadIdx.x == 0) block_base = block_count ? atomicAdd(&sel[b].above_one, (unsigned long long)block_count) : 0ull;
+  __syncthreads();
+  unsigned long long pos = block_base + warp_base + (incl - mine);
+#pragma unroll
+  for (int i = 0; i < kStatsGroups; ++i)
 #pragma unroll
     for (int k = 0; k < 4; ++k)
-      if (v[k] > 1.0f) vals[begin + int64_t(pos++)] = v[k];
-    parity ^= 1;
-  }
+      if (v[i][k] > 1.0f) vals[begin + int64_t(pos++)] = v[i][k];
   for (int off = 16; off > 0; off >>= 1) {
     at_max += __shfl_down_sync(0xFFFFFFFFu, at_max, off);
     max_le = max(max_le, __shfl_down_sync(0xFFFFFFFFu, max_le, off));
@@ -223,8 +214,7 @@ __global__ void threshold_stats_kernel(StepArraysCuda a, StepParams p0, Selectio
     if (at_max) atomicAdd(&sel[b].at_max, at_max);
     if (max_le) atomicMax(&sel[b].max_le_one_bits, max_le);
   }
-  __syncthreads();
-  for (int i = threadIdx.x; i < 256; i += blockDim.x)
+  for (int i = threadIdx.x; i < 256; i += blockDim.x)  // h is complete: the barriers above came after it
     if (h[i]) atomicAdd(&hist[b * kHistBins + i], (unsigned long long)h[i]);
 }
 
@@ -429,11 +419,9 @@ int launch(const StepArraysCuda& a, const StepParams& p, cudaStream_t stream) {
     auto* hist = reinterpret_cast<unsigned long long*>(static_cast<char*>(ws) + selection_bytes(a.batch));
     auto* vals = reinterpret_cast<float*>(static_cast<char*>(ws) + zeroed_bytes(a.batch));
     cudaMemsetAsync(ws, 0, zeroed_bytes(a.batch), stream);
-    // Enough blocks per sample to fill the GPU, and no more than its chunks of 4 x kThreads elements.
-    const int64_t per_sample = (1024 + a.batch - 1) / a.batch;
-    const int64_t chunks4 = ((a.n + 3) / 4 + kThreads - 1) / kThreads;
-    const dim3 grid4(unsigned(chunks4 < per_sample ? chunks4 : per_sample), unsigned(a.batch));
-    PYDIFF_LAUNCH(grid4, kThreads, stream, threshold_stats_kernel<T, PRED, GUIDED>)(
+    const int64_t per_block = int64_t(kThreads) * kStatsGroups;  // groups
+    const dim3 stats_grid(unsigned(((a.n + 3) / 4 + per_block - 1) / per_block), unsigned(a.batch));
+    PYDIFF_LAUNCH(stats_grid, kThreads, stream, threshold_stats_kernel<T, PRED, GUIDED>)(
         a, p, sel, hist, vals, aligned_for_vectors(a) && a.n % 4 == 0);
     PYDIFF_LAUNCH(unsigned(a.batch), kSelectThreads, stream, threshold_select_kernel)(a, p, sel, hist, vals);
   }
