@@ -3,7 +3,7 @@
 // (prediction types, guidance with scalar and per-sample scales, no / static / dynamic thresholding,
 // the update terms, noise, x0 history, float32 / float16 / bfloat16 storage, aligned and unaligned
 // arrays, the step table and counter, caller and own workspace), the noise stream and the CFG mix.
-// The dynamic threshold's device selection (counts, compaction, radix passes, scans) must give
+// The dynamic threshold's device selection (counts, compaction, the block-per-sample radix select) must give
 // exactly the CPU twin's quantile. What the emulator cannot show, a GPU's speed and races, is
 // tests/gpu's.
 #include <cmath>
@@ -258,9 +258,8 @@ static void test_fused_step_matches_the_cpu_twin() {
           c.x0_scale = spreads[k % 4];
           run_case(c, gen);
         }
-  // Bigger samples: many blocks per sample in the first pass, every radix pass with work; then
-  // more groups than the first pass has threads per sample, so its blocks loop (slot reservation
-  // across iterations).
+  // Bigger samples: many blocks per sample in the first pass, the select streaming more values per
+  // thread than one round of loads; then 16 samples of 70,000.
   Case big{2, 150001, kEpsilon, kDynamic, kFloat32, true, false, true, true, true, false, false, false, false, false,
            0.55f};
   run_case(big, gen);
