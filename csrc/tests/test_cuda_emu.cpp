@@ -13,19 +13,9 @@
 
 #include "ops/ops.h"
 #include "ops/step_cuda.cu"
+#include "tests/check.h"
 
 using namespace pydiff;
-
-static int failures = 0;
-#define CHECK(cond, ...)                               \
-  do {                                                 \
-    if (!(cond)) {                                     \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::printf(__VA_ARGS__);                        \
-      std::printf("\n");                               \
-      ++failures;                                      \
-    }                                                  \
-  } while (0)
 
 // Storage round trips: the values a device array of that type holds.
 static uint16_t to_storage_bits(float v, int storage) {

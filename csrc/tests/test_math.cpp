@@ -8,19 +8,9 @@
 #include "math/philox.h"
 #include "math/step.h"
 #include "ops/ops.h"
+#include "tests/check.h"
 
 using namespace pydiff;
-
-static int failures = 0;
-#define CHECK(cond, ...)                              \
-  do {                                                \
-    if (!(cond)) {                                    \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::printf(__VA_ARGS__);                       \
-      std::printf("\n");                              \
-      ++failures;                                     \
-    }                                                 \
-  } while (0)
 
 static void test_philox_known_answer() {
   // Known-answer vector of Random123's kat_vectors: philox4x32 10 rounds, all-ones counter and key.
