@@ -8,6 +8,10 @@
 #include <cstdlib>
 #include <vector>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 #include "include/cuda_runtime.h"
 
 namespace pydiff_emu {
@@ -25,6 +29,7 @@ struct Fiber {
   ucontext_t context;
   jmp_buf resume;
   bool started = false;
+  void* fake_stack = nullptr;  // AddressSanitizer's, while the fiber is switched out
   State state = kRunnable;
   WarpOp op = kShflUp;
   unsigned mask = 0;
@@ -38,6 +43,25 @@ std::vector<Fiber> fibers;
 std::vector<std::vector<char>> stacks;
 jmp_buf scheduler;
 int current = -1;
+void* scheduler_fake_stack = nullptr;
+const void* scheduler_stack = nullptr;  // learned when the first fiber starts
+size_t scheduler_stack_bytes = 0;
+
+// AddressSanitizer follows the stack switches when told of them (no-ops in other builds).
+void start_switch(void** fake_stack_save, const void* bottom, size_t bytes) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_start_switch_fiber(fake_stack_save, bottom, bytes);
+#else
+  (void)fake_stack_save, (void)bottom, (void)bytes;
+#endif
+}
+void finish_switch(void* fake_stack_save, const void** bottom_old, size_t* bytes_old) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(fake_stack_save, bottom_old, bytes_old);
+#else
+  (void)fake_stack_save, (void)bottom_old, (void)bytes_old;
+#endif
+}
 const std::function<void()>* kernel_body = nullptr;
 int last_error = 0;
 
@@ -47,18 +71,29 @@ int last_error = 0;
 }
 
 void fiber_main() {
+  finish_switch(nullptr, &scheduler_stack, &scheduler_stack_bytes);
   (*kernel_body)();
   fibers[current].state = kDone;
+  start_switch(nullptr, scheduler_stack, scheduler_stack_bytes);  // leaving this stack for good
   _longjmp(scheduler, 1);
 }
 
 void yield_to_scheduler(int me) {
-  if (!_setjmp(fibers[me].resume)) _longjmp(scheduler, 1);
+  Fiber& f = fibers[me];
+  if (!_setjmp(f.resume)) {
+    start_switch(&f.fake_stack, scheduler_stack, scheduler_stack_bytes);
+    _longjmp(scheduler, 1);
+  }
+  finish_switch(f.fake_stack, nullptr, nullptr);  // resumed
 }
 
-void resume(int i) {
-  if (_setjmp(scheduler)) return;  // the fiber yielded or ended
+__attribute__((noinline)) void resume(int i) {  // its frame holds the scheduler's jump buffer
+  if (_setjmp(scheduler)) {  // the fiber yielded or ended
+    finish_switch(scheduler_fake_stack, nullptr, nullptr);
+    return;
+  }
   Fiber& f = fibers[i];
+  start_switch(&scheduler_fake_stack, stacks[i].data(), kStackBytes);
   if (f.started) _longjmp(f.resume, 1);
   f.started = true;
   setcontext(&f.context);
@@ -112,17 +147,20 @@ bool resolve_warp(int w, int nthreads) {
   return true;
 }
 
+// Its own frame: getcontext counts as returning twice, and would make the caller's loop variables
+// suspect (it never does here: the context is only a template for makecontext).
+__attribute__((noinline)) void init_fiber(Fiber& f, char* stack) {
+  f.state = kRunnable;
+  f.started = false;
+  getcontext(&f.context);
+  f.context.uc_stack.ss_sp = stack;
+  f.context.uc_stack.ss_size = kStackBytes;
+  f.context.uc_link = nullptr;  // fiber_main never returns
+  makecontext(&f.context, fiber_main, 0);
+}
+
 void run_block(int nthreads) {
-  for (int i = 0; i < nthreads; ++i) {
-    Fiber& f = fibers[i];
-    f.state = kRunnable;
-    f.started = false;
-    getcontext(&f.context);
-    f.context.uc_stack.ss_sp = stacks[i].data();
-    f.context.uc_stack.ss_size = kStackBytes;
-    f.context.uc_link = nullptr;  // fiber_main never returns
-    makecontext(&f.context, fiber_main, 0);
-  }
+  for (int i = 0; i < nthreads; ++i) init_fiber(fibers[i], stacks[i].data());
   const int nwarps = (nthreads + 31) / 32;
   for (bool ascending = true;; ascending = !ascending) {
     for (int k = 0; k < nthreads; ++k) {
