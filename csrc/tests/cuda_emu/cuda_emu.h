@@ -25,6 +25,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static  // one block at a time: a static is the block's shared memory
+#define __launch_bounds__(...)
 
 struct uint3 {
   unsigned x, y, z;
