@@ -272,7 +272,7 @@ __device__ void settle_digits(const unsigned int (&h)[2][BINS], Selection& st, i
 
 // One block of kSelectThreads per sample, after the first pass: decides whether the sample needs the
 // select at all (the CPU twin's two shortcuts), else selects v_lo and v_hi, and computes the threshold.
-__global__ void __launch_bounds__(kSelectThreads)
+__global__ void __launch_bounds__(kSelectThreads, 1)
 threshold_select_kernel(StepArraysCuda a, StepParams p0, Selection* sel, const unsigned long long* hist,
                         const float* vals) {
   const int64_t b = blockIdx.x;
