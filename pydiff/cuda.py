@@ -12,6 +12,7 @@ Importing this module never touches a GPU; ``available()`` asks the CUDA runtime
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -83,7 +84,7 @@ def device_array(obj, name: str) -> DeviceArray:
     _check_c_contiguous(name, shape, cai.get("strides"), 4 if storage == F32 else 2)
     ptr = int(cai["data"][0])
     dev = _C_cuda.pointer_device(ptr) if ptr else -1
-    if dev < 0 and int(np.prod(shape)) > 0:
+    if dev < 0 and math.prod(shape) > 0:
         raise TypeError(f"{name} points to host memory; the CUDA step needs device memory")
     return DeviceArray(ptr, shape, storage, dev)
 
@@ -157,7 +158,7 @@ def fused_step(x, model_output, params, *, out, guidance_scale=None, x0_prev=Non
     mv = device_array(model_output, "model_output")
     ov = device_array(out, "out")
     B = xv.shape[0] if xv.shape else 0
-    n = int(np.prod(xv.shape[1:])) if B else 0
+    n = math.prod(xv.shape[1:]) if B else 0  # math.prod: 0.2 us where np.prod takes 3.6 (a per-step call)
     guided = guidance_scale is not None
     want_mo = ((2 * B,) if guided else (B,)) + tuple(xv.shape[1:])
     if mv.shape != want_mo:
@@ -235,7 +236,7 @@ def _nbytes(obj) -> int:
     if hasattr(obj, "element_size"):
         return int(obj.numel() * obj.element_size())
     cai = obj.__cuda_array_interface__
-    return int(np.prod(cai["shape"])) * np.dtype(cai["typestr"]).itemsize
+    return math.prod(cai["shape"]) * np.dtype(cai["typestr"]).itemsize
 
 
 def randn(out, seed: int, step: int = 0, *, offset: int = 0, stream=None) -> None:
@@ -243,5 +244,5 @@ def randn(out, seed: int, step: int = 0, *, offset: int = 0, stream=None) -> Non
     v = device_array(out, "out")
     if v.storage != F32:
         raise TypeError("out must be float32")
-    _C_cuda.randn(v.ptr, int(np.prod(v.shape)), int(seed) & (2**64 - 1), int(step) & 0xFFFFFFFF, int(offset),
+    _C_cuda.randn(v.ptr, math.prod(v.shape), int(seed) & (2**64 - 1), int(step) & 0xFFFFFFFF, int(offset),
                   stream_handle(stream))
