@@ -62,6 +62,7 @@ void finish_switch(void* fake_stack_save, const void** bottom_old, size_t* bytes
   (void)fake_stack_save, (void)bottom_old, (void)bytes_old;
 #endif
 }
+
 const std::function<void()>* kernel_body = nullptr;
 int last_error = 0;
 
