@@ -155,6 +155,29 @@ def test_dynamic_threshold_selected_exactly(shape):
         np.testing.assert_allclose(out.cpu().numpy(), want, rtol=4e-7 * 8, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(4, 3, 128, 128), (2, 3, 1024, 1024)])
+def test_dynamic_threshold_selected_from_a_long_list(shape):
+    """Most |x0| above 1 and the quantile still below sample_max_value: the select kernel's one block
+    per sample streams a long compacted list (its slowest case)."""
+    import torch
+
+    rng = np.random.default_rng(7)
+    x0 = 2.0 * rng.standard_normal(shape)
+    eps = rng.standard_normal(shape)
+    x = (0.6 * x0 + 0.8 * eps).astype(np.float32)
+    mo = eps.astype(np.float32)   # the exact eps: raw x0 is 2 N(0, 1)
+    p = ops.step_params(**_params(threshold_mode=2, sample_max_value=10.0))
+    B = shape[0]
+    thr_cpu = np.empty(B, np.float32)
+    want, _ = ops.fused_step(x, mo, p, thresholds=thr_cpu)
+    assert np.all((thr_cpu > 1) & (thr_cpu < 10))
+    out, thr = torch.empty(shape, device="cuda"), torch.empty(B, device="cuda")
+    cuda.fused_step(_dev(x), _dev(mo), p, out=out, thresholds=thr)
+    torch.cuda.synchronize()
+    assert np.array_equal(thr.cpu().numpy(), thr_cpu)
+    np.testing.assert_allclose(out.cpu().numpy(), want, rtol=4e-7 * 8, atol=1e-6)
+
+
 def test_param_table_rows_and_counter():
     import torch
 
