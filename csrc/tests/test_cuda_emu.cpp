@@ -52,10 +52,10 @@ struct DeviceArray {
     d.storage = storage;
     d.unaligned = unaligned;
     if (storage == kFloat32) {
-      d.f32.assign(v.size() + 1, 0.0f);
+      d.f32.assign(v.size() + 1, std::nanf(""));  // the spare element is the guard
       std::copy(v.begin(), v.end(), d.f32.begin() + unaligned);
     } else {
-      d.f16.assign(v.size() + 1, 0);
+      d.f16.assign(v.size() + 1, to_storage_bits(std::nanf(""), storage));
       for (size_t i = 0; i < v.size(); ++i) {
         d.f16[i + unaligned] = to_storage_bits(v[i], storage);
         v[i] = from_storage_bits(d.f16[i + unaligned], storage);
@@ -69,6 +69,11 @@ struct DeviceArray {
   }
   float at(size_t i) const {
     return storage == kFloat32 ? f32[i + unaligned] : from_storage_bits(f16[i + unaligned], storage);
+  }
+  // The one element outside the array (before it when unaligned, else after it): never written.
+  float guard() const {
+    const size_t g = unaligned ? 0 : (storage == kFloat32 ? f32.size() : f16.size()) - 1;
+    return storage == kFloat32 ? f32[g] : from_storage_bits(f16[g], storage);
   }
 };
 
@@ -208,6 +213,7 @@ static void run_case(const Case& c, std::mt19937& gen) {
     const int bad_x0 = mismatches(dx0, want_x0, c.storage, first);
     CHECK(bad_x0 == 0, "%s: %d of x0 differ, first at %zu", what, bad_x0, first);
   }
+  CHECK(std::isnan(dout.guard()) && std::isnan(dx0.guard()), "%s: a write outside the output arrays", what);
   if (c.mode == kDynamic) {
     ++dynamic_cases;
     for (int64_t b = 0; b < c.batch; ++b) {
