@@ -77,15 +77,13 @@ struct DeviceArray {
   }
 };
 
-static uint32_t bits_of(float f) { return float_bits(f); }
-
 // Compares a device result with the CPU twin's, rounded to the storage type: bit for bit.
 static int mismatches(const DeviceArray& got, const std::vector<float>& want, int storage, size_t& first) {
   int bad = 0;
   for (size_t i = 0; i < want.size(); ++i) {
     const float w = storage == kFloat32 ? want[i] : from_storage_bits(to_storage_bits(want[i], storage), storage);
     const float g = got.at(i);
-    const bool same = bits_of(g) == bits_of(w) || (std::isnan(g) && std::isnan(w));
+    const bool same = float_bits(g) == float_bits(w) || (std::isnan(g) && std::isnan(w));
     if (!same && bad++ == 0) first = i;
   }
   return bad;
@@ -217,7 +215,7 @@ static void run_case(const Case& c, std::mt19937& gen) {
   if (c.mode == kDynamic) {
     ++dynamic_cases;
     for (int64_t b = 0; b < c.batch; ++b) {
-      CHECK(bits_of(thresholds[b]) == bits_of(want_thr[b]), "%s: threshold of sample %lld: %.9g vs %.9g", what,
+      CHECK(float_bits(thresholds[b]) == float_bits(want_thr[b]), "%s: threshold of sample %lld: %.9g vs %.9g", what,
             (long long)b, thresholds[b], want_thr[b]);
       dynamic_selected += want_thr[b] > 1.0f && want_thr[b] < p.sample_max_value;
     }
@@ -280,7 +278,7 @@ static void test_noise_and_cfg_mix_match_the_cpu_twin() {
       randn_cpu(99, 17, offset, want.data(), count, 1);
       CHECK(randn_cuda(99, 17, offset, got.data(), count, nullptr) == 0, "randn launch");
       int bad = 0;
-      for (int64_t i = 0; i < count; ++i) bad += bits_of(got[i]) != bits_of(want[i]);
+      for (int64_t i = 0; i < count; ++i) bad += float_bits(got[i]) != float_bits(want[i]);
       CHECK(bad == 0, "randn offset=%lld count=%lld: %d differ", (long long)offset, (long long)count, bad);
     }
   std::mt19937 gen(3);
@@ -293,7 +291,7 @@ static void test_noise_and_cfg_mix_match_the_cpu_twin() {
     cfg_mix_cpu(cond.data(), uncond.data(), s, 4.0f, want.data(), B, n, 1);
     CHECK(cfg_mix_cuda(cond.data(), uncond.data(), s, 4.0f, got.data(), B, n, nullptr) == 0, "cfg launch");
     int bad = 0;
-    for (int64_t i = 0; i < B * n; ++i) bad += bits_of(got[i]) != bits_of(want[i]);
+    for (int64_t i = 0; i < B * n; ++i) bad += float_bits(got[i]) != float_bits(want[i]);
     CHECK(bad == 0, "cfg_mix (per-sample scales %d): %d differ", s != nullptr, bad);
   }
 }
