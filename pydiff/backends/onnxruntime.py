@@ -128,6 +128,7 @@ class OrtStageModel(StageModel):
         # the caller's stream the CUDA provider computes on (user_compute_stream), else None
         user = int(opts.get("user_compute_stream", 0) or 0) if opts is not None else 0
         self.stream = user or None
+        self._async = None   # RunOptions of run_device(stream=), made on first use
 
     def __call__(self, x, t, cond=None):
         (out,) = self.session.run(self._outputs, self.feeds(x, t, cond))
@@ -159,10 +160,7 @@ class OrtStageModel(StageModel):
             if handle != self.stream:
                 raise ValueError(f"stream: stage {self.stage.name!r} computes on stream "
                                  f"{self.stream:#x}, not {handle:#x}; run on the stream it was loaded with")
-            import onnxruntime as ort
-
-            run_options = ort.RunOptions()
-            run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+            run_options = self._async_run_options()
         binding = self.session.io_binding()
         keep = []   # host arrays bound by pointer must outlive run_with_iobinding
         values = self.input_values(x, t, cond)
@@ -185,6 +183,16 @@ class OrtStageModel(StageModel):
                 raise RuntimeError(f"stage {self.stage.name!r}: the network returned shape "
                                    f"{tuple(out.shape())} for a sample of shape {x_shape}")
         return out
+
+    def _async_run_options(self):
+        """RunOptions that leave the run enqueued on the session's stream (made once, reused per step)."""
+        if self._async is None:
+            import onnxruntime as ort
+
+            opts = ort.RunOptions()
+            opts.add_run_config_entry("disable_synchronize_execution_providers", "1")
+            self._async = opts
+        return self._async
 
     def _bind(self, binding, name, value, keep, bind) -> tuple:
         """Bind `value` as input (or output "out") `name`; returns its shape."""
