@@ -2,7 +2,8 @@
 # The GPU check (issue 3), for a fresh GPU machine with PyTorch (CUDA) installed and no network:
 #   bash benchmarks/gpu_check.sh RESULTS_DIR [WHEELS_DIR] [SHAPES_BASE_RUN]
 # builds pydiff with the CUDA twin, runs tests/gpu (plus the host-side CUDA tests), then
-# benchmarks/bench_gpu.py, and writes logs and gpu.json to RESULTS_DIR. WHEELS_DIR: wheels to install
+# benchmarks/bench_gpu.py, then compute-sanitizer (memcheck, racecheck, synccheck) over
+# benchmarks/gpu_sanitize.py, and writes logs and gpu.json to RESULTS_DIR. WHEELS_DIR: wheels to install
 # first without network (diffusers, for the per-step comparison). SHAPES_BASE_RUN: a training run of
 # the shapes base stage (final.safetensors + config.json) for the CUDA-graph benchmark.
 # Each stage has a time limit, so that a failure still leaves the other stages' results.
@@ -51,4 +52,12 @@ PYTHONUNBUFFERED=1 timeout 400 $py "$repo/benchmarks/bench_gpu.py" --json "$out/
   ${ckpt:+--checkpoint "$ckpt"} > "$out/bench.txt" 2>&1
 echo "bench exit $?" | tee -a "$out/stages.txt"
 cat "$out/bench.txt" | tail -40
+stamp "compute-sanitizer"
+san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+for tool in memcheck racecheck synccheck; do
+  timeout 100 "$san" --tool $tool --error-exitcode 3 $py "$repo/benchmarks/gpu_sanitize.py" \
+    > "$out/sanitize-$tool.txt" 2>&1
+  echo "$tool exit $?" | tee -a "$out/stages.txt"
+  tail -4 "$out/sanitize-$tool.txt"
+done
 stamp "done"
