@@ -305,16 +305,18 @@ def profile_dynamic(torch, shape=(16, 3, 256, 256)):
 
 
 def markdown(path) -> str:
-    """Markdown tables of a --json run (the README's)."""
+    """Markdown tables of a --json run (the README's); a section the run left out (--only) has none."""
     r = json.load(open(path))
-    out = [f"GPU: {r['meta']['gpu']}, torch {r['meta']['torch']}", "",
-           "| shape | fused step (us) | copy of as many bytes (us) | step GB/s | fraction of copy | "
-           "dynamic-threshold step (us) |", "|---|---|---|---|---|---|"]
+    out = [f"GPU: {r['meta']['gpu']}, torch {r['meta']['torch']}"]
+    if r.get("bandwidth"):
+        out += ["", "| shape | fused step (us) | copy of as many bytes (us) | step GB/s | fraction of copy | "
+                "dynamic-threshold step (us) |", "|---|---|---|---|---|---|"]
     for b in r.get("bandwidth", []):
         out.append(f"| {b['shape']} | {b['step_us']:.1f} | {b['copy_us']:.1f} | {b['step_GBps']:.0f} | "
                    f"{b['fraction_of_copy']:.2f} | {b['dynamic_step_us']:.1f} |")
-    out += ["", "| shape | step | thresholding | pydiff wall (us) | pydiff GPU (us) | diffusers + torch CFG (us) | "
-            "speedup | with a workspace | agreement |", "|---|---|---|---|---|---|---|---|---|"]
+    if r.get("per_step"):
+        out += ["", "| shape | step | thresholding | pydiff wall (us) | pydiff GPU (us) | diffusers + torch CFG (us) | "
+                "speedup | with a workspace | agreement |", "|---|---|---|---|---|---|---|---|---|"]
     for p in r.get("per_step", []):
         ws = (f"{p['pydiff_workspace_us']:.1f} us, {p['speedup_workspace']:.1f}x"
               if "speedup_workspace" in p else "not measured")
@@ -323,8 +325,9 @@ def markdown(path) -> str:
         out.append(f"| {p['shape']} | {p['sampler']} | {p['thresholding']} | {p['pydiff_us']:.1f} | "
                    f"{p['gpu_only_pydiff_us']:.1f} | {p['diffusers_us']:.1f} | {p['speedup']:.1f}x{spread} | "
                    f"{ws} | {p['agreement']:.1e} |")
-    out += ["", "| network | batch (x2 with CFG) | steps | eager steps/s | CUDA-graph steps/s | speedup | "
-            "max abs(graph - eager) |", "|---|---|---|---|---|---|---|"]
+    if r.get("graph"):
+        out += ["", "| network | batch (x2 with CFG) | steps | eager steps/s | CUDA-graph steps/s | speedup | "
+                "max abs(graph - eager) |", "|---|---|---|---|---|---|---|"]
     for g in r.get("graph", []):
         net = g.get("network", "torch")
         if "error" in g:

@@ -193,12 +193,14 @@ def test_session_on_the_callers_stream_enqueues_without_synchronising(base):
 def test_stream_becomes_the_cuda_providers_user_compute_stream(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: [TRT, CUDA, CPU])
     on = {"has_user_compute_stream": "1"}
-    want = [(CUDA, {"device_id": 0, **on, "user_compute_stream": str(0x5A00)}), CPU]
+    fp32 = {"use_tf32": "0"}
+    want = [(CUDA, {"device_id": 0, **fp32, **on, "user_compute_stream": str(0x5A00)}), CPU]
     assert ortb.resolve_providers("cuda", stream=0x5A00) == want
     assert ortb.resolve_providers(None, stream=type("S", (), {"cuda_stream": 0x5A00})()) == want
     assert ortb.resolve_providers([CUDA, CPU], device_id=3, stream=7) == [
         (CUDA, {"device_id": 3, **on, "user_compute_stream": "7"}), CPU]
-    assert ortb.resolve_providers("tensorrt", stream=7)[1] == (CUDA, {"device_id": 0, **on, "user_compute_stream": "7"})
+    assert ortb.resolve_providers("tensorrt", stream=7)[1] == (
+        CUDA, {"device_id": 0, **fp32, **on, "user_compute_stream": "7"})
     with pytest.raises(ValueError, match="only the CUDA provider.*providers='cuda'"):
         ortb.resolve_providers("cpu", stream=7)
     with pytest.raises(ValueError, match="stream 0 .*legacy default stream"):
@@ -213,11 +215,15 @@ def test_stream_becomes_the_cuda_providers_user_compute_stream(monkeypatch):
 def test_provider_choices(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: [TRT, CUDA, CPU])
     assert ortb.resolve_providers("cpu") == [CPU]
-    assert ortb.resolve_providers("cuda", device_id=2) == [(CUDA, {"device_id": 2}), CPU]
-    assert ortb.resolve_providers("TensorRT") == [(TRT, {"device_id": 0}), (CUDA, {"device_id": 0}), CPU]
-    assert ortb.resolve_providers("auto") == [(CUDA, {"device_id": 0}), CPU]
-    assert ortb.resolve_providers(None) == [CUDA, CPU]
+    fp32 = {"use_tf32": "0"}   # the CUDA provider pydiff picks: TF32 off (the CPU provider's images)
+    assert ortb.resolve_providers("cuda", device_id=2) == [(CUDA, {"device_id": 2, **fp32}), CPU]
+    assert ortb.resolve_providers("TensorRT") == [(TRT, {"device_id": 0}), (CUDA, {"device_id": 0, **fp32}), CPU]
+    assert ortb.resolve_providers("auto") == [(CUDA, {"device_id": 0, **fp32}), CPU]
+    assert ortb.resolve_providers(None) == [(CUDA, {"device_id": 0, **fp32}), CPU]
     assert ortb.resolve_providers([CPU]) == [CPU]
+    assert ortb.resolve_providers([CUDA, CPU]) == [CUDA, CPU]   # a caller's list keeps ORT's defaults
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
+    assert ortb.resolve_providers(None) == [CPU]
     with pytest.raises(ValueError, match="unknown provider 'gpu'.*'cuda'"):
         ortb.resolve_providers("gpu")
 

@@ -29,6 +29,7 @@ def fake_tensorrt(version="10.13.0.35"):
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
     trt.builds = []          # (onnx bytes, fp16, profile) per build_serialized_network call
+    trt.build_flags = []     # the builder config's flags per build
     trt.fail_build = False
     trt.executions = []
 
@@ -42,7 +43,7 @@ def fake_tensorrt(version="10.13.0.35"):
         INPUT, OUTPUT = "input", "output"
 
     class BuilderFlag:
-        FP16 = "fp16"
+        FP16, TF32 = "fp16", "tf32"
 
     class Network:
         def __init__(self):
@@ -81,10 +82,13 @@ def fake_tensorrt(version="10.13.0.35"):
 
     class Config:
         def __init__(self):
-            self.flags, self.profiles = set(), []
+            self.flags, self.profiles = {"tf32"}, []   # TensorRT's default: TF32 on
 
         def set_flag(self, flag):
             self.flags.add(flag)
+
+        def clear_flag(self, flag):
+            self.flags.discard(flag)
 
         def add_optimization_profile(self, profile):
             self.profiles.append(profile)
@@ -110,6 +114,7 @@ def fake_tensorrt(version="10.13.0.35"):
         def build_serialized_network(self, network, config):
             fp16 = BuilderFlag.FP16 in config.flags
             trt.builds.append((network.data, fp16, dict(config.profiles[0])))
+            trt.build_flags.append(set(config.flags))
             if trt.fail_build:
                 return None
             return b"ENGINE" + json.dumps({"inputs": [n for n, _ in network.inputs],
@@ -188,6 +193,7 @@ def test_key_changes_with_onnx_gpu_version_and_options_only():
                 trtb.engine_key(b"A", ("NVIDIA H200", "10.0"), "10.13.0", opts),
                 trtb.engine_key(b"A", GPU, "10.14.1", opts),
                 trtb.engine_key(b"A", GPU, "10.13.0", trtb.EngineOptions(fp16=True)),
+                trtb.engine_key(b"A", GPU, "10.13.0", trtb.EngineOptions(tf32=True)),
                 trtb.engine_key(b"A", GPU, "10.13.0", trtb.EngineOptions(max_batch=64))]
     assert len({key, *variants}) == 1 + len(variants)
     with pytest.raises(ValueError, match="min_batch <= opt_batch <= max_batch"):
@@ -209,13 +215,13 @@ def test_cache_hit_skips_the_build(trt, tmp_path):
     assert len(trt.builds) == 2
 
 
-@pytest.mark.parametrize("change", ["fp16", "gpu", "tensorrt"])
+@pytest.mark.parametrize("change", ["fp16", "tf32", "gpu", "tensorrt"])
 def test_cache_miss_when_the_key_changes(trt, tmp_path, monkeypatch, change):
     onnx, cache = _onnx(tmp_path), tmp_path / "cache"
     path = trtb.load_engine(onnx, cache=cache)[1]
     kw = {}
-    if change == "fp16":
-        kw["options"] = trtb.EngineOptions(fp16=True)
+    if change in ("fp16", "tf32"):
+        kw["options"] = trtb.EngineOptions(**{change: True})
     elif change == "gpu":
         kw["gpu"] = ("NVIDIA H100 80GB HBM3", "9.0")
     else:
@@ -224,6 +230,9 @@ def test_cache_miss_when_the_key_changes(trt, tmp_path, monkeypatch, change):
     assert built and path2 != path and sorted(cache.iterdir()) == sorted([path, path2])
     if change == "fp16":
         assert trt.builds[-1][1] is True and trt.builds[0][1] is False
+    # TensorRT turns TF32 on by default; pydiff's default engine clears it (fp32 as the CPU rounds)
+    assert "tf32" not in trt.build_flags[0]
+    assert ("tf32" in trt.build_flags[-1]) == (change == "tf32")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "empty", "flip", "not-an-engine"])

@@ -2,7 +2,9 @@
 
 Providers: `providers=` None (CUDA where this onnxruntime build has it, else CPU, silently),
 "auto" (the same, with a warning when it falls back to the CPU), "cpu", "cuda", "tensorrt", or a
-list of ONNX Runtime provider names. A provider this build lacks is a `BackendUnavailableError`.
+list of ONNX Runtime provider names (with options, as ORT takes them). A provider this build lacks is
+a `BackendUnavailableError`. The CUDA provider that pydiff picks runs with TF32 off
+(CUDA_DEFAULT_OPTIONS): a seed then gives the CPU provider's image.
 
 `OrtStageModel.run_device` runs a stage through ORT IO binding, so that callers holding device
 arrays (OrtValues, torch CUDA tensors) chain network calls and pydiff's CUDA step without host copies.
@@ -23,16 +25,21 @@ from .base import Backend, BackendUnavailableError, StageModel, input_dtype
 CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 # --provider choice -> ORT providers, in priority order (CPU stays as the fallback for odd nodes)
 PROVIDER_CHOICES = {"cpu": (CPU,), "cuda": (CUDA, CPU), "tensorrt": (TENSORRT, CUDA, CPU)}
+# The CUDA provider's options when pydiff picks it (None, "auto", "cuda", "tensorrt"): TF32 off, so a
+# seed gives the CPU provider's image (ORT's default, TF32 on, rounds convolutions and matmuls to
+# 10-bit mantissas and the sampling trajectory drifts: up to 223/255 on the H200, against 1/255
+# with TF32 off). A provider list passed by the caller keeps ORT's defaults, or its own.
+CUDA_DEFAULT_OPTIONS = {"use_tf32": "0"}
 _ORT_TYPES = {np.float32: "tensor(float)", np.int64: "tensor(int64)"}
 
 
-def default_providers() -> list[str]:
-    """CUDA first where this onnxruntime build has it, CPU always as the fallback."""
+def default_providers() -> list:
+    """CUDA first (TF32 off) where this onnxruntime build has it, CPU always as the fallback."""
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
-    providers = [p for p in (CUDA,) if p in available]
-    return providers + [CPU]
+    if CUDA in ort.get_available_providers():
+        return [(CUDA, {"device_id": 0, **CUDA_DEFAULT_OPTIONS}), CPU]
+    return [CPU]
 
 
 def resolve_providers(providers=None, device_id: int = 0, stream=None) -> list:
@@ -75,7 +82,8 @@ def resolve_providers(providers=None, device_id: int = 0, stream=None) -> list:
             raise ValueError(f"unknown provider {providers!r}; choose one of "
                              f"{['auto', *PROVIDER_CHOICES]} or a list of ONNX Runtime provider names")
         names = PROVIDER_CHOICES[key]
-        chosen = [(p, {"device_id": device_id}) if p != CPU else p for p in names]
+        chosen = [p if p == CPU else (p, {"device_id": device_id, **(CUDA_DEFAULT_OPTIONS if p == CUDA else {})})
+                  for p in names]
     else:
         chosen = list(providers)
         names = [p if isinstance(p, str) else p[0] for p in chosen]

@@ -7,8 +7,8 @@ ONNX Runtime.
 
 Engine cache: `<dir>/<onnx stem>-<key>.engine`, dir = the `cache_dir` argument, else
 $PYDIFF_TRT_CACHE, else ~/.cache/pydiff/trt. The key is the sha256 of the ONNX file's sha256, the
-GPU's name and compute capability, the TensorRT version and the build options (fp16, the batch
-profile), so a change to any of them builds a new engine. Files are written atomically (temp file
+GPU's name and compute capability, the TensorRT version and the build options (fp16, tf32, the
+batch profile), so a change to any of them builds a new engine. Files are written atomically (temp file
 + os.replace) and carry a checksum; a corrupt or truncated file is rebuilt with a warning.
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ class EngineOptions:
     min_batch: int = 1      # the dynamic-batch optimisation profile (batch = dim 0 of every input)
     opt_batch: int = 2
     max_batch: int = 32     # classifier-free guidance doubles the batch: 16 images
+    tf32: bool = False      # TensorRT's default is on; off, fp32 layers round as the CPU provider's do
 
     def __post_init__(self):
         b = (self.min_batch, self.opt_batch, self.max_batch)
@@ -128,6 +129,10 @@ def build_engine(trt, onnx_bytes: bytes, options: EngineOptions, what: str) -> b
     config = builder.create_builder_config()
     if options.fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+    if options.tf32:
+        config.set_flag(trt.BuilderFlag.TF32)
+    else:
+        config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         inp = network.get_input(i)
@@ -275,10 +280,10 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, package: Package, fp16: bool = False, min_batch: int = 1, opt_batch: int = 2,
-                 max_batch: int = 32, cache_dir=None, providers=None, session_options=None):
+                 max_batch: int = 32, cache_dir=None, providers=None, session_options=None, tf32: bool = False):
         import_tensorrt()   # the missing-TensorRT message before any other work
         super().__init__(package)
-        self.options = EngineOptions(fp16, min_batch, opt_batch, max_batch)
+        self.options = EngineOptions(fp16, min_batch, opt_batch, max_batch, tf32)
         self.gpu = gpu_identity()
         self.engine_files: dict[str, Path] = {}
         self.built: list[str] = []     # stages whose engine was built now, not read from the cache
