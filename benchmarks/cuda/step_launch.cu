@@ -1,7 +1,8 @@
 // Launch-shape experiment for the fused step (issue 3: the step at >= 70% of a copy's bandwidth also
 // at the small shapes). Times csrc/ops/step_cuda.cu's own kernel at several block sizes, and a
 // one-element-per-thread variant, against cudaMemcpyAsync of as many bytes; each figure is 20
-// launches in one CUDA graph, median of 15 replays, as benchmarks/bench_gpu.py times them.
+// launches in one CUDA graph, median of 15 replays, as benchmarks/bench_gpu.py times them. Results of
+// the H200 run (and of a launch-bounds variant since removed): benchmarks/results/gpu/step_launch.txt.
 //   nvcc -std=c++17 --fmad=false -O3 -arch=sm_90 -Icsrc -Icsrc/include benchmarks/cuda/step_launch.cu -o /tmp/sl && /tmp/sl
 #include "ops/step_cuda.cu"
 
