@@ -3,7 +3,9 @@
 #   bash benchmarks/gpu_check.sh RESULTS_DIR [WHEELS_DIR] [SHAPES_BASE_RUN]
 # builds pydiff with the CUDA twin, runs tests/gpu (plus the host-side CUDA tests), then
 # benchmarks/bench_gpu.py, then compute-sanitizer (memcheck, racecheck, synccheck) over
-# benchmarks/gpu_sanitize.py, and writes logs and gpu.json to RESULTS_DIR. WHEELS_DIR: wheels to install
+# benchmarks/gpu_sanitize.py, then the launch-shape experiment (benchmarks/cuda/step_launch.cu) with
+# Nsight Compute's stall reasons at the smallest shape, and writes logs and gpu.json to RESULTS_DIR
+# (eleven files or more: tar the folder where only a few files come back). WHEELS_DIR: wheels to install
 # first without network (diffusers, for the per-step comparison). SHAPES_BASE_RUN: a training run of
 # the shapes base stage (final.safetensors + config.json) for the CUDA-graph benchmark.
 # Each stage has a time limit, so that a failure still leaves the other stages' results.
@@ -60,4 +62,18 @@ for tool in memcheck racecheck synccheck; do
   echo "$tool exit $?" | tee -a "$out/stages.txt"
   tail -4 "$out/sanitize-$tool.txt"
 done
+stamp "launch-shape experiment (benchmarks/cuda/step_launch.cu) and ncu at 4x3x64x64"
+ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+if timeout 120 ${CUDACXX:-nvcc} -std=c++17 --fmad=false -O3 -arch=sm_90 -I"$repo/csrc" -I"$repo/csrc/include" \
+     "$repo/benchmarks/cuda/step_launch.cu" -o /tmp/step_launch; then
+  timeout 60 /tmp/step_launch > "$out/step_launch.txt" 2>&1
+  cat "$out/step_launch.txt"
+  for k in "fused_step_kernel<" "lean_step_kernel<" "memory_only_kernel"; do
+    timeout 60 "$ncu" --kernel-name-base demangled --kernel-name "regex:$k" --launch-count 1 \
+      --section SpeedOfLight --section WarpStateStats \
+      --section SchedulerStats --section LaunchStats --section Occupancy /tmp/step_launch 4x3x64x64 \
+      >> "$out/ncu-small.txt" 2>&1
+    echo "ncu $k exit $?" | tee -a "$out/stages.txt"
+  done
+fi
 stamp "done"

@@ -4,10 +4,12 @@
 // launches in one CUDA graph, median of 15 replays, as benchmarks/bench_gpu.py times them. Results of
 // the H200 run (and of a launch-bounds variant since removed): benchmarks/results/gpu/step_launch.txt.
 //   nvcc -std=c++17 --fmad=false -O3 -arch=sm_90 -Icsrc -Icsrc/include benchmarks/cuda/step_launch.cu -o /tmp/sl && /tmp/sl
+// (benchmarks/gpu_check.sh runs it, and Nsight Compute's stall reasons of the three kernels at 4x3x64x64.)
 #include "ops/step_cuda.cu"
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <vector>
 
 namespace pydiff {
@@ -45,6 +47,34 @@ __global__ void fused_step_kernel_1(StepArraysCuda a, StepParams p0, const Selec
   if (a.nonfinite) {
     for (int off = 16; off > 0; off >>= 1) bad += __shfl_down_sync(0xffffffffu, bad, off);
     if ((threadIdx.x & 31) == 0 && bad) atomicAdd(a.nonfinite, (unsigned long long)bad);
+  }
+}
+
+// Lean: the plain step alone (no thresholding, noise, x0 history or x0 output, no non-finite counter,
+// no step table), the code a DDIM step needs: how much of the small shapes' gap is the shipped
+// kernel's size (its instructions fetched anew by each SM) rather than its arithmetic.
+template <class T, int PRED, bool GUIDED>
+__global__ void lean_step_kernel(StepArraysCuda a, StepParams p, bool aligned) {
+  const int64_t total = a.batch * a.n, groups = (total + 3) / 4;
+  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < groups; g += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t e0 = 4 * g;
+    const bool vec = aligned && e0 + 4 <= total;
+    float x[4], c[4], u[4] = {0.0f, 0.0f, 0.0f, 0.0f}, r[4];
+    load4<T>(a.x, e0, vec, total, x);
+    load4<T>(a.cond, e0, vec, total, c);
+    if (GUIDED) load4<T>(a.uncond, e0, vec, total, u);
+    int64_t b = int64_t(uint32_t(e0) / uint32_t(a.n)), next = (b + 1) * a.n;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (e0 + k >= next) {
+        ++b;
+        next += a.n;
+      }
+      const int64_t bb = b < a.batch ? b : a.batch - 1;
+      float x0, m;
+      r[k] = step_element_plain<PRED, GUIDED>(p, x[k], c[k], u[k], a.scales ? a.scales[bb] : a.scale, x0, m);
+    }
+    store4<T>(a.out, e0, vec, total, r);
   }
 }
 
@@ -97,7 +127,7 @@ float graph_us(F launch, cudaStream_t s) {
   return t[t.size() / 2];
 }
 
-void run() {
+void run(const char* only) {
   cudaStream_t s;
   cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
   const int64_t shapes[][4] = {{4, 3, 64, 64}, {16, 3, 64, 64}, {4, 3, 256, 256}, {1, 4, 128, 128},
@@ -111,6 +141,10 @@ void run() {
               "1/thread x threads: us (frac) | ddpm+noise+dyn-sel: cur, 1/thread 256");
   for (const auto& sh : shapes) {
     const int64_t B = sh[0], n = sh[1] * sh[2] * sh[3], total = B * n;
+    char name[64];
+    std::snprintf(name, sizeof name, "%lldx%lldx%lldx%lld", (long long)sh[0], (long long)sh[1], (long long)sh[2],
+                  (long long)sh[3]);
+    if (only && std::strcmp(only, name) != 0) continue;
     float *x, *both, *out, *src, *dst;
     cudaMalloc(&x, total * 4);
     cudaMalloc(&both, 2 * total * 4);
@@ -143,8 +177,7 @@ void run() {
     const bool al = aligned_for_vectors(a);
     const float copy = graph_us([&] { cudaMemcpyAsync(dst, src, total * 8, cudaMemcpyDeviceToDevice, s); }, s);
     const float cur = graph_us([&] { fused_step_cuda(a, p, s); }, s);
-    std::printf("%lldx%lldx%lldx%lld %8.2f %8.2f |", (long long)sh[0], (long long)sh[1], (long long)sh[2],
-                (long long)sh[3], copy, cur);
+    std::printf("%-13s %8.2f %8.2f |", name, copy, cur);
     for (int th : {64, 128, 256}) {
       const int blocks = int((total / 4 + th - 1) / th);
       const float t = graph_us([&] { fused_step_kernel<float, kEpsilon, true><<<blocks, th, 0, s>>>(a, p, nullptr, al); }, s);
@@ -154,7 +187,9 @@ void run() {
       memory_only_kernel<<<int((total / 4 + 255) / 256), 256, 0, s>>>(
           reinterpret_cast<const float4*>(x), reinterpret_cast<const float4*>(both),
           reinterpret_cast<const float4*>(both + total), reinterpret_cast<float4*>(out), total / 4); }, s);
-    std::printf(" floor:%.2f(%.2f) |", floor_us, copy / floor_us);
+    const float lean_us = graph_us([&] {
+      lean_step_kernel<float, kEpsilon, true><<<blocks_for(total / 4), kThreads, 0, s>>>(a, p, al); }, s);
+    std::printf(" floor:%.2f(%.2f) lean:%.2f(%.2f) |", floor_us, copy / floor_us, lean_us, copy / lean_us);
     for (int th : {128, 256, 512}) {
       const dim3 blocks(unsigned((n + th - 1) / th), unsigned(B));
       const float t = graph_us([&] { fused_step_kernel_1<float, kEpsilon, true><<<blocks, th, 0, s>>>(a, p, nullptr); }, s);
@@ -187,7 +222,7 @@ void run() {
 }  // namespace
 }  // namespace pydiff
 
-int main() {
-  pydiff::run();
+int main(int argc, char** argv) {  // argv[1]: one shape alone, e.g. 4x3x64x64 (for ncu)
+  pydiff::run(argc > 1 ? argv[1] : nullptr);
   return 0;
 }
