@@ -37,9 +37,7 @@ def default_providers() -> list:
     """CUDA first (TF32 off) where this onnxruntime build has it, CPU always as the fallback."""
     import onnxruntime as ort
 
-    if CUDA in ort.get_available_providers():
-        return [(CUDA, {"device_id": 0, **CUDA_DEFAULT_OPTIONS}), CPU]
-    return [CPU]
+    return resolve_providers("cuda" if CUDA in ort.get_available_providers() else "cpu")
 
 
 def resolve_providers(providers=None, device_id: int = 0, stream=None) -> list:
