@@ -5,8 +5,9 @@
 # among them) and the CUDA-graph benchmark, and writes the logs and ort-graph.json to RESULTS_DIR:
 #   bash benchmarks/gpu_ort_check.sh RESULTS_DIR ORT_TARBALL [WHEELS_DIR] [SHAPES_BASE_RUN]
 # ORT_TARBALL: `tar cJf ort.tar.xz -C <unzipped onnxruntime_gpu wheel> .` (1.31.1 for CUDA 13: 204 MB;
-# where the carry limit is smaller, send it in parts and `cat` them together there). The CUDA
-# provider's libraries (cuBLAS, cuDNN, cuFFT, cuRAND) come from the machine's nvidia-* wheels.
+# `bash benchmarks/gpu_prepare.sh RUN --ort` writes it as 25 MB parts in .gpu/ort, to send one per call
+# where a call carries less, and `cat` together there). The CUDA provider's libraries (cuBLAS, cuDNN,
+# cuFFT, cuRAND) come from the machine's nvidia-* wheels.
 set -uo pipefail
 out=$(realpath -m "${1:?usage: gpu_ort_check.sh RESULTS_DIR ORT_TARBALL [WHEELS_DIR] [SHAPES_BASE_RUN]}")
 tarball=$(realpath "${2:?the onnxruntime-gpu tarball}")
