@@ -57,7 +57,7 @@ def main() -> int:
     # the step table and its counter
     x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
     mo = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
-    table = dev(np.frombuffer(_C.pack_step_params([params(noise_step=i) for i in range(3)]), np.uint8))
+    table = dev(np.frombuffer(bytearray(_C.pack_step_params([params(noise_step=i) for i in range(3)])), np.uint8))
     counter = dev(np.zeros(1, np.int32))
     out = torch.empty(x.shape, device="cuda")
     for _ in range(3):
