@@ -41,6 +41,12 @@ def test_onnx_round_trip(kind, fp16, tmp_path):
                             max_length=5, text_dim=cfg.text_dim or 12, num_classes=cfg.num_classes or 3,
                             fp16_weights=fp16)
     assert rep["max_abs_err"] <= 1e-4
+    # only the batch is dynamic: the traced shape arithmetic is folded away (static_shapes.py)
+    assert rep["static_shapes"]["frozen"] and rep["static_shapes"]["shape_ops_before"] > 0
+    import onnx
+
+    from pydiff.exporting.static_shapes import count_shape_ops
+    assert count_shape_ops(onnx.load(rep["tmp_path"])) == 0
     sess = ort.InferenceSession(rep["tmp_path"], providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == names
     assert [o.name for o in sess.get_outputs()] == ["out"]
@@ -126,6 +132,10 @@ def test_import_diffusers_unet2d_class(tmp_path):
          "prediction_type": "v_prediction"}))
     rep = import_diffusers(tmp_path / "unet", tmp_path / "pkg")
     assert rep["max_abs_err"] <= 1e-4
+    import onnx
+
+    from pydiff.exporting.static_shapes import count_shape_ops
+    assert count_shape_ops(onnx.load(str(tmp_path / "pkg" / "unet.onnx"))) == 0  # only batch dynamic
     st = load_package(tmp_path / "pkg").stages[0]
     assert st.conditioning == "class" and st.num_classes == 4 and st.prediction_type == "v_prediction"
     assert st.scheduler["beta_schedule"] == "linear"

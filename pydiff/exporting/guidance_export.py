@@ -11,7 +11,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .static_shapes import freeze_shapes_file
+
 GRAD_RTOL = 1e-4          # the issue's bound: relative error of the exported gradient vs autograd
+
+
+def _freeze_and_move(tmp: Path, out: Path) -> None:
+    """Fold the traced shape arithmetic (only the batch stays dynamic: static_shapes.py), then
+    move the file into place; nothing is left at `tmp` if that fails."""
+    try:
+        freeze_shapes_file(tmp, strict=False)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def export_classifier_gradient(classifier, out: str | os.PathLike, *, opset: int = 17, check_batch: int = 32,
@@ -40,7 +52,7 @@ def export_classifier_gradient(classifier, out: str | os.PathLike, *, opset: int
                           output_names=["grad", "log_prob"],
                           dynamic_axes={"sample": batch, "timestep": batch, "class_labels": batch,
                                         "grad": batch, "log_prob": batch})
-    os.replace(tmp, out)
+    _freeze_and_move(tmp, out)
 
     B = check_batch
     x = torch.randn(B, cfg.in_channels, cfg.resolution, cfg.resolution, generator=g)
@@ -101,7 +113,7 @@ def export_clip_gradient(clip, out: str | os.PathLike, *, max_length: int = 16, 
         torch.onnx.export(module, inputs(2), str(tmp), dynamo=False, opset_version=opset,
                           input_names=names, output_names=["grad", "similarity"],
                           dynamic_axes={n: batch for n in names + ["grad", "similarity"]})
-    os.replace(tmp, out)
+    _freeze_and_move(tmp, out)
     x, t, st, mk = inputs(check_batch)
     ref, ref_sim = autograd_clip_gradient(clip, x, t, st, mk)
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])

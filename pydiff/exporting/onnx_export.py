@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .static_shapes import freeze_shapes_file
+
 OPSET = 17
 MAX_ABS_ERR = 1e-4
 
@@ -72,12 +74,16 @@ def store_weights_fp16(onnx_path: str | Path, min_size: int = 64) -> None:
 def export_stage_onnx(module, input_names: list[str], path: str | Path, *, channels: int,
                       resolution: int, max_length: int = 16, text_dim: int = 384,
                       num_classes: int = 10, output_name: str = "out",
-                      call=None, max_abs_err: float = MAX_ABS_ERR, fp16_weights: bool = False) -> dict:
+                      call=None, max_abs_err: float = MAX_ABS_ERR, fp16_weights: bool = False,
+                      static_shapes: bool = True) -> dict:
     """Trace `module` to ONNX at `path` and check ORT against PyTorch on fresh random inputs.
 
     `call(module, **inputs)` maps the named inputs to the module's forward (default: keywords).
     With `fp16_weights` the module's parameters are first rounded to float16 (in place) and
     stored as float16 in the file; the check then compares with the rounded PyTorch module.
+    With `static_shapes` the graph's shape arithmetic is folded into constants (only the batch
+    stays dynamic; pydiff.exporting.static_shapes), so no node of it needs the CPU on a GPU
+    provider; a graph that cannot be frozen is kept as traced, with a warning.
     Raises (and leaves nothing at `path`) if the max abs error exceeds `max_abs_err`.
     """
     import onnxruntime as ort
@@ -113,6 +119,7 @@ def export_stage_onnx(module, input_names: list[str], path: str | Path, *, chann
     try:
         if fp16_weights:
             store_weights_fp16(tmp)
+        frozen = freeze_shapes_file(tmp, strict=False) if static_shapes else None
         sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         worst = 0.0
         for batch, seed in ((3, 1), (1, 2)):  # a batch size unlike the traced one
@@ -128,4 +135,4 @@ def export_stage_onnx(module, input_names: list[str], path: str | Path, *, chann
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return {"max_abs_err": worst, "tmp_path": str(tmp)}
+    return {"max_abs_err": worst, "tmp_path": str(tmp), "static_shapes": frozen}
