@@ -172,3 +172,37 @@ def test_tensorrt_network_and_step_captured_in_one_graph(package, cpu_base, tmp_
     stage, options = package.stage("base"), trtb.EngineOptions(fp16=False, max_batch=8)
     engine, _, _ = trtb.load_engine(stage.onnx, options, cache=tmp_path)
     _graph_runs(trtb.TrtStageModel(stage, engine), cpu_base)
+
+
+def _memcpy_report(path, capfd) -> str:
+    """ONNX Runtime's own warning about Memcpy nodes (stderr, WARNING level) for `path`."""
+    ort = pytest.importorskip("onnxruntime")
+    if CUDA not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
+    capfd.readouterr()
+    so = ort.SessionOptions()
+    so.log_severity_level = 2
+    ort.InferenceSession(str(path), so, providers=[(CUDA, {"device_id": 0, "use_tf32": 0}), CPU])
+    return capfd.readouterr().err
+
+
+def test_the_frozen_stages_need_no_memcpy_on_the_cuda_provider(capfd):
+    # pydiff.exporting.ort_placement predicts 0 Memcpy and 0 CPU nodes for every bundled stage
+    from pathlib import Path
+
+    from pydiff.exporting.ort_placement import predict_file
+
+    for path in sorted(Path(bundled_path("shapes")).parent.glob("*/*.onnx")):
+        assert predict_file(path).memcpy == 0
+        err = _memcpy_report(path, capfd)
+        assert "Memcpy nodes are added" not in err, (path.name, err[-400:])
+
+
+def test_the_placement_model_predicts_the_text_encoders_memcpy(capfd):
+    from pathlib import Path
+
+    from pydiff.exporting.ort_placement import predict_file
+
+    path = Path(bundled_path("shapes")) / "text_encoder" / "model.onnx"
+    err = _memcpy_report(path, capfd)
+    assert f"{predict_file(path).memcpy} Memcpy nodes are added" in err, err[-400:]
