@@ -2,19 +2,20 @@
 
 The TorchScript exporter records every `x.shape[i]` the forward reads: a U-Net's GroupNorm and
 attention reshapes become ~80 `Shape -> Gather -> Unsqueeze -> Concat` chains feeding `Reshape`,
-`Slice` and `Unsqueeze`. ONNX Runtime's CUDA provider puts such integer chains on the CPU
-(`GetCpuPreferredNodes`) and inserts Memcpy nodes where they meet the device; TensorRT has to
-re-derive them at every shape. In a stage network every dimension but the batch is fixed, so
-each of these values is either a constant or, in a `Reshape` target, the one entry that scales
-with the batch, which `-1` (or `0`, copy the input's dimension) expresses without any shape op.
+`Slice` and `Unsqueeze`. ONNX Runtime's CUDA provider runs such integer chains on its CPU provider
+(`GetCpuPreferredNodes`; 315 nodes of the traced shapes base stage, pydiff.exporting.ort_placement):
+host work between the device kernels of every call. TensorRT re-derives them for every shape. In a
+stage network every dimension but the batch is fixed, so each of these values is a constant, or a
+`Reshape`/`Expand` target whose entries that scale with the batch can say so without a shape op
+(Reshape: 0 = copy the input's dimension, or -1; Expand: 1 = keep the input's dimension).
 
 `freeze_shapes` finds the values computed from `Shape`/`Size` outputs alone ("shape values"),
 evaluates those that leave the shape arithmetic at several batch sizes with ONNX Runtime, and
-replaces them by initializers; the chains then have no consumer and are removed. A shape value
-that changes with the batch anywhere but in a `Reshape` target raises ShapeFreezeError: nothing
-is written. `freeze_shapes_file` rewrites a file atomically after checking, with every graph
-optimisation off, that the new graph's outputs are bit-identical to the old one's at batch sizes
-it did not evaluate.
+replaces them by initializers; the chains then have no consumer and are removed. A batch-sized
+constant (`torch.ones(x.shape[0])`) that only broadcasts becomes a broadcast 1. Any other shape
+value that changes with the batch raises ShapeFreezeError, and nothing is written.
+`freeze_shapes_file` rewrites a file atomically after checking, with every graph optimisation off,
+that the new graph's outputs are bit-identical to the old one's at batch sizes it did not probe.
 
     python -m pydiff.exporting.static_shapes pydiff/bundled/shapes/base.onnx ...
 """
@@ -34,8 +35,8 @@ BROADCAST_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where")
 
 
 class ShapeFreezeError(ValueError):
-    """The graph's shape arithmetic cannot be frozen (a second dynamic dimension, or a
-    batch-dependent shape value outside a Reshape target)."""
+    """The graph's shape arithmetic cannot be frozen (a dynamic dimension other than the batch,
+    or a shape value that changes with the batch where no constant can stand for it)."""
 
 
 def _batch_symbol(model) -> str | None:
@@ -74,13 +75,13 @@ def _feeds(model, batch: int, seed: int) -> dict[str, np.ndarray]:
     return feeds
 
 
-def _session(model_bytes: bytes, optimise: bool = False):
+def _session(model_bytes: bytes):
+    """ONNX Runtime on the CPU with every graph optimisation off: the graph's nodes as written."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    if not optimise:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
