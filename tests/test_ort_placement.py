@@ -73,3 +73,21 @@ def test_memcpy_counts_each_crossing_once(tmp_path):
     r = predict_cuda_placement(basic_optimised(path))
     assert dict(r.cpu_nodes) == {"DynamicQuantizeLinear": 1, "MatMulInteger": 1}
     assert r.memcpy == 3  # r to the host once (two consumers on the GPU need none), i and s back
+
+
+def test_half_precision_values_stay_on_the_gpu(tmp_path):
+    # ORT's fallback never moves a node with a float16 input (forward) or output (backward):
+    # Shape -> Cast(fp16) moves, Mul(fp16) and Cast(int64) stay, so two copies cross
+    c = numpy_helper.from_array(np.array([1.0], np.float16), "c")
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Cast", ["s"], ["h"], to=TensorProto.FLOAT16),
+             helper.make_node("Mul", ["h", "c"], ["m"]),
+             helper.make_node("Cast", ["m"], ["t"], to=TensorProto.INT64),
+             helper.make_node("Reshape", ["x", "t"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [c])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "h.onnx"
+    onnx.save(m, str(path))
+    r = predict_cuda_placement(basic_optimised(path))
+    assert dict(r.cpu_nodes) == {"Cast": 1} and r.memcpy == 2

@@ -154,9 +154,105 @@ def test_the_file_rewrite_is_atomic_and_in_place(tmp_path):
             b, c, h, w = x.shape
             return x.reshape(b, c, h * w).softmax(-1).reshape(b, c, h, w)
 
-    path = tmp_path / "m.onnx"
-    _export(M(), (torch.randn(2, 3, 4, 4),), path)
-    rep = freeze_shapes_file(path)
+    real = tmp_path / "m.onnx"
+    _export(M(), (torch.randn(2, 3, 4, 4),), real)
+    real.chmod(0o640)
+    link = tmp_path / "link.onnx"
+    link.symlink_to(real.name)
+    rep = freeze_shapes_file(link)   # through the link: the file it names changes
     assert rep["frozen"] and rep["shape_ops_before"] > 0 and rep["shape_ops_after"] == 0
-    assert count_shape_ops(onnx.load(str(path))) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert link.is_symlink() and count_shape_ops(onnx.load(str(real))) == 0
+    assert real.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.onnx", "m.onnx"]
+
+
+def test_a_step_function_of_the_batch_is_refused(tmp_path):
+    torch = pytest.importorskip("torch")
+
+    class M(torch.nn.Module):  # 0 at every probed batch size (1, 2, 3, 5), 1 at 8
+        def forward(self, x):
+            return x + (x.shape[0] // 8)
+
+    old = _export(M(), (torch.randn(2, 3),), tmp_path / "m.onnx")
+    with pytest.raises(ShapeFreezeError, match="computed from the batch size but equal"):
+        freeze_shapes(old)
+
+
+def test_a_shape_that_depends_on_data_is_refused(tmp_path):
+    torch = pytest.importorskip("torch")
+
+    class M(torch.nn.Module):  # probes feed zeros: NonZero would look empty and constant
+        def forward(self, x, ids):
+            return x * torch.nonzero(ids).shape[0]
+
+    old = _export(M(), (torch.randn(2, 3), torch.ones(2, 4, dtype=torch.int64)), tmp_path / "m.onnx")
+    with pytest.raises(ShapeFreezeError, match="depends on data"):
+        freeze_shapes(old)
+
+
+def _graph(nodes, inputs, outputs, inits=()):
+    from onnx import helper
+
+    g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_subgraphs_and_unnamed_batches_are_refused():
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    branch = helper.make_graph([helper.make_node("Identity", ["x"], ["o"])], "br", [],
+                               [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
+    m = _graph([helper.make_node("Shape", ["x"], ["s"]),
+                helper.make_node("ReduceMax", ["s"], ["n"], keepdims=0),
+                helper.make_node("Cast", ["n"], ["c"], to=TensorProto.BOOL),
+                helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)], [x], [y])
+    with pytest.raises(ShapeFreezeError, match="has a subgraph"):
+        freeze_shapes(m)
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [None, 2])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [None, 2])
+    m = _graph([helper.make_node("Add", ["a", "b"], ["y"])], [a, b], [y])
+    with pytest.raises(ShapeFreezeError, match="unnamed dynamic dimensions"):
+        freeze_shapes(m)
+
+
+def test_initializers_listed_as_inputs_are_dropped_from_both(tmp_path):
+    torch = pytest.importorskip("torch")
+    import onnxruntime as ort
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 6)
+
+        def forward(self, x):
+            b, c, n = x.shape
+            return self.lin(x.reshape(b, c * n // 6, 6)).reshape(b, c, n)
+
+    path = tmp_path / "m.onnx"
+    with torch.no_grad():
+        torch.onnx.export(M(), (torch.randn(2, 3, 4),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], keep_initializers_as_inputs=True,
+                          dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    rep = freeze_shapes_file(path)
+    assert rep["frozen"]
+    m = onnx.load(str(path))
+    inits = {i.name for i in m.graph.initializer}
+    assert {i.name for i in m.graph.input} - inits == {"x"}   # no dangling required input
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"x": np.ones((5, 3, 4), np.float32)})[0].shape == (5, 3, 4)
+
+
+def test_nothing_to_freeze_leaves_the_file_alone(tmp_path):
+    torch = pytest.importorskip("torch")
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return x * 2.0
+
+    path = tmp_path / "m.onnx"
+    _export(M(), (torch.randn(2, 3),), path)
+    before = path.stat().st_mtime_ns, path.read_bytes()
+    rep = freeze_shapes_file(path)
+    assert rep["frozen"] is False and (path.stat().st_mtime_ns, path.read_bytes()) == before

@@ -16,7 +16,9 @@ graph inputs and initializers are copied by the session, not by Memcpy nodes).
 
 Checked against the one GPU observation we have: for the bundled int8 text encoder it predicts
 85 Memcpy nodes, the number ONNX Runtime 1.31.1 printed on an H200 (benchmarks/results/gpu/
-ort-bench.txt). It is a model of ONNX Runtime's rules, not ONNX Runtime: a prediction.
+ort-bench.txt). It is a model of ONNX Runtime's rules, not ONNX Runtime: a prediction. Not
+modelled: other ops or types without CUDA kernels, subgraphs (If, Loop, Scan), whether a CPU kernel
+exists for a node the fallback would move, graph inputs that feed both providers.
 
     python -m pydiff.exporting.ort_placement pydiff/bundled/shapes/*.onnx
 """
@@ -33,8 +35,10 @@ from .static_shapes import CPU_SIDE_INPUTS
 
 #: outputs that ONNX Runtime's CUDA kernels write to host memory (OutputMemoryType CPU)
 CPU_SIDE_OUTPUTS = {"Shape": [0], "Size": [0]}
-#: op types with no CUDA kernel for the types dynamic int8 quantisation produces
-UNSUPPORTED_ON_CUDA = ("DynamicQuantizeLinear", "MatMulInteger")
+#: op types with no CUDA kernel (MatMulInteger has one for int8 A only; dynamic quantisation
+#: feeds it uint8)
+UNSUPPORTED_ON_CUDA = ("DynamicQuantizeLinear",)
+HALF_TYPES = (10, 16)  # TensorProto.FLOAT16, BFLOAT16: the fallback never moves nodes touching them
 SMALL_INITIALIZER = 100
 
 
@@ -67,16 +71,27 @@ def basic_optimised(path: str | os.PathLike):
 def predict_cuda_placement(model, unsupported=UNSUPPORTED_ON_CUDA) -> Placement:
     """Replay the CUDA provider's placement on `model` (an onnx.ModelProto, already optimised
     as by basic_optimised). See the module docstring for the rules."""
+    import onnx
+
     g = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    elem = {v.name: v.type.tensor_type.elem_type
+            for v in list(inferred.value_info) + list(inferred.input) + list(inferred.output)}
+    elem.update({i.name: i.data_type for i in g.initializer})
+
+    def no_kernel(n) -> bool:
+        return n.op_type in unsupported or (n.op_type == "MatMulInteger"
+                                            and elem.get(n.input[0]) != onnx.TensorProto.INT8)
     nodes = list(g.node)
     order = {id(n): i for i, n in enumerate(nodes)}
     producer = {o: n for n in nodes for o in n.output if o}
     consumers = defaultdict(list)
     for n in nodes:
         for i in n.input:
-            consumers[i].append(n)
+            if i:
+                consumers[i].append(n)
     inits = {i.name: i for i in g.initializer}
-    graph_inputs = {i.name for i in g.input}
+    graph_inputs = {i.name for i in g.input} - set(inits)   # as GraphViewer::GetInputs()
 
     def small_initializer(name: str) -> bool:
         if name not in inits:
@@ -86,7 +101,7 @@ def predict_cuda_placement(model, unsupported=UNSUPPORTED_ON_CUDA) -> Placement:
             size *= d
         return size <= SMALL_INITIALIZER
 
-    on_cuda = {id(n) for n in nodes if n.op_type not in unsupported}
+    on_cuda = {id(n) for n in nodes if not no_kernel(n)}
     cpu_values: set[str] = set()
     forward, backward = [], []
     for n in nodes:
@@ -112,8 +127,10 @@ def predict_cuda_placement(model, unsupported=UNSUPPORTED_ON_CUDA) -> Placement:
         if key in seen or key not in on_cuda:
             continue
         seen.add(key)
-        if all(not i or small_initializer(i) or i in graph_inputs
-               or (i in cpu_values and k not in CPU_SIDE_INPUTS.get(n.op_type, []))
+        # an omitted optional input is a NodeArg that exists nowhere: it keeps the node on CUDA
+        if all(i and elem.get(i) not in HALF_TYPES
+               and (small_initializer(i) or i in graph_inputs
+                    or (i in cpu_values and k not in CPU_SIDE_INPUTS.get(n.op_type, [])))
                for k, i in enumerate(n.input)):
             fallback.add(key)
             cpu_values.update(n.output)
@@ -129,8 +146,9 @@ def predict_cuda_placement(model, unsupported=UNSUPPORTED_ON_CUDA) -> Placement:
         if key in seen or key in fallback or key not in on_cuda:
             continue
         seen.add(key)
-        if all(not o or (o in cpu_values and k not in CPU_SIDE_OUTPUTS.get(n.op_type, []))
-               for k, o in enumerate(n.output)):
+        if all(o and o in cpu_values and elem.get(o) not in HALF_TYPES
+               and k not in CPU_SIDE_OUTPUTS.get(n.op_type, []) for k, o in enumerate(n.output)) \
+                and all(elem.get(i) not in HALF_TYPES for i in n.input if i):
             fallback.add(key)
             cpu_values.update(i for i in n.input if i)
             for i in n.input:

@@ -32,6 +32,26 @@ PROBE_BATCHES = (1, 2, 3, 5)
 CHECK_BATCHES = (4, 7)
 SHAPE_OPS = ("Shape", "Size")
 BROADCAST_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where")
+#: ops whose output shape depends on their input values: a Shape downstream is no constant
+DATA_SHAPED_OPS = ("NonZero", "Unique", "Compress", "StringSplit")
+#: ops that keep the elements of their first input in order (a reshape, a cast, a unary map)
+ORDER_KEEPING_OPS = ("Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Neg", "Abs",
+                     "Floor", "Ceil", "Sqrt", "Relu", "Sign", "Round")
+ELEMENTWISE_OPS = BROADCAST_OPS + ("Mod", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual",
+                                   "And", "Or", "Xor")
+
+# inputs that ONNX Runtime's CUDA kernels read from host memory (InputMemoryType CPU): a value a
+# node computes for one of them pulls that node to the CPU provider. Also, but Clip's bounds and
+# Dropout's ratio, the inputs that set an op's output shape.
+CPU_SIDE_INPUTS = {"Reshape": [1], "Expand": [1], "Slice": [1, 2, 3, 4], "Unsqueeze": [1],
+                   "Squeeze": [1], "Resize": [1, 2, 3], "Upsample": [1], "Tile": [1],
+                   "ConstantOfShape": [0], "Range": [0, 1, 2], "Split": [1], "Pad": [1, 2, 3],
+                   "TopK": [1], "OneHot": [1], "CumSum": [1], "Trilu": [1], "Clip": [1, 2],
+                   "Dropout": [1, 2], "ReduceSum": [1], "ReduceMean": [1], "ReduceMax": [1],
+                   "ReduceMin": [1], "ReduceProd": [1], "ReduceL1": [1], "ReduceL2": [1],
+                   "ReduceLogSum": [1], "ReduceLogSumExp": [1], "ReduceSumSquare": [1]}
+NOT_SHAPE_SETTING = {("Clip", 1), ("Clip", 2), ("Dropout", 1), ("Dropout", 2), ("CumSum", 1),
+                     ("Trilu", 1)}
 
 
 class ShapeFreezeError(ValueError):
@@ -41,14 +61,24 @@ class ShapeFreezeError(ValueError):
 
 def _batch_symbol(model) -> str | None:
     """The one symbolic dimension the graph's inputs share (None when all are static)."""
-    symbols = set()
+    symbols, unnamed = set(), []
+    inits = {i.name for i in model.graph.initializer}
     for inp in model.graph.input:
+        if inp.name in inits:
+            continue
         for i, d in enumerate(inp.type.tensor_type.shape.dim):
             if not d.HasField("dim_value"):
                 if i != 0:
                     raise ShapeFreezeError(f"input {inp.name!r}: dimension {i} is dynamic; only a "
                                            "leading batch dimension may be")
-                symbols.add(d.dim_param or "?")
+                if d.dim_param:
+                    symbols.add(d.dim_param)
+                else:
+                    unnamed.append(inp.name)
+    if unnamed and (symbols or len(unnamed) > 1):
+        raise ShapeFreezeError(f"inputs {unnamed} have unnamed dynamic dimensions: cannot tell "
+                               "whether they are one batch")
+    symbols.update("?" for _ in unnamed)
     if len(symbols) > 1:
         raise ShapeFreezeError(f"inputs have several dynamic batch names {sorted(symbols)}")
     return symbols.pop() if symbols else None
@@ -113,6 +143,7 @@ def freeze_shapes(model, probe_batches=PROBE_BATCHES):
     g = model.graph
     if _batch_symbol(model) is None:
         return model
+    _refuse_unsupported(g)
     values = _shape_values(g)
     consumers: dict[str, list] = {}
     for n in g.node:
@@ -135,12 +166,17 @@ def freeze_shapes(model, probe_batches=PROBE_BATCHES):
     broadcast_io = sorted({t for v in frontier if producer[v].op_type == "ConstantOfShape"
                            for c, _ in consumers.get(v, []) if c.op_type in BROADCAST_OPS
                            for t in list(c.input) + list(c.output) if t and t != v})
-    runs = _probe(model, list(dict.fromkeys(frontier + reshape_io + broadcast_io)), probe_batches)
+    runs = _probe(model, list(dict.fromkeys(sorted(values) + reshape_io + broadcast_io)), probe_batches)
+    depends = _batch_dependence(g, values, runs)
 
     new_inits = []
     for name in frontier:
         seen = [r[name] for r in runs]
         if all(s.shape == seen[0].shape and np.array_equal(s, seen[0]) for s in seen[1:]):
+            # equal at every probe; but a step function of the batch (B // 8) would be too
+            if depends[name].any():
+                raise ShapeFreezeError(f"shape value {name!r} is computed from the batch size but "
+                                       f"equal at the probed sizes {tuple(probe_batches)}")
             new_inits.append(numpy_helper.from_array(seen[0], name=name))
             continue
         if producer[name].op_type == "ConstantOfShape":
@@ -154,6 +190,86 @@ def freeze_shapes(model, probe_batches=PROBE_BATCHES):
     _remove_dead_nodes(g, frozen)
     onnx.checker.check_model(model)
     return model
+
+
+def _refuse_unsupported(g) -> None:
+    """Raise ShapeFreezeError for graphs whose shapes can depend on data: subgraphs (If, Loop,
+    Scan: their shapes are not probed), ops with data-dependent output shapes, and ops whose
+    shape-setting input (a Reshape target, a Range bound, ...) is computed from data: a Shape
+    downstream of any of these may differ between the probes' inputs and real ones."""
+    const = {i.name for i in g.initializer}
+    const |= {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    values = _shape_values(g)
+    data_shaped: set[str] = set()
+    for n in g.node:
+        if any(a.type in (a.GRAPH, a.GRAPHS) for a in n.attribute):
+            raise ShapeFreezeError(f"node {n.name or n.op_type!r} ({n.op_type}) has a subgraph")
+        if n.op_type in SHAPE_OPS and n.input[0] in data_shaped:
+            raise ShapeFreezeError(f"{n.op_type} node {n.name!r} reads a tensor whose shape depends "
+                                   "on data")
+        shaped_by_data = n.op_type in DATA_SHAPED_OPS or any(
+            i and i not in const and i not in values and (n.op_type, k) not in NOT_SHAPE_SETTING
+            for k, i in enumerate(n.input) if k in CPU_SIDE_INPUTS.get(n.op_type, []))
+        if n.op_type not in SHAPE_OPS and (shaped_by_data or any(i in data_shaped for i in n.input)):
+            data_shaped.update(o for o in n.output if o)
+
+
+def _batch_dependence(g, values: set[str], runs: list[dict]) -> dict[str, np.ndarray]:
+    """For each shape value, which of its elements (flattened) are computed from the batch size.
+
+    A Shape output's entries depend on the batch where they differ between the probes (a tensor
+    dimension is the batch times a constant, or a constant); Gather, Slice and Concat on vectors
+    and order-keeping or elementwise ops carry that per element; any other op makes its output
+    depend wholly on the batch as soon as one input does."""
+    from onnx import numpy_helper
+
+    dep: dict[str, np.ndarray] = {}
+    known = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            known[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    known.update(runs[0])
+
+    def of(name: str, like: np.ndarray) -> np.ndarray:
+        return dep[name] if name in dep else np.zeros(like.size, bool)
+
+    for n in g.node:
+        outs = [o for o in n.output if o in values]
+        if not outs:
+            continue
+        first = [runs[0][o] for o in outs]
+        if any(any(r[o].shape != runs[0][o].shape for r in runs) for o in outs):
+            for o, v in zip(outs, first):          # its shape changes with the batch
+                dep[o] = np.ones(v.size, bool)
+            continue
+        ins = [(i, known.get(i)) for i in n.input]
+        v = first[0]
+        if n.op_type in SHAPE_OPS:
+            stack = np.stack([r[outs[0]].reshape(-1) for r in runs])
+            d = (stack != stack[0]).any(axis=0)
+        elif n.op_type == "Gather" and ins[0][1] is not None and ins[0][1].ndim == 1 \
+                and ins[1][1] is not None and not of(ins[1][0], ins[1][1]).any():
+            d = of(*ins[0])[ins[1][1].reshape(-1).astype(np.int64)]
+        elif n.op_type == "Slice" and ins[0][1] is not None and ins[0][1].ndim == 1 \
+                and all(a is not None and not of(i, a).any() for i, a in ins[1:]):
+            start, end = int(ins[1][1].reshape(-1)[0]), int(ins[2][1].reshape(-1)[0])
+            step = int(ins[4][1].reshape(-1)[0]) if len(ins) > 4 else 1
+            d = of(*ins[0])[np.arange(ins[0][1].size)[slice(start, end, step)]]
+        elif n.op_type == "Concat" and v.ndim == 1 and all(a is not None for _, a in ins):
+            d = np.concatenate([of(i, a) for i, a in ins])
+        elif n.op_type in ORDER_KEEPING_OPS and ins[0][1] is not None and ins[0][1].size == v.size \
+                and all(a is not None and not of(i, a).any() for i, a in ins[1:]):
+            d = of(*ins[0])
+        elif n.op_type in ELEMENTWISE_OPS and all(a is not None for _, a in ins):
+            d = np.zeros(v.shape, bool)
+            for i, a in ins:
+                d = d | np.broadcast_to(of(i, a).reshape(a.shape), v.shape)
+            d = d.reshape(-1)
+        else:
+            d = np.full(v.size, any(i in dep and dep[i].any() for i in n.input))
+        for o, w in zip(outs, first):
+            dep[o] = d if w.size == d.size else np.full(w.size, d.any())
+    return dep
 
 
 def _probe(model, names: list[str], batches) -> list[dict[str, np.ndarray]]:
@@ -257,8 +373,13 @@ def _remove_dead_nodes(g, frozen: set[str]) -> None:
     del g.node[:]
     g.node.extend(keep)
     inits = [i for i in g.initializer if i.name in needed]
+    dropped = {i.name for i in g.initializer} - {i.name for i in inits}
     del g.initializer[:]
     g.initializer.extend(inits)
+    # an IR < 4 file lists its initializers as graph inputs too
+    inputs = [i for i in g.input if i.name not in dropped]
+    del g.input[:]
+    g.input.extend(inputs)
     produced = {o for n in g.node for o in n.output}
     vis = [v for v in g.value_info if v.name in produced]
     del g.value_info[:]
@@ -268,14 +389,6 @@ def _remove_dead_nodes(g, frozen: set[str]) -> None:
 def count_shape_ops(model) -> int:
     """Number of Shape/Size nodes left in `model`'s main graph."""
     return sum(n.op_type in SHAPE_OPS for n in model.graph.node)
-
-
-# inputs that ONNX Runtime's CUDA kernels read from host memory (InputMemoryType CPU): a value a
-# node computes for one of them pulls that node to the CPU provider, behind a Memcpy
-CPU_SIDE_INPUTS = {"Reshape": [1], "Expand": [1], "Slice": [1, 2, 3, 4], "Unsqueeze": [1],
-                   "Squeeze": [1], "Resize": [1, 2, 3], "Tile": [1], "ConstantOfShape": [0],
-                   "Range": [0, 1, 2], "ReduceSum": [1], "Split": [1], "Pad": [1, 2, 3],
-                   "TopK": [1], "OneHot": [1], "Clip": [1, 2]}
 
 
 def computed_cpu_side_inputs(model) -> list[tuple[str, int, str]]:
@@ -308,8 +421,10 @@ def freeze_shapes_file(path: str | os.PathLike, out: str | os.PathLike | None = 
     import onnx
 
     path = Path(path)
-    out = Path(out) if out is not None else path
-    old = onnx.load(str(path))
+    out = Path(out) if out is not None else path.resolve()   # in place: through a symlink
+    old = onnx.load(str(path), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in old.graph.initializer):
+        raise ShapeFreezeError(f"{path.name}: weights in external data files are not supported")
     rep = {"shape_ops_before": count_shape_ops(old), "nodes_before": len(old.graph.node)}
     try:
         new = freeze_shapes(old)
@@ -320,17 +435,24 @@ def freeze_shapes_file(path: str | os.PathLike, out: str | os.PathLike | None = 
 
         warnings.warn(f"{path.name}: shape arithmetic kept dynamic: {e}", stacklevel=2)
         new, rep["reason"] = old, str(e)
-    else:
+    changed = new.SerializeToString() != old.SerializeToString()
+    if changed:
         check_equal(old, new)
-    rep.update(frozen=new is not old, shape_ops_after=count_shape_ops(new), nodes_after=len(new.graph.node))
-    if new is old and out == path:
+    rep.update(frozen=changed, shape_ops_after=count_shape_ops(new), nodes_after=len(new.graph.node))
+    if not changed and out.resolve() == path.resolve():
         return rep
-    tmp = out.with_name(out.name + ".freeze.tmp")
+    import shutil
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
     try:
-        onnx.save(new, str(tmp))
+        onnx.save(new, tmp)
+        if path.exists():
+            shutil.copymode(path, tmp)
         os.replace(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
     return rep
 
 
