@@ -19,7 +19,7 @@ import pytest
 from pydiff import cli
 from pydiff.backends import BackendUnavailableError, create_backend
 from pydiff.backends import tensorrt as trtb
-from pydiff.package import load_package
+from pydiff.package import PackageError, load_package
 from pydiff.pipeline import bundled_path
 
 GPU = ("NVIDIA H200", "9.0")
@@ -32,6 +32,10 @@ def fake_tensorrt(version="10.13.0.35"):
     trt.build_flags = []     # the builder config's flags per build
     trt.fail_build = False
     trt.executions = []
+    trt.parsed_inputs = None         # set: the network's inputs instead of the file's
+    trt.dtypes = {}                  # tensor name -> DataType name the engine reports (default: FLOAT)
+    trt.refused_addresses = set()    # tensor names whose set_tensor_address answers False
+    trt.output_shape = None          # set: what get_tensor_shape answers for the output
 
     class Logger:
         WARNING = 2
@@ -44,6 +48,13 @@ def fake_tensorrt(version="10.13.0.35"):
 
     class BuilderFlag:
         FP16, TF32 = "fp16", "tf32"
+
+    if int(version.split(".")[0]) >= 11:   # TensorRT 11: strongly typed networks, no FP16 flag
+        del BuilderFlag.FP16
+
+    class DataType:
+        def __init__(self, name):
+            self.name = name
 
     class Network:
         def __init__(self):
@@ -60,7 +71,7 @@ def fake_tensorrt(version="10.13.0.35"):
         def __init__(self, network, logger):
             self.network, self.num_errors = network, 0
 
-        def parse(self, data):
+        def parse(self, data, path=None):
             if data.startswith(b"not onnx"):
                 self.num_errors = 1
                 return False
@@ -74,6 +85,8 @@ def fake_tensorrt(version="10.13.0.35"):
             except Exception:
                 self.network.inputs = [("sample", (-1, 3, 8, 8)), ("timestep", (-1,))]
                 self.network.outputs = ["out"]
+            if trt.parsed_inputs is not None:
+                self.network.inputs = trt.parsed_inputs
             self.network.data = data
             return True
 
@@ -95,6 +108,8 @@ def fake_tensorrt(version="10.13.0.35"):
 
     class Profile(dict):
         def set_shape(self, name, lo, opt, hi):
+            if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
+                raise RuntimeError("Shape provided for min is inconsistent with other shapes")
             self[name] = [list(lo), list(opt), list(hi)]
 
     class Builder:
@@ -112,7 +127,7 @@ def fake_tensorrt(version="10.13.0.35"):
             return Profile()
 
         def build_serialized_network(self, network, config):
-            fp16 = BuilderFlag.FP16 in config.flags
+            fp16 = "fp16" in config.flags
             trt.builds.append((network.data, fp16, dict(config.profiles[0])))
             trt.build_flags.append(set(config.flags))
             if trt.fail_build:
@@ -133,7 +148,13 @@ def fake_tensorrt(version="10.13.0.35"):
             return True
 
         def set_tensor_address(self, name, ptr):
+            if name in trt.refused_addresses:
+                return False                      # the real one keeps the old address then
             self.addresses[name] = ptr
+            return True
+
+        def get_tensor_shape(self, name):
+            return trt.output_shape or self.shapes["sample"]
 
         def execute_async_v3(self, stream):
             trt.executions.append((dict(self.shapes), dict(self.addresses), stream))
@@ -153,6 +174,9 @@ def fake_tensorrt(version="10.13.0.35"):
 
         def get_tensor_profile_shape(self, name, index):
             return self.desc["profile"][name]
+
+        def get_tensor_dtype(self, name):
+            return DataType(trt.dtypes.get(name, "INT64" if name == "class_labels" else "FLOAT"))
 
         def create_execution_context(self):
             return Context()
@@ -368,3 +392,57 @@ def test_module_imports_neither_tensorrt_nor_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        cwd=Path(__file__).parent)   # tests/: the installed pydiff, as in test_cli
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+
+
+def test_fp16_on_tensorrt_11_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("11.1.0"))
+    monkeypatch.setattr(trtb, "gpu_identity", lambda: GPU)
+    with pytest.raises(ValueError, match="fp16=True: TensorRT 11.1.0 has no FP16 builder flag"):
+        trtb.load_engine(_onnx(tmp_path), trtb.EngineOptions(fp16=True), cache=tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+    assert trtb.load_engine(_onnx(tmp_path), cache=tmp_path / "c")[2]   # fp32 builds
+
+
+def test_a_static_batch_input_is_refused(trt, tmp_path):
+    trt.parsed_inputs = [("sample", (1, 3, 8, 8)), ("timestep", (-1,))]
+    with pytest.raises(ValueError, match=r"input 'sample' has shape \(1, 3, 8, 8\); the batch \(dim 0\) "
+                                         "must be dynamic"):
+        trtb.load_engine(_onnx(tmp_path), cache=tmp_path / "c")
+
+
+def _base_model(trt, tmp_path):
+    pkg = load_package(bundled_path("shapes"))
+    return create_backend("tensorrt", pkg, cache_dir=tmp_path, max_batch=4, providers="cpu").model("base")
+
+
+def _device_call(model, out_shape=(2, 3, 16, 16)):
+    x, t = np.zeros((2, 3, 16, 16), np.float32), np.zeros(2, np.float32)
+    cond = {"encoder_hidden_states": _CudaArray(np.zeros((2, 16, 384), np.float32)),
+            "encoder_attention_mask": _CudaArray(np.zeros((2, 16), np.float32))}
+    return model.run_device(_CudaArray(x), _CudaArray(t), cond, out=_CudaArray(np.zeros(out_shape, np.float32)),
+                            stream=7)
+
+
+def test_an_engine_with_other_dtypes_is_refused(trt, tmp_path):
+    trt.dtypes = {"timestep": "HALF"}
+    with pytest.raises(PackageError, match=r"the engine's 'timestep' is float16, pydiff binds float32"):
+        _base_model(trt, tmp_path)
+    trt.dtypes = {"out": "BF16"}
+    with pytest.raises(PackageError, match=r"the engine's 'out' is BF16, pydiff binds float32"):
+        _base_model(trt, tmp_path)
+
+
+def test_a_refused_address_or_output_shape_raises(trt, tmp_path):
+    model = _base_model(trt, tmp_path)
+    trt.refused_addresses = {"encoder_hidden_states"}
+    with pytest.raises(ValueError, match="TensorRT refuses the address of 'encoder_hidden_states'"):
+        _device_call(model)
+    trt.refused_addresses = set()
+    n = len(trt.executions)
+    trt.output_shape = (2, 6, 16, 16)   # e.g. a learned-variance network: 2C channels
+    with pytest.raises(ValueError, match=r"output has shape \(2, 6, 16, 16\), not the sample's"):
+        _device_call(model)
+    assert len(trt.executions) == n     # nothing was enqueued
+    trt.output_shape = None
+    _device_call(model)
+    assert len(trt.executions) == n + 1

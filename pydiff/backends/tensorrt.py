@@ -8,7 +8,8 @@ ONNX Runtime.
 Engine cache: `<dir>/<onnx stem>-<key>.engine`, dir = the `cache_dir` argument, else
 $PYDIFF_TRT_CACHE, else ~/.cache/pydiff/trt. The key is the sha256 of the ONNX file's sha256, the
 GPU's name and compute capability, the TensorRT version and the build options (fp16, tf32, the
-batch profile), so a change to any of them builds a new engine. Files are written atomically (temp file
+batch profile), so a change to any of them builds a new engine. fp16 needs TensorRT 10 (11 removed
+the FP16 builder flag). Files are written atomically (temp file
 + os.replace) and carry a checksum; a corrupt or truncated file is rebuilt with a warning.
 """
 from __future__ import annotations
@@ -87,10 +88,21 @@ def engine_key(onnx_bytes: bytes, gpu: tuple[str, str], trt_version: str, option
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
+def check_options(trt, options: EngineOptions) -> None:
+    """Refuse what this TensorRT cannot build, before any work: TensorRT 11 removed the FP16
+    builder flag (its networks are strongly typed: precision comes from the ONNX file)."""
+    if options.fp16 and not hasattr(trt.BuilderFlag, "FP16"):
+        raise ValueError(f"fp16=True: TensorRT {trt.__version__} has no FP16 builder flag (removed in "
+                         "TensorRT 11, whose networks take their precision from the ONNX file); use "
+                         "fp16=False, or TensorRT 10 (pip install 'tensorrt-cu13<11')")
+
+
 def load_engine(onnx_path, options: EngineOptions = EngineOptions(), *, cache=None,
                 gpu: tuple[str, str] | None = None):
-    """(engine, cache file, built) for an ONNX file: from the cache, else built and cached."""
+    """(engine, cache file, built) for an ONNX file: from the cache, else built and cached.
+    pydiff packages keep their weights inside the .onnx file, the bytes the key hashes."""
     trt = import_tensorrt()
+    check_options(trt, options)
     onnx_path = Path(onnx_path)
     data = onnx_path.read_bytes()   # hashed and parsed: the same bytes
     key = engine_key(data, gpu or gpu_identity(), trt.__version__, options)
@@ -102,7 +114,7 @@ def load_engine(onnx_path, options: EngineOptions = EngineOptions(), *, cache=No
         if engine is not None:
             return engine, path, False
         warnings.warn(f"{path}: TensorRT cannot load this cached engine; rebuilding it", RuntimeWarning)
-    blob = build_engine(trt, data, options, what=str(onnx_path))
+    blob = build_engine(trt, data, options, what=str(onnx_path), path=str(onnx_path))
     try:
         _write_atomic(path, blob)
     except OSError as e:   # a read-only or full disk costs a rebuild next time, not this run
@@ -114,8 +126,10 @@ def load_engine(onnx_path, options: EngineOptions = EngineOptions(), *, cache=No
     return engine, path, True
 
 
-def build_engine(trt, onnx_bytes: bytes, options: EngineOptions, what: str) -> bytes:
-    """A serialized engine: explicit batch, one profile over dim 0 of every input, fp16 if asked."""
+def build_engine(trt, onnx_bytes: bytes, options: EngineOptions, what: str, path: str | None = None) -> bytes:
+    """A serialized engine: explicit batch, one profile over dim 0 of every input, fp16 if asked.
+    `path`: the ONNX file's path, where the parser looks for external weights."""
+    check_options(trt, options)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     # TensorRT 10 networks are always explicit-batch (the flag is deprecated); 8.x needs the flag
@@ -123,7 +137,7 @@ def build_engine(trt, onnx_bytes: bytes, options: EngineOptions, what: str) -> b
         1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_bytes):
+    if not parser.parse(onnx_bytes, path=path):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"{what}: TensorRT cannot parse this ONNX file ({errors})")
     config = builder.create_builder_config()
@@ -136,10 +150,11 @@ def build_engine(trt, onnx_bytes: bytes, options: EngineOptions, what: str) -> b
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         inp = network.get_input(i)
-        rest = tuple(inp.shape)[1:]
-        if any(d < 0 for d in rest):
-            raise ValueError(f"{what}: input {inp.name!r} has shape {tuple(inp.shape)}; only the "
-                             f"batch (dim 0) may be dynamic")
+        shape = tuple(inp.shape)
+        rest = shape[1:]
+        if not shape or shape[0] != -1 or any(d < 0 for d in rest):
+            raise ValueError(f"{what}: input {inp.name!r} has shape {shape}; the batch (dim 0) must be "
+                             f"dynamic and every other dimension fixed")
         profile.set_shape(inp.name, (options.min_batch, *rest), (options.opt_batch, *rest),
                           (options.max_batch, *rest))
     config.add_optimization_profile(profile)
@@ -216,19 +231,32 @@ class TrtStageModel(StageModel):
         if sorted(inputs) != sorted(stage.inputs) or outputs != [stage.output]:
             raise PackageError(f"{stage.onnx}: engine inputs {inputs} / outputs {outputs} disagree "
                                f"with the manifest's {list(stage.inputs)} / {[stage.output]}")
+        # the buffers pydiff binds have the manifest's dtypes: an engine that wants others (an fp16
+        # I/O model, int32 labels) would read them as the wrong type
+        for n in names:
+            want = np.dtype(input_dtype(n)) if n in inputs else np.dtype(np.float32)
+            got = _numpy_dtype(engine.get_tensor_dtype(n))
+            if got != want:
+                raise PackageError(f"{stage.onnx}: the engine's {n!r} is {got}, pydiff binds {want}")
         self.batch_range = (engine.get_tensor_profile_shape("sample", 0)[0][0],
                             engine.get_tensor_profile_shape("sample", 0)[2][0])
         self.context = engine.create_execution_context()
         self._shapes = {}                # input name -> the shape last set on the context
+        self._out_checked = None         # the sample shape whose output shape was checked
+        self._stream = None              # __call__'s own stream (the default stream synchronises)
         self._lock = threading.RLock()   # one context: one call in flight (held to its end in __call__)
 
     def __call__(self, x, t, cond=None):
         import torch
 
-        feeds = {k: torch.from_numpy(v).cuda() for k, v in self.feeds(x, t, cond).items()}
-        out = torch.empty(tuple(x.shape), dtype=torch.float32, device="cuda")
-        stream = torch.cuda.current_stream()
         with self._lock:
+            if self._stream is None:
+                self._stream = torch.cuda.Stream()
+            stream = self._stream
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                feeds = {k: torch.from_numpy(v).cuda() for k, v in self.feeds(x, t, cond).items()}
+                out = torch.empty(tuple(x.shape), dtype=torch.float32, device="cuda")
             self.run_device(feeds["sample"], feeds["timestep"], feeds, out=out, stream=stream)
             stream.synchronize()
         return out.cpu().numpy()
@@ -268,12 +296,35 @@ class TrtStageModel(StageModel):
                         raise ValueError(f"stage {self.stage.name!r}: TensorRT refuses shape {shape} for "
                                          f"input {name!r} (its log says why)")
                     self._shapes[name] = shape
-                self.context.set_tensor_address(name, ptr)
-            self.context.set_tensor_address(self.stage.output, out_ptr)
+                self._bind(name, ptr)
+            if self._out_checked != x_shape:   # host-side; only after a shape change
+                got = tuple(self.context.get_tensor_shape(self.stage.output))
+                if got != x_shape:
+                    raise ValueError(f"stage {self.stage.name!r}: the engine's output has shape {got}, "
+                                     f"not the sample's {x_shape}")
+                self._out_checked = x_shape
+            self._bind(self.stage.output, out_ptr)
             if not self.context.execute_async_v3(handle):
                 raise RuntimeError(f"stage {self.stage.name!r}: TensorRT execute_async_v3 failed "
                                    f"(its log says why)")
         return out
+
+
+    def _bind(self, name: str, ptr: int) -> None:
+        # False leaves the previous address bound: the engine would read or write stale buffers
+        if not self.context.set_tensor_address(name, ptr):
+            why = f" (0x{ptr:x} is not 256-byte aligned)" if ptr % 256 else ""
+            raise ValueError(f"stage {self.stage.name!r}: TensorRT refuses the address of {name!r}{why}")
+
+
+_NUMPY_OF_TRT = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32,
+                 "INT64": np.int64, "BOOL": np.bool_, "UINT8": np.uint8}
+
+
+def _numpy_dtype(dtype) -> np.dtype | str:
+    """NumPy dtype of a tensorrt.DataType (its name where NumPy has none, e.g. BF16)."""
+    name = getattr(dtype, "name", str(dtype).rsplit(".", 1)[-1])
+    return np.dtype(_NUMPY_OF_TRT[name]) if name in _NUMPY_OF_TRT else name
 
 
 class TensorRTBackend(Backend):
