@@ -27,11 +27,9 @@ GUIDANCE_KINDS = ("classifier", "clip")
 
 
 def _session(path, providers=None, session_options=None):
-    import onnxruntime as ort
+    from .backends.onnxruntime import create_session
 
-    if providers is None:
-        providers = ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), sess_options=session_options, providers=list(providers))
+    return create_session(path, providers or ["CPUExecutionProvider"], session_options, required=())
 
 
 def _scales(scale, B: int, what: str) -> np.ndarray:

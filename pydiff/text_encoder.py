@@ -11,8 +11,9 @@ class TextEncoder:
     """
 
     def __init__(self, onnx_path: str, tokenizer_path: str, max_length: int = 16,
-                 providers: list[str] | None = None, session_options=None):
-        import onnxruntime as ort
+                 providers: list[str] | None = None, session_options=None, session=None):
+        """`session`: an InferenceSession of `onnx_path` already made (then `providers` and
+        `session_options` are unused)."""
         from tokenizers import Tokenizer
 
         self.max_length = int(max_length)
@@ -21,8 +22,12 @@ class TextEncoder:
         pad_id = self.tokenizer.token_to_id("[PAD]")
         self.tokenizer.enable_padding(length=self.max_length, pad_id=0 if pad_id is None else pad_id,
                                       pad_token="[PAD]")
-        self.session = ort.InferenceSession(str(onnx_path), sess_options=session_options,
-                                            providers=providers or ["CPUExecutionProvider"])
+        if session is None:
+            from .backends.onnxruntime import create_session
+
+            session = create_session(onnx_path, providers or ["CPUExecutionProvider"], session_options,
+                                     required=())
+        self.session = session
         self._input_names = {i.name for i in self.session.get_inputs()}
 
     def tokenize(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ import pytest
 from pydiff import cli
 from pydiff.backends import BackendUnavailableError, create_backend
 from pydiff.backends import onnxruntime as ortb
-from pydiff.package import load_package
+from pydiff.package import PackageError, load_package
 from pydiff.pipeline import bundled_path
 
 CPU, CUDA, TRT = ortb.CPU, ortb.CUDA, ortb.TENSORRT
@@ -201,6 +201,9 @@ def test_stream_becomes_the_cuda_providers_user_compute_stream(monkeypatch):
         (CUDA, {"device_id": 3, **on, "user_compute_stream": "7"}), CPU]
     assert ortb.resolve_providers("tensorrt", stream=7)[1] == (
         CUDA, {"device_id": 0, **fp32, **on, "user_compute_stream": "7"})
+    # ORT takes a device's streams from its first provider: TensorRT computes on the stream too
+    # (its option parser has no has_user_compute_stream)
+    assert ortb.resolve_providers("tensorrt", stream=7)[0] == (TRT, {"device_id": 0, "user_compute_stream": "7"})
     with pytest.raises(ValueError, match="only the CUDA provider.*providers='cuda'"):
         ortb.resolve_providers("cpu", stream=7)
     with pytest.raises(ValueError, match="stream 0 .*legacy default stream"):
@@ -250,3 +253,46 @@ def test_cli_provider_flag(tmp_path, capsys):
         assert cli.main(args + ["--provider", "cuda"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "pip install onnxruntime-gpu" in err[0], err
+
+
+def test_a_gpu_provider_that_does_not_start_is_not_a_silent_cpu_run(monkeypatch):
+    # this onnxruntime has no CUDA provider: asked for it anyway, ORT starts the session on the CPU
+    # with a log line, as onnxruntime-gpu does on a machine without a usable GPU
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    path = bundled_path("shapes") / "base.onnx"
+    with pytest.warns(UserWarning):   # ORT's own "not in available provider names"
+        with pytest.raises(BackendUnavailableError, match=r"could not start \['CUDAExecutionProvider'\]"):
+            ortb.create_session(path, [(CUDA, {"use_tf32": "0"}), CPU])
+        assert ortb.create_session(path, [(CUDA, {}), CPU], required=()).get_providers() == [CPU]
+    pkg = load_package(bundled_path("shapes"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with pytest.raises(BackendUnavailableError, match="could not start"):
+            create_backend("onnxruntime", pkg, providers="cuda")
+        with pytest.warns(RuntimeWarning, match="providers='auto': ONNX Runtime could not start"):
+            assert create_backend("onnxruntime", pkg, providers="auto").describe()["providers"] == [CPU]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)   # None: the CPU, silently, as documented
+            assert create_backend("onnxruntime", pkg).describe()["providers"] == [CPU]
+
+
+def test_a_provider_that_fails_to_start_is_told_from_a_bad_model(monkeypatch, tmp_path):
+    real = ort.InferenceSession
+    calls = []
+
+    def session(path, sess_options=None, providers=None, **kw):
+        calls.append((providers, kw.get("enable_fallback")))
+        if any((p if isinstance(p, str) else p[0]) == TRT for p in providers):
+            raise RuntimeError("RegisterTensorRTPluginsAsCustomOps: Please install TensorRT libraries")
+        return real(path, sess_options=sess_options, providers=providers, **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    path = bundled_path("shapes") / "base.onnx"
+    with pytest.raises(BackendUnavailableError, match="could not start.*TensorrtExecutionProvider.*"
+                                                      "Please install TensorRT"):
+        ortb.create_session(path, [(TRT, {}), CPU])
+    assert calls[0][1] == 0        # ORT's own retry (without the provider options) is off
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(PackageError, match="ONNX Runtime cannot load this model"):
+        ortb.create_session(bad, [(TRT, {}), CPU])

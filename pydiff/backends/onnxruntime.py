@@ -2,9 +2,10 @@
 
 Providers: `providers=` None (CUDA where this onnxruntime build has it, else CPU, silently),
 "auto" (the same, with a warning when it falls back to the CPU), "cpu", "cuda", "tensorrt", or a
-list of ONNX Runtime provider names (with options, as ORT takes them). A provider this build lacks is
-a `BackendUnavailableError`. The CUDA provider that pydiff picks runs with TF32 off
-(CUDA_DEFAULT_OPTIONS): a seed then gives the CPU provider's image.
+list of ONNX Runtime provider names (with options, as ORT takes them). A provider this build lacks,
+or one it cannot start, is a `BackendUnavailableError` (create_session; not given / "auto" take the
+CPU instead). The CUDA provider that pydiff picks runs with TF32 off (CUDA_DEFAULT_OPTIONS): a seed
+then gives the CPU provider's image (ORT's TensorRT provider keeps TensorRT's TF32 default).
 
 `OrtStageModel.run_device` runs a stage through ORT IO binding, so that callers holding device
 arrays (OrtValues, torch CUDA tensors) chain network calls and pydiff's CUDA step without host copies.
@@ -59,10 +60,16 @@ def resolve_providers(providers=None, device_id: int = 0, stream=None) -> list:
         if CUDA not in names:
             raise ValueError(f"stream: only the CUDA provider computes on a caller's stream, and the "
                              f"providers are {names}; choose providers='cuda'")
-        i = names.index(CUDA)
-        opts = dict(chosen[i][1]) if not isinstance(chosen[i], str) else {"device_id": device_id}
-        opts.update(has_user_compute_stream="1", user_compute_stream=str(handle))   # decimal, as ORT parses it
-        chosen[i] = (CUDA, opts)
+        for i, name in enumerate(names):
+            if name not in (CUDA, TENSORRT):
+                continue
+            opts = dict(chosen[i][1]) if not isinstance(chosen[i], str) else {"device_id": device_id}
+            # decimal, as ORT parses it. ORT takes a device's streams from its first provider, so
+            # TensorRT needs the stream too; its option parser knows no has_user_compute_stream
+            opts["user_compute_stream"] = str(handle)
+            if name == CUDA:
+                opts["has_user_compute_stream"] = "1"
+            chosen[i] = (name, opts)
         return chosen
     if providers is None:
         return default_providers()
@@ -95,26 +102,57 @@ def resolve_providers(providers=None, device_id: int = 0, stream=None) -> list:
     return chosen
 
 
-def _session(path, providers, session_options):
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def create_session(path, providers, session_options=None, *, required=None):
+    """An InferenceSession of `path` on `providers`, without ONNX Runtime's silent fallbacks.
+
+    ONNX Runtime skips a provider whose libraries do not load (no GPU, no CUDA 13 / cuDNN 9) with
+    a log line, and when TensorRT's fails it retries on CUDA and CPU without the provider options
+    (TF32 off, the caller's stream: lost). Here the retry is off, and a provider in `required`
+    (default: every GPU provider asked for; () accepts whatever ONNX Runtime could start) that the
+    session lacks is a BackendUnavailableError. A model ONNX Runtime cannot load is a PackageError.
+    """
     import onnxruntime as ort
 
+    providers = list(providers)
+    names = [p if isinstance(p, str) else p[0] for p in providers]
+    required = [n for n in names if n != CPU] if required is None else list(required)
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
+        sess = ort.InferenceSession(str(path), sess_options=session_options, providers=providers,
+                                    enable_fallback=0)
     except Exception as e:  # ORT raises its own exception types for corrupt/truncated files
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PackageError(f"{path}: ONNX Runtime cannot load this model ({msg})") from None
+        if names != [CPU]:
+            try:   # the provider, or the model? the CPU provider tells them apart
+                ort.InferenceSession(str(path), sess_options=session_options, providers=[CPU])
+            except Exception:
+                pass
+            else:
+                raise BackendUnavailableError(f"{path}: ONNX Runtime could not start {names} "
+                                              f"({_first_line(e)}); choose providers='cpu' or 'cuda'") from None
+        raise PackageError(f"{path}: ONNX Runtime cannot load this model ({_first_line(e)})") from None
+    missing = [n for n in required if n not in sess.get_providers()]
+    if missing:
+        raise BackendUnavailableError(
+            f"{path}: ONNX Runtime could not start {missing} (the session has {sess.get_providers()}): "
+            f"no usable GPU, or the CUDA 13 / cuDNN 9 (and for TensorRT, TensorRT's) libraries are not "
+            f"found; ONNX Runtime's log above says which. Or choose providers='cpu'")
+    return sess
 
 
-def load_text_encoder(package: Package, providers, session_options=None):
-    """The package's TextEncoder (ORT session checked against the format), or None."""
+def load_text_encoder(package: Package, providers, session_options=None, *, required=()):
+    """The package's TextEncoder (ORT session checked against the format), or None.
+    `required`: as create_session's (default: whatever providers ONNX Runtime could start)."""
     te = package.text_encoder
     if te is None:
         return None
     from ..text_encoder import TextEncoder
 
+    session = create_session(te.onnx, providers, session_options, required=required)
     try:
-        enc = TextEncoder(str(te.onnx), str(te.tokenizer), te.max_length, providers=providers,
-                          session_options=session_options)
+        enc = TextEncoder(str(te.onnx), str(te.tokenizer), te.max_length, session=session)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PackageError(f"{te.onnx} / {te.tokenizer}: cannot load the text encoder ({msg})") from None
@@ -127,8 +165,9 @@ class OrtStageModel(StageModel):
         super().__init__(stage)
         self.session = session
         self._outputs = [stage.output]
-        # where run_device binds: the CUDA provider's device when the session has it
-        opts = session.get_provider_options().get(CUDA)
+        # where run_device binds: the CUDA (or TensorRT) provider's device when the session has it
+        po = session.get_provider_options()
+        opts = po.get(CUDA) or po.get(TENSORRT)
         self.device = "cuda" if opts is not None else "cpu"
         self.device_id = int(opts.get("device_id", 0)) if opts is not None else 0
         # the caller's stream the CUDA provider computes on (user_compute_stream), else None
@@ -170,6 +209,7 @@ class OrtStageModel(StageModel):
         binding = self.session.io_binding()
         keep = []   # host arrays bound by pointer must outlive run_with_iobinding
         values = self.input_values(x, t, cond)
+
         x_shape = self._bind(binding, "sample", x, keep, binding.bind_input)
         if not _on_device(t):
             values["timestep"] = np.broadcast_to(np.asarray(t, np.float32), x_shape[:1])
@@ -220,7 +260,8 @@ class OrtStageModel(StageModel):
             if self.device != "cuda":
                 raise ValueError(f"{name}: a CUDA array, but this session runs on "
                                  f"{self.session.get_providers()}; load with providers='cuda'")
-            index = getattr(getattr(value, "device", None), "index", None)
+            dev = getattr(value, "device", None)   # torch: .device.index; CuPy: .device.id
+            index = getattr(dev, "index", getattr(dev, "id", None))
             if index is not None and index != self.device_id:
                 raise ValueError(f"{name}: on CUDA device {index}, the session on {self.device_id}")
         elif name == "out":
@@ -267,11 +308,22 @@ class OnnxRuntimeBackend(Backend):
                  stream=None):
         super().__init__(package)
         self.providers = resolve_providers(providers, device_id, stream)
-        self.text_encoder = load_text_encoder(package, self.providers, session_options)
+        # None and "auto" take the CPU when no GPU provider starts (auto says so); an explicit
+        # choice, or a stream, gets what it asked for or a BackendUnavailableError
+        lenient = stream is None and (providers is None or (isinstance(providers, str)
+                                                             and providers.lower() == "auto"))
+        required = () if lenient else None
         for stage in package.stages:
-            sess = _session(stage.onnx, self.providers, session_options)
+            sess = create_session(stage.onnx, self.providers, session_options, required=required)
             check_stage_io(package, stage, sess)
             self.stage_models[stage.name] = OrtStageModel(stage, sess)
+        self.text_encoder = load_text_encoder(package, self.providers, session_options, required=required)
+        started = next(iter(self.stage_models.values())).session.get_providers() if self.stage_models else []
+        wanted = [p if isinstance(p, str) else p[0] for p in self.providers]
+        if lenient and isinstance(providers, str) and CUDA in wanted and CUDA not in started:
+            warnings.warn(f"providers='auto': ONNX Runtime could not start {CUDA} (no usable GPU, or "
+                          f"the CUDA 13 / cuDNN 9 libraries are not found; its log says which); "
+                          f"running on the CPU", RuntimeWarning, stacklevel=3)
 
     def describe(self) -> dict:
         sess = next(iter(self.stage_models.values())).session
