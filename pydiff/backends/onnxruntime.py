@@ -130,7 +130,7 @@ def create_session(path, providers, session_options=None, *, required=None):
             except Exception:
                 pass
             else:
-                raise BackendUnavailableError(f"{path}: ONNX Runtime could not start {names} "
+                raise BackendUnavailableError(f"{path}: ONNX Runtime could not start {[n for n in names if n != CPU]} "
                                               f"({_first_line(e)}); choose providers='cpu' or 'cuda'") from None
         raise PackageError(f"{path}: ONNX Runtime cannot load this model ({_first_line(e)})") from None
     missing = [n for n in required if n not in sess.get_providers()]
