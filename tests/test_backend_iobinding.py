@@ -203,7 +203,9 @@ def test_stream_becomes_the_cuda_providers_user_compute_stream(monkeypatch):
         CUDA, {"device_id": 0, **fp32, **on, "user_compute_stream": "7"})
     # ORT takes a device's streams from its first provider: TensorRT computes on the stream too
     # (its option parser has no has_user_compute_stream)
-    assert ortb.resolve_providers("tensorrt", stream=7)[0] == (TRT, {"device_id": 0, "user_compute_stream": "7"})
+    trt_opts = ortb.resolve_providers("tensorrt", stream=7)[0][1]
+    assert ortb.resolve_providers("tensorrt", stream=7)[0][0] == TRT and trt_opts["user_compute_stream"] == "7"
+    assert "has_user_compute_stream" not in trt_opts
     with pytest.raises(ValueError, match="only the CUDA provider.*providers='cuda'"):
         ortb.resolve_providers("cpu", stream=7)
     with pytest.raises(ValueError, match="stream 0 .*legacy default stream"):
@@ -220,7 +222,8 @@ def test_provider_choices(monkeypatch):
     assert ortb.resolve_providers("cpu") == [CPU]
     fp32 = {"use_tf32": "0"}   # the CUDA provider pydiff picks: TF32 off (the CPU provider's images)
     assert ortb.resolve_providers("cuda", device_id=2) == [(CUDA, {"device_id": 2, **fp32}), CPU]
-    assert ortb.resolve_providers("TensorRT") == [(TRT, {"device_id": 0}), (CUDA, {"device_id": 0, **fp32}), CPU]
+    trt = ortb.resolve_providers("TensorRT")   # its engine-cache options: test_ort_tensorrt_engines_are_cached
+    assert trt[0][0] == TRT and trt[0][1]["device_id"] == 0 and trt[1:] == [(CUDA, {"device_id": 0, **fp32}), CPU]
     assert ortb.resolve_providers("auto") == [(CUDA, {"device_id": 0, **fp32}), CPU]
     assert ortb.resolve_providers(None) == [(CUDA, {"device_id": 0, **fp32}), CPU]
     assert ortb.resolve_providers([CPU]) == [CPU]
@@ -253,6 +256,16 @@ def test_cli_provider_flag(tmp_path, capsys):
         assert cli.main(args + ["--provider", "cuda"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "pip install onnxruntime-gpu" in err[0], err
+
+
+def test_ort_tensorrt_engines_are_cached(monkeypatch, tmp_path):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [TRT, CUDA, CPU])
+    monkeypatch.setenv("PYDIFF_TRT_CACHE", str(tmp_path))
+    trt, cuda, cpu = ortb.resolve_providers("tensorrt")
+    # ORT's Python parser takes "True"/"False" for TensorRT's booleans (not "1")
+    assert trt == (TRT, {"device_id": 0, "trt_engine_cache_enable": "True",
+                         "trt_engine_cache_path": str(tmp_path / "ort")})
+    assert cuda == (CUDA, {"device_id": 0, "use_tf32": "0"}) and cpu == CPU
 
 
 def test_a_gpu_provider_that_does_not_start_is_not_a_silent_cpu_run(monkeypatch):

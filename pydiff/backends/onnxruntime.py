@@ -34,6 +34,18 @@ CUDA_DEFAULT_OPTIONS = {"use_tf32": "0"}
 _ORT_TYPES = {np.float32: "tensor(float)", np.int64: "tensor(int64)"}
 
 
+def _default_options(provider: str) -> dict:
+    """Options of a provider pydiff picks: TF32 off on CUDA; TensorRT's engines cached on disk
+    (else ORT rebuilds them in every process), next to the tensorrt backend's."""
+    if provider == CUDA:
+        return dict(CUDA_DEFAULT_OPTIONS)
+    if provider == TENSORRT:
+        from .tensorrt import cache_dir
+
+        return {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache_dir() / "ort")}
+    return {}
+
+
 def default_providers() -> list:
     """CUDA first (TF32 off) where this onnxruntime build has it, CPU always as the fallback."""
     import onnxruntime as ort
@@ -87,8 +99,7 @@ def resolve_providers(providers=None, device_id: int = 0, stream=None) -> list:
             raise ValueError(f"unknown provider {providers!r}; choose one of "
                              f"{['auto', *PROVIDER_CHOICES]} or a list of ONNX Runtime provider names")
         names = PROVIDER_CHOICES[key]
-        chosen = [p if p == CPU else (p, {"device_id": device_id, **(CUDA_DEFAULT_OPTIONS if p == CUDA else {})})
-                  for p in names]
+        chosen = [p if p == CPU else (p, {"device_id": device_id, **_default_options(p)}) for p in names]
     else:
         chosen = list(providers)
         names = [p if isinstance(p, str) else p[0] for p in chosen]
