@@ -87,6 +87,7 @@ class Stage:
     low_res_resolution: int | None = None  # super-resolution stages only
     noise_aug_scheduler: Mapping[str, Any] | None = None
     noise_aug_level: int | None = None
+    noise_aug_max_level: int | None = None   # the highest level training drew (level <= it)
 
     @property
     def is_super_resolution(self) -> bool:
@@ -358,13 +359,17 @@ def _parse_stage(ctx: _Ctx, raw: Any, i: int, text_encoder: TextEncoderSpec | No
     scheduler.setdefault("prediction_type", prediction_type)
     recommended = _recommended(ctx, raw, where)
 
-    low_res_resolution = aug_sched = aug_level = None
+    low_res_resolution = aug_sched = aug_level = aug_max = None
     if "low_res" in inputs:
         low_res_resolution = _int(ctx, raw, "low_res_resolution", where, 1, MAX_RESOLUTION)
         aug = _obj(ctx, raw, "noise_aug", where)
         aug_sched = _scheduler(ctx, aug, "scheduler", f"{where}.noise_aug")
         t_max = int(aug_sched.get("num_train_timesteps", 1000))
-        aug_level = _int(ctx, aug, "level", f"{where}.noise_aug", 0, t_max - 1)
+        # training drew levels from [0, max_level]: a level above it was never seen (optional,
+        # default: the whole schedule)
+        aug_max = _int(ctx, aug, "max_level", f"{where}.noise_aug", 0, t_max - 1, required=False,
+                       default=t_max - 1)
+        aug_level = _int(ctx, aug, "level", f"{where}.noise_aug", 0, aug_max)
         if previous is not None:
             if low_res_resolution != previous.resolution:
                 raise ctx.error(f"{where}.low_res_resolution",
@@ -384,7 +389,7 @@ def _parse_stage(ctx: _Ctx, raw: Any, i: int, text_encoder: TextEncoderSpec | No
                  conditioning=conditioning, num_classes=num_classes, inputs=inputs, output=output,
                  prediction_type=prediction_type, scheduler=scheduler, recommended=recommended,
                  low_res_resolution=low_res_resolution, noise_aug_scheduler=aug_sched,
-                 noise_aug_level=aug_level)
+                 noise_aug_level=aug_level, noise_aug_max_level=aug_max)
 
 
 def _parse_guidance_model(ctx: _Ctx, raw: Any, i: int, stages: list[Stage]) -> GuidanceModelSpec:

@@ -93,6 +93,9 @@ def test_corrupt_manifest(pkg, text, frag):
     (lambda m: m["stages"][1].update(name="base"), ["stages[1].name", "duplicate"]),
     (lambda m: m["stages"][1].update(low_res_resolution=4), ["stages[1].low_res_resolution"]),
     (lambda m: m["stages"][1]["noise_aug"].update(level=5000), ["stages[1].noise_aug.level"]),
+    (lambda m: m["stages"][1]["noise_aug"].update(level=300, max_level=250),   # never trained on
+     ["stages[1].noise_aug.level", "0..250"]),
+    (lambda m: m["stages"][1]["noise_aug"].update(max_level=1000), ["stages[1].noise_aug.max_level"]),
     (lambda m: m["stages"][1].pop("noise_aug"), ["stages[1].noise_aug", "missing"]),
     (lambda m: m["stages"][0]["recommended"].update(steps=0), ["stages[0].recommended.steps"]),
     (lambda m: m["stages"][0]["recommended"].update(guidance_scale="x"),

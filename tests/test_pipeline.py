@@ -479,3 +479,22 @@ def test_bundled_shapes_red_circle_on_blue(tmp_path):
     assert main(["generate", "a red circle on a blue background", "--out", str(out), "-q",
                  "--seed", "0"]) == 0
     assert out.is_file()
+
+
+def test_a_noise_augmentation_level_above_the_trained_one_is_refused():
+    import pydiff
+
+    pipe = pydiff.load()           # the bundled shapes cascade: sr64 was trained on levels 0..250 (its manifest's max_level)
+    assert pipe.package.stage("sr64").noise_aug_max_level == 250
+    with pytest.raises(ValueError, match=r"0\.\.250 \(the levels stage 'sr64' was trained on\), got 600"):
+        pipe.plan(prompt="red", noise_aug_level=600)
+    pipe.plan(prompt="red", noise_aug_level=250)
+
+
+def test_resize_by_an_integer_factor_is_the_area_mean_of_training():
+    from pydiff import imageio
+    from pydiff.data.shapes import area_resize
+
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32)
+    np.testing.assert_allclose(imageio.resize(x, 16), area_resize(x, 16), atol=1e-6)
+    assert imageio.resize(x, 24).shape == (2, 3, 24, 24)   # not a divisor: bicubic

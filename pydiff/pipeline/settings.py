@@ -155,9 +155,11 @@ def resolve(package: Package, stages: list[Stage], *, n_prompts: int, num_images
         if st.is_super_resolution:
             lvl = aug_[n] if aug_[n] is not None else st.noise_aug_level
             T_aug = int(st.noise_aug_scheduler.get("num_train_timesteps", 1000))
-            if isinstance(lvl, bool) or not isinstance(lvl, (int, np.integer)) or not 0 <= lvl < T_aug:
+            top = T_aug - 1 if st.noise_aug_max_level is None else st.noise_aug_max_level
+            if isinstance(lvl, bool) or not isinstance(lvl, (int, np.integer)) or not 0 <= lvl <= top:
+                trained = "" if top == T_aug - 1 else f" (the levels stage {n!r} was trained on)"
                 raise ValueError(f"noise_aug_level for stage {n!r} must be an integer in "
-                                 f"0..{T_aug - 1}, got {lvl!r}")
+                                 f"0..{top}{trained}, got {lvl!r}")
             lvl = int(lvl)
         elif isinstance(noise_aug_level, Mapping) and noise_aug_level.get(n) is not None:
             raise ValueError(f"noise_aug_level: stage {n!r} is not a super-resolution stage")
