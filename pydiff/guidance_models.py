@@ -102,7 +102,10 @@ class ClassifierGuidance:
         """fn(x_t, t) -> scale * grad_x log p(labels | x_t, t), for pydiff.sample(guidance_fn=...).
 
         labels int [B]; scale a number or [B] per-sample scales (Dhariwal & Nichol's s)."""
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        labels = np.asarray(labels)
+        if labels.dtype.kind not in "iu":   # before any cast: 2.9 must not become 2
+            raise TypeError(f"class labels must be integers, got {labels.dtype}")
+        labels = labels.astype(np.int64).reshape(-1)
 
         def fn(x, t):
             B = x.shape[0]

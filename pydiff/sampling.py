@@ -59,8 +59,9 @@ def sample(model: Callable[..., Any], x_T, *, schedule: Schedule, sampler: str =
     start_step: skip the first timesteps (SDEdit / img2img starts part-way).
     guidance_fn(x_t, t): guidance by separate models (classifier, CLIP, your own), see pydiff.guidance:
     it returns a scaled gradient of log p(y | x_t), an EpsCorrection, or a list of them.
-    use_clipped_model_output: re-derive eps from the thresholded x0 (DDIM; GLIDE's convention). None:
-    on with a guidance_fn (a guided eps beside a clipped x0 undoes the guidance: digits, DDIM + dynamic
+    use_clipped_model_output: re-derive eps from the thresholded x0 (DDIM, DPM-Solver++). Guidance
+    is added to eps before the threshold (as classifier-free guidance; guided-diffusion clips first
+    and adds the guidance after). None: on with a guidance_fn (a guided eps beside a clipped x0 undoes the guidance: digits, DDIM + dynamic
     thresholding, classifier scale 5: accuracy 0.11 without, 0.70 with), off otherwise (diffusers).
     threshold_overrides: thresholding, dynamic_thresholding_ratio, sample_max_value, clip_sample,
     clip_sample_range (diffusers' meaning), overriding the schedule's.

@@ -15,14 +15,25 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
-# Keys of diffusers' DDPM / DDIM / DPM-Solver configs that mean nothing to pydiff's samplers but
-# are harmless: ignored without a warning.
-_KNOWN_IGNORED = {
-    "_class_name", "_diffusers_version", "set_alpha_to_one", "skip_prk_steps", "solver_order",
-    "algorithm_type", "solver_type", "lower_order_final", "euler_at_final", "final_sigmas_type",
-    "use_karras_sigmas", "lambda_min_clipped", "variance_type_", "rescale_betas_zero_snr",
-    "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas",
+# Keys of diffusers' DDPM / DDIM / DPM-Solver configs that change nothing in pydiff's samplers:
+# ignored without a warning. (lower_order_final: with the final step to sigma 0, as here, diffusers'
+# 2M takes a first-order last step whatever it says.)
+_KNOWN_IGNORED = {"_class_name", "_diffusers_version", "skip_prk_steps", "lower_order_final",
+                  "flow_shift", "time_shift_type"}   # the last two: only with flow sigmas / shifting
+# Keys that change the math, with the values pydiff implements (diffusers' defaults; None, which
+# diffusers writes for "default", too). Any other value is a ScheduleError, not a silently different
+# sampler.
+_SUPPORTED_ONLY = {
+    "algorithm_type": ("dpmsolver++",), "solver_order": (2,), "solver_type": ("midpoint",),
+    "final_sigmas_type": ("zero",), "euler_at_final": (False,), "lambda_min_clipped": (-math.inf,),
+    "rescale_betas_zero_snr": (False,), "use_karras_sigmas": (False,), "use_lu_lambdas": (False,),
+    "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,), "use_flow_sigmas": (False,),
+    "use_dynamic_shifting": (False,),
 }
+# diffusers' "_log" variance types have the same standard deviation (exp(log(v) / 2) = sqrt(v))
+_VARIANCE_ALIASES = {"fixed_small_log": "fixed_small", "fixed_large_log": "fixed_large"}
+# diffusers schedulers with no clip_sample: their configs must not get DDPM's default (True)
+_NO_CLIP_CLASSES = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler")
 
 
 class ScheduleError(ValueError):
@@ -119,9 +130,19 @@ class Schedule:
         unknown = []
         for key, value in config.items():
             if key in fields:
+                if value is None and key != "trained_betas":
+                    continue   # diffusers writes None for "the default"
+                if key == "variance_type":
+                    value = _VARIANCE_ALIASES.get(value, value)
                 kwargs[key] = _check_type(key, value, fields[key].default)
+            elif key in _SUPPORTED_ONLY:
+                if value is not None and value not in _SUPPORTED_ONLY[key]:
+                    raise ScheduleError(f"{key}={value!r} is not implemented by pydiff's samplers "
+                                        f"(supported: {', '.join(map(repr, _SUPPORTED_ONLY[key]))})")
             elif key not in _KNOWN_IGNORED and not key.startswith("_"):
                 unknown.append(key)
+        if config.get("_class_name") in _NO_CLIP_CLASSES and config.get("clip_sample") is None:
+            kwargs["clip_sample"] = False
         if unknown:
             warnings.warn(f"scheduler config keys ignored by pydiff: {', '.join(sorted(unknown))}", stacklevel=2)
         return cls(**kwargs)

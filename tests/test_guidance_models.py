@@ -156,6 +156,20 @@ def test_manifest_entry_and_validation(tmp_path):
             load_package(d)
 
 
+def test_float_class_labels_are_refused_not_truncated():
+    from pydiff.guidance_models import ClassifierGuidance
+    from pydiff.package import load_package
+
+    (spec,) = load_package(DIGITS).guidance_models
+    gm = ClassifierGuidance(spec.onnx, num_classes=spec.num_classes)
+    x = np.zeros((2, 1, 8, 8), np.float32)
+    with pytest.raises(TypeError, match="class labels must be integers, got float64"):
+        gm.guidance_fn([2.9, -0.5])
+    with pytest.raises(TypeError, match="class labels must be integers"):
+        gm.gradient(x, np.full(2, 500.0, np.float32), np.array([2.9, 1.0]))
+    assert gm.guidance_fn(np.array([2, 3], np.int32))(x, np.full(2, 500.0, np.float32)).shape == x.shape
+
+
 def test_pipeline_rejects_bad_guidance_calls():
     import pydiff.pipeline as P
 

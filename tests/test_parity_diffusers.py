@@ -139,3 +139,48 @@ def test_abs_quantile_equals_torch_quantile_exactly():
             want = torch.quantile(torch.from_numpy(np.abs(x)), q, dim=1).numpy()
             got = pydiff.ops.abs_quantile(x, q)
             assert np.array_equal(got, want), (n, q, got, want)
+
+
+@pytest.mark.parametrize("cls", ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"])
+def test_stock_diffusers_configs_import_and_sample_as_diffusers(cls, tmp_path):
+    # a config as diffusers saves it (nulls for "default", DPM's keys); no warning, same loop
+    import warnings
+
+    sched = getattr(diffusers, cls)(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    sched.save_config(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = pydiff.Schedule.from_config(tmp_path / "scheduler_config.json")
+    sampler = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim"}.get(cls, "dpmpp_2m")
+    # diffusers' DPM-Solver has no clip_sample; its config must not get DDPM's clipping default
+    assert s.clip_sample is (sampler != "dpmpp_2m")
+    x_T = np.random.default_rng(3).standard_normal(SHAPE).astype(np.float32)
+    cfg = {k: v for k, v in sched.config.items() if not k.startswith("_")}
+    want = diffusers_loop(sampler, {k: cfg[k] for k in ("beta_schedule", "prediction_type", "clip_sample")
+                                    if k in cfg}, x_T)
+    gen = torch.Generator().manual_seed(0)   # diffusers_loop's DDPM noise, drawn the same way
+    got = pydiff.sample(toy_model, x_T, schedule=s, sampler=sampler, steps=STEPS,
+                        noise=lambda i, shape: torch.randn(shape, generator=gen).numpy())
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("key,value", [("final_sigmas_type", "sigma_min"), ("solver_type", "heun"),
+                                       ("rescale_betas_zero_snr", True), ("use_karras_sigmas", True),
+                                       ("algorithm_type", "dpmsolver"), ("solver_order", 3)])
+def test_config_keys_that_change_the_math_are_refused(key, value):
+    cfg = {k: v for k, v in diffusers.DPMSolverMultistepScheduler().config.items()}
+    cfg[key] = value
+    with pytest.raises(pydiff.ScheduleError, match=f"{key}={value!r} is not implemented"):
+        pydiff.Schedule.from_config(cfg)
+
+
+def test_log_variance_types_are_their_plain_twins():
+    for name, plain in (("fixed_small_log", "fixed_small"), ("fixed_large_log", "fixed_large")):
+        assert pydiff.Schedule.from_config({"variance_type": name}).variance_type == plain
+
+
+def test_ddim_eta_above_one_that_overflows_is_refused():
+    s = pydiff.Schedule()
+    pydiff.make_sampler("ddim", s, 10, eta=1.0)
+    with pytest.raises(ValueError, match="eta=2: the noise .* exceeds"):
+        pydiff.make_sampler("ddim", s, 10, eta=2.0)
