@@ -1,9 +1,11 @@
 """Per-step cost of pydiff's fused native step against the NumPy reference and diffusers.
 
 One denoising step = classifier-free guidance mix + the sampler's update (+ dynamic thresholding),
-on the same inputs, measured side by side in one run (medians). Also the bandwidth floor: the
-bytes the fused step must move (x, eps_cond, eps_uncond in; x_prev out; plus the x0 state for DPM++)
-at the copy bandwidth measured in the same run for arrays of that size.
+on the same inputs, measured side by side in one run: pydiff and diffusers alternate over rounds,
+and the speed-up is the median of the rounds' ratios (with its range). Both sides allocate their
+output every step, as a sampling loop does. Also the bandwidth floor: a copy that moves as many
+bytes as the fused step must (x, eps_cond, eps_uncond in; x_prev out; plus the x0 state for DPM++),
+timed at the same thread count (torch's copy_; NumPy's single-threaded copy without torch).
 
     python benchmarks/bench_step.py                 # table on stdout
     python benchmarks/bench_step.py --json out.json
@@ -39,11 +41,28 @@ def median_time(fn, repeat: int, warmup: int = 3) -> float:
     return statistics.median(ts)
 
 
-def copy_bandwidth(nbytes: int, repeat: int) -> float:
-    a = np.ones(nbytes // 4, np.float32)
+def floor_time(n_moved: int, threads: int, repeat: int, torch=None) -> float:
+    """Seconds to copy n_moved / 2 floats (n_moved floats read + written: the step's traffic)."""
+    half = n_moved // 2
+    if torch is not None:
+        torch.set_num_threads(threads)
+        a, b = torch.ones(half), torch.empty(half)
+        return median_time(lambda: b.copy_(a), repeat)
+    a = np.ones(half, np.float32)
     b = np.empty_like(a)
-    t = median_time(lambda: np.copyto(b, a), repeat)
-    return 2 * nbytes / t  # read + write
+    return median_time(lambda: np.copyto(b, a), repeat)
+
+
+def interleaved(fns: dict, rounds: int, per_round: int) -> dict:
+    """Per-round median seconds of each callable, the callables alternating round by round."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    out = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            out[k].append(median_time(fn, per_round, warmup=0))
+    return out
 
 
 def realistic_inputs(shape, alpha: float, sigma: float):
@@ -95,7 +114,8 @@ def make_diffusers_step(sampler, sched_cfg, shape, alpha, sigma, torch, diffuser
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="also write the results to this JSON file")
-    ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--repeat", type=int, default=30, help="timed calls per side, over --rounds rounds")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--shapes", default=None, help="e.g. 16x3x64x64,4x3x256x256")
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) NumPy reference")
@@ -113,9 +133,9 @@ def main(argv=None):
         print("(diffusers/torch not installed: their columns are skipped)")
 
     rows = []
+    per_round = max(3, args.repeat // args.rounds)
     for shape in shapes:
         n = int(np.prod(shape))
-        bw = copy_bandwidth(4 * n, args.repeat)
         for thr in (False, True):
             sched = schedule_for(thr)
             for sampler in SAMPLERS:
@@ -125,29 +145,33 @@ def main(argv=None):
                 # x, eps_cond, eps_uncond in and x_prev out (+ x0_prev in, x0 out for DPM++); dynamic
                 # thresholding reads the inputs again, which the floor does not count.
                 arrays = 4 + (2 if sampler == "dpmpp_2m" else 0)
-                floor = arrays * 4 * n / bw
                 prev = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-                x0_out = np.empty_like(x)
-                out = np.empty_like(x)
                 p = ops.step_params(**fields)
-                kw = dict(guidance_scale=GUIDANCE, out=out)
+                kw = dict(guidance_scale=GUIDANCE)   # out=None: a new output each step, as diffusers
                 if sampler == "dpmpp_2m":
-                    kw.update(x0_prev=prev, x0_out=x0_out)
+                    kw.update(x0_prev=prev)
                 thresholds = np.empty(shape[0], np.float32)
                 ops.fused_step(x, both, p, guidance_scale=GUIDANCE, thresholds=thresholds,
                                **({"x0_prev": prev} if sampler == "dpmpp_2m" else {}))
                 selected = float(np.mean((thresholds > 1) & (thresholds < 1.5))) if thr else 0.0
                 for nt in args.threads:
                     ops.set_num_threads(nt)
-                    t_native = median_time(lambda: ops.fused_step(x, both, p, **kw), args.repeat)
-                    row = dict(shape="x".join(map(str, shape)), sampler=sampler,
-                               thresholding="dynamic" if thr else "off", threads=nt, pydiff_ms=t_native * 1e3,
-                               floor_ms=floor * 1e3, copy_GBps=bw / 1e9, selected_fraction=selected)
+                    floor = floor_time(arrays * n, nt, args.repeat, torch)
+                    fns = {"pydiff": lambda: ops.fused_step(x, both, p, **kw)}
                     if torch is not None:
                         torch.set_num_threads(nt)
-                        step = make_diffusers_step(sampler, sched, shape, fields["alpha"], fields["sigma"], torch, diffusers)
-                        row["diffusers_ms"] = median_time(step, args.repeat) * 1e3
-                        row["speedup_vs_diffusers"] = row["diffusers_ms"] / row["pydiff_ms"]
+                        fns["diffusers"] = make_diffusers_step(sampler, sched, shape, fields["alpha"], fields["sigma"],
+                                                               torch, diffusers)
+                    times = interleaved(fns, args.rounds, per_round)
+                    row = dict(shape="x".join(map(str, shape)), sampler=sampler,
+                               thresholding="dynamic" if thr else "off", threads=nt,
+                               pydiff_ms=statistics.median(times["pydiff"]) * 1e3, floor_ms=floor * 1e3,
+                               copy_GBps=arrays * 4 * n / floor / 1e9, selected_fraction=selected)
+                    if torch is not None:
+                        ratios = [d / q for d, q in zip(times["diffusers"], times["pydiff"])]
+                        row["diffusers_ms"] = statistics.median(times["diffusers"]) * 1e3
+                        row["speedup_vs_diffusers"] = statistics.median(ratios)
+                        row["speedup_range"] = [min(ratios), max(ratios)]
                     if not args.no_reference and nt == args.threads[0]:
                         ref = lambda: reference.fused_step(x, both, fields, guided=True, guidance_scale=GUIDANCE,  # noqa: E731
                                                            x0_prev=prev if sampler == "dpmpp_2m" else None)
@@ -159,6 +183,8 @@ def main(argv=None):
     if args.json:
         meta = dict(machine=platform.processor() or platform.machine(), python=platform.python_version(),
                     pydiff=pydiff.__version__, guidance=GUIDANCE, steps=STEPS, step_index=STEP_INDEX,
+                    repeat=args.repeat, rounds=args.rounds, floor="torch copy_ at the row's threads"
+                    if torch is not None else "numpy copyto, 1 thread",
                     diffusers=getattr(diffusers, "__version__", None), torch=getattr(torch, "__version__", None))
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
@@ -173,16 +199,23 @@ def markdown_table(path) -> str:
     for r in rows:
         by.setdefault((r["shape"], r["sampler"], r["thresholding"]), {})[r["threads"]] = r
     out = ["| shape | sampler | thresholding | pydiff 1 thr | pydiff 2 thr | diffusers 2 thr | speed-up (2 thr) "
-           "| bandwidth floor | pydiff / floor (2 thr) | NumPy reference |",
+           "| floor (2 thr) | pydiff / floor (2 thr) | NumPy reference |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for (shape, sampler, thr), t in by.items():
         one, two = t.get(1, {}), t.get(2, {})
         sel = f" ({one['selected_fraction']:.0%} selected)" if thr == "dynamic" and one else ""
         out.append(f"| {shape} | {sampler} | {thr}{sel} | {one.get('pydiff_ms', float('nan')):.3f} ms "
                    f"| {two.get('pydiff_ms', float('nan')):.3f} ms | {two.get('diffusers_ms', float('nan')):.3f} ms "
-                   f"| {two.get('speedup_vs_diffusers', float('nan')):.1f}x | {two.get('floor_ms', float('nan')):.3f} ms "
+                   f"| {_speedup(two)} | {two.get('floor_ms', float('nan')):.3f} ms "
                    f"| {two.get('x_floor', float('nan')):.2f}x | {one.get('numpy_ms', float('nan')):.2f} ms |")
     return "\n".join(out)
+
+
+def _speedup(r) -> str:
+    if "speedup_vs_diffusers" not in r:
+        return "n/a"
+    lo, hi = r.get("speedup_range", [r["speedup_vs_diffusers"]] * 2)
+    return f"{r['speedup_vs_diffusers']:.1f}x ({lo:.1f}-{hi:.1f})"
 
 
 def _fmt(r):

@@ -88,6 +88,9 @@ class Stage:
     noise_aug_scheduler: Mapping[str, Any] | None = None
     noise_aug_level: int | None = None
     noise_aug_max_level: int | None = None   # the highest level training drew (level <= it)
+    # class stages: the label num_classes means "no class" (trained with condition dropout); False
+    # for networks without one (most diffusers class-conditional UNets): no classifier-free guidance
+    unconditional_class: bool = True
 
     @property
     def is_super_resolution(self) -> bool:
@@ -344,6 +347,11 @@ def _parse_stage(ctx: _Ctx, raw: Any, i: int, text_encoder: TextEncoderSpec | No
     if (conditioning == "class") != ("class_labels" in inputs):
         raise ctx.error(f"{where}.inputs", 'conditioning "class" and the input "class_labels" go '
                                            'together')
+    unconditional_class = _get(ctx, raw, "unconditional_class", where, required=False, default=True)
+    if not isinstance(unconditional_class, bool):
+        raise ctx.error(f"{where}.unconditional_class", f"expected true or false, got {unconditional_class!r}")
+    if not unconditional_class and conditioning != "class":
+        raise ctx.error(f"{where}.unconditional_class", 'only a "class" stage can lack it')
     if ("mask" in inputs) != ("masked_image" in inputs):
         raise ctx.error(f"{where}.inputs", '"mask" and "masked_image" go together')
     if ("noise_level" in inputs) and ("low_res" not in inputs):
@@ -389,7 +397,8 @@ def _parse_stage(ctx: _Ctx, raw: Any, i: int, text_encoder: TextEncoderSpec | No
                  conditioning=conditioning, num_classes=num_classes, inputs=inputs, output=output,
                  prediction_type=prediction_type, scheduler=scheduler, recommended=recommended,
                  low_res_resolution=low_res_resolution, noise_aug_scheduler=aug_sched,
-                 noise_aug_level=aug_level, noise_aug_max_level=aug_max)
+                 noise_aug_level=aug_level, noise_aug_max_level=aug_max,
+                 unconditional_class=unconditional_class)
 
 
 def _parse_guidance_model(ctx: _Ctx, raw: Any, i: int, stages: list[Stage]) -> GuidanceModelSpec:

@@ -32,8 +32,10 @@ _SUPPORTED_ONLY = {
 }
 # diffusers' "_log" variance types have the same standard deviation (exp(log(v) / 2) = sqrt(v))
 _VARIANCE_ALIASES = {"fixed_small_log": "fixed_small", "fixed_large_log": "fixed_large"}
-# diffusers schedulers with no clip_sample: their configs must not get DDPM's default (True)
-_NO_CLIP_CLASSES = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler")
+# diffusers' defaults that differ from DDPMScheduler's (pydiff's), by the config's _class_name:
+# DPM-Solver has no clip_sample and spaces its timesteps by linspace
+_CLASS_DEFAULTS = {"DPMSolverMultistepScheduler": {"clip_sample": False, "timestep_spacing": "linspace"},
+                   "DPMSolverSinglestepScheduler": {"clip_sample": False}}
 
 
 class ScheduleError(ValueError):
@@ -141,8 +143,9 @@ class Schedule:
                                         f"(supported: {', '.join(map(repr, _SUPPORTED_ONLY[key]))})")
             elif key not in _KNOWN_IGNORED and not key.startswith("_"):
                 unknown.append(key)
-        if config.get("_class_name") in _NO_CLIP_CLASSES and config.get("clip_sample") is None:
-            kwargs["clip_sample"] = False
+        for key, value in _CLASS_DEFAULTS.get(config.get("_class_name"), {}).items():
+            if config.get(key) is None:
+                kwargs[key] = value
         if unknown:
             warnings.warn(f"scheduler config keys ignored by pydiff: {', '.join(sorted(unknown))}", stacklevel=2)
         return cls(**kwargs)

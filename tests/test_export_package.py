@@ -137,8 +137,24 @@ def test_import_diffusers_unet2d_class(tmp_path):
     from pydiff.exporting.static_shapes import count_shape_ops
     assert count_shape_ops(onnx.load(str(tmp_path / "pkg" / "unet.onnx"))) == 0  # only batch dynamic
     st = load_package(tmp_path / "pkg").stages[0]
-    assert st.conditioning == "class" and st.num_classes == 4 and st.prediction_type == "v_prediction"
+    # diffusers trains no "no class" label: all 5 are real classes, and there is no CFG
+    assert st.conditioning == "class" and st.num_classes == 5 and st.prediction_type == "v_prediction"
+    assert st.unconditional_class is False and st.recommended["guidance_scale"] == 1.0
     assert st.scheduler["beta_schedule"] == "linear"
+    assert st.recommended["thresholding"] == "static"   # DDPMScheduler's clip_sample default
+    from pydiff.pipeline import load
+
+    pipe = load(tmp_path / "pkg")
+    with pytest.raises(ValueError, match="no unconditional class.*give class_label"):
+        pipe.plan()
+    with pytest.raises(ValueError, match="no classifier-free guidance: use guidance_scale=1.0"):
+        pipe.plan(class_label=4, guidance_scale=3.0)
+    img = pipe.generate(class_label=[4, 0], steps=2, output_type="numpy", progress=False)
+    assert img.shape == (2, 8, 8, 3) and np.isfinite(img).all()
+    # a model trained with a null class (condition dropout) at the last index: opt in
+    import_diffusers(tmp_path / "unet", tmp_path / "pkg_null", null_class=True)
+    st = load_package(tmp_path / "pkg_null").stages[0]
+    assert st.num_classes == 4 and st.unconditional_class is True and st.recommended["guidance_scale"] == 3.0
 
 
 def test_import_diffusers_condition_from_config(tmp_path, tiny_text_encoder):
@@ -155,11 +171,18 @@ def test_import_diffusers_condition_from_config(tmp_path, tiny_text_encoder):
         attention_head_dim=8).config)
     cfg["_class_name"] = "UNet2DConditionModel"
     (tmp_path / "config.json").write_text(json.dumps(cfg, default=list))
-    rep = import_diffusers(tmp_path / "config.json", tmp_path / "pkg", text_encoder=tiny_text_encoder,
-                           max_length=6)
+    with pytest.warns(UserWarning, match="in_channels 4: .*latent model"):
+        rep = import_diffusers(tmp_path / "config.json", tmp_path / "pkg", text_encoder=tiny_text_encoder,
+                               max_length=6)
     assert rep["max_abs_err"] <= 1e-4 and rep["conditioning"] == "text"
     pkg = load_package(tmp_path / "pkg")
     assert pkg.text_encoder.hidden_size == 32
+    # diffusers' SD / IF pipelines never pass the mask: nor does the package, unless asked
+    assert pkg.stages[0].inputs == ("sample", "timestep", "encoder_hidden_states")
+    with pytest.warns(UserWarning):
+        import_diffusers(tmp_path / "config.json", tmp_path / "pkg_mask", text_encoder=tiny_text_encoder,
+                         max_length=6, attention_mask=True)
+    assert "encoder_attention_mask" in load_package(tmp_path / "pkg_mask").stages[0].inputs
     img = load(tmp_path / "pkg").generate("a red circle", steps=2, output_type="numpy", progress=False)
     assert img.shape == (1, 8, 8, 4) and np.isfinite(img).all()
 
@@ -196,3 +219,58 @@ def test_bundled_manifest_matches_onnx(name):
     assert (root / "TRAINING.md").is_file()
     text = (root / "TRAINING.md").read_text()
     assert "python -m pydiff.training train" in text and "final loss" in text
+
+
+def test_import_refuses_what_pydiff_cannot_run(tmp_path):
+    pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from pydiff.exporting.diffusers_import import import_diffusers
+
+    base = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                norm_num_groups=8)
+    for i, (change, msg) in enumerate([
+            (dict(time_embedding_type="fourier"), "time_embedding_type 'fourier'"),
+            (dict(class_embed_type="timestep"), "class_embed_type 'timestep'"),
+            (dict(sample_size=(8, 16)), "square images")]):
+        m = diffusers.UNet2DModel(**{**base, **change})
+        folder = tmp_path / f"m{i}"
+        m.save_pretrained(folder)
+        with pytest.raises(ValueError, match=msg):
+            import_diffusers(folder, tmp_path / f"p{i}")
+    # a folder whose weights are missing is not a randomly initialised model
+    m = diffusers.UNet2DModel(**base)
+    m.save_pretrained(tmp_path / "w")
+    (tmp_path / "w" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ValueError, match="no diffusion_pytorch_model.*safetensors weights"):
+        import_diffusers(tmp_path / "w", tmp_path / "pw")
+    # sharded and fp16-variant weights are found
+    m.save_pretrained(tmp_path / "sh", max_shard_size="20KB")
+    assert list((tmp_path / "sh").glob("*.index.json"))
+    import_diffusers(tmp_path / "sh", tmp_path / "psh")
+    m.save_pretrained(tmp_path / "v", variant="fp16")
+    import_diffusers(tmp_path / "v", tmp_path / "pv")
+    assert not list(tmp_path.glob("p[0-9]"))     # nothing half-written for the refused ones
+
+
+def test_a_scheduler_pydiff_cannot_sample_is_refused_at_import(tmp_path):
+    pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from pydiff.exporting.diffusers_import import import_diffusers
+    from pydiff.schedules import ScheduleError
+
+    m = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+                              layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                              up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    m.save_pretrained(tmp_path / "unet")
+    (tmp_path / "scheduler").mkdir()
+    diffusers.DDIMScheduler(rescale_betas_zero_snr=True).save_config(tmp_path / "scheduler")
+    with pytest.raises(ScheduleError, match="rescale_betas_zero_snr=True is not implemented"):
+        import_diffusers(tmp_path / "unet", tmp_path / "pkg")
+    diffusers.DPMSolverMultistepScheduler().save_config(tmp_path / "scheduler")
+    import_diffusers(tmp_path / "unet", tmp_path / "pkg")
+    from pydiff.package import load_package
+
+    st = load_package(tmp_path / "pkg").stages[0]
+    # DPM-Solver's defaults, not DDPM's: linspace spacing, no clipping
+    assert st.scheduler["timestep_spacing"] == "linspace" and st.recommended["thresholding"] == "none"

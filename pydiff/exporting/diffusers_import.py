@@ -13,11 +13,12 @@ from pathlib import Path
 from .onnx_export import export_stage_onnx
 from .package import write_package_atomic
 
-# scheduler_config.json keys that the package's `scheduler` entry carries over.
+# scheduler_config.json keys that the package's `scheduler` entry carries over (after
+# Schedule.from_config has checked the whole config and filled diffusers' class defaults).
 SCHEDULER_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
                   "timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range",
                   "thresholding", "dynamic_thresholding_ratio", "sample_max_value", "trained_betas",
-                  "rescale_betas_zero_snr", "set_alpha_to_one")
+                  "set_alpha_to_one")
 
 
 def _load_unet(model: str | Path):
@@ -31,58 +32,116 @@ def _load_unet(model: str | Path):
     if cls_name not in ("UNet2DModel", "UNet2DConditionModel"):
         raise ValueError(f"{cfg_path}: _class_name {cls_name!r} is not UNet2DModel or UNet2DConditionModel")
     cls = getattr(diffusers, cls_name)
-    has_weights = model.is_dir() and any(
-        (model / f).exists() for f in ("diffusion_pytorch_model.safetensors",
-                                       "diffusion_pytorch_model.fp16.safetensors"))
-    if has_weights:
-        # safetensors only: never unpickle a .bin checkpoint.
-        net = cls.from_pretrained(str(model), use_safetensors=True)
-    elif model.is_dir() and (model / "diffusion_pytorch_model.bin").exists():
-        raise ValueError(f"{model}: only safetensors weights are imported (found a pickle .bin file)")
-    else:
-        net = cls.from_config(config)  # built from the config: random initialisation
+    if model.is_file():
+        return cls.from_config(config).eval().float(), dict(config)   # a config alone: random weights
+    stem = "diffusion_pytorch_model"
+    variant = None
+    for v in (None, "fp16"):   # single file or shards (their index), plain or the fp16 variant
+        mid = f".{v}" if v else ""
+        if (model / f"{stem}{mid}.safetensors").exists() or (model / f"{stem}.safetensors{mid}.index.json").exists() \
+                or (model / f"{stem}{mid}.safetensors.index.json").exists():
+            variant = v or ""
+            break
+    if variant is None:
+        if any(model.glob(f"{stem}*.bin")):
+            raise ValueError(f"{model}: only safetensors weights are imported (found a pickle .bin file)")
+        raise ValueError(f"{model}: no {stem}*.safetensors weights (pass the config.json file itself to "
+                         f"build the network with random weights)")
+    # safetensors only: never unpickle a .bin checkpoint.
+    net = cls.from_pretrained(str(model), use_safetensors=True, variant=variant or None)
     return net.eval().float(), dict(net.config)
 
 
+def _check_supported(cfg: dict, cls_name: str) -> tuple[int, int]:
+    """(resolution, channels) of a UNet pydiff can run, else ValueError saying what it lacks."""
+    size = cfg.get("sample_size")
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ValueError(f"sample_size {size}: pydiff's models make square images")
+        size = size[0]
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"sample_size {size!r}: the config must give the image size")
+    cin, cout = int(cfg["in_channels"]), int(cfg["out_channels"])
+    if cin not in (1, 3):
+        import warnings
+
+        warnings.warn(f"in_channels {cin}: pydiff will return {cin}-channel arrays, not images (a 4-channel "
+                      f"UNet is usually a latent model: decode its samples with the model's VAE)",
+                      stacklevel=3)
+    if cout not in (cin, 2 * cin):
+        raise ValueError(f"out_channels {cout} is neither in_channels {cin} nor twice it")
+    if cfg.get("time_embedding_type", "positional") != "positional":
+        raise ValueError(f"time_embedding_type {cfg['time_embedding_type']!r}: the network takes noise "
+                         f"levels (score SDE), not the training timesteps pydiff feeds")
+    if cfg.get("class_embed_type") is not None:
+        raise ValueError(f"class_embed_type {cfg['class_embed_type']!r}: its class_labels carry another "
+                         f"quantity (e.g. IF's noise level), which pydiff does not map")
+    if cls_name == "UNet2DConditionModel" and cfg.get("num_class_embeds"):
+        raise ValueError("num_class_embeds on a text-conditional UNet is not supported")
+    return size, cin
+
+
 def _find_scheduler(model: Path, scheduler: str | Path | None) -> dict:
+    """The scheduler config next to the UNet (or `scheduler`), checked and completed by
+    Schedule.from_config (a setting pydiff cannot sample with is a ScheduleError)."""
+    from ..schedules import Schedule
+
     cands = [Path(scheduler)] if scheduler else []
     base = model if model.is_dir() else model.parent
     cands += [base.parent / "scheduler" / "scheduler_config.json", base / "scheduler_config.json"]
     for c in cands:
         if c.is_file():
             raw = json.loads(c.read_text())
-            return {k: raw[k] for k in SCHEDULER_KEYS if k in raw}
+            full = Schedule.from_config(raw).to_config()
+            return {k: full[k] for k in SCHEDULER_KEYS if k in full and full[k] is not None}
     if scheduler:
         raise FileNotFoundError(scheduler)
+    import warnings
+
+    warnings.warn(f"{model}: no scheduler_config.json found; assuming diffusers' DDPM defaults (linear "
+                  f"betas, 1000 steps, epsilon): pass scheduler= if the model was trained otherwise",
+                  stacklevel=3)
     return {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon"}
+
+
+def _recommended_thresholding(sched: dict) -> dict:
+    """What the scheduler itself would do to x0: dynamic thresholding, a static clip, or nothing."""
+    if sched.get("thresholding"):
+        return {"thresholding": "dynamic", "dynamic_thresholding_ratio": sched.get("dynamic_thresholding_ratio", 0.995),
+                "sample_max_value": sched.get("sample_max_value", 1.0)}
+    return {"thresholding": "static" if sched.get("clip_sample", True) else "none"}
 
 
 def import_diffusers(model: str | Path, out_dir: str | Path, *, scheduler: str | Path | None = None,
                      name: str | None = None, text_encoder: str | Path | None = None,
                      max_length: int | None = None, text_encoder_name: str | None = None,
-                     null_class: bool = True, recommended: dict | None = None) -> dict:
-    """Write a package for a diffusers UNet (folder with config.json and safetensors weights, or
-    a config.json: random weights) with its scheduler config.
+                     null_class: bool = False, attention_mask: bool = False,
+                     recommended: dict | None = None) -> dict:
+    """Write a package for a diffusers UNet (folder with config.json and safetensors weights, single
+    or sharded, plain or the fp16 variant; or a config.json file: random weights) with its
+    scheduler config.
 
     UNet2DConditionModel needs `text_encoder`: a folder with model.onnx + tokenizer.json whose
-    hidden size is the UNet's cross_attention_dim. A class-conditional UNet2DModel
-    (num_class_embeds = K) becomes a package with num_classes = K - 1 when `null_class` (the last
-    embedding is the "no class" one used for guidance), else K with no unconditional class.
+    hidden size is the UNet's cross_attention_dim. Its encoder_attention_mask is not fed unless
+    `attention_mask` (diffusers' Stable Diffusion and IF pipelines never pass one: their UNets
+    were trained attending to the padding). A class-conditional UNet2DModel (num_class_embeds = K)
+    has K real classes and no "no class" label (diffusers trains none): the package says so
+    (unconditional_class false: class_label needed, no classifier-free guidance). With
+    `null_class`, the last embedding is taken as a "no class" label trained by condition dropout:
+    num_classes = K - 1. The recommended thresholding is the scheduler's own (clip_sample ->
+    static, thresholding -> dynamic). A learned variance (out_channels = 2 x in_channels) is
+    dropped: DDIM and DPM-Solver++ do not use it; pydiff's DDPM uses the fixed variance.
     """
     import torch
 
     model = Path(model)
     net, cfg = _load_unet(model)
     cls_name = type(net).__name__
+    res, cin = _check_supported(cfg, cls_name)
     sched = _find_scheduler(model, scheduler)
     pred = sched.get("prediction_type", "epsilon")
     sched.setdefault("prediction_type", pred)
-    sample_size = cfg.get("sample_size") or 32
-    res = sample_size if isinstance(sample_size, int) else int(sample_size[0])
-    cin, cout = int(cfg["in_channels"]), int(cfg["out_channels"])
-    if cout not in (cin, 2 * cin):
-        raise ValueError(f"out_channels {cout} is neither in_channels {cin} nor twice it")
-    learned_var = cout == 2 * cin  # the second half (learned variance) is dropped
+    learned_var = int(cfg["out_channels"]) == 2 * cin  # the second half (learned variance) is dropped
 
     te_spec = None
     if cls_name == "UNet2DConditionModel":
@@ -100,12 +159,18 @@ def import_diffusers(model: str | Path, out_dir: str | Path, *, scheduler: str |
         te_spec = {"onnx": "text_encoder/model.onnx", "tokenizer": "text_encoder/tokenizer.json",
                    "max_length": int(max_length or 77), "hidden_size": hidden,
                    "name": text_encoder_name or te.name}
-        inputs = ["sample", "timestep", "encoder_hidden_states", "encoder_attention_mask"]
         conditioning, num_classes = "text", None
+        if attention_mask:
+            inputs = ["sample", "timestep", "encoder_hidden_states", "encoder_attention_mask"]
 
-        def call(m, sample, timestep, encoder_hidden_states, encoder_attention_mask):
-            return m(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                     encoder_attention_mask=encoder_attention_mask).sample
+            def call(m, sample, timestep, encoder_hidden_states, encoder_attention_mask):
+                return m(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                         encoder_attention_mask=encoder_attention_mask).sample
+        else:
+            inputs = ["sample", "timestep", "encoder_hidden_states"]
+
+            def call(m, sample, timestep, encoder_hidden_states):
+                return m(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
     else:
         k = cfg.get("num_class_embeds")
         if k:
@@ -139,15 +204,20 @@ def import_diffusers(model: str | Path, out_dir: str | Path, *, scheduler: str |
             (tmp / "text_encoder").mkdir()
             shutil.copyfile(Path(text_encoder) / "model.onnx", tmp / "text_encoder" / "model.onnx")
             shutil.copyfile(Path(text_encoder) / "tokenizer.json", tmp / "text_encoder" / "tokenizer.json")
-        rec = {"sampler": "dpmpp_2m", "steps": 25, "guidance_scale": 1.0 if conditioning == "none" else 3.0,
-               "eta": 0.0, "thresholding": "none"}
+        no_cfg = conditioning == "none" or (conditioning == "class" and not null_class)
+        rec = {"sampler": "dpmpp_2m", "steps": 25, "guidance_scale": 1.0 if no_cfg else 3.0, "eta": 0.0,
+               **_recommended_thresholding(sched)}
         rec.update(recommended or {})
+        stage = {"name": "base", "onnx": "unet.onnx", "resolution": res, "channels": cin,
+                 "conditioning": conditioning, "num_classes": num_classes,
+                 "inputs": inputs, "output": "out", "prediction_type": pred,
+                 "scheduler": sched, "recommended": rec}
+        if conditioning == "class" and not null_class:
+            stage["unconditional_class"] = False
+        note = "; learned variance dropped (DDPM samples with the fixed variance)" if learned_var else ""
         manifest = {"format": "pydiff-package", "version": 1, "name": name or model.stem,
-                    "description": f"imported from diffusers {cls_name} ({model})",
-                    "stages": [{"name": "base", "onnx": "unet.onnx", "resolution": res, "channels": cin,
-                                "conditioning": conditioning, "num_classes": num_classes,
-                                "inputs": inputs, "output": "out", "prediction_type": pred,
-                                "scheduler": sched, "recommended": rec}]}
+                    "description": f"imported from diffusers {cls_name} ({model}){note}",
+                    "stages": [stage]}
         if te_spec:
             manifest["text_encoder"] = te_spec
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

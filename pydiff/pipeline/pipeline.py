@@ -327,6 +327,18 @@ class Pipeline:
                            steps=steps, sampler=sampler, guidance_scale=guidance_scale,
                            thresholding=thresholding, eta=eta, noise_aug_level=noise_aug_level,
                            strength=strength if mode == "img2img" else None)
+        for st_ in stages:   # a class network without a "no class" label: labels given, no CFG
+            if st_.conditioning != "class" or st_.unconditional_class:
+                continue
+            if labels is None or any(c is None for c in labels):
+                raise ValueError(f"stage {st_.name!r} has no unconditional class (its manifest's "
+                                 f"unconditional_class is false): give class_label")
+            if settings[st_.name].uses_guidance:
+                raise ValueError(f"stage {st_.name!r} has no unconditional class, so no classifier-free "
+                                 f"guidance: use guidance_scale=1.0")
+            if gspec is not None and gspec.kind == "classifier" and gspec.stage == st_.name:
+                raise ValueError(f"classifier guidance feeds stage {st_.name!r} the unconditional "
+                                 f"class, which it lacks")
         plan = _Plan(stages=stages, settings=settings, n_prompts=n_prompts,
                      num_images=int(num_images), prompts=prompts, negative_prompts=negative,
                      class_labels=labels, seed=int(seed), output_type=output_type,

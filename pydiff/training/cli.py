@@ -74,6 +74,10 @@ def _add_export(sub):
     f.add_argument("--name", default=None)
     f.add_argument("--text-encoder", help="UNet2DConditionModel: folder with model.onnx + tokenizer.json")
     f.add_argument("--max-length", type=int, default=None, help="tokenizer length (default 77)")
+    f.add_argument("--null-class", action="store_true",
+                   help="class models: the last class embedding is a trained 'no class' label (enables CFG)")
+    f.add_argument("--attention-mask", action="store_true",
+                   help="text models: feed encoder_attention_mask (diffusers' SD/IF pipelines do not)")
     f.set_defaults(func=_run_export)
     e = esub.add_parser("text-encoder", help="export all-MiniLM-L6-v2 to int8 ONNX")
     e.add_argument("--out", required=True)
@@ -98,7 +102,8 @@ def _run_export(a) -> int:
     elif a.what == "diffusers":
         from ..exporting.diffusers_import import import_diffusers
         print(json.dumps(import_diffusers(a.model, a.out, scheduler=a.scheduler, name=a.name,
-                                          text_encoder=a.text_encoder, max_length=a.max_length), indent=1))
+                                          text_encoder=a.text_encoder, max_length=a.max_length,
+                                          null_class=a.null_class, attention_mask=a.attention_mask), indent=1))
     return 0
 
 
