@@ -201,9 +201,15 @@ def run_benchmark(model=None, runs=None, *, modules=None, batch=8, steps=None, g
     from .pipeline import Pipeline, bundled_path
 
     threads = threads or os.cpu_count()
+    # the same thread count everywhere: torch, ONNX Runtime's intra-op pool, pydiff's kernels
     torch.set_num_threads(threads)
+    from . import ops
+
+    ops.set_num_threads(threads)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
     path = Path(model) if model else bundled_path("shapes")
-    pipe = Pipeline(path)
+    pipe = Pipeline(path, session_options=so)
     if pipe.package.text_encoder is None:
         raise ValueError("bench runs text-conditional cascades (the bundled shapes package)")
     if modules is None:
@@ -273,7 +279,7 @@ def run_benchmark(model=None, runs=None, *, modules=None, batch=8, steps=None, g
 
     n_calls = sum(plan.settings[s.name].steps for s in plan.stages)
     report = {"pydiff_version": __version__, "onnxruntime": ort.__version__,
-              "torch": torch.__version__, "threads": threads, "package": str(pipe.package.path),
+              "torch": torch.__version__, "threads": threads, "threads_set": ["torch", "onnxruntime intra-op", "pydiff kernels"], "package": str(pipe.package.path),
               "batch": batch, "repeats": repeats, "seed": seed,
               "stages": {n: s.as_dict() for n, s in plan.settings.items()},
               "max_abs_network_diff": same,
