@@ -2,8 +2,8 @@
 
 Same as `pydiff bench`; see pydiff/bench.py for what is measured. Example (README figures):
 
-    python benchmarks/bench_e2e.py --batch 8 --repeats 3 \
-        --json-out benchmarks/e2e.json --chart benchmarks/e2e.png
+    python benchmarks/bench_e2e.py --batch 8 --steps 25 --thresholding dynamic --repeats 3 \
+        --json-out benchmarks/results/e2e.json --chart benchmarks/results/e2e.png
 """
 from __future__ import annotations
 

@@ -191,6 +191,18 @@ def check_same_networks(pipe, modules, batch=2, seed=0) -> dict[str, float]:
     return out
 
 
+def _package_digest(path) -> str:
+    """sha256 over the package's manifest and ONNX files: which networks and settings were timed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(path).rglob("*")):
+        if f.is_file() and (f.name == "manifest.json" or f.suffix == ".onnx"):
+            h.update(f.relative_to(path).as_posix().encode())
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
 def run_benchmark(model=None, runs=None, *, modules=None, batch=8, steps=None, guidance_scale=None,
                   thresholding=None, repeats=3, warmup=1, seed=0, threads=None, progress=True) -> dict:
     """Time the cascade on pydiff and on the diffusers-style torch loop; returns a report dict."""
@@ -280,6 +292,7 @@ def run_benchmark(model=None, runs=None, *, modules=None, batch=8, steps=None, g
     n_calls = sum(plan.settings[s.name].steps for s in plan.stages)
     report = {"pydiff_version": __version__, "onnxruntime": ort.__version__,
               "torch": torch.__version__, "threads": threads, "threads_set": ["torch", "onnxruntime intra-op", "pydiff kernels"], "package": str(pipe.package.path),
+              "package_sha256": _package_digest(pipe.package.path),
               "batch": batch, "repeats": repeats, "seed": seed,
               "stages": {n: s.as_dict() for n, s in plan.settings.items()},
               "max_abs_network_diff": same,
