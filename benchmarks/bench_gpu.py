@@ -7,7 +7,7 @@
    pydiff.cuda.fused_step (as a plain call, and with the caller's workspace) against diffusers'
    scheduler.step plus the usual torch CFG mix, thresholding off (DDIM) and dynamic (DDPM, Imagen's
    thresholding); the three measured in alternation over 5 rounds, the speedup the median of the
-   rounds' ratios (diffusers' step varied 590-1088 us between runs on the H200).
+   rounds' ratios (diffusers' step varied 590-1235 us between runs on the H200).
 3. graph: steps/s of the bundled shapes base network with classifier-free guidance, eager against
    CUDA-graph replay (pydiff.cuda_graph), DPM-Solver++ 25 steps at the package's settings: as a torch
    module (its EMA training weights rounded to fp16 as the package ships them; --checkpoint), and its
