@@ -19,9 +19,15 @@ class TextEncoder:
         self.max_length = int(max_length)
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
         self.tokenizer.enable_truncation(self.max_length)
-        pad_id = self.tokenizer.token_to_id("[PAD]")
+        # the tokenizer's own pad token where tokenizer.json sets one (CLIP pads with <|endoftext|>,
+        # which a network fed no attention mask has seen in training), else BERT's [PAD]
+        pad = self.tokenizer.padding
+        if pad:
+            pad_id, pad_token = pad["pad_id"], pad["pad_token"]
+        else:
+            pad_id, pad_token = self.tokenizer.token_to_id("[PAD]"), "[PAD]"
         self.tokenizer.enable_padding(length=self.max_length, pad_id=0 if pad_id is None else pad_id,
-                                      pad_token="[PAD]")
+                                      pad_token=pad_token)
         if session is None:
             from .backends.onnxruntime import create_session
 

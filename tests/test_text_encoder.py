@@ -66,3 +66,27 @@ def test_onnx_matches_pytorch(tmp_path_factory):
     cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
     assert cos.mean() >= 0.99 and cos.min() >= 0.95
     assert (d / "model.onnx").stat().st_size < 30 * 2 ** 20  # int8
+
+
+def test_the_tokenizers_own_pad_token_is_kept(tmp_path):
+    # CLIP's tokenizer.json pads with <|endoftext|>: a network trained without an attention mask
+    # saw that token in the padding, not BERT's [PAD]
+    pytest.importorskip("onnx")
+    import json
+
+    from pydiff.testing import make_tiny_package
+    from pydiff.text_encoder import TextEncoder
+
+    te = make_tiny_package(tmp_path / "p", hidden=8, max_length=6) / "text_encoder"
+    tok = json.loads((te / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    eot = "<|endoftext|>"
+    if eot not in vocab:
+        vocab[eot] = max(vocab.values()) + 1
+    tok["padding"] = {"strategy": {"Fixed": 77}, "direction": "Right", "pad_to_multiple_of": None,
+                      "pad_id": vocab[eot], "pad_type_id": 0, "pad_token": eot}
+    (te / "tokenizer.json").write_text(json.dumps(tok))
+    enc = TextEncoder(te / "model.onnx", te / "tokenizer.json", max_length=6)
+    ids, mask = enc.tokenize(["red circle"])
+    assert ids.shape == (1, 6) and mask[0].tolist() == [1, 1, 0, 0, 0, 0]
+    assert ids[0, 2:].tolist() == [vocab[eot]] * 4
