@@ -3,9 +3,13 @@
 Device arrays are torch CUDA tensors, anything with ``__cuda_array_interface__`` (CuPy, Numba) or
 DLPack (``__dlpack__``: JAX, CuPy, ...), or ONNX Runtime OrtValues on the GPU; float32, float16 or
 bfloat16 (arithmetic is float32), C-contiguous, all on one GPU. Nothing is
-copied between host and device and nothing synchronises: work is queued on ``stream`` (an integer
-handle, or an object with ``cuda_stream``/``ptr`` such as a torch or CuPy stream). Non-finite values
-are counted into an optional int64 device counter you read when you choose to synchronise.
+copied between host and device and nothing synchronises with the host: work is queued on ``stream``
+(an integer handle, or an object with ``cuda_stream``/``ptr``/``handle`` such as a torch, CuPy or
+Numba stream) on the arrays' GPU, made current for the launch. Ordering: a DLPack producer is given
+``stream`` to order its pending work before; a ``__cuda_array_interface__`` array that names its
+producer's stream has ``stream`` wait for it (on the device); torch tensors must be ready on
+``stream`` (e.g. torch's current stream). Non-finite values are counted into an optional int64
+device counter you read when you choose to synchronise.
 
 Importing this module never touches a GPU; ``available()`` asks the CUDA runtime.
 """
@@ -46,10 +50,18 @@ class DeviceArray:
     shape: tuple
     storage: int
     device: int
+    stream: int | None = None   # the producer's stream to wait for (__cuda_array_interface__ "stream")
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * (4 if self.storage == F32 else 2)
 
 
-def device_array(obj, name: str) -> DeviceArray:
-    """A validated view of a device array; host arrays and non-contiguous layouts are errors naming `name`."""
+def device_array(obj, name: str, *, stream: int = 0, writable: bool = False) -> DeviceArray:
+    """A validated view of a device array; host arrays and non-contiguous layouts are errors naming `name`.
+
+    `stream`: the stream the caller will use it on (given to a DLPack producer so that it orders
+    its pending work before it). `writable`: the array is written, so a read-only one is refused."""
     if isinstance(obj, np.ndarray):
         raise TypeError(f"{name} is a host (NumPy) array; the CUDA step needs device arrays (use pydiff.ops on the CPU)")
     if _C_cuda is None:
@@ -62,6 +74,7 @@ def device_array(obj, name: str) -> DeviceArray:
             raise TypeError(f"{name} must be float32, float16 or bfloat16, got {obj.dtype}")
         if not obj.is_contiguous():
             raise ValueError(f"{name} must be contiguous (call .contiguous())")
+        # torch orders work on its current stream; the caller passes a stream that sees it
         return DeviceArray(int(obj.data_ptr()), tuple(obj.shape), storage, int(obj.device.index))
     if type(obj).__name__ == "OrtValue" and hasattr(obj, "device_name"):  # onnxruntime.OrtValue
         if obj.device_name().lower() != "cuda":
@@ -74,24 +87,32 @@ def device_array(obj, name: str) -> DeviceArray:
     cai = getattr(obj, "__cuda_array_interface__", None)
     if cai is None:
         if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
-            return _from_dlpack(obj, name)
+            return _from_dlpack(obj, name, stream=stream, writable=writable)
         raise TypeError(f"{name} must be a CUDA device array (torch CUDA tensor, __cuda_array_interface__, DLPack "
                         f"or a CUDA OrtValue), got {type(obj).__name__}")
     storage = _TYPESTR.get(cai["typestr"])
     if storage is None:
         raise TypeError(f"{name} must be float32 or float16, got typestr {cai['typestr']!r}")
+    if cai.get("mask") is not None:
+        raise ValueError(f"{name} has a mask (__cuda_array_interface__ 'mask'); masked arrays are not supported")
     shape = tuple(cai["shape"])
     _check_c_contiguous(name, shape, cai.get("strides"), 4 if storage == F32 else 2)
-    ptr = int(cai["data"][0])
+    ptr, read_only = int(cai["data"][0]), bool(cai["data"][1])
+    if writable and read_only:
+        raise ValueError(f"{name} is read-only (__cuda_array_interface__ data[1]); it is written")
     dev = _C_cuda.pointer_device(ptr) if ptr else -1
     if dev < 0 and math.prod(shape) > 0:
         raise TypeError(f"{name} points to host memory; the CUDA step needs device memory")
-    return DeviceArray(ptr, shape, storage, dev)
+    # v3: an integer stream is one the consumer must order itself after (0 is not allowed)
+    producer = cai.get("stream") if cai.get("version", 0) >= 3 else None
+    if producer is not None and (isinstance(producer, bool) or not isinstance(producer, int) or producer == 0):
+        raise ValueError(f"{name}: __cuda_array_interface__ stream {producer!r} is not a stream handle")
+    return DeviceArray(ptr, shape, storage, dev, producer)
 
 
 def _check_c_contiguous(name, shape, strides, itemsize) -> None:
-    """strides in bytes, or None for C order."""
-    if strides is None:
+    """strides in bytes, or None for C order. Empty arrays, and size-1 dimensions, take any stride."""
+    if strides is None or math.prod(shape) == 0:
         return
     want, acc = [], itemsize
     for d in reversed(shape):
@@ -101,7 +122,7 @@ def _check_c_contiguous(name, shape, strides, itemsize) -> None:
         raise ValueError(f"{name} must be C-contiguous, got strides {tuple(strides)}")
 
 
-def _from_dlpack(obj, name: str) -> DeviceArray:
+def _from_dlpack(obj, name: str, *, stream: int = 0, writable: bool = False) -> DeviceArray:
     from pydiff import _C
 
     dev_type, dev_id = obj.__dlpack_device__()
@@ -110,8 +131,11 @@ def _from_dlpack(obj, name: str) -> DeviceArray:
                         f"arrays (use pydiff.ops on the CPU)")
     if dev_type not in (_DL_CUDA, _DL_CUDA_MANAGED):
         raise TypeError(f"{name} lives on DLPack device type {int(dev_type)}, not a CUDA GPU")
-    # stream=-1: no synchronisation by the producer; ordering is the caller's, on the stream it gives us.
-    ptr, shape, strides, code, bits, lanes = _C.dlpack_info(obj.__dlpack__(stream=-1))
+    # The consumer's stream, so that the producer orders its pending work before it (the DLPack
+    # protocol; 0 is not allowed there: the legacy default stream is 1, as torch maps it).
+    ptr, shape, strides, code, bits, lanes, read_only = _C.dlpack_info(obj.__dlpack__(stream=stream or 1))
+    if writable and read_only:
+        raise ValueError(f"{name} is read-only (its DLPack producer says so); it is written")
     storage = _DL_TYPES.get((code, bits)) if lanes == 1 else None
     if storage is None:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got DLPack dtype code {code} with {bits} bits")
@@ -125,11 +149,15 @@ def stream_handle(stream) -> int:
     (torch.cuda.Stream: `.cuda_stream`, CuPy: `.ptr`, or `.handle`)."""
     if stream is None:
         return 0
-    if isinstance(stream, int) and not isinstance(stream, bool):
-        return stream
+    if isinstance(stream, (int, np.integer)) and not isinstance(stream, (bool, np.bool_)):
+        return int(stream)
     for attr in ("cuda_stream", "ptr", "handle"):
-        if isinstance(getattr(stream, attr, None), int):
-            return int(getattr(stream, attr))
+        h = getattr(stream, attr, None)
+        h = getattr(h, "value", h)   # Numba: .handle is a ctypes c_void_p (value None: stream 0)
+        if isinstance(h, (int, np.integer)) and not isinstance(h, bool):
+            return int(h)
+        if h is None and attr == "handle" and hasattr(getattr(stream, attr, None), "value"):
+            return 0
     raise TypeError(f"stream must be an integer handle or a stream object, got {type(stream).__name__}")
 
 
@@ -154,82 +182,133 @@ def fused_step(x, model_output, params, *, out, guidance_scale=None, x0_prev=Non
     shares) and adds 1 to the counter. workspace: a device buffer of at least
     ``workspace_bytes(B, n)`` bytes for dynamic thresholding (else it allocates stream-ordered).
     """
-    xv = device_array(x, "x")
-    mv = device_array(model_output, "model_output")
-    ov = device_array(out, "out")
+    from pydiff import _C
+
+    handle = stream_handle(stream)
+    xv = device_array(x, "x", stream=handle)
+    mv = device_array(model_output, "model_output", stream=handle)
+    ov = device_array(out, "out", stream=handle, writable=True)
     B = xv.shape[0] if xv.shape else 0
     n = math.prod(xv.shape[1:]) if B else 0  # math.prod: 0.2 us where np.prod takes 3.6 (a per-step call)
     guided = guidance_scale is not None
     want_mo = ((2 * B,) if guided else (B,)) + tuple(xv.shape[1:])
     if mv.shape != want_mo:
         raise ValueError(f"model_output must have shape {want_mo}, got {mv.shape}")
-    views = {"model_output": mv, "out": ov}
+    views = {"x": xv, "model_output": mv, "out": ov}
     if ov.shape != xv.shape:
         raise ValueError(f"out must have shape {xv.shape}, got {ov.shape}")
     ptrs = {}
-    for name, arr, shape in (("x0_prev", x0_prev, xv.shape), ("x0_out", x0_out, xv.shape)):
+    for name, arr, write in (("x0_prev", x0_prev, False), ("x0_out", x0_out, True)):
         if arr is None:
             ptrs[name] = 0
             continue
-        v = device_array(arr, name)
-        if v.shape != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {v.shape}")
+        v = device_array(arr, name, stream=handle, writable=write)
+        if v.shape != xv.shape:
+            raise ValueError(f"{name} must have shape {xv.shape}, got {v.shape}")
         views[name] = v
         ptrs[name] = v.ptr
     for name, v in views.items():
         if v.storage != xv.storage:
             raise TypeError(f"{name} must have the same dtype as x")
+    # the CPU twin's rule: an output may be an input exactly (in place), never a part of one
+    half = B * n * (4 if xv.storage == F32 else 2)
+    inputs = [("x", xv.ptr, xv.nbytes), ("model_output", mv.ptr, half)]
+    if guided:
+        inputs.append(("model_output", mv.ptr + half, half))
+    _no_partial_overlap("out", ov.ptr, ov.nbytes, inputs)
+    if "x0_out" in views:
+        _no_partial_overlap("x0_out", ptrs["x0_out"], ov.nbytes, [("out", ov.ptr, ov.nbytes)])
     scale, scales_ptr = 1.0, 0
     if guided and np.ndim(guidance_scale) == 0:
         scale = float(guidance_scale)
         if not np.isfinite(scale):
             raise ValueError(f"guidance scale must be finite, got {scale}")
     elif guided:
-        sv = device_array(guidance_scale, "guidance_scale")
+        sv = device_array(guidance_scale, "guidance_scale", stream=handle)
         if sv.storage != F32 or sv.shape != (B,):
             raise ValueError(f"guidance_scale must be float32 of shape ({B},)")
         views["guidance_scale"], scales_ptr = sv, sv.ptr
     thr_ptr = 0
     if thresholds is not None:
-        tv = device_array(thresholds, "thresholds")
+        tv = device_array(thresholds, "thresholds", stream=handle, writable=True)
         if tv.storage != F32 or tv.shape != (B,):
             raise ValueError(f"thresholds must be float32 of shape ({B},)")
         views["thresholds"], thr_ptr = tv, tv.ptr
-    nf_ptr = 0
+    raw = {}   # name -> (ptr, device, bytes, producer stream)
     if nonfinite is not None:
-        if hasattr(nonfinite, "dtype") and str(nonfinite.dtype) not in ("torch.int64", "int64"):
-            raise TypeError("nonfinite must be an int64 device counter")
-        nf_ptr = int(nonfinite.data_ptr()) if hasattr(nonfinite, "data_ptr") else int(
-            nonfinite.__cuda_array_interface__["data"][0])
-    table_ptr = counter_ptr = ws_ptr = ws_bytes = 0
+        raw["nonfinite"] = _raw_device_buffer(nonfinite, "nonfinite", dtype=np.int64, min_bytes=8, writable=True)
     if (param_table is None) != (step_counter is None):
         raise ValueError("param_table and step_counter go together")
     if param_table is not None:
-        table_ptr, counter_ptr = _raw_device_buffer(param_table, "param_table"), _raw_device_buffer(step_counter,
-                                                                                                       "step_counter")
+        raw["param_table"] = _raw_device_buffer(param_table, "param_table", dtype=np.uint8,
+                                                min_bytes=_C.STEP_PARAMS_BYTES)
+        raw["step_counter"] = _raw_device_buffer(step_counter, "step_counter", dtype=np.int32, min_bytes=4,
+                                                 writable=True)
     if workspace is not None:
-        ws_ptr = _raw_device_buffer(workspace, "workspace")
-        ws_bytes = _nbytes(workspace)
+        raw["workspace"] = _raw_device_buffer(workspace, "workspace", writable=True)
     for name, v in views.items():
         if v.device != xv.device:
             raise ValueError(f"{name} is on GPU {v.device} but x is on GPU {xv.device}")
+    for name, (_, dev, _, _) in raw.items():
+        if dev != xv.device:
+            raise ValueError(f"{name} is on GPU {dev} but x is on GPU {xv.device}")
+    _C.validate_step_params(params)   # the CPU twin's rules: the kernel takes them on trust
+    _wait_for_producers(handle, xv.device, [v.stream for v in views.values()] + [r[3] for r in raw.values()])
+    nf, table, counter, ws = (raw.get(k, (0, 0, 0, None)) for k in ("nonfinite", "param_table", "step_counter",
+                                                                     "workspace"))
     _C_cuda.fused_step(xv.ptr, mv.ptr, ov.ptr, B, n, xv.storage, params, guided, scale, scales_ptr,
-                       ptrs["x0_prev"], ptrs["x0_out"], thr_ptr, nf_ptr, stream_handle(stream),
-                       table_ptr, counter_ptr, ws_ptr, ws_bytes)
+                       ptrs["x0_prev"], ptrs["x0_out"], thr_ptr, nf[0], handle,
+                       table[0], counter[0], ws[0], ws[2], xv.device)
 
 
-def _raw_device_buffer(obj, name: str) -> int:
-    """The device pointer of a buffer of any dtype (torch CUDA tensor or __cuda_array_interface__)."""
+def _no_partial_overlap(name: str, ptr: int, nbytes: int, others) -> None:
+    for other, optr, obytes in others:
+        if ptr < optr + obytes and optr < ptr + nbytes and (ptr, nbytes) != (optr, obytes):
+            raise ValueError(f"{name} partially overlaps {other} (it may be the same buffer, not a part of it)")
+
+
+def _same_stream(a: int, b: int) -> bool:
+    return a == b or {a, b} == {0, 1}   # 0 (no stream given) is the legacy default stream, 1
+
+
+def _wait_for_producers(consumer: int, device: int, producers) -> None:
+    """Order `consumer` after the streams that arrays' producers named (CUDA Array Interface v3)."""
+    for producer in dict.fromkeys(p for p in producers if p is not None):
+        if not _same_stream(producer, consumer):
+            _C_cuda.stream_wait(consumer, producer, device)
+
+
+def _raw_device_buffer(obj, name: str, *, dtype=None, min_bytes: int = 0, writable: bool = False):
+    """(device pointer, device, bytes, producer stream) of a contiguous device buffer (torch CUDA
+    tensor or __cuda_array_interface__) of `dtype` (any if None) with at least `min_bytes`."""
+    if isinstance(obj, np.ndarray):
+        raise TypeError(f"{name} is a host (NumPy) array; it must live on the GPU")
     if hasattr(obj, "data_ptr") and hasattr(obj, "is_cuda"):
         if not obj.is_cuda:
             raise TypeError(f"{name} is a CPU tensor; it must live on the GPU")
         if not obj.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
-        return int(obj.data_ptr())
-    cai = getattr(obj, "__cuda_array_interface__", None)
-    if cai is None:
-        raise TypeError(f"{name} must be a torch CUDA tensor or have __cuda_array_interface__")
-    return int(cai["data"][0])
+        got = str(obj.dtype).replace("torch.", "")
+        if dtype is not None and got != np.dtype(dtype).name:
+            raise TypeError(f"{name} must be {np.dtype(dtype).name}, got {got}")
+        ptr, dev, nbytes, producer = int(obj.data_ptr()), int(obj.device.index), _nbytes(obj), None
+    else:
+        cai = getattr(obj, "__cuda_array_interface__", None)
+        if cai is None:
+            raise TypeError(f"{name} must be a torch CUDA tensor or have __cuda_array_interface__")
+        if dtype is not None and np.dtype(cai["typestr"]) != np.dtype(dtype):
+            raise TypeError(f"{name} must be {np.dtype(dtype).name}, got typestr {cai['typestr']!r}")
+        _check_c_contiguous(name, tuple(cai["shape"]), cai.get("strides"), np.dtype(cai["typestr"]).itemsize)
+        if writable and cai["data"][1]:
+            raise ValueError(f"{name} is read-only (__cuda_array_interface__ data[1]); it is written")
+        ptr, nbytes = int(cai["data"][0]), _nbytes(obj)
+        dev = _C_cuda.pointer_device(ptr) if ptr else -1
+        if dev < 0:
+            raise TypeError(f"{name} points to host memory; it must live on the GPU")
+        producer = cai.get("stream") if cai.get("version", 0) >= 3 else None
+    if nbytes < min_bytes:
+        raise ValueError(f"{name} has {nbytes} bytes; it needs at least {min_bytes}")
+    return ptr, dev, nbytes, producer
 
 
 def _nbytes(obj) -> int:
@@ -241,8 +320,10 @@ def _nbytes(obj) -> int:
 
 def randn(out, seed: int, step: int = 0, *, offset: int = 0, stream=None) -> None:
     """The in-kernel noise stream (seed, step) into a float32 device array: the CPU twin's values, bit for bit."""
-    v = device_array(out, "out")
+    handle = stream_handle(stream)
+    v = device_array(out, "out", stream=handle, writable=True)
     if v.storage != F32:
         raise TypeError("out must be float32")
+    _wait_for_producers(handle, v.device, [v.stream])
     _C_cuda.randn(v.ptr, math.prod(v.shape), int(seed) & (2**64 - 1), int(step) & 0xFFFFFFFF, int(offset),
-                  stream_handle(stream))
+                  handle, v.device)

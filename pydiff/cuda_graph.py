@@ -143,6 +143,7 @@ class GraphSampler:
     every step with no host synchronisation, then checks the non-finite counter once. `stream`: the
     torch.cuda.Stream every step runs (and is captured) on, e.g. the one an ONNX Runtime session
     computes on; default: torch's current stream for eager steps, a side stream for the capture.
+    Not thread-safe: one runner's buffers serve one `run` at a time (make a runner per thread).
     """
 
     def __init__(self, network, plan: StepPlan, *, shape, guidance_scale=None, graph: bool = True,
@@ -199,7 +200,7 @@ class GraphSampler:
         out = self.network(self.x_in, self.t_in)
         self.cuda.fused_step(self.x, out, self.params0, out=self.x_next, guidance_scale=self.scale,
                              x0_prev=self.x0_prev, x0_out=self.x0_out, nonfinite=self.nonfinite,
-                             stream=torch.cuda.current_stream().cuda_stream, param_table=self.table,
+                             stream=torch.cuda.current_stream(self.device).cuda_stream, param_table=self.table,
                              step_counter=self.counter, workspace=self.workspace)
         self.x.copy_(self.x_next)
         if self.x0_prev is not None:
@@ -214,6 +215,10 @@ class GraphSampler:
 
     def capture(self) -> None:
         """Record one step as a CUDA graph (after a warm-up step on a side stream, as torch requires)."""
+        with self.torch.cuda.device(self.device):   # streams and the capture belong to the runner's GPU
+            self._capture()
+
+    def _capture(self) -> None:
         torch = self.torch
         saved = self.x.clone()
         side = self.stream or torch.cuda.Stream(device=self.device)
@@ -245,6 +250,10 @@ class GraphSampler:
             raise ValueError(f"x_T must have shape {tuple(self.x.shape)}, got {tuple(x_T.shape)}")
         if self.graph and self._graph is None:
             self.capture()
+        with self.torch.cuda.device(self.device):
+            return self._run(x_T)
+
+    def _run(self, x_T):
         torch = self.torch
         caller = torch.cuda.current_stream(self.device)
         run_on = self.stream or caller

@@ -69,6 +69,20 @@ void require_no_partial_overlap(const View& a, const char* an, const float* b, i
     throw py::value_error(std::string(an) + " partially overlaps " + bn);
 }
 
+
+// The parameters both twins' kernels take on trust (the CUDA wrapper calls this through
+// pydiff._C.validate_step_params: one place for the rules).
+void validate_step_params(const StepParams& p) {
+  if (p.prediction_type < kEpsilon || p.prediction_type > kVPrediction)
+    throw py::value_error("prediction_type must be 0 (epsilon), 1 (sample) or 2 (v_prediction)");
+  if (p.threshold_mode < kNoThreshold || p.threshold_mode > kDynamic)
+    throw py::value_error("threshold_mode must be 0 (none), 1 (static) or 2 (dynamic)");
+  if (p.threshold_mode == kDynamic && !(p.dynamic_ratio > 0.0f && p.dynamic_ratio <= 1.0f))
+    throw py::value_error("dynamic_thresholding_ratio must be in (0, 1]");
+  if (p.threshold_mode == kDynamic && !(p.sample_max_value >= 1.0f))
+    throw py::value_error("sample_max_value must be >= 1");
+}
+
 int64_t fused_step(py::handle x_, py::handle model_output_, py::handle out_, const StepParams& p,
                    bool guided, float guidance_scale, py::handle scales_, py::handle x0_prev_,
                    py::handle x0_out_, py::handle thresholds_) {
@@ -118,14 +132,7 @@ int64_t fused_step(py::handle x_, py::handle model_output_, py::handle out_, con
     require_shape(v, {B}, "thresholds", "one per sample");
     a.thresholds = v.ptr;
   }
-  if (p.prediction_type < kEpsilon || p.prediction_type > kVPrediction)
-    throw py::value_error("prediction_type must be 0 (epsilon), 1 (sample) or 2 (v_prediction)");
-  if (p.threshold_mode < kNoThreshold || p.threshold_mode > kDynamic)
-    throw py::value_error("threshold_mode must be 0 (none), 1 (static) or 2 (dynamic)");
-  if (p.threshold_mode == kDynamic && !(p.dynamic_ratio > 0.0f && p.dynamic_ratio <= 1.0f))
-    throw py::value_error("dynamic_thresholding_ratio must be in (0, 1]");
-  if (p.threshold_mode == kDynamic && !(p.sample_max_value >= 1.0f))
-    throw py::value_error("sample_max_value must be >= 1");
+  validate_step_params(p);
   const int nt = num_threads();
   py::gil_scoped_release nogil;
   return fused_step_cpu(a, p, nt);
@@ -195,16 +202,21 @@ struct DLManagedTensorVersionedAbi {
   DLTensorAbi dl_tensor;
 };
 
-// (data pointer, shape, strides in elements or None, dtype code, bits, lanes) of a DLPack capsule,
+// (data pointer, shape, strides in elements or None, dtype code, bits, lanes, read-only) of a DLPack capsule,
 // which stays unconsumed: its producer's destructor frees it. The caller keeps the array alive.
 py::tuple dlpack_info(const py::capsule& cap) {
   const char* name = cap.name();
   const DLTensorAbi* t = nullptr;
-  if (name && std::strcmp(name, "dltensor") == 0)
+  bool read_only = false;
+  if (name && std::strcmp(name, "dltensor") == 0) {
     t = &cap.get_pointer<DLManagedTensorAbi>()->dl_tensor;
-  else if (name && std::strcmp(name, "dltensor_versioned") == 0)
-    t = &cap.get_pointer<DLManagedTensorVersionedAbi>()->dl_tensor;
-  else
+  } else if (name && std::strcmp(name, "dltensor_versioned") == 0) {
+    const auto* v = cap.get_pointer<DLManagedTensorVersionedAbi>();
+    // dlpack.h: on another major version "it is not safe to access any other fields"
+    if (v->major != 1) throw py::type_error("DLPack major version " + std::to_string(v->major) + " is not 1");
+    read_only = (v->flags & 1u) != 0;  // DLPACK_FLAG_BITMASK_READ_ONLY
+    t = &v->dl_tensor;
+  } else
     throw py::type_error(std::string("not an unconsumed DLPack capsule (name ") + (name ? name : "null") + ")");
   py::list shape, strides;
   for (int32_t i = 0; i < t->ndim; ++i) {
@@ -213,7 +225,7 @@ py::tuple dlpack_info(const py::capsule& cap) {
   }
   const auto data = reinterpret_cast<uintptr_t>(t->data) + t->byte_offset;
   return py::make_tuple(data, py::tuple(shape), t->strides ? py::object(py::tuple(strides)) : py::object(py::none()),
-                        int(t->dtype.code), int(t->dtype.bits), int(t->dtype.lanes));
+                        int(t->dtype.code), int(t->dtype.bits), int(t->dtype.lanes), read_only);
 }
 
 }  // namespace
@@ -246,12 +258,16 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("c_noise", &StepParams::c_noise)
       .def_readwrite("seed", &StepParams::seed)
       .def_readwrite("noise_step", &StepParams::noise_step);
+  m.def("validate_step_params", &validate_step_params, py::arg("params"),
+        "Raise ValueError for parameters the step kernels cannot take (both twins' rules).");
   m.def("dlpack_info", &dlpack_info, py::arg("capsule"),
-        "(data pointer, shape, strides in elements or None, dtype code, bits, lanes) of a DLPack capsule.");
+        "(data pointer, shape, strides in elements or None, dtype code, bits, lanes, read-only) of a DLPack "
+        "capsule.");
   m.attr("STEP_PARAMS_BYTES") = py::int_(sizeof(StepParams));
   m.def(
       "pack_step_params",
       [](const std::vector<StepParams>& rows) {
+        for (const StepParams& r : rows) validate_step_params(r);  // the device reads them on trust
         return py::bytes(reinterpret_cast<const char*>(rows.data()), rows.size() * sizeof(StepParams));
       },
       py::arg("rows"),

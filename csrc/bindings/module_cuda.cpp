@@ -1,6 +1,7 @@
 // pydiff._C_cuda: the CUDA twin's entry points. Arrays arrive as device pointers that
 // pydiff/cuda.py has already validated (dtype, shape, contiguity, device); a stream is an integer
-// handle (0: the legacy default stream). Nothing here synchronises with the device.
+// handle (0: the legacy default stream). Each launch makes the arrays' device current for its
+// duration. Nothing here synchronises with the host.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -25,10 +26,47 @@ void check(int err, const char* what) {
   if (err != 0) throw std::runtime_error(std::string(what) + " failed to launch (cudaError " + std::to_string(err) + ")");
 }
 
+// Makes `device` current for a launch and restores the caller's device after: kernels, streams and
+// stream-ordered allocations all belong to the current device (-1: leave it as it is).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    if (device < 0) return;
+    check(cudaGetDevice(&prev_), "cudaGetDevice");
+    if (prev_ != device) {
+      check(cudaSetDevice(device), "cudaSetDevice");
+      switched_ = true;
+    }
+  }
+  ~DeviceGuard() {
+    if (switched_) cudaSetDevice(prev_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0;
+  bool switched_ = false;
+};
+
+// `consumer` waits (on the device, not the host) for the work queued so far on `producer`: what the
+// CUDA Array Interface's `stream` key asks of a consumer. 1 and 2 are the legacy and per-thread
+// default streams, as in the interface and the runtime's cudaStreamLegacy / cudaStreamPerThread.
+void stream_wait(uintptr_t consumer, uintptr_t producer, int device) {
+  DeviceGuard guard(device);
+  cudaEvent_t e;
+  check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+  int err = cudaEventRecord(e, reinterpret_cast<cudaStream_t>(producer));
+  if (err == 0) err = cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(consumer), e, 0);
+  cudaEventDestroy(e);  // released once the wait is satisfied
+  check(err, "stream_wait");
+}
+
 void fused_step(uintptr_t x, uintptr_t model_output, uintptr_t out, int64_t batch, int64_t n, int storage,
                 const StepParams& p, bool guided, float scale, uintptr_t scales, uintptr_t x0_prev,
                 uintptr_t x0_out, uintptr_t thresholds, uintptr_t nonfinite, uintptr_t stream,
-                uintptr_t param_table, uintptr_t step_counter, uintptr_t workspace, size_t workspace_bytes) {
+                uintptr_t param_table, uintptr_t step_counter, uintptr_t workspace, size_t workspace_bytes,
+                int device) {
   if (storage < kFloat32 || storage > kBFloat16) throw py::value_error("storage must be 0 (f32), 1 (f16) or 2 (bf16)");
   if (param_table && !step_counter) throw py::value_error("a param_table needs a step_counter");
   if (p.c_d != 0.0f && !x0_prev) throw py::value_error("x0_prev is required when c_d != 0 (a multistep update)");
@@ -54,6 +92,7 @@ void fused_step(uintptr_t x, uintptr_t model_output, uintptr_t out, int64_t batc
   int err;
   {
     py::gil_scoped_release nogil;
+    DeviceGuard guard(device);
     err = fused_step_cuda(a, p, reinterpret_cast<cudaStream_t>(stream));
   }
   check(err, "fused_step");
@@ -68,17 +107,22 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("n"), py::arg("storage"), py::arg("params"), py::arg("guided"), py::arg("scale"), py::arg("scales"),
         py::arg("x0_prev"), py::arg("x0_out"), py::arg("thresholds"), py::arg("nonfinite"), py::arg("stream"),
         py::arg("param_table") = 0, py::arg("step_counter") = 0, py::arg("workspace") = 0,
-        py::arg("workspace_bytes") = 0);
+        py::arg("workspace_bytes") = 0, py::arg("device") = -1);
+  m.def("stream_wait", &stream_wait, py::arg("consumer"), py::arg("producer"), py::arg("device") = -1,
+        "Make stream `consumer` wait for the work queued on `producer` (no host synchronisation).");
   m.def("workspace_bytes", [](int64_t batch, int64_t n) { return fused_step_workspace_bytes(batch, n); },
         "Scratch bytes of one dynamic-thresholding step for `batch` samples of `n` elements.");
-  m.def("randn", [](uintptr_t out, int64_t count, uint64_t seed, uint32_t step, int64_t offset, uintptr_t stream) {
+  m.def("randn", [](uintptr_t out, int64_t count, uint64_t seed, uint32_t step, int64_t offset, uintptr_t stream,
+                    int device) {
     int err;
     {
       py::gil_scoped_release nogil;
+      DeviceGuard guard(device);
       err = randn_cuda(seed, step, offset, ptr<float>(out), count, reinterpret_cast<cudaStream_t>(stream));
     }
     check(err, "randn");
-  });
+  }, py::arg("out"), py::arg("count"), py::arg("seed"), py::arg("step"), py::arg("offset"), py::arg("stream"),
+     py::arg("device") = -1);
   m.def("cfg_mix", [](uintptr_t cond, uintptr_t uncond, uintptr_t out, int64_t batch, int64_t n, float scale,
                       uintptr_t scales, uintptr_t stream) {
     int err;

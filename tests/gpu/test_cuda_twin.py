@@ -125,6 +125,33 @@ def test_cuda_array_interface_round_trip():
     assert torch.equal(a, b)
 
 
+def test_a_producer_stream_is_waited_for():
+    # x is written on a side stream by a long chain of kernels; its __cuda_array_interface__ names
+    # that stream, so the step (on the default stream) must wait for it on the device
+    import torch
+
+    side = torch.cuda.Stream()
+    x = torch.zeros(1 << 22, device="cuda")
+    mo = torch.randn(1 << 22, device="cuda").reshape(1, -1)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        for _ in range(200):
+            x.add_(1.0)
+
+    class CAI:
+        def __init__(self, t, stream):
+            iface = dict(t.__cuda_array_interface__)
+            iface.update(version=3, stream=stream)
+            self.__cuda_array_interface__ = iface
+
+    p = ops.step_params(**_params(c_x=1.0, c_x0=0.0, c_eps=0.0))
+    out = torch.empty_like(x).reshape(1, -1)
+    cuda.fused_step(CAI(x.reshape(1, -1), side.cuda_stream), mo, p, out=out,
+                    stream=torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    assert torch.all(out == 200.0)   # c_x = 1: x_prev = x, all 200 additions seen
+
+
 def _realistic(shape, alpha=0.6, sigma=0.8, seed=0):
     """x_t and [cond; uncond] of a good model: with guidance 5 the 0.995-quantile of |x0| falls in
     (1, 1.5), so the dynamic threshold is really selected (not settled by its clamp)."""
