@@ -100,9 +100,10 @@ def _common(p, *, prompts=True):
         g.add_argument("--negative-prompt", metavar="TEXT")
     o = p.add_argument_group("output")
     o.add_argument("--out", default="out.png", metavar="PATH",
-                   help="PNG to write; several images make a grid unless --no-grid")
+                   help="PNG to write (missing folders are made once the images are); several images "
+                        "make a grid, one column per prompt, unless --no-grid")
     o.add_argument("--no-grid", action="store_true",
-                   help="write one PNG per image: OUT-0.png, OUT-1.png, ...")
+                   help="several images: one PNG each, OUT-0.png, OUT-1.png, ... (one image: OUT)")
     o.add_argument("--json", action="store_true", help="print what was made as JSON on stdout")
     o.add_argument("--json-out", metavar="PATH", help="also write that JSON to a file")
     o.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages")
@@ -182,17 +183,19 @@ def _say(args, msg):
 
 
 def _check_writable_dir(path: Path, flag: str) -> None:
-    """The file's directory exists (made if needed) and is writable; the path is no directory."""
+    """The file can be written: its nearest existing folder is writable (missing folders are made
+    when the file is, after a successful run), and the path is no directory."""
     parent = path.parent if str(path.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"{flag} {path}: cannot create {parent} ({e.strerror})") from None
+    base = parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise UsageError(f"{flag} {path}: {base} is not a directory")
     try:  # the real test (os.access says yes to root everywhere): make and drop a temp file
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".pydiff-check-"):
+        with tempfile.NamedTemporaryFile(dir=base, prefix=".pydiff-check-"):
             pass
     except OSError as e:
-        raise UsageError(f"{flag} {path}: cannot write in {parent} ({e.strerror})") from None
+        raise UsageError(f"{flag} {path}: cannot write in {base} ({e.strerror})") from None
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a directory")
 
@@ -209,11 +212,26 @@ def _open_image(path, what):
     from .imageio import load_image
 
     try:
-        return load_image(path)
+        img = load_image(path)
     except FileNotFoundError:
         raise UsageError(f"{what} {path}: no such file") from None
     except (UnidentifiedImageError, OSError) as e:
         raise UsageError(f"{what} {path}: cannot read the image ({e})") from None
+    return _plain_mode(img, "L") if what == "mask" else img
+
+
+def _plain_mode(img, want: str | None):
+    """A file's image in a mode the pipeline takes: 8-bit 'L' or 'RGB' (16-bit and float images
+    rescaled, palettes expanded, alpha dropped), so that a command-line user need not convert it.
+    `want`: 'L' (masks, 1-channel models) or 'RGB'."""
+    import numpy as np
+    from PIL import Image
+
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(img, np.float64)
+        top = 65535.0 if img.mode.startswith("I") and a.max(initial=0) > 255 else (1.0 if img.mode == "F" else 255.0)
+        img = Image.fromarray(np.clip(np.rint(a / top * 255.0), 0, 255).astype(np.uint8), "L")
+    return img if img.mode == want else img.convert(want)
 
 
 def _cmd_images(args) -> int:
@@ -224,6 +242,10 @@ def _cmd_images(args) -> int:
     _check_out(out)
     if args.json_out:
         _check_writable_dir(Path(args.json_out), "--json-out")
+        j = Path(args.json_out).resolve()
+        if j == out.resolve() or (args.no_grid and j.parent == out.resolve().parent
+                                  and j.name.startswith(out.stem + "-") and j.suffix == out.suffix):
+            raise UsageError(f"--json-out {args.json_out}: would overwrite an image (--out {args.out})")
     kwargs = dict(
         num_images=args.num_images,
         steps=_per_stage(args.steps, "steps", int),
@@ -260,21 +282,32 @@ def _cmd_images(args) -> int:
     if kwargs["seed"] is None:
         import secrets
 
-        kwargs["seed"] = secrets.randbits(63)
+        kwargs["seed"] = secrets.randbits(53)   # exact in JSON readers that use doubles (jq, JavaScript)
 
     t0 = time.perf_counter()
     pipe = _pipeline(args.model, args.backend,
                      **({"providers": args.provider} if args.provider else {}))
+    if "image" in kwargs:   # the image file as the model takes it (grey for 1-channel models)
+        channels = 3 if mode == "upscale" else pipe.package.stages[-1].channels
+        kwargs["image"] = _plain_mode(kwargs["image"], "L" if channels == 1 else "RGB")
     plan = pipe.plan(prompt=prompts, mode=mode, **kwargs)   # validation: errors exit 2
+    from .backends.base import ModelOutputError
+    from .samplers.base import NonFiniteError
+
     try:
         images = pipe.execute(plan)
+    except (NonFiniteError, ModelOutputError) as e:           # a broken network: the model's fault
+        raise UsageError(f"the model failed: {e}") from e
     except (ValueError, TypeError) as e:                     # past validation: our bug
         raise InternalError(str(e)) from e
     elapsed = time.perf_counter() - t0
 
     written = []
     if len(images) == 1 or not args.no_grid:
-        img = images[0] if len(images) == 1 else imageio.make_grid(images)
+        # one column per prompt (or class), its images down the column
+        img = images[0] if len(images) == 1 else imageio.make_grid(
+            _columns_by_prompt(images, plan.n_prompts, plan.num_images),
+            cols=plan.n_prompts if plan.n_prompts > 1 else None)
         imageio.save_png(img, out)
         written.append(str(out))
         paths = [str(out)] * len(images)
@@ -306,6 +339,13 @@ def _cmd_images(args) -> int:
     if args.json_out:
         imageio.write_json(report, args.json_out)
     return EXIT_OK
+
+
+def _columns_by_prompt(images: list, n_prompts: int, num_images: int) -> list:
+    """Prompt-major images reordered row by row for a grid with one column per prompt."""
+    if n_prompts <= 1:
+        return images
+    return [images[p * num_images + r] for r in range(num_images) for p in range(n_prompts)]
 
 
 def _guidance_report(plan) -> dict:

@@ -178,9 +178,28 @@ def test_mismatched_mask_exits_2(pkgs, tmp_path):
     r = run("inpaint", tmp_path / "in.png", tmp_path / "mask.png", "red", "--model", pkgs["text"],
             "--out", tmp_path / "o.png")
     assert r.returncode == 2 and "must match" in one_line_error(r)
-    Image.new("L", (16, 16)).save(tmp_path / "gray.png")
-    r = run("img2img", tmp_path / "gray.png", "red", "--model", pkgs["text"], "--out", tmp_path / "o.png")
-    assert r.returncode == 2 and "grayscale" in one_line_error(r)
+
+
+def test_image_files_in_any_common_mode_are_converted(pkgs, tmp_path):
+    # the Python API refuses modes it would have to guess about (tests/test_pipeline.py); a file
+    # given to the command line is converted, since its user cannot call .convert()
+    import numpy as np
+
+    Image.new("L", (16, 16), 90).save(tmp_path / "gray.png")
+    Image.new("RGBA", (16, 16), (200, 10, 10, 128)).save(tmp_path / "rgba.png")
+    Image.fromarray(np.full((16, 16), 40000, np.uint16)).save(tmp_path / "i16.png")
+    Image.new("RGB", (16, 16)).convert("P").save(tmp_path / "p.png")
+    for name in ("gray", "rgba", "i16", "p"):
+        out = tmp_path / f"o_{name}.png"
+        r = run("img2img", tmp_path / f"{name}.png", "red", "--model", pkgs["text"], "--out", out)
+        assert r.returncode == 0 and out.is_file(), (name, r.stderr[-300:])
+    mask = Image.new("RGB", (16, 16))        # an editor's RGB mask: taken as grey
+    mask.paste((255, 255, 255), (4, 4, 12, 12))
+    mask.save(tmp_path / "mask_rgb.png")
+    Image.new("RGB", (16, 16)).save(tmp_path / "in.png")
+    r = run("inpaint", tmp_path / "in.png", tmp_path / "mask_rgb.png", "red", "--model", pkgs["text"],
+            "--out", tmp_path / "o_inp.png")
+    assert r.returncode == 0, r.stderr[-300:]
 
 
 def test_argparse_usage_errors_exit_2():
@@ -296,3 +315,43 @@ from pydiff.cli import main""").format(check_torch=False)
     assert p.returncode == 130, seen + rest
     assert "interrupted" in rest and "Traceback" not in rest
     assert list(tmp_path.iterdir()) == []
+
+
+def test_json_out_may_not_overwrite_the_image(pkgs, tmp_path):
+    r = run("generate", "red", "--model", pkgs["text"], "--out", tmp_path / "a.png", "--json-out", tmp_path / "a.png")
+    assert r.returncode == 2 and "would overwrite an image" in one_line_error(r)
+    r = run("generate", "red", "--num-images", "2", "--no-grid", "--model", pkgs["text"], "--out",
+            tmp_path / "b.png", "--json-out", tmp_path / "b-1.png")
+    assert r.returncode == 2 and "would overwrite an image" in one_line_error(r)
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_folders_are_made_only_for_a_run_that_succeeds(pkgs, tmp_path):
+    r = run("generate", "red", "--model", tmp_path / "nope", "--out", tmp_path / "new" / "deeper" / "a.png")
+    assert r.returncode == 2 and not (tmp_path / "new").exists()
+    r = run("generate", "red", "--model", pkgs["text"], "--out", tmp_path / "new" / "deeper" / "a.png")
+    assert r.returncode == 0 and (tmp_path / "new" / "deeper" / "a.png").is_file()
+
+
+def test_a_broken_network_is_bad_input_naming_the_stage(pkgs, tmp_path):
+    import json as _json
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(pkgs["text"], pkg)
+    st = _json.loads((pkg / "manifest.json").read_text())["stages"][-1]
+    model = onnx.load(str(pkg / st["onnx"]))
+    g, out = model.graph, st["output"]
+    for n in g.node:                       # the network's output, times NaN
+        n.output[:] = [o + "_raw" if o == out else o for o in n.output]
+    g.initializer.append(numpy_helper.from_array(np.array(np.nan, np.float32), "nan"))
+    g.node.append(helper.make_node("Mul", [out + "_raw", "nan"], [out]))
+    onnx.save(model, str(pkg / st["onnx"]))
+    r = run("generate", "red", "--model", pkg, "--steps", "2", "-q", "--out", tmp_path / "x.png")
+    err = one_line_error(r)
+    assert r.returncode == 2 and f"stage {st['name']!r}" in err and st["onnx"] in err and "NaN" in err, err
+    assert not (tmp_path / "x.png").exists()

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Backend, BackendUnavailableError, StageModel
+from .base import Backend, BackendUnavailableError, ModelOutputError, StageModel
 
-__all__ = ["Backend", "BackendUnavailableError", "StageModel", "create_backend", "BACKENDS"]
+__all__ = ["Backend", "BackendUnavailableError", "ModelOutputError", "StageModel", "create_backend", "BACKENDS"]
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 

@@ -18,6 +18,11 @@ def input_dtype(name: str) -> type:
     return np.int64 if name == "class_labels" else np.float32
 
 
+class ModelOutputError(RuntimeError):
+    """A network returned something the format rules out (e.g. a shape other than the sample's):
+    a broken or mismatched model file, not a bug of the caller or of pydiff."""
+
+
 class StageModel:
     """Callable `model(x_t [B,C,H,W] f32, t [B] f32, cond: dict name -> [B,...]) -> [B,C,H,W] f32`.
 

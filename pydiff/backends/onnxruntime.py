@@ -21,7 +21,7 @@ import numpy as np
 
 from ..cuda import stream_handle
 from ..package import Package, PackageError, check_stage_io, check_text_encoder_io
-from .base import Backend, BackendUnavailableError, StageModel, input_dtype
+from .base import Backend, BackendUnavailableError, ModelOutputError, StageModel, input_dtype
 
 CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 # --provider choice -> ORT providers, in priority order (CPU stays as the fallback for odd nodes)
@@ -189,7 +189,7 @@ class OrtStageModel(StageModel):
     def __call__(self, x, t, cond=None):
         (out,) = self.session.run(self._outputs, self.feeds(x, t, cond))
         if out.shape != x.shape:
-            raise RuntimeError(f"stage {self.stage.name!r}: the network returned shape {out.shape} "
+            raise ModelOutputError(f"stage {self.stage.name!r}: the network returned shape {out.shape} "
                                f"for a sample of shape {x.shape}")
         return out
 
@@ -237,7 +237,7 @@ class OrtStageModel(StageModel):
         if out is None:
             (out,) = binding.get_outputs()
             if tuple(out.shape()) != x_shape:
-                raise RuntimeError(f"stage {self.stage.name!r}: the network returned shape "
+                raise ModelOutputError(f"stage {self.stage.name!r}: the network returned shape "
                                    f"{tuple(out.shape())} for a sample of shape {x_shape}")
         return out
 

@@ -279,7 +279,7 @@ class Pipeline:
             raise ValueError(f"{n_prompts} prompt(s) x {num_images} images is over the batch "
                              f"limit {MAX_BATCH}")
         if seed is None:
-            seed = secrets.randbits(63)
+            seed = secrets.randbits(53)   # exact in JSON readers that use doubles (jq, JavaScript)
         elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
                 or not 0 <= seed <= MAX_SEED:
             raise ValueError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
@@ -409,6 +409,9 @@ class Pipeline:
 
     def execute(self, plan: _Plan):
         """Run a validated plan; returns the images in `plan.output_type`."""
+        from ..backends.base import ModelOutputError
+        from ..samplers.base import NonFiniteError
+
         core = _core()
         B = plan.batch
         rng = np.random.Generator(np.random.PCG64(plan.seed))
@@ -419,7 +422,10 @@ class Pipeline:
         if plan.init_low_res is not None:
             x_prev = np.repeat(plan.init_low_res, B, axis=0)
         for st in plan.stages:
-            x_prev = self._run_stage(core, plan, st, rng, text, x_prev)
+            try:
+                x_prev = self._run_stage(core, plan, st, rng, text, x_prev)
+            except (NonFiniteError, ModelOutputError) as e:   # say which network misbehaved
+                raise type(e)(f"stage {st.name!r} ({st.onnx.name}): {e}") from e
         x = np.clip(x_prev, -1.0, 1.0)
         if plan.output_type == "numpy":
             return imageio.to_numpy(x)

@@ -174,6 +174,15 @@ def resolve(package: Package, stages: list[Stage], *, n_prompts: int, num_images
                 raise ValueError(f"strength {sv} with {k} steps runs no step for stage {n!r}; "
                                  f"raise strength or steps")
 
+        if s == "ddim" and e > 1:   # beyond 1 eta can ask for more noise than a step holds
+            from ..samplers import make_sampler
+            from ..schedules import Schedule
+
+            try:
+                make_sampler("ddim", Schedule.from_config(dict(st.scheduler)), int(k), eta=e)
+            except ValueError as err:
+                raise ValueError(f"eta for stage {n!r}: {err}") from None
+
         out[n] = StageSettings(
             sampler=s, steps=int(k), guidance_scale=g, eta=e, thresholding=th,
             dynamic_thresholding_ratio=_finite(rec["dynamic_thresholding_ratio"], "ratio"),
