@@ -179,7 +179,9 @@ def fused_step(x, model_output, params, *, out, guidance_scale=None, x0_prev=Non
     For CUDA-graph replay (pydiff.cuda_graph): param_table, a uint8 device array holding
     ``pydiff._C.pack_step_params(rows)``, and step_counter, an int32 [1] device array: the step reads
     row ``step_counter[0]`` instead of `params` (whose prediction type and thresholding mode every row
-    shares) and adds 1 to the counter. workspace: a device buffer of at least
+    shares) and adds 1 to the counter, which must stay below the table's row count (the kernel
+    cannot check it without a host synchronisation; GraphSampler resets it every run). workspace: a
+    device buffer of at least
     ``workspace_bytes(B, n)`` bytes for dynamic thresholding (else it allocates stream-ordered).
     """
     from pydiff import _C
