@@ -20,8 +20,12 @@ def __getattr__(name):
         from pydiff import pipeline
 
         return getattr(pipeline, name)
+    if name in ("ModelOutputError", "BackendUnavailableError"):
+        from pydiff import backends
+
+        return getattr(backends, name)
     raise AttributeError(f"module 'pydiff' has no attribute {name!r}")
 
 
 __all__ = ["Schedule", "ScheduleError", "sample", "make_sampler", "timesteps", "NonFiniteError", "__version__",
-           *_PIPELINE_NAMES]
+           "ModelOutputError", "BackendUnavailableError", *_PIPELINE_NAMES]

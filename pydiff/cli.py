@@ -433,6 +433,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = bool(os.environ.get("PYDIFF_DEBUG"))
     parser = build_parser(with_extras=_needs_extras(argv))
+    if argv[:1] == ["guidance"] and len(argv) > 1 and argv[1].startswith("-"):
+        argv = ["guidance", "--", *argv[1:]]   # `guidance --help`: its own parser answers it
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

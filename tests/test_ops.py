@@ -69,6 +69,14 @@ def test_abs_quantile_over_2_24_elements_exact():
     assert s[0] == min(max(got[0], 1.0), 10.0)
 
 
+@pytest.mark.parametrize("pred", ["epsilon", "sample", "v_prediction"])
+def test_predict_x0_matches_reference(pred):
+    rng = np.random.default_rng(5)
+    x, mo = (rng.standard_normal((3, 4, 5)).astype(np.float32) for _ in range(2))
+    got = ops.predict_x0(x, mo, 0.6, 0.8, pred)
+    np.testing.assert_allclose(got, reference.predict_x0(x, mo, 0.6, 0.8, pred), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("count,offset", [(0, 0), (1, 0), (5, 3), (1000, 0), (4097, 17), (100_003, 1)])
 def test_randn_bit_identical_to_reference(count, offset):
     got = ops.randn((count,), seed=2**40 + 12345, step=9, offset=offset)

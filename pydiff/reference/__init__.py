@@ -105,6 +105,14 @@ def predict_x0_eps(prediction_type: int, x, out, alpha, sigma):
     return alpha * x - sigma * out, alpha * out + sigma * x
 
 
+def predict_x0(x, model_output, alpha: float, sigma: float, prediction_type: str = "epsilon"):
+    """x0 from a network output (the oracle of pydiff.ops.predict_x0), x_t = alpha x0 + sigma eps."""
+    codes = {"epsilon": EPSILON, "sample": SAMPLE, "v_prediction": V_PREDICTION}
+    code = codes[prediction_type] if isinstance(prediction_type, str) else int(prediction_type)
+    x0, _ = predict_x0_eps(code, np.asarray(x, F32), np.asarray(model_output, F32), alpha, sigma)
+    return np.asarray(x0, F32)
+
+
 def quantile_rank(q: float, n: int):
     """(lo, hi, w): the rank q (n - 1) as torch.quantile computes it (float32 below 2^24 elements)."""
     if n - 1 < 2**24:

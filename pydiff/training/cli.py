@@ -121,7 +121,8 @@ def _add_guidance(sub):
                                         "export-classifier, export-clip (see pydiff.training.guidance_models)",
                        add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: __import__("pydiff.training.guidance_models", fromlist=["main"]).main(a.args))
+    p.set_defaults(func=lambda a: __import__("pydiff.training.guidance_models", fromlist=["main"]).main(
+        a.args[1:] if a.args[:1] == ["--"] else a.args))
 
 
 def register(subparsers) -> None:
