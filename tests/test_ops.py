@@ -237,3 +237,57 @@ class TestBadInput:
     def test_unknown_prediction_type(self):
         with pytest.raises(ValueError, match="unknown prediction_type 'x0'"):
             ops.predict_x0(np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32), 0.5, 0.5, "x0")
+
+
+class TestAliasingAndInputs:
+    """Buffers the kernels would silently get wrong are refused; harmless inputs are taken."""
+
+    def _step(self, **kw):
+        p = ops.step_params(**_params(c_d=0.25))
+        rng = np.random.default_rng(0)
+        x, mo = rng.standard_normal((2, 8)).astype(np.float32), rng.standard_normal((2, 8)).astype(np.float32)
+        prev = rng.standard_normal((2, 8)).astype(np.float32)
+        args = dict(x0_prev=prev)
+        args.update(kw)
+        return ops.fused_step(x, mo, p, **args)
+
+    def test_x0_out_may_not_be_out(self):
+        out = np.empty((2, 8), np.float32)
+        with pytest.raises(ValueError, match="x0_out overlaps out"):
+            self._step(out=out, x0_out=out)
+
+    def test_x0_out_may_not_straddle_an_input(self):
+        p = ops.step_params(**_params())
+        big = np.zeros(24, np.float32)
+        x = big[:16].reshape(2, 8)
+        with pytest.raises(ValueError, match="x0_out partially overlaps x"):
+            ops.fused_step(x, np.zeros((2, 8), np.float32), p, x0_out=big[4:20].reshape(2, 8))
+
+    def test_thresholds_may_not_touch_the_step_buffers(self):
+        p = ops.step_params(**_params(threshold_mode=2, sample_max_value=1.5))
+        mo = np.zeros((2, 8), np.float32)
+        with pytest.raises(ValueError, match="thresholds overlaps model_output"):
+            ops.fused_step(np.zeros((2, 8), np.float32), mo, p, thresholds=mo.reshape(-1)[:2])
+
+    def test_read_only_and_equivalent_dtype_inputs_are_taken(self):
+        import pickle
+
+        a = np.frombuffer(np.arange(8, dtype=np.float32).tobytes(), np.float32).reshape(2, 4)  # read-only
+        assert not a.flags.writeable
+        np.testing.assert_array_equal(ops.cfg_mix(a, a, 3.0), a)
+        b = np.zeros((2, 4), np.dtype("float32", metadata={"k": 1}))   # an equivalent dtype object
+        assert b.dtype is not np.dtype(np.float32)
+        ops.cfg_mix(b, b)
+        c = pickle.loads(pickle.dumps(np.ones((2, 4), np.float32)))
+        ops.cfg_mix(c, c)
+        with pytest.raises(TypeError, match="must have dtype float32"):
+            ops.cfg_mix(np.zeros((2, 4), ">f4"), np.zeros((2, 4), np.float32))
+
+    def test_clip_range_and_empty_samples(self):
+        p = ops.step_params(**_params(threshold_mode=1, clip_range=-1.0))
+        with pytest.raises(ValueError, match="clip_sample_range"):
+            ops.fused_step(np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32), p)
+        p = ops.step_params(**_params(threshold_mode=2, sample_max_value=1.5))
+        with pytest.raises(ValueError, match="no elements per sample"):
+            ops.fused_step(np.zeros((3, 0), np.float32), np.zeros((3, 0), np.float32), p,
+                           thresholds=np.full(3, 123.0, np.float32))

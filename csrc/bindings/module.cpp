@@ -40,7 +40,7 @@ View view_f32(py::handle obj, const char* name, bool writable) {
     throw py::type_error(std::string(name) + " must be a numpy.ndarray of float32, got " +
                          std::string(py::str(py::type::of(obj).attr("__name__"))));
   auto arr = py::reinterpret_borrow<py::array>(obj);
-  if (!arr.dtype().is(py::dtype::of<float>()))
+  if (!arr.dtype().equal(py::dtype::of<float>()))   // equivalent, not the same object: unpickled arrays
     throw py::type_error(std::string(name) + " must have dtype float32, got " +
                          std::string(py::str(arr.dtype())));
   if (!(arr.flags() & py::array::c_style))
@@ -48,7 +48,8 @@ View view_f32(py::handle obj, const char* name, bool writable) {
   if (!(arr.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) throw py::value_error(std::string(name) + " must be aligned");
   if (writable && !arr.writeable()) throw py::value_error(std::string(name) + " must be writeable");
   View v;
-  v.ptr = static_cast<float*>(arr.mutable_data());
+  // a read-only input (np.frombuffer, mmap_mode='r') is fine: only outputs need writing
+  v.ptr = writable ? static_cast<float*>(arr.mutable_data()) : const_cast<float*>(static_cast<const float*>(arr.data()));
   for (py::ssize_t i = 0; i < arr.ndim(); ++i) v.shape.push_back(arr.shape(i));
   v.size = arr.size();
   return v;
@@ -65,8 +66,15 @@ void require_shape(const View& v, const std::vector<int64_t>& shape, const char*
 void require_no_partial_overlap(const View& a, const char* an, const float* b, int64_t bsize,
                                 const char* bn) {
   const float *a0 = a.ptr, *a1 = a.ptr + a.size, *b0 = b, *b1 = b + bsize;
-  if (a.size && bsize && a0 < b1 && b0 < a1 && a0 != b0)
+  if (a.size && bsize && a0 < b1 && b0 < a1 && (a0 != b0 || a.size != bsize))
     throw py::value_error(std::string(an) + " partially overlaps " + bn);
+}
+
+// Two outputs, or a buffer written between the kernel's passes, may share no element at all.
+void require_no_overlap(const View& a, const char* an, const float* b, int64_t bsize, const char* bn) {
+  const float *a0 = a.ptr, *a1 = a.ptr + a.size, *b0 = b, *b1 = b + bsize;
+  if (a.size && bsize && a0 < b1 && b0 < a1)
+    throw py::value_error(std::string(an) + " overlaps " + bn + " (they must be separate buffers)");
 }
 
 
@@ -81,9 +89,12 @@ void validate_step_params(const StepParams& p) {
     throw py::value_error("dynamic_thresholding_ratio must be in (0, 1]");
   if (p.threshold_mode == kDynamic && !(p.sample_max_value >= 1.0f))
     throw py::value_error("sample_max_value must be >= 1");
+  if (p.threshold_mode == kStaticClip && !(p.clip_range > 0.0f && p.clip_range <= 3.0e38f))
+    throw py::value_error("clip_sample_range must be a positive finite number");
 }
 
-int64_t fused_step(py::handle x_, py::handle model_output_, py::handle out_, const StepParams& p,
+// `p` by value: another Python thread may change the caller's object once the GIL is released.
+int64_t fused_step(py::handle x_, py::handle model_output_, py::handle out_, StepParams p,
                    bool guided, float guidance_scale, py::handle scales_, py::handle x0_prev_,
                    py::handle x0_out_, py::handle thresholds_) {
   const View x = view_f32(x_, "x", false);
@@ -117,6 +128,7 @@ int64_t fused_step(py::handle x_, py::handle model_output_, py::handle out_, con
   if (!x0_prev_.is_none()) {
     const View v = view_f32(x0_prev_, "x0_prev", false);
     require_shape(v, x.shape, "x0_prev", "the same as x");
+    require_no_partial_overlap(out, "out", v.ptr, v.size, "x0_prev");
     a.x0_prev = v.ptr;
   } else if (p.c_d != 0.0f) {
     throw py::value_error("x0_prev is required when c_d != 0 (a multistep update)");
@@ -124,15 +136,27 @@ int64_t fused_step(py::handle x_, py::handle model_output_, py::handle out_, con
   if (!x0_out_.is_none()) {
     const View v = view_f32(x0_out_, "x0_out", true);
     require_shape(v, x.shape, "x0_out", "the same as x");
-    require_no_partial_overlap(v, "x0_out", out.ptr, out.size, "out");
+    require_no_overlap(v, "x0_out", out.ptr, out.size, "out");
+    require_no_partial_overlap(v, "x0_out", x.ptr, x.size, "x");
+    require_no_partial_overlap(v, "x0_out", mo.ptr, B * n, "model_output");
+    if (guided) require_no_partial_overlap(v, "x0_out", mo.ptr + B * n, B * n, "model_output");
+    if (a.x0_prev) require_no_partial_overlap(v, "x0_out", a.x0_prev, x.size, "x0_prev");
     a.x0_out = v.ptr;
   }
   if (!thresholds_.is_none()) {
     const View v = view_f32(thresholds_, "thresholds", true);
     require_shape(v, {B}, "thresholds", "one per sample");
+    // written between the statistics and the update pass: it may touch nothing the step reads or writes
+    require_no_overlap(v, "thresholds", x.ptr, x.size, "x");
+    require_no_overlap(v, "thresholds", mo.ptr, mo.size, "model_output");
+    require_no_overlap(v, "thresholds", out.ptr, out.size, "out");
+    if (a.x0_prev) require_no_overlap(v, "thresholds", a.x0_prev, x.size, "x0_prev");
+    if (a.x0_out) require_no_overlap(v, "thresholds", a.x0_out, x.size, "x0_out");
     a.thresholds = v.ptr;
   }
   validate_step_params(p);
+  if (p.threshold_mode == kDynamic && B > 0 && n == 0)
+    throw py::value_error("x has no elements per sample: the dynamic threshold is undefined");
   const int nt = num_threads();
   py::gil_scoped_release nogil;
   return fused_step_cpu(a, p, nt);
@@ -165,6 +189,7 @@ void abs_quantile(py::handle x_, py::handle out_, float q, float max_value, bool
   if (x.shape.empty()) throw py::value_error("x must have a batch dimension, got a scalar");
   const int64_t B = x.shape[0], n = B ? x.size / B : 0;
   require_shape(out, {B}, "out", "one value per sample");
+  require_no_overlap(out, "out", x.ptr, x.size, "x");
   if (!(q > 0.0f && q <= 1.0f)) throw py::value_error("ratio must be in (0, 1]");
   if (clamp && !(max_value >= 1.0f)) throw py::value_error("sample_max_value must be >= 1");
   if (n == 0 && B > 0) throw py::value_error("x has no elements per sample: the quantile is undefined");

@@ -3,6 +3,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <vector>
 
 #ifdef _OPENMP
@@ -283,12 +284,14 @@ int64_t fused_step_impl(const StepArrays& a, const StepParams& params, int num_t
       t.at_max += u.at_max;
       t.max_le_one = std::max(t.max_le_one, u.max_le_one);
     }
+    // an exception may not leave an OpenMP region (std::terminate): keep the first, rethrow after
+    std::exception_ptr failure;
 #pragma omp parallel num_threads(int(std::min<int64_t>(nt, B)))
     {
       SelectScratch scratch;
       std::vector<float> abs_vals;
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t b = 0; b < B; ++b) {
+      for (int64_t b = 0; b < B; ++b) try {
         const int64_t off = b * n;
         auto collect_above = [&](float* dst) {  // |x0| of the sample again, then its values > 1
           abs_vals.resize(size_t(n));
@@ -299,8 +302,12 @@ int64_t fused_step_impl(const StepArrays& a, const StepParams& params, int num_t
         };
         s_dyn[size_t(b)] = threshold_from_stats(n, per_sample[size_t(b)], collect_above, p.dynamic_ratio,
                                                 p.sample_max_value, scratch);
+      } catch (...) {
+#pragma omp critical(pydiff_failure)
+        if (!failure) failure = std::current_exception();
       }
     }
+    if (failure) std::rethrow_exception(failure);
     if (a.thresholds)
       for (int64_t b = 0; b < B; ++b) a.thresholds[b] = s_dyn[size_t(b)];
   }
@@ -374,11 +381,12 @@ void abs_quantile_cpu(const float* x, float q, float max_value, bool clamp, floa
                       int64_t n, int num_threads) {
   if (n == 0) return;
   const int nt = threads_for(batch * n, num_threads);
+  std::exception_ptr failure;   // as in fused_step_cpu: rethrown after the region
 #pragma omp parallel num_threads(int(std::min<int64_t>(nt, std::max<int64_t>(batch, 1))))
   {
     SelectScratch scratch;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t b = 0; b < batch; ++b) try {
       const float* xb = x + b * n;
       AbsStats st;
       int64_t nans = 0;
@@ -409,8 +417,12 @@ void abs_quantile_cpu(const float* x, float q, float max_value, bool clamp, floa
         for (int64_t i = 0; i < n; ++i) all[size_t(i)] = std::fabs(xb[i]);
         s[b] = quantile_of(all.data(), n, q, scratch);
       }
+    } catch (...) {
+#pragma omp critical(pydiff_failure)
+      if (!failure) failure = std::current_exception();
     }
   }
+  if (failure) std::rethrow_exception(failure);
 }
 
 void randn_cpu(uint64_t seed, uint32_t step, int64_t offset, float* out, int64_t count,
