@@ -44,14 +44,24 @@ class TextEncoder:
         return ids, mask
 
     def encode(self, prompts: list[str] | str) -> tuple[np.ndarray, np.ndarray]:
-        """Return (states float32 [B, L, D], mask float32 [B, L]) for a list of prompts."""
+        """Return (states float32 [B, L, D], mask float32 [B, L]) for a list of prompts.
+
+        Each distinct prompt is encoded on its own: an int8 encoder with dynamic quantisation
+        (DynamicQuantizeLinear) takes one scale over the whole batch, so a prompt encoded with others
+        would change with them (by 15-35% here), and a seed would not give one prompt's image
+        whatever else is in the call. Alone, a prompt's states depend on the prompt only."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        prompts = list(prompts)
         ids, mask = self.tokenize(prompts)
-        feeds = {"input_ids": ids, "attention_mask": mask}
-        if "token_type_ids" in self._input_names:
-            feeds["token_type_ids"] = np.zeros_like(ids)
-        (states,) = self.session.run(["last_hidden_state"], feeds)
+        rows: dict[str, np.ndarray] = {}
+        for i, p in enumerate(prompts):
+            if p not in rows:
+                feeds = {"input_ids": ids[i:i + 1], "attention_mask": mask[i:i + 1]}
+                if "token_type_ids" in self._input_names:
+                    feeds["token_type_ids"] = np.zeros_like(ids[i:i + 1])
+                (rows[p],) = self.session.run(["last_hidden_state"], feeds)
+        states = np.concatenate([rows[p] for p in prompts]) if prompts else np.zeros((0, self.max_length, 0))
         return states.astype(np.float32), mask.astype(np.float32)
 
     def __call__(self, prompts):

@@ -90,3 +90,18 @@ def test_the_tokenizers_own_pad_token_is_kept(tmp_path):
     ids, mask = enc.tokenize(["red circle"])
     assert ids.shape == (1, 6) and mask[0].tolist() == [1, 1, 0, 0, 0, 0]
     assert ids[0, 2:].tolist() == [vocab[eot]] * 4
+
+
+def test_a_prompts_states_do_not_depend_on_its_batch():
+    # the bundled encoder quantises activations dynamically (one scale per call): encoded together,
+    # prompts would change each other; pydiff encodes each distinct prompt alone
+    from pydiff.text_encoder import TextEncoder
+
+    if not (BUNDLED_TE / "model.onnx").is_file():
+        pytest.skip("no bundled text encoder")
+    enc = TextEncoder(BUNDLED_TE / "model.onnx", BUNDLED_TE / "tokenizer.json", max_length=16)
+    alone, _ = enc.encode(["a red circle on a blue background"])
+    mixed, mask = enc.encode(["a green square on a white background", "a red circle on a blue background",
+                              "", "a green square on a white background"])
+    assert np.array_equal(mixed[1], alone[0]) and np.array_equal(mixed[0], mixed[3])
+    assert mixed.shape[0] == mask.shape[0] == 4

@@ -132,9 +132,11 @@ PYDIFF_HOST_DEVICE void quantile_rank(float q, int64_t n, int64_t& lo, int64_t& 
   if (hi > n - 1) hi = n - 1;
 }
 
-// torch.lerp's formula, which is what torch.quantile interpolates with.
+// torch.lerp's formula, which is what torch.quantile interpolates with, with its multiply-add fused
+// as torch's compiled kernels have it (CPU and CUDA): one rounding, not two. fmaf is explicit, so
+// it holds under -ffp-contract=off / --fmad=false too.
 PYDIFF_HOST_DEVICE float torch_lerp(float a, float b, float w) {
-  return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w);
+  return w < 0.5f ? fmaf(w, b - a, a) : fmaf(-(b - a), 1.0f - w, b);
 }
 
 PYDIFF_HOST_DEVICE float clamp_threshold(float s, float sample_max_value) {

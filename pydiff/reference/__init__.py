@@ -127,10 +127,30 @@ def quantile_rank(q: float, n: int):
     return lo, hi, w
 
 
+def fma32(a, b, c) -> np.float32:
+    """a * b + c rounded once to float32 (a fused multiply-add), for float32 a, b, c.
+
+    a * b is exact in float64; the float64 sum is rounded once, and its exact error (TwoSum)
+    settles the one case where rounding that to float32 again would differ: a float32 midpoint."""
+    a, b, c = float(F32(a)), float(F32(b)), float(F32(c))
+    p = a * b
+    s = p + c
+    bv = s - c
+    e = (p - (s - bv)) + (c - bv)
+    r = F32(s)
+    if e != 0.0 and float(r) != s:
+        other = np.nextafter(r, F32(np.inf) if s > float(r) else F32(-np.inf))
+        if s == (float(r) + float(other)) / 2:          # a midpoint: the exact sum is off it
+            s = float(np.nextafter(s, np.inf if e > 0 else -np.inf))
+            r = F32(s)
+    return r
+
+
 def torch_lerp(a, b, w):
-    """torch.lerp's formula, the interpolation torch.quantile uses."""
+    """torch.lerp's formula, the interpolation torch.quantile uses (multiply-add fused, as torch's
+    compiled kernels have it)."""
     a, b, w = F32(a), F32(b), F32(w)
-    return a + w * (b - a) if w < F32(0.5) else b - (b - a) * (F32(1) - w)
+    return fma32(w, b - a, a) if w < F32(0.5) else fma32(-(b - a), F32(1) - w, b)
 
 
 def abs_quantile(x: np.ndarray, q: float, max_value: float = 1.0, clamp: bool = False) -> np.ndarray:

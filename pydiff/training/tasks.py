@@ -53,12 +53,9 @@ def caption_embeddings(text_encoder_dir: str | Path, max_length: int, cache: str
         if meta["sha256"] == digest and meta["captions"] == captions and meta["max_length"] == max_length:
             return captions, t["states"], t["mask"]
     enc = TextEncoder(str(d / "model.onnx"), str(d / "tokenizer.json"), max_length)
-    states, masks = [], []
-    for i in range(0, len(captions), 64):
-        s, m = enc.encode(captions[i:i + 64])
-        states.append(s)
-        masks.append(m)
-    states, masks = np.concatenate(states), np.concatenate(masks)
+    # one caption at a time, as inference encodes (TextEncoder.encode): the bundled stages were
+    # trained on captions encoded 64 at a time, which their int8 encoder quantised per batch
+    states, masks = enc.encode(captions)
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         save_file({"states": states, "mask": masks}, str(cache))
