@@ -107,3 +107,21 @@ def test_noise_aug_level_zero_is_the_upsampled_image(tmp_path):
     b = tr.task.batch(np.random.default_rng(0), 2)
     # level 0 of the cosine schedule: sqrt(abar_0) ~ 1 so low_res is the blurred image itself
     assert float((b["low_res"] - b["x0"]).abs().mean()) < 0.1
+
+
+def test_export_takes_the_newest_checkpoint(tmp_path):
+    # a finished run extended and stopped early: last.safetensors (7 steps) is newer than final (6)
+    import shutil
+
+    from pydiff.training.trainer import CKPT, load_checkpoint
+
+    run = tmp_path / "run"
+    train(digits_cfg(), run, command="test", progress=False)
+    other = tmp_path / "other"
+    train(digits_cfg(steps=7), other, command="test", progress=False)
+    shutil.copyfile(other / "final.safetensors", run / CKPT)
+    model, _ = load_run_model(run)
+    _, ema7, meta = load_checkpoint(run / CKPT)
+    assert int(meta["step"]) == 7
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in ema7.items())

@@ -110,13 +110,16 @@ def _training_md(title: str, runs: list[tuple[str, Path, object]], extra: str = 
         if len(cmds) > 1:
             lines += ["(Several commands: the run was stopped and resumed from its checkpoint with "
                       "the later command; the step count, and so the cosine learning-rate schedule, "
-                      "is the one in force at each step. Running the last command alone on a fresh "
-                      "directory reproduces the recipe.)", ""]
+                      "is the one in force at each step: the learning rate of the early steps followed "
+                      "the earlier commands' schedules, so the last command alone on a fresh directory "
+                      "gives a slightly different run; the commands in order reproduce it.)", ""]
         lines += [
                   f"- task: `{cfg.task}`, data seed {s['seed']} (NumPy PCG64 for data, captions, "
                   f"dropout and crops; torch generator seeded {s['seed']} + 1 for t and noise)",
                   f"- steps: {s['steps']} at batch {cfg.batch_size}, lr {cfg.lr} (warmup {cfg.warmup}, "
-                  f"cosine to {cfg.lr_min_ratio} x), EMA decay {cfg.ema_decay}",
+                  f"cosine to {cfg.lr_min_ratio} x), EMA decay min({cfg.ema_decay}, (1 + n) / (10 + n)) "
+                  f"at update n (diffusers' EMAModel warm-up): {min(cfg.ema_decay, (1 + s['steps']) / (10 + s['steps'])):.4f} "
+                  f"at the last step",
                   f"- training wall time: {s['wall_s'] / 60:.1f} min ({per_step:.2f} s/step)",
                   f"- final loss (mean of the last 200 steps): {s['final_loss_last200']:.4f}",
                   f"- parameters: {s.get('parameters', 'n/a')}",

@@ -200,10 +200,12 @@ def load_run_model(run_dir: str | Path, ema: bool = True):
     from safetensors.torch import load_file
 
     run_dir = Path(run_dir)
-    path = run_dir / "final.safetensors"
-    if not path.exists():
-        path = run_dir / CKPT
-    cfg_d, ema_sd, _ = load_checkpoint(path)
+    # the checkpoint with the most steps: an extension of a finished run that was stopped leaves a
+    # newer last.safetensors beside the older final one
+    found = [(load_checkpoint(p), p) for p in (run_dir / "final.safetensors", run_dir / CKPT) if p.exists()]
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no final.safetensors or {CKPT}")
+    (cfg_d, ema_sd, _), path = max(found, key=lambda f: int(f[0][2]["step"]))
     cfg = TrainConfig(**cfg_d)
     model = build_model(cfg.model)
     if ema:
@@ -253,10 +255,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, command: str | None = None, pro
 
     stop = {"flag": False}
 
-    def _request_stop(signum, frame):  # SIGTERM: finish the step, checkpoint, exit
+    def _request_stop(signum, frame):  # SIGTERM / first Ctrl-C: finish the step, checkpoint, exit
+        if stop["flag"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt     # a second Ctrl-C: stop now, without a checkpoint of this step
         stop["flag"] = True
 
     prev = signal.signal(signal.SIGTERM, _request_stop) if _main_thread() else None
+    prev_int = signal.signal(signal.SIGINT, _request_stop) if _main_thread() else None
+    torn = False   # interrupted inside a step: its state may be half-applied, so it is not saved
     try:
         while tr.step_i < cfg.steps and not stop["flag"]:
             loss = tr.step()
@@ -275,11 +281,17 @@ def train(cfg: TrainConfig, run_dir: str | Path, command: str | None = None, pro
                 tr.save(run_dir / CKPT)
                 last_ckpt = time.time()
     except KeyboardInterrupt:
-        stop["flag"] = True
+        stop["flag"] = torn = True
     finally:
         if prev is not None:
             signal.signal(signal.SIGTERM, prev)
+        if prev_int is not None:
+            signal.signal(signal.SIGINT, prev_int)
     bar.close()
+    if torn:
+        print(f"interrupted inside step {tr.step_i + 1}; the last checkpoint stands (rerun the same "
+              f"command to resume from it)", flush=True)
+        return {"task": cfg.task, "steps": tr.step_i, "stopped": True}
     tr.wall_s += time.time() - t_seg
     tr.save(run_dir / CKPT)
     if stop["flag"] and tr.step_i < cfg.steps:
