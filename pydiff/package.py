@@ -66,6 +66,10 @@ class TextEncoderSpec:
     max_length: int
     hidden_size: int | None
     name: str | None = None
+    # "per_prompt": each prompt encoded alone (its states depend on it only); "batched": all of a
+    # call's prompts in one run, as stages trained on batch-encoded captions expect (an encoder with
+    # dynamic int8 quantisation takes one scale per run, so batch-mates change each other)
+    encode: str = "per_prompt"
 
 
 @dataclass(frozen=True)
@@ -479,6 +483,8 @@ def load_package(path: str | os.PathLike) -> Package:
             hidden_size=_int(ctx, te_raw, "hidden_size", "text_encoder", 1, MAX_HIDDEN_SIZE,
                              required=False, nullable=True),
             name=_str(ctx, te_raw, "name", "text_encoder", required=False),
+            encode=_str(ctx, te_raw, "encode", "text_encoder", required=False, default="per_prompt",
+                        choices=("per_prompt", "batched")),
         )
 
     stages_raw = _get(ctx, data, "stages", "")

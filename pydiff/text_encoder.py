@@ -11,9 +11,11 @@ class TextEncoder:
     """
 
     def __init__(self, onnx_path: str, tokenizer_path: str, max_length: int = 16,
-                 providers: list[str] | None = None, session_options=None, session=None):
+                 providers: list[str] | None = None, session_options=None, session=None,
+                 per_prompt: bool = True):
         """`session`: an InferenceSession of `onnx_path` already made (then `providers` and
-        `session_options` are unused)."""
+        `session_options` are unused). `per_prompt`: encode each prompt alone (see encode); False
+        runs a call's prompts as one batch (the package format's text_encoder.encode "batched")."""
         from tokenizers import Tokenizer
 
         self.max_length = int(max_length)
@@ -34,6 +36,7 @@ class TextEncoder:
             session = create_session(onnx_path, providers or ["CPUExecutionProvider"], session_options,
                                      required=())
         self.session = session
+        self.per_prompt = bool(per_prompt)
         self._input_names = {i.name for i in self.session.get_inputs()}
 
     def tokenize(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -54,6 +57,12 @@ class TextEncoder:
             prompts = [prompts]
         prompts = list(prompts)
         ids, mask = self.tokenize(prompts)
+        if not self.per_prompt:
+            feeds = {"input_ids": ids, "attention_mask": mask}
+            if "token_type_ids" in self._input_names:
+                feeds["token_type_ids"] = np.zeros_like(ids)
+            (states,) = self.session.run(["last_hidden_state"], feeds)
+            return states.astype(np.float32), mask.astype(np.float32)
         rows: dict[str, np.ndarray] = {}
         for i, p in enumerate(prompts):
             if p not in rows:

@@ -105,3 +105,18 @@ def test_a_prompts_states_do_not_depend_on_its_batch():
                               "", "a green square on a white background"])
     assert np.array_equal(mixed[1], alone[0]) and np.array_equal(mixed[0], mixed[3])
     assert mixed.shape[0] == mask.shape[0] == 4
+
+
+def test_the_package_says_how_prompts_are_encoded():
+    import pydiff
+    from pydiff.package import load_package
+    from pydiff.pipeline import bundled_path
+
+    pkg = load_package(bundled_path("shapes"))
+    assert pkg.text_encoder.encode == "batched"        # its stages were trained on batch-encoded captions
+    enc = pydiff.load().backend.text_encoder
+    assert enc.per_prompt is False
+    both, _ = enc.encode(["a red circle on a blue background", "a green square on a white background"])
+    ids, mask = enc.tokenize(["a red circle on a blue background", "a green square on a white background"])
+    (one_run,) = enc.session.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})
+    assert np.array_equal(both, one_run)                # one run for the whole call

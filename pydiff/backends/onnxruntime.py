@@ -163,7 +163,8 @@ def load_text_encoder(package: Package, providers, session_options=None, *, requ
 
     session = create_session(te.onnx, providers, session_options, required=required)
     try:
-        enc = TextEncoder(str(te.onnx), str(te.tokenizer), te.max_length, session=session)
+        enc = TextEncoder(str(te.onnx), str(te.tokenizer), te.max_length, session=session,
+                          per_prompt=te.encode == "per_prompt")
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PackageError(f"{te.onnx} / {te.tokenizer}: cannot load the text encoder ({msg})") from None

@@ -176,7 +176,7 @@ def export_shapes(base_run: str | Path, sr_run: str | Path, text_encoder_dir: st
                            f"{scfg.low_res_resolution}->{scfg.resolution} super-resolution",
             "text_encoder": {"onnx": "text_encoder/model.onnx", "tokenizer": "text_encoder/tokenizer.json",
                              "max_length": bcfg.max_length, "hidden_size": HIDDEN_SIZE,
-                             "name": ENCODER_NAME},
+                             "name": ENCODER_NAME, "encode": "per_prompt"},
             "stages": [
                 {"name": "base", "onnx": "base.onnx", "resolution": bcfg.resolution, "channels": 3,
                  "conditioning": "text", "num_classes": None, "inputs": b["inputs"], "output": "out",
