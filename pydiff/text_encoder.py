@@ -58,20 +58,21 @@ class TextEncoder:
         prompts = list(prompts)
         ids, mask = self.tokenize(prompts)
         if not self.per_prompt:
-            feeds = {"input_ids": ids, "attention_mask": mask}
-            if "token_type_ids" in self._input_names:
-                feeds["token_type_ids"] = np.zeros_like(ids)
-            (states,) = self.session.run(["last_hidden_state"], feeds)
-            return states.astype(np.float32), mask.astype(np.float32)
+            return self._run(ids, mask), mask.astype(np.float32)
         rows: dict[str, np.ndarray] = {}
         for i, p in enumerate(prompts):
             if p not in rows:
-                feeds = {"input_ids": ids[i:i + 1], "attention_mask": mask[i:i + 1]}
-                if "token_type_ids" in self._input_names:
-                    feeds["token_type_ids"] = np.zeros_like(ids[i:i + 1])
-                (rows[p],) = self.session.run(["last_hidden_state"], feeds)
+                rows[p] = self._run(ids[i:i + 1], mask[i:i + 1])
         states = np.concatenate([rows[p] for p in prompts]) if prompts else np.zeros((0, self.max_length, 0))
         return states.astype(np.float32), mask.astype(np.float32)
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """last_hidden_state float32 [B, L, D] of one encoder run."""
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self._input_names:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        (states,) = self.session.run(["last_hidden_state"], feeds)
+        return states.astype(np.float32)
 
     def __call__(self, prompts):
         return self.encode(prompts)
