@@ -162,8 +162,9 @@ def fused_step(x, model_output, params, *, guidance_scale=None, x0_prev=None, x0
     x [B, ...]; model_output [B, ...], or [2B, ...] = [cond; uncond] when guidance_scale is given
     (a number or [B]); x0_prev/x0_out [B, ...] for multistep solvers; thresholds [B] receives the
     dynamic threshold. Returns (x_prev [B, ...], number of non-finite inputs/outputs). A NaN in a
-    sample's x0 is no candidate of its dynamic threshold (torch.quantile would give NaN): the count
-    says it is there, and pydiff.sample raises NonFiniteError on it.
+    sample's x0 makes its dynamic threshold differ from torch.quantile's NaN (it counts in the
+    sample's size but is never selected); the returned count says it is there, and pydiff.sample
+    raises NonFiniteError on it.
     """
     x, mo = as_array(x, "x"), as_array(model_output, "model_output")
     res = _out(out, x)
