@@ -77,3 +77,50 @@ def test_shape_reader_on_renders():
     for s in specs:
         r = read_shape(S.render(s))
         assert (r["fg"], r["shape"], r["bg"]) == (s.fg, s.shape, s.bg)
+
+
+def test_caption_embedding_cache_is_keyed_on_the_encoding(tmp_path, monkeypatch):
+    """The training cache of caption states is reused only for the same encoder file, captions,
+    length and per-prompt encoding; a cache from the batched encoding (no "encode" key) is redone."""
+    pytest.importorskip("torch")
+    import json
+
+    import pydiff.text_encoder as te
+    from pydiff.training.tasks import caption_embeddings
+
+    calls = []
+
+    class FakeEncoder:
+        def __init__(self, onnx, tokenizer, max_length, **kw):
+            assert kw.get("per_prompt", True), "training must encode each caption alone"
+            self.max_length = max_length
+
+        def encode(self, prompts):
+            calls.append(len(prompts))
+            n = len(prompts)
+            return (np.full((n, self.max_length, 4), float(len(calls)), np.float32),
+                    np.ones((n, self.max_length), np.float32))
+
+    monkeypatch.setattr(te, "TextEncoder", FakeEncoder)
+    enc = tmp_path / "enc"
+    enc.mkdir()
+    (enc / "model.onnx").write_bytes(b"one")
+    cache = tmp_path / "run" / "caption_embeddings.safetensors"
+
+    captions, states, mask = caption_embeddings(enc, 16, cache)
+    assert captions[-1] == "" and states.shape == (len(captions), 16, 4) and calls == [len(captions)]
+    meta = json.loads((tmp_path / "run" / "caption_embeddings.safetensors.json").read_text())
+    assert meta["encode"] == "per_prompt"
+    _, again, _ = caption_embeddings(enc, 16, cache)          # reused: no second encoding
+    assert len(calls) == 1 and np.array_equal(again, states)
+
+    del meta["encode"]                                        # a cache of the batched encoding
+    (tmp_path / "run" / "caption_embeddings.safetensors.json").write_text(json.dumps(meta))
+    _, redone, _ = caption_embeddings(enc, 16, cache)
+    assert len(calls) == 2 and redone[0, 0, 0] == 2.0
+
+    (enc / "model.onnx").write_bytes(b"two")                  # another encoder file
+    caption_embeddings(enc, 16, cache)
+    assert len(calls) == 3
+    caption_embeddings(enc, 8, cache)                         # another length
+    assert len(calls) == 4

@@ -50,7 +50,9 @@ def caption_embeddings(text_encoder_dir: str | Path, max_length: int, cache: str
     if cache is not None and Path(cache).exists():
         t = load_file(str(cache))
         meta = json.loads(Path(str(cache) + ".json").read_text())
-        if meta["sha256"] == digest and meta["captions"] == captions and meta["max_length"] == max_length:
+        # "encode" is absent from caches written by the batched encoding of the first bundled runs
+        if (meta["sha256"] == digest and meta["captions"] == captions
+                and meta["max_length"] == max_length and meta.get("encode") == "per_prompt"):
             return captions, t["states"], t["mask"]
     enc = TextEncoder(str(d / "model.onnx"), str(d / "tokenizer.json"), max_length)
     # one caption at a time, as inference encodes (TextEncoder.encode): the bundled stages were
@@ -60,7 +62,7 @@ def caption_embeddings(text_encoder_dir: str | Path, max_length: int, cache: str
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         save_file({"states": states, "mask": masks}, str(cache))
         Path(str(cache) + ".json").write_text(json.dumps(
-            {"sha256": digest, "captions": captions, "max_length": max_length}))
+            {"sha256": digest, "captions": captions, "max_length": max_length, "encode": "per_prompt"}))
     return captions, states, masks
 
 
