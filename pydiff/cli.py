@@ -72,6 +72,9 @@ def _common(p, *, prompts=True):
     g.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
                    help="runtime for the networks (default: onnxruntime; tensorrt needs "
                         "pydiff[tensorrt] and a GPU)")
+    g.add_argument("--fp16", action="store_true",
+                   help="TensorRT backend: float16 engines (TensorRT 10: the FP16 builder flag; "
+                        "11: the ONNX graph rewritten to float16, inputs and outputs float32)")
     g.add_argument("--provider", choices=["auto", "cpu", "cuda", "tensorrt"], default=None,
                    help="ONNX Runtime execution provider (default: CUDA when this onnxruntime "
                         "has it, else CPU; cuda/tensorrt need onnxruntime-gpu)")
@@ -285,8 +288,12 @@ def _cmd_images(args) -> int:
         kwargs["seed"] = secrets.randbits(53)   # exact in JSON readers that use doubles (jq, JavaScript)
 
     t0 = time.perf_counter()
-    pipe = _pipeline(args.model, args.backend,
-                     **({"providers": args.provider} if args.provider else {}))
+    options = {"providers": args.provider} if args.provider else {}
+    if args.fp16:
+        if args.backend != "tensorrt":
+            raise UsageError("--fp16 builds float16 TensorRT engines: it needs --backend tensorrt")
+        options["fp16"] = True
+    pipe = _pipeline(args.model, args.backend, **options)
     if "image" in kwargs:   # the image file as the model takes it (grey for 1-channel models)
         channels = 3 if mode == "upscale" else pipe.package.stages[-1].channels
         kwargs["image"] = _plain_mode(kwargs["image"], "L" if channels == 1 else "RGB")

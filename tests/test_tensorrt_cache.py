@@ -49,6 +49,10 @@ def fake_tensorrt(version="10.13.0.35"):
     class BuilderFlag:
         FP16, TF32 = "fp16", "tf32"
 
+    class NetworkDefinitionCreationFlag:
+        STRONGLY_TYPED = 1   # TensorRT 11 accepts it and ignores it: every network is strongly typed
+
+    trt.network_flags = []   # create_network's flags per build
     if int(version.split(".")[0]) >= 11:   # TensorRT 11: strongly typed networks, no FP16 flag
         del BuilderFlag.FP16
 
@@ -117,7 +121,8 @@ def fake_tensorrt(version="10.13.0.35"):
             pass
 
         def create_network(self, flags):
-            assert flags == 0   # TensorRT 10: explicit batch is the only mode
+            assert flags in (0, 1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED)   # explicit batch only
+            trt.network_flags.append(flags)
             return Network()
 
         def create_builder_config(self):
@@ -188,7 +193,8 @@ def fake_tensorrt(version="10.13.0.35"):
         def deserialize_cuda_engine(self, blob):
             return Engine(json.loads(blob[6:])) if bytes(blob).startswith(b"ENGINE") else None
 
-    for cls in (Logger, TensorIOMode, BuilderFlag, Builder, OnnxParser, Runtime):
+    for cls in (Logger, TensorIOMode, BuilderFlag, Builder, OnnxParser, Runtime,
+                NetworkDefinitionCreationFlag):
         setattr(trt, cls.__name__, cls)
     return trt
 
@@ -373,6 +379,25 @@ def test_missing_tensorrt_is_a_clear_error(monkeypatch, tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and "pydiff[tensorrt]" in err[0], err
 
 
+def test_cli_fp16_reaches_the_tensorrt_backend(monkeypatch, tmp_path, capsys):
+    import pydiff.pipeline as pipeline
+
+    seen = []
+
+    def init(self, package, **options):
+        seen.append(("tensorrt", options))
+        raise BackendUnavailableError("stop here")
+
+    monkeypatch.setattr(trtb.TensorRTBackend, "__init__", init)
+    pipeline.clear_cache()
+    rc = cli.main(["generate", "red", "--backend", "tensorrt", "--fp16", "-q", "--out", str(tmp_path / "x.png")])
+    assert rc == 2 and seen == [("tensorrt", {"fp16": True})]
+    rc = cli.main(["generate", "red", "--fp16", "-q", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(seen) == 1 and "--fp16 builds float16 TensorRT engines: it needs --backend tensorrt" in err
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_missing_torch_or_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
     pkg = load_package(bundled_path("shapes"))
@@ -394,13 +419,48 @@ def test_module_imports_neither_tensorrt_nor_torch():
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
 
 
-def test_fp16_on_tensorrt_11_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("11.1.0"))
+def test_fp16_on_tensorrt_11_builds_a_float16_graph(monkeypatch, tmp_path):
+    """TensorRT 11 has no FP16 builder flag: fp16=True parses the graph rewritten to float16 (float32
+    inputs and outputs), builds it strongly typed, and keys the cache on the rewrite."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto
+
+    from pydiff.exporting import mixed_precision
+
+    fake = fake_tensorrt("11.4.0")
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
     monkeypatch.setattr(trtb, "gpu_identity", lambda: GPU)
-    with pytest.raises(ValueError, match="fp16=True: TensorRT 11.1.0 has no FP16 builder flag"):
-        trtb.load_engine(_onnx(tmp_path), trtb.EngineOptions(fp16=True), cache=tmp_path / "c")
-    assert not (tmp_path / "c").exists()
-    assert trtb.load_engine(_onnx(tmp_path), cache=tmp_path / "c")[2]   # fp32 builds
+    src = bundled_path("digits") / "model.onnx"
+    path = _onnx(tmp_path, src.read_bytes(), "model.onnx")
+    fp16 = trtb.EngineOptions(fp16=True)
+
+    engine, file, built = trtb.load_engine(path, fp16, cache=tmp_path / "c")
+    assert built and fake.network_flags == [1 << 1] and "fp16" not in fake.build_flags[0]
+    parsed = onnx.load_from_string(fake.builds[0][0])
+    assert [i.type.tensor_type.elem_type for i in parsed.graph.input] == [
+        TensorProto.FLOAT, TensorProto.FLOAT, TensorProto.INT64]   # sample, timestep, class_labels
+    assert parsed.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    convs = [n for n in parsed.graph.node if n.op_type == "Conv"]
+    weights = {t.name: t.data_type for t in parsed.graph.initializer}
+    assert convs and all(weights[n.input[1]] == TensorProto.FLOAT16 for n in convs)
+    assert file.name == "model-" + trtb.engine_key(
+        src.read_bytes(), GPU, "11.4.0", fp16, f"mixed-precision-fp16-v{mixed_precision.VERSION}")[:32] + ".engine"
+
+    assert not trtb.load_engine(path, fp16, cache=tmp_path / "c")[2]        # cached
+    _, fp32_file, built32 = trtb.load_engine(path, cache=tmp_path / "c")     # fp32: a network as parsed
+    assert built32 and fp32_file != file and fake.network_flags[-1] == 0
+    assert fake.builds[-1][0] == src.read_bytes()
+
+    monkeypatch.setitem(sys.modules, "onnx", None)   # the rewrite needs onnx
+    with pytest.raises(BackendUnavailableError, match="needs the onnx package"):
+        trtb.load_engine(path, fp16, cache=tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+
+def test_fp16_on_tensorrt_10_uses_the_builder_flag(trt, tmp_path):
+    trtb.load_engine(_onnx(tmp_path), trtb.EngineOptions(fp16=True), cache=tmp_path / "c")
+    assert trt.builds[0][0] == b"onnx model A" and "fp16" in trt.build_flags[0]
+    assert trt.network_flags == [0]
 
 
 def test_a_static_batch_input_is_refused(trt, tmp_path):

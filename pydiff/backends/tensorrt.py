@@ -8,9 +8,14 @@ ONNX Runtime.
 Engine cache: `<dir>/<onnx stem>-<key>.engine`, dir = the `cache_dir` argument, else
 $PYDIFF_TRT_CACHE, else ~/.cache/pydiff/trt. The key is the sha256 of the ONNX file's sha256, the
 GPU's name and compute capability, the TensorRT version and the build options (fp16, tf32, the
-batch profile), so a change to any of them builds a new engine. fp16 needs TensorRT 10 (11 removed
-the FP16 builder flag). Files are written atomically (temp file
-+ os.replace) and carry a checksum; a corrupt or truncated file is rebuilt with a warning.
+batch profile, the version of the float16 graph rewrite), so a change to any of them builds a new
+engine. Files are written atomically (temp file + os.replace) and carry a checksum; a corrupt or
+truncated file is rebuilt with a warning.
+
+fp16: TensorRT 10 gets its FP16 builder flag (it then picks float16 or float32 per layer); TensorRT 11
+removed that flag (its networks are strongly typed), so there the ONNX graph is first rewritten to
+compute in float16 with float32 inputs and outputs (`pydiff.exporting.mixed_precision`, needs the
+`onnx` package) and built as a strongly typed network.
 """
 from __future__ import annotations
 
@@ -81,20 +86,52 @@ def gpu_identity() -> tuple[str, str]:
     return torch.cuda.get_device_name(), f"{major}.{minor}"
 
 
-def engine_key(onnx_bytes: bytes, gpu: tuple[str, str], trt_version: str, options: EngineOptions) -> str:
-    """What an engine depends on, hashed: the ONNX bytes, the GPU, TensorRT, the build options."""
+def engine_key(onnx_bytes: bytes, gpu: tuple[str, str], trt_version: str, options: EngineOptions,
+               graph_rewrite: str | None = None) -> str:
+    """What an engine depends on, hashed: the ONNX bytes, the GPU, TensorRT, the build options and
+    the rewrite the graph goes through before TensorRT parses it (None: parsed as it is)."""
     fields = {"onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(), "gpu": gpu[0],
               "compute_capability": gpu[1], "tensorrt": trt_version, **asdict(options)}
+    if graph_rewrite is not None:
+        fields["graph_rewrite"] = graph_rewrite
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def check_options(trt, options: EngineOptions) -> None:
-    """Refuse what this TensorRT cannot build, before any work: TensorRT 11 removed the FP16
-    builder flag (its networks are strongly typed: precision comes from the ONNX file)."""
+def graph_rewrite(trt, options: EngineOptions) -> str | None:
+    """The rewrite an ONNX file needs before this TensorRT builds it with these options: fp16 on a
+    TensorRT without the FP16 builder flag (11 and later) is a float16 graph; otherwise none."""
     if options.fp16 and not hasattr(trt.BuilderFlag, "FP16"):
-        raise ValueError(f"fp16=True: TensorRT {trt.__version__} has no FP16 builder flag (removed in "
-                         "TensorRT 11, whose networks take their precision from the ONNX file); use "
-                         "fp16=False, or TensorRT 10 (pip install 'tensorrt-cu13<11')")
+        from ..exporting.mixed_precision import VERSION
+
+        return f"mixed-precision-fp16-v{VERSION}"
+    return None
+
+
+def check_options(trt, options: EngineOptions) -> None:
+    """Refuse what cannot be built here, before any work: fp16 on TensorRT 11 rewrites the ONNX
+    graph, which needs the onnx package."""
+    if graph_rewrite(trt, options) is not None:
+        try:
+            import onnx  # noqa: F401
+        except ImportError as e:
+            raise BackendUnavailableError(
+                f"fp16=True on TensorRT {trt.__version__} (strongly typed networks, no FP16 builder "
+                f"flag) rewrites the ONNX graph to float16, which needs the onnx package ({e}): "
+                f"pip install onnx, or use fp16=False") from e
+
+
+def float16_graph(onnx_bytes: bytes, what: str, path: str | None = None) -> bytes:
+    """The ONNX model rewritten to compute in float16 with float32 inputs and outputs, serialized
+    with its weights inside (`path`: where external weights, if any, lie)."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    from ..exporting.mixed_precision import convert
+
+    model = onnx.load_from_string(onnx_bytes)   # the bytes the cache key hashed, not a re-read
+    if path is not None:
+        load_external_data_for_model(model, str(Path(path).parent))
+    return convert(model, what).SerializeToString()
 
 
 def load_engine(onnx_path, options: EngineOptions = EngineOptions(), *, cache=None,
@@ -105,7 +142,7 @@ def load_engine(onnx_path, options: EngineOptions = EngineOptions(), *, cache=No
     check_options(trt, options)
     onnx_path = Path(onnx_path)
     data = onnx_path.read_bytes()   # hashed and parsed: the same bytes
-    key = engine_key(data, gpu or gpu_identity(), trt.__version__, options)
+    key = engine_key(data, gpu or gpu_identity(), trt.__version__, options, graph_rewrite(trt, options))
     path = cache_dir(cache) / f"{onnx_path.stem}-{key[:32]}.engine"
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     blob = _read_cached(path)
@@ -127,21 +164,28 @@ def load_engine(onnx_path, options: EngineOptions = EngineOptions(), *, cache=No
 
 
 def build_engine(trt, onnx_bytes: bytes, options: EngineOptions, what: str, path: str | None = None) -> bytes:
-    """A serialized engine: explicit batch, one profile over dim 0 of every input, fp16 if asked.
-    `path`: the ONNX file's path, where the parser looks for external weights."""
+    """A serialized engine: explicit batch, one profile over dim 0 of every input, fp16 if asked
+    (the FP16 flag on TensorRT 10, a float16 graph on 11). `path`: the ONNX file's path, where the
+    parser looks for external weights."""
     check_options(trt, options)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     # TensorRT 10 networks are always explicit-batch (the flag is deprecated); 8.x needs the flag
     flags = 0 if int(trt.__version__.split(".")[0]) >= 10 else \
         1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    if graph_rewrite(trt, options) is not None:
+        onnx_bytes, path = float16_graph(onnx_bytes, what, path), None
+        # TensorRT 11 types every network strongly; the flag says so to versions that still ask
+        strongly_typed = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+        if strongly_typed is not None:
+            flags |= 1 << int(strongly_typed)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_bytes, path=path):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"{what}: TensorRT cannot parse this ONNX file ({errors})")
     config = builder.create_builder_config()
-    if options.fp16:
+    if options.fp16 and hasattr(trt.BuilderFlag, "FP16"):
         config.set_flag(trt.BuilderFlag.FP16)
     if options.tf32:
         config.set_flag(trt.BuilderFlag.TF32)

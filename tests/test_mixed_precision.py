@@ -1,0 +1,160 @@
+"""The float16 graph rewrite TensorRT 11's fp16 engines are built from (pydiff.exporting.mixed_precision).
+
+Checked on ONNX Runtime's CPU provider: it runs the float16 graph (casting around the float16 nodes it
+has no kernel for), so every tensor the rewrite made float16 is rounded to float16 between nodes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from pydiff.exporting import mixed_precision as mp  # noqa: E402
+from pydiff.pipeline import bundled_path  # noqa: E402
+
+F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
+
+
+def _types(model):
+    model = onnx.shape_inference.infer_shapes(model)
+    g = model.graph
+    t = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.value_info) + list(g.output)}
+    t.update({i.name: i.data_type for i in g.initializer})
+    return t
+
+
+def _feeds(model, batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for i in model.graph.input:
+        shape = [d.dim_value or batch for d in i.type.tensor_type.shape.dim]
+        if i.type.tensor_type.elem_type == TensorProto.INT64:
+            feeds[i.name] = rng.integers(0, 10, shape).astype(np.int64)
+        elif i.name in ("timestep", "noise_level"):
+            feeds[i.name] = rng.uniform(0, 999, shape).astype(np.float32)
+        elif "mask" in i.name:
+            feeds[i.name] = np.ones(shape, np.float32)
+        else:
+            feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def _run(model, feeds):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("package,stage", [("digits", "model"), ("shapes", "base"), ("shapes", "sr64")])
+def test_bundled_networks_in_float16(package, stage):
+    model = onnx.load(str(bundled_path(package) / f"{stage}.onnx"))
+    half = mp.convert(model, stage)
+    types = _types(half)
+    g = half.graph
+    # the buffers pydiff binds keep their types
+    assert [(i.name, i.type.tensor_type.elem_type) for i in g.input] == \
+        [(i.name, i.type.tensor_type.elem_type) for i in model.graph.input]
+    assert all(o.type.tensor_type.elem_type == F32 for o in g.output)
+    # the heavy ops compute in float16 on float16 weights; statistics and the phases stay float32
+    for n in g.node:
+        if n.op_type in ("Conv", "MatMul", "Gemm"):
+            assert all(types[i] == F16 for i in n.input if i), n.name
+        if n.op_type in mp.KEEP_FLOAT32:
+            assert all(types[o] == F32 for o in n.output), n.name
+    phases = [n for n in g.node if n.op_type in ("Sin", "Cos")]
+    assert phases and all(types[n.input[0]] == F32 for n in phases)
+    assert not any(t.data_type == F32 and t.dims and np.prod(t.dims) > 16 for t in g.initializer), \
+        "a float32 weight tensor was left"
+    s = mp.summary(half)
+    assert s["float16_nodes"] > s["nodes"] / 2 and s["casts"] < s["nodes"] / 5
+
+    feeds = _feeds(model)
+    ref, out = _run(model, feeds), _run(half, feeds)
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    # measured 1.5e-4 (digits) to 5.6e-4 (sr64) over three draws; float16's unit roundoff is 4.9e-4
+    assert err < 2e-3, err
+    assert err > 0   # it did compute in float16
+
+
+def _graph(nodes, inputs, outputs, inits=(), opset=17):
+    g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _vi(name, shape=(2, 3), t=F32):
+    return helper.make_tensor_value_info(name, t, list(shape))
+
+
+def test_unknown_ops_stay_float32_and_casts_go_only_at_boundaries():
+    w = numpy_helper.from_array(np.full((3, 3), 0.5, np.float32), "w")
+    model = _graph([helper.make_node("MatMul", ["x", "w"], ["a"]),
+                    helper.make_node("Softsign", ["a"], ["b"]),       # not in either list: float32
+                    helper.make_node("Add", ["b", "b"], ["c"]),
+                    helper.make_node("Exp", ["c"], ["y"])],           # kept in float32
+                   [_vi("x")], [_vi("y")], [w])
+    half = mp.convert(model)
+    t = _types(half)
+    ops = [n.op_type for n in half.graph.node]
+    assert ops == ["Cast", "MatMul", "Cast", "Softsign", "Cast", "Add", "Cast", "Exp"]
+    assert t["a"] == F16 and t["b"] == F32 and t["c"] == F16 and t["y"] == F32
+    assert {i.name: i.data_type for i in half.graph.initializer} == {"w/fp16": F16}
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    np.testing.assert_allclose(_run(half, {"x": x}), _run(model, {"x": x}), rtol=5e-3)
+
+
+def test_float16_weights_stored_with_a_cast_feed_float16_ops_directly():
+    w16 = numpy_helper.from_array(np.full((3, 3), 0.25, np.float16), "w16")
+    model = _graph([helper.make_node("Cast", ["w16"], ["w"], to=F32),
+                    helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.float32(3.0))),
+                    helper.make_node("MatMul", ["x", "w"], ["a"]),
+                    helper.make_node("Mul", ["a", "k"], ["y"])],
+                   [_vi("x")], [_vi("y")], [w16])
+    half = mp.convert(model)
+    ops = [(n.op_type, list(n.input)) for n in half.graph.node]
+    assert ops == [("Cast", ["x"]), ("MatMul", ["x/fp16", "w16"]), ("Mul", ["a", "k/fp16"]), ("Cast", ["y/fp16"])]
+    assert {i.name: i.data_type for i in half.graph.initializer} == {"w16": F16, "k/fp16": F16}
+
+
+def test_resize_scales_stay_float32():
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    model = _graph([helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="nearest")],
+                   [_vi("x", (1, 2, 3, 3))], [_vi("y", (1, 2, 6, 6))], [scales])
+    half = mp.convert(model)
+    t = _types(half)
+    assert t["scales"] == F32 and t["y/fp16"] == F16
+    x = np.arange(18, dtype=np.float32).reshape(1, 2, 3, 3)
+    np.testing.assert_array_equal(_run(half, {"x": x}), _run(model, {"x": x}))
+
+
+def test_refusals_name_the_problem():
+    big = numpy_helper.from_array(np.array(1e5, np.float32), "big")
+    model = _graph([helper.make_node("Mul", ["x", "big"], ["y"], name="scale")],
+                   [_vi("x")], [_vi("y")], [big])
+    with pytest.raises(mp.MixedPrecisionError, match=r"m: constant 'big' holds 100000, beyond "
+                                                     r"float16's range .* Mul node 'scale'"):
+        mp.convert(model, "m")
+    branch = helper.make_graph([helper.make_node("Identity", ["x"], ["z"])], "b", [], [_vi("z")])
+    cond = _graph([helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)],
+                  [_vi("x"), _vi("c", (), TensorProto.BOOL)], [_vi("y")])
+    with pytest.raises(mp.MixedPrecisionError, match="has a subgraph"):
+        mp.convert(cond, "m")
+
+
+def test_command_line_writes_atomically(tmp_path, capsys):
+    src = bundled_path("digits") / "model.onnx"
+    dst = tmp_path / "model_fp16.onnx"
+    assert mp.main([str(src), str(dst)]) == 0
+    assert "float16_nodes" in capsys.readouterr().out
+    assert any(t.data_type == F16 for t in onnx.load(str(dst)).graph.initializer)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    with pytest.raises(Exception):
+        mp.main([str(bad), str(tmp_path / "out.onnx")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "model_fp16.onnx"]
+    assert mp.main([str(src)]) == 2
