@@ -113,6 +113,23 @@ def test_tensorrt_engine_matches_cpu_provider_and_is_cached(package, cpu_base, t
     np.testing.assert_allclose(trtb.TrtStageModel(stage, engine2)(x, t, cond), want, atol=1e-2, rtol=0)
 
 
+def test_tensorrt_fp16_engine_is_close_to_the_float32_graph(package, cpu_base, tmp_path):
+    """fp16=True: the FP16 builder flag on TensorRT 10, the float16 graph rewrite on 11. The rewrite
+    gave 1.6-1.9e-4 of the output's largest value on ONNX Runtime's CPU provider; allow 10x that."""
+    pytest.importorskip("tensorrt")
+    from pydiff.backends import tensorrt as trtb
+
+    stage = package.stage("base")
+    engine, path, built = trtb.load_engine(stage.onnx, trtb.EngineOptions(fp16=True, max_batch=8),
+                                           cache=tmp_path)
+    assert built and path.is_file()
+    x, t, cond = _inputs()
+    want = cpu_base(x, t, cond)
+    got = trtb.TrtStageModel(stage, engine)(x, t, cond)
+    assert got.dtype == np.float32
+    assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
+
+
 def test_tensorrt_backend_runs_the_pipeline(package, tmp_path):
     pytest.importorskip("tensorrt")
     import pydiff
