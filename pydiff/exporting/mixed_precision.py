@@ -10,10 +10,17 @@ the dependency, by rules that can be read and tested:
 - statistics and exponentials stay in float32 (`KEEP_FLOAT32`: normalisations, softmax, reductions,
   exp / log / pow / sqrt), as every other op the pass does not know;
 - the arguments of Sin and Cos stay in float32 with everything that computes them (a timestep
-  embedding's t * frequency reaches 999: float16 spacing there is 0.5, a phase error of 0.25 rad);
+  embedding's t * frequency reaches 999: float16 spacing there is 0.5, a phase error of 0.25 rad),
+  and so do Resize's scales and roi with what computes them;
+- an op with a constant beyond float16's range (a -1e9 mask fill, Clip at FLT_MAX) stays in float32,
+  as AutoCast's `init_max` rule does;
 - the graph's inputs and outputs keep their float32 types, so the buffers pydiff binds do not change.
 
-Casts go only where a float32 tensor meets a float16 op or back; a float16 weight stored with a Cast
+A float32 value beyond 65504 that reaches a float16 op becomes +-inf there, as in any float16
+engine; a sampler then stops with NonFiniteError. So a normalisation written out as separate ops
+(ReduceMean, Sub, Pow, ReduceMean, Add eps, ...) adds its variance to eps in float16 and overflows
+on large activations; pydiff's exports use ONNX's InstanceNormalization / LayerNormalization. Casts go only where a float32 tensor meets a
+float16 op or back; a float16 weight stored with a Cast
 to float32 (how pydiff packages store weights) feeds float16 ops directly, and float constants are
 folded to float16. The result passes ONNX shape inference and the full checker.
 
@@ -72,10 +79,22 @@ def convert(model, what: str = "model"):
     elem = {}   # the exported type of every tensor
     for v in list(g.input) + list(g.value_info) + list(g.output):
         elem[v.name] = v.type.tensor_type.elem_type
-    inits = {t.name: t for t in g.initializer}
+    graph_inputs = {v.name for v in g.input}
+    # an initializer that is also a graph input is a default the caller may override: not a constant
+    inits = {t.name: t for t in g.initializer if t.name not in graph_inputs}
     for t in g.initializer:
         elem[t.name] = t.data_type
     producer = {o: n for n in g.node for o in n.output if o}
+    taken = set(elem) | set(producer) | {n.name for n in g.node}
+
+    def fresh(name):
+        """`name`, or `name.1`, `name.2`, ... if the graph already has it."""
+        out, k = name, 0
+        while out in taken:
+            k += 1
+            out = f"{name}.{k}"
+        taken.add(out)
+        return out
 
     def is_float(name):
         if name not in elem:
@@ -83,11 +102,34 @@ def convert(model, what: str = "model"):
                                       f"inference; cannot decide its precision")
         return elem[name] == FLOAT
 
+    def constant_value(name):
+        """The value of an initializer or a Constant node's output; None for anything else."""
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        p = producer.get(name)
+        if p is None or p.op_type != "Constant" or len(p.attribute) != 1:
+            return None
+        a = p.attribute[0]
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.float32(a.f)
+        if a.name == "value_floats":
+            return np.array(a.floats, np.float32)
+        return None
+
+    def out_of_range(name):
+        v = constant_value(name) if elem.get(name) == FLOAT else None
+        return v is not None and np.abs(v[np.isfinite(v)]).max(initial=0.0) > FP16_MAX
+
     # 1. which nodes compute in float16
-    low = {id(n) for n in g.node if n.op_type in FLOAT16_OPS}
+    low = {id(n) for n in g.node if n.op_type in FLOAT16_OPS
+           and not any(out_of_range(i) for i in n.input if i)}
     stack = [i for n in g.node if n.op_type in PHASE_OPS for i in n.input if i]
+    stack += [n.input[k] for n in g.node for k in NOT_DATA_INPUTS.get(n.op_type, ())
+              if k < len(n.input) and n.input[k]]
     seen = set()
-    while stack:   # the arguments of Sin/Cos, and what computes them, stay float32
+    while stack:   # Sin/Cos arguments and Resize's scales, and what computes them, stay float32
         name = stack.pop()
         if name in seen or name not in producer:
             continue
@@ -106,14 +148,6 @@ def convert(model, what: str = "model"):
     new_inits, new_nodes_before = [], {}   # inserted casts go right before their first consumer
     fp16_of = {}                           # tensor -> its float16 twin's name
 
-    def constant_value(name):
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        p = producer.get(name)
-        if p is not None and p.op_type == "Constant" and len(p.attribute) == 1 and p.attribute[0].name == "value":
-            return numpy_helper.to_array(p.attribute[0].t)
-        return None
-
     def as_fp16(name, consumer):
         if name in fp16_of:
             return fp16_of[name]
@@ -121,18 +155,13 @@ def convert(model, what: str = "model"):
         if p is not None and p.op_type == "Cast" and elem.get(p.input[0]) == FLOAT16:
             fp16_of[name] = p.input[0]   # float16 -> float32 -> float16 is the identity
             return p.input[0]
-        value = constant_value(name)
-        twin = f"{name}/fp16"
+        value = constant_value(name)   # in float16's range: its consumers would stay float32
+        twin = fresh(f"{name}/fp16")
         if value is not None:
-            big = np.abs(value[np.isfinite(value)]).max(initial=0.0)
-            if big > FP16_MAX:
-                raise MixedPrecisionError(f"{what}: constant {name!r} holds {big:g}, beyond float16's "
-                                          f"range (65504), and feeds {consumer.op_type} node "
-                                          f"{consumer.name!r}, which would run in float16")
-            new_inits.append(numpy_helper.from_array(value.astype(np.float16), twin))
+            new_inits.append(numpy_helper.from_array(np.asarray(value).astype(np.float16), twin))
         else:
             new_nodes_before.setdefault(id(consumer), []).append(
-                helper.make_node("Cast", [name], [twin], name=f"{name}/to_fp16", to=FLOAT16))
+                helper.make_node("Cast", [name], [twin], name=fresh(f"{name}/to_fp16"), to=FLOAT16))
         fp16_of[name] = twin
         return twin
 
@@ -140,9 +169,9 @@ def convert(model, what: str = "model"):
 
     def as_fp32(name, consumer):
         if name not in fp32_of:
-            twin = f"{name}/fp32"
+            twin = fresh(f"{name}/fp32")
             new_nodes_before.setdefault(id(consumer), []).append(
-                helper.make_node("Cast", [name], [twin], name=f"{name}/to_fp32", to=FLOAT))
+                helper.make_node("Cast", [name], [twin], name=fresh(f"{name}/to_fp32"), to=FLOAT))
             fp32_of[name] = twin
         return fp32_of[name]
 
@@ -160,23 +189,28 @@ def convert(model, what: str = "model"):
                 continue
             node.input[i] = as_fp16(name, node) if want == FLOAT16 else as_fp32(name, node)
 
-    # 3. float16 outputs of float16 nodes: retype their value_info; graph outputs stay float32
+    # 3. graph outputs keep float32: a float16 node's output gets a new name, which its readers in
+    #    the graph take too, and a Cast right after the node gives the output's name back
     outputs = {o.name for o in g.output}
-    tail = []
+    after, renamed = {}, {}
     for node in g.node:
         if id(node) not in low:
             continue
         for j, name in enumerate(node.output):
             if name in outputs and elem.get(name) == FLOAT:
-                inner = f"{name}/fp16"
+                inner = renamed[name] = fresh(f"{name}/fp16")
                 node.output[j] = inner
-                tail.append(helper.make_node("Cast", [inner], [name], name=f"{name}/to_fp32", to=FLOAT))
-
+                after.setdefault(id(node), []).append(
+                    helper.make_node("Cast", [inner], [name], name=fresh(f"{name}/to_fp32"), to=FLOAT))
     nodes = []
     for node in g.node:
         nodes.extend(new_nodes_before.get(id(node), []))
         nodes.append(node)
-    nodes.extend(tail)
+        nodes.extend(after.get(id(node), []))
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
 
     # 4. drop what nothing reads any more (the float32 casts of float16 weights, folded constants)
     while True:

@@ -115,7 +115,7 @@ def test_tensorrt_engine_matches_cpu_provider_and_is_cached(package, cpu_base, t
 
 def test_tensorrt_fp16_engine_is_close_to_the_float32_graph(package, cpu_base, tmp_path):
     """fp16=True: the FP16 builder flag on TensorRT 10, the float16 graph rewrite on 11. The rewrite
-    gave 1.6-1.9e-4 of the output's largest value on ONNX Runtime's CPU provider; allow 10x that."""
+    gave 6.2-8.9e-4 of the output's largest value in NumPy float16 (tests/test_mixed_precision.py)."""
     pytest.importorskip("tensorrt")
     from pydiff.backends import tensorrt as trtb
 
@@ -127,7 +127,7 @@ def test_tensorrt_fp16_engine_is_close_to_the_float32_graph(package, cpu_base, t
     want = cpu_base(x, t, cond)
     got = trtb.TrtStageModel(stage, engine)(x, t, cond)
     assert got.dtype == np.float32
-    assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
+    assert np.abs(got - want).max() <= 3e-3 * np.abs(want).max()
 
 
 def test_tensorrt_backend_runs_the_pipeline(package, tmp_path):
