@@ -25,6 +25,7 @@ to float32 (how pydiff packages store weights) feeds float16 ops directly, and f
 folded to float16. The result passes ONNX shape inference and the full checker.
 
     python -m pydiff.exporting.mixed_precision IN.onnx OUT.onnx
+    python -m pydiff.exporting.mixed_precision --package SRC_PACKAGE DST_PACKAGE
 """
 from __future__ import annotations
 
@@ -255,19 +256,66 @@ def summary(model) -> dict:
             "float16_weights": sum(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer)}
 
 
+def convert_package(src, dst) -> dict:
+    """A copy of model package `src` at `dst` whose stage networks compute in float16 (float32 inputs
+    and outputs, so it loads and runs like the original); the text encoder and guidance models are
+    copied as they are. Written to a temporary folder beside `dst`, checked, then renamed."""
+    import json
+    import shutil
+    import tempfile
+
+    import onnx
+
+    from ..package import load_package
+
+    src, dst = Path(src).resolve(), Path(dst)
+    if dst.exists():
+        raise FileExistsError(f"{dst} exists; give a new folder")
+    pkg = load_package(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}."))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        report = {}
+        for path in dict.fromkeys(st.onnx for st in pkg.stages):   # each file once
+            rel = path.relative_to(src)
+            half = convert(onnx.load(str(path)), str(rel))
+            onnx.save(half, str(tmp / rel))
+            report[str(rel)] = summary(half)
+        manifest = json.loads((tmp / "manifest.json").read_text())
+        note = f"stage networks in float16 (pydiff.exporting.mixed_precision v{VERSION})"
+        manifest["description"] = f"{manifest.get('description', '')}; {note}".lstrip("; ")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        load_package(tmp)   # the copy is a valid package before it gets its name
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
 def main(argv=None) -> int:
+    import argparse
     import os
     import tempfile
 
     import onnx
 
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
-        return 2
-    src, dst = map(Path, args)
+    p = argparse.ArgumentParser(prog="python -m pydiff.exporting.mixed_precision",
+                                description="rewrite ONNX networks to compute in float16 (float32 "
+                                            "inputs and outputs), for fp16 TensorRT 11 engines")
+    p.add_argument("--package", action="store_true",
+                   help="SRC and DST are model packages: convert every stage network")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+    args = p.parse_args(argv)
+    if args.package:
+        for name, counts in convert_package(args.src, args.dst).items():
+            print(f"{name}: {counts}")
+        return 0
+    src, dst = Path(args.src), Path(args.dst)
     out = convert(onnx.load(str(src)), str(src))
-    fd, tmp = tempfile.mkstemp(dir=dst.parent or ".", prefix=f".{dst.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(out.SerializeToString())
