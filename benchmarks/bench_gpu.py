@@ -219,10 +219,26 @@ def graph_row(torch, make_network, plan, shape, label, B, stream=None):
     return row
 
 
-def bench_graph(torch, checkpoint, batches=(1, 8)):
+def float16_package(base_onnx):
+    """A temporary copy of the bundled shapes package whose base network is `base_onnx` (made by
+    `python -m pydiff.exporting.mixed_precision pydiff/bundled/shapes/base.onnx OUT`)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from pydiff.pipeline import bundled_path
+
+    dst = Path(tempfile.mkdtemp()) / "shapes16"
+    shutil.copytree(bundled_path("shapes"), dst)
+    shutil.copy(base_onnx, dst / "base.onnx")
+    return dst
+
+
+def bench_graph(torch, checkpoint, batches=(1, 8), fp16_onnx=None):
     """The bundled shapes base network with the fused step: as a torch module (its training weights,
-    when a checkpoint is given), through ONNX Runtime's CUDA provider and through TensorRT (each where
-    installed), eager against CUDA-graph replay."""
+    when a checkpoint is given), through ONNX Runtime's CUDA provider (also on the float16 rewrite of
+    the network, `fp16_onnx`) and through TensorRT (float32 and fp16 engines; each where installed),
+    eager against CUDA-graph replay."""
     from pydiff.cuda_graph import StageNetwork, StepPlan
 
     pipe = pydiff.load()  # the bundled shapes cascade
@@ -240,24 +256,29 @@ def bench_graph(torch, checkpoint, batches=(1, 8)):
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         backends.append("onnxruntime-cuda")
+        if fp16_onnx:
+            backends.append("onnxruntime-cuda-fp16")
     else:
         print("graph: this onnxruntime has no CUDA provider; its rows are skipped", flush=True)
     try:
         import tensorrt  # noqa: F401
 
-        backends.append("tensorrt")
+        backends += ["tensorrt", "tensorrt-fp16"]
     except ImportError:
         print("graph: tensorrt is not installed; its rows are skipped", flush=True)
     rows = []
     for label in backends:
-        stream = torch.cuda.Stream() if label == "onnxruntime-cuda" else None
+        stream = torch.cuda.Stream() if label.startswith("onnxruntime-cuda") else None
         if label == "onnxruntime-cuda":
             model = pydiff.load(providers="cuda", stream=stream).backend.model(stage.name)
-        elif label == "tensorrt":
+        elif label == "onnxruntime-cuda-fp16":
+            model = pydiff.load(float16_package(fp16_onnx), providers="cuda", stream=stream).backend.model(
+                stage.name)
+        elif label.startswith("tensorrt"):
             import tempfile
 
-            model = pydiff.load(backend="tensorrt", cache_dir=tempfile.mkdtemp(), providers="cpu").backend.model(
-                stage.name)
+            model = pydiff.load(backend="tensorrt", cache_dir=tempfile.mkdtemp(), providers="cpu",
+                                fp16=label.endswith("fp16")).backend.model(stage.name)
         for B in batches:
             states, mask = enc.encode(["a red circle on a blue background"] * B + [""] * B)
             shape = (B, stage.channels, stage.resolution, stage.resolution)
@@ -343,6 +364,7 @@ def main(argv=None):
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--markdown", metavar="JSON", help="print Markdown tables of an earlier --json run and exit")
     ap.add_argument("--checkpoint", help="training run of the shapes base stage (for the graph benchmark)")
+    ap.add_argument("--fp16-onnx", help="the float16 rewrite of the shapes base network (graph benchmark)")
     ap.add_argument("--only", choices=["bandwidth", "per_step", "graph", "profile"], nargs="*")
     args = ap.parse_args(argv)
     if args.markdown:
@@ -360,7 +382,7 @@ def main(argv=None):
     want = set(args.only or ["bandwidth", "per_step", "graph", "profile"])
     for name, fn in (("bandwidth", lambda: bench_bandwidth(torch, BANDWIDTH_SHAPES)),
                      ("per_step", lambda: bench_per_step(torch, STEP_SHAPES)),
-                     ("graph", lambda: bench_graph(torch, args.checkpoint)),
+                     ("graph", lambda: bench_graph(torch, args.checkpoint, fp16_onnx=args.fp16_onnx)),
                      ("profile", lambda: profile_dynamic(torch))):
         if name not in want:
             continue

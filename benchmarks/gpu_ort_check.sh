@@ -41,7 +41,10 @@ cd /tmp  # the installed pydiff, not the source tree
 timeout 300 $py -m pytest -q -p no:cacheprovider -rs "$repo/tests/gpu" > "$out/ort-tests.txt" 2>&1
 echo "tests exit $?" | tee -a "$out/ort-stages.txt"
 tail -12 "$out/ort-tests.txt"
+fp16=$repo/.gpu/base16.onnx   # the float16 rewrite of the bundled base (gpu_prepare.sh --ort)
+[ -f "$fp16" ] || fp16=
 PYTHONUNBUFFERED=1 timeout 300 $py "$repo/benchmarks/bench_gpu.py" --only graph ${ckpt:+--checkpoint "$ckpt"} \
+  ${fp16:+--fp16-onnx "$fp16"} \
   --json "$out/ort-graph.json" > "$out/ort-bench.txt" 2>&1
 echo "bench exit $?" | tee -a "$out/ort-stages.txt"
 grep -v "plugin EP\|Memcpy nodes" "$out/ort-bench.txt" | tail -8

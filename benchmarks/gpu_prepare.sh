@@ -9,7 +9,8 @@
 # benchmarks/gpu_ort_check.sh, as .gpu/ort/part.NN pieces of 25 MB of one tar.xz of the unpacked wheel
 # (without its TensorRT provider library) and .gpu/ort/sha256: a machine that takes at most 64 MiB per
 # call gets one piece per call (`cp .gpu/ort/part.NN /tmp/ortparts/`, carrying that piece), then
-# `cat /tmp/ortparts/part.* > /tmp/ort.tar.xz` before gpu_ort_check.sh.
+# `cat /tmp/ortparts/part.* > /tmp/ort.tar.xz` before gpu_ort_check.sh; and .gpu/base16.onnx, the
+# float16 rewrite of the bundled base network (7 MB; carry it with the last part).
 set -euo pipefail
 run=runs/shapes_base
 ort=0
@@ -45,4 +46,6 @@ if [ "$ort" = 1 ]; then
   (cd .gpu/ort && split -b 25000000 -d -a 2 "$tmp/ort.tar.xz" part. && sha256sum "$tmp/ort.tar.xz" | cut -c1-64 > sha256)
   rm -rf "$tmp"
   echo "wrote .gpu/ort: onnxruntime-gpu $version in $(ls .gpu/ort/part.* | wc -l) parts"
+  # the float16 rewrite of the bundled base network, for the ORT CUDA fp16 rows of the graph benchmark
+  python -m pydiff.exporting.mixed_precision pydiff/bundled/shapes/base.onnx .gpu/base16.onnx
 fi
