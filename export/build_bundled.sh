@@ -17,7 +17,10 @@ train() { python -m pydiff.training train "$@" --seed "$SEED" --threads 1 --no-p
 [ -f "$RUNS/text_encoder/model.onnx" ] || \
     python -m pydiff.training export text-encoder --out "$RUNS/text_encoder" --max-length 16
 
-# 2. The three networks (the shapes stages train on the embeddings of that exact ONNX file).
+# 2. The three networks (the shapes stages train on the embeddings of that exact ONNX file, each
+#    caption encoded alone). Not exactly the bundled shapes: its SR stage is an earlier run trained on
+#    captions encoded 64 at a time, kept because this recipe's per-prompt SR run scored lower
+#    (pydiff/bundled/shapes/TRAINING.md).
 mkdir -p "$RUNS"
 train digits --out "$RUNS/digits" --steps 1500 > "$RUNS/digits.log" 2>&1 &
 train shapes-base --out "$RUNS/shapes_base" --steps 6000 --text-encoder "$RUNS/text_encoder" \

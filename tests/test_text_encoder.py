@@ -107,16 +107,32 @@ def test_a_prompts_states_do_not_depend_on_its_batch():
     assert mixed.shape[0] == mask.shape[0] == 4
 
 
-def test_the_package_says_how_prompts_are_encoded():
+def test_the_package_says_how_prompts_are_encoded(tmp_path):
+    import json
+    import shutil
+
     import pydiff
     from pydiff.package import load_package
     from pydiff.pipeline import bundled_path
 
+    a, b = "a red circle on a blue background", "a green square on a white background"
     pkg = load_package(bundled_path("shapes"))
-    assert pkg.text_encoder.encode == "batched"        # its stages were trained on batch-encoded captions
-    enc = pydiff.load().backend.text_encoder
+    assert pkg.text_encoder.encode == "per_prompt"     # its stages were trained on captions encoded alone
+    enc = pydiff.load(bundled_path("shapes")).backend.text_encoder
+    assert enc.per_prompt is True
+    both, _ = enc.encode([a, b])
+    alone, _ = enc.encode([b])
+    assert np.array_equal(both[1], alone[0])            # a prompt's states do not depend on the call
+
+    # "batched" (packages trained on batch-encoded captions): one run for the whole call
+    copy = tmp_path / "shapes"
+    shutil.copytree(bundled_path("shapes"), copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["text_encoder"]["encode"] = "batched"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    enc = pydiff.load(copy).backend.text_encoder
     assert enc.per_prompt is False
-    both, _ = enc.encode(["a red circle on a blue background", "a green square on a white background"])
-    ids, mask = enc.tokenize(["a red circle on a blue background", "a green square on a white background"])
+    both, _ = enc.encode([a, b])
+    ids, mask = enc.tokenize([a, b])
     (one_run,) = enc.session.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})
-    assert np.array_equal(both, one_run)                # one run for the whole call
+    assert np.array_equal(both, one_run) and not np.array_equal(both[1], alone[0])
