@@ -55,8 +55,9 @@ def caption_embeddings(text_encoder_dir: str | Path, max_length: int, cache: str
                 and meta["max_length"] == max_length and meta.get("encode") == "per_prompt"):
             return captions, t["states"], t["mask"]
     enc = TextEncoder(str(d / "model.onnx"), str(d / "tokenizer.json"), max_length)
-    # one caption at a time, as inference encodes (TextEncoder.encode): the bundled stages were
-    # trained on captions encoded 64 at a time, which their int8 encoder quantised per batch
+    # one caption at a time, as inference encodes (TextEncoder.encode): the int8 encoder quantises
+    # per run, so captions encoded together would change each other (the bundled SR stage is still
+    # one trained that way, 64 at a time; its package TRAINING.md says why)
     states, masks = enc.encode(captions)
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
