@@ -235,19 +235,12 @@ def convert(model, what: str = "model"):
     return model
 
 
-def convert_bytes(onnx_bytes: bytes, what: str = "model") -> bytes:
-    """`convert` on a serialized model (weights inside the file), serialized."""
-    import onnx
-
-    out = convert(onnx.load_from_string(onnx_bytes), what).SerializeToString()
-    return out
-
-
 def summary(model) -> dict:
     """Counts of nodes computing in float16 and in float32 and of float16 weights (for reports)."""
+    import onnx
     from onnx import TensorProto
 
-    model = __import__("onnx").shape_inference.infer_shapes(model)
+    model = onnx.shape_inference.infer_shapes(model)
     elem = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)}
     fp16 = sum(1 for n in model.graph.node if n.op_type != "Cast"
                and any(elem.get(o) == TensorProto.FLOAT16 for o in n.output))
@@ -262,21 +255,20 @@ def convert_package(src, dst) -> dict:
     copied as they are. Written to a temporary folder beside `dst`, checked, then renamed."""
     import json
     import shutil
-    import tempfile
 
     import onnx
 
     from ..package import load_package
+    from .package import write_package_atomic
 
     src, dst = Path(src).resolve(), Path(dst)
     if dst.exists():
         raise FileExistsError(f"{dst} exists; give a new folder")
     pkg = load_package(src)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}."))
-    try:
+    report = {}
+
+    def build(tmp: Path):
         shutil.copytree(src, tmp, dirs_exist_ok=True)
-        report = {}
         for path in dict.fromkeys(st.onnx for st in pkg.stages):   # each file once
             rel = path.relative_to(src)
             half = convert(onnx.load(str(path)), str(rel))
@@ -287,17 +279,13 @@ def convert_package(src, dst) -> dict:
         manifest["description"] = f"{manifest.get('description', '')}; {note}".lstrip("; ")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         load_package(tmp)   # the copy is a valid package before it gets its name
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_package_atomic(dst, build)
     return report
 
 
 def main(argv=None) -> int:
     import argparse
-    import os
-    import tempfile
 
     import onnx
 
@@ -313,16 +301,10 @@ def main(argv=None) -> int:
         for name, counts in convert_package(args.src, args.dst).items():
             print(f"{name}: {counts}")
         return 0
-    src, dst = Path(args.src), Path(args.dst)
-    out = convert(onnx.load(str(src)), str(src))
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(out.SerializeToString())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from ..imageio import atomic_write_bytes
+
+    out = convert(onnx.load(args.src), args.src)
+    atomic_write_bytes(args.dst, out.SerializeToString())
     print(summary(out))
     return 0
 
