@@ -106,6 +106,29 @@ def test_export_digits_package(tmp_path):
         load(tmp_path / "pkg", backend="torch", checkpoints={"sr": tmp_path / "run"})
 
 
+def test_export_writes_the_runs_prediction_type(tmp_path):
+    """A v-prediction run becomes a v_prediction stage, and the package's images are the ones the
+    training checkpoint gives through the torch backend."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    pytest.importorskip("sklearn")
+    from pydiff.exporting.package import export_digits
+    from pydiff.package import load_package
+    from pydiff.pipeline import load
+    from test_training_loop import digits_cfg
+    from pydiff.training.trainer import train
+
+    train(digits_cfg(steps=2, prediction_type="v_prediction"), tmp_path / "run", progress=False)
+    export_digits(tmp_path / "run", tmp_path / "pkg")
+    st = load_package(tmp_path / "pkg").stages[0]
+    assert st.prediction_type == "v_prediction" and st.scheduler["prediction_type"] == "v_prediction"
+    assert "prediction: `v_prediction`" in (tmp_path / "pkg" / "TRAINING.md").read_text()
+    kw = dict(class_label=[3], steps=3, output_type="numpy", progress=False, seed=5)
+    imgs = load(tmp_path / "pkg").generate(**kw)
+    same = load(tmp_path / "pkg", backend="torch", checkpoints={"base": tmp_path / "run"}).generate(**kw)
+    np.testing.assert_allclose(same, imgs, atol=1e-3)
+
+
 @pytest.fixture(scope="module")
 def tiny_text_encoder(tmp_path_factory):
     pytest.importorskip("onnx")

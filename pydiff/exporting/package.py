@@ -17,6 +17,12 @@ DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_c
                      "prediction_type": "epsilon", "timestep_spacing": "trailing"}
 
 
+def _scheduler(cfg) -> dict:
+    """A stage's manifest scheduler from its run's TrainConfig (pydiff samples with trailing spacing)."""
+    return dict(DEFAULT_SCHEDULER, num_train_timesteps=cfg.num_train_timesteps,
+                beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type)
+
+
 def write_package_atomic(out_dir: str | Path, build) -> Path:
     """Call build(tmp_dir) to fill a temporary sibling of out_dir, then rename it into place."""
     out_dir = Path(out_dir)
@@ -121,6 +127,9 @@ def _training_md(title: str, runs: list[tuple[str, Path, object]], extra: str = 
                   f"at update n (diffusers' EMAModel warm-up): {min(cfg.ema_decay, (1 + s['steps']) / (10 + s['steps'])):.4f} "
                   f"at the last step",
                   f"- training wall time: {s['wall_s'] / 60:.1f} min ({per_step:.2f} s/step)",
+                  f"- prediction: `{cfg.prediction_type}`"
+                  + (" (v = sqrt(abar) eps - sqrt(1 - abar) x0, Salimans & Ho 2022; the loss is "
+                     "the mean squared error of v)" if cfg.prediction_type == "v_prediction" else ""),
                   f"- final loss (mean of the last 200 steps): {s['final_loss_last200']:.4f}",
                   f"- parameters: {s.get('parameters', 'n/a')}",
                   f"- network config: `{json.dumps(cfg.model)}`"]
@@ -166,10 +175,6 @@ def export_shapes(base_run: str | Path, sr_run: str | Path, text_encoder_dir: st
         (tmp / "text_encoder").mkdir()
         shutil.copyfile(te / "model.onnx", tmp / "text_encoder" / "model.onnx")
         shutil.copyfile(te / "tokenizer.json", tmp / "text_encoder" / "tokenizer.json")
-        sched = dict(DEFAULT_SCHEDULER, num_train_timesteps=bcfg.num_train_timesteps,
-                     beta_schedule=bcfg.beta_schedule)
-        ssched = dict(DEFAULT_SCHEDULER, num_train_timesteps=scfg.num_train_timesteps,
-                      beta_schedule=scfg.beta_schedule)
         manifest = {
             "format": "pydiff-package", "version": 1, "name": "shapes",
             "description": f"text-to-image cascade: {bcfg.resolution}x{bcfg.resolution} base, "
@@ -180,15 +185,15 @@ def export_shapes(base_run: str | Path, sr_run: str | Path, text_encoder_dir: st
             "stages": [
                 {"name": "base", "onnx": "base.onnx", "resolution": bcfg.resolution, "channels": 3,
                  "conditioning": "text", "num_classes": None, "inputs": b["inputs"], "output": "out",
-                 "prediction_type": "epsilon", "scheduler": sched,
+                 "prediction_type": bcfg.prediction_type, "scheduler": _scheduler(bcfg),
                  "recommended": _recommended(**(base_recommended or {}))},
                 {"name": "sr64", "onnx": "sr64.onnx", "resolution": scfg.resolution, "channels": 3,
                  "conditioning": "text", "num_classes": None, "low_res_resolution": scfg.low_res_resolution,
                  "noise_aug": {"scheduler": {"num_train_timesteps": scfg.num_train_timesteps,
                                              "beta_schedule": scfg.beta_schedule},
                                "level": int(noise_aug_level), "max_level": scfg.max_noise_level},
-                 "inputs": s["inputs"], "output": "out", "prediction_type": "epsilon",
-                 "scheduler": ssched,
+                 "inputs": s["inputs"], "output": "out", "prediction_type": scfg.prediction_type,
+                 "scheduler": _scheduler(scfg),
                  "recommended": _recommended(**(sr_recommended or {}))},
             ],
         }
@@ -218,15 +223,13 @@ def export_digits(run: str | Path, out_dir: str | Path, *, recommended: dict | N
     def build(tmp: Path):
         d = _export_run(model, cfg, "model", tmp)
         os.rename(d.pop("tmp"), tmp / "model.onnx")
-        sched = dict(DEFAULT_SCHEDULER, num_train_timesteps=cfg.num_train_timesteps,
-                     beta_schedule=cfg.beta_schedule)
         manifest = {
             "format": "pydiff-package", "version": 1, "name": "digits",
             "description": "class-conditional 8x8 handwritten digits (scikit-learn digits), classes 0-9",
             "stages": [{"name": "base", "onnx": "model.onnx", "resolution": cfg.resolution,
                         "channels": 1, "conditioning": "class", "num_classes": 10,
-                        "inputs": d["inputs"], "output": "out", "prediction_type": "epsilon",
-                        "scheduler": sched,
+                        "inputs": d["inputs"], "output": "out", "prediction_type": cfg.prediction_type,
+                        "scheduler": _scheduler(cfg),
                         "recommended": _recommended(**(recommended or {}))}],
         }
         kept = _carry_guidance_models(Path(out_dir), tmp, manifest)

@@ -21,6 +21,8 @@ def _add_train(sub):
     p.add_argument("--base-channels", type=int, help="override the preset's base channel count")
     p.add_argument("--num-res-blocks", type=int)
     p.add_argument("--ema-decay", type=float)
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                   help="what the network predicts (default epsilon; v_prediction: Salimans & Ho 2022)")
     p.add_argument("--ckpt-every-s", type=float, default=300.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
@@ -41,6 +43,7 @@ def _run_train(a) -> int:
     cfg = TrainConfig.for_task(a.task, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                                text_encoder=a.text_encoder, max_noise_level=a.max_noise_level,
                                crop=a.crop, model=model, ema_decay=a.ema_decay,
+                               prediction_type=a.prediction_type,
                                ckpt_every_s=a.ckpt_every_s, threads=a.threads)
     command = "python -m pydiff.training " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     train(cfg, a.out, command=command, progress=not a.no_progress)

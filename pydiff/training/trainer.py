@@ -36,6 +36,9 @@ class TrainConfig:
     seed: int = 0
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
+    # what the network predicts: "epsilon" (Ho et al. 2020) or "v_prediction", v = alpha eps - sigma x0
+    # (Salimans & Ho 2022), which Imagen Video uses against the colour shifts of eps-prediction
+    prediction_type: str = "epsilon"
     resolution: int = 8
     # shapes
     text_encoder: str | None = None        # folder with model.onnx + tokenizer.json
@@ -74,6 +77,18 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def training_target(prediction_type: str, x0: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """The regression target of L_simple for x_t = sqrt(abar) x0 + sqrt(1 - abar) eps."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return abar.sqrt() * eps - (1 - abar).sqrt() * x0
+    raise ValueError(f"prediction_type {prediction_type!r}: expected one of {PREDICTION_TYPES}")
+
+
 def _net_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "x0"}
 
@@ -84,6 +99,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path | None = None):
         from .tasks import make_task
 
+        if cfg.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {cfg.prediction_type!r}: expected one of {PREDICTION_TYPES}")
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else None
         torch.manual_seed(cfg.seed)
@@ -108,7 +125,7 @@ class Trainer:
         a = self.abar[t][:, None, None, None]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         pred = self.model(xt, t.float(), **_net_inputs(batch))
-        return torch.mean((pred - eps) ** 2)
+        return torch.mean((pred - training_target(self.cfg.prediction_type, x0, eps, a)) ** 2)
 
     def step(self) -> float:
         cfg = self.cfg
