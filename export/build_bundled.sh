@@ -18,15 +18,14 @@ train() { python -m pydiff.training train "$@" --seed "$SEED" --threads 1 --no-p
     python -m pydiff.training export text-encoder --out "$RUNS/text_encoder" --max-length 16
 
 # 2. The three networks (the shapes stages train on the embeddings of that exact ONNX file, each
-#    caption encoded alone). Not exactly the bundled shapes: its SR stage is an earlier run trained on
-#    captions encoded 64 at a time, kept because this recipe's per-prompt SR run scored lower
-#    (pydiff/bundled/shapes/TRAINING.md).
+#    caption encoded alone). The SR stage predicts v (Salimans & Ho 2022): an eps-prediction SR stage
+#    ignored its low-resolution input at high noise (pydiff/bundled/shapes/TRAINING.md).
 mkdir -p "$RUNS"
 train digits --out "$RUNS/digits" --steps 1500 > "$RUNS/digits.log" 2>&1 &
 train shapes-base --out "$RUNS/shapes_base" --steps 6000 --text-encoder "$RUNS/text_encoder" \
     > "$RUNS/shapes_base.log" 2>&1 &
 train shapes-sr64 --out "$RUNS/shapes_sr64" --steps 2200 --text-encoder "$RUNS/text_encoder" \
-    > "$RUNS/shapes_sr64.log" 2>&1 &
+    --prediction-type v_prediction > "$RUNS/shapes_sr64.log" 2>&1 &
 wait
 
 # 3. Export (each network verified against PyTorch before anything is written; atomic).
@@ -34,7 +33,7 @@ python -m pydiff.training export digits --run "$RUNS/digits" --out "$OUT/digits"
 python -m pydiff.training export shapes --base "$RUNS/shapes_base" --sr "$RUNS/shapes_sr64" \
     --text-encoder "$RUNS/text_encoder" --out "$OUT/shapes" \
     --base-recommended '{"guidance_scale": 7.0, "steps": 50, "thresholding": "static"}' \
-    --sr-recommended '{"guidance_scale": 7.0, "steps": 50, "thresholding": "static"}' --noise-aug-level 100
+    --sr-recommended '{"guidance_scale": 1.0, "steps": 50, "thresholding": "static"}' --noise-aug-level 100
 
 # 3b. The digits classifier for classifier guidance (issue 7): noise-aware, trained on the digits
 #     model's schedule (~2 min); its input gradient exported to ONNX (checked vs autograd) and added
@@ -61,3 +60,4 @@ python -m pydiff.training.guidance_models export-classifier --run "$RUNS/shapes_
 # 4. Evaluate (figures go in the README and TRAINING.md).
 python benchmarks/eval_digits.py --model "$OUT/digits" --n 30
 python benchmarks/eval_shapes.py --model "$OUT/shapes" --n 200
+python -m pydiff.cli eval shapes-sr --model "$OUT/shapes" --n 40

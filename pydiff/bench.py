@@ -70,6 +70,10 @@ def _scheduler(stage, settings):
         if k in sc:
             kw[k] = sc[k]
     if settings.sampler == "dpmpp_2m":
+        if settings.thresholding == "static":
+            # DPMSolverMultistepScheduler has no clip_sample; its dynamic thresholding with
+            # sample_max_value 1 clamps the per-sample scale s to [1, 1], i.e. clips x0 to [-1, 1]
+            kw.update(thresholding=True, sample_max_value=1.0)
         return DPMSolverMultistepScheduler(**kw)
     kw["clip_sample"] = settings.thresholding == "static"
     kw["clip_sample_range"] = settings.clip_sample_range
@@ -117,21 +121,28 @@ def _torch_cascade(pipe, modules, plan, rng_seed, record):
                                                  "beta_start", "beta_end")})
                 lvl = torch.full((B,), s.noise_aug_level, dtype=torch.long)
                 low = aug.add_noise(up, n, lvl)
-                extra = {"low_res": torch.cat([low, low]),
-                         "noise_level": torch.full((2 * B,), float(s.noise_aug_level))}
+            # diffusers' pipelines run the unconditional half only when guidance_scale > 1
+            # (`do_classifier_free_guidance`); pydiff's `uses_guidance` is the same test per stage
+            cfg = s.uses_guidance
+            reps = 2 if cfg else 1
+            hs, hm = (ehs, eam) if cfg else (c_s, c_m)
+            if st.is_super_resolution:
+                extra = {"low_res": torch.cat([low] * reps),
+                         "noise_level": torch.full((reps * B,), float(s.noise_aug_level))}
             g = torch.from_numpy(s.guidance_scale).view(B, 1, 1, 1)
             calls, ends = [], []
             start = time.perf_counter()
             for t in sched.timesteps:
-                inp = torch.cat([x, x])
-                tt = torch.full((2 * B,), float(t))
+                inp = torch.cat([x] * reps)
+                tt = torch.full((reps * B,), float(t))
                 t0 = time.perf_counter()
-                eps = net(sample=inp, timestep=tt, encoder_hidden_states=ehs,
-                          encoder_attention_mask=eam, **extra)
+                out = net(sample=inp, timestep=tt, encoder_hidden_states=hs,
+                          encoder_attention_mask=hm, **extra)
                 calls.append((t0, time.perf_counter()))
-                e_c, e_u = eps.chunk(2)
-                eps = e_u + g * (e_c - e_u)
-                x = sched.step(eps, t, x).prev_sample
+                if cfg:
+                    o_c, o_u = out.chunk(2)
+                    out = o_u + g * (o_c - o_u)
+                x = sched.step(out, t, x).prev_sample
                 ends.append(time.perf_counter())
             record[st.name] = _step_split(ends, calls, start)
             x_prev = x

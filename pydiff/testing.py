@@ -144,7 +144,8 @@ def make_tiny_package(path, *, conditioning: str = "text", resolutions=(8, 16), 
                       num_classes: int = 4, hidden: int = 8, max_length: int = 6,
                       mask_channel: bool = False, steps: int = 4, sampler: str = "ddim",
                       guidance_scale: float = 2.0, thresholding: str = "dynamic",
-                      noise_aug_level: int = 100, name: str = "tiny") -> Path:
+                      noise_aug_level: int = 100, name: str = "tiny",
+                      prediction_type: str = "epsilon") -> Path:
     """Write a tiny cascade (one stage per resolution; stages after the first are SR) to `path`."""
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
@@ -159,7 +160,7 @@ def make_tiny_package(path, *, conditioning: str = "text", resolutions=(8, 16), 
                                     "max_length": max_length, "hidden_size": hidden,
                                     "name": "tiny word-level embedding"}
     scheduler = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
-                 "prediction_type": "epsilon", "timestep_spacing": "trailing"}
+                 "prediction_type": prediction_type, "timestep_spacing": "trailing"}
     recommended = {"sampler": sampler, "steps": steps, "guidance_scale": guidance_scale, "eta": 0.0,
                    "thresholding": thresholding, "dynamic_thresholding_ratio": 0.995,
                    "sample_max_value": 1.5}
@@ -174,7 +175,7 @@ def make_tiny_package(path, *, conditioning: str = "text", resolutions=(8, 16), 
         st = {"name": sname, "onnx": fname, "resolution": res, "channels": 3 if sr else channels,
               "conditioning": conditioning,
               "num_classes": num_classes if conditioning == "class" else None,
-              "inputs": inputs, "output": "out", "prediction_type": "epsilon",
+              "inputs": inputs, "output": "out", "prediction_type": prediction_type,
               "scheduler": dict(scheduler), "recommended": dict(recommended)}
         if sr:
             st["low_res_resolution"] = prev
