@@ -3,7 +3,9 @@
     python benchmarks/sr_lowres_use.py runs/shapes_sr64 runs/shapes_sr64_v [--t 300 600 900 950 990]
 
 For each run (a `pydiff train shapes-sr64` directory, EMA weights), one batch of 32 shapes training
-images at 64x64 is noised to x_t at each t, and the network's x0 (from its eps or v output, clipped
+images at 64x64 (the training stream of the first run's config: captions encoded one at a time,
+augmentation levels drawn in [0, max_noise_level]; the same batch for every run) is noised to x_t at
+each t, and the network's x0 (from its eps or v output, clipped
 to [-1, 1]) is compared with the truth, once with each image's own `low_res` and once with its
 neighbour's. A stage that uses `low_res` has a small error with the right one and a large one with
 the wrong one; an error that barely moves means the stage is drawing from x_t and the text alone.

@@ -20,17 +20,20 @@ train() { python -m pydiff.training train "$@" --seed "$SEED" --threads 1 --no-p
 # 2. The three networks (the shapes stages train on the embeddings of that exact ONNX file, each
 #    caption encoded alone). The SR stage predicts v (Salimans & Ho 2022): an eps-prediction SR stage
 #    ignored its low-resolution input at high noise (pydiff/bundled/shapes/TRAINING.md).
+#    The run folders are the ones TRAINING.md names (_pp: captions encoded per prompt, _v: v-prediction);
+#    a folder holding a finished run is exported as it is, and one trained with another task or
+#    prediction type is refused.
 mkdir -p "$RUNS"
 train digits --out "$RUNS/digits" --steps 1500 > "$RUNS/digits.log" 2>&1 &
-train shapes-base --out "$RUNS/shapes_base" --steps 6000 --text-encoder "$RUNS/text_encoder" \
-    > "$RUNS/shapes_base.log" 2>&1 &
-train shapes-sr64 --out "$RUNS/shapes_sr64" --steps 2200 --text-encoder "$RUNS/text_encoder" \
-    --prediction-type v_prediction > "$RUNS/shapes_sr64.log" 2>&1 &
+train shapes-base --out "$RUNS/shapes_base_pp" --steps 6000 --text-encoder "$RUNS/text_encoder" \
+    > "$RUNS/shapes_base_pp.log" 2>&1 &
+train shapes-sr64 --out "$RUNS/shapes_sr64_v" --steps 2200 --text-encoder "$RUNS/text_encoder" \
+    --prediction-type v_prediction > "$RUNS/shapes_sr64_v.log" 2>&1 &
 wait
 
 # 3. Export (each network verified against PyTorch before anything is written; atomic).
 python -m pydiff.training export digits --run "$RUNS/digits" --out "$OUT/digits"
-python -m pydiff.training export shapes --base "$RUNS/shapes_base" --sr "$RUNS/shapes_sr64" \
+python -m pydiff.training export shapes --base "$RUNS/shapes_base_pp" --sr "$RUNS/shapes_sr64_v" \
     --text-encoder "$RUNS/text_encoder" --out "$OUT/shapes" \
     --base-recommended '{"guidance_scale": 7.0, "steps": 50, "thresholding": "static"}' \
     --sr-recommended '{"guidance_scale": 1.0, "steps": 50, "thresholding": "static"}' --noise-aug-level 100
@@ -46,9 +49,9 @@ python -m pydiff.training.guidance_models export-classifier --run "$RUNS/digits_
 # 3c. The noise-aware CLIP for CLIP guidance of the shapes base stage (~12 min on 1 busy thread):
 #     contrastive against the frozen text encoder's pooled states; gradient exported and added to
 #     the shapes manifest's guidance_models.
-python -m pydiff.training.guidance_models train-clip --out "$RUNS/shapes_clip" --steps 5000 \
+python -m pydiff.training.guidance_models train-clip --out "$RUNS/shapes_clip_pp" --steps 5000 \
     --text-encoder "$RUNS/text_encoder" --seed "$SEED" --threads 1
-python -m pydiff.training.guidance_models export-clip --run "$RUNS/shapes_clip" \
+python -m pydiff.training.guidance_models export-clip --run "$RUNS/shapes_clip_pp" \
     --out "$OUT/shapes/clip.onnx" --package "$OUT/shapes"
 
 # 3d. The shapes combination classifier (168 classes) for classifier guidance of the shapes base.

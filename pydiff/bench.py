@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_RUNS = {"base": "runs/shapes_base", "sr64": "runs/shapes_sr64"}
+# the runs the bundled shapes stages were exported from (export/build_bundled.sh, TRAINING.md)
+DEFAULT_RUNS = {"base": "runs/shapes_base_pp", "sr64": "runs/shapes_sr64_v"}
 PROMPTS = ["a red circle on a blue background", "a green square on a yellow background",
            "a blue triangle on a white background", "a yellow circle on a black background"]
 
@@ -72,7 +73,13 @@ def _scheduler(stage, settings):
     if settings.sampler == "dpmpp_2m":
         if settings.thresholding == "static":
             # DPMSolverMultistepScheduler has no clip_sample; its dynamic thresholding with
-            # sample_max_value 1 clamps the per-sample scale s to [1, 1], i.e. clips x0 to [-1, 1]
+            # sample_max_value 1 clamps the per-sample scale s to [1, 1], i.e. clips x0 to [-1, 1].
+            # Another range has no diffusers equivalent (s = r then rescales x0 by 1 / r).
+            if settings.clip_sample_range != 1.0:
+                raise ValueError(f"stage {stage.name!r}: static clipping to +-{settings.clip_sample_range} "
+                                 f"with dpmpp_2m has no diffusers equivalent (its DPMSolverMultistep"
+                                 f"Scheduler clips only through thresholding, to [-1, 1]); benchmark "
+                                 f"another sampler or thresholding")
             kw.update(thresholding=True, sample_max_value=1.0)
         return DPMSolverMultistepScheduler(**kw)
     kw["clip_sample"] = settings.thresholding == "static"
@@ -121,8 +128,9 @@ def _torch_cascade(pipe, modules, plan, rng_seed, record):
                                                  "beta_start", "beta_end")})
                 lvl = torch.full((B,), s.noise_aug_level, dtype=torch.long)
                 low = aug.add_noise(up, n, lvl)
-            # diffusers' pipelines run the unconditional half only when guidance_scale > 1
-            # (`do_classifier_free_guidance`); pydiff's `uses_guidance` is the same test per stage
+            # diffusers' pipelines skip the unconditional half when guidance_scale <= 1
+            # (`do_classifier_free_guidance`); the peer follows pydiff's per-stage test, any scale
+            # != 1 (the same at 1, and scales below 1 are still a guidance mix here)
             cfg = s.uses_guidance
             reps = 2 if cfg else 1
             hs, hm = (ehs, eam) if cfg else (c_s, c_m)
@@ -380,8 +388,8 @@ def register(subparsers) -> None:
                                             "torch loop on the same networks (needs torch)")
     p.add_argument("--model", help="package (default: the bundled shapes cascade)")
     p.add_argument("--run", action="append", metavar="STAGE=RUN_DIR",
-                   help="training run of a stage's torch network (default runs/shapes_base, "
-                        "runs/shapes_sr64)")
+                   help="training run of a stage's torch network (default runs/shapes_base_pp, "
+                        "runs/shapes_sr64_v)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)

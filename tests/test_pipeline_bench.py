@@ -49,3 +49,45 @@ def test_bench_report_and_agreement_with_diffusers(tmp_path, sampler, prediction
 
     with Image.open(tmp_path / "chart.png") as im:
         assert im.size[0] > 100
+
+
+def test_peer_runs_the_unconditional_half_only_with_guidance(tmp_path):
+    """Like diffusers' pipelines, the peer evaluates the network on B samples per step without
+    guidance and on 2B (conditional + unconditional) with it: what the timings compare."""
+    import torch
+
+    from pydiff import ops
+
+    if not ops.native_available():
+        pytest.skip("the benchmark times the native core")
+    pkg = make_tiny_package(tmp_path / "tiny", sampler="dpmpp_2m", steps=3)
+    seen: dict = {}
+
+    class Recording(torch.nn.Module):
+        def __init__(self, name, inner):
+            super().__init__()
+            self.name, self.inner = name, inner
+
+        def forward(self, sample, **kw):
+            seen.setdefault(self.name, set()).add(sample.shape[0])
+            return self.inner(sample, **kw)
+
+    mods = {k: Recording(k, m) for k, m in tiny_torch_modules(pkg).items()}
+    for g, batches in ((1.0, {3}), (3.0, {6})):
+        seen.clear()
+        rep = bench.run_benchmark(pkg, modules=mods, batch=3, repeats=1, warmup=0, guidance_scale=g,
+                                  progress=False)
+        assert rep["max_abs_image_diff"] < 1e-4
+        # (batch 2: check_same_networks' one forward pass per stage on random inputs)
+        assert {k: v - {2} for k, v in seen.items()} == {"base": batches, "sr16": batches}, (g, seen)
+
+
+def test_static_clip_to_another_range_with_dpmpp_is_refused(tmp_path):
+    pkg = make_tiny_package(tmp_path / "tiny", sampler="dpmpp_2m", steps=2, thresholding="static")
+    m = json.loads((pkg / "manifest.json").read_text())
+    for st in m["stages"]:
+        st["recommended"]["clip_sample_range"] = 0.5
+    (pkg / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"static clipping to \+-0\.5 with dpmpp_2m has no diffusers equivalent"):
+        bench.run_benchmark(pkg, modules=tiny_torch_modules(pkg), batch=1, repeats=1, warmup=0,
+                            progress=False)

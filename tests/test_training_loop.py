@@ -182,3 +182,16 @@ def test_v_prediction_run_trains_and_an_unknown_type_is_refused():
     assert not torch.allclose(loss, torch.mean((pred - eps) ** 2))
     with pytest.raises(ValueError, match="prediction_type 'x0'"):
         Trainer(digits_cfg(prediction_type="x0"))
+
+
+def test_resume_refuses_another_task_or_prediction_type(tmp_path):
+    run = tmp_path / "run"
+    train(digits_cfg(steps=2), run, progress=False)
+    with pytest.raises(ValueError, match=r"prediction_type 'epsilon', not 'v_prediction'.*new --out"):
+        train(digits_cfg(steps=3, prediction_type="v_prediction"), run, progress=False)
+    cfg = digits_cfg(steps=3)
+    cfg.task = "shapes-base"
+    with pytest.raises(ValueError, match=r"task 'digits', not 'shapes-base'"):
+        train(cfg, run, progress=False)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2   # nothing was trained
+    assert train(digits_cfg(steps=3), run, progress=False)["steps"] == 3  # the same settings resume

@@ -127,6 +127,8 @@ def evaluate_shapes_sr(package=None, n: int = 40, seed: int = 0, stage: str | No
     from .. import imageio
     from ..pipeline import load
 
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
     pipe = load(package)
     st = next((x for x in pipe.package.stages if x.is_super_resolution and stage in (None, x.name)), None)
     if st is None:
@@ -139,6 +141,9 @@ def evaluate_shapes_sr(package=None, n: int = 40, seed: int = 0, stage: str | No
                          f"{hi.shape[-1]}x{hi.shape[-1]}")
     low = S.area_resize(hi, st.low_res_resolution)
     ref = imageio.to_numpy(hi)
+    first = imageio.to_numpy(low[:1])[0]
+    used = pipe.plan(prompt="", mode="upscale", image=first, start_stage=st.name,
+                     **settings).settings[st.name].as_dict()   # what the stage runs with, defaults too
     t0 = time.time()
     out = np.concatenate([
         pipe.upscale(imageio.to_numpy(low[i:i + 1])[0], S.caption(sp.fg, sp.shape, sp.bg, 0), stage=st.name,
@@ -151,13 +156,13 @@ def evaluate_shapes_sr(package=None, n: int = 40, seed: int = 0, stage: str | No
         ok = sum(all(read_shape(im)[k] == getattr(sp, k) for k in ("fg", "shape", "bg"))
                  for im, sp in zip(imgs, specs))
         mse = float(np.mean((imgs.astype(np.float64) - ref) ** 2))
-        return {"alignment": ok / n, "psnr_db": round(10 * np.log10(1.0 / mse), 2)}
+        return {"alignment": ok / n, "psnr_db": round(float(10 * np.log10(1.0 / mse)), 2)}
 
     if save_grid:   # originals, bilinear, SR: 8 per row
         k = min(8, n)
         save_image_grid(np.concatenate([ref[:k], bilinear[:k], out[:k]]), save_grid, cols=k)
     return {"stage": st.name, "n": n, "sr": figures(out), "bilinear": figures(bilinear),
-            "seconds": round(seconds, 1), "settings": settings}
+            "seconds": round(seconds, 1), "settings": used}
 
 
 def save_image_grid(imgs: np.ndarray, path: str, cols: int = 8, scale: int = 2) -> None:
@@ -286,7 +291,7 @@ def run(a) -> int:
     if a.what == "shapes":
         rep = evaluate_shapes(a.model, a.n or 200, seed=a.seed, save_grid=a.grid, **settings)
     elif a.what == "shapes-sr":
-        rep = evaluate_shapes_sr(a.model, a.n or 40, seed=a.seed, save_grid=a.grid, **settings)
+        rep = evaluate_shapes_sr(a.model, 40 if a.n is None else a.n, seed=a.seed, save_grid=a.grid, **settings)
     else:
         rep = evaluate_digits(a.model or "digits", a.n or 30, seed=a.seed, save_grid=a.grid, **settings)
     print(json.dumps(rep, indent=1))

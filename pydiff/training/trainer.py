@@ -249,6 +249,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, command: str | None = None, pro
     cfg_path = run_dir / "config.json"
     if (run_dir / CKPT).exists():
         saved = TrainConfig(**json.loads(cfg_path.read_text()))
+        # a resumed run keeps its saved config; asking for another task or parameterisation of the
+        # network is a different run, refused rather than silently trained as the saved one
+        for key in ("task", "prediction_type"):
+            if getattr(cfg, key) != getattr(saved, key):
+                raise ValueError(f"{run_dir} holds a run with {key} {getattr(saved, key)!r}, not "
+                                 f"{getattr(cfg, key)!r}: resume it with the same setting, or use a "
+                                 f"new --out")
         saved.steps, saved.ckpt_every_s = cfg.steps, cfg.ckpt_every_s  # may extend a run
         cfg = saved
     else:
