@@ -36,7 +36,7 @@ python -m pydiff.training export digits --run "$RUNS/digits" --out "$OUT/digits"
 python -m pydiff.training export shapes --base "$RUNS/shapes_base_pp" --sr "$RUNS/shapes_sr64_v" \
     --text-encoder "$RUNS/text_encoder" --out "$OUT/shapes" \
     --base-recommended '{"guidance_scale": 7.0, "steps": 50, "thresholding": "static"}' \
-    --sr-recommended '{"guidance_scale": 1.0, "steps": 50, "thresholding": "static"}' --noise-aug-level 100
+    --sr-recommended '{"guidance_scale": 1.0, "steps": 20, "thresholding": "static"}' --noise-aug-level 100
 
 # 3b. The digits classifier for classifier guidance (issue 7): noise-aware, trained on the digits
 #     model's schedule (~2 min); its input gradient exported to ONNX (checked vs autograd) and added
