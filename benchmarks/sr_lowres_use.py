@@ -22,6 +22,7 @@ import numpy as np
 def x0_errors(run_dirs, timesteps, seed: int = 11, n: int = 32) -> dict:
     import torch
 
+    from pydiff.reference import predict_x0
     from pydiff.training.schedule import alphas_cumprod
     from pydiff.training.tasks import ShapesTask
     from pydiff.training.trainer import load_run_model
@@ -45,9 +46,10 @@ def x0_errors(run_dirs, timesteps, seed: int = 11, n: int = 32) -> dict:
             for low in (batch["low_res"], batch["low_res"][shuffled]):
                 with torch.no_grad():
                     y = model(xt, torch.full((n,), float(t)), low_res=low, **rest)
-                x0 = a.sqrt() * xt - (1 - a).sqrt() * y if c.prediction_type == "v_prediction" \
-                    else (xt - (1 - a).sqrt() * y) / a.sqrt()
-                errs.append(float(((x0.clamp(-1, 1) - batch["x0"]) ** 2).mean()))
+                # the sampler's own formula (the oracle of the native kernels), float32
+                x0 = predict_x0(xt.numpy(), y.numpy(), float(a.sqrt()), float((1 - a).sqrt()),
+                                c.prediction_type)
+                errs.append(float(((np.clip(x0, -1, 1) - batch["x0"].numpy()) ** 2).mean()))
             rows[int(t)] = {"right_low_res": round(errs[0], 4), "shuffled_low_res": round(errs[1], 4)}
     return out
 
