@@ -56,8 +56,8 @@ def caption_embeddings(text_encoder_dir: str | Path, max_length: int, cache: str
             return captions, t["states"], t["mask"]
     enc = TextEncoder(str(d / "model.onnx"), str(d / "tokenizer.json"), max_length)
     # one caption at a time, as inference encodes (TextEncoder.encode): the int8 encoder quantises
-    # per run, so captions encoded together would change each other (the bundled SR stage is still
-    # one trained that way, 64 at a time; its package TRAINING.md says why)
+    # per run, so captions encoded together would change each other (the first bundled stages were
+    # trained on captions encoded 64 at a time; pydiff/bundled/shapes/TRAINING.md)
     states, masks = enc.encode(captions)
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
