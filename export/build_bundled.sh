@@ -35,7 +35,7 @@ wait
 python -m pydiff.training export digits --run "$RUNS/digits" --out "$OUT/digits"
 python -m pydiff.training export shapes --base "$RUNS/shapes_base_pp" --sr "$RUNS/shapes_sr64_v" \
     --text-encoder "$RUNS/text_encoder" --out "$OUT/shapes" \
-    --base-recommended '{"guidance_scale": 7.0, "steps": 50, "thresholding": "static"}' \
+    --base-recommended '{"guidance_scale": 7.0, "steps": 50, "thresholding": "static", "inpaint": {"guidance_scale": 3.0, "jump_length": 10, "jump_n_sample": 10}}' \
     --sr-recommended '{"guidance_scale": 1.0, "steps": 20, "thresholding": "static"}' --noise-aug-level 100
 
 # 3b. The digits classifier for classifier guidance (issue 7): noise-aware, trained on the digits

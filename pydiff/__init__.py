@@ -7,7 +7,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from pydiff.samplers import NonFiniteError, make_sampler  # noqa: E402
-from pydiff.sampling import sample  # noqa: E402
+from pydiff.sampling import repaint, repaint_schedule, sample  # noqa: E402
 from pydiff.schedules import Schedule, ScheduleError, timesteps  # noqa: E402
 
 # The pipeline (ONNX Runtime, tokenizers, Pillow) loads on first use, so that `import pydiff`
@@ -27,5 +27,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'pydiff' has no attribute {name!r}")
 
 
-__all__ = ["Schedule", "ScheduleError", "sample", "make_sampler", "timesteps", "NonFiniteError", "__version__",
+__all__ = ["Schedule", "ScheduleError", "sample", "repaint", "repaint_schedule", "make_sampler", "timesteps", "NonFiniteError", "__version__",
            "ModelOutputError", "BackendUnavailableError", *_PIPELINE_NAMES]

@@ -132,6 +132,11 @@ def build_parser(with_extras: bool = True) -> argparse.ArgumentParser:
     p.add_argument("mask", help="white (255) = regenerate, black = keep")
     p.add_argument("prompt", nargs="*")
     p.add_argument("--class-label", type=int, action="append", metavar="N")
+    p.add_argument("--jump-length", action="append", metavar="[STAGE=]L",
+                   help="RePaint: steps redone per resampling jump (default: the package's, else 10)")
+    p.add_argument("--jump-n-sample", action="append", metavar="[STAGE=]R",
+                   help="RePaint: passes over each stretch of steps, 1 = no resampling "
+                        "(default: the package's, else 1)")
     _common(p)
     p.set_defaults(func=_cmd_images, mode="inpaint")
 
@@ -277,6 +282,8 @@ def _cmd_images(args) -> int:
         kwargs["image"] = _open_image(args.image, "image")
     if mode == "inpaint":
         kwargs["mask"] = _open_image(args.mask, "mask")
+        kwargs["jump_length"] = _per_stage(args.jump_length, "jump-length", int)
+        kwargs["jump_n_sample"] = _per_stage(args.jump_n_sample, "jump-n-sample", int)
     if mode == "img2img":
         strength = _per_stage(args.strength, "strength", float)
         kwargs["strength"] = 0.75 if strength is None else strength

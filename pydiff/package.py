@@ -294,6 +294,16 @@ def _scheduler(ctx, obj, key, where, *, required=True) -> dict | None:
 def _recommended(ctx, obj, where) -> dict:
     rec = _obj(ctx, obj, "recommended", where, required=False) or {}
     k = f"{where}.recommended"
+    _recommended_fields(ctx, rec, k)
+    inpaint = _obj(ctx, rec, "inpaint", k, required=False)
+    if inpaint is not None:    # the settings that differ when the stage inpaints
+        if "inpaint" in inpaint:
+            raise ctx.error(f"{k}.inpaint.inpaint", "not allowed (inpaint overrides are one level)")
+        _recommended_fields(ctx, inpaint, f"{k}.inpaint")
+    return dict(rec)
+
+
+def _recommended_fields(ctx, rec, k) -> None:
     _str(ctx, rec, "sampler", k, required=False)
     _int(ctx, rec, "steps", k, 1, MAX_STEPS, required=False)
     _number(ctx, rec, "guidance_scale", k)
@@ -302,7 +312,8 @@ def _recommended(ctx, obj, where) -> dict:
     _number(ctx, rec, "dynamic_thresholding_ratio", k, 0.0, 1.0, lo_open=True)
     _number(ctx, rec, "sample_max_value", k, 1.0)
     _number(ctx, rec, "clip_sample_range", k, 0.0, lo_open=True)
-    return dict(rec)
+    _int(ctx, rec, "jump_length", k, 1, MAX_STEPS, required=False)
+    _int(ctx, rec, "jump_n_sample", k, 1, MAX_STEPS, required=False)
 
 
 def _name(ctx: _Ctx, raw: dict, where: str) -> str:

@@ -6,6 +6,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pydiff import guidance as _guidance
+from pydiff import ops, reference
 from pydiff.samplers import NonFiniteError, make_sampler
 from pydiff.schedules import Schedule
 
@@ -70,88 +71,233 @@ def sample(model: Callable[..., Any], x_T, *, schedule: Schedule, sampler: str =
         use_clipped_model_output = guidance_fn is not None
     smp = make_sampler(sampler, schedule, steps, eta=eta, use_clipped_model_output=use_clipped_model_output,
                        backend=backend, **threshold_overrides)
-    if hasattr(x_T, "__dlpack__") and not isinstance(x_T, np.ndarray):
-        x_T = np.from_dlpack(x_T)
-    x = np.asarray(x_T)
-    if x.dtype != np.float32:
-        raise TypeError(f"x_T must be float32, got {x.dtype}")
-    if x.ndim < 1 or x.shape[0] == 0:
-        raise ValueError(f"x_T must have a non-empty batch dimension, got shape {x.shape}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("x_T contains NaN or Inf")
-    x = np.array(x, np.float32, order="C", copy=True)
-    B = x.shape[0]
+    run = _Run(model, x_T, smp, guidance_scale, cond, uncond, seed, batch_cond_uncond, guidance_fn,
+               reuse_buffers=callback is None)
+    x = run.x
     n_steps = len(smp.timesteps)
     if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)) or not 0 <= start_step < n_steps:
         raise ValueError(f"start_step must be an integer in [0, {n_steps - 1}], got {start_step!r}")
-
-    guided = uncond is not None and not (np.ndim(guidance_scale) == 0 and float(guidance_scale) == 1.0)
-    if np.ndim(guidance_scale) == 0:
-        if not np.isfinite(float(guidance_scale)):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
-        scale = float(guidance_scale)
-    else:
-        scale = np.ascontiguousarray(guidance_scale, dtype=np.float32)
-        if scale.shape != (B,):
-            raise ValueError(f"per-sample guidance_scale must have shape ({B},), got {scale.shape}")
-        if not np.all(np.isfinite(scale)):
-            raise ValueError("guidance_scale contains NaN or Inf")
-    if cond is not None:
-        _check_batch(cond, B, "cond")
-    if uncond is not None:
-        if cond is None:
-            raise ValueError("uncond needs cond: classifier-free guidance mixes the two")
-        _check_batch(uncond, B, "uncond")
-    both = _stack(cond, uncond) if guided and batch_cond_uncond else None
-    if seed is None:
-        seed = int(np.random.SeedSequence().entropy) & (2**64 - 1)
-
-    def call(xb, tb, c):
-        return model(xb, tb) if c is None else model(xb, tb, c)
-
-    # Preallocated buffers: the doubled network input, and two x buffers used in turn (only when
-    # no callback could keep a reference to x).
-    x2 = np.empty((2 * B,) + x.shape[1:], np.float32) if guided and batch_cond_uncond else None
-    spare = np.empty_like(x) if callback is None else None
     steps_iter = range(start_step, n_steps)
     if progress:
         from tqdm.auto import tqdm
 
         steps_iter = tqdm(steps_iter, desc=f"{sampler} sampling", unit="step")
     for i in steps_iter:
-        t = int(smp.timesteps[i])
-        if guided:
-            if batch_cond_uncond:
-                x2[:B] = x
-                x2[B:] = x
-                out = _as_output(call(x2, np.full(2 * B, t, np.float32), both), x2.shape, i, t)
-            else:
-                tt = np.full(B, t, np.float32)
-                oc = _as_output(call(x, tt, cond), x.shape, i, t)
-                ou = _as_output(call(x, tt, uncond), x.shape, i, t)
-                out = np.concatenate([oc, ou])
-        else:
-            out = _as_output(call(x, np.full(B, t, np.float32), cond), x.shape, i, t)
         z = None
         if noise is not None:
             z = np.asarray(noise(i, x.shape), dtype=np.float32)
             if z.shape != x.shape:
                 raise ValueError(f"noise({i}, shape) returned shape {z.shape}; expected {x.shape}")
+        x = run.step(x, i, noise=z)
+        if callback is not None:
+            r = callback(i, int(smp.timesteps[i]), x)
+            if r is not None:
+                x = np.array(_as_output(r, x.shape, i, int(smp.timesteps[i]), "callback"), copy=True)
+    return x
+
+
+def repaint_schedule(steps: int, jump_length: int = 10, jump_n_sample: int = 10) -> list[tuple]:
+    """RePaint's resampling plan (Lugmayr et al. 2022, Sec. 4.2; diffusers' RePaintScheduler).
+
+    A list of ``("step", i)`` (run sampler step i) and ``("jump", k, j)`` (re-noise x from the level
+    after step k - 1 back to the level before step j = k - jump_length). Counting remaining steps,
+    every ``jump_length`` steps (at 0, L, 2L, ... below ``steps - jump_length``) the last L steps
+    are redone ``jump_n_sample - 1`` more times; ``jump_n_sample=1`` is plain replacement.
+    """
+    for name, v in (("steps", steps), ("jump_length", jump_length), ("jump_n_sample", jump_n_sample)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    jumps = {r: jump_n_sample - 1 for r in range(0, steps - jump_length, jump_length)}
+    plan: list[tuple] = []
+    done = 0                                   # steps completed in the current pass
+    while done < steps:
+        plan.append(("step", done))
+        done += 1
+        remaining = steps - done
+        if jumps.get(remaining, 0) > 0:
+            jumps[remaining] -= 1
+            plan.append(("jump", done, done - jump_length))
+            done -= jump_length
+            # the steps just undone are taken again, and each is a jump target only once
+    return plan
+
+
+def repaint(model: Callable[..., Any], x_T, image, mask, *, schedule: Schedule, sampler: str = "ddpm",
+            steps: int = 25, jump_length: int = 10, jump_n_sample: int = 10, eta: float = 0.0,
+            guidance_scale=1.0, cond=None, uncond=None, seed: int | None = None,
+            callback: Callable[[int, int, np.ndarray], Any] | None = None, progress: bool = False,
+            batch_cond_uncond: bool = True, use_clipped_model_output: bool | None = None,
+            guidance_fn: Callable[[np.ndarray, np.ndarray], Any] | None = None, backend: str = "native",
+            **threshold_overrides) -> np.ndarray:
+    """Inpainting by RePaint (Lugmayr et al. 2022): regenerate where ``mask`` is 1, keep ``image``.
+
+    After every step the kept region is replaced by ``image`` noised to the level x is now at (the
+    exact ``image`` after the last step), and, per :func:`repaint_schedule`, the last
+    ``jump_length`` steps are redone ``jump_n_sample - 1`` more times from x re-noised by the
+    forward process, which lets the generated region settle into the kept one
+    (``jump_n_sample=1``: plain replacement, one pass). Any sampler works; DPM-Solver++ restarts
+    its multistep history (one first-order step) after each jump.
+
+    image: float32 [B or 1, ...] in the network's space (x_T's shape but the batch); mask: [B or 1,
+    1 or C, ...] in [0, 1], 1 = generate (a soft mask blends). Other arguments as in
+    :func:`sample`; ``callback(i, t, x)`` runs after every step (passes included), after the merge.
+    Noise streams (seed, key): the step of pass-wide index c uses key c, the kept region's noise
+    0x80000000 + c, the jump after it 0xC0000000 + c, all generated by the kernels' Philox.
+    """
+    if use_clipped_model_output is None:
+        use_clipped_model_output = guidance_fn is not None
+    smp = make_sampler(sampler, schedule, steps, eta=eta, use_clipped_model_output=use_clipped_model_output,
+                       backend=backend, **threshold_overrides)
+    plan = repaint_schedule(len(smp.timesteps), jump_length, jump_n_sample)
+    run = _Run(model, x_T, smp, guidance_scale, cond, uncond, seed, batch_cond_uncond, guidance_fn,
+               reuse_buffers=False)
+    x = run.x
+    known = _image_like(image, x.shape, "image")
+    gen = _image_like(mask, x.shape, "mask", channels_may_be_one=True)
+    if not np.all((gen >= 0) & (gen <= 1)):
+        raise ValueError("mask values must be in [0, 1] (1 = generate, 0 = keep)")
+    keep = (1.0 - gen).astype(np.float32)
+    randn = reference.randn if backend == "reference" else None
+
+    def normals(key: int) -> np.ndarray:
+        if randn is not None:
+            return randn(run.seed, key, x.size).reshape(x.shape)
+        return ops.randn(x.shape, run.seed, key)
+
+    n_ops = sum(op[0] == "step" for op in plan)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_ops, desc=f"RePaint {sampler}", unit="step")
+    c = 0
+    try:
+        for op in plan:
+            if op[0] == "jump":
+                _, k, j = op
+                ratio = (smp.coefficients(j).alpha / smp.coefficients(k - 1).alpha_next) ** 2
+                ratio = min(ratio, 1.0)
+                z = normals(0xC0000000 + c - 1)
+                x = (np.float32(ratio ** 0.5) * x + np.float32((1.0 - ratio) ** 0.5) * z).astype(np.float32)
+                if smp.uses_x0_history:
+                    smp.reset()
+                continue
+            i = op[1]
+            x = run.step(x, i, noise_step=c)
+            co = smp.coefficients(i)
+            if co.sigma_next > 0.0:
+                noised = np.float32(co.alpha_next) * known + np.float32(co.sigma_next) * normals(0x80000000 + c)
+            else:
+                noised = known
+            x = (keep * noised + gen * x).astype(np.float32)
+            c += 1
+            if bar is not None:
+                bar.update(1)
+            if callback is not None:
+                t = int(smp.timesteps[i])
+                r = callback(i, t, x)
+                if r is not None:
+                    x = np.array(_as_output(r, x.shape, i, t, "callback"), copy=True)
+    finally:
+        if bar is not None:
+            bar.close()
+    return x
+
+
+def _image_like(a, shape, what: str, channels_may_be_one: bool = False) -> np.ndarray:
+    """A float32 array broadcastable to `shape` from batch 1 or B (and channels 1, for masks)."""
+    if hasattr(a, "__dlpack__") and not isinstance(a, np.ndarray):
+        a = np.from_dlpack(a)
+    a = np.asarray(a)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{what} must be floating point, got {a.dtype}")
+    ok = a.ndim == len(shape) and a.shape[0] in (1, shape[0]) and a.shape[2:] == tuple(shape[2:]) \
+        and (a.shape[1] == shape[1] or (channels_may_be_one and a.shape[1] == 1))
+    if not ok:
+        allowed = "1 or C" if channels_may_be_one else "C"
+        raise ValueError(f"{what} must have shape [1 or B, {allowed}, ...] matching x_T {tuple(shape)}, "
+                         f"got {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{what} contains NaN or Inf")
+    return np.broadcast_to(a.astype(np.float32, copy=False), shape)
+
+
+class _Run:
+    """The validated inputs of one sampling run and its denoising step: the network call (one
+    stacked call for classifier-free guidance), guidance models, then the fused step."""
+
+    def __init__(self, model, x_T, smp, guidance_scale, cond, uncond, seed, batch_cond_uncond,
+                 guidance_fn, reuse_buffers: bool):
+        if hasattr(x_T, "__dlpack__") and not isinstance(x_T, np.ndarray):
+            x_T = np.from_dlpack(x_T)
+        x = np.asarray(x_T)
+        if x.dtype != np.float32:
+            raise TypeError(f"x_T must be float32, got {x.dtype}")
+        if x.ndim < 1 or x.shape[0] == 0:
+            raise ValueError(f"x_T must have a non-empty batch dimension, got shape {x.shape}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError("x_T contains NaN or Inf")
+        self.x = np.array(x, np.float32, order="C", copy=True)
+        B = x.shape[0]
+        self.guided = uncond is not None and not (np.ndim(guidance_scale) == 0 and float(guidance_scale) == 1.0)
+        if np.ndim(guidance_scale) == 0:
+            if not np.isfinite(float(guidance_scale)):
+                raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+            self.scale = float(guidance_scale)
+        else:
+            self.scale = np.ascontiguousarray(guidance_scale, dtype=np.float32)
+            if self.scale.shape != (B,):
+                raise ValueError(f"per-sample guidance_scale must have shape ({B},), got {self.scale.shape}")
+            if not np.all(np.isfinite(self.scale)):
+                raise ValueError("guidance_scale contains NaN or Inf")
+        if cond is not None:
+            _check_batch(cond, B, "cond")
+        if uncond is not None:
+            if cond is None:
+                raise ValueError("uncond needs cond: classifier-free guidance mixes the two")
+            _check_batch(uncond, B, "uncond")
+        self.model, self.smp, self.cond, self.uncond = model, smp, cond, uncond
+        self.batch_cond_uncond, self.guidance_fn = batch_cond_uncond, guidance_fn
+        self.both = _stack(cond, uncond) if self.guided and batch_cond_uncond else None
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy) & (2**64 - 1)
+        self.seed = seed
+        # Preallocated buffers: the doubled network input, and two x buffers used in turn (only
+        # when no callback could keep a reference to x).
+        self.x2 = np.empty((2 * B,) + x.shape[1:], np.float32) if self.guided and batch_cond_uncond else None
+        self.spare = np.empty_like(self.x) if reuse_buffers else None
+
+    def _call(self, xb, tb, c):
+        return self.model(xb, tb) if c is None else self.model(xb, tb, c)
+
+    def step(self, x: np.ndarray, i: int, noise: np.ndarray | None = None,
+             noise_step: int | None = None) -> np.ndarray:
+        """x after step i of the sampler (the network evaluated at its timestep t_i)."""
+        smp, B = self.smp, x.shape[0]
+        t = int(smp.timesteps[i])
+        if self.guided:
+            if self.batch_cond_uncond:
+                self.x2[:B] = x
+                self.x2[B:] = x
+                out = _as_output(self._call(self.x2, np.full(2 * B, t, np.float32), self.both),
+                                 self.x2.shape, i, t)
+            else:
+                tt = np.full(B, t, np.float32)
+                oc = _as_output(self._call(x, tt, self.cond), x.shape, i, t)
+                ou = _as_output(self._call(x, tt, self.uncond), x.shape, i, t)
+                out = np.concatenate([oc, ou])
+        else:
+            out = _as_output(self._call(x, np.full(B, t, np.float32), self.cond), x.shape, i, t)
         mean_shift = None
-        if guidance_fn is not None:
-            out, mean_shift = _apply_guidance(guidance_fn, smp, i, t, x, out)
-        new = smp.step(out, x, i, guidance_scale=scale if guided else None, seed=seed, noise=z, out=spare)
+        if self.guidance_fn is not None:
+            out, mean_shift = _apply_guidance(self.guidance_fn, smp, i, t, x, out)
+        new = smp.step(out, x, i, guidance_scale=self.scale if self.guided else None, seed=self.seed,
+                       noise=noise, out=self.spare, noise_step=noise_step)
         if mean_shift is not None:
             new += mean_shift
-        if spare is not None:
-            spare, x = x, new
-        else:
-            x = new
-        if callback is not None:
-            r = callback(i, t, x)
-            if r is not None:
-                x = np.array(_as_output(r, x.shape, i, t, "callback"), copy=True)
-    return x
+        if self.spare is not None:
+            self.spare = x
+        return new
 
 
 def _apply_guidance(guidance_fn, smp, i: int, t: int, x: np.ndarray, out: np.ndarray):
@@ -173,4 +319,4 @@ def _apply_guidance(guidance_fn, smp, i: int, t: int, x: np.ndarray, out: np.nda
     return out, mean_shift
 
 
-__all__ = ["sample", "NonFiniteError"]
+__all__ = ["sample", "repaint", "repaint_schedule", "NonFiniteError"]

@@ -4,6 +4,7 @@
 ops: `out = 0.1 * sample + 0.5 * bias(cond) [+ 0.3 * low_res] + 0 * (other inputs)`, where
 `bias` is a projection of the mask-pooled text states or a class embedding. They carry the exact
 input names of docs/model-package.md, so the whole cascade runs in milliseconds.
+`gaussian_eps_model(cov, schedule)` is an exact network: the eps-prediction of Gaussian data.
 """
 from __future__ import annotations
 
@@ -11,6 +12,24 @@ import json
 from pathlib import Path
 
 import numpy as np
+
+def gaussian_eps_model(cov, schedule):
+    """The exact eps(x_t, t) = E[eps | x_t] for data x0 ~ N(0, cov) over [B, D] samples:
+    sqrt(1 - abar) (abar cov + (1 - abar) I)^-1 x_t, in float64, returned as float32."""
+    cov = np.asarray(cov, np.float64)
+    abar = schedule.alphas_cumprod
+
+    def model(x, t):
+        out = np.empty(x.shape, np.float32)
+        for tv in np.unique(t):
+            ab = abar[int(tv)]
+            sel = t == tv
+            c = ab * cov + (1.0 - ab) * np.eye(len(cov))
+            out[sel] = np.sqrt(1.0 - ab) * np.linalg.solve(c, x[sel].T.astype(np.float64)).T
+        return out
+
+    return model
+
 
 WORDS = ["a", "red", "green", "blue", "yellow", "circle", "square", "triangle", "on", "background",
          "small", "large"]

@@ -355,3 +355,21 @@ def test_a_broken_network_is_bad_input_naming_the_stage(pkgs, tmp_path):
     err = one_line_error(r)
     assert r.returncode == 2 and f"stage {st['name']!r}" in err and st["onnx"] in err and "NaN" in err, err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_inpaint_resampling_options(pkgs, tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    m = np.zeros((16, 16), np.uint8)
+    m[4:12, 4:12] = 255
+    Image.fromarray(m).save(tmp_path / "mask.png")
+    r = run("inpaint", tmp_path / "in.png", tmp_path / "mask.png", "red", "--model", pkgs["text"],
+            "--jump-n-sample", "base=3", "--jump-length", "2", "--out", tmp_path / "o.png",
+            "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)["stages"]
+    assert (st["base"]["jump_n_sample"], st["base"]["jump_length"]) == (3, 2)
+    assert (st["sr16"]["jump_n_sample"], st["sr16"]["jump_length"]) == (1, 2)
+    r = run("inpaint", tmp_path / "in.png", tmp_path / "mask.png", "red", "--model", pkgs["text"],
+            "--jump-n-sample", "0", "--out", tmp_path / "o2.png")
+    assert r.returncode == 2 and "jump_n_sample" in one_line_error(r)
+    assert not (tmp_path / "o2.png").exists()

@@ -176,3 +176,21 @@ def test_class_without_num_classes(tmp_path):
     edit(p, lambda m: m["stages"][0].update(num_classes=None))
     with pytest.raises(PackageError, match=r"stages\[0\].num_classes"):
         load_package(p)
+
+
+@pytest.mark.parametrize("inpaint,frag", [
+    ({"jump_n_sample": 0}, "stages[0].recommended.inpaint.jump_n_sample"),
+    ({"jump_length": "10"}, "stages[0].recommended.inpaint.jump_length"),
+    ({"eta": -1}, "stages[0].recommended.inpaint.eta"),
+    ({"inpaint": {}}, "stages[0].recommended.inpaint.inpaint"),
+    ([1], "stages[0].recommended.inpaint"),
+])
+def test_bad_inpaint_recommendation(pkg, inpaint, frag):
+    edit(pkg, lambda m: m["stages"][0]["recommended"].__setitem__("inpaint", inpaint))
+    expect(pkg, "manifest.json", frag)
+
+
+def test_inpaint_recommendation_loads(pkg):
+    edit(pkg, lambda m: m["stages"][0]["recommended"].__setitem__(
+        "inpaint", {"guidance_scale": 1.0, "jump_length": 5, "jump_n_sample": 3}))
+    assert load_package(pkg).stages[0].recommended["inpaint"]["jump_n_sample"] == 3

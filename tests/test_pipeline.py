@@ -190,6 +190,72 @@ def test_inpaint_keeps_known_region(text_pipe):
     np.testing.assert_array_equal(out, again)
 
 
+def test_inpaint_resampling(text_pipe, monkeypatch):
+    if not _native():
+        monkeypatch.setattr(pydiff, "repaint", functools.partial(pydiff.repaint, backend="reference"))
+    img = _image(2)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[2:10, 6:14] = 255
+    kw = dict(seed=4, progress=False, output_type="numpy")
+    one = text_pipe.inpaint(img, mask, "a red circle", jump_n_sample=1, **kw)
+    two = text_pipe.inpaint(img, mask, "a red circle", jump_n_sample={"base": 3, "sr16": 2},
+                            jump_length=2, **kw)
+    keep = mask == 0
+    orig = img.astype(np.float32) / 255
+    assert np.abs(two[0][keep] - orig[keep]).max() < 1e-5
+    assert np.abs(two[0][~keep] - one[0][~keep]).max() > 0.01
+    seen = []
+    text_pipe.inpaint(img, mask, "a red circle", jump_n_sample=3, jump_length=2,
+                      callback=lambda stage, i, t, x: seen.append((stage, i)), **kw)
+    steps = text_pipe.plan(mode="inpaint", image=img, mask=mask).settings["base"].steps
+    want = [op[1] for op in pydiff.repaint_schedule(steps, 2, 3) if op[0] == "step"]
+    assert [i for st, i in seen if st == "base"] == want
+
+
+def test_inpaint_settings_come_from_recommended_inpaint(pkgs, tmp_path):
+    import json
+    import shutil
+
+    dst = tmp_path / "p"
+    shutil.copytree(pkgs["text"], dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    m["stages"][0]["recommended"]["inpaint"] = {"guidance_scale": 1.0, "jump_n_sample": 4}
+    (dst / "manifest.json").write_text(json.dumps(m))
+    p = load(dst)
+    img, mask = _image(), np.ones((16, 16), bool)
+    ip = p.plan(prompt="red", mode="inpaint", image=img, mask=mask).settings
+    assert ip["base"].as_dict()["guidance_scale"] == 1.0
+    assert (ip["base"].jump_n_sample, ip["base"].jump_length) == (4, 10)
+    assert (ip["sr16"].jump_n_sample, ip["sr16"].jump_length) == (1, 10)   # the fallback
+    gp = p.plan(prompt="red").settings["base"]        # generating ignores the inpaint block
+    assert gp.as_dict()["guidance_scale"] == 2.0 and gp.jump_n_sample is None
+    mine = p.plan(prompt="red", mode="inpaint", image=img, mask=mask, jump_n_sample={"base": 2},
+                  guidance_scale=3.0).settings["base"]
+    assert mine.jump_n_sample == 2 and mine.as_dict()["guidance_scale"] == 3.0
+
+
+def test_bundled_shapes_recommends_resampling_for_inpainting():
+    p = load()
+    s = p.plan(prompt="a red circle on a blue background", mode="inpaint",
+               image=np.zeros((64, 64, 3), np.uint8), mask=np.ones((64, 64), bool)).settings
+    assert (s["base"].jump_n_sample, s["base"].jump_length) == (10, 10)
+    assert s["base"].as_dict()["guidance_scale"] == 3.0
+    assert s["sr64"].jump_n_sample == 1
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(jump_n_sample=0), "jump_n_sample for stage 'base' must be a positive integer"),
+    (dict(jump_length=1.5), "jump_length for stage 'base' must be a positive integer"),
+    (dict(jump_n_sample={"nope": 2}), "unknown stage 'nope'"),
+    (dict(jump_n_sample=10**4), "10000-step limit"),
+])
+def test_bad_resampling_settings(text_pipe, kw, match):
+    with pytest.raises(ValueError, match=match):
+        text_pipe.plan(prompt="red", mode="inpaint", image=_image(), mask=np.ones((16, 16), bool), **kw)
+    with pytest.raises(ValueError, match="RePaint's inpainting settings"):
+        text_pipe.plan(prompt="red", jump_n_sample=2)
+
+
 def test_img2img_strength(text_pipe):
     img = _image(1)
     orig = img.astype(np.float32) / 255

@@ -161,9 +161,14 @@ class Pipeline:
         """Regenerate where `mask` is 1 (white), keep the rest of `image`.
 
         Stages with mask inputs (`mask`, `masked_image`) are conditioned on them; every other
-        stage replaces the known region with the forward-noised original after each step
-        (RePaint, Lugmayr et al. 2022, without resampling). Image and mask must be the same size;
-        each stage sees them resized to its resolution. Other keywords as in `generate`.
+        stage runs RePaint (Lugmayr et al. 2022, `pydiff.repaint`): after each step the kept region
+        is replaced by the original noised to the level x is at, and with `jump_n_sample` R > 1
+        every `jump_length` L steps the last L are redone R - 1 more times from re-noised x, so
+        that the new region settles into the kept one. Both may be dicts keyed by stage name; the
+        defaults, and the guidance used while inpainting, are the package's `recommended.inpaint`
+        (bundled shapes: base L 10, R 10, guidance 3), else L 10, R 1. Image and mask must be the
+        same size; each stage sees them resized to its resolution (a low-resolution pixel is
+        regenerated when at least half of it is). Other keywords as in `generate`.
         """
         return self.execute(self.plan(prompt=prompt, mode="inpaint", image=image, mask=mask,
                                       **kwargs))
@@ -193,7 +198,8 @@ class Pipeline:
              steps=None, sampler=None, guidance_scale=None, thresholding=None, eta=None, seed=None,
              noise_aug_level=None, output_type="pil", progress=True, callback=None,
              mode="generate", image=None, mask=None, strength=None, start_stage=None,
-             guidance_type=None, classifier_scale=None, clip_scale=None) -> _Plan:
+             guidance_type=None, classifier_scale=None, clip_scale=None, jump_length=None,
+             jump_n_sample=None) -> _Plan:
         """Validate a call and return its plan; raises ValueError/TypeError before any work."""
         pkg = self.package
         stages = list(pkg.stages)
@@ -326,7 +332,9 @@ class Pipeline:
         settings = resolve(pkg, stages, n_prompts=n_prompts, num_images=int(num_images),
                            steps=steps, sampler=sampler, guidance_scale=guidance_scale,
                            thresholding=thresholding, eta=eta, noise_aug_level=noise_aug_level,
-                           strength=strength if mode == "img2img" else None)
+                           strength=strength if mode == "img2img" else None,
+                           jump_length=jump_length, jump_n_sample=jump_n_sample,
+                           inpaint=mode == "inpaint")
         for st_ in stages:   # a class network without a "no class" label: labels given, no CFG
             if st_.conditioning != "class" or st_.unconditional_class:
                 continue
@@ -493,8 +501,6 @@ class Pipeline:
             ts = _timesteps(core, sched, s.steps, s.sampler)
             x = np.asarray(sched.add_noise(known, x, int(ts[start_step])), np.float32)
         repaint = plan.mode == "inpaint" and not st.has_mask_channel
-        if repaint and ts is None:
-            ts = _timesteps(core, sched, s.steps, s.sampler)
 
         guided = st.conditioning != "none" and s.uses_guidance
         guidance_fn = None
@@ -519,39 +525,31 @@ class Pipeline:
         user_cb = plan.callback
         from tqdm.auto import tqdm
 
-        with tqdm(total=s.steps - start_step, desc=f"{st.name} {R}x{R}", unit="step",
+        total = s.steps - start_step
+        if repaint:
+            total = sum(op[0] == "step" for op in core.repaint_schedule(s.steps, s.jump_length,
+                                                                         s.jump_n_sample))
+        with tqdm(total=total, desc=f"{st.name} {R}x{R}", unit="step",
                   disable=not plan.progress, file=sys.stderr, leave=True) as bar:
             def callback(i, t, xt):
                 bar.update(1)
-                out = None
-                if repaint:
-                    out = self._repaint(sched, ts, i, t, xt, known, keep, rng)
                 if user_cb is not None:
-                    r = user_cb(st.name, i, t, xt if out is None else out)
+                    r = user_cb(st.name, i, t, xt)
                     if r is not None:
-                        out = np.asarray(r, np.float32)
-                return out
+                        return np.asarray(r, np.float32)
+                return None
 
-            result = core.sample(
-                self.backend.model(st.name), x, schedule=sched, sampler=s.sampler, steps=s.steps,
-                eta=s.eta, guidance_scale=gscale if guided else 1.0, cond=cond,
-                uncond=uncond if guided else None, seed=(plan.seed + st.index) % 2**64,
-                callback=callback, progress=False, start_step=start_step,
-                guidance_fn=guidance_fn, **thr)
+            common = dict(schedule=sched, sampler=s.sampler, steps=s.steps, eta=s.eta,
+                          guidance_scale=gscale if guided else 1.0, cond=cond,
+                          uncond=uncond if guided else None, seed=(plan.seed + st.index) % 2**64,
+                          callback=callback, progress=False, guidance_fn=guidance_fn, **thr)
+            if repaint:     # RePaint: the kept region replaced after every step, with resampling
+                result = core.repaint(self.backend.model(st.name), x, known, 1.0 - keep,
+                                      jump_length=s.jump_length, jump_n_sample=s.jump_n_sample,
+                                      **common)
+            else:
+                result = core.sample(self.backend.model(st.name), x, start_step=start_step, **common)
         return np.asarray(result, np.float32)
-
-    @staticmethod
-    def _repaint(sched, ts, i, t, x, known, keep, rng):
-        """Replace the known region with the original noised to the level x is now at."""
-        t_now = int(np.asarray(t).ravel()[0])
-        pos = np.flatnonzero(ts == t_now)
-        pos = int(pos[0]) if pos.size else int(i)
-        noise = rng.standard_normal(x.shape, dtype=np.float32)
-        if pos + 1 < len(ts):
-            target = np.asarray(sched.add_noise(known, noise, int(ts[pos + 1])), np.float32)
-        else:
-            target = known            # after the last step x is x_0
-        return keep * target + (1.0 - keep) * x
 
 
 def _timesteps(core, schedule, steps, sampler):

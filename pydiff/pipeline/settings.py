@@ -12,7 +12,7 @@ from ..package import MAX_STEPS, THRESHOLDINGS, Package, Stage
 # Used when a manifest's `recommended` block leaves a key out.
 FALLBACK = {"sampler": "ddim", "steps": 25, "guidance_scale": 1.0, "eta": 0.0,
             "thresholding": "none", "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0,
-            "clip_sample_range": 1.0}
+            "clip_sample_range": 1.0, "jump_length": 10, "jump_n_sample": 1}
 KNOWN_SAMPLERS_FALLBACK = ("ddpm", "ddim", "dpmpp_2m")
 
 
@@ -41,6 +41,8 @@ class StageSettings:
     clip_sample_range: float
     noise_aug_level: int | None      # super-resolution stages only
     strength: float | None = None    # img2img only
+    jump_length: int | None = None   # inpaint (RePaint resampling) only
+    jump_n_sample: int | None = None
 
     @property
     def uses_guidance(self) -> bool:
@@ -60,6 +62,9 @@ class StageSettings:
             d["noise_aug_level"] = self.noise_aug_level
         if self.strength is not None:
             d["strength"] = self.strength
+        if self.jump_n_sample is not None:
+            d["jump_length"] = self.jump_length
+            d["jump_n_sample"] = self.jump_n_sample
         return d
 
 
@@ -104,7 +109,8 @@ def guidance_array(value, what: str, n_prompts: int, num_images: int) -> np.ndar
 
 def resolve(package: Package, stages: list[Stage], *, n_prompts: int, num_images: int,
             steps=None, sampler=None, guidance_scale=None, thresholding=None, eta=None,
-            noise_aug_level=None, strength=None) -> dict[str, StageSettings]:
+            noise_aug_level=None, strength=None, jump_length=None, jump_n_sample=None,
+            inpaint: bool = False) -> dict[str, StageSettings]:
     """Merge per-call settings with each stage's `recommended`, validating every value."""
     steps_ = per_stage(steps, "steps", package, stages)
     sampler_ = per_stage(sampler, "sampler", package, stages)
@@ -113,10 +119,16 @@ def resolve(package: Package, stages: list[Stage], *, n_prompts: int, num_images
     eta_ = per_stage(eta, "eta", package, stages)
     aug_ = per_stage(noise_aug_level, "noise_aug_level", package, stages)
     str_ = per_stage(strength, "strength", package, stages)
+    jl_ = per_stage(jump_length, "jump_length", package, stages)
+    jn_ = per_stage(jump_n_sample, "jump_n_sample", package, stages)
+    if not inpaint and (jump_length is not None or jump_n_sample is not None):
+        raise ValueError("jump_length and jump_n_sample are RePaint's inpainting settings")
     samplers = known_samplers()
     out: dict[str, StageSettings] = {}
     for st in stages:
-        rec = {**FALLBACK, **dict(st.recommended)}
+        rec = {**FALLBACK, **{k_: v for k_, v in st.recommended.items() if k_ != "inpaint"}}
+        if inpaint:     # the package's inpainting recommendation (RePaint resampling, guidance)
+            rec.update(st.recommended.get("inpaint") or {})
         n = st.name
 
         s = sampler_[n] if sampler_[n] is not None else rec["sampler"]
@@ -174,6 +186,21 @@ def resolve(package: Package, stages: list[Stage], *, n_prompts: int, num_images
                 raise ValueError(f"strength {sv} with {k} steps runs no step for stage {n!r}; "
                                  f"raise strength or steps")
 
+        jl = jn = None
+        for what, given in (("jump_length", jump_length), ("jump_n_sample", jump_n_sample)):
+            if st.has_mask_channel and isinstance(given, Mapping) and given.get(n) is not None:
+                raise ValueError(f"{what}: stage {n!r} inpaints through its mask inputs, not RePaint")
+        if inpaint and not st.has_mask_channel:
+            jl = jl_[n] if jl_[n] is not None else rec["jump_length"]
+            jn = jn_[n] if jn_[n] is not None else rec["jump_n_sample"]
+            for what, v in (("jump_length", jl), ("jump_n_sample", jn)):
+                if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                    raise ValueError(f"{what} for stage {n!r} must be a positive integer, got {v!r}")
+            jl, jn = int(jl), int(jn)
+            if int(k) * jn > MAX_STEPS:
+                raise ValueError(f"jump_n_sample {jn} x {k} steps for stage {n!r} is over the "
+                                 f"{MAX_STEPS}-step limit")
+
         if s == "ddim" and e > 1:   # beyond 1 eta can ask for more noise than a step holds
             from ..samplers import make_sampler
             from ..schedules import Schedule
@@ -188,5 +215,5 @@ def resolve(package: Package, stages: list[Stage], *, n_prompts: int, num_images
             dynamic_thresholding_ratio=_finite(rec["dynamic_thresholding_ratio"], "ratio"),
             sample_max_value=_finite(rec["sample_max_value"], "sample_max_value"),
             clip_sample_range=_finite(rec["clip_sample_range"], "clip_sample_range"),
-            noise_aug_level=lvl, strength=sv)
+            noise_aug_level=lvl, strength=sv, jump_length=jl, jump_n_sample=jn)
     return out

@@ -29,6 +29,9 @@ class StepCoefficients:
     c_eps: float = 0.0
     c_d: float = 0.0
     c_noise: float = 0.0
+    # The noise level the step moves x to: x_{t'} = alpha_next x0 + sigma_next eps (1, 0 at the end).
+    alpha_next: float = 1.0
+    sigma_next: float = 0.0
 
 
 class Sampler:
@@ -81,21 +84,25 @@ class Sampler:
                     sample_max_value=float(s.sample_max_value),
                     use_clipped_eps=int(self.use_clipped_model_output))
 
-    def params(self, i: int, seed: int) -> dict:
-        """The fields of the native StepParams for step i."""
+    def params(self, i: int, seed: int, noise_step: int | None = None) -> dict:
+        """The fields of the native StepParams for step i (noise stream (seed, noise_step), default i)."""
         c = self.coefficients(i)
         return dict(alpha=c.alpha, sigma=c.sigma, c_x=c.c_x, c_x0=c.c_x0, c_eps=c.c_eps, c_d=c.c_d,
                     c_noise=c.c_noise, prediction_type=ops.PREDICTION_CODES[self.schedule.prediction_type],
-                    seed=int(seed) & (2**64 - 1), noise_step=i & 0xFFFFFFFF, **self._threshold_fields())
+                    seed=int(seed) & (2**64 - 1),
+                    noise_step=(i if noise_step is None else int(noise_step)) & 0xFFFFFFFF,
+                    **self._threshold_fields())
 
     def step(self, model_output: np.ndarray, x: np.ndarray, i: int, *, guidance_scale=None,
-             seed: int = 0, noise: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+             seed: int = 0, noise: np.ndarray | None = None, out: np.ndarray | None = None,
+             noise_step: int | None = None) -> np.ndarray:
         """x_{t_{i+1}} from x_{t_i} and the network output at t_i.
 
         model_output [B, ...], or [2B, ...] = [cond; uncond] when guidance_scale is given.
-        noise: standard normals [B, ...] to use instead of the in-kernel generator.
+        noise: standard normals [B, ...] to use instead of the in-kernel generator, whose stream is
+        (seed, noise_step), noise_step defaulting to i.
         """
-        fields = self.params(i, seed)
+        fields = self.params(i, seed, noise_step)
         c_noise = fields["c_noise"]
         if noise is not None:
             fields["c_noise"] = 0.0  # added below, last, exactly where the kernel would add it

@@ -39,4 +39,5 @@ class DDIM(Sampler):
             raise ValueError(f"eta={self.eta:g}: the noise (std {std:.4g}) exceeds what x_{{t'}} holds at "
                              f"t={t} -> {prev}; eta <= 1 always fits")
         return StepCoefficients(t=t, alpha=sqrt(a_t), sigma=sqrt(1.0 - a_t), c_x0=sqrt(a_prev),
-                                c_eps=sqrt(max(rest, 0.0)), c_noise=std if self.eta > 0 else 0.0)
+                                c_eps=sqrt(max(rest, 0.0)), c_noise=std if self.eta > 0 else 0.0,
+                                alpha_next=sqrt(a_prev), sigma_next=sqrt(1.0 - a_prev))

@@ -30,4 +30,4 @@ class DDPM(Sampler):
             t=t, alpha=sqrt(a_t), sigma=sqrt(beta_prod_t),
             c_x0=sqrt(a_prev) * cur_beta / beta_prod_t,
             c_x=sqrt(cur_alpha) * beta_prod_prev / beta_prod_t,
-            c_noise=sqrt(var) if t > 0 else 0.0)
+            c_noise=sqrt(var) if t > 0 else 0.0, alpha_next=sqrt(a_prev), sigma_next=sqrt(beta_prod_prev))

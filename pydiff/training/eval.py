@@ -165,6 +165,88 @@ def evaluate_shapes_sr(package=None, n: int = 40, seed: int = 0, stage: str | No
             "seconds": round(seconds, 1), "settings": used}
 
 
+_IDEAL_FILL = {"circle": float(np.pi / 4), "square": 1.0, "triangle": 0.5}
+
+
+def inpaint_cases(n: int, seed: int = 0) -> list[dict]:
+    """The two inpainting tasks on n rendered training images (64x64), fixed by the seed.
+
+    complete: the right half of the shape's bounding box (from its centre, 4 px margin) is
+    regenerated from the image's own caption; the original is the ground truth there.
+    replace: the whole box (4 px margin) is regenerated from a caption with another shape colour
+    (not the background's) and another shape on the same background.
+    """
+    pick = np.random.default_rng([seed, 1])    # apart from the specs, so that cases[:k] keep with n
+    cases = []
+    for sp in S.sample_specs(np.random.default_rng(seed), n):
+        img = S.render(sp)
+        top, bottom = int(max(0, np.floor(sp.y0 - 4))), int(min(S.SIZE, np.ceil(sp.y0 + sp.side + 4)))
+        left, right = int(max(0, np.floor(sp.x0 - 4))), int(min(S.SIZE, np.ceil(sp.x0 + sp.side + 4)))
+        half = np.zeros((S.SIZE, S.SIZE), bool)
+        half[top:bottom, int(round(sp.x0 + sp.side / 2)):right] = True
+        box = np.zeros((S.SIZE, S.SIZE), bool)
+        box[top:bottom, left:right] = True
+        fgs = [c for c in S.COLORS if c not in (sp.bg, sp.fg)]
+        fg = fgs[int(pick.integers(len(fgs)))]
+        shape = [x for x in S.SHAPES if x != sp.shape][int(pick.integers(2))]
+        cases.append({"image": img, "spec": sp,
+                      "complete": (half, S.caption(sp.fg, sp.shape, sp.bg), (sp.fg, sp.shape, sp.bg)),
+                      "replace": (box, S.caption(fg, shape, sp.bg), (fg, shape, sp.bg))})
+    return cases
+
+
+def evaluate_shapes_inpaint(package=None, n: int = 40, seed: int = 0, save_grid: str | None = None,
+                            **settings) -> dict:
+    """Inpainting on the two tasks of `inpaint_cases`, one `inpaint` call per image (seed i).
+
+    complete: alignment (the original's colours and shape read back) and the PSNR of the
+    regenerated region against the original. replace: alignment to the new caption and the mean
+    |fill ratio - the shape's ideal| (0.785 disk, 1 square, 0.5 triangle) as a shape-quality figure.
+    `settings` are `inpaint` keywords (per-stage dicts allowed); the report records what ran."""
+    from ..pipeline import load
+
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    pipe = load(package)
+    cases = inpaint_cases(n, seed)
+    first = cases[0]
+    used = {k: v.as_dict() for k, v in pipe.plan(prompt="", mode="inpaint", image=first["image"],
+                                                 mask=first["complete"][0], **settings).settings.items()}
+    report: dict = {"n": n}
+    shown = {"complete": [], "replace": []}
+    t0 = time.time()
+    for task in ("complete", "replace"):
+        ok = {"all": 0, "fg": 0, "shape": 0, "bg": 0}
+        sq_err, n_px, fill_err = 0.0, 0, []
+        for i, case in enumerate(cases):
+            mask, prompt, want = case[task]
+            out = pipe.inpaint(case["image"], mask, prompt, output_type="numpy", progress=False,
+                               seed=seed + i, **settings)[0]
+            r = read_shape(out)
+            hit = {"fg": r["fg"] == want[0], "shape": r["shape"] == want[1], "bg": r["bg"] == want[2]}
+            for k, v in hit.items():
+                ok[k] += int(v)
+            ok["all"] += int(all(hit.values()))
+            diff = out.astype(np.float64) - case["image"].astype(np.float64) / 255.0
+            sq_err += float((diff[mask] ** 2).sum())
+            n_px += int(mask.sum()) * 3
+            fill_err.append(abs(r["fill"] - _IDEAL_FILL[want[1]]) if r["shape"] else 1.0)
+            if len(shown[task]) < 8:
+                shown[task].append((np.where(mask[..., None], 0.85, case["image"] / 255.0), out))
+        rep = {"alignment": ok["all"] / n} | {k: ok[k] / n for k in ("fg", "shape", "bg")}
+        if task == "complete":
+            rep["masked_psnr_db"] = round(float(10 * np.log10(n_px / max(sq_err, 1e-12))), 2)
+        else:
+            rep["fill_error"] = round(float(np.mean(fill_err)), 4)
+        report[task] = rep
+    report["seconds"] = round(time.time() - t0, 1)
+    report["settings"] = used
+    if save_grid:   # per task: the input with the mask in grey, then the result
+        rows = [np.stack([p[j] for p in shown[t]]) for t in ("complete", "replace") for j in (0, 1)]
+        save_image_grid(np.concatenate(rows), save_grid, cols=len(shown["complete"]), scale=2)
+    return report
+
+
 def save_image_grid(imgs: np.ndarray, path: str, cols: int = 8, scale: int = 2) -> None:
     """imgs float [N, H, W, C] in [0, 1] -> one PNG grid."""
     from PIL import Image
@@ -267,16 +349,21 @@ def add_arguments(p) -> None:
     for what, help_ in (("shapes", "alignment of a shapes package on seen and held-out prompts"),
                         ("shapes-sr", "a shapes package's super-resolution stage alone, on rendered "
                                       "low-resolution images (alignment, PSNR; bilinear beside)"),
+                        ("shapes-inpaint", "inpainting with a shapes package: completing half a "
+                                           "shape (PSNR) and replacing a shape (alignment)"),
                         ("digits", "SVM accuracy, diversity and memorisation of a digits package")):
         q = sub.add_parser(what, help=help_, description=help_)
         q.add_argument("--model", default=None, help="package path (default: the bundled one)")
         q.add_argument("--n", type=int, default=None,
-                       help="shapes: images per split (default 200); shapes-sr: images (default 40); "
-                            "digits: per class (default 30)")
+                       help="shapes: images per split (default 200); shapes-sr, shapes-inpaint: "
+                            "images (default 40); digits: per class (default 30)")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--guidance-scale", type=float)
         q.add_argument("--steps", type=int)
         q.add_argument("--grid", help="save a PNG grid of samples here")
+        q.add_argument("--settings", type=json.loads, default=None, metavar="JSON",
+                       help='more generate/inpaint keywords, per-stage dicts allowed, e.g. '
+                            '\'{"jump_n_sample": {"base": 1}}\'')
     eval_guidance.add_arguments(sub.add_parser(
         "guidance", help="quality against diversity per guidance type and scale (JSON + PNG)",
         description=eval_guidance.__doc__.split("\n\n")[0]))
@@ -288,8 +375,15 @@ def run(a) -> int:
 
         return eval_guidance.run(a)
     settings = {k: v for k, v in (("guidance_scale", a.guidance_scale), ("steps", a.steps)) if v is not None}
+    if a.settings is not None:
+        if not isinstance(a.settings, dict):
+            raise ValueError("--settings: expected a JSON object")
+        settings.update(a.settings)
     if a.what == "shapes":
         rep = evaluate_shapes(a.model, a.n or 200, seed=a.seed, save_grid=a.grid, **settings)
+    elif a.what == "shapes-inpaint":
+        rep = evaluate_shapes_inpaint(a.model, 40 if a.n is None else a.n, seed=a.seed, save_grid=a.grid,
+                                      **settings)
     elif a.what == "shapes-sr":
         rep = evaluate_shapes_sr(a.model, 40 if a.n is None else a.n, seed=a.seed, save_grid=a.grid, **settings)
     else:
