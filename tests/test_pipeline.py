@@ -219,13 +219,14 @@ def test_inpaint_settings_come_from_recommended_inpaint(pkgs, tmp_path):
     dst = tmp_path / "p"
     shutil.copytree(pkgs["text"], dst)
     m = json.loads((dst / "manifest.json").read_text())
-    m["stages"][0]["recommended"]["inpaint"] = {"guidance_scale": 1.0, "jump_n_sample": 4}
+    m["stages"][0]["recommended"]["inpaint"] = {"guidance_scale": 1.0, "jump_n_sample": 4,
+                                                "jump_length": 2}
     (dst / "manifest.json").write_text(json.dumps(m))
     p = load(dst)
     img, mask = _image(), np.ones((16, 16), bool)
     ip = p.plan(prompt="red", mode="inpaint", image=img, mask=mask).settings
     assert ip["base"].as_dict()["guidance_scale"] == 1.0
-    assert (ip["base"].jump_n_sample, ip["base"].jump_length) == (4, 10)
+    assert (ip["base"].jump_n_sample, ip["base"].jump_length) == (4, 2)
     assert (ip["sr16"].jump_n_sample, ip["sr16"].jump_length) == (1, 10)   # the fallback
     gp = p.plan(prompt="red").settings["base"]        # generating ignores the inpaint block
     assert gp.as_dict()["guidance_scale"] == 2.0 and gp.jump_n_sample is None
@@ -247,7 +248,8 @@ def test_bundled_shapes_recommends_resampling_for_inpainting():
     (dict(jump_n_sample=0), "jump_n_sample for stage 'base' must be a positive integer"),
     (dict(jump_length=1.5), "jump_length for stage 'base' must be a positive integer"),
     (dict(jump_n_sample={"nope": 2}), "unknown stage 'nope'"),
-    (dict(jump_n_sample=10**4), "10000-step limit"),
+    (dict(jump_n_sample=10**4, jump_length=1), "10000-step limit"),
+    (dict(jump_n_sample=2, jump_length=4), "jump_length 4 must be less than the 4 steps of stage 'base'"),
 ])
 def test_bad_resampling_settings(text_pipe, kw, match):
     with pytest.raises(ValueError, match=match):

@@ -45,7 +45,7 @@ def _as_diffusers_sequence(plan, n):
     return seq
 
 
-@pytest.mark.parametrize("n,L,r", [(25, 10, 10), (20, 5, 3), (50, 10, 2), (7, 10, 10), (10, 10, 3),
+@pytest.mark.parametrize("n,L,r", [(25, 10, 10), (20, 5, 3), (50, 10, 2), (7, 10, 1), (10, 10, 1),
                                    (11, 10, 3), (30, 1, 2), (250, 10, 10), (13, 4, 1)])
 def test_schedule_is_diffusers_repaint_schedule(n, L, r):
     diffusers = pytest.importorskip("diffusers")
@@ -74,11 +74,12 @@ def test_schedule_shape():
 
 
 @pytest.mark.parametrize("bad", [dict(steps=0), dict(jump_length=0), dict(jump_n_sample=0),
-                                 dict(steps=2.5), dict(jump_n_sample=True)])
+                                 dict(steps=2.5), dict(jump_n_sample=True), dict(jump_length=10)])
 def test_schedule_refuses_bad_values(bad):
     kw = dict(steps=10, jump_length=2, jump_n_sample=2) | bad
     with pytest.raises(ValueError, match=next(iter(bad))):
         pydiff.repaint_schedule(**kw)
+    assert pydiff.repaint_schedule(10, 10, 1) == [("step", i) for i in range(10)]  # no passes: fine
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -108,6 +109,52 @@ def test_one_pass_is_sample_with_a_replacing_callback(sampler):
     got = pydiff.repaint(_linear_model, x_T, image, mask, schedule=sched, sampler=sampler, steps=10,
                          jump_n_sample=1, seed=7)
     np.testing.assert_array_equal(got, want)
+
+
+@needs_native
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_jumps_replayed_by_hand(sampler):
+    """The whole loop written out from the documented pieces: the plan, the step with noise key c,
+    the paste with key 0x80000000 + c, the jump from the level x is at (alpha_next of the step
+    before) to the level before step j with key 0xC0000000 + c - 1, and DPM-Solver++'s reset."""
+    x_T, image, mask = _problem(B=1)
+    sched = _schedule(timestep_spacing="linspace")     # DDIM's levels are not its timesteps here
+    steps, L, R, seed = 11, 3, 3, 9
+    smp = pydiff.make_sampler(sampler, sched, steps)
+    keep = 1.0 - mask
+    x, c = x_T.copy(), 0
+    for op in pydiff.repaint_schedule(steps, L, R):
+        if op[0] == "jump":
+            _, k, j = op
+            ratio = (smp.coefficients(j).alpha / smp.coefficients(k - 1).alpha_next) ** 2
+            z = ops.randn(x.shape, seed, 0xC0000000 + c - 1)
+            x = (np.float32(np.sqrt(ratio)) * x + np.float32(np.sqrt(1 - ratio)) * z).astype(np.float32)
+            smp.reset()
+            continue
+        i = op[1]
+        t = np.full(1, smp.timesteps[i], np.float32)
+        x = smp.step(_linear_model(x, t), x, i, seed=seed, noise_step=c)
+        co = smp.coefficients(i)
+        if i + 1 < steps:
+            kn = np.float32(co.alpha_next) * image + np.float32(co.sigma_next) * ops.randn(
+                x.shape, seed, 0x80000000 + c)
+        else:
+            kn = image
+        x = (keep * kn + mask * x).astype(np.float32)
+        c += 1
+    got = pydiff.repaint(_linear_model, x_T, image, mask, schedule=sched, sampler=sampler, steps=steps,
+                         jump_length=L, jump_n_sample=R, seed=seed)
+    np.testing.assert_array_equal(got, x)
+
+
+@needs_native
+def test_ddim_without_alpha_to_one_still_ends_on_the_image():
+    # DDIM's last step lands on abar[0] < 1 with set_alpha_to_one=False; the paste is exact anyway
+    x_T, image, mask = _problem()
+    out = pydiff.repaint(_linear_model, x_T, image, mask, schedule=_schedule(set_alpha_to_one=False),
+                         sampler="ddim", steps=6, jump_length=2, jump_n_sample=2, seed=0)
+    keep = np.broadcast_to(mask == 0, out.shape)
+    np.testing.assert_array_equal(out[keep], np.broadcast_to(image, out.shape)[keep])
 
 
 @needs_native
@@ -182,10 +229,25 @@ def test_resampling_converges_to_the_exact_conditional(sampler, steps):
     ("mask", np.zeros((1, 1, 8, 8), np.int64), "mask must be floating point"),
     ("image", np.zeros((3, 3, 8, 8), np.float32), "image must have shape"),
     ("image", np.full((1, 3, 8, 8), np.nan, np.float32), "image contains NaN"),
+    ("x_T", np.zeros(8, np.float32), r"x_T of shape \[B, C, ...\]"),
+    ("noise", lambda i, shape: None, "does not take noise"),
+    ("start_step", 2, "does not take start_step"),
 ])
 def test_bad_image_or_mask_is_refused(what, value, match):
     x_T, image, mask = _problem()
-    args = {"image": image, "mask": mask} | {what: value}
+    args = {"x_T": x_T, "image": image, "mask": mask}
+    extra = {}
+    if what in args:
+        args[what] = value
+    else:
+        extra[what] = value
     with pytest.raises((ValueError, TypeError), match=match):
-        pydiff.repaint(_linear_model, x_T, args["image"], args["mask"], schedule=_schedule(),
-                       steps=4, backend="reference")
+        pydiff.repaint(_linear_model, args["x_T"], args["image"], args["mask"], schedule=_schedule(),
+                       steps=4, jump_length=2, backend="reference", **extra)
+
+
+def test_a_bool_mask_is_taken_as_float():
+    x_T, image, mask = _problem(B=1)
+    kw = dict(schedule=_schedule(), sampler="ddim", steps=4, jump_length=2, seed=0, backend="reference")
+    np.testing.assert_array_equal(pydiff.repaint(_linear_model, x_T, image, mask > 0.5, **kw),
+                                  pydiff.repaint(_linear_model, x_T, image, mask, **kw))

@@ -3,10 +3,10 @@
 Randomness (documented contract; the same seed gives the same images on the same backend):
 ``rng = numpy.random.Generator(numpy.random.PCG64(seed))``; for each stage in order, x_T is
 ``rng.standard_normal((B, C, R, R), dtype=float32)``, then (super-resolution stages) the
-augmentation noise of the same shape as `low_res`, then (RePaint inpainting) one array of the
-sample's shape per step; img2img uses the x_T draw as the noise of
-``schedule.add_noise(image, noise, t_start)``. The sampler's own per-step noise (DDPM, eta > 0)
-comes from the core's counter-based generator seeded with ``(seed + stage index) mod 2**64``. Images depend on the
+augmentation noise of the same shape as `low_res`; img2img uses the x_T draw as the noise of
+``schedule.add_noise(image, noise, t_start)``. The sampler's own per-step noise (DDPM, eta > 0),
+and RePaint's noise for the kept region and its jumps (`pydiff.repaint`), come from the core's
+counter-based generator seeded with ``(seed + stage index) mod 2**64``. Images depend on the
 batch they are made in (batch composition changes the draws), not on threads or timing.
 """
 from __future__ import annotations

@@ -197,6 +197,10 @@ def resolve(package: Package, stages: list[Stage], *, n_prompts: int, num_images
                 if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                     raise ValueError(f"{what} for stage {n!r} must be a positive integer, got {v!r}")
             jl, jn = int(jl), int(jn)
+            if jn > 1 and jl >= int(k):
+                raise ValueError(f"jump_length {jl} must be less than the {k} steps of stage {n!r} to "
+                                 f"resample (jump_n_sample {jn}); shorten the jumps or use "
+                                 f"jump_n_sample=1")
             if int(k) * jn > MAX_STEPS:
                 raise ValueError(f"jump_n_sample {jn} x {k} steps for stage {n!r} is over the "
                                  f"{MAX_STEPS}-step limit")

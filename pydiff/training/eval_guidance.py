@@ -383,7 +383,7 @@ def run(a) -> int:
                     f"{sat:.3f} ({seconds} s)")
             bar.update(1)
 
-    settings = dict(pkg.stages[0].recommended) | steps
+    settings = {k: v for k, v in pkg.stages[0].recommended.items() if k != "inpaint"} | steps
     result = {
         "dataset": a.dataset, "package": str(pkg.path), "package_name": pkg.name,
         "stages": pkg.stage_names, "n": data.n, **data.describe(), "seed": a.seed,
