@@ -549,6 +549,33 @@ def test_bundled_shapes_red_circle_on_blue(tmp_path):
     assert out.is_file()
 
 
+def test_inpaint_evaluation(tmp_path):
+    """`pydiff eval shapes-inpaint`: both tasks, the settings that ran recorded, fixed cases."""
+    from PIL import Image
+
+    from pydiff.pipeline import bundled_path
+    from pydiff.training.eval import evaluate_shapes_inpaint, inpaint_cases
+
+    if not (bundled_path("shapes") / "manifest.json").is_file():
+        pytest.skip("the bundled shapes package is not built yet")
+    rep = evaluate_shapes_inpaint(None, n=2, steps={"base": 12, "sr64": 4}, jump_length={"base": 4},
+                                  save_grid=str(tmp_path / "g.png"))
+    assert rep["n"] == 2 and set(rep) >= {"complete", "replace", "seconds", "settings"}
+    assert set(rep["complete"]) == {"alignment", "fg", "shape", "bg", "masked_psnr_db"}
+    assert set(rep["replace"]) == {"alignment", "fg", "shape", "bg", "fill_error"}
+    base = rep["settings"]["base"]     # the package's inpainting recommendation, and the overrides
+    assert (base["steps"], base["jump_length"], base["jump_n_sample"], base["guidance_scale"]) == (12, 4, 10, 3.0)
+    assert rep["settings"]["sr64"]["jump_n_sample"] == 1
+    assert Image.open(tmp_path / "g.png").size == (2 * 66 * 2, 4 * 66 * 2)
+    few, more = inpaint_cases(2, seed=3), inpaint_cases(5, seed=3)   # cases[:k] do not depend on n
+    for a, b in zip(few, more):
+        for task in ("complete", "replace"):
+            assert a[task][1:] == b[task][1:] and np.array_equal(a[task][0], b[task][0])
+        assert a[task][0].any() and not a[task][0].all()
+    with pytest.raises(ValueError, match="n must be at least 1, got 0"):
+        evaluate_shapes_inpaint(None, n=0)
+
+
 def test_sr_stage_evaluation(tmp_path):
     """`pydiff eval shapes-sr`: the SR stage alone on rendered low-resolution images, with bilinear
     upsampling of the same inputs beside it; a package without an SR stage is refused by name."""
