@@ -269,6 +269,11 @@ def test_img2img_strength(text_pipe):
     per_stage = text_pipe.img2img(img, "red", strength={"base": 0.5}, seed=0, progress=False,
                                   output_type="numpy")
     assert per_stage.shape == (1, 16, 16, 3)
+    # one number sets every stage; a dict sets the stages it names (the others: 1)
+    s = text_pipe.plan(prompt="red", mode="img2img", image=img, strength=0.5).settings
+    assert (s["base"].strength, s["sr16"].strength) == (0.5, 0.5)
+    s = text_pipe.plan(prompt="red", mode="img2img", image=img, strength={"sr16": 0.5}).settings
+    assert (s["base"].strength, s["sr16"].strength) == (1.0, 0.5)
 
 
 def test_upscale(text_pipe):
@@ -574,6 +579,30 @@ def test_inpaint_evaluation(tmp_path):
         assert a[task][0].any() and not a[task][0].all()
     with pytest.raises(ValueError, match="n must be at least 1, got 0"):
         evaluate_shapes_inpaint(None, n=0)
+
+
+def test_img2img_evaluation(tmp_path):
+    """`pydiff eval shapes-img2img`: per edit and strength, alignment and the layout kept; at a
+    tiny strength the image is nearly untouched, so the layout IoU is high."""
+    from PIL import Image
+
+    from pydiff.pipeline import bundled_path
+    from pydiff.training.eval import evaluate_shapes_img2img
+
+    if not (bundled_path("shapes") / "manifest.json").is_file():
+        pytest.skip("the bundled shapes package is not built yet")
+    rep = evaluate_shapes_img2img(None, n=2, strengths=(0.15, 1.0), steps={"base": 10, "sr64": 8},
+                                  save_grid=str(tmp_path / "g.png"))
+    assert rep["n"] == 2 and rep["strengths"] == [0.15, 1.0]
+    for task in ("recolour", "reshape"):
+        low, full = rep[task]
+        assert (low["strength"], full["strength"]) == (0.15, 1.0)
+        assert low["layout_iou"] > 0.7 and 0.0 <= full["layout_iou"] <= 1.0
+        assert 0.0 <= low["alignment"] <= 1.0
+    assert rep["settings"]["base"]["steps"] == 10 and rep["settings"]["base"]["strength"] == 1.0
+    assert Image.open(tmp_path / "g.png").size == (2 * 66 * 2, 5 * 66 * 2)   # originals + 2 x 2 rows
+    with pytest.raises(ValueError, match="n must be at least 1, got 0"):
+        evaluate_shapes_img2img(None, n=0)
 
 
 def test_sr_stage_evaluation(tmp_path):

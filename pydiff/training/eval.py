@@ -27,6 +27,18 @@ def nearest_colour(rgb) -> str:
     return _NAMES[int(np.argmin(d))]
 
 
+def _distance_to(a: np.ndarray, colour: str) -> np.ndarray:
+    """Per-pixel RGB distance of a float [H, W, 3] image in 0..255 to a palette colour."""
+    return np.sqrt(((a - _RGB[_NAMES.index(colour)]) ** 2).sum(-1))
+
+
+def foreground(img, bg: str) -> np.ndarray:
+    """bool [H, W]: the pixels of an image (uint8, or float in [0, 1]) far from palette colour bg."""
+    a = np.asarray(img).astype(np.float64)
+    a = a * 255.0 if np.asarray(img).dtype != np.uint8 else a
+    return _distance_to(a, bg) > 45.0
+
+
 def read_shape(img) -> dict:
     """Analyse one image (uint8 [H, W, 3] or float [H, W, 3] in [0, 1]).
 
@@ -40,7 +52,7 @@ def read_shape(img) -> dict:
                              a[:, :b].reshape(-1, 3), a[:, -b:].reshape(-1, 3)])
     bg_rgb = np.median(border, axis=0)
     bg = nearest_colour(bg_rgb)
-    dist = np.sqrt(((a - _RGB[_NAMES.index(bg)]) ** 2).sum(-1))
+    dist = _distance_to(a, bg)
     mask = dist > 45.0  # palette colours are >= 85 apart; jitter is <= 8 per channel
     # Drop stray pixels: keep rows/columns with at least 2 foreground pixels for the box.
     rows = np.where(mask.sum(1) >= 2)[0]
@@ -247,6 +259,70 @@ def evaluate_shapes_inpaint(package=None, n: int = 40, seed: int = 0, save_grid:
     return report
 
 
+def evaluate_shapes_img2img(package=None, n: int = 24, seed: int = 0,
+                            strengths=(0.3, 0.5, 0.7, 0.85, 1.0), later_strength: float | None = None,
+                            save_grid: str | None = None, **settings) -> dict:
+    """SDEdit (`img2img`) on n rendered training images at each strength, for two edits.
+
+    recolour: the caption with another shape colour (not the background's); reshape: with another
+    shape. Per strength: the alignment to the new caption, and how much of the layout is kept, the
+    IoU of the output's foreground with the original shape's (1 = the same place and size).
+    One call per image (seed i); each strength applies to every stage, or with `later_strength`
+    to the first stage only, the later ones running at `later_strength`. `settings` are img2img
+    keywords."""
+    from ..pipeline import load
+
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    pipe = load(package)
+    names = [st.name for st in pipe.package.stages]
+
+    def per_stage(strength):
+        if later_strength is None:
+            return strength
+        return {name: strength if k == 0 else later_strength for k, name in enumerate(names)}
+
+    pick = np.random.default_rng([seed, 2])
+    specs = S.sample_specs(np.random.default_rng(seed), n)
+    edits = []
+    for sp in specs:
+        fgs = [c for c in S.COLORS if c not in (sp.bg, sp.fg)]
+        fg = fgs[int(pick.integers(len(fgs)))]
+        shape = [x for x in S.SHAPES if x != sp.shape][int(pick.integers(2))]
+        edits.append({"recolour": (fg, sp.shape, sp.bg), "reshape": (sp.fg, shape, sp.bg)})
+    report: dict = {"n": n, "strengths": list(strengths), "later_strength": later_strength}
+    rows = []
+    t0 = time.time()
+    for task in ("recolour", "reshape"):
+        per = []
+        for strength in strengths:
+            ok, iou = 0, []
+            shown = []
+            for i, (sp, e) in enumerate(zip(specs, edits)):
+                img = S.render(sp)
+                want = e[task]
+                out = pipe.img2img(img, S.caption(*want), strength=per_stage(strength), output_type="numpy",
+                                   progress=False, seed=seed + i, **settings)[0]
+                r = read_shape(out)
+                ok += int((r["fg"], r["shape"], r["bg"]) == want)
+                a, b = foreground(img, sp.bg), foreground(out, sp.bg)
+                iou.append(float((a & b).sum() / max((a | b).sum(), 1)))
+                if len(shown) < 8:
+                    shown.append(out)
+            per.append({"strength": strength, "alignment": ok / n, "layout_iou": round(float(np.mean(iou)), 3)})
+            rows.append(np.stack(shown))
+        report[task] = per
+    report["seconds"] = round(time.time() - t0, 1)
+    report["settings"] = {k: v.as_dict() for k, v in pipe.plan(
+        prompt="", mode="img2img", image=S.render(specs[0]), strength=per_stage(strengths[-1]),
+        **settings).settings.items()}
+    if save_grid:   # the originals, then per task one row per strength
+        k = min(8, n)
+        orig = np.stack([S.render(sp) / 255.0 for sp in specs[:k]])
+        save_image_grid(np.concatenate([orig] + [r[:k] for r in rows]), save_grid, cols=k, scale=2)
+    return report
+
+
 def save_image_grid(imgs: np.ndarray, path: str, cols: int = 8, scale: int = 2) -> None:
     """imgs float [N, H, W, C] in [0, 1] -> one PNG grid."""
     from PIL import Image
@@ -351,19 +427,23 @@ def add_arguments(p) -> None:
                                       "low-resolution images (alignment, PSNR; bilinear beside)"),
                         ("shapes-inpaint", "inpainting with a shapes package: completing half a "
                                            "shape (PSNR) and replacing a shape (alignment)"),
+                        ("shapes-img2img", "SDEdit with a shapes package: alignment to an edited "
+                                           "caption against the layout kept, per strength"),
                         ("digits", "SVM accuracy, diversity and memorisation of a digits package")):
         q = sub.add_parser(what, help=help_, description=help_)
         q.add_argument("--model", default=None, help="package path (default: the bundled one)")
         q.add_argument("--n", type=int, default=None,
                        help="shapes: images per split (default 200); shapes-sr, shapes-inpaint: "
-                            "images (default 40); digits: per class (default 30)")
+                            "images (default 40); shapes-img2img: images (default 24); digits: "
+                            "per class (default 30)")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--guidance-scale", type=float)
         q.add_argument("--steps", type=int)
         q.add_argument("--grid", help="save a PNG grid of samples here")
         q.add_argument("--settings", type=json.loads, default=None, metavar="JSON",
-                       help='more generate/inpaint keywords, per-stage dicts allowed, e.g. '
-                            '\'{"jump_n_sample": {"base": 1}}\'')
+                       help='more generate/inpaint/img2img keywords, per-stage dicts allowed, e.g. '
+                            '\'{"jump_n_sample": {"base": 1}}\'; shapes-img2img also takes '
+                            '"later_strength": the strength of the stages after the first')
     eval_guidance.add_arguments(sub.add_parser(
         "guidance", help="quality against diversity per guidance type and scale (JSON + PNG)",
         description=eval_guidance.__doc__.split("\n\n")[0]))
@@ -384,6 +464,10 @@ def run(a) -> int:
     elif a.what == "shapes-inpaint":
         rep = evaluate_shapes_inpaint(a.model, 40 if a.n is None else a.n, seed=a.seed, save_grid=a.grid,
                                       **settings)
+    elif a.what == "shapes-img2img":
+        later = settings.pop("later_strength", None)
+        rep = evaluate_shapes_img2img(a.model, 24 if a.n is None else a.n, seed=a.seed, save_grid=a.grid,
+                                      later_strength=later, **settings)
     elif a.what == "shapes-sr":
         rep = evaluate_shapes_sr(a.model, 40 if a.n is None else a.n, seed=a.seed, save_grid=a.grid, **settings)
     else:
