@@ -168,10 +168,10 @@ def repaint(model: Callable[..., Any], x_T, image, mask, *, schedule: Schedule, 
     keep = (1.0 - gen).astype(np.float32)
     randn = reference.randn if backend == "reference" else None
 
-    def normals(key: int) -> np.ndarray:
-        if randn is not None:
-            return randn(run.seed, key, x.size).reshape(x.shape)
-        return ops.randn(x.shape, run.seed, key)
+    def diffuse(v, a: float, s: float, key: int) -> np.ndarray:
+        """a v + s z, z the normals of noise stream (seed, key): a forward-process draw."""
+        z = randn(run.seed, key, x.size).reshape(x.shape) if randn else ops.randn(x.shape, run.seed, key)
+        return (np.float32(a) * v + np.float32(s) * z).astype(np.float32)
 
     n_ops = sum(op[0] == "step" for op in plan)
     bar = None
@@ -186,8 +186,7 @@ def repaint(model: Callable[..., Any], x_T, image, mask, *, schedule: Schedule, 
                 _, k, j = op
                 ratio = (smp.coefficients(j).alpha / smp.coefficients(k - 1).alpha_next) ** 2
                 ratio = min(ratio, 1.0)
-                z = normals(0xC0000000 + c - 1)
-                x = (np.float32(ratio ** 0.5) * x + np.float32((1.0 - ratio) ** 0.5) * z).astype(np.float32)
+                x = diffuse(x, ratio ** 0.5, (1.0 - ratio) ** 0.5, 0xC0000000 + c - 1)
                 if smp.uses_x0_history:
                     smp.reset()
                 continue
@@ -195,7 +194,7 @@ def repaint(model: Callable[..., Any], x_T, image, mask, *, schedule: Schedule, 
             x = run.step(x, i, noise_step=c)
             co = smp.coefficients(i)
             if i + 1 < len(smp.timesteps) and co.sigma_next > 0.0:
-                noised = np.float32(co.alpha_next) * known + np.float32(co.sigma_next) * normals(0x80000000 + c)
+                noised = diffuse(known, co.alpha_next, co.sigma_next, 0x80000000 + c)
             else:
                 noised = known
             x = (keep * noised + gen * x).astype(np.float32)

@@ -180,6 +180,13 @@ def evaluate_shapes_sr(package=None, n: int = 40, seed: int = 0, stage: str | No
 _IDEAL_FILL = {"circle": float(np.pi / 4), "square": 1.0, "triangle": 0.5}
 
 
+def _another_colour_and_shape(sp, rng) -> tuple[str, str]:
+    """A shape colour other than the spec's shape and background colours, and another shape."""
+    fgs = [c for c in S.COLORS if c not in (sp.bg, sp.fg)]
+    fg = fgs[int(rng.integers(len(fgs)))]
+    return fg, [x for x in S.SHAPES if x != sp.shape][int(rng.integers(2))]
+
+
 def inpaint_cases(n: int, seed: int = 0) -> list[dict]:
     """The two inpainting tasks on n rendered training images (64x64), fixed by the seed.
 
@@ -198,9 +205,7 @@ def inpaint_cases(n: int, seed: int = 0) -> list[dict]:
         half[top:bottom, int(round(sp.x0 + sp.side / 2)):right] = True
         box = np.zeros((S.SIZE, S.SIZE), bool)
         box[top:bottom, left:right] = True
-        fgs = [c for c in S.COLORS if c not in (sp.bg, sp.fg)]
-        fg = fgs[int(pick.integers(len(fgs)))]
-        shape = [x for x in S.SHAPES if x != sp.shape][int(pick.integers(2))]
+        fg, shape = _another_colour_and_shape(sp, pick)
         cases.append({"image": img, "spec": sp,
                       "complete": (half, S.caption(sp.fg, sp.shape, sp.bg), (sp.fg, sp.shape, sp.bg)),
                       "replace": (box, S.caption(fg, shape, sp.bg), (fg, shape, sp.bg))})
@@ -286,9 +291,7 @@ def evaluate_shapes_img2img(package=None, n: int = 24, seed: int = 0,
     specs = S.sample_specs(np.random.default_rng(seed), n)
     edits = []
     for sp in specs:
-        fgs = [c for c in S.COLORS if c not in (sp.bg, sp.fg)]
-        fg = fgs[int(pick.integers(len(fgs)))]
-        shape = [x for x in S.SHAPES if x != sp.shape][int(pick.integers(2))]
+        fg, shape = _another_colour_and_shape(sp, pick)
         edits.append({"recolour": (fg, sp.shape, sp.bg), "reshape": (sp.fg, shape, sp.bg)})
     report: dict = {"n": n, "strengths": list(strengths), "later_strength": later_strength}
     rows = []
