@@ -239,7 +239,8 @@ def bench_graph(torch, checkpoint, batches=(1, 8), fp16_onnx=None):
     when a checkpoint is given), through ONNX Runtime's CUDA provider (also on the float16 rewrite of
     the network, `fp16_onnx`) and through TensorRT (float32 and fp16 engines; each where installed),
     eager against CUDA-graph replay."""
-    from pydiff.cuda_graph import StageNetwork, StepPlan
+    from pydiff.backends.stage_network import StageNetwork
+    from pydiff.cuda_graph import StepPlan
 
     pipe = pydiff.load()  # the bundled shapes cascade
     stage = pipe.package.stages[0]
@@ -248,7 +249,7 @@ def bench_graph(torch, checkpoint, batches=(1, 8), fp16_onnx=None):
     enc = pipe.backend.text_encoder
     backends = []
     if checkpoint:
-        from pydiff.bench import load_torch_modules
+        from pydiff.tools.bench import load_torch_modules
 
         net = load_torch_modules({stage.name: checkpoint})[stage.name].cuda().eval()
         backends.append("torch")

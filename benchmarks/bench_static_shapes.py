@@ -25,7 +25,8 @@ def graph_figures(path: str) -> dict:
     which run before it assigns nodes to providers."""
     import onnx
     import onnxruntime as ort
-    from pydiff.exporting.static_shapes import computed_cpu_side_inputs, count_shape_ops
+
+    from pydiff.tools.export.static_shapes import computed_cpu_side_inputs, count_shape_ops
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -43,8 +44,8 @@ def main() -> int:
     import onnxruntime as ort
     import torch
 
-    from pydiff.exporting.onnx_export import example_inputs, export_stage_onnx
-    from pydiff.models import PRESETS, UNet
+    from pydiff.tools.export.onnx_export import example_inputs, export_stage_onnx
+    from pydiff.tools.models import PRESETS, UNet
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None)

@@ -4,7 +4,7 @@
 """
 import sys
 
-from pydiff.training.eval import main
+from pydiff.tools.eval.packages import main
 
 if __name__ == "__main__":
     raise SystemExit(main(["digits", *sys.argv[1:]]))

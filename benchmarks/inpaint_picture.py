@@ -13,7 +13,7 @@ import argparse
 import numpy as np
 
 from pydiff.pipeline import load
-from pydiff.training.eval import inpaint_cases, save_image_grid
+from pydiff.tools.eval.packages import inpaint_cases, save_image_grid
 
 
 def main(argv=None) -> int:

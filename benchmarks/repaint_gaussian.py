@@ -10,7 +10,7 @@ asserts the first six rows' gap).
 import numpy as np
 
 import pydiff
-from pydiff.testing import gaussian_eps_model
+from pydiff.tools.testing import gaussian_eps_model
 
 RHO = 0.95
 ROWS = [("ddpm", 50, 5, 1), ("ddpm", 50, 5, 10), ("ddim", 50, 5, 1), ("ddim", 50, 5, 10),

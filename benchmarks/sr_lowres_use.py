@@ -23,9 +23,9 @@ def x0_errors(run_dirs, timesteps, seed: int = 11, n: int = 32) -> dict:
     import torch
 
     from pydiff.reference import predict_x0
-    from pydiff.training.schedule import alphas_cumprod
-    from pydiff.training.tasks import ShapesTask
-    from pydiff.training.trainer import load_run_model
+    from pydiff.tools.training.schedule import alphas_cumprod
+    from pydiff.tools.training.tasks import ShapesTask
+    from pydiff.tools.training.trainer import load_run_model
 
     models = {str(r): load_run_model(r) for r in run_dirs}
     cfg = next(iter(models.values()))[1]

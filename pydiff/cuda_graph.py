@@ -12,7 +12,8 @@ step depends on the host, so one step captured as a CUDA graph replays for every
 `net(x, t)` takes the static input batch (``[2B, ...]`` = ``[x; x]`` with guidance: close over the
 stacked ``[cond; uncond]`` conditioning) and float32 timesteps, enqueues its work on torch's current
 stream, and returns the prediction. A torch module does; so does a backend's stage through
-`StageNetwork`, TensorRT's engine or ONNX Runtime's CUDA provider on the runner's stream:
+`pydiff.backends.stage_network.StageNetwork`, TensorRT's engine or ONNX Runtime's CUDA provider on
+the runner's stream:
 
     s = torch.cuda.Stream()
     pipe = pydiff.load(path, providers="cuda", stream=s)          # or backend="tensorrt"
@@ -88,52 +89,6 @@ class StepPlan:
                 x0_prev, x0_out = x0_out, x0_prev
         assert x.shape[0] == B
         return x
-
-
-class StageNetwork:
-    """A backend's stage (TensorRT or ONNX Runtime) as a GraphSampler network: `net(x, t)` enqueues one
-    call on torch's current stream, writing one static output buffer, with no host synchronisation.
-
-    `cond`: the stage's other inputs by name (``[2B, ...]`` = ``[cond; uncond]`` with guidance), NumPy
-    arrays (copied to the GPU once, here) or torch CUDA tensors (kept). ONNX Runtime sessions must be
-    loaded with the runner's stream (`pydiff.load(..., providers="cuda", stream=s)`): its CUDA provider
-    computes on the stream it was created with, and the call is refused on any other one. One shape
-    per instance: the output buffer's address is what a captured graph replays.
-    """
-
-    def __init__(self, stage_model, cond=None, *, device="cuda"):
-        import torch
-
-        from pydiff.backends.base import input_dtype
-
-        if not callable(getattr(stage_model, "run_device", None)):
-            raise TypeError(f"stage_model: expected a backend's stage model (pipe.backend.model(name)) with "
-                            f"run_device, got {type(stage_model).__name__}")
-        self.torch, self.stage_model = torch, stage_model
-        self.device = torch.device(device)
-        self.cond = {}
-        for name, value in (cond or {}).items():
-            if isinstance(value, torch.Tensor):
-                if value.device != self.device:
-                    raise ValueError(f"cond[{name!r}]: on {value.device}, the network runs on {self.device}")
-                self.cond[name] = value.contiguous()
-            else:
-                self.cond[name] = torch.from_numpy(np.ascontiguousarray(value, input_dtype(name))).to(self.device)
-        self.out = None
-
-    def __call__(self, x, t):
-        torch = self.torch
-        if self.out is None:
-            for name, value in self.cond.items():
-                if value.shape[0] != x.shape[0]:
-                    raise ValueError(f"cond[{name!r}]: batch {value.shape[0]}, the network input's is "
-                                     f"{x.shape[0]} (with guidance: [cond; uncond], twice the images)")
-            self.out = torch.empty(tuple(x.shape), dtype=torch.float32, device=self.device)
-        elif tuple(self.out.shape) != tuple(x.shape):
-            raise ValueError(f"this StageNetwork serves shape {tuple(self.out.shape)}, not {tuple(x.shape)}: "
-                             f"make one per shape")
-        self.stage_model.run_device(x, t, self.cond, out=self.out, stream=torch.cuda.current_stream(self.device))
-        return self.out
 
 
 class GraphSampler:
@@ -274,4 +229,4 @@ class GraphSampler:
         return result
 
 
-__all__ = ["StepPlan", "GraphSampler", "StageNetwork"]
+__all__ = ["StepPlan", "GraphSampler"]

@@ -7,15 +7,14 @@ PIL images or NumPy arrays: uint8 HWC (0..255), or float HWC in [0, 1] (what
 from __future__ import annotations
 
 import io
-import json
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
+from pydiff.files import atomic_write_bytes
+
 __all__ = ["to_model_array", "mask_to_array", "to_pil", "to_numpy", "resize", "make_grid",
-           "atomic_write_bytes", "save_png", "write_json", "upsample_bilinear"]
+           "save_png", "upsample_bilinear", "load_image"]
 
 
 def _pil():
@@ -178,51 +177,11 @@ def make_grid(images: list, cols: int | None = None, pad: int = 2):
     return grid
 
 
-def _umask() -> int:
-    # os.umask can only be read by setting it; do it once, at import (single-threaded then).
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same directory and os.replace.
-
-    Readers see either the old file or the complete new one, never a half-written file.
-    """
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    directory.mkdir(parents=True, exist_ok=True)   # made now, when there is something to write
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes 0600 files; give the result the permissions a plain open() would
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def save_png(image, path) -> None:
     """Save a PIL image as PNG, atomically."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
-
-
-def write_json(obj, path) -> None:
-    """Write JSON atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
 
 def load_image(path):

@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
+from pydiff.errors import PackageError
+
 __all__ = [
     "PackageError", "Package", "Stage", "TextEncoderSpec", "GuidanceModelSpec", "load_package",
     "check_stage_io", "check_text_encoder_io", "INPUT_SPECS", "MAX_RESOLUTION", "GUIDANCE_KINDS",
@@ -55,8 +59,9 @@ INPUT_SPECS: dict[str, tuple[str, int]] = {
 }
 
 
-class PackageError(ValueError):
-    """A model package is missing, corrupt or inconsistent; the message names the file and key."""
+def input_dtype(name: str) -> type:
+    """The NumPy dtype of a stage network input (docs/model-package.md): int64 labels, else f32."""
+    return np.int64 if INPUT_SPECS.get(name, ("tensor(float)",))[0] == "tensor(int64)" else np.float32
 
 
 @dataclass(frozen=True)
@@ -456,9 +461,42 @@ def _parse_guidance_model(ctx: _Ctx, raw: Any, i: int, stages: list[Stage]) -> G
                              class_names=class_names, recommended=dict(rec))
 
 
-def load_package(path: str | os.PathLike) -> Package:
-    """Read and validate the package directory `path` (or its `manifest.json`)."""
-    p = Path(path)
+BUNDLED_ROOT = Path(__file__).resolve().parent / "bundled"
+DEFAULT_PACKAGE = "shapes"
+
+
+def bundled_path(name: str = DEFAULT_PACKAGE) -> Path:
+    """Where the bundled package `name` lives: pydiff/bundled/<name>."""
+    return BUNDLED_ROOT / name
+
+
+def bundled_packages() -> list[str]:
+    """Names of the bundled packages present (those with a manifest.json)."""
+    if not BUNDLED_ROOT.is_dir():
+        return []
+    return sorted(p.name for p in BUNDLED_ROOT.iterdir() if (p / "manifest.json").is_file())
+
+
+def package_path(model: str | os.PathLike | None) -> Path:
+    """The folder a package argument names: a path, else a bundled package's name ("digits"),
+    None for the bundled shapes cascade. A path that exists wins over a bundled name."""
+    if model is None:
+        return bundled_path(DEFAULT_PACKAGE)
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"a model package is a path or a bundled package's name, got {type(model).__name__}")
+    p = Path(model)
+    if not p.exists() and isinstance(model, str) and model in bundled_packages():
+        return bundled_path(model)
+    return p
+
+
+def load_package(path: str | os.PathLike | None) -> Package:
+    """Read and validate the package directory `path` (or its `manifest.json`); a bundled
+    package's name ("shapes", "digits") or None (shapes) names a bundled package."""
+    p = package_path(path)
+    if path is None and not (p / "manifest.json").is_file():
+        raise PackageError(f"{p}: the bundled {DEFAULT_PACKAGE!r} package is not installed; pass a model "
+                           f"package directory")
     if p.is_file() and p.name == "manifest.json":
         p = p.parent
     if not p.exists():

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from pydiff.errors import ScheduleError
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -36,10 +38,6 @@ _VARIANCE_ALIASES = {"fixed_small_log": "fixed_small", "fixed_large_log": "fixed
 # DPM-Solver has no clip_sample and spaces its timesteps by linspace
 _CLASS_DEFAULTS = {"DPMSolverMultistepScheduler": {"clip_sample": False, "timestep_spacing": "linspace"},
                    "DPMSolverSinglestepScheduler": {"clip_sample": False}}
-
-
-class ScheduleError(ValueError):
-    """An invalid schedule setting."""
 
 
 def _cosine_betas(T: int, max_beta: float = 0.999) -> np.ndarray:

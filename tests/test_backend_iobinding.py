@@ -71,7 +71,7 @@ def test_run_device_scalar_timestep_is_broadcast(base):
 
 def test_run_device_int64_class_labels(tmp_path):
     pytest.importorskip("onnx")
-    from pydiff.testing import make_tiny_package
+    from pydiff.tools.testing import make_tiny_package
 
     pkg = load_package(make_tiny_package(tmp_path / "cls", conditioning="class"))
     model = create_backend("onnxruntime", pkg, providers="cpu").model(pkg.stages[0].name)

@@ -16,8 +16,8 @@ pytest.importorskip("onnx")
 from PIL import Image  # noqa: E402
 
 import pydiff  # noqa: E402
-from pydiff import cli  # noqa: E402
-from pydiff.testing import make_tiny_package  # noqa: E402
+from pydiff import cli, files  # noqa: E402
+from pydiff.tools.testing import make_tiny_package  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NEUTRAL_CWD = Path(__file__).resolve().parent  # tests/: no pydiff/ here, so subprocesses import the installed one
@@ -263,7 +263,6 @@ def test_ctrl_c_exits_130_and_leaves_old_file(pkgs, tmp_path, monkeypatch, capsy
 
 
 def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
-    from pydiff import imageio
 
     target = tmp_path / "x.json"
     target.write_text("old")
@@ -273,11 +272,11 @@ def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError):
-        imageio.write_json({"a": 1}, target)
+        files.write_json({"a": 1}, target)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
     monkeypatch.undo()
-    imageio.write_json({"a": 1}, target)
+    files.write_json({"a": 1}, target)
     assert json.loads(target.read_text()) == {"a": 1}
     mode = target.stat().st_mode & 0o777
     assert mode & 0o044, oct(mode)          # readable like a normal file, not mkstemp's 0600

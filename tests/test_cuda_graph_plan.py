@@ -123,7 +123,7 @@ def stream_1234(monkeypatch):
 def test_stage_network_binds_static_buffers_on_the_current_stream(stream_1234):
     import torch
 
-    from pydiff.cuda_graph import StageNetwork
+    from pydiff.backends.stage_network import StageNetwork
 
     stage = _FakeStage()
     labels = np.array([3, 7], np.int64)
@@ -145,7 +145,7 @@ def test_stage_network_binds_static_buffers_on_the_current_stream(stream_1234):
 def test_stage_network_refuses_what_it_cannot_replay(stream_1234):
     import torch
 
-    from pydiff.cuda_graph import StageNetwork
+    from pydiff.backends.stage_network import StageNetwork
 
     with pytest.raises(TypeError, match="backend's stage model.*run_device, got function"):
         StageNetwork(lambda x, t: x, device="cpu")
@@ -161,7 +161,7 @@ def test_stage_network_over_a_cpu_onnx_session_names_the_fix(stream_1234):
     import torch
 
     from pydiff.backends import create_backend
-    from pydiff.cuda_graph import StageNetwork
+    from pydiff.backends.stage_network import StageNetwork
     from pydiff.package import load_package
     from pydiff.pipeline import bundled_path
 

@@ -7,7 +7,6 @@ import math
 
 import pytest
 from PIL import Image
-
 from test_cli import one_line_error, run
 
 pytest.importorskip("sklearn")   # the digits quality figure (an SVM on the real digits)
@@ -96,7 +95,7 @@ def test_no_guidance_model_message_names_the_type_and_what_exists(tmp_path):
 
 def test_interrupted_sweep_leaves_no_files(tmp_path, monkeypatch):
     from pydiff import cli
-    from pydiff.training import eval_guidance
+    from pydiff.tools.eval import guidance_sweep as eval_guidance
 
     def interrupt(self, imgs):
         raise KeyboardInterrupt

@@ -13,7 +13,7 @@ BUNDLED = Path(__file__).resolve().parent.parent / "pydiff" / "bundled"
 def _perturbed(cfg, seed=0):
     import torch
 
-    from pydiff.models import UNet
+    from pydiff.tools.models import UNet
 
     torch.manual_seed(seed)
     m = UNet(cfg).eval()
@@ -29,9 +29,9 @@ def test_onnx_round_trip(kind, fp16, tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
     import onnxruntime as ort
-
-    from pydiff.exporting.onnx_export import example_inputs, export_stage_onnx
     from test_models_unet import KINDS
+
+    from pydiff.tools.export.onnx_export import example_inputs, export_stage_onnx
 
     torch.set_num_threads(1)
     cfg = KINDS[kind]
@@ -45,7 +45,7 @@ def test_onnx_round_trip(kind, fp16, tmp_path):
     assert rep["static_shapes"]["frozen"] and rep["static_shapes"]["shape_ops_before"] > 0
     import onnx
 
-    from pydiff.exporting.static_shapes import count_shape_ops
+    from pydiff.tools.export.static_shapes import count_shape_ops
     assert count_shape_ops(onnx.load(rep["tmp_path"])) == 0
     sess = ort.InferenceSession(rep["tmp_path"], providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == names
@@ -61,7 +61,7 @@ def test_onnx_round_trip(kind, fp16, tmp_path):
 def test_export_refuses_a_mismatch(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
-    from pydiff.exporting.onnx_export import export_stage_onnx
+    from pydiff.tools.export.onnx_export import export_stage_onnx
 
     class Flaky(torch.nn.Module):  # traced with one behaviour, checked with another
         def __init__(self):
@@ -82,11 +82,12 @@ def test_export_digits_package(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("onnx")
     pytest.importorskip("sklearn")
-    from pydiff.exporting.package import export_digits
+    from test_training_loop import digits_cfg
+
     from pydiff.package import load_package
     from pydiff.pipeline import load
-    from test_training_loop import digits_cfg
-    from pydiff.training.trainer import train
+    from pydiff.tools.export.from_runs import export_digits
+    from pydiff.tools.training.trainer import load_torch_modules, train
 
     train(digits_cfg(steps=2), tmp_path / "run", command="pytest", progress=False)
     rep = export_digits(tmp_path / "run", tmp_path / "pkg")
@@ -99,11 +100,11 @@ def test_export_digits_package(tmp_path):
                                            seed=3)
     assert imgs.shape == (2, 8, 8, 1)
     # The torch backend runs the training checkpoint itself and gives the same images (1e-3 documented).
-    same = load(tmp_path / "pkg", backend="torch", checkpoints={"base": tmp_path / "run"}).generate(
+    same = load(tmp_path / "pkg", backend="torch", modules=load_torch_modules({"base": tmp_path / "run"})).generate(
         class_label=[1, 2], steps=2, output_type="numpy", progress=False, seed=3)
     np.testing.assert_allclose(same, imgs, atol=1e-3)
     with pytest.raises(ValueError, match="unknown stage"):
-        load(tmp_path / "pkg", backend="torch", checkpoints={"sr": tmp_path / "run"})
+        load(tmp_path / "pkg", backend="torch", modules=load_torch_modules({"sr": tmp_path / "run"}))
 
 
 def test_export_writes_the_runs_prediction_type(tmp_path):
@@ -112,11 +113,12 @@ def test_export_writes_the_runs_prediction_type(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("onnx")
     pytest.importorskip("sklearn")
-    from pydiff.exporting.package import export_digits
+    from test_training_loop import digits_cfg
+
     from pydiff.package import load_package
     from pydiff.pipeline import load
-    from test_training_loop import digits_cfg
-    from pydiff.training.trainer import train
+    from pydiff.tools.export.from_runs import export_digits
+    from pydiff.tools.training.trainer import load_torch_modules, train
 
     train(digits_cfg(steps=2, prediction_type="v_prediction"), tmp_path / "run", progress=False)
     export_digits(tmp_path / "run", tmp_path / "pkg")
@@ -125,14 +127,14 @@ def test_export_writes_the_runs_prediction_type(tmp_path):
     assert "prediction: `v_prediction`" in (tmp_path / "pkg" / "TRAINING.md").read_text()
     kw = dict(class_label=[3], steps=3, output_type="numpy", progress=False, seed=5)
     imgs = load(tmp_path / "pkg").generate(**kw)
-    same = load(tmp_path / "pkg", backend="torch", checkpoints={"base": tmp_path / "run"}).generate(**kw)
+    same = load(tmp_path / "pkg", backend="torch", modules=load_torch_modules({"base": tmp_path / "run"})).generate(**kw)
     np.testing.assert_allclose(same, imgs, atol=1e-3)
 
 
 @pytest.fixture(scope="module")
 def tiny_text_encoder(tmp_path_factory):
     pytest.importorskip("onnx")
-    from pydiff.testing import make_tiny_package
+    from pydiff.tools.testing import make_tiny_package
 
     return make_tiny_package(tmp_path_factory.mktemp("te") / "tiny", hidden=32, max_length=6) / "text_encoder"
 
@@ -140,8 +142,8 @@ def tiny_text_encoder(tmp_path_factory):
 def test_import_diffusers_unet2d_class(tmp_path):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
-    from pydiff.exporting.diffusers_import import import_diffusers
     from pydiff.package import load_package
+    from pydiff.tools.export.diffusers_import import import_diffusers
 
     torch.manual_seed(0)
     m = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
@@ -157,7 +159,7 @@ def test_import_diffusers_unet2d_class(tmp_path):
     assert rep["max_abs_err"] <= 1e-4
     import onnx
 
-    from pydiff.exporting.static_shapes import count_shape_ops
+    from pydiff.tools.export.static_shapes import count_shape_ops
     assert count_shape_ops(onnx.load(str(tmp_path / "pkg" / "unet.onnx"))) == 0  # only batch dynamic
     st = load_package(tmp_path / "pkg").stages[0]
     # diffusers trains no "no class" label: all 5 are real classes, and there is no CFG
@@ -183,9 +185,9 @@ def test_import_diffusers_unet2d_class(tmp_path):
 def test_import_diffusers_condition_from_config(tmp_path, tiny_text_encoder):
     pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
-    from pydiff.exporting.diffusers_import import import_diffusers
     from pydiff.package import load_package
     from pydiff.pipeline import load
+    from pydiff.tools.export.diffusers_import import import_diffusers
 
     cfg = dict(diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
@@ -247,7 +249,7 @@ def test_bundled_manifest_matches_onnx(name):
 def test_import_refuses_what_pydiff_cannot_run(tmp_path):
     pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
-    from pydiff.exporting.diffusers_import import import_diffusers
+    from pydiff.tools.export.diffusers_import import import_diffusers
 
     base = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
@@ -279,8 +281,8 @@ def test_import_refuses_what_pydiff_cannot_run(tmp_path):
 def test_a_scheduler_pydiff_cannot_sample_is_refused_at_import(tmp_path):
     pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
-    from pydiff.exporting.diffusers_import import import_diffusers
     from pydiff.schedules import ScheduleError
+    from pydiff.tools.export.diffusers_import import import_diffusers
 
     m = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
                               layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),

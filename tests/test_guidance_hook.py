@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_sampling import SCHEDULE, mixture_eps
 
 import pydiff
 from pydiff.guidance import EpsCorrection, combine
-
-from test_sampling import SCHEDULE, mixture_eps
 
 MEANS = np.array([[-0.3, 0.0], [0.3, 0.0]])
 W = np.array([0.5, 0.5])

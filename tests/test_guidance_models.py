@@ -20,9 +20,13 @@ REPO = Path(__file__).resolve().parent.parent
 def test_exported_gradient_matches_autograd(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
-    from pydiff.exporting.guidance_export import GRAD_RTOL, export_classifier_gradient
-    from pydiff.models.classifier import (ClassifierConfig, ClassifierGradient, NoisyClassifier,
-                                          autograd_gradient)
+    from pydiff.tools.export.guidance_export import GRAD_RTOL, export_classifier_gradient
+    from pydiff.tools.models.classifier import (
+        ClassifierConfig,
+        ClassifierGradient,
+        NoisyClassifier,
+        autograd_gradient,
+    )
 
     torch.manual_seed(0)
     for cfg in (ClassifierConfig(), ClassifierConfig(in_channels=3, resolution=16, num_classes=7,
@@ -42,10 +46,14 @@ def test_exported_gradient_matches_autograd(tmp_path):
 def test_exported_clip_gradient_matches_autograd(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
-    from pydiff.exporting.guidance_export import GRAD_RTOL, export_clip_gradient
-    from pydiff.guidance_models import CLIPGuidance
-    from pydiff.models.classifier import (ClassifierConfig, CLIPGradient, NoisyCLIP,
-                                          autograd_clip_gradient)
+    from pydiff.backends.guidance_models import CLIPGuidance
+    from pydiff.tools.export.guidance_export import GRAD_RTOL, export_clip_gradient
+    from pydiff.tools.models.classifier import (
+        ClassifierConfig,
+        CLIPGradient,
+        NoisyCLIP,
+        autograd_clip_gradient,
+    )
 
     torch.manual_seed(0)
     clip = NoisyCLIP(ClassifierConfig(in_channels=3, resolution=16, num_classes=32,
@@ -71,9 +79,9 @@ def test_bundled_classifier_matches_its_weights_when_present():
     weights = REPO / "runs" / "digits_classifier" / "model.safetensors"
     if not weights.is_file():
         pytest.skip("runs/digits_classifier is not on this machine")
-    from pydiff.guidance_models import ClassifierGuidance
-    from pydiff.models.classifier import autograd_gradient
-    from pydiff.training.guidance_models import load_classifier
+    from pydiff.backends.guidance_models import ClassifierGuidance
+    from pydiff.tools.models.classifier import autograd_gradient
+    from pydiff.tools.training.guidance import load_classifier
 
     m = load_classifier(weights)
     rng = np.random.default_rng(0)
@@ -105,7 +113,7 @@ def test_guidance_fn_and_cli_run_without_torch(tmp_path):
     bundled shapes cascade, when it has its CLIP) with torch unimportable."""
     code = _NO_TORCH + f"""
 import numpy as np, pydiff
-from pydiff.guidance_models import ClassifierGuidance
+from pydiff.backends.guidance_models import ClassifierGuidance
 gm = ClassifierGuidance({str(CLASSIFIER)!r}, num_classes=10)
 x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
 g = gm.guidance_fn([1, 2, 3], scale=2.0)(x, np.full(3, 500, np.float32))
@@ -157,7 +165,7 @@ def test_manifest_entry_and_validation(tmp_path):
 
 
 def test_float_class_labels_are_refused_not_truncated():
-    from pydiff.guidance_models import ClassifierGuidance
+    from pydiff.backends.guidance_models import ClassifierGuidance
     from pydiff.package import load_package
 
     (spec,) = load_package(DIGITS).guidance_models
@@ -192,7 +200,7 @@ def test_classifier_guidance_raises_accuracy():
     least 0.3 with classifier guidance at scale 10 (measured: 0.10 -> 0.72 at 100 samples, 25 steps)."""
     pytest.importorskip("sklearn")
     import pydiff.pipeline as P
-    from pydiff.training.eval import digits_figures
+    from pydiff.tools.eval.packages import digits_figures
 
     pipe = P.load(DIGITS)
     labels = np.repeat(np.arange(10), 6)
@@ -211,10 +219,10 @@ def test_clip_guidance_through_the_pipeline(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
     import pydiff.pipeline as P
-    from pydiff.exporting.guidance_export import add_guidance_model, export_clip_gradient
-    from pydiff.models.classifier import ClassifierConfig, NoisyCLIP
     from pydiff.package import load_package
-    from pydiff.testing import make_tiny_package
+    from pydiff.tools.export.guidance_export import add_guidance_model, export_clip_gradient
+    from pydiff.tools.models.classifier import ClassifierConfig, NoisyCLIP
+    from pydiff.tools.testing import make_tiny_package
 
     pkg = make_tiny_package(tmp_path / "text", resolutions=(8,), hidden=8, max_length=6,
                             sampler="dpmpp_2m", steps=6)
@@ -252,10 +260,10 @@ def test_classifier_guidance_on_a_text_package(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
     import pydiff.pipeline as P
-    from pydiff.exporting.guidance_export import add_guidance_model, export_classifier_gradient
-    from pydiff.models.classifier import ClassifierConfig, NoisyClassifier
     from pydiff.package import load_package
-    from pydiff.testing import make_tiny_package
+    from pydiff.tools.export.guidance_export import add_guidance_model, export_classifier_gradient
+    from pydiff.tools.models.classifier import ClassifierConfig, NoisyClassifier
+    from pydiff.tools.testing import make_tiny_package
 
     pkg = make_tiny_package(tmp_path / "text", resolutions=(8,), hidden=8, max_length=6,
                             sampler="dpmpp_2m", steps=6)

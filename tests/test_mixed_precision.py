@@ -12,7 +12,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from pydiff.exporting import mixed_precision as mp  # noqa: E402
+from pydiff.backends import float16 as mp  # noqa: E402
 from pydiff.pipeline import bundled_path  # noqa: E402
 
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16

@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
-from pydiff.models import PRESETS, UNet, UNetConfig  # noqa: E402
+from pydiff.tools.models import PRESETS, UNet, UNetConfig  # noqa: E402
 
 
 def tiny(**kw) -> UNetConfig:

@@ -10,7 +10,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from pydiff.exporting.ort_placement import basic_optimised, predict_cuda_placement, predict_file  # noqa: E402
+from pydiff.tools.export.ort_placement import basic_optimised, predict_cuda_placement, predict_file  # noqa: E402
 
 BUNDLED = Path(__file__).resolve().parent.parent / "pydiff" / "bundled"
 
@@ -31,7 +31,7 @@ def test_the_bundled_stage_graphs_run_wholly_on_cuda(path):
 
 def test_a_traced_graph_keeps_its_shape_arithmetic_on_the_cpu(tmp_path):
     torch = pytest.importorskip("torch")
-    from pydiff.exporting.static_shapes import freeze_shapes_file
+    from pydiff.tools.export.static_shapes import freeze_shapes_file
 
     class M(torch.nn.Module):
         def forward(self, x):

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("onnx")
 
 from pydiff.package import PackageError, load_package  # noqa: E402
-from pydiff.testing import make_tiny_package  # noqa: E402
+from pydiff.tools.testing import make_tiny_package  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ pytest.importorskip("onnx")
 import pydiff  # noqa: E402
 from pydiff import imageio  # noqa: E402
 from pydiff.pipeline import Pipeline, load  # noqa: E402
-from pydiff.testing import make_tiny_package  # noqa: E402
+from pydiff.tools.testing import make_tiny_package  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NEUTRAL_CWD = Path(__file__).resolve().parent  # tests/: no pydiff/ here, so subprocesses import the installed one
@@ -513,8 +513,8 @@ def test_noise_augmentation_follows_the_format(text_pipe, monkeypatch):
 
 
 def test_torch_backend_matches_onnxruntime(pkgs):
-    torch = pytest.importorskip("torch")
-    from pydiff.testing import tiny_torch_modules
+    pytest.importorskip("torch")
+    from pydiff.tools.testing import tiny_torch_modules
 
     path = pkgs["text"]
     mods = tiny_torch_modules(path)
@@ -537,7 +537,7 @@ def test_bundled_shapes_red_circle_on_blue(tmp_path):
 
     if not (bundled_path("shapes") / "manifest.json").is_file():
         pytest.skip("the bundled shapes package is not built yet")
-    from pydiff.training.eval import read_shape
+    from pydiff.tools.eval.packages import read_shape
 
     pipe = load()
     imgs = pipe.generate("a red circle on a blue background", num_images=4, seed=0, progress=False,
@@ -559,7 +559,7 @@ def test_inpaint_evaluation(tmp_path):
     from PIL import Image
 
     from pydiff.pipeline import bundled_path
-    from pydiff.training.eval import evaluate_shapes_inpaint, inpaint_cases
+    from pydiff.tools.eval.packages import evaluate_shapes_inpaint, inpaint_cases
 
     if not (bundled_path("shapes") / "manifest.json").is_file():
         pytest.skip("the bundled shapes package is not built yet")
@@ -587,7 +587,7 @@ def test_img2img_evaluation(tmp_path):
     from PIL import Image
 
     from pydiff.pipeline import bundled_path
-    from pydiff.training.eval import evaluate_shapes_img2img
+    from pydiff.tools.eval.packages import evaluate_shapes_img2img
 
     if not (bundled_path("shapes") / "manifest.json").is_file():
         pytest.skip("the bundled shapes package is not built yet")
@@ -609,7 +609,7 @@ def test_sr_stage_evaluation(tmp_path):
     """`pydiff eval shapes-sr`: the SR stage alone on rendered low-resolution images, with bilinear
     upsampling of the same inputs beside it; a package without an SR stage is refused by name."""
     from pydiff.pipeline import bundled_path
-    from pydiff.training.eval import evaluate_shapes_sr
+    from pydiff.tools.eval.packages import evaluate_shapes_sr
 
     if not (bundled_path("shapes") / "manifest.json").is_file():
         pytest.skip("the bundled shapes package is not built yet")
@@ -647,7 +647,7 @@ def test_a_noise_augmentation_level_above_the_trained_one_is_refused():
 
 def test_resize_by_an_integer_factor_is_the_area_mean_of_training():
     from pydiff import imageio
-    from pydiff.data.shapes import area_resize
+    from pydiff.tools.data.shapes import area_resize
 
     x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32)
     np.testing.assert_allclose(imageio.resize(x, 16), area_resize(x, 16), atol=1e-6)

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 pytest.importorskip("onnx")
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from pydiff import bench  # noqa: E402
-from pydiff.testing import make_tiny_package, tiny_torch_modules  # noqa: E402
+from pydiff.tools import bench  # noqa: E402
+from pydiff.tools.testing import make_tiny_package, tiny_torch_modules  # noqa: E402
 
 
 @pytest.mark.parametrize("sampler,prediction_type,guidance,thresholding", [

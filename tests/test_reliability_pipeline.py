@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("onnx")  # the tiny package is built with onnx.helper
 
 from pydiff import load  # noqa: E402
-from pydiff.testing import make_tiny_package  # noqa: E402
+from pydiff.tools.testing import make_tiny_package  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square", "green triangle", "yellow circle on a red background"]
 

@@ -6,7 +6,7 @@ import pytest
 
 import pydiff
 from pydiff import ops
-from pydiff.testing import gaussian_eps_model
+from pydiff.tools.testing import gaussian_eps_model
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
 needs_native = pytest.mark.skipif(not ops.native_available(), reason="native module not built")

@@ -9,9 +9,14 @@ import pytest
 
 onnx = pytest.importorskip("onnx")
 
-from pydiff.exporting.static_shapes import (  # noqa: E402
-    ShapeFreezeError, check_equal, computed_cpu_side_inputs, count_shape_ops, freeze_shapes,
-    freeze_shapes_file)
+from pydiff.tools.export.static_shapes import (  # noqa: E402
+    ShapeFreezeError,
+    check_equal,
+    computed_cpu_side_inputs,
+    count_shape_ops,
+    freeze_shapes,
+    freeze_shapes_file,
+)
 
 BUNDLED = Path(__file__).resolve().parent.parent / "pydiff" / "bundled"
 STAGE_FILES = sorted(p for p in BUNDLED.glob("*/*.onnx"))  # the text encoders live one level down

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import types
@@ -298,7 +299,7 @@ def test_failing_build_or_write_leaves_no_file(trt, tmp_path, monkeypatch):
     def broken_replace(src, dst):   # the disk fills up / the rename fails after the temp file
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(trtb.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.warns(RuntimeWarning, match="cannot cache the engine.*No space left"):
         engine, path, built = trtb.load_engine(_onnx(tmp_path), cache=cache)
     assert built and engine is not None and list(cache.iterdir()) == []   # no temp file left
@@ -306,10 +307,10 @@ def test_failing_build_or_write_leaves_no_file(trt, tmp_path, monkeypatch):
 
 def test_cache_location(monkeypatch, tmp_path):
     monkeypatch.delenv("PYDIFF_TRT_CACHE", raising=False)
-    assert trtb.cache_dir() == Path("~/.cache/pydiff/trt").expanduser()
+    assert trtb.trt_cache_dir() == Path("~/.cache/pydiff/trt").expanduser()
     monkeypatch.setenv("PYDIFF_TRT_CACHE", str(tmp_path / "env"))
-    assert trtb.cache_dir() == tmp_path / "env"
-    assert trtb.cache_dir(tmp_path / "arg") == tmp_path / "arg"
+    assert trtb.trt_cache_dir() == tmp_path / "env"
+    assert trtb.trt_cache_dir(tmp_path / "arg") == tmp_path / "arg"
 
 
 def test_profile_covers_the_batch_and_only_the_batch(trt, tmp_path):
@@ -425,7 +426,7 @@ def test_fp16_on_tensorrt_11_builds_a_float16_graph(monkeypatch, tmp_path):
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto
 
-    from pydiff.exporting import mixed_precision
+    from pydiff.backends import float16 as mixed_precision
 
     fake = fake_tensorrt("11.4.0")
     monkeypatch.setitem(sys.modules, "tensorrt", fake)

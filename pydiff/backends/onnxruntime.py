@@ -19,157 +19,19 @@ import warnings
 
 import numpy as np
 
-from ..cuda import stream_handle
-from ..package import Package, PackageError, check_stage_io, check_text_encoder_io
-from .base import Backend, BackendUnavailableError, ModelOutputError, StageModel, input_dtype
-
-CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
-# --provider choice -> ORT providers, in priority order (CPU stays as the fallback for odd nodes)
-PROVIDER_CHOICES = {"cpu": (CPU,), "cuda": (CUDA, CPU), "tensorrt": (TENSORRT, CUDA, CPU)}
-# The CUDA provider's options when pydiff picks it (None, "auto", "cuda", "tensorrt"): TF32 off, so a
-# seed gives the CPU provider's image (ORT's default, TF32 on, rounds convolutions and matmuls to
-# 10-bit mantissas and the sampling trajectory drifts: up to 223/255 on the H200, against 1/255
-# with TF32 off). A provider list passed by the caller keeps ORT's defaults, or its own.
-CUDA_DEFAULT_OPTIONS = {"use_tf32": "0"}
-_ORT_TYPES = {np.float32: "tensor(float)", np.int64: "tensor(int64)"}
-
-
-def _default_options(provider: str) -> dict:
-    """Options of a provider pydiff picks: TF32 off on CUDA; TensorRT's engines cached on disk
-    (else ORT rebuilds them in every process), next to the tensorrt backend's."""
-    if provider == CUDA:
-        return dict(CUDA_DEFAULT_OPTIONS)
-    if provider == TENSORRT:
-        from .tensorrt import cache_dir
-
-        return {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache_dir() / "ort")}
-    return {}
-
-
-def default_providers() -> list:
-    """CUDA first (TF32 off) where this onnxruntime build has it, CPU always as the fallback."""
-    import onnxruntime as ort
-
-    return resolve_providers("cuda" if CUDA in ort.get_available_providers() else "cpu")
-
-
-def resolve_providers(providers=None, device_id: int = 0, stream=None) -> list:
-    """ORT's provider list for None, "auto", "cpu", "cuda", "tensorrt" or a list of ORT names.
-
-    `stream`: a cudaStream_t (or stream object) for the CUDA provider to compute on
-    (`user_compute_stream`); needs the CUDA provider, and a stream other than the legacy default
-    stream 0, which ONNX Runtime takes for "none".
-    """
-    import onnxruntime as ort
-
-    if stream is not None:
-        handle = stream_handle(stream)
-        if handle == 0:
-            raise ValueError("stream: ONNX Runtime takes stream 0 (the legacy default stream) for "
-                             "'none'; create one, e.g. torch.cuda.Stream(), and pass it")
-        chosen = resolve_providers("cuda" if providers is None else providers, device_id)
-        names = [p if isinstance(p, str) else p[0] for p in chosen]
-        if CUDA not in names:
-            raise ValueError(f"stream: only the CUDA provider computes on a caller's stream, and the "
-                             f"providers are {names}; choose providers='cuda'")
-        for i, name in enumerate(names):
-            if name not in (CUDA, TENSORRT):
-                continue
-            opts = dict(chosen[i][1]) if not isinstance(chosen[i], str) else {"device_id": device_id}
-            # decimal, as ORT parses it. ORT takes a device's streams from its first provider, so
-            # TensorRT needs the stream too; its option parser knows no has_user_compute_stream
-            opts["user_compute_stream"] = str(handle)
-            if name == CUDA:
-                opts["has_user_compute_stream"] = "1"
-            chosen[i] = (name, opts)
-        return chosen
-    if providers is None:
-        return default_providers()
-    available = ort.get_available_providers()
-    if isinstance(providers, str):
-        key = providers.lower()
-        if key == "auto":
-            key = "cuda" if CUDA in available else "cpu"
-            if key == "cpu":
-                warnings.warn(f"providers='auto': this onnxruntime {ort.__version__} build has no "
-                              f"{CUDA} (it has {available}); running on the CPU. For the GPU: "
-                              f"pip uninstall onnxruntime && pip install onnxruntime-gpu",
-                              RuntimeWarning, stacklevel=3)
-        if key not in PROVIDER_CHOICES:
-            raise ValueError(f"unknown provider {providers!r}; choose one of "
-                             f"{['auto', *PROVIDER_CHOICES]} or a list of ONNX Runtime provider names")
-        names = PROVIDER_CHOICES[key]
-        chosen = [p if p == CPU else (p, {"device_id": device_id, **_default_options(p)}) for p in names]
-    else:
-        chosen = list(providers)
-        names = [p if isinstance(p, str) else p[0] for p in chosen]
-    missing = [p for p in names if p not in available]
-    if missing:
-        raise BackendUnavailableError(
-            f"this onnxruntime {ort.__version__} build lacks {missing} (it has {available}); "
-            f"the CUDA and TensorRT providers come with the GPU build: pip uninstall onnxruntime && "
-            f"pip install onnxruntime-gpu (TensorRT also needs NVIDIA's TensorRT libraries), or "
-            f"choose the CPU (providers='cpu', --provider cpu)")
-    return chosen
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-def create_session(path, providers, session_options=None, *, required=None):
-    """An InferenceSession of `path` on `providers`, without ONNX Runtime's silent fallbacks.
-
-    ONNX Runtime skips a provider whose libraries do not load (no GPU, no CUDA 13 / cuDNN 9) with
-    a log line, and when TensorRT's fails it retries on CUDA and CPU without the provider options
-    (TF32 off, the caller's stream: lost). Here the retry is off, and a provider in `required`
-    (default: every GPU provider asked for; () accepts whatever ONNX Runtime could start) that the
-    session lacks is a BackendUnavailableError. A model ONNX Runtime cannot load is a PackageError.
-    """
-    import onnxruntime as ort
-
-    providers = list(providers)
-    names = [p if isinstance(p, str) else p[0] for p in providers]
-    required = [n for n in names if n != CPU] if required is None else list(required)
-    try:
-        sess = ort.InferenceSession(str(path), sess_options=session_options, providers=providers,
-                                    enable_fallback=0)
-    except Exception as e:  # ORT raises its own exception types for corrupt/truncated files
-        if names != [CPU]:
-            try:   # the provider, or the model? the CPU provider tells them apart
-                ort.InferenceSession(str(path), sess_options=session_options, providers=[CPU])
-            except Exception:
-                pass
-            else:
-                raise BackendUnavailableError(f"{path}: ONNX Runtime could not start {[n for n in names if n != CPU]} "
-                                              f"({_first_line(e)}); choose providers='cpu' or 'cuda'") from None
-        raise PackageError(f"{path}: ONNX Runtime cannot load this model ({_first_line(e)})") from None
-    missing = [n for n in required if n not in sess.get_providers()]
-    if missing:
-        raise BackendUnavailableError(
-            f"{path}: ONNX Runtime could not start {missing} (the session has {sess.get_providers()}): "
-            f"no usable GPU, or the CUDA 13 / cuDNN 9 (and for TensorRT, TensorRT's) libraries are not "
-            f"found; ONNX Runtime's log above says which. Or choose providers='cpu'")
-    return sess
-
-
-def load_text_encoder(package: Package, providers, session_options=None, *, required=()):
-    """The package's TextEncoder (ORT session checked against the format), or None.
-    `required`: as create_session's (default: whatever providers ONNX Runtime could start)."""
-    te = package.text_encoder
-    if te is None:
-        return None
-    from ..text_encoder import TextEncoder
-
-    session = create_session(te.onnx, providers, session_options, required=required)
-    try:
-        enc = TextEncoder(str(te.onnx), str(te.tokenizer), te.max_length, session=session,
-                          per_prompt=te.encode == "per_prompt")
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PackageError(f"{te.onnx} / {te.tokenizer}: cannot load the text encoder ({msg})") from None
-    check_text_encoder_io(package, enc.session)
-    return enc
+from pydiff.backends.base import Backend, StageModel
+from pydiff.backends.ort import (
+    CUDA,
+    ORT_TYPES,
+    TENSORRT,
+    check_interface,
+    create_session,
+    resolve_providers,
+)
+from pydiff.backends.text_encoder import load_text_encoder
+from pydiff.cuda import stream_handle
+from pydiff.errors import ModelOutputError
+from pydiff.package import Package, check_stage_io, input_dtype
 
 
 class OrtStageModel(StageModel):
@@ -259,8 +121,8 @@ class OrtStageModel(StageModel):
         port = self.stage.output if name == "out" else name
         dtype = np.float32 if name == "out" else input_dtype(name)
         if isinstance(value, ort.OrtValue):
-            if value.data_type() != _ORT_TYPES[dtype]:
-                raise TypeError(f"{name}: expected an OrtValue of {_ORT_TYPES[dtype]}, got "
+            if value.data_type() != ORT_TYPES[dtype]:
+                raise TypeError(f"{name}: expected an OrtValue of {ORT_TYPES[dtype]}, got "
                                 f"{value.data_type()}")
             if name == "out":
                 binding.bind_ortvalue_output(port, value)
@@ -285,7 +147,7 @@ class OrtStageModel(StageModel):
             value = np.ascontiguousarray(value, dtype=dtype)
             keep.append(value)
             device, iface = "cpu", value.__array_interface__
-        shape = _check_interface(name, iface, dtype)
+        shape = check_interface(name, iface, dtype)
         bind(port, device, self.device_id if device == "cuda" else 0, dtype, list(shape),
              iface["data"][0])
         return shape
@@ -296,21 +158,6 @@ def _on_device(v) -> bool:
     import onnxruntime as ort
 
     return isinstance(v, ort.OrtValue) or hasattr(v, "__cuda_array_interface__")
-
-
-def _check_interface(name, iface: dict, dtype) -> tuple:
-    """The shape of an array interface (NumPy's or CUDA's) of `dtype`, C-contiguous, else raise."""
-    shape = tuple(iface["shape"])
-    if np.dtype(iface["typestr"]) != np.dtype(dtype):
-        raise TypeError(f"{name}: expected {np.dtype(dtype)}, got {np.dtype(iface['typestr'])} "
-                        f"(device arrays are not converted)")
-    strides, itemsize = iface.get("strides"), np.dtype(dtype).itemsize
-    dense = [itemsize * int(np.prod(shape[i + 1:])) for i in range(len(shape))]
-    if strides is not None and any(n > 1 and s != d for n, s, d in zip(shape, strides, dense)):
-        raise ValueError(f"{name}: must be C-contiguous (strides {tuple(strides)}, shape {shape})")
-    if name == "out" and iface["data"][1]:
-        raise ValueError("out: is read-only")
-    return shape
 
 
 class OnnxRuntimeBackend(Backend):

@@ -19,11 +19,8 @@ compute in float16 with float32 inputs and outputs (`pydiff.exporting.mixed_prec
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 import threading
 import warnings
 from dataclasses import asdict, dataclass
@@ -31,11 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cuda import stream_handle
-from ..package import Package, PackageError
-from .base import Backend, BackendUnavailableError, StageModel, input_dtype
+from pydiff.backends.base import Backend, StageModel
+from pydiff.backends.float16 import VERSION as FLOAT16_VERSION
+from pydiff.backends.float16 import convert as float16_convert
+from pydiff.backends.ort import check_interface, resolve_providers, trt_cache_dir
+from pydiff.backends.text_encoder import load_text_encoder
+from pydiff.cuda import stream_handle
+from pydiff.errors import BackendUnavailableError, PackageError
+from pydiff.files import atomic_write_bytes
+from pydiff.package import Package, input_dtype
 
-DEFAULT_CACHE = "~/.cache/pydiff/trt"
 MAGIC = b"pydiff-trt-engine 1\n"   # then sha256(engine) (32 bytes), then the engine
 
 
@@ -67,11 +69,6 @@ def import_tensorrt():
     return tensorrt
 
 
-def cache_dir(path=None) -> Path:
-    """The engine cache folder: `path`, else $PYDIFF_TRT_CACHE, else ~/.cache/pydiff/trt."""
-    return Path(path or os.environ.get("PYDIFF_TRT_CACHE") or DEFAULT_CACHE).expanduser()
-
-
 def gpu_identity() -> tuple[str, str]:
     """(name, compute capability "major.minor") of the current CUDA device."""
     try:
@@ -101,9 +98,7 @@ def graph_rewrite(trt, options: EngineOptions) -> str | None:
     """The rewrite an ONNX file needs before this TensorRT builds it with these options: fp16 on a
     TensorRT without the FP16 builder flag (11 and later) is a float16 graph; otherwise none."""
     if options.fp16 and not hasattr(trt.BuilderFlag, "FP16"):
-        from ..exporting.mixed_precision import VERSION
-
-        return f"mixed-precision-fp16-v{VERSION}"
+        return f"mixed-precision-fp16-v{FLOAT16_VERSION}"
     return None
 
 
@@ -126,12 +121,10 @@ def float16_graph(onnx_bytes: bytes, what: str, path: str | None = None) -> byte
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
-    from ..exporting.mixed_precision import convert
-
     model = onnx.load_from_string(onnx_bytes)   # the bytes the cache key hashed, not a re-read
     if path is not None:
         load_external_data_for_model(model, str(Path(path).parent))
-    return convert(model, what).SerializeToString()
+    return float16_convert(model, what).SerializeToString()
 
 
 def load_engine(onnx_path, options: EngineOptions = EngineOptions(), *, cache=None,
@@ -143,7 +136,7 @@ def load_engine(onnx_path, options: EngineOptions = EngineOptions(), *, cache=No
     onnx_path = Path(onnx_path)
     data = onnx_path.read_bytes()   # hashed and parsed: the same bytes
     key = engine_key(data, gpu or gpu_identity(), trt.__version__, options, graph_rewrite(trt, options))
-    path = cache_dir(cache) / f"{onnx_path.stem}-{key[:32]}.engine"
+    path = trt_cache_dir(cache) / f"{onnx_path.stem}-{key[:32]}.engine"
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     blob = _read_cached(path)
     if blob is not None:
@@ -153,7 +146,7 @@ def load_engine(onnx_path, options: EngineOptions = EngineOptions(), *, cache=No
         warnings.warn(f"{path}: TensorRT cannot load this cached engine; rebuilding it", RuntimeWarning)
     blob = build_engine(trt, data, options, what=str(onnx_path), path=str(onnx_path))
     try:
-        _write_atomic(path, blob)
+        atomic_write_bytes(path, MAGIC + hashlib.sha256(blob).digest() + blob)
     except OSError as e:   # a read-only or full disk costs a rebuild next time, not this run
         warnings.warn(f"{path}: cannot cache the engine ({e}); it will be built again next time",
                       RuntimeWarning)
@@ -226,22 +219,6 @@ def _read_cached(path: Path) -> bytes | None:
     return data[head:]
 
 
-def _write_atomic(path: Path, blob: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + hashlib.sha256(blob).digest())
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _stream_handle(stream) -> int:
     """cudaStream_t of None (torch's current stream), a stream object or a raw handle."""
     if stream is None:
@@ -253,13 +230,11 @@ def _stream_handle(stream) -> int:
 
 def _cuda_pointer(name: str, value, dtype) -> tuple[int, tuple]:
     """(device pointer, shape) of a `__cuda_array_interface__` array of `dtype`, C-contiguous."""
-    from .onnxruntime import _check_interface
-
     iface = getattr(value, "__cuda_array_interface__", None)
     if iface is None:
         raise TypeError(f"{name}: expected a CUDA array (torch CUDA tensor, CuPy, anything with "
                         f"__cuda_array_interface__), got {type(value).__name__}")
-    return iface["data"][0], _check_interface(name, iface, dtype)
+    return iface["data"][0], check_interface(name, iface, dtype)
 
 
 class TrtStageModel(StageModel):
@@ -387,8 +362,6 @@ class TensorRTBackend(Backend):
             self.engine_files[stage.name] = path
             self.built += [stage.name] if built else []
             self.stage_models[stage.name] = TrtStageModel(stage, engine)
-        from .onnxruntime import load_text_encoder, resolve_providers
-
         self.providers = resolve_providers(providers)   # the text encoder and guidance models
         self.text_encoder = load_text_encoder(package, self.providers, session_options)
 

@@ -2,8 +2,8 @@
 
 Model packages carry ONNX networks only, so the torch modules come from the caller:
 `TorchBackend(package, modules={"base": net, "sr64": net2})`, or `pydiff.load(path,
-backend="torch", modules=...)`, or from pydiff training runs (safetensors checkpoints, EMA
-weights): `pydiff.load(path, backend="torch", checkpoints={"base": "runs/shapes_base", ...})`. Each module is called with keyword arguments named like the
+backend="torch", modules=...)`; `pydiff.tools.training.load_torch_modules({"base": "runs/shapes_base"})`
+makes them from pydiff training runs (safetensors checkpoints, EMA weights). Each module is called with keyword arguments named like the
 stage's ONNX inputs (`sample`, `timestep`, `encoder_hidden_states`, ...) and returns the
 prediction tensor (or a tuple / object whose first element / `.sample` is it). The text encoder
 still runs on ONNX Runtime (it is frozen and shared by both backends).
@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..package import Package, PackageError
-from .base import Backend, StageModel
+from pydiff.backends.base import Backend, StageModel
+from pydiff.backends.ort import default_providers
+from pydiff.backends.text_encoder import load_text_encoder
+from pydiff.errors import PackageError
+from pydiff.package import Package
 
 
 class TorchStageModel(StageModel):
@@ -47,20 +50,12 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, package: Package, modules=None, device: str | None = None,
-                 providers: list[str] | None = None, session_options=None, checkpoints=None):
+                 providers: list[str] | None = None, session_options=None):
         import torch
 
         super().__init__(package)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         modules = dict(modules or {})
-        if checkpoints:  # {stage: training run directory}: the EMA network, weights as the package ships them
-            unknown = [k for k in checkpoints if k not in package.stage_names]
-            if unknown:
-                raise ValueError(f"checkpoints given for unknown stage(s) {unknown}; the package has "
-                                 f"{package.stage_names}")
-            from ..bench import load_torch_modules
-
-            modules.update(load_torch_modules(dict(checkpoints)))
         unknown = [k for k in modules if k not in package.stage_names]
         if unknown:
             raise ValueError(f"modules given for unknown stage(s) {unknown}; the package has "
@@ -77,8 +72,6 @@ class TorchBackend(Backend):
                                 f"got {type(mod).__name__}")
             mod = mod.to(self.device).eval()
             self.stage_models[stage.name] = TorchStageModel(stage, mod, self.device)
-        from .onnxruntime import default_providers, load_text_encoder
-
         self.text_encoder = load_text_encoder(package, providers or default_providers(),
                                               session_options)
 

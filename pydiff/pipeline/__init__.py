@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 import threading
-from pathlib import Path
 
-from ..package import PackageError, load_package
-from .pipeline import Pipeline, bundled_packages, bundled_path
+from pydiff.errors import PackageError
+from pydiff.package import bundled_packages, bundled_path, load_package, package_path
+from pydiff.pipeline.pipeline import Pipeline
 
 __all__ = ["Pipeline", "load", "generate", "inpaint", "img2img", "upscale", "PackageError",
            "load_package", "bundled_path", "bundled_packages", "clear_cache"]
@@ -20,29 +20,21 @@ _cache_lock = threading.Lock()
 
 
 def load(path=None, backend: str = "auto", **backend_options) -> Pipeline:
-    """A new pipeline for the model package at `path` (None: the bundled shapes cascade)."""
+    """A new pipeline for the model package at `path`, or the bundled package of that name
+    ("digits"); None: the bundled shapes cascade."""
     return Pipeline(path, backend=backend, **backend_options)
 
 
 def _pipeline(model, backend="auto", **backend_options) -> Pipeline:
     if isinstance(model, Pipeline):
         return model
-    if model is None:
-        path = bundled_path("shapes")
-    elif isinstance(model, (str, os.PathLike)):
-        path = Path(model)
-        if not path.exists() and (bundled_path(str(model)) / "manifest.json").is_file():
-            path = bundled_path(str(model))          # a bundled package by name: "digits"
-    else:
-        raise TypeError(f"model must be a package path, a bundled package name or a Pipeline, "
-                        f"got {type(model).__name__}")
+    path = package_path(model)
     key = (os.path.realpath(path), str(backend), repr(sorted(backend_options.items())))
     with _cache_lock:
         pipe = _cache.get(key)
         if pipe is None:
-            # None: Pipeline explains a missing bundled package itself
-            pipe = _cache[key] = Pipeline(None if model is None else path, backend=backend,
-                                          **backend_options)
+            # None: load_package explains a missing bundled package itself
+            pipe = _cache[key] = Pipeline(None if model is None else path, backend=backend, **backend_options)
         return pipe
 
 

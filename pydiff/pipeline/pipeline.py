@@ -15,39 +15,23 @@ import secrets
 import sys
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from .. import imageio
-from ..package import Package, PackageError, Stage, load_package
-from .settings import StageSettings, guidance_array, resolve
+from pydiff import imageio
+from pydiff.backends import create_backend
+from pydiff.backends.guidance_models import load_guidance_model
+from pydiff.errors import ModelOutputError, NonFiniteError, PackageError
+from pydiff.package import Package, Stage, load_package
+from pydiff.pipeline.settings import StageSettings, guidance_array, resolve
+from pydiff.sampling import repaint, repaint_schedule, sample
+from pydiff.schedules import Schedule, timesteps
 
 OUTPUT_TYPES = ("pil", "numpy")
 GUIDANCE_TYPES = ("cfg", "classifier", "clip")
 MAX_BATCH = 4096
 MAX_SEED = 2**64 - 1
-
-
-def _core():
-    """The sampling core (pydiff.sample, pydiff.Schedule, pydiff.timesteps), imported on use."""
-    import pydiff
-
-    return pydiff
-
-
-def bundled_path(name: str = "shapes") -> Path:
-    """Where a bundled package lives: pydiff/bundled/<name>."""
-    return Path(__file__).resolve().parent.parent / "bundled" / name
-
-
-def bundled_packages() -> list[str]:
-    """Names of the bundled packages present (those with a manifest.json)."""
-    root = bundled_path("x").parent
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file())
 
 
 @dataclass
@@ -86,35 +70,25 @@ class Pipeline:
     """
 
     def __init__(self, path=None, backend: str = "auto", **backend_options: Any):
-        from ..backends import create_backend
 
-        if isinstance(path, Package):
-            package = path
-        else:
-            if path is None:
-                path = bundled_path("shapes")
-                if not (path / "manifest.json").is_file():
-                    raise PackageError(f"{path}: the bundled 'shapes' package is not installed; "
-                                       f"pass a model package directory")
-            package = load_package(path)
+        package = path if isinstance(path, Package) else load_package(path)
         self.package = package
         self.backend = create_backend(backend, package, **backend_options)
-        core = _core()
         self._schedules = {}
         self._aug_schedules = {}
         for st in package.stages:
-            self._schedules[st.name] = self._schedule(core, st.scheduler,
+            self._schedules[st.name] = self._schedule(st.scheduler,
                                                       f"stages[{st.index}].scheduler")
             if st.is_super_resolution:
                 self._aug_schedules[st.name] = self._schedule(
-                    core, st.noise_aug_scheduler, f"stages[{st.index}].noise_aug.scheduler")
+                    st.noise_aug_scheduler, f"stages[{st.index}].noise_aug.scheduler")
         self._uncond_lock = threading.Lock()
         self._empty_encoding: tuple[np.ndarray, np.ndarray] | None = None
         self._guidance_runtimes: dict[str, Any] = {}     # guidance model name -> runtime (lazy)
 
-    def _schedule(self, core, config, key):
+    def _schedule(self, config, key):
         try:
-            return core.Schedule.from_config(dict(config))
+            return Schedule.from_config(dict(config))
         except (ValueError, TypeError, KeyError) as e:
             raise PackageError(f"{self.package.manifest_path}: {key}: {e}") from None
 
@@ -417,10 +391,7 @@ class Pipeline:
 
     def execute(self, plan: _Plan):
         """Run a validated plan; returns the images in `plan.output_type`."""
-        from ..backends.base import ModelOutputError
-        from ..samplers.base import NonFiniteError
 
-        core = _core()
         B = plan.batch
         rng = np.random.Generator(np.random.PCG64(plan.seed))
         text = None
@@ -431,7 +402,7 @@ class Pipeline:
             x_prev = np.repeat(plan.init_low_res, B, axis=0)
         for st in plan.stages:
             try:
-                x_prev = self._run_stage(core, plan, st, rng, text, x_prev)
+                x_prev = self._run_stage(plan, st, rng, text, x_prev)
             except (NonFiniteError, ModelOutputError) as e:   # say which network misbehaved
                 raise type(e)(f"stage {st.name!r} ({st.onnx.name}): {e}") from e
         x = np.clip(x_prev, -1.0, 1.0)
@@ -444,7 +415,6 @@ class Pipeline:
         with self._uncond_lock:
             rt = self._guidance_runtimes.get(spec.name)
             if rt is None:
-                from ..guidance_models import load_guidance_model
 
                 try:
                     rt = load_guidance_model(spec, providers=getattr(self.backend, "providers", None))
@@ -453,7 +423,7 @@ class Pipeline:
                 self._guidance_runtimes[spec.name] = rt
             return rt
 
-    def _run_stage(self, core, plan: _Plan, st: Stage, rng, text, x_prev):
+    def _run_stage(self, plan: _Plan, st: Stage, rng, text, x_prev):
         B = plan.batch
         s = plan.settings[st.name]
         sched = self._schedules[st.name]
@@ -498,9 +468,9 @@ class Pipeline:
         ts = None
         if plan.mode == "img2img":
             start_step = s.steps - int(s.steps * s.strength)
-            ts = _timesteps(core, sched, s.steps, s.sampler)
+            ts = _timesteps(sched, s.steps, s.sampler)
             x = np.asarray(sched.add_noise(known, x, int(ts[start_step])), np.float32)
-        repaint = plan.mode == "inpaint" and not st.has_mask_channel
+        resample = plan.mode == "inpaint" and not st.has_mask_channel
 
         guided = st.conditioning != "none" and s.uses_guidance
         guidance_fn = None
@@ -526,8 +496,8 @@ class Pipeline:
         from tqdm.auto import tqdm
 
         total = s.steps - start_step
-        if repaint:
-            total = sum(op[0] == "step" for op in core.repaint_schedule(s.steps, s.jump_length,
+        if resample:
+            total = sum(op[0] == "step" for op in repaint_schedule(s.steps, s.jump_length,
                                                                          s.jump_n_sample))
         with tqdm(total=total, desc=f"{st.name} {R}x{R}", unit="step",
                   disable=not plan.progress, file=sys.stderr, leave=True) as bar:
@@ -543,18 +513,18 @@ class Pipeline:
                           guidance_scale=gscale if guided else 1.0, cond=cond,
                           uncond=uncond if guided else None, seed=(plan.seed + st.index) % 2**64,
                           callback=callback, progress=False, guidance_fn=guidance_fn, **thr)
-            if repaint:     # RePaint: the kept region replaced after every step, with resampling
-                result = core.repaint(self.backend.model(st.name), x, known, 1.0 - keep,
+            if resample:    # RePaint: the kept region replaced after every step, with resampling
+                result = repaint(self.backend.model(st.name), x, known, 1.0 - keep,
                                       jump_length=s.jump_length, jump_n_sample=s.jump_n_sample,
                                       **common)
             else:
-                result = core.sample(self.backend.model(st.name), x, start_step=start_step, **common)
+                result = sample(self.backend.model(st.name), x, start_step=start_step, **common)
         return np.asarray(result, np.float32)
 
 
-def _timesteps(core, schedule, steps, sampler):
+def _timesteps(schedule, steps, sampler):
     """The int64 timesteps the sampler visits (they depend on the sampler, e.g. DPM-Solver++)."""
-    return np.asarray(core.timesteps(schedule, steps, sampler))
+    return np.asarray(timesteps(schedule, steps, sampler))
 
 
 def _threshold_kwargs(s: StageSettings) -> dict:

@@ -7,26 +7,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..package import MAX_STEPS, THRESHOLDINGS, Package, Stage
+from pydiff.package import MAX_STEPS, THRESHOLDINGS, Package, Stage
+from pydiff.samplers import SAMPLERS, make_sampler
+from pydiff.schedules import Schedule
 
 # Used when a manifest's `recommended` block leaves a key out.
 FALLBACK = {"sampler": "ddim", "steps": 25, "guidance_scale": 1.0, "eta": 0.0,
             "thresholding": "none", "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0,
             "clip_sample_range": 1.0, "jump_length": 10, "jump_n_sample": 1}
-KNOWN_SAMPLERS_FALLBACK = ("ddpm", "ddim", "dpmpp_2m")
-
-
-def known_samplers() -> tuple[str, ...]:
-    """Sampler names of the core (pydiff.samplers.SAMPLERS when it says), else the contract's."""
-    try:
-        from .. import samplers as _s
-
-        names = getattr(_s, "SAMPLERS", None) or getattr(_s, "SAMPLER_NAMES", None)
-        if names:
-            return tuple(names)
-    except ImportError:
-        pass
-    return KNOWN_SAMPLERS_FALLBACK
 
 
 @dataclass(frozen=True)
@@ -123,7 +111,7 @@ def resolve(package: Package, stages: list[Stage], *, n_prompts: int, num_images
     jn_ = per_stage(jump_n_sample, "jump_n_sample", package, stages)
     if not inpaint and (jump_length is not None or jump_n_sample is not None):
         raise ValueError("jump_length and jump_n_sample are RePaint's inpainting settings")
-    samplers = known_samplers()
+    samplers = tuple(SAMPLERS)
     out: dict[str, StageSettings] = {}
     for st in stages:
         rec = {**FALLBACK, **{k_: v for k_, v in st.recommended.items() if k_ != "inpaint"}}
@@ -206,8 +194,6 @@ def resolve(package: Package, stages: list[Stage], *, n_prompts: int, num_images
                                  f"{MAX_STEPS}-step limit")
 
         if s == "ddim" and e > 1:   # beyond 1 eta can ask for more noise than a step holds
-            from ..samplers import make_sampler
-            from ..schedules import Schedule
 
             try:
                 make_sampler("ddim", Schedule.from_config(dict(st.scheduler)), int(k), eta=e)

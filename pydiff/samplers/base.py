@@ -7,14 +7,11 @@ import math
 import numpy as np
 
 from pydiff import ops, reference
+from pydiff.errors import NonFiniteError
 from pydiff.schedules import Schedule, timesteps
 
 THRESHOLD_KEYS = ("thresholding", "dynamic_thresholding_ratio", "sample_max_value", "clip_sample",
                   "clip_sample_range")
-
-
-class NonFiniteError(FloatingPointError, ValueError):
-    """A step met NaN or Inf (in the network's output, or produced by the update)."""
 
 
 @dataclasses.dataclass

@@ -146,10 +146,10 @@ def test_tensorrt_backend_runs_the_pipeline(package, tmp_path):
 def _graph_runs(model, cpu_base, stream=None, B=2, steps=5):
     """The whole denoising step (network + fused step) on a backend's stage: eager, then captured,
     against the same plan with the CPU provider's network on the CPU twin."""
-    import torch
 
     import pydiff
-    from pydiff.cuda_graph import GraphSampler, StageNetwork, StepPlan
+    from pydiff.backends.stage_network import StageNetwork
+    from pydiff.cuda_graph import GraphSampler, StepPlan
 
     rng = np.random.default_rng(1)
     cond = {"encoder_hidden_states": rng.standard_normal((2 * B, 16, 384)).astype(np.float32),
@@ -207,7 +207,7 @@ def test_the_frozen_stages_need_no_memcpy_on_the_cuda_provider(capfd):
     # pydiff.exporting.ort_placement predicts 0 Memcpy and 0 CPU nodes for every bundled stage
     from pathlib import Path
 
-    from pydiff.exporting.ort_placement import predict_file
+    from pydiff.tools.export.ort_placement import predict_file
 
     for path in sorted(Path(bundled_path("shapes")).parent.glob("*/*.onnx")):
         assert predict_file(path).memcpy == 0
@@ -218,7 +218,7 @@ def test_the_frozen_stages_need_no_memcpy_on_the_cuda_provider(capfd):
 def test_the_placement_model_predicts_the_text_encoders_memcpy(capfd):
     from pathlib import Path
 
-    from pydiff.exporting.ort_placement import predict_file
+    from pydiff.tools.export.ort_placement import predict_file
 
     path = Path(bundled_path("shapes")) / "text_encoder" / "model.onnx"
     err = _memcpy_report(path, capfd)

@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .static_shapes import freeze_shapes_file
+from pydiff.tools.export.static_shapes import freeze_shapes_file
+from pydiff.tools.models.classifier import (
+    ClassifierGradient,
+    CLIPGradient,
+    autograd_clip_gradient,
+    autograd_gradient,
+)
 
 GRAD_RTOL = 1e-4          # the issue's bound: relative error of the exported gradient vs autograd
 
@@ -34,7 +40,6 @@ def export_classifier_gradient(classifier, out: str | os.PathLike, *, opset: int
     ||onnx - autograd|| / ||autograd||) exceeds GRAD_RTOL. Returns the check's figures."""
     import onnxruntime as ort
 
-    from ..models.classifier import ClassifierGradient, autograd_gradient
 
     classifier = classifier.eval()
     cfg = classifier.cfg
@@ -88,7 +93,6 @@ def export_clip_gradient(clip, out: str | os.PathLike, *, max_length: int = 16, 
     against torch.autograd like export_classifier_gradient."""
     import onnxruntime as ort
 
-    from ..models.classifier import CLIPGradient, autograd_clip_gradient
 
     clip = clip.eval()
     cfg = clip.image.cfg

@@ -20,8 +20,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.classifier import ClassifierConfig, NoisyClassifier
-from .schedule import alphas_cumprod
+from pydiff.tools.data import shapes as S
+from pydiff.tools.data.digits import load_digits_images
+from pydiff.tools.export.guidance_export import (
+    add_guidance_model,
+    export_classifier_gradient,
+    export_clip_gradient,
+)
+from pydiff.tools.models.classifier import ClassifierConfig, NoisyClassifier, NoisyCLIP
+from pydiff.tools.training.schedule import alphas_cumprod
+from pydiff.tools.training.tasks import caption_embeddings
 
 WEIGHTS = "model.safetensors"
 
@@ -45,7 +53,6 @@ class ClassifierTrainConfig:
     @classmethod
     def for_task(cls, task: str, **kw) -> "ClassifierTrainConfig":
         if task == "shapes":
-            from ..data import shapes as S
 
             kw.setdefault("model", ClassifierConfig(in_channels=3, resolution=16,
                                                     num_classes=len(S.all_combos(True)),
@@ -118,7 +125,6 @@ def accuracy_by_t(model, x0, y, abar, bands=((0, 200), (200, 400), (400, 600), (
 
 def train_classifier(cfg: ClassifierTrainConfig, out: str | Path, command: str | None = None,
                      log=print) -> dict:
-    from ..data.digits import load_digits_images
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -200,7 +206,6 @@ class ClipTrainConfig:
 
 
 def _shapes_images(n: int, rng: np.random.Generator, resolution: int):
-    from ..data import shapes as S
 
     specs = S.sample_specs(rng, n)
     imgs = S.area_resize(S.render_batch(specs), resolution)
@@ -221,7 +226,6 @@ def load_clip(path: str | Path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from ..models.classifier import NoisyCLIP
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
@@ -246,9 +250,6 @@ def clip_retrieval_by_t(model, x0, combo, text_emb, abar, seed: int = 0,
 def train_clip(cfg: ClipTrainConfig, out: str | Path, command: str | None = None, log=print) -> dict:
     """Contrastive training (CLIP's symmetric cross-entropy; captions of the same combination are
     all positives) of a noise-aware image encoder against the frozen text encoder's pooled states."""
-    from ..data import shapes as S
-    from ..models.classifier import NoisyCLIP
-    from .tasks import caption_embeddings
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -355,7 +356,6 @@ def main(argv=None) -> int:
                                        text_encoder=a.text_encoder), a.out, command)
         print(json.dumps(s, indent=1))
     elif a.cmd == "export-clip":
-        from ..exporting.guidance_export import add_guidance_model, export_clip_gradient
 
         torch.set_num_threads(1)
         model = load_clip(Path(a.run) / WEIGHTS)
@@ -371,7 +371,6 @@ def main(argv=None) -> int:
                                                             threads=a.threads), a.out, command)
         print(json.dumps(s, indent=1))
     else:
-        from ..exporting.guidance_export import add_guidance_model, export_classifier_gradient
 
         torch.set_num_threads(1)
         rep = export_classifier_gradient(load_classifier(Path(a.run) / WEIGHTS), a.out)
@@ -381,7 +380,6 @@ def main(argv=None) -> int:
             task = json.loads((Path(a.run) / "config.json").read_text()).get("task", "digits")
             names = None
             if task == "shapes":
-                from ..data import shapes as S
 
                 names = [S.caption(*c, template=0) for c in S.all_combos(include_held_out=True)]
             add_guidance_model(a.package, a.out, name=a.name, kind="classifier", model=model,

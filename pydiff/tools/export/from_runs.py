@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from .onnx_export import export_stage_onnx
+from pydiff.files import write_folder_atomic
+from pydiff.tools.export.minilm import ENCODER_NAME, HIDDEN_SIZE
+from pydiff.tools.export.onnx_export import export_stage_onnx
+from pydiff.tools.models import UNetConfig
+from pydiff.tools.training.trainer import CKPT, load_checkpoint, load_run_model
 
 DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
                      "prediction_type": "epsilon", "timestep_spacing": "trailing"}
@@ -21,27 +24,6 @@ def _scheduler(cfg) -> dict:
     """A stage's manifest scheduler from its run's TrainConfig (pydiff samples with trailing spacing)."""
     return dict(DEFAULT_SCHEDULER, num_train_timesteps=cfg.num_train_timesteps,
                 beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type)
-
-
-def write_package_atomic(out_dir: str | Path, build) -> Path:
-    """Call build(tmp_dir) to fill a temporary sibling of out_dir, then rename it into place."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        build(tmp)
-        os.chmod(tmp, 0o755)
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
 
 
 def _carry_guidance_models(old_dir: Path, tmp: Path, manifest: dict) -> str:
@@ -73,7 +55,6 @@ def _carry_guidance_models(old_dir: Path, tmp: Path, manifest: dict) -> str:
 def _export_run(model, cfg, name: str, tmp_dir: Path, max_length: int = 16,
                 fp16_weights: bool = True) -> dict:
     """Export one run's EMA network; weights stored as float16 (the 40 MB bundle budget)."""
-    from ..models import UNetConfig
 
     mc = UNetConfig.from_dict(cfg.model)
     rep = export_stage_onnx(model, mc.input_names(), tmp_dir / f"{name}.onnx.part",
@@ -87,7 +68,6 @@ def _summary(run_dir: Path) -> dict:
     p = run_dir / "summary.json"
     if p.exists():
         return json.loads(p.read_text())
-    from ..training.trainer import CKPT, load_checkpoint
 
     path = run_dir / "final.safetensors"
     if not path.exists():
@@ -157,8 +137,6 @@ def export_shapes(base_run: str | Path, sr_run: str | Path, text_encoder_dir: st
                   sr_recommended: dict | None = None, noise_aug_level: int = 100,
                   extra_md: str = "") -> dict:
     """Write the shapes cascade package (16x16 base + 16->64 SR + int8 MiniLM) to out_dir."""
-    from ..exporting.text_encoder import ENCODER_NAME, HIDDEN_SIZE
-    from ..training.trainer import load_run_model
 
     base_run, sr_run, te = Path(base_run), Path(sr_run), Path(text_encoder_dir)
     base, bcfg = load_run_model(base_run)
@@ -207,14 +185,13 @@ def export_shapes(base_run: str | Path, sr_run: str | Path, text_encoder_dir: st
             + ("\n\n" + extra_md if extra_md else "") + ("\n\n" + kept if kept else "")))
         report.update(base=b, sr64=s)
 
-    write_package_atomic(out_dir, build)
+    write_folder_atomic(out_dir, build)
     return report
 
 
 def export_digits(run: str | Path, out_dir: str | Path, *, recommended: dict | None = None,
                   extra_md: str = "") -> dict:
     """Write the digits class-conditional 8x8 package to out_dir."""
-    from ..training.trainer import load_run_model
 
     run = Path(run)
     model, cfg = load_run_model(run)
@@ -238,5 +215,5 @@ def export_digits(run: str | Path, out_dir: str | Path, *, recommended: dict | N
             "digits", [("base", run, cfg)], extra_md + ("\n\n" + kept if kept else "")))
         report.update(model=d)
 
-    write_package_atomic(out_dir, build)
+    write_folder_atomic(out_dir, build)
     return report

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pydiff.backends.text_encoder import TextEncoder
+
 HIDDEN_SIZE = 384
 ENCODER_NAME = "all-MiniLM-L6-v2 (int8 dynamic quantisation, per channel)"
 
@@ -42,7 +44,6 @@ def export_text_encoder(out_dir: str | Path, max_length: int = 16, quantize: boo
     """
     import torch
 
-    from ..text_encoder import TextEncoder
 
     model_dir = Path(model_dir) if model_dir else minilm_dir()
     out_dir = Path(out_dir)

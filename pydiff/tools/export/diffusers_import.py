@@ -10,8 +10,9 @@ import os
 import shutil
 from pathlib import Path
 
-from .onnx_export import export_stage_onnx
-from .package import write_package_atomic
+from pydiff.files import write_folder_atomic
+from pydiff.schedules import Schedule
+from pydiff.tools.export.onnx_export import export_stage_onnx
 
 # scheduler_config.json keys that the package's `scheduler` entry carries over (after
 # Schedule.from_config has checked the whole config and filled diffusers' class defaults).
@@ -84,7 +85,6 @@ def _check_supported(cfg: dict, cls_name: str) -> tuple[int, int]:
 def _find_scheduler(model: Path, scheduler: str | Path | None) -> dict:
     """The scheduler config next to the UNet (or `scheduler`), checked and completed by
     Schedule.from_config (a setting pydiff cannot sample with is a ScheduleError)."""
-    from ..schedules import Schedule
 
     cands = [Path(scheduler)] if scheduler else []
     base = model if model.is_dir() else model.parent
@@ -224,5 +224,5 @@ def import_diffusers(model: str | Path, out_dir: str | Path, *, scheduler: str |
         report.update(max_abs_err=rep["max_abs_err"], inputs=inputs, conditioning=conditioning)
 
     with torch.no_grad():
-        write_package_atomic(out_dir, build)
+        write_folder_atomic(out_dir, build)
     return report

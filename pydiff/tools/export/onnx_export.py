@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .static_shapes import freeze_shapes_file
+from pydiff.tools.export.static_shapes import freeze_shapes_file
 
 OPSET = 17
 MAX_ABS_ERR = 1e-4

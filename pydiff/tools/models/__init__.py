@@ -1,4 +1,4 @@
 """PyTorch networks (only needed to train and export; the runtime never imports this)."""
-from .unet import UNet, UNetConfig, PRESETS, build_model
+from pydiff.tools.models.unet import PRESETS, UNet, UNetConfig, build_model
 
 __all__ = ["UNet", "UNetConfig", "PRESETS", "build_model"]

@@ -36,7 +36,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .eval import digits_classifier, digits_figures, mean_pairwise_distance, read_shape, shapes_prompts
+import pydiff.pipeline as P
+from pydiff import files, imageio
+from pydiff.errors import UsageError
+from pydiff.package import load_package
+from pydiff.tools.data import shapes as S
+from pydiff.tools.eval.packages import (
+    _real_digits,
+    digits_classifier,
+    digits_figures,
+    mean_pairwise_distance,
+    read_shape,
+    shapes_prompts,
+)
 
 DATASETS = ("digits", "shapes")
 # type -> (the pipeline's guidance_type, fixed sampler settings; None: the package's, --steps applies)
@@ -64,7 +76,6 @@ DEFAULT_THRESHOLDING_SCALES = {"digits": (), "shapes": (3.0, 8.0, 15.0)}
 
 
 def _usage_error(msg: str) -> Exception:
-    from ..cli import UsageError
 
     return UsageError(msg)
 
@@ -108,7 +119,6 @@ class _Digits:
         return imgs[::self.n_per_class, ..., 0]
 
     def describe(self) -> dict:
-        from .eval import _real_digits
 
         return {"n_per_class": self.n_per_class, "svm_real_test_accuracy": digits_classifier(self.seed)[1],
                 "real_diversity": _real_digits()[2]}
@@ -130,7 +140,6 @@ class _Shapes:
                                f"model (text-conditional, 3 channels)")
 
     def __init__(self, n: int, num_images: int, seed: int):
-        from ..data import shapes as S
 
         self.items = shapes_prompts(n, seed)["seen"]           # (caption, fg, shape, bg)
         self.prompts = [c[0] for c in self.items]
@@ -145,7 +154,6 @@ class _Shapes:
         return {"prompt": self.prompts, "class_label": None, "num_images": self.num_images}
 
     def score(self, imgs: np.ndarray) -> dict:
-        from .. import imageio
 
         x = imgs
         if x.shape[1] < 64:
@@ -270,9 +278,7 @@ def _scales(a, types: list[str]) -> dict[str, tuple[float, ...]]:
 def _load_pipeline(a):
     import dataclasses
 
-    import pydiff.pipeline as P
 
-    from ..package import load_package
 
     path = Path(a.model) if a.model else P.bundled_path(a.dataset)
     if a.model and not path.exists() and (P.bundled_path(a.model) / "manifest.json").is_file():
@@ -311,8 +317,6 @@ def run(a) -> int:
     """`pydiff eval guidance`: validate everything, run every point, then write JSON + PNG."""
     from tqdm import tqdm
 
-    from .. import imageio
-    from ..cli import _check_writable_dir
 
     if a.n is None:
         a.n = DEFAULT_N[a.dataset]
@@ -354,8 +358,8 @@ def run(a) -> int:
         for th in THRESHOLDING_MODES:
             points.append((None, s, th, pipe.plan(**data.inputs("cfg"), **common, guidance_scale=s,
                                                   thresholding=th, **steps)))
-    _check_writable_dir(json_path, "--out")
-    _check_writable_dir(png_path, "--out")
+    files.check_writable(json_path, "--out")
+    files.check_writable(png_path, "--out")
 
     t_start = time.time()
     result_points = {t: [] for t in types}
@@ -403,7 +407,7 @@ def run(a) -> int:
         result["note"] = a.note
     image = plot(result, samples)
     imageio.save_png(image, png_path)       # each atomic; the JSON last, as the sweep's record
-    imageio.write_json(result, json_path)
+    files.write_json(result, json_path)
     if not a.quiet:
         print(f"wrote {json_path} and {png_path} ({result['seconds']} s)", file=sys.stderr)
     return 0

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from pydiff.backends.ort import create_session
+from pydiff.errors import PackageError
+from pydiff.package import Package, check_text_encoder_io
+
 
 class TextEncoder:
     """Token embeddings of prompts from an exported encoder (e.g. all-MiniLM-L6-v2, int8).
@@ -31,8 +35,6 @@ class TextEncoder:
         self.tokenizer.enable_padding(length=self.max_length, pad_id=0 if pad_id is None else pad_id,
                                       pad_token=pad_token)
         if session is None:
-            from .backends.onnxruntime import create_session
-
             session = create_session(onnx_path, providers or ["CPUExecutionProvider"], session_options,
                                      required=())
         self.session = session
@@ -76,3 +78,20 @@ class TextEncoder:
 
     def __call__(self, prompts):
         return self.encode(prompts)
+
+
+def load_text_encoder(package: Package, providers, session_options=None, *, required=()):
+    """The package's TextEncoder (ORT session checked against the format), or None.
+    `required`: as create_session's (default: whatever providers ONNX Runtime could start)."""
+    te = package.text_encoder
+    if te is None:
+        return None
+    session = create_session(te.onnx, providers, session_options, required=required)
+    try:
+        enc = TextEncoder(str(te.onnx), str(te.tokenizer), te.max_length, session=session,
+                          per_prompt=te.encode == "per_prompt")
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PackageError(f"{te.onnx} / {te.tokenizer}: cannot load the text encoder ({msg})") from None
+    check_text_encoder_io(package, enc.session)
+    return enc

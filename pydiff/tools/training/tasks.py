@@ -9,8 +9,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import shapes as S
-from .schedule import alphas_cumprod
+from pydiff.backends.text_encoder import TextEncoder
+from pydiff.tools.data import shapes as S
+from pydiff.tools.data.digits import load_digits_images
+from pydiff.tools.training.schedule import alphas_cumprod
 
 
 class DigitsTask:
@@ -19,7 +21,6 @@ class DigitsTask:
     resolution = 8
 
     def __init__(self, cfg):
-        from ..data.digits import load_digits_images
 
         x, y = load_digits_images()
         self.x = torch.from_numpy(x)
@@ -42,7 +43,6 @@ def caption_embeddings(text_encoder_dir: str | Path, max_length: int, cache: str
     """
     from safetensors.numpy import load_file, save_file
 
-    from ..text_encoder import TextEncoder
 
     d = Path(text_encoder_dir)
     digest = hashlib.sha256((d / "model.onnx").read_bytes()).hexdigest()

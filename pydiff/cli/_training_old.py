@@ -30,8 +30,8 @@ def _add_train(sub):
 
 
 def _run_train(a) -> int:
-    from ..models import PRESETS
-    from .trainer import TrainConfig, train
+    from pydiff.tools.models import PRESETS
+    from pydiff.tools.training.trainer import TrainConfig, train
 
     model = PRESETS[a.task].to_dict()
     if a.base_channels:
@@ -90,20 +90,20 @@ def _add_export(sub):
 
 def _run_export(a) -> int:
     if a.what == "text-encoder":
-        from ..exporting.text_encoder import export_text_encoder
+        from pydiff.tools.export.minilm import export_text_encoder
         print(json.dumps(export_text_encoder(a.out, max_length=a.max_length)))
     elif a.what == "shapes":
-        from ..exporting.package import export_shapes
+        from pydiff.tools.export.from_runs import export_shapes
         print(json.dumps(export_shapes(a.base, a.sr, a.text_encoder, a.out,
                                        base_recommended=a.base_recommended,
                                        sr_recommended=a.sr_recommended,
                                        noise_aug_level=a.noise_aug_level, extra_md=a.notes), indent=1))
     elif a.what == "digits":
-        from ..exporting.package import export_digits
+        from pydiff.tools.export.from_runs import export_digits
         print(json.dumps(export_digits(a.run, a.out, recommended=a.recommended, extra_md=a.notes),
                          indent=1))
     elif a.what == "diffusers":
-        from ..exporting.diffusers_import import import_diffusers
+        from pydiff.tools.export.diffusers_import import import_diffusers
         print(json.dumps(import_diffusers(a.model, a.out, scheduler=a.scheduler, name=a.name,
                                           text_encoder=a.text_encoder, max_length=a.max_length,
                                           null_class=a.null_class, attention_mask=a.attention_mask), indent=1))
@@ -111,7 +111,7 @@ def _run_export(a) -> int:
 
 
 def _add_eval(sub):
-    from . import eval as ev
+    from pydiff.tools.training import eval as ev
 
     p = sub.add_parser("eval", help="evaluate a shapes or digits package (alignment / accuracy), or sweep "
                                     "guidance types and scales (quality against diversity)")
@@ -124,7 +124,7 @@ def _add_guidance(sub):
                                         "export-classifier, export-clip (see pydiff.training.guidance_models)",
                        add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: __import__("pydiff.training.guidance_models", fromlist=["main"]).main(
+    p.set_defaults(func=lambda a: __import__("pydiff.tools.training.guidance", fromlist=["main"]).main(
         a.args[1:] if a.args[:1] == ["--"] else a.args))
 
 

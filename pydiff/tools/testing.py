@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 def gaussian_eps_model(cov, schedule):
     """The exact eps(x_t, t) = E[eps | x_t] for data x0 ~ N(0, cov) over [B, D] samples:
     sqrt(1 - abar) (abar cov + (1 - abar) I)^-1 x_t, in float64, returned as float32."""
@@ -120,7 +121,7 @@ def _stage_graph(path: Path, *, channels: int, resolution: int, conditioning: st
     inits = [t for t in inits if t.name in used]   # ORT warns about unused initializers
     graph = helper.make_graph(nodes, "tiny_stage", inputs, outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              producer_name="pydiff.testing")
+                              producer_name="pydiff.tools.testing")
     model.ir_version = 8
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
@@ -210,7 +211,8 @@ def make_tiny_package(path, *, conditioning: str = "text", resolutions=(8, 16), 
 def tiny_torch_modules(path) -> dict:
     """torch twins of a tiny text-conditional package's stage networks (for backend tests)."""
     import torch
-    from onnx import load as onnx_load, numpy_helper
+    from onnx import load as onnx_load
+    from onnx import numpy_helper
 
     class TinyStage(torch.nn.Module):
         def __init__(self, proj):

@@ -34,6 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pydiff.errors import MixedPrecisionError
+from pydiff.files import atomic_write_bytes, write_folder_atomic
+from pydiff.package import load_package
+
 VERSION = 1   # part of the TensorRT engine cache key: a change to these rules builds new engines
 
 FLOAT16_OPS = frozenset({
@@ -55,10 +59,6 @@ NOT_DATA_INPUTS = {"Resize": {1, 2}}
 # ops that take any type and give no float output: their inputs need no cast
 TYPE_AGNOSTIC = frozenset({"Shape", "Size"})
 FP16_MAX = float(np.finfo(np.float16).max)
-
-
-class MixedPrecisionError(ValueError):
-    """A graph this pass cannot rewrite (the message says which node or tensor, and why)."""
 
 
 def convert(model, what: str = "model"):
@@ -258,8 +258,6 @@ def convert_package(src, dst) -> dict:
 
     import onnx
 
-    from ..package import load_package
-    from .package import write_package_atomic
 
     src, dst = Path(src).resolve(), Path(dst)
     if dst.exists():
@@ -280,7 +278,7 @@ def convert_package(src, dst) -> dict:
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         load_package(tmp)   # the copy is a valid package before it gets its name
 
-    write_package_atomic(dst, build)
+    write_folder_atomic(dst, build)
     return report
 
 
@@ -301,7 +299,6 @@ def main(argv=None) -> int:
         for name, counts in convert_package(args.src, args.dst).items():
             print(f"{name}: {counts}")
         return 0
-    from ..imageio import atomic_write_bytes
 
     out = convert(onnx.load(args.src), args.src)
     atomic_write_bytes(args.dst, out.SerializeToString())

@@ -21,14 +21,14 @@ import os
 
 import numpy as np
 
+from pydiff.backends.ort import create_session
+
 __all__ = ["ClassifierGuidance", "CLIPGuidance", "load_guidance_model", "GUIDANCE_KINDS"]
 
 GUIDANCE_KINDS = ("classifier", "clip")
 
 
 def _session(path, providers=None, session_options=None):
-    from .backends.onnxruntime import create_session
-
     return create_session(path, providers or ["CPUExecutionProvider"], session_options, required=())
 
 

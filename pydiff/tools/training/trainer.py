@@ -8,14 +8,15 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..models import PRESETS, UNetConfig, build_model
-from .schedule import alphas_cumprod
+from pydiff.tools.models import PRESETS, build_model
+from pydiff.tools.training.schedule import alphas_cumprod
+from pydiff.tools.training.tasks import make_task
 
 CKPT = "last.safetensors"
 
@@ -97,7 +98,6 @@ class Trainer:
     """Holds model, EMA, optimiser and RNG state; `step()` runs one step of Algorithm 1."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path | None = None):
-        from .tasks import make_task
 
         if cfg.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type {cfg.prediction_type!r}: expected one of {PREDICTION_TYPES}")
@@ -289,7 +289,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, command: str | None = None, pro
     torn = False   # interrupted inside a step: its state may be half-applied, so it is not saved
     try:
         while tr.step_i < cfg.steps and not stop["flag"]:
-            loss = tr.step()
+            tr.step()
             bar.update(1)
             if tr.step_i % cfg.log_every == 0 or tr.step_i == cfg.steps:
                 now = time.time()
@@ -334,3 +334,20 @@ def train(cfg: TrainConfig, run_dir: str | Path, command: str | None = None, pro
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary), flush=True)
     return summary
+
+
+def load_torch_modules(runs: dict[str, str]) -> dict:
+    """{stage: training run folder} -> {stage: the run's EMA network in eval mode}, its weights
+    rounded to float16 as the exported package stores them (for `pydiff.load(..., backend="torch",
+    modules=...)`)."""
+    import torch
+
+    mods = {}
+    for name, run in runs.items():
+        model, _ = load_run_model(run)
+        # The package stores the weights rounded to float16 (pydiff.exporting): run the same ones.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.half().float())
+        mods[name] = model.eval()
+    return mods

@@ -24,6 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pydiff import __version__, ops
+from pydiff.files import write_json
+from pydiff.imageio import save_png, to_numpy
+from pydiff.package import INPUT_SPECS
+from pydiff.pipeline import Pipeline, bundled_path
+from pydiff.tools.training.trainer import load_torch_modules
+
 # the runs the bundled shapes stages were exported from (export/build_bundled.sh, TRAINING.md)
 DEFAULT_RUNS = {"base": "runs/shapes_base_pp", "sr64": "runs/shapes_sr64_v"}
 PROMPTS = ["a red circle on a blue background", "a green square on a yellow background",
@@ -94,7 +101,6 @@ def _torch_cascade(pipe, modules, plan, rng_seed, record):
     import torch
     import torch.nn.functional as F
 
-    from .imageio import to_numpy
 
     B = plan.batch
     rng = np.random.Generator(np.random.PCG64(rng_seed))   # same draws as the pipeline
@@ -157,27 +163,10 @@ def _torch_cascade(pipe, modules, plan, rng_seed, record):
     return to_numpy(x_prev.clamp(-1, 1).numpy())
 
 
-def load_torch_modules(runs: dict[str, str]):
-    from .training.trainer import load_run_model
-
-    import torch
-
-    mods = {}
-    for name, run in runs.items():
-        model, _ = load_run_model(run)
-        # The package stores the weights rounded to float16 (pydiff.exporting): run the same ones.
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(p.half().float())
-        mods[name] = model.eval()
-    return mods
-
-
 def check_same_networks(pipe, modules, batch=2, seed=0) -> dict[str, float]:
     """Max |ORT - torch| of one forward pass per stage on random inputs (same networks?)."""
     import torch
 
-    from .package import INPUT_SPECS
 
     rng = np.random.default_rng(seed)
     out = {}
@@ -228,13 +217,10 @@ def run_benchmark(model=None, runs=None, *, modules=None, batch=8, steps=None, g
     import onnxruntime as ort
     import torch
 
-    from . import __version__
-    from .pipeline import Pipeline, bundled_path
 
     threads = threads or os.cpu_count()
     # the same thread count everywhere: torch, ONNX Runtime's intra-op pool, pydiff's kernels
     torch.set_num_threads(threads)
-    from . import ops
 
     ops.set_num_threads(threads)
     so = ort.SessionOptions()
@@ -357,7 +343,6 @@ def bar_chart(rep: dict, path) -> None:
     """A PNG with two panels: seconds per batch, and per-step time outside the network."""
     from PIL import Image, ImageDraw
 
-    from .imageio import save_png
 
     W, H = 720, 360
     im = Image.new("RGB", (W, H), "white")
@@ -406,7 +391,6 @@ def register(subparsers) -> None:
 
 
 def _cmd_bench(args) -> int:
-    from .imageio import write_json
 
     runs = None
     if args.run:

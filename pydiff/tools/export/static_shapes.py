@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pydiff.errors import ShapeFreezeError
+
 #: batch sizes at which the shape values are evaluated; a value equal at all of them is constant
 PROBE_BATCHES = (1, 2, 3, 5)
 #: batch sizes of the equality check, none of them probed
@@ -52,11 +54,6 @@ CPU_SIDE_INPUTS = {"Reshape": [1], "Expand": [1], "Slice": [1, 2, 3, 4], "Unsque
                    "ReduceLogSum": [1], "ReduceLogSumExp": [1], "ReduceSumSquare": [1]}
 NOT_SHAPE_SETTING = {("Clip", 1), ("Clip", 2), ("Dropout", 1), ("Dropout", 2), ("CumSum", 1),
                      ("Trilu", 1)}
-
-
-class ShapeFreezeError(ValueError):
-    """The graph's shape arithmetic cannot be frozen (a dynamic dimension other than the batch,
-    or a shape value that changes with the batch where no constant can stand for it)."""
 
 
 def _batch_symbol(model) -> str | None:

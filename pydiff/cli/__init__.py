@@ -113,7 +113,7 @@ def _common(p, *, prompts=True):
 
 
 def build_parser(with_extras: bool = True) -> argparse.ArgumentParser:
-    from . import __version__
+    from pydiff import __version__
 
     parser = _Parser(prog="pydiff", description="Cascaded conditional diffusion on a compiled "
                                                 "sampling core.")
@@ -169,13 +169,13 @@ def build_parser(with_extras: bool = True) -> argparse.ArgumentParser:
 def _register_extras(sub) -> None:
     """`train`/`export` (pydiff.training: needs torch) and `bench`, when importable."""
     try:
-        from .training import cli as training_cli
+        from pydiff.tools.training import cli as training_cli
     except ImportError:
         pass
     else:
         training_cli.register(sub)
     try:
-        from . import bench as bench_cli  # optional module: the end-to-end benchmark
+        from pydiff import bench as bench_cli  # optional module: the end-to-end benchmark
     except ImportError:
         pass
     else:
@@ -217,7 +217,7 @@ def _check_out(path: Path) -> None:
 def _open_image(path, what):
     from PIL import UnidentifiedImageError
 
-    from .imageio import load_image
+    from pydiff.imageio import load_image
 
     try:
         img = load_image(path)
@@ -243,8 +243,8 @@ def _plain_mode(img, want: str | None):
 
 
 def _cmd_images(args) -> int:
-    from . import imageio
-    from .pipeline import _pipeline
+    from pydiff import imageio
+    from pydiff.pipeline import _pipeline
 
     out = Path(args.out)
     _check_out(out)
@@ -305,8 +305,8 @@ def _cmd_images(args) -> int:
         channels = 3 if mode == "upscale" else pipe.package.stages[-1].channels
         kwargs["image"] = _plain_mode(kwargs["image"], "L" if channels == 1 else "RGB")
     plan = pipe.plan(prompt=prompts, mode=mode, **kwargs)   # validation: errors exit 2
-    from .backends.base import ModelOutputError
-    from .samplers.base import NonFiniteError
+    from pydiff.backends.base import ModelOutputError
+    from pydiff.samplers.base import NonFiniteError
 
     try:
         images = pipe.execute(plan)
@@ -375,12 +375,12 @@ def info() -> dict:
     """What this installation has: version, native kernels, CUDA twin, ORT providers, models."""
     import importlib.util
 
-    from . import __version__
-    from .pipeline.pipeline import bundled_packages, bundled_path
+    from pydiff import __version__
+    from pydiff.pipeline.pipeline import bundled_packages, bundled_path
 
     d = {"version": __version__, "python": sys.version.split()[0]}
     try:
-        from . import ops
+        from pydiff import ops
 
         fn = getattr(ops, "native_available", None)
         d["native_kernels"] = bool(fn()) if callable(fn) else None
@@ -453,8 +453,8 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    from .backends.base import BackendUnavailableError
-    from .package import PackageError
+    from pydiff.backends.base import BackendUnavailableError
+    from pydiff.package import PackageError
 
     try:
         rc = args.func(args)

@@ -16,7 +16,11 @@ import time
 
 import numpy as np
 
-from ..data import shapes as S
+from pydiff import imageio
+from pydiff.cli import main as cli_main
+from pydiff.pipeline import bundled_path, load
+from pydiff.tools.data import shapes as S
+from pydiff.tools.eval import guidance_sweep as eval_guidance
 
 _NAMES = list(S.PALETTE)
 _RGB = np.array([S.PALETTE[n] for n in _NAMES], dtype=np.float64)
@@ -99,7 +103,6 @@ def shapes_prompts(n_per_split: int, seed: int = 0) -> dict[str, list[tuple[str,
 def evaluate_shapes(package=None, n_per_split: int = 200, batch: int = 25, seed: int = 0,
                     save_grid: str | None = None, **settings) -> dict:
     """Generate n_per_split images for seen and for held-out prompts; report alignment."""
-    from ..pipeline import load
 
     pipe = load(package)
     report: dict = {}
@@ -136,8 +139,6 @@ def evaluate_shapes_sr(package=None, n: int = 40, seed: int = 0, stage: str | No
     Reports the alignment read back from the 64x64 outputs and their PSNR against the originals,
     beside the same figures for plain bilinear upsampling of the same inputs (the floor an SR stage
     should beat on alignment; PSNR favours the blur of bilinear, so it is context, not a target)."""
-    from .. import imageio
-    from ..pipeline import load
 
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
@@ -220,7 +221,6 @@ def evaluate_shapes_inpaint(package=None, n: int = 40, seed: int = 0, save_grid:
     regenerated region against the original. replace: alignment to the new caption and the mean
     |fill ratio - the shape's ideal| (0.785 disk, 1 square, 0.5 triangle) as a shape-quality figure.
     `settings` are `inpaint` keywords (per-stage dicts allowed); the report records what ran."""
-    from ..pipeline import load
 
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
@@ -275,7 +275,6 @@ def evaluate_shapes_img2img(package=None, n: int = 24, seed: int = 0,
     One call per image (seed i); each strength applies to every stage, or with `later_strength`
     to the first stage only, the later ones running at `later_strength`. `settings` are img2img
     keywords."""
-    from ..pipeline import load
 
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
@@ -401,8 +400,6 @@ def digits_figures(samples: np.ndarray, labels: np.ndarray, seed: int = 0) -> di
 
 def evaluate_digits(package="digits", n_per_class: int = 30, seed: int = 0,
                     save_grid: str | None = None, **settings) -> dict:
-    from ..pipeline import load
-    from ..pipeline import bundled_path
 
     if package == "digits":
         package = bundled_path("digits")
@@ -422,7 +419,6 @@ def evaluate_digits(package="digits", n_per_class: int = 30, seed: int = 0,
 
 def add_arguments(p) -> None:
     """The arguments of `pydiff eval` (also `python -m pydiff.training.eval`): WHAT, then its options."""
-    from . import eval_guidance
 
     sub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
     for what, help_ in (("shapes", "alignment of a shapes package on seen and held-out prompts"),
@@ -454,7 +450,6 @@ def add_arguments(p) -> None:
 
 def run(a) -> int:
     if a.what == "guidance":
-        from . import eval_guidance
 
         return eval_guidance.run(a)
     settings = {k: v for k, v in (("guidance_scale", a.guidance_scale), ("steps", a.steps)) if v is not None}
@@ -483,7 +478,6 @@ def main(argv=None) -> int:
     """`python -m pydiff.training.eval WHAT ...`: the same as `pydiff eval WHAT ...` (exit codes too)."""
     import sys
 
-    from ..cli import main as cli_main
 
     return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
 

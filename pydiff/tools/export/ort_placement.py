@@ -31,7 +31,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .static_shapes import CPU_SIDE_INPUTS
+from pydiff.tools.export.static_shapes import CPU_SIDE_INPUTS
 
 #: outputs that ONNX Runtime's CUDA kernels write to host memory (OutputMemoryType CPU)
 CPU_SIDE_OUTPUTS = {"Shape": [0], "Size": [0]}

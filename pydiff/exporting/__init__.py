@@ -1,1 +1,0 @@
-"""PyTorch -> ONNX export and model-package writing (needs torch and onnx; not for inference)."""
