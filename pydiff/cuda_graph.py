@@ -29,7 +29,7 @@ import dataclasses
 
 import numpy as np
 
-from pydiff import ops
+from pydiff import cuda, ops
 from pydiff.samplers.base import NonFiniteError, Sampler
 
 
@@ -103,9 +103,7 @@ class GraphSampler:
 
     def __init__(self, network, plan: StepPlan, *, shape, guidance_scale=None, graph: bool = True,
                  device="cuda", stream=None):
-        import torch
-
-        from pydiff import cuda
+        import torch  # lazily: the [torch] extra; CUDA graphs run on torch's streams and buffers
 
         if not cuda.available() or not torch.cuda.is_available():
             raise RuntimeError("GraphSampler needs an NVIDIA GPU, the CUDA module (install with PYDIFF_CUDA=1) "

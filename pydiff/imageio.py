@@ -10,6 +10,7 @@ import io
 import os
 
 import numpy as np
+from PIL import Image
 
 from pydiff.files import atomic_write_bytes
 
@@ -18,8 +19,6 @@ __all__ = ["to_model_array", "mask_to_array", "to_pil", "to_numpy", "resize", "m
 
 
 def _pil():
-    from PIL import Image
-
     return Image
 
 

@@ -500,7 +500,8 @@ def load_package(path: str | os.PathLike | None) -> Package:
     if p.is_file() and p.name == "manifest.json":
         p = p.parent
     if not p.exists():
-        raise PackageError(f"{p}: model package directory does not exist")
+        names = ", ".join(bundled_packages()) or "none installed"
+        raise PackageError(f"{p}: model package directory does not exist (bundled packages: {names})")
     if not p.is_dir():
         raise PackageError(f"{p}: a model package is a directory with a manifest.json")
     root = Path(os.path.realpath(p))

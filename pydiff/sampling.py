@@ -1,6 +1,7 @@
 """``pydiff.sample``: the reverse process over any NumPy model, with the fused native step."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import numpy as np
@@ -67,33 +68,26 @@ def sample(model: Callable[..., Any], x_T, *, schedule: Schedule, sampler: str =
     threshold_overrides: thresholding, dynamic_thresholding_ratio, sample_max_value, clip_sample,
     clip_sample_range (diffusers' meaning), overriding the schedule's.
     """
-    if use_clipped_model_output is None:
-        use_clipped_model_output = guidance_fn is not None
-    smp = make_sampler(sampler, schedule, steps, eta=eta, use_clipped_model_output=use_clipped_model_output,
-                       backend=backend, **threshold_overrides)
-    run = _Run(model, x_T, smp, guidance_scale, cond, uncond, seed, batch_cond_uncond, guidance_fn,
-               reuse_buffers=callback is None)
-    x = run.x
+    opts = SamplingOptions(schedule=schedule, sampler=sampler, steps=steps, eta=eta, guidance_scale=guidance_scale,
+                           cond=cond, uncond=uncond, seed=seed, callback=callback, progress=progress,
+                           batch_cond_uncond=batch_cond_uncond, use_clipped_model_output=use_clipped_model_output,
+                           guidance_fn=guidance_fn, backend=backend, threshold_overrides=threshold_overrides)
+    smp = opts.make_sampler()
+    run = _Run(model, x_T, smp, opts, reuse_buffers=callback is None)
     n_steps = len(smp.timesteps)
     if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)) or not 0 <= start_step < n_steps:
         raise ValueError(f"start_step must be an integer in [0, {n_steps - 1}], got {start_step!r}")
-    steps_iter = range(start_step, n_steps)
-    if progress:
-        from tqdm.auto import tqdm
 
-        steps_iter = tqdm(steps_iter, desc=f"{sampler} sampling", unit="step")
-    for i in steps_iter:
-        z = None
-        if noise is not None:
-            z = np.asarray(noise(i, x.shape), dtype=np.float32)
-            if z.shape != x.shape:
-                raise ValueError(f"noise({i}, shape) returned shape {z.shape}; expected {x.shape}")
-        x = run.step(x, i, noise=z)
-        if callback is not None:
-            r = callback(i, int(smp.timesteps[i]), x)
-            if r is not None:
-                x = np.array(_as_output(r, x.shape, i, int(smp.timesteps[i]), "callback"), copy=True)
-    return x
+    def draw(i, x):
+        if noise is None:
+            return None
+        z = np.asarray(noise(i, x.shape), dtype=np.float32)
+        if z.shape != x.shape:
+            raise ValueError(f"noise({i}, shape) returned shape {z.shape}; expected {x.shape}")
+        return z
+
+    steps_plan = [("step", i) for i in range(start_step, n_steps)]
+    return _loop(run, steps_plan, opts, desc=f"{sampler} sampling", noise=draw)
 
 
 def repaint_schedule(steps: int, jump_length: int = 10, jump_n_sample: int = 10) -> list[tuple]:
@@ -153,16 +147,16 @@ def repaint(model: Callable[..., Any], x_T, image, mask, *, schedule: Schedule, 
         if name in threshold_overrides:
             raise TypeError(f"repaint() does not take {name}: RePaint runs every step with its own "
                             f"noise streams")
-    if use_clipped_model_output is None:
-        use_clipped_model_output = guidance_fn is not None
-    smp = make_sampler(sampler, schedule, steps, eta=eta, use_clipped_model_output=use_clipped_model_output,
-                       backend=backend, **threshold_overrides)
+    opts = SamplingOptions(schedule=schedule, sampler=sampler, steps=steps, eta=eta, guidance_scale=guidance_scale,
+                           cond=cond, uncond=uncond, seed=seed, callback=callback, progress=progress,
+                           batch_cond_uncond=batch_cond_uncond, use_clipped_model_output=use_clipped_model_output,
+                           guidance_fn=guidance_fn, backend=backend, threshold_overrides=threshold_overrides)
+    smp = opts.make_sampler()
     plan = repaint_schedule(len(smp.timesteps), jump_length, jump_n_sample)
-    run = _Run(model, x_T, smp, guidance_scale, cond, uncond, seed, batch_cond_uncond, guidance_fn,
-               reuse_buffers=False)
-    x = run.x
-    known = _image_like(image, x.shape, "image")
-    gen = _image_like(mask, x.shape, "mask", channels_may_be_one=True)
+    run = _Run(model, x_T, smp, opts, reuse_buffers=False)
+    shape = run.x.shape
+    known = _image_like(image, shape, "image")
+    gen = _image_like(mask, shape, "mask", channels_may_be_one=True)
     if not np.all((gen >= 0) & (gen <= 1)):
         raise ValueError("mask values must be in [0, 1] (1 = generate, 0 = keep)")
     keep = (1.0 - gen).astype(np.float32)
@@ -170,34 +164,80 @@ def repaint(model: Callable[..., Any], x_T, image, mask, *, schedule: Schedule, 
 
     def diffuse(v, a: float, s: float, key: int) -> np.ndarray:
         """a v + s z, z the normals of noise stream (seed, key): a forward-process draw."""
-        z = randn(run.seed, key, x.size).reshape(x.shape) if randn else ops.randn(x.shape, run.seed, key)
+        z = randn(run.seed, key, v.size).reshape(shape) if randn else ops.randn(shape, run.seed, key)
         return (np.float32(a) * v + np.float32(s) * z).astype(np.float32)
 
-    n_ops = sum(op[0] == "step" for op in plan)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    def merge(x, i, c):
+        """The kept region: the image noised to the level x is now at (exact after the last step)."""
+        co = smp.coefficients(i)
+        if i + 1 < len(smp.timesteps) and co.sigma_next > 0.0:
+            noised = diffuse(known, co.alpha_next, co.sigma_next, 0x80000000 + c)
+        else:
+            noised = known
+        return (keep * noised + gen * x).astype(np.float32)
 
-        bar = tqdm(total=n_ops, desc=f"RePaint {sampler}", unit="step")
+    def jump(x, k, j, c):
+        """Re-noise x from the level after step k - 1 to the level before step j: q(x_{t_j} | x_{t_k})."""
+        ratio = min((smp.coefficients(j).alpha / smp.coefficients(k - 1).alpha_next) ** 2, 1.0)
+        x = diffuse(x, ratio**0.5, (1.0 - ratio) ** 0.5, 0xC0000000 + c - 1)
+        if smp.uses_x0_history:
+            smp.reset()
+        return x
+
+    return _loop(run, plan, opts, desc=f"RePaint {sampler}", after_step=merge, on_jump=jump, count_steps=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """The settings `sample` and `repaint` share (their keyword arguments of the same names)."""
+
+    schedule: Schedule
+    sampler: str = "dpmpp_2m"
+    steps: int = 25
+    eta: float = 0.0
+    guidance_scale: Any = 1.0
+    cond: Any = None
+    uncond: Any = None
+    seed: int | None = None
+    callback: Callable[[int, int, np.ndarray], Any] | None = None
+    progress: bool = False
+    batch_cond_uncond: bool = True
+    use_clipped_model_output: bool | None = None
+    guidance_fn: Callable[[np.ndarray, np.ndarray], Any] | None = None
+    backend: str = "native"
+    threshold_overrides: dict = dataclasses.field(default_factory=dict)
+
+    def make_sampler(self):
+        # None: on with a guidance_fn (see sample's docstring), off otherwise (diffusers)
+        clipped = self.guidance_fn is not None if self.use_clipped_model_output is None else self.use_clipped_model_output
+        return make_sampler(self.sampler, self.schedule, self.steps, eta=self.eta, use_clipped_model_output=clipped,
+                            backend=self.backend, **self.threshold_overrides)
+
+
+def _loop(run: "_Run", plan: list[tuple], opts: SamplingOptions, *, desc: str, noise=None, after_step=None,
+          on_jump=None, count_steps: bool = False) -> np.ndarray:
+    """The one step loop: ("step", i) runs sampler step i, ("jump", k, j) hands x to `on_jump`.
+
+    Step ops are counted c = 0, 1, ...; with `count_steps` the c-th step draws the noise stream
+    of key c (RePaint's passes), else of key i. `after_step(x, i, c)` edits x after a step, before
+    the callback; `noise(i, x)` gives a step's own normals (or None)."""
+    smp, x, callback = run.smp, run.x, opts.callback
+    bar = None
+    if opts.progress:
+        from tqdm.auto import tqdm  # lazily: only with progress=True, so `import pydiff` stays light
+
+        bar = tqdm(total=sum(op[0] == "step" for op in plan), desc=desc, unit="step")
     c = 0
     try:
         for op in plan:
             if op[0] == "jump":
-                _, k, j = op
-                ratio = (smp.coefficients(j).alpha / smp.coefficients(k - 1).alpha_next) ** 2
-                ratio = min(ratio, 1.0)
-                x = diffuse(x, ratio ** 0.5, (1.0 - ratio) ** 0.5, 0xC0000000 + c - 1)
-                if smp.uses_x0_history:
-                    smp.reset()
+                x = on_jump(x, op[1], op[2], c)
                 continue
             i = op[1]
-            x = run.step(x, i, noise_step=c)
-            co = smp.coefficients(i)
-            if i + 1 < len(smp.timesteps) and co.sigma_next > 0.0:
-                noised = diffuse(known, co.alpha_next, co.sigma_next, 0x80000000 + c)
-            else:
-                noised = known
-            x = (keep * noised + gen * x).astype(np.float32)
+            z = noise(i, x) if noise is not None else None
+            x = run.step(x, i, noise=z, noise_step=c if count_steps else None)
+            if after_step is not None:
+                x = after_step(x, i, c)
             c += 1
             if bar is not None:
                 bar.update(1)
@@ -239,8 +279,9 @@ class _Run:
     """The validated inputs of one sampling run and its denoising step: the network call (one
     stacked call for classifier-free guidance), guidance models, then the fused step."""
 
-    def __init__(self, model, x_T, smp, guidance_scale, cond, uncond, seed, batch_cond_uncond,
-                 guidance_fn, reuse_buffers: bool):
+    def __init__(self, model, x_T, smp, opts: SamplingOptions, reuse_buffers: bool):
+        guidance_scale, cond, uncond, seed = opts.guidance_scale, opts.cond, opts.uncond, opts.seed
+        batch_cond_uncond, guidance_fn = opts.batch_cond_uncond, opts.guidance_fn
         if hasattr(x_T, "__dlpack__") and not isinstance(x_T, np.ndarray):
             x_T = np.from_dlpack(x_T)
         x = np.asarray(x_T)
@@ -332,4 +373,4 @@ def _apply_guidance(guidance_fn, smp, i: int, t: int, x: np.ndarray, out: np.nda
     return out, mean_shift
 
 
-__all__ = ["sample", "repaint", "repaint_schedule", "NonFiniteError"]
+__all__ = ["sample", "repaint", "repaint_schedule", "SamplingOptions", "NonFiniteError"]

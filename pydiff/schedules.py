@@ -141,7 +141,10 @@ class Schedule:
                                         f"(supported: {', '.join(map(repr, _SUPPORTED_ONLY[key]))})")
             elif key not in _KNOWN_IGNORED and not key.startswith("_"):
                 unknown.append(key)
-        for key, value in _CLASS_DEFAULTS.get(config.get("_class_name"), {}).items():
+        class_name = config.get("_class_name")
+        if class_name is None:
+            class_name = _infer_class(config)
+        for key, value in _CLASS_DEFAULTS.get(class_name, {}).items():
             if config.get(key) is None:
                 kwargs[key] = value
         if unknown:
@@ -166,6 +169,23 @@ class Schedule:
         if abar.ndim == 1:
             abar = abar.reshape((-1,) + (1,) * (np.ndim(x0) - 1))
         return (np.sqrt(abar) * x0 + np.sqrt(np.float32(1) - abar) * noise).astype(np.float32)
+
+
+# Keys only diffusers' DPM-Solver configs have: a config without `_class_name` that has one of them
+# is a DPM-Solver config, and takes that class's defaults (not DDPMScheduler's).
+_DPM_SOLVER_KEYS = frozenset({"algorithm_type", "solver_order", "solver_type", "lower_order_final",
+                              "euler_at_final", "final_sigmas_type", "lambda_min_clipped", "use_lu_lambdas"})
+
+
+def _infer_class(config: dict) -> str | None:
+    """The diffusers class a config without `_class_name` comes from, when its keys say."""
+    keys = sorted(_DPM_SOLVER_KEYS & config.keys())
+    if not keys:
+        return None
+    warnings.warn(f"scheduler config without _class_name: taken as DPMSolverMultistepScheduler's "
+                  f"(it has {', '.join(keys)}), so clip_sample and timestep_spacing default to that "
+                  f"class's False and 'linspace'; add \"_class_name\" to say so", stacklevel=3)
+    return "DPMSolverMultistepScheduler"
 
 
 def _check_type(key: str, value, default):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import onnxruntime as ort
 
 from pydiff.backends.base import Backend, StageModel
 from pydiff.backends.ort import (
@@ -107,7 +108,6 @@ class OrtStageModel(StageModel):
     def _async_run_options(self):
         """RunOptions that leave the run enqueued on the session's stream (made once, reused per step)."""
         if self._async is None:
-            import onnxruntime as ort
 
             opts = ort.RunOptions()
             opts.add_run_config_entry("disable_synchronize_execution_providers", "1")
@@ -116,7 +116,6 @@ class OrtStageModel(StageModel):
 
     def _bind(self, binding, name, value, keep, bind) -> tuple:
         """Bind `value` as input (or output "out") `name`; returns its shape."""
-        import onnxruntime as ort
 
         port = self.stage.output if name == "out" else name
         dtype = np.float32 if name == "out" else input_dtype(name)
@@ -155,7 +154,6 @@ class OrtStageModel(StageModel):
 
 def _on_device(v) -> bool:
     """An OrtValue or a CUDA array: bound as it is, never converted."""
-    import onnxruntime as ort
 
     return isinstance(v, ort.OrtValue) or hasattr(v, "__cuda_array_interface__")
 

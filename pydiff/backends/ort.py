@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from pydiff.cuda import stream_handle
 from pydiff.errors import BackendUnavailableError, PackageError
@@ -50,7 +51,6 @@ def _default_options(provider: str) -> dict:
 
 def default_providers() -> list:
     """CUDA first (TF32 off) where this onnxruntime build has it, CPU always as the fallback."""
-    import onnxruntime as ort
 
     return resolve_providers("cuda" if CUDA in ort.get_available_providers() else "cpu")
 
@@ -62,7 +62,6 @@ def resolve_providers(providers=None, device_id: int = 0, stream=None) -> list:
     (`user_compute_stream`); needs the CUDA provider, and a stream other than the legacy default
     stream 0, which ONNX Runtime takes for "none".
     """
-    import onnxruntime as ort
 
     if stream is not None:
         handle = stream_handle(stream)
@@ -128,7 +127,6 @@ def create_session(path, providers, session_options=None, *, required=None):
     (default: every GPU provider asked for; () accepts whatever ONNX Runtime could start) that the
     session lacks is a BackendUnavailableError. A model ONNX Runtime cannot load is a PackageError.
     """
-    import onnxruntime as ort
 
     providers = list(providers)
     names = [p if isinstance(p, str) else p[0] for p in providers]

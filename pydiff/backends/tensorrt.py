@@ -60,7 +60,7 @@ class EngineOptions:
 
 def import_tensorrt():
     try:
-        import tensorrt
+        import tensorrt  # lazily: the [tensorrt] extra
     except ImportError as e:
         raise BackendUnavailableError(
             f"the tensorrt backend needs NVIDIA TensorRT, which does not import here ({e}); install "
@@ -72,7 +72,7 @@ def import_tensorrt():
 def gpu_identity() -> tuple[str, str]:
     """(name, compute capability "major.minor") of the current CUDA device."""
     try:
-        import torch
+        import torch  # lazily: device buffers and streams, on a GPU only
     except ImportError as e:
         raise BackendUnavailableError(f"the tensorrt backend needs torch for device buffers and "
                                       f"streams ({e}): pip install 'pydiff[torch]'") from e
@@ -118,7 +118,7 @@ def check_options(trt, options: EngineOptions) -> None:
 def float16_graph(onnx_bytes: bytes, what: str, path: str | None = None) -> bytes:
     """The ONNX model rewritten to compute in float16 with float32 inputs and outputs, serialized
     with its weights inside (`path`: where external weights, if any, lie)."""
-    import onnx
+    import onnx  # lazily: the [tensorrt] extra (the float16 rewrite)
     from onnx.external_data_helper import load_external_data_for_model
 
     model = onnx.load_from_string(onnx_bytes)   # the bytes the cache key hashed, not a re-read
@@ -222,7 +222,7 @@ def _read_cached(path: Path) -> bytes | None:
 def _stream_handle(stream) -> int:
     """cudaStream_t of None (torch's current stream), a stream object or a raw handle."""
     if stream is None:
-        import torch
+        import torch  # lazily: device buffers and streams, on a GPU only
 
         return torch.cuda.current_stream().cuda_stream
     return stream_handle(stream)
@@ -266,7 +266,7 @@ class TrtStageModel(StageModel):
         self._lock = threading.RLock()   # one context: one call in flight (held to its end in __call__)
 
     def __call__(self, x, t, cond=None):
-        import torch
+        import torch  # lazily: device buffers and streams, on a GPU only
 
         with self._lock:
             if self._stream is None:
@@ -297,7 +297,7 @@ class TrtStageModel(StageModel):
             raise ValueError(f"stage {self.stage.name!r}: batch {x_shape[0]} is outside the engine's "
                              f"profile {lo}..{hi}; load with max_batch={x_shape[0]} or more")
         if out is None:
-            import torch
+            import torch  # lazily: device buffers and streams, on a GPU only
 
             out = torch.empty(x_shape, dtype=torch.float32, device="cuda")
         out_ptr, out_shape = _cuda_pointer("out", out, np.float32)

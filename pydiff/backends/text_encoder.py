@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from pydiff.backends.ort import create_session
 from pydiff.errors import PackageError
@@ -20,7 +21,6 @@ class TextEncoder:
         """`session`: an InferenceSession of `onnx_path` already made (then `providers` and
         `session_options` are unused). `per_prompt`: encode each prompt alone (see encode); False
         runs a call's prompts as one batch (the package format's text_encoder.encode "batched")."""
-        from tokenizers import Tokenizer
 
         self.max_length = int(max_length)
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))

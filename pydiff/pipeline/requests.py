@@ -1,0 +1,425 @@
+"""One request object per call kind (generate, inpaint, img2img, upscale), each validating itself
+against a package into a `Plan`: everything one call needs, checked before any work.
+
+The fields are `Pipeline.generate`'s keywords (documented there); each kind adds its own inputs.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from pydiff import imageio
+from pydiff.package import GuidanceModelSpec, Package, Stage
+from pydiff.pipeline.settings import StageSettings, guidance_array, resolve
+
+OUTPUT_TYPES = ("pil", "numpy")
+GUIDANCE_TYPES = ("cfg", "classifier", "clip")
+MAX_BATCH = 4096
+MAX_SEED = 2**64 - 1
+
+
+def random_seed() -> int:
+    """A fresh seed for a call that gives none: 53 bits, exact in JSON readers that use doubles
+    (jq, JavaScript), so that the reported seed remakes the images."""
+    return secrets.randbits(53)
+
+
+@dataclass
+class Plan:
+    """Everything one call needs, validated; nothing in it is shared between calls."""
+
+    kind: str  # generate | inpaint | img2img | upscale
+    stages: list[Stage]
+    settings: dict[str, StageSettings]
+    n_prompts: int
+    num_images: int
+    prompts: list[str] | None  # one per prompt (not per image)
+    negative_prompts: list[str] | None
+    class_labels: list[int | None] | None
+    seed: int
+    output_type: str
+    progress: bool
+    callback: Callable | None
+    image: np.ndarray | None = None  # [1, C, H, W] in [-1, 1]
+    mask: np.ndarray | None = None  # [1, 1, H, W] in [0, 1], 1 = generate
+    init_low_res: np.ndarray | None = None  # [1, 3, h, w] (upscale)
+    guidance_type: str = "cfg"  # cfg | classifier | clip
+    guidance_model: GuidanceModelSpec | None = None  # the package's guidance model used (not cfg)
+    guidance_model_scale: np.ndarray | None = None  # float32 [B] scale of its gradient
+
+    @property
+    def batch(self) -> int:
+        return self.n_prompts * self.num_images
+
+    @property
+    def mode(self) -> str:  # the name reports and older callers use
+        return self.kind
+
+
+def _str_list(value, what) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{what}: empty list")
+        for i, p in enumerate(value):
+            if not isinstance(p, str):
+                raise TypeError(f"{what}[{i}]: expected a string, got {type(p).__name__}")
+        return list(value)
+    raise TypeError(f"{what}: expected a string or a list of strings, got {type(value).__name__}")
+
+
+def _square_image(image, channels: int) -> np.ndarray:
+    a = imageio.to_model_array(image, channels, "image")
+    h, w = a.shape[2:]
+    if h != w:
+        raise ValueError(f"image is {w}x{h}; the models make square images, crop or pad it")
+    return a
+
+
+@dataclass(kw_only=True)
+class Request:
+    """The settings every call kind shares; `plan(package)` validates them (ValueError / TypeError)."""
+
+    kind: ClassVar[str] = "generate"
+
+    prompt: str | list[str] | None = None
+    class_label: int | list[int] | None = None
+    negative_prompt: str | list[str] | None = None
+    num_images: int = 1
+    steps: Any = None
+    sampler: Any = None
+    guidance_scale: Any = None
+    thresholding: Any = None
+    eta: Any = None
+    seed: int | None = None
+    noise_aug_level: Any = None
+    output_type: str = "pil"
+    progress: bool = True
+    callback: Callable | None = None
+    guidance_type: str | None = None
+    classifier_scale: Any = None
+    clip_scale: Any = None
+
+    # ------------------------------------------------------------ what each kind adds
+
+    def stages(self, package: Package) -> list[Stage]:
+        """The stages this call runs (all of them, but for upscale)."""
+        stages = list(package.stages)
+        if stages[0].is_super_resolution:
+            raise ValueError(
+                f"package {package.name!r} starts with a super-resolution stage; use upscale(image, ...)"
+            )
+        return stages
+
+    def stage_options(self) -> dict:
+        """The kind's own per-stage settings, for `settings.resolve`."""
+        return {}
+
+    def add_images(self, plan: Plan) -> None:
+        """Validate the kind's images into the plan."""
+
+    # ------------------------------------------------------------ the shared validation
+
+    def plan(self, package: Package) -> Plan:
+        """Validate this request against `package`; raises ValueError/TypeError before any work."""
+        pkg = package
+        stages = self.stages(pkg)
+        prompts, negative, labels, n_prompts = self._conditioning(pkg, stages)
+        num_images = self.num_images
+        if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
+            raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+        num_images = int(num_images)
+        if n_prompts * num_images > MAX_BATCH:
+            raise ValueError(f"{n_prompts} prompt(s) x {num_images} images is over the batch limit {MAX_BATCH}")
+        seed = self.seed
+        if seed is None:
+            seed = random_seed()
+        elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
+        if self.output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {self.output_type!r}")
+        if self.callback is not None and not callable(self.callback):
+            raise TypeError("callback must be callable(stage, i, t, x)")
+
+        gtype, gspec, gscale, labels = self._guidance_model(pkg, stages, prompts, labels, n_prompts, num_images)
+        settings = resolve(
+            pkg,
+            stages,
+            n_prompts=n_prompts,
+            num_images=num_images,
+            steps=self.steps,
+            sampler=self.sampler,
+            guidance_scale=self.guidance_scale,
+            thresholding=self.thresholding,
+            eta=self.eta,
+            noise_aug_level=self.noise_aug_level,
+            **self.stage_options(),
+        )
+        for st in stages:  # a class network without a "no class" label: labels given, no CFG
+            if st.conditioning != "class" or st.unconditional_class:
+                continue
+            if labels is None or any(c is None for c in labels):
+                raise ValueError(
+                    f"stage {st.name!r} has no unconditional class (its manifest's "
+                    f"unconditional_class is false): give class_label"
+                )
+            if settings[st.name].uses_guidance:
+                raise ValueError(
+                    f"stage {st.name!r} has no unconditional class, so no classifier-free "
+                    f"guidance: use guidance_scale=1.0"
+                )
+            if gspec is not None and gspec.kind == "classifier" and gspec.stage == st.name:
+                raise ValueError(
+                    f"classifier guidance feeds stage {st.name!r} the unconditional class, which it lacks"
+                )
+        plan = Plan(
+            kind=self.kind,
+            stages=stages,
+            settings=settings,
+            n_prompts=n_prompts,
+            num_images=num_images,
+            prompts=prompts,
+            negative_prompts=negative,
+            class_labels=labels,
+            seed=int(seed),
+            output_type=self.output_type,
+            progress=bool(self.progress),
+            callback=self.callback,
+            guidance_type=gtype,
+            guidance_model=gspec,
+            guidance_model_scale=gscale,
+        )
+        self.add_images(plan)
+        return plan
+
+    def _conditioning(self, pkg: Package, stages: list[Stage]):
+        """(prompts, negative prompts, class labels, number of prompts), broadcast to each other."""
+        has_text = any(s.conditioning == "text" for s in stages)
+        class_stages = [s for s in stages if s.conditioning == "class"]
+        prompts = negative = labels = None
+        n_from_prompt = n_from_class = None
+        if self.prompt is not None:
+            if not has_text:
+                hint = "; use class_label=" if class_stages else ""
+                raise ValueError(f"package {pkg.name!r} is not text-conditional{hint}")
+            prompts = _str_list(self.prompt, "prompt")
+            n_from_prompt = len(prompts)
+        if self.negative_prompt is not None:
+            if not has_text:
+                raise ValueError(f"negative_prompt: package {pkg.name!r} is not text-conditional")
+            negative = _str_list(self.negative_prompt, "negative_prompt")
+        # a text package with a classifier guidance model takes class labels for it alone
+        labels_for_classifier = (
+            self.guidance_type == "classifier"
+            and not class_stages
+            and pkg.guidance_model("classifier") is not None
+        )
+        if self.class_label is not None:
+            if not class_stages and not labels_for_classifier:
+                raise ValueError(
+                    f"class_label: package {pkg.name!r} is not class-conditional"
+                    + ("; give a prompt" if has_text else "")
+                )
+            raw = self.class_label
+            raw = raw if isinstance(raw, (list, tuple, np.ndarray)) else [raw]
+            raw = list(np.asarray(raw, dtype=object).ravel()) if isinstance(raw, np.ndarray) else list(raw)
+            if not raw:
+                raise ValueError("class_label: empty list")
+            labels = []
+            for i, c in enumerate(raw):
+                if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer)):
+                    raise TypeError(f"class_label[{i}]: expected an integer, got {c!r}")
+                for s in class_stages:
+                    if not 0 <= int(c) < s.num_classes:
+                        raise ValueError(
+                            f"class_label {int(c)} out of range for stage {s.name!r} (0..{s.num_classes - 1})"
+                        )
+                labels.append(int(c))
+            n_from_class = len(labels)
+        if n_from_prompt and n_from_class and n_from_prompt != n_from_class:
+            if n_from_prompt == 1:
+                prompts = prompts * n_from_class
+            elif n_from_class == 1:
+                labels = labels * n_from_prompt
+            else:
+                raise ValueError(f"{n_from_prompt} prompts but {n_from_class} class labels")
+        n_prompts = max(n_from_prompt or 1, n_from_class or 1)
+        if has_text and prompts is None:
+            prompts = [""] * n_prompts  # unconditional
+        if negative is not None:
+            if len(negative) == 1:
+                negative = negative * n_prompts
+            elif len(negative) != n_prompts:
+                raise ValueError(f"{len(negative)} negative prompts for {n_prompts} prompts")
+        if class_stages and labels is None:
+            labels = [None] * n_prompts  # unconditional (num_classes)
+        elif labels is not None and len(labels) == 1 and n_prompts > 1:
+            labels = labels * n_prompts
+        return prompts, negative, labels, n_prompts
+
+    def _guidance_model(self, pkg, stages, prompts, labels, n_prompts, num_images):
+        """(guidance type, the package's guidance model or None, its [B] scale or None, labels)."""
+        gtype = "cfg" if self.guidance_type is None else self.guidance_type
+        if gtype not in GUIDANCE_TYPES:
+            raise ValueError(f"guidance_type must be one of {list(GUIDANCE_TYPES)}, got {gtype!r}")
+        if self.classifier_scale is not None and gtype != "classifier":
+            raise ValueError('classifier_scale needs guidance_type="classifier"')
+        if self.clip_scale is not None and gtype != "clip":
+            raise ValueError('clip_scale needs guidance_type="clip"')
+        if gtype == "cfg":
+            return gtype, None, None, labels
+        gspec = pkg.guidance_model(gtype)
+        if gspec is None:
+            raise ValueError(
+                f"guidance_type {gtype!r}: package {pkg.name!r} has no {gtype} guidance model "
+                f"(manifest guidance_models)"
+            )
+        if gspec.stage not in [s.name for s in stages]:
+            raise ValueError(f"guidance_type {gtype!r}: its stage {gspec.stage!r} does not run in this call")
+        g = self.guidance_scale
+        if g is not None and not (isinstance(g, dict) and gspec.stage not in g):
+            raise ValueError(
+                f"guidance_scale is the classifier-free scale; with guidance_type {gtype!r} give "
+                f"{gtype}_scale (guidance_scale may still set other stages', as a dict)"
+            )
+        if gtype == "clip" and (prompts is None or all(p == "" for p in prompts)):
+            raise ValueError("CLIP guidance needs a prompt (the text to guide to)")
+        if gtype == "classifier":
+            if (labels is None or all(c is None for c in labels)) and gspec.class_names and prompts:
+                labels = _labels_from_prompts(gspec, prompts)
+            if labels is None or any(c is None for c in labels):
+                raise ValueError(
+                    "classifier guidance needs class_label (the class to guide to)"
+                    + (", or a prompt that is one of the classifier's class_names" if gspec.class_names else "")
+                )
+            for c in labels:
+                if not 0 <= c < gspec.num_classes:
+                    raise ValueError(
+                        f"class_label {c} out of range for the classifier {gspec.name!r} "
+                        f"(0..{gspec.num_classes - 1})"
+                    )
+        default = gspec.recommended.get("scale", 1.0)
+        given = self.classifier_scale if gtype == "classifier" else self.clip_scale
+        scale = guidance_array(default if given is None else given, f"{gtype}_scale", n_prompts, num_images)
+        return gtype, gspec, scale, labels
+
+
+def _labels_from_prompts(gspec: GuidanceModelSpec, prompts: list[str]) -> list[int]:
+    """A prompt that names one of the classifier's classes is that class's label."""
+    index = {name: i for i, name in enumerate(gspec.class_names)}
+    labels = []
+    for i, p in enumerate(prompts):
+        if p not in index:
+            near = [n for n in gspec.class_names if p and (p in n or n in p)][:3]
+            raise ValueError(
+                f"prompt[{i}] {p!r} is not one of the {len(index)} class_names of the classifier "
+                f"{gspec.name!r}" + (f" (close: {near})" if near else "") + "; give class_label, or list "
+                "the names with pydiff.load(...).package.guidance_model('classifier').class_names "
+                "or `pydiff info --model PACKAGE --json`"
+            )
+        labels.append(index[p])
+    return labels
+
+
+@dataclass(kw_only=True)
+class GenerateRequest(Request):
+    """Images from prompts or class labels (`Pipeline.generate`)."""
+
+    kind: ClassVar[str] = "generate"
+
+
+@dataclass(kw_only=True)
+class InpaintRequest(Request):
+    """Regenerate where `mask` is 1 (white), keep the rest of `image` (`Pipeline.inpaint`)."""
+
+    kind: ClassVar[str] = "inpaint"
+    image: Any
+    mask: Any
+    jump_length: Any = None
+    jump_n_sample: Any = None
+
+    def stage_options(self) -> dict:
+        return {"jump_length": self.jump_length, "jump_n_sample": self.jump_n_sample, "inpaint": True}
+
+    def add_images(self, plan: Plan) -> None:
+        if self.image is None:
+            raise ValueError("inpaint: an image is required")
+        plan.image = _square_image(self.image, plan.stages[-1].channels)
+        if self.mask is None:
+            raise ValueError("inpaint: a mask is required (white / 1 = regenerate)")
+        plan.mask = imageio.mask_to_array(self.mask, "mask")
+        if plan.mask.shape[2:] != plan.image.shape[2:]:
+            raise ValueError(
+                f"mask is {plan.mask.shape[3]}x{plan.mask.shape[2]} but the image is "
+                f"{plan.image.shape[3]}x{plan.image.shape[2]}; they must match"
+            )
+
+
+@dataclass(kw_only=True)
+class Img2ImgRequest(Request):
+    """SDEdit: noise `image` to an intermediate time and denoise from there (`Pipeline.img2img`)."""
+
+    kind: ClassVar[str] = "img2img"
+    image: Any
+    strength: Any = 0.75
+
+    def stage_options(self) -> dict:
+        return {"strength": self.strength}
+
+    def add_images(self, plan: Plan) -> None:
+        if self.image is None:
+            raise ValueError("img2img: an image is required")
+        plan.image = _square_image(self.image, plan.stages[-1].channels)
+
+
+@dataclass(kw_only=True)
+class UpscaleRequest(Request):
+    """Super-resolve a user image from a super-resolution stage on (`Pipeline.upscale`)."""
+
+    kind: ClassVar[str] = "upscale"
+    image: Any
+    stage: str | None = None
+
+    def stages(self, package: Package) -> list[Stage]:
+        stages = list(package.stages)
+        if self.stage is None:
+            sr = [s for s in stages if s.is_super_resolution]
+            if not sr:
+                raise ValueError(f"package {package.name!r} has no super-resolution stage to upscale with")
+            start = sr[0]
+        else:
+            if self.stage not in package.stage_names:
+                raise ValueError(
+                    f"unknown stage {self.stage!r}; this package's stages are {package.stage_names}"
+                )
+            start = package.stage(self.stage)
+            if not start.is_super_resolution:
+                raise ValueError(f"stage {self.stage!r} is not a super-resolution stage")
+        return stages[start.index :]
+
+    def add_images(self, plan: Plan) -> None:
+        if self.image is None:
+            raise ValueError("upscale: an image is required")
+        low = _square_image(self.image, 3)
+        plan.init_low_res = imageio.resize(low, plan.stages[0].low_res_resolution)
+
+
+REQUESTS: dict[str, type[Request]] = {
+    r.kind: r for r in (GenerateRequest, InpaintRequest, Img2ImgRequest, UpscaleRequest)
+}
+
+__all__ = [
+    "Plan",
+    "Request",
+    "GenerateRequest",
+    "InpaintRequest",
+    "Img2ImgRequest",
+    "UpscaleRequest",
+    "REQUESTS",
+    "random_seed",
+]
