@@ -327,5 +327,4 @@ def randn(out, seed: int, step: int = 0, *, offset: int = 0, stream=None) -> Non
     if v.storage != F32:
         raise TypeError("out must be float32")
     _wait_for_producers(handle, v.device, [v.stream])
-    _C_cuda.randn(v.ptr, math.prod(v.shape), int(seed) & (2**64 - 1), int(step) & 0xFFFFFFFF, int(offset),
-                  handle, v.device)
+    _C_cuda.randn(v.ptr, math.prod(v.shape), seed, step, offset, handle, v.device)  # ranges: as pydiff.ops.randn

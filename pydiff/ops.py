@@ -80,7 +80,8 @@ def _scales(scale):
 
 
 def set_num_threads(n: int) -> None:
-    """Threads the CPU kernels use (0: OpenMP's default, i.e. OMP_NUM_THREADS or the core count)."""
+    """Threads the CPU kernels use: 1 to MAX_NUM_THREADS (1024), or 0 for OpenMP's default
+    (OMP_NUM_THREADS or the core count, capped likewise). Anything else is a ValueError."""
     _native().set_num_threads(int(n))
 
 
@@ -132,10 +133,11 @@ def predict_x0(x, model_output, alpha: float, sigma: float, prediction_type: str
 def randn(shape, seed: int, step: int = 0, *, offset: int = 0, out=None) -> np.ndarray:
     """Standard normals of the in-kernel noise stream (seed, step): Philox4x32-10 + Box-Muller.
 
-    Element e (C order) is the same whatever the thread count, offset or device.
+    Element e (C order) is the same whatever the thread count, offset or device. seed: an integer in
+    [0, 2**64); step in [0, 2**32); offset >= 0 with offset + count <= 2**63 - 4 (else a ValueError).
     """
     res = np.empty(shape, np.float32) if out is None else as_array(out, "out")
-    _native().randn(res, int(seed) & (2**64 - 1), int(step) & 0xFFFFFFFF, int(offset))
+    _native().randn(res, seed, step, offset)
     return res
 
 

@@ -4,11 +4,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <string>
 #include <vector>
 
+#include "bindings/args.h"
+#include "bindings/checks.h"
 #include "ops/ops.h"
 
 namespace py = pybind11;
@@ -18,9 +21,11 @@ namespace {
 
 std::atomic<int> g_num_threads{0};  // 0: OpenMP's default
 
+// OpenMP's default is capped too: OMP_NUM_THREADS=1000000 would kill the process as surely as
+// set_num_threads(10**6) would (see kMaxNumThreads).
 int num_threads() {
   const int n = g_num_threads.load();
-  return n > 0 ? n : default_num_threads();
+  return n > 0 ? n : std::min(default_num_threads(), kMaxNumThreads);
 }
 
 struct View {
@@ -62,40 +67,19 @@ void require_shape(const View& v, const std::vector<int64_t>& shape, const char*
                           "), got " + shape_str(v.shape));
 }
 
-// Elementwise kernels tolerate an output that is exactly an input (same index), not a shifted overlap.
-void require_no_partial_overlap(const View& a, const char* an, const float* b, int64_t bsize,
-                                const char* bn) {
-  const float *a0 = a.ptr, *a1 = a.ptr + a.size, *b0 = b, *b1 = b + bsize;
-  if (a.size && bsize && a0 < b1 && b0 < a1 && (a0 != b0 || a.size != bsize))
-    throw py::value_error(std::string(an) + " partially overlaps " + bn);
-}
+Span span(const View& v, const char* name) { return Span{name, reinterpret_cast<uintptr_t>(v.ptr), uint64_t(v.size) * 4}; }
 
-// Two outputs, or a buffer written between the kernel's passes, may share no element at all.
-void require_no_overlap(const View& a, const char* an, const float* b, int64_t bsize, const char* bn) {
-  const float *a0 = a.ptr, *a1 = a.ptr + a.size, *b0 = b, *b1 = b + bsize;
-  if (a.size && bsize && a0 < b1 && b0 < a1)
-    throw py::value_error(std::string(an) + " overlaps " + bn + " (they must be separate buffers)");
-}
-
-
-// The parameters both twins' kernels take on trust (the CUDA wrapper calls this through
-// pydiff._C.validate_step_params: one place for the rules).
-void validate_step_params(const StepParams& p) {
-  if (p.prediction_type < kEpsilon || p.prediction_type > kVPrediction)
-    throw py::value_error("prediction_type must be 0 (epsilon), 1 (sample) or 2 (v_prediction)");
-  if (p.threshold_mode < kNoThreshold || p.threshold_mode > kDynamic)
-    throw py::value_error("threshold_mode must be 0 (none), 1 (static) or 2 (dynamic)");
-  if (p.threshold_mode == kDynamic && !(p.dynamic_ratio > 0.0f && p.dynamic_ratio <= 1.0f))
-    throw py::value_error("dynamic_thresholding_ratio must be in (0, 1]");
-  if (p.threshold_mode == kDynamic && !(p.sample_max_value >= 1.0f))
-    throw py::value_error("sample_max_value must be >= 1");
-  if (p.threshold_mode == kStaticClip && !(p.clip_range > 0.0f && p.clip_range <= 3.0e38f))
-    throw py::value_error("clip_sample_range must be a positive finite number");
+// Every per-sample value finite: a NaN scale would give a sample of NaNs that no check reports.
+void require_finite(const View& v, const char* name) {
+  for (int64_t i = 0; i < v.size; ++i)
+    if (!std::isfinite(v.ptr[i]))
+      throw py::value_error(std::string(name) + " must be finite, got " + float_str(v.ptr[i]) + " at index " +
+                            std::to_string(i));
 }
 
 // `p` by value: another Python thread may change the caller's object once the GIL is released.
 int64_t fused_step(py::handle x_, py::handle model_output_, py::handle out_, StepParams p,
-                   bool guided, float guidance_scale, py::handle scales_, py::handle x0_prev_,
+                   bool guided, py::handle guidance_scale_, py::handle scales_, py::handle x0_prev_,
                    py::handle x0_out_, py::handle thresholds_) {
   const View x = view_f32(x_, "x", false);
   const View mo = view_f32(model_output_, "model_output", false);
@@ -108,99 +92,100 @@ int64_t fused_step(py::handle x_, py::handle model_output_, py::handle out_, Ste
   require_shape(mo, mo_shape, "model_output",
                 guided ? "the stacked [cond; uncond] batch" : "the same as x");
   require_shape(out, x.shape, "out", "the same as x");
-  require_no_partial_overlap(out, "out", x.ptr, x.size, "x");
-  require_no_partial_overlap(out, "out", mo.ptr, B * n, "model_output");
-  if (guided) require_no_partial_overlap(out, "out", mo.ptr + B * n, B * n, "model_output");
 
   StepArrays a;
+  StepSpans sp;
   a.x = x.ptr;
   a.cond = mo.ptr;
   a.uncond = guided ? mo.ptr + B * n : nullptr;
-  a.scale = guidance_scale;
+  a.scale = f32_arg(guidance_scale_, "guidance_scale");
   a.out = out.ptr;
   a.batch = B;
   a.n = n;
+  sp.x = span(x, "x");
+  sp.model_output = span(mo, "model_output");
+  sp.cond = Span{"model_output", reinterpret_cast<uintptr_t>(mo.ptr), uint64_t(B * n) * 4};
+  if (guided) sp.uncond = Span{"model_output", reinterpret_cast<uintptr_t>(a.uncond), uint64_t(B * n) * 4};
+  sp.out = span(out, "out");
   if (!scales_.is_none()) {
     const View s = view_f32(scales_, "guidance_scale", false);
     require_shape(s, {B}, "guidance_scale", "one scale per sample");
+    require_finite(s, "guidance_scale");
     a.scales = s.ptr;
+    sp.scales = span(s, "guidance_scale");
   }
   if (!x0_prev_.is_none()) {
     const View v = view_f32(x0_prev_, "x0_prev", false);
     require_shape(v, x.shape, "x0_prev", "the same as x");
-    require_no_partial_overlap(out, "out", v.ptr, v.size, "x0_prev");
     a.x0_prev = v.ptr;
-  } else if (p.c_d != 0.0f) {
-    throw py::value_error("x0_prev is required when c_d != 0 (a multistep update)");
+    sp.x0_prev = span(v, "x0_prev");
   }
   if (!x0_out_.is_none()) {
     const View v = view_f32(x0_out_, "x0_out", true);
     require_shape(v, x.shape, "x0_out", "the same as x");
-    require_no_overlap(v, "x0_out", out.ptr, out.size, "out");
-    require_no_partial_overlap(v, "x0_out", x.ptr, x.size, "x");
-    require_no_partial_overlap(v, "x0_out", mo.ptr, B * n, "model_output");
-    if (guided) require_no_partial_overlap(v, "x0_out", mo.ptr + B * n, B * n, "model_output");
-    if (a.x0_prev) require_no_partial_overlap(v, "x0_out", a.x0_prev, x.size, "x0_prev");
     a.x0_out = v.ptr;
+    sp.x0_out = span(v, "x0_out");
   }
   if (!thresholds_.is_none()) {
     const View v = view_f32(thresholds_, "thresholds", true);
     require_shape(v, {B}, "thresholds", "one per sample");
-    // written between the statistics and the update pass: it may touch nothing the step reads or writes
-    require_no_overlap(v, "thresholds", x.ptr, x.size, "x");
-    require_no_overlap(v, "thresholds", mo.ptr, mo.size, "model_output");
-    require_no_overlap(v, "thresholds", out.ptr, out.size, "out");
-    if (a.x0_prev) require_no_overlap(v, "thresholds", a.x0_prev, x.size, "x0_prev");
-    if (a.x0_out) require_no_overlap(v, "thresholds", a.x0_out, x.size, "x0_out");
     a.thresholds = v.ptr;
+    sp.thresholds = span(v, "thresholds");
   }
-  validate_step_params(p);
-  if (p.threshold_mode == kDynamic && B > 0 && n == 0)
-    throw py::value_error("x has no elements per sample: the dynamic threshold is undefined");
+  check_step(p, sp, B, n);
   const int nt = num_threads();
   py::gil_scoped_release nogil;
   return fused_step_cpu(a, p, nt);
 }
 
-void cfg_mix(py::handle cond_, py::handle uncond_, py::handle out_, float scale, py::handle scales_) {
+void cfg_mix(py::handle cond_, py::handle uncond_, py::handle out_, py::handle scale_, py::handle scales_) {
   const View c = view_f32(cond_, "cond", false);
   const View u = view_f32(uncond_, "uncond", false);
   const View out = view_f32(out_, "out", true);
   if (c.shape.empty()) throw py::value_error("cond must have a batch dimension, got a scalar");
   require_shape(u, c.shape, "uncond", "the same as cond");
   require_shape(out, c.shape, "out", "the same as cond");
-  require_no_partial_overlap(out, "out", c.ptr, c.size, "cond");
-  require_no_partial_overlap(out, "out", u.ptr, u.size, "uncond");
+  const float scale = f32_arg(scale_, "scale");
   const int64_t B = c.shape[0], n = B ? c.size / B : 0;
   const float* scales = nullptr;
+  Span scales_span;
   if (!scales_.is_none()) {
     const View s = view_f32(scales_, "scale", false);
     require_shape(s, {B}, "scale", "one scale per sample");
+    require_finite(s, "scale");
     scales = s.ptr;
+    scales_span = span(s, "scale");
   }
+  check_cfg_mix(span(c, "cond"), span(u, "uncond"), scales_span, span(out, "out"));
   const int nt = num_threads();
   py::gil_scoped_release nogil;
   cfg_mix_cpu(c.ptr, u.ptr, scales, scale, out.ptr, B, n, nt);
 }
 
-void abs_quantile(py::handle x_, py::handle out_, float q, float max_value, bool clamp) {
+void abs_quantile(py::handle x_, py::handle out_, py::handle q_, py::handle max_value_, bool clamp) {
   const View x = view_f32(x_, "x", false);
   const View out = view_f32(out_, "out", true);
   if (x.shape.empty()) throw py::value_error("x must have a batch dimension, got a scalar");
   const int64_t B = x.shape[0], n = B ? x.size / B : 0;
   require_shape(out, {B}, "out", "one value per sample");
-  require_no_overlap(out, "out", x.ptr, x.size, "x");
-  if (!(q > 0.0f && q <= 1.0f)) throw py::value_error("ratio must be in (0, 1]");
-  if (clamp && !(max_value >= 1.0f)) throw py::value_error("sample_max_value must be >= 1");
+  check_no_overlap(span(out, "out"), span(x, "x"));
+  const float q = f32_arg(q_, "q"), max_value = f32_arg(max_value_, "max_value");
+  if (!(q > 0.0f && q <= 1.0f)) throw py::value_error("q must be in (0, 1], got " + float_str(q));
+  if (clamp && !(max_value >= 1.0f))
+    throw py::value_error("max_value must be >= 1 (the quantile is clamped to [1, max_value]), got " +
+                          float_str(max_value));
   if (n == 0 && B > 0) throw py::value_error("x has no elements per sample: the quantile is undefined");
   const int nt = num_threads();
   py::gil_scoped_release nogil;
   abs_quantile_cpu(x.ptr, q, max_value, clamp, out.ptr, B, n, nt);
 }
 
-void randn(py::handle out_, uint64_t seed, uint32_t step, int64_t offset) {
+void randn(py::handle out_, py::handle seed_, py::handle step_, py::handle offset_) {
   const View out = view_f32(out_, "out", true);
-  if (offset < 0) throw py::value_error("offset must be >= 0");
+  const uint64_t seed = seed_arg(seed_);
+  const uint32_t step = noise_step_arg(step_, "step");
+  const int64_t offset = offset_arg(offset_);
+  check_noise_range(uint64_t(offset), out.size);
   const int nt = num_threads();
   py::gil_scoped_release nogil;
   randn_cpu(seed, step, offset, out.ptr, out.size, nt);
@@ -253,6 +238,25 @@ py::tuple dlpack_info(const py::capsule& cap) {
                         int(t->dtype.code), int(t->dtype.bits), int(t->dtype.lanes), read_only);
 }
 
+// StepParams' getters and checked setters: a field is refused as it is set, naming itself.
+auto F(float StepParams::*f) {
+  return [f](const StepParams& p) { return p.*f; };
+}
+auto F(float StepParams::*f, const char* name) {
+  return [f, name](StepParams& p, py::handle v) { p.*f = f32_arg(v, name); };
+}
+auto I(int32_t StepParams::*f) {
+  return [f](const StepParams& p) { return p.*f; };
+}
+// The enumerations and the flag are checked against their values by validate_step_params, which every
+// op and pack_step_params call; here only that the number is an int32 (pybind11 would say no more
+// than "incompatible function arguments").
+auto I(int32_t StepParams::*f, const char* name) {
+  return [f, name](StepParams& p, py::handle v) {
+    p.*f = PyBool_Check(v.ptr()) ? int32_t(v.ptr() == Py_True) : int32_t(int_arg(v, name, INT32_MIN, INT32_MAX));
+  };
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -268,22 +272,26 @@ PYBIND11_MODULE(_C, m) {
         p.sample_max_value = 1.0f;
         return p;
       }))
-      .def_readwrite("alpha", &StepParams::alpha)
-      .def_readwrite("sigma", &StepParams::sigma)
-      .def_readwrite("prediction_type", &StepParams::prediction_type)
-      .def_readwrite("threshold_mode", &StepParams::threshold_mode)
-      .def_readwrite("clip_range", &StepParams::clip_range)
-      .def_readwrite("dynamic_ratio", &StepParams::dynamic_ratio)
-      .def_readwrite("sample_max_value", &StepParams::sample_max_value)
-      .def_readwrite("use_clipped_eps", &StepParams::use_clipped_eps)
-      .def_readwrite("c_x", &StepParams::c_x)
-      .def_readwrite("c_x0", &StepParams::c_x0)
-      .def_readwrite("c_eps", &StepParams::c_eps)
-      .def_readwrite("c_d", &StepParams::c_d)
-      .def_readwrite("c_noise", &StepParams::c_noise)
-      .def_readwrite("seed", &StepParams::seed)
-      .def_readwrite("noise_step", &StepParams::noise_step);
-  m.def("validate_step_params", &validate_step_params, py::arg("params"),
+      .def_property("alpha", F(&StepParams::alpha), F(&StepParams::alpha, "alpha"))
+      .def_property("sigma", F(&StepParams::sigma), F(&StepParams::sigma, "sigma"))
+      .def_property("prediction_type", I(&StepParams::prediction_type),
+                    I(&StepParams::prediction_type, "prediction_type"))
+      .def_property("threshold_mode", I(&StepParams::threshold_mode), I(&StepParams::threshold_mode, "threshold_mode"))
+      .def_property("clip_range", F(&StepParams::clip_range), F(&StepParams::clip_range, "clip_range"))
+      .def_property("dynamic_ratio", F(&StepParams::dynamic_ratio), F(&StepParams::dynamic_ratio, "dynamic_ratio"))
+      .def_property("sample_max_value", F(&StepParams::sample_max_value),
+                    F(&StepParams::sample_max_value, "sample_max_value"))
+      .def_property("use_clipped_eps", I(&StepParams::use_clipped_eps), I(&StepParams::use_clipped_eps, "use_clipped_eps"))
+      .def_property("c_x", F(&StepParams::c_x), F(&StepParams::c_x, "c_x"))
+      .def_property("c_x0", F(&StepParams::c_x0), F(&StepParams::c_x0, "c_x0"))
+      .def_property("c_eps", F(&StepParams::c_eps), F(&StepParams::c_eps, "c_eps"))
+      .def_property("c_d", F(&StepParams::c_d), F(&StepParams::c_d, "c_d"))
+      .def_property("c_noise", F(&StepParams::c_noise), F(&StepParams::c_noise, "c_noise"))
+      .def_property("seed", [](const StepParams& p) { return p.seed; },
+                    [](StepParams& p, py::handle v) { p.seed = seed_arg(v); })
+      .def_property("noise_step", [](const StepParams& p) { return p.noise_step; },
+                    [](StepParams& p, py::handle v) { p.noise_step = noise_step_arg(v, "noise_step"); });
+  m.def("validate_step_params", [](const StepParams& p) { validate_step_params(p); }, py::arg("params"),
         "Raise ValueError for parameters the step kernels cannot take (both twins' rules).");
   m.def("dlpack_info", &dlpack_info, py::arg("capsule"),
         "(data pointer, shape, strides in elements or None, dtype code, bits, lanes, read-only) of a DLPack "
@@ -299,19 +307,22 @@ PYBIND11_MODULE(_C, m) {
       "The rows as the native struct's bytes: a step table for CUDA-graph replay (pydiff.cuda_graph).");
 
   m.def("fused_step", &fused_step, py::arg("x"), py::arg("model_output"), py::arg("out"),
-        py::arg("params"), py::arg("guided") = false, py::arg("guidance_scale") = 1.0f,
+        py::arg("params"), py::arg("guided") = false, py::arg("guidance_scale") = 1.0,
         py::arg("scales") = py::none(), py::arg("x0_prev") = py::none(),
         py::arg("x0_out") = py::none(), py::arg("thresholds") = py::none(),
         "One fused denoising step; returns how many elements had a non-finite input or output.");
   m.def("cfg_mix", &cfg_mix, py::arg("cond"), py::arg("uncond"), py::arg("out"),
-        py::arg("scale") = 1.0f, py::arg("scales") = py::none());
+        py::arg("scale") = 1.0, py::arg("scales") = py::none());
   m.def("abs_quantile", &abs_quantile, py::arg("x"), py::arg("out"), py::arg("q"),
-        py::arg("max_value") = 1.0f, py::arg("clamp") = false);
+        py::arg("max_value") = 1.0, py::arg("clamp") = false);
   m.def("randn", &randn, py::arg("out"), py::arg("seed"), py::arg("step"), py::arg("offset") = 0);
-  m.def("set_num_threads", [](int n) {
-    if (n < 0) throw py::value_error("num_threads must be >= 0 (0: the OpenMP default)");
-    g_num_threads.store(n);
-  });
+  m.def(
+      "set_num_threads",
+      [](py::handle n) {
+        g_num_threads.store(checked_num_threads(int_arg(n, "num_threads", 0, kMaxNumThreads, kNumThreadsNote)));
+      },
+      py::arg("num_threads"), "Threads the CPU kernels use: 0 (OpenMP's default) to MAX_NUM_THREADS.");
   m.def("get_num_threads", &num_threads);
+  m.attr("MAX_NUM_THREADS") = kMaxNumThreads;
   m.attr("cuda_available") = false;
 }

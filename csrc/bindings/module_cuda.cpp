@@ -1,12 +1,16 @@
 // pydiff._C_cuda: the CUDA twin's entry points. Arrays arrive as device pointers that
 // pydiff/cuda.py has already validated (dtype, shape, contiguity, device); a stream is an integer
 // handle (0: the legacy default stream). Each launch makes the arrays' device current for its
-// duration. Nothing here synchronises with the host.
+// duration. Nothing here synchronises with the host. The numbers (extents, scalars, the noise
+// stream's coordinates) and the buffers' overlaps are checked here by the CPU twin's rules
+// (bindings/checks.h, bindings/args.h), before anything is queued.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 #include <string>
 
+#include "bindings/args.h"
+#include "bindings/checks.h"
 #include "ops/ops.h"
 #include "ops/ops_cuda.h"
 
@@ -62,15 +66,39 @@ void stream_wait(uintptr_t consumer, uintptr_t producer, int device) {
   check(err, "stream_wait");
 }
 
+Span dspan(const char* name, uintptr_t p, uint64_t bytes) { return p ? Span{name, p, bytes} : Span{}; }
+
+void check_device(int device) {
+  if (device < -1) throw py::value_error("device must be >= -1 (-1: the current device), got " + std::to_string(device));
+}
+
 void fused_step(uintptr_t x, uintptr_t model_output, uintptr_t out, int64_t batch, int64_t n, int storage,
-                const StepParams& p, bool guided, float scale, uintptr_t scales, uintptr_t x0_prev,
+                const StepParams& p, bool guided, py::handle scale_, uintptr_t scales, uintptr_t x0_prev,
                 uintptr_t x0_out, uintptr_t thresholds, uintptr_t nonfinite, uintptr_t stream,
                 uintptr_t param_table, uintptr_t step_counter, uintptr_t workspace, size_t workspace_bytes,
                 int device) {
   if (storage < kFloat32 || storage > kBFloat16) throw py::value_error("storage must be 0 (f32), 1 (f16) or 2 (bf16)");
   if (param_table && !step_counter) throw py::value_error("a param_table needs a step_counter");
-  if (p.c_d != 0.0f && !x0_prev) throw py::value_error("x0_prev is required when c_d != 0 (a multistep update)");
+  check_extent(batch, n);
+  check_device(device);
+  const float scale = f32_arg(scale_, "guidance_scale");
   const size_t elem = storage == kFloat32 ? 4 : 2;
+  const uint64_t bytes = uint64_t(batch * n) * elem;
+  if (bytes && (!x || !model_output || !out)) throw py::value_error("x, model_output and out must be device pointers");
+  StepSpans sp;
+  sp.x = dspan("x", x, bytes);
+  sp.model_output = dspan("model_output", model_output, guided ? 2 * bytes : bytes);
+  sp.cond = dspan("model_output", model_output, bytes);
+  if (guided) sp.uncond = dspan("model_output", model_output + bytes, bytes);
+  sp.scales = dspan("guidance_scale", scales, uint64_t(batch) * 4);
+  sp.x0_prev = dspan("x0_prev", x0_prev, bytes);
+  sp.x0_out = dspan("x0_out", x0_out, bytes);
+  sp.out = dspan("out", out, bytes);
+  sp.thresholds = dspan("thresholds", thresholds, uint64_t(batch) * 4);
+  sp.nonfinite = dspan("nonfinite", nonfinite, 8);
+  sp.step_counter = dspan("step_counter", param_table ? step_counter : 0, 4);
+  sp.workspace = dspan("workspace", workspace, workspace_bytes);
+  check_step(p, sp, batch, n);
   StepArraysCuda a;
   a.x = ptr<const void>(x);
   a.cond = ptr<const void>(model_output);
@@ -98,6 +126,40 @@ void fused_step(uintptr_t x, uintptr_t model_output, uintptr_t out, int64_t batc
   check(err, "fused_step");
 }
 
+void randn(uintptr_t out, int64_t count, py::handle seed_, py::handle step_, py::handle offset_, uintptr_t stream,
+           int device) {
+  const uint64_t seed = seed_arg(seed_);
+  const uint32_t step = noise_step_arg(step_, "step");
+  const int64_t offset = offset_arg(offset_);
+  check_noise_range(uint64_t(offset), count);
+  check_device(device);
+  if (count && !out) throw py::value_error("out must be a device pointer");
+  int err;
+  {
+    py::gil_scoped_release nogil;
+    DeviceGuard guard(device);
+    err = randn_cuda(seed, step, offset, ptr<float>(out), count, reinterpret_cast<cudaStream_t>(stream));
+  }
+  check(err, "randn");
+}
+
+void cfg_mix(uintptr_t cond, uintptr_t uncond, uintptr_t out, int64_t batch, int64_t n, py::handle scale_,
+             uintptr_t scales, uintptr_t stream) {
+  check_extent(batch, n);
+  const float scale = f32_arg(scale_, "scale");
+  const uint64_t bytes = uint64_t(batch * n) * 4;
+  if (bytes && (!cond || !uncond || !out)) throw py::value_error("cond, uncond and out must be device pointers");
+  check_cfg_mix(dspan("cond", cond, bytes), dspan("uncond", uncond, bytes), dspan("scale", scales, uint64_t(batch) * 4),
+                dspan("out", out, bytes));
+  int err;
+  {
+    py::gil_scoped_release nogil;
+    err = cfg_mix_cuda(ptr<const float>(cond), ptr<const float>(uncond), ptr<const float>(scales), scale,
+                       ptr<float>(out), batch, n, reinterpret_cast<cudaStream_t>(stream));
+  }
+  check(err, "cfg_mix");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -110,29 +172,14 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("workspace_bytes") = 0, py::arg("device") = -1);
   m.def("stream_wait", &stream_wait, py::arg("consumer"), py::arg("producer"), py::arg("device") = -1,
         "Make stream `consumer` wait for the work queued on `producer` (no host synchronisation).");
-  m.def("workspace_bytes", [](int64_t batch, int64_t n) { return fused_step_workspace_bytes(batch, n); },
-        "Scratch bytes of one dynamic-thresholding step for `batch` samples of `n` elements.");
-  m.def("randn", [](uintptr_t out, int64_t count, uint64_t seed, uint32_t step, int64_t offset, uintptr_t stream,
-                    int device) {
-    int err;
-    {
-      py::gil_scoped_release nogil;
-      DeviceGuard guard(device);
-      err = randn_cuda(seed, step, offset, ptr<float>(out), count, reinterpret_cast<cudaStream_t>(stream));
-    }
-    check(err, "randn");
-  }, py::arg("out"), py::arg("count"), py::arg("seed"), py::arg("step"), py::arg("offset"), py::arg("stream"),
-     py::arg("device") = -1);
-  m.def("cfg_mix", [](uintptr_t cond, uintptr_t uncond, uintptr_t out, int64_t batch, int64_t n, float scale,
-                      uintptr_t scales, uintptr_t stream) {
-    int err;
-    {
-      py::gil_scoped_release nogil;
-      err = cfg_mix_cuda(ptr<const float>(cond), ptr<const float>(uncond), ptr<const float>(scales), scale,
-                         ptr<float>(out), batch, n, reinterpret_cast<cudaStream_t>(stream));
-    }
-    check(err, "cfg_mix");
-  });
+  m.def("workspace_bytes", [](int64_t batch, int64_t n) {
+    check_extent(batch, n);
+    return fused_step_workspace_bytes(batch, n);
+  }, py::arg("batch"), py::arg("n"), "Scratch bytes of one dynamic-thresholding step for `batch` samples of `n` elements.");
+  m.def("randn", &randn, py::arg("out"), py::arg("count"), py::arg("seed"), py::arg("step"), py::arg("offset"),
+        py::arg("stream"), py::arg("device") = -1);
+  m.def("cfg_mix", &cfg_mix, py::arg("cond"), py::arg("uncond"), py::arg("out"), py::arg("batch"), py::arg("n"),
+        py::arg("scale"), py::arg("scales"), py::arg("stream"));
   m.def("device_count", []() {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess) {
