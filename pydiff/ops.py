@@ -11,6 +11,9 @@ import os
 
 import numpy as np
 
+from pydiff import cuda
+from pydiff.step_params import PredictionType, Thresholding
+
 # How long idle OpenMP threads spin before they sleep. libgomp's default (300,000 spins) made a
 # 2-thread (16,3,64,64) step take 5-28 ms instead of 0.2-0.35 ms on this project's 2-vCPU VMs, quiet
 # or busy (a spinning vCPU is descheduled by the hypervisor, and spinning fights the network's own
@@ -25,9 +28,9 @@ except ImportError as e:  # pragma: no cover - only without a build
     _C = None
     _IMPORT_ERROR = e
 
-EPSILON, SAMPLE, V_PREDICTION = 0, 1, 2
-NO_THRESHOLD, STATIC_CLIP, DYNAMIC = 0, 1, 2
-PREDICTION_CODES = {"epsilon": EPSILON, "sample": SAMPLE, "v_prediction": V_PREDICTION}
+EPSILON, SAMPLE, V_PREDICTION = PredictionType
+NO_THRESHOLD, STATIC_CLIP, DYNAMIC = Thresholding
+PREDICTION_CODES = {p.setting: p for p in PredictionType}
 
 
 def native_available() -> bool:
@@ -37,8 +40,6 @@ def native_available() -> bool:
 
 def cuda_available() -> bool:
     """Whether the CUDA twin is built and a GPU is visible (asks the CUDA runtime; see pydiff.cuda)."""
-    from pydiff import cuda
-
     return cuda.available()
 
 

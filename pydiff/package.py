@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from pydiff.errors import PackageError
+from pydiff.step_params import PREDICTION_TYPES, THRESHOLDINGS
 
 __all__ = [
     "PackageError", "Package", "Stage", "TextEncoderSpec", "GuidanceModelSpec", "load_package",
@@ -37,8 +38,6 @@ MAX_STEPS = 10000
 MAX_MANIFEST_BYTES = 1 << 20   # a manifest is a few KB; refuse to json-parse anything huge
 
 CONDITIONINGS = ("text", "class", "none")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-THRESHOLDINGS = ("none", "static", "dynamic")
 # guidance model kind -> the inputs its network takes (docs/model-package.md, guidance_models)
 GUIDANCE_KINDS: dict[str, tuple[str, ...]] = {
     "classifier": ("sample", "timestep", "class_labels"),

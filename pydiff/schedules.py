@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 
 from pydiff.errors import ScheduleError
+from pydiff.step_params import PREDICTION_TYPES
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 

@@ -22,10 +22,10 @@ import os
 import numpy as np
 
 from pydiff.backends.ort import create_session
+from pydiff.package import GUIDANCE_KINDS
 
 __all__ = ["ClassifierGuidance", "CLIPGuidance", "load_guidance_model", "GUIDANCE_KINDS"]
 
-GUIDANCE_KINDS = ("classifier", "clip")
 
 
 def _session(path, providers=None, session_options=None):

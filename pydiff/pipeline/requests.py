@@ -13,11 +13,11 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from pydiff import imageio
-from pydiff.package import GuidanceModelSpec, Package, Stage
+from pydiff.package import GUIDANCE_KINDS, GuidanceModelSpec, Package, Stage
 from pydiff.pipeline.settings import StageSettings, guidance_array, resolve
 
 OUTPUT_TYPES = ("pil", "numpy")
-GUIDANCE_TYPES = ("cfg", "classifier", "clip")
+GUIDANCE_TYPES = ("cfg", *GUIDANCE_KINDS)  # classifier-free, or a guidance model of the package
 MAX_BATCH = 4096
 MAX_SEED = 2**64 - 1
 

@@ -7,9 +7,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pydiff.package import MAX_STEPS, THRESHOLDINGS, Package, Stage
+from pydiff.package import MAX_STEPS, Package, Stage
 from pydiff.samplers import SAMPLERS, make_sampler
 from pydiff.schedules import Schedule
+from pydiff.step_params import THRESHOLDINGS
 
 # Used when a manifest's `recommended` block leaves a key out.
 FALLBACK = {"sampler": "ddim", "steps": 25, "guidance_scale": 1.0, "eta": 0.0,

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from pydiff.step_params import PredictionType, Thresholding
+
 F32 = np.float32
-EPSILON, SAMPLE, V_PREDICTION = 0, 1, 2
-NO_THRESHOLD, STATIC_CLIP, DYNAMIC = 0, 1, 2
+EPSILON, SAMPLE, V_PREDICTION = PredictionType
+NO_THRESHOLD, STATIC_CLIP, DYNAMIC = Thresholding
 
 # ---------------------------------------------------------------- Philox4x32-10 and normals
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
