@@ -3,7 +3,8 @@
 // one-element-per-thread variant, against cudaMemcpyAsync of as many bytes; each figure is 20
 // launches in one CUDA graph, median of 15 replays, as benchmarks/bench_gpu.py times them. Results of
 // the H200 run (and of a launch-bounds variant since removed): benchmarks/results/gpu/step_launch.txt.
-//   nvcc -std=c++17 --fmad=false -O3 -arch=sm_90 -Icsrc -Icsrc/include benchmarks/cuda/step_launch.cu -o /tmp/sl && /tmp/sl
+//   nvcc -std=c++17 --fmad=false -O3 -arch=sm_90 -Icsrc -Icsrc/include benchmarks/cuda/step_launch.cu -o
+//   /tmp/sl && /tmp/sl
 // (benchmarks/gpu_check.sh runs it, and Nsight Compute's stall reasons of the three kernels at 4x3x64x64.)
 #include "ops/step_cuda.cu"
 
@@ -56,7 +57,8 @@ __global__ void fused_step_kernel_1(StepArraysCuda a, StepParams p0, const Selec
 template <class T, int PRED, bool GUIDED>
 __global__ void lean_step_kernel(StepArraysCuda a, StepParams p, bool aligned) {
   const int64_t total = a.batch * a.n, groups = (total + 3) / 4;
-  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < groups; g += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < groups;
+       g += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e0 = 4 * g;
     const bool vec = aligned && e0 + 4 <= total;
     float x[4], c[4], u[4] = {0.0f, 0.0f, 0.0f, 0.0f}, r[4];
@@ -79,7 +81,8 @@ __global__ void lean_step_kernel(StepArraysCuda a, StepParams p, bool aligned) {
 }
 
 // The floor: the same accesses (three float4 loads, one store per thread) and no arithmetic.
-__global__ void memory_only_kernel(const float4* x, const float4* c, const float4* u, float4* out, int64_t groups) {
+__global__ void memory_only_kernel(const float4* x, const float4* c, const float4* u, float4* out,
+                                   int64_t groups) {
   const int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (g >= groups) return;
   const float4 a = x[g], b = c[g], d = u[g];
@@ -87,7 +90,8 @@ __global__ void memory_only_kernel(const float4* x, const float4* c, const float
 }
 
 __global__ void fill_kernel(float* v, int64_t n, uint32_t salt) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
     uint32_t h = uint32_t(i) * 2654435761u ^ salt;
     h ^= h >> 15;
     h *= 2246822519u;
@@ -130,8 +134,8 @@ float graph_us(F launch, cudaStream_t s) {
 void run(const char* only) {
   cudaStream_t s;
   cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
-  const int64_t shapes[][4] = {{4, 3, 64, 64}, {16, 3, 64, 64}, {4, 3, 256, 256}, {1, 4, 128, 128},
-                               {16, 3, 256, 256}, {4, 3, 1024, 1024}};
+  const int64_t shapes[][4] = {{4, 3, 64, 64},   {16, 3, 64, 64},   {4, 3, 256, 256},
+                               {1, 4, 128, 128}, {16, 3, 256, 256}, {4, 3, 1024, 1024}};
   Selection* sel;
   cudaMalloc(&sel, sizeof(Selection) * 16);
   std::vector<Selection> hs(16);
@@ -142,8 +146,8 @@ void run(const char* only) {
   for (const auto& sh : shapes) {
     const int64_t B = sh[0], n = sh[1] * sh[2] * sh[3], total = B * n;
     char name[64];
-    std::snprintf(name, sizeof name, "%lldx%lldx%lldx%lld", (long long)sh[0], (long long)sh[1], (long long)sh[2],
-                  (long long)sh[3]);
+    std::snprintf(name, sizeof name, "%lldx%lldx%lldx%lld", (long long)sh[0], (long long)sh[1],
+                  (long long)sh[2], (long long)sh[3]);
     if (only && std::strcmp(only, name) != 0) continue;
     float *x, *both, *out, *src, *dst;
     cudaMalloc(&x, total * 4);
@@ -175,40 +179,62 @@ void run(const char* only) {
     p.seed = 7;
     p.noise_step = 3;
     const bool al = aligned_for_vectors(a);
-    const float copy = graph_us([&] { cudaMemcpyAsync(dst, src, total * 8, cudaMemcpyDeviceToDevice, s); }, s);
+    const float copy =
+        graph_us([&] { cudaMemcpyAsync(dst, src, total * 8, cudaMemcpyDeviceToDevice, s); }, s);
     const float cur = graph_us([&] { fused_step_cuda(a, p, s); }, s);
     std::printf("%-13s %8.2f %8.2f |", name, copy, cur);
     for (int th : {64, 128, 256}) {
       const int blocks = int((total / 4 + th - 1) / th);
-      const float t = graph_us([&] { fused_step_kernel<float, kEpsilon, true><<<blocks, th, 0, s>>>(a, p, nullptr, al); }, s);
+      const float t = graph_us(
+          [&] { fused_step_kernel<float, kEpsilon, true><<<blocks, th, 0, s>>>(a, p, nullptr, al); }, s);
       std::printf(" %d:%.2f(%.2f)", th, t, copy / t);
     }
-    const float floor_us = graph_us([&] {
-      memory_only_kernel<<<int((total / 4 + 255) / 256), 256, 0, s>>>(
-          reinterpret_cast<const float4*>(x), reinterpret_cast<const float4*>(both),
-          reinterpret_cast<const float4*>(both + total), reinterpret_cast<float4*>(out), total / 4); }, s);
-    const float lean_us = graph_us([&] {
-      lean_step_kernel<float, kEpsilon, true><<<blocks_for(total / 4), kThreads, 0, s>>>(a, p, al); }, s);
+    const float floor_us = graph_us(
+        [&] {
+          memory_only_kernel<<<int((total / 4 + 255) / 256), 256, 0, s>>>(
+              reinterpret_cast<const float4*>(x), reinterpret_cast<const float4*>(both),
+              reinterpret_cast<const float4*>(both + total), reinterpret_cast<float4*>(out), total / 4);
+        },
+        s);
+    const float lean_us = graph_us(
+        [&] { lean_step_kernel<float, kEpsilon, true><<<blocks_for(total / 4), kThreads, 0, s>>>(a, p, al); },
+        s);
     std::printf(" floor:%.2f(%.2f) lean:%.2f(%.2f) |", floor_us, copy / floor_us, lean_us, copy / lean_us);
     for (int th : {128, 256, 512}) {
       const dim3 blocks(unsigned((n + th - 1) / th), unsigned(B));
-      const float t = graph_us([&] { fused_step_kernel_1<float, kEpsilon, true><<<blocks, th, 0, s>>>(a, p, nullptr); }, s);
+      const float t = graph_us(
+          [&] { fused_step_kernel_1<float, kEpsilon, true><<<blocks, th, 0, s>>>(a, p, nullptr); }, s);
       std::printf(" %d:%.2f(%.2f)", th, t, copy / t);
     }
     StepParams q = p;
     q.threshold_mode = kDynamic;
     q.c_noise = 0.3f;
-    const float t_dyn4 = graph_us([&] {
-      fused_step_kernel<float, kEpsilon, true><<<blocks_for(total / 4), kThreads, 0, s>>>(a, q, sel, al); }, s);
-    const float t_dyn1 = graph_us([&] {
-      fused_step_kernel_1<float, kEpsilon, true><<<dim3(unsigned((n + 255) / 256), unsigned(B)), 256, 0, s>>>(a, q, sel); }, s);
+    const float t_dyn4 = graph_us(
+        [&] {
+          fused_step_kernel<float, kEpsilon, true><<<blocks_for(total / 4), kThreads, 0, s>>>(a, q, sel, al);
+        },
+        s);
+    const float t_dyn1 = graph_us(
+        [&] {
+          fused_step_kernel_1<float, kEpsilon, true>
+              <<<dim3(unsigned((n + 255) / 256), unsigned(B)), 256, 0, s>>>(a, q, sel);
+        },
+        s);
     StepParams qn = q;
     qn.c_noise = 0.0f;
-    const float t_sel = graph_us([&] {
-      fused_step_kernel<float, kEpsilon, true><<<blocks_for(total / 4), kThreads, 0, s>>>(a, qn, sel, al); }, s);
-    const float t_sel1 = graph_us([&] {
-      fused_step_kernel_1<float, kEpsilon, true><<<dim3(unsigned((n + 255) / 256), unsigned(B)), 256, 0, s>>>(a, qn, sel); }, s);
-    std::printf(" | dyn+noise %.2f, 1/thread %.2f, dyn no noise %.2f, 1/thread %.2f\n", t_dyn4, t_dyn1, t_sel, t_sel1);
+    const float t_sel = graph_us(
+        [&] {
+          fused_step_kernel<float, kEpsilon, true><<<blocks_for(total / 4), kThreads, 0, s>>>(a, qn, sel, al);
+        },
+        s);
+    const float t_sel1 = graph_us(
+        [&] {
+          fused_step_kernel_1<float, kEpsilon, true>
+              <<<dim3(unsigned((n + 255) / 256), unsigned(B)), 256, 0, s>>>(a, qn, sel);
+        },
+        s);
+    std::printf(" | dyn+noise %.2f, 1/thread %.2f, dyn no noise %.2f, 1/thread %.2f\n", t_dyn4, t_dyn1, t_sel,
+                t_sel1);
     std::fflush(stdout);
     cudaFree(x);
     cudaFree(both);

@@ -67,10 +67,14 @@ inline float f32_arg(py::handle v, const char* name) {
 }
 
 // The noise stream's coordinates: a key of 64 bits, a step of 32 and an element offset (int64).
-inline uint64_t seed_arg(py::handle v) { return uint_arg(v, "seed", UINT64_MAX, "[0, 2**64)"); }
+inline uint64_t seed_arg(py::handle v) {
+  return uint_arg(v, "seed", UINT64_MAX, "[0, 2**64)");
+}
 inline uint32_t noise_step_arg(py::handle v, const char* name) {
   return uint32_t(uint_arg(v, name, UINT32_MAX, "[0, 2**32)"));
 }
-inline int64_t offset_arg(py::handle v) { return int64_t(uint_arg(v, "offset", kMaxNoiseEnd, "[0, 2**63 - 4]")); }
+inline int64_t offset_arg(py::handle v) {
+  return int64_t(uint_arg(v, "offset", kMaxNoiseEnd, "[0, 2**63 - 4]"));
+}
 
 }  // namespace pydiff

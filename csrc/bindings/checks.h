@@ -30,7 +30,9 @@ constexpr uint64_t kMaxNoiseEnd = (uint64_t(1) << 63) - 4;
 // int64's and size_t's limits.
 constexpr int64_t kMaxElements = int64_t(1) << 60;
 
-[[noreturn]] inline void refuse(const std::string& message) { throw std::invalid_argument(message); }
+[[noreturn]] inline void refuse(const std::string& message) {
+  throw std::invalid_argument(message);
+}
 
 inline std::string float_str(double v) {
   char buf[32];
@@ -60,8 +62,10 @@ inline int checked_num_threads(int64_t n) {
 inline void check_noise_range(uint64_t offset, int64_t count) {
   if (count < 0) refuse("count must be >= 0, got " + std::to_string(count));
   if (uint64_t(count) > kMaxNoiseEnd - offset)
-    refuse("offset + count must be at most 2**63 - 4 (the noise stream's element indices are int64), got offset " +
-           std::to_string(offset) + " and count " + std::to_string(count));
+    refuse(
+        "offset + count must be at most 2**63 - 4 (the noise stream's element indices are int64), got "
+        "offset " +
+        std::to_string(offset) + " and count " + std::to_string(count));
 }
 
 // The extent of a [batch, n] launch (the CUDA twin takes it as numbers, not as an array's shape).
@@ -69,7 +73,8 @@ inline void check_extent(int64_t batch, int64_t n) {
   if (batch < 0) refuse("batch must be >= 0, got " + std::to_string(batch));
   if (n < 0) refuse("n must be >= 0, got " + std::to_string(n));
   if (n != 0 && batch > kMaxElements / n)
-    refuse("batch * n must be at most 2**60 elements, got " + std::to_string(batch) + " * " + std::to_string(n));
+    refuse("batch * n must be at most 2**60 elements, got " + std::to_string(batch) + " * " +
+           std::to_string(n));
 }
 
 // A buffer as a byte range; name == nullptr: the argument was not given.
@@ -94,7 +99,8 @@ inline void check_no_partial_overlap(const Span& out, const Span& in) {
 // Two outputs, a buffer written between a kernel's passes, or a per-sample input ([B], read by
 // every element of its sample) and an output, may share no element at all.
 inline void check_no_overlap(const Span& a, const Span& b) {
-  if (spans_overlap(a, b)) refuse(std::string(a.name) + " overlaps " + b.name + " (they must be separate buffers)");
+  if (spans_overlap(a, b))
+    refuse(std::string(a.name) + " overlaps " + b.name + " (they must be separate buffers)");
 }
 
 // The parameters both twins' kernels take on trust. The float fields are also checked as they are
@@ -103,17 +109,23 @@ inline void validate_step_params(const StepParams& p) {
   const struct {
     const char* name;
     float v;
-  } fields[] = {{"alpha", p.alpha},       {"sigma", p.sigma},
-                {"clip_range", p.clip_range}, {"dynamic_ratio", p.dynamic_ratio},
-                {"sample_max_value", p.sample_max_value}, {"c_x", p.c_x},
-                {"c_x0", p.c_x0},         {"c_eps", p.c_eps},
-                {"c_d", p.c_d},           {"c_noise", p.c_noise}};
+  } fields[] = {{"alpha", p.alpha},
+                {"sigma", p.sigma},
+                {"clip_range", p.clip_range},
+                {"dynamic_ratio", p.dynamic_ratio},
+                {"sample_max_value", p.sample_max_value},
+                {"c_x", p.c_x},
+                {"c_x0", p.c_x0},
+                {"c_eps", p.c_eps},
+                {"c_d", p.c_d},
+                {"c_noise", p.c_noise}};
   for (const auto& f : fields) finite_f32(double(f.v), f.name);
   if (p.prediction_type < kEpsilon || p.prediction_type > kVPrediction)
     refuse("prediction_type must be 0 (epsilon), 1 (sample) or 2 (v_prediction), got " +
            std::to_string(p.prediction_type));
   if (p.threshold_mode < kNoThreshold || p.threshold_mode > kDynamic)
-    refuse("threshold_mode must be 0 (none), 1 (static) or 2 (dynamic), got " + std::to_string(p.threshold_mode));
+    refuse("threshold_mode must be 0 (none), 1 (static) or 2 (dynamic), got " +
+           std::to_string(p.threshold_mode));
   if (p.use_clipped_eps != 0 && p.use_clipped_eps != 1)
     refuse("use_clipped_eps must be 0 or 1, got " + std::to_string(p.use_clipped_eps));
   if (p.threshold_mode == kDynamic && !(p.dynamic_ratio > 0.0f && p.dynamic_ratio <= 1.0f))

@@ -45,29 +45,32 @@ View view_f32(py::handle obj, const char* name, bool writable) {
     throw py::type_error(std::string(name) + " must be a numpy.ndarray of float32, got " +
                          std::string(py::str(py::type::of(obj).attr("__name__"))));
   auto arr = py::reinterpret_borrow<py::array>(obj);
-  if (!arr.dtype().equal(py::dtype::of<float>()))   // equivalent, not the same object: unpickled arrays
+  if (!arr.dtype().equal(py::dtype::of<float>()))  // equivalent, not the same object: unpickled arrays
     throw py::type_error(std::string(name) + " must have dtype float32, got " +
                          std::string(py::str(arr.dtype())));
   if (!(arr.flags() & py::array::c_style))
     throw py::value_error(std::string(name) + " must be C-contiguous (use numpy.ascontiguousarray)");
-  if (!(arr.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) throw py::value_error(std::string(name) + " must be aligned");
+  if (!(arr.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+    throw py::value_error(std::string(name) + " must be aligned");
   if (writable && !arr.writeable()) throw py::value_error(std::string(name) + " must be writeable");
   View v;
   // a read-only input (np.frombuffer, mmap_mode='r') is fine: only outputs need writing
-  v.ptr = writable ? static_cast<float*>(arr.mutable_data()) : const_cast<float*>(static_cast<const float*>(arr.data()));
+  v.ptr = writable ? static_cast<float*>(arr.mutable_data())
+                   : const_cast<float*>(static_cast<const float*>(arr.data()));
   for (py::ssize_t i = 0; i < arr.ndim(); ++i) v.shape.push_back(arr.shape(i));
   v.size = arr.size();
   return v;
 }
 
-void require_shape(const View& v, const std::vector<int64_t>& shape, const char* name,
-                   const char* what) {
+void require_shape(const View& v, const std::vector<int64_t>& shape, const char* name, const char* what) {
   if (v.shape != shape)
     throw py::value_error(std::string(name) + " must have shape " + shape_str(shape) + " (" + what +
                           "), got " + shape_str(v.shape));
 }
 
-Span span(const View& v, const char* name) { return Span{name, reinterpret_cast<uintptr_t>(v.ptr), uint64_t(v.size) * 4}; }
+Span span(const View& v, const char* name) {
+  return Span{name, reinterpret_cast<uintptr_t>(v.ptr), uint64_t(v.size) * 4};
+}
 
 // Every per-sample value finite: a NaN scale would give a sample of NaNs that no check reports.
 void require_finite(const View& v, const char* name) {
@@ -78,9 +81,9 @@ void require_finite(const View& v, const char* name) {
 }
 
 // `p` by value: another Python thread may change the caller's object once the GIL is released.
-int64_t fused_step(py::handle x_, py::handle model_output_, py::handle out_, StepParams p,
-                   bool guided, py::handle guidance_scale_, py::handle scales_, py::handle x0_prev_,
-                   py::handle x0_out_, py::handle thresholds_) {
+int64_t fused_step(py::handle x_, py::handle model_output_, py::handle out_, StepParams p, bool guided,
+                   py::handle guidance_scale_, py::handle scales_, py::handle x0_prev_, py::handle x0_out_,
+                   py::handle thresholds_) {
   const View x = view_f32(x_, "x", false);
   const View mo = view_f32(model_output_, "model_output", false);
   const View out = view_f32(out_, "out", true);
@@ -89,8 +92,7 @@ int64_t fused_step(py::handle x_, py::handle model_output_, py::handle out_, Ste
   const int64_t n = B ? x.size / B : 0;
   std::vector<int64_t> mo_shape = x.shape;
   if (guided) mo_shape[0] = 2 * B;
-  require_shape(mo, mo_shape, "model_output",
-                guided ? "the stacked [cond; uncond] batch" : "the same as x");
+  require_shape(mo, mo_shape, "model_output", guided ? "the stacked [cond; uncond] batch" : "the same as x");
   require_shape(out, x.shape, "out", "the same as x");
 
   StepArrays a;
@@ -192,8 +194,15 @@ void randn(py::handle out_, py::handle seed_, py::handle step_, py::handle offse
 }
 
 // The parts of the DLPack ABI (dlpack.h 0.8 and 1.x) that dlpack_info reads.
-struct DLDeviceAbi { int32_t device_type; int32_t device_id; };
-struct DLDataTypeAbi { uint8_t code; uint8_t bits; uint16_t lanes; };
+struct DLDeviceAbi {
+  int32_t device_type;
+  int32_t device_id;
+};
+struct DLDataTypeAbi {
+  uint8_t code;
+  uint8_t bits;
+  uint16_t lanes;
+};
 struct DLTensorAbi {
   void* data;
   DLDeviceAbi device;
@@ -203,7 +212,11 @@ struct DLTensorAbi {
   int64_t* strides;
   uint64_t byte_offset;
 };
-struct DLManagedTensorAbi { DLTensorAbi dl_tensor; void* manager_ctx; void (*deleter)(DLManagedTensorAbi*); };
+struct DLManagedTensorAbi {
+  DLTensorAbi dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensorAbi*);
+};
 struct DLManagedTensorVersionedAbi {
   uint32_t major, minor;
   void* manager_ctx;
@@ -227,33 +240,36 @@ py::tuple dlpack_info(const py::capsule& cap) {
     read_only = (v->flags & 1u) != 0;  // DLPACK_FLAG_BITMASK_READ_ONLY
     t = &v->dl_tensor;
   } else
-    throw py::type_error(std::string("not an unconsumed DLPack capsule (name ") + (name ? name : "null") + ")");
+    throw py::type_error(std::string("not an unconsumed DLPack capsule (name ") + (name ? name : "null") +
+                         ")");
   py::list shape, strides;
   for (int32_t i = 0; i < t->ndim; ++i) {
     shape.append(t->shape[i]);
     if (t->strides) strides.append(t->strides[i]);
   }
   const auto data = reinterpret_cast<uintptr_t>(t->data) + t->byte_offset;
-  return py::make_tuple(data, py::tuple(shape), t->strides ? py::object(py::tuple(strides)) : py::object(py::none()),
+  return py::make_tuple(data, py::tuple(shape),
+                        t->strides ? py::object(py::tuple(strides)) : py::object(py::none()),
                         int(t->dtype.code), int(t->dtype.bits), int(t->dtype.lanes), read_only);
 }
 
 // StepParams' getters and checked setters: a field is refused as it is set, naming itself.
-auto F(float StepParams::*f) {
+auto F(float StepParams::* f) {
   return [f](const StepParams& p) { return p.*f; };
 }
-auto F(float StepParams::*f, const char* name) {
+auto F(float StepParams::* f, const char* name) {
   return [f, name](StepParams& p, py::handle v) { p.*f = f32_arg(v, name); };
 }
-auto I(int32_t StepParams::*f) {
+auto I(int32_t StepParams::* f) {
   return [f](const StepParams& p) { return p.*f; };
 }
 // The enumerations and the flag are checked against their values by validate_step_params, which every
 // op and pack_step_params call; here only that the number is an int32 (pybind11 would say no more
 // than "incompatible function arguments").
-auto I(int32_t StepParams::*f, const char* name) {
+auto I(int32_t StepParams::* f, const char* name) {
   return [f, name](StepParams& p, py::handle v) {
-    p.*f = PyBool_Check(v.ptr()) ? int32_t(v.ptr() == Py_True) : int32_t(int_arg(v, name, INT32_MIN, INT32_MAX));
+    p.*f =
+        PyBool_Check(v.ptr()) ? int32_t(v.ptr() == Py_True) : int32_t(int_arg(v, name, INT32_MIN, INT32_MAX));
   };
 }
 
@@ -276,23 +292,29 @@ PYBIND11_MODULE(_C, m) {
       .def_property("sigma", F(&StepParams::sigma), F(&StepParams::sigma, "sigma"))
       .def_property("prediction_type", I(&StepParams::prediction_type),
                     I(&StepParams::prediction_type, "prediction_type"))
-      .def_property("threshold_mode", I(&StepParams::threshold_mode), I(&StepParams::threshold_mode, "threshold_mode"))
+      .def_property("threshold_mode", I(&StepParams::threshold_mode),
+                    I(&StepParams::threshold_mode, "threshold_mode"))
       .def_property("clip_range", F(&StepParams::clip_range), F(&StepParams::clip_range, "clip_range"))
-      .def_property("dynamic_ratio", F(&StepParams::dynamic_ratio), F(&StepParams::dynamic_ratio, "dynamic_ratio"))
+      .def_property("dynamic_ratio", F(&StepParams::dynamic_ratio),
+                    F(&StepParams::dynamic_ratio, "dynamic_ratio"))
       .def_property("sample_max_value", F(&StepParams::sample_max_value),
                     F(&StepParams::sample_max_value, "sample_max_value"))
-      .def_property("use_clipped_eps", I(&StepParams::use_clipped_eps), I(&StepParams::use_clipped_eps, "use_clipped_eps"))
+      .def_property("use_clipped_eps", I(&StepParams::use_clipped_eps),
+                    I(&StepParams::use_clipped_eps, "use_clipped_eps"))
       .def_property("c_x", F(&StepParams::c_x), F(&StepParams::c_x, "c_x"))
       .def_property("c_x0", F(&StepParams::c_x0), F(&StepParams::c_x0, "c_x0"))
       .def_property("c_eps", F(&StepParams::c_eps), F(&StepParams::c_eps, "c_eps"))
       .def_property("c_d", F(&StepParams::c_d), F(&StepParams::c_d, "c_d"))
       .def_property("c_noise", F(&StepParams::c_noise), F(&StepParams::c_noise, "c_noise"))
-      .def_property("seed", [](const StepParams& p) { return p.seed; },
-                    [](StepParams& p, py::handle v) { p.seed = seed_arg(v); })
-      .def_property("noise_step", [](const StepParams& p) { return p.noise_step; },
-                    [](StepParams& p, py::handle v) { p.noise_step = noise_step_arg(v, "noise_step"); });
-  m.def("validate_step_params", [](const StepParams& p) { validate_step_params(p); }, py::arg("params"),
-        "Raise ValueError for parameters the step kernels cannot take (both twins' rules).");
+      .def_property(
+          "seed", [](const StepParams& p) { return p.seed; },
+          [](StepParams& p, py::handle v) { p.seed = seed_arg(v); })
+      .def_property(
+          "noise_step", [](const StepParams& p) { return p.noise_step; },
+          [](StepParams& p, py::handle v) { p.noise_step = noise_step_arg(v, "noise_step"); });
+  m.def(
+      "validate_step_params", [](const StepParams& p) { validate_step_params(p); }, py::arg("params"),
+      "Raise ValueError for parameters the step kernels cannot take (both twins' rules).");
   m.def("dlpack_info", &dlpack_info, py::arg("capsule"),
         "(data pointer, shape, strides in elements or None, dtype code, bits, lanes, read-only) of a DLPack "
         "capsule.");
@@ -306,20 +328,20 @@ PYBIND11_MODULE(_C, m) {
       py::arg("rows"),
       "The rows as the native struct's bytes: a step table for CUDA-graph replay (pydiff.cuda_graph).");
 
-  m.def("fused_step", &fused_step, py::arg("x"), py::arg("model_output"), py::arg("out"),
-        py::arg("params"), py::arg("guided") = false, py::arg("guidance_scale") = 1.0,
-        py::arg("scales") = py::none(), py::arg("x0_prev") = py::none(),
-        py::arg("x0_out") = py::none(), py::arg("thresholds") = py::none(),
+  m.def("fused_step", &fused_step, py::arg("x"), py::arg("model_output"), py::arg("out"), py::arg("params"),
+        py::arg("guided") = false, py::arg("guidance_scale") = 1.0, py::arg("scales") = py::none(),
+        py::arg("x0_prev") = py::none(), py::arg("x0_out") = py::none(), py::arg("thresholds") = py::none(),
         "One fused denoising step; returns how many elements had a non-finite input or output.");
-  m.def("cfg_mix", &cfg_mix, py::arg("cond"), py::arg("uncond"), py::arg("out"),
-        py::arg("scale") = 1.0, py::arg("scales") = py::none());
-  m.def("abs_quantile", &abs_quantile, py::arg("x"), py::arg("out"), py::arg("q"),
-        py::arg("max_value") = 1.0, py::arg("clamp") = false);
+  m.def("cfg_mix", &cfg_mix, py::arg("cond"), py::arg("uncond"), py::arg("out"), py::arg("scale") = 1.0,
+        py::arg("scales") = py::none());
+  m.def("abs_quantile", &abs_quantile, py::arg("x"), py::arg("out"), py::arg("q"), py::arg("max_value") = 1.0,
+        py::arg("clamp") = false);
   m.def("randn", &randn, py::arg("out"), py::arg("seed"), py::arg("step"), py::arg("offset") = 0);
   m.def(
       "set_num_threads",
       [](py::handle n) {
-        g_num_threads.store(checked_num_threads(int_arg(n, "num_threads", 0, kMaxNumThreads, kNumThreadsNote)));
+        g_num_threads.store(
+            checked_num_threads(int_arg(n, "num_threads", 0, kMaxNumThreads, kNumThreadsNote)));
       },
       py::arg("num_threads"), "Threads the CPU kernels use: 0 (OpenMP's default) to MAX_NUM_THREADS.");
   m.def("get_num_threads", &num_threads);

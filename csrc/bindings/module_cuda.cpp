@@ -27,7 +27,8 @@ T* ptr(uintptr_t p) {
 }
 
 void check(int err, const char* what) {
-  if (err != 0) throw std::runtime_error(std::string(what) + " failed to launch (cudaError " + std::to_string(err) + ")");
+  if (err != 0)
+    throw std::runtime_error(std::string(what) + " failed to launch (cudaError " + std::to_string(err) + ")");
 }
 
 // Makes `device` current for a launch and restores the caller's device after: kernels, streams and
@@ -66,10 +67,13 @@ void stream_wait(uintptr_t consumer, uintptr_t producer, int device) {
   check(err, "stream_wait");
 }
 
-Span dspan(const char* name, uintptr_t p, uint64_t bytes) { return p ? Span{name, p, bytes} : Span{}; }
+Span dspan(const char* name, uintptr_t p, uint64_t bytes) {
+  return p ? Span{name, p, bytes} : Span{};
+}
 
 void check_device(int device) {
-  if (device < -1) throw py::value_error("device must be >= -1 (-1: the current device), got " + std::to_string(device));
+  if (device < -1)
+    throw py::value_error("device must be >= -1 (-1: the current device), got " + std::to_string(device));
 }
 
 void fused_step(uintptr_t x, uintptr_t model_output, uintptr_t out, int64_t batch, int64_t n, int storage,
@@ -77,14 +81,16 @@ void fused_step(uintptr_t x, uintptr_t model_output, uintptr_t out, int64_t batc
                 uintptr_t x0_out, uintptr_t thresholds, uintptr_t nonfinite, uintptr_t stream,
                 uintptr_t param_table, uintptr_t step_counter, uintptr_t workspace, size_t workspace_bytes,
                 int device) {
-  if (storage < kFloat32 || storage > kBFloat16) throw py::value_error("storage must be 0 (f32), 1 (f16) or 2 (bf16)");
+  if (storage < kFloat32 || storage > kBFloat16)
+    throw py::value_error("storage must be 0 (f32), 1 (f16) or 2 (bf16)");
   if (param_table && !step_counter) throw py::value_error("a param_table needs a step_counter");
   check_extent(batch, n);
   check_device(device);
   const float scale = f32_arg(scale_, "guidance_scale");
   const size_t elem = storage == kFloat32 ? 4 : 2;
   const uint64_t bytes = uint64_t(batch * n) * elem;
-  if (bytes && (!x || !model_output || !out)) throw py::value_error("x, model_output and out must be device pointers");
+  if (bytes && (!x || !model_output || !out))
+    throw py::value_error("x, model_output and out must be device pointers");
   StepSpans sp;
   sp.x = dspan("x", x, bytes);
   sp.model_output = dspan("model_output", model_output, guided ? 2 * bytes : bytes);
@@ -126,8 +132,8 @@ void fused_step(uintptr_t x, uintptr_t model_output, uintptr_t out, int64_t batc
   check(err, "fused_step");
 }
 
-void randn(uintptr_t out, int64_t count, py::handle seed_, py::handle step_, py::handle offset_, uintptr_t stream,
-           int device) {
+void randn(uintptr_t out, int64_t count, py::handle seed_, py::handle step_, py::handle offset_,
+           uintptr_t stream, int device) {
   const uint64_t seed = seed_arg(seed_);
   const uint32_t step = noise_step_arg(step_, "step");
   const int64_t offset = offset_arg(offset_);
@@ -148,9 +154,10 @@ void cfg_mix(uintptr_t cond, uintptr_t uncond, uintptr_t out, int64_t batch, int
   check_extent(batch, n);
   const float scale = f32_arg(scale_, "scale");
   const uint64_t bytes = uint64_t(batch * n) * 4;
-  if (bytes && (!cond || !uncond || !out)) throw py::value_error("cond, uncond and out must be device pointers");
-  check_cfg_mix(dspan("cond", cond, bytes), dspan("uncond", uncond, bytes), dspan("scale", scales, uint64_t(batch) * 4),
-                dspan("out", out, bytes));
+  if (bytes && (!cond || !uncond || !out))
+    throw py::value_error("cond, uncond and out must be device pointers");
+  check_cfg_mix(dspan("cond", cond, bytes), dspan("uncond", uncond, bytes),
+                dspan("scale", scales, uint64_t(batch) * 4), dspan("out", out, bytes));
   int err;
   {
     py::gil_scoped_release nogil;
@@ -166,20 +173,24 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "pydiff's native step kernels (CUDA twin)";
   py::module_::import("pydiff._C");  // StepParams is defined there
   m.def("fused_step", &fused_step, py::arg("x"), py::arg("model_output"), py::arg("out"), py::arg("batch"),
-        py::arg("n"), py::arg("storage"), py::arg("params"), py::arg("guided"), py::arg("scale"), py::arg("scales"),
-        py::arg("x0_prev"), py::arg("x0_out"), py::arg("thresholds"), py::arg("nonfinite"), py::arg("stream"),
-        py::arg("param_table") = 0, py::arg("step_counter") = 0, py::arg("workspace") = 0,
+        py::arg("n"), py::arg("storage"), py::arg("params"), py::arg("guided"), py::arg("scale"),
+        py::arg("scales"), py::arg("x0_prev"), py::arg("x0_out"), py::arg("thresholds"), py::arg("nonfinite"),
+        py::arg("stream"), py::arg("param_table") = 0, py::arg("step_counter") = 0, py::arg("workspace") = 0,
         py::arg("workspace_bytes") = 0, py::arg("device") = -1);
   m.def("stream_wait", &stream_wait, py::arg("consumer"), py::arg("producer"), py::arg("device") = -1,
         "Make stream `consumer` wait for the work queued on `producer` (no host synchronisation).");
-  m.def("workspace_bytes", [](int64_t batch, int64_t n) {
-    check_extent(batch, n);
-    return fused_step_workspace_bytes(batch, n);
-  }, py::arg("batch"), py::arg("n"), "Scratch bytes of one dynamic-thresholding step for `batch` samples of `n` elements.");
-  m.def("randn", &randn, py::arg("out"), py::arg("count"), py::arg("seed"), py::arg("step"), py::arg("offset"),
-        py::arg("stream"), py::arg("device") = -1);
-  m.def("cfg_mix", &cfg_mix, py::arg("cond"), py::arg("uncond"), py::arg("out"), py::arg("batch"), py::arg("n"),
-        py::arg("scale"), py::arg("scales"), py::arg("stream"));
+  m.def(
+      "workspace_bytes",
+      [](int64_t batch, int64_t n) {
+        check_extent(batch, n);
+        return fused_step_workspace_bytes(batch, n);
+      },
+      py::arg("batch"), py::arg("n"),
+      "Scratch bytes of one dynamic-thresholding step for `batch` samples of `n` elements.");
+  m.def("randn", &randn, py::arg("out"), py::arg("count"), py::arg("seed"), py::arg("step"),
+        py::arg("offset"), py::arg("stream"), py::arg("device") = -1);
+  m.def("cfg_mix", &cfg_mix, py::arg("cond"), py::arg("uncond"), py::arg("out"), py::arg("batch"),
+        py::arg("n"), py::arg("scale"), py::arg("scales"), py::arg("stream"));
   m.def("device_count", []() {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess) {
@@ -188,6 +199,7 @@ PYBIND11_MODULE(_C_cuda, m) {
     }
     return n;
   });
-  m.def("pointer_device", [](uintptr_t p) { return pointer_device(ptr<const void>(p)); },
-        "The CUDA device a pointer lives on, or -1 for host memory.");
+  m.def(
+      "pointer_device", [](uintptr_t p) { return pointer_device(ptr<const void>(p)); },
+      "The CUDA device a pointer lives on, or -1 for host memory.");
 }

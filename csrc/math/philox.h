@@ -10,8 +10,8 @@ struct U32x4 {
   uint32_t v[4];
 };
 
-PYDIFF_HOST_DEVICE void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3,
-                                     uint32_t k0, uint32_t k1) {
+PYDIFF_HOST_DEVICE void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0,
+                                     uint32_t k1) {
   const uint64_t p0 = uint64_t(0xD2511F53u) * c0;
   const uint64_t p1 = uint64_t(0xCD9E8D57u) * c2;
   const uint32_t hi0 = uint32_t(p0 >> 32), lo0 = uint32_t(p0);
@@ -25,8 +25,8 @@ PYDIFF_HOST_DEVICE void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, u
 }
 
 // Philox4x32-10 of counter (c0, c1, c2, c3) under key (k0, k1).
-PYDIFF_HOST_DEVICE U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                                      uint32_t k0, uint32_t k1) {
+PYDIFF_HOST_DEVICE U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                       uint32_t k1) {
 #if defined(__CUDACC__)
 #pragma unroll
 #elif defined(__GNUC__)
@@ -72,12 +72,12 @@ PYDIFF_HOST_DEVICE float log_unit(float u) {
 // |theta| <= pi / 4 goes through Taylor polynomials accurate to float precision.
 PYDIFF_HOST_DEVICE void sincos_2pi(float u, float& c, float& s) {
   const int32_t q = int32_t(u * 4.0f + 0.5f);  // 0..4
-  const float r = u - float(q) * 0.25f;          // exact, in [-1/8, 1/8]
+  const float r = u - float(q) * 0.25f;        // exact, in [-1/8, 1/8]
   const float t = r * 6.28318531f;
   const float t2 = t * t;
   const float sn =
-      t * (1.0f + t2 * (-1.66666667e-01f + t2 * (8.33333333e-03f +
-                                                 t2 * (-1.98412698e-04f + t2 * 2.75573192e-06f))));
+      t * (1.0f +
+           t2 * (-1.66666667e-01f + t2 * (8.33333333e-03f + t2 * (-1.98412698e-04f + t2 * 2.75573192e-06f))));
   const float cs =
       1.0f + t2 * (-0.5f + t2 * (4.16666667e-02f +
                                  t2 * (-1.38888889e-03f + t2 * (2.48015873e-05f + t2 * -2.75573192e-07f))));

@@ -40,15 +40,18 @@ PYDIFF_HOST_DEVICE float select_uniform(bool use_a, float a, float b) {
   return bits_float((float_bits(a) & mask) | (float_bits(b) & ~mask));
 }
 
-PYDIFF_HOST_DEVICE float clamp_sym(float v, float r) { return v < -r ? -r : (v > r ? r : v); }
+PYDIFF_HOST_DEVICE float clamp_sym(float v, float r) {
+  return v < -r ? -r : (v > r ? r : v);
+}
 
 // Thresholding of x0 as one formula for every mode: clip to [-limit, limit], divide by divisor
 // (as a multiplication by its reciprocal, computed once per sample).
 // No threshold: (inf, 1); static clipping: (clip_range, 1); Imagen's dynamic thresholding with the
 // per-sample quantile s: (s, s). Dividing by 1 is exact, so each mode rounds as if written alone.
 PYDIFF_HOST_DEVICE void threshold_limits(const StepParams& p, float s_dyn, float& limit, float& divisor) {
-  limit = p.threshold_mode == kStaticClip ? p.clip_range
-                                          : (p.threshold_mode == kDynamic ? s_dyn : bits_float(0x7f800000u));  // +inf
+  limit = p.threshold_mode == kStaticClip
+              ? p.clip_range
+              : (p.threshold_mode == kDynamic ? s_dyn : bits_float(0x7f800000u));  // +inf
   divisor = p.threshold_mode == kDynamic ? s_dyn : 1.0f;
 }
 
@@ -92,8 +95,8 @@ PYDIFF_HOST_DEVICE float step_element(const StepParams& p, float x, float cond, 
 // last step of DPM-Solver++): the terms that would add an exact 0 are left out, so it rounds as
 // step_element does (signed zeros aside) with half the arithmetic.
 template <int PRED, bool GUIDED>
-PYDIFF_HOST_DEVICE float step_element_plain(const StepParams& p, float x, float cond, float uncond, float scale,
-                                            float& x0_out, float& m_out) {
+PYDIFF_HOST_DEVICE float step_element_plain(const StepParams& p, float x, float cond, float uncond,
+                                            float scale, float& x0_out, float& m_out) {
   const float m = GUIDED ? cfg_mix(cond, uncond, scale) : cond;
   float x0, eps;
   predict_x0_eps<PRED>(x, m, p.alpha, p.sigma, x0, eps);

@@ -9,17 +9,17 @@ namespace pydiff {
 
 // The arrays of one fused step. Every array is C-contiguous float32, sample-major.
 struct StepArrays {
-  const float* x = nullptr;        // [B, n]  x_t
-  const float* cond = nullptr;     // [B, n]  model output (the conditional half under guidance)
-  const float* uncond = nullptr;   // [B, n]  unconditional half, or null: no guidance mix
-  const float* scales = nullptr;   // [B]     per-sample guidance scales, or null: `scale`
+  const float* x = nullptr;       // [B, n]  x_t
+  const float* cond = nullptr;    // [B, n]  model output (the conditional half under guidance)
+  const float* uncond = nullptr;  // [B, n]  unconditional half, or null: no guidance mix
+  const float* scales = nullptr;  // [B]     per-sample guidance scales, or null: `scale`
   float scale = 1.0f;
   const float* x0_prev = nullptr;  // [B, n]  previous x0 (multistep solvers), or null
   float* x0_out = nullptr;         // [B, n]  the thresholded x0 of this step, or null
   float* out = nullptr;            // [B, n]  x_{t-1}
   float* thresholds = nullptr;     // [B]     the dynamic threshold s per sample, or null
   int64_t batch = 0;
-  int64_t n = 0;                   // elements per sample
+  int64_t n = 0;  // elements per sample
 };
 
 // One denoising step: guidance mix, prediction conversion, thresholding, update, noise.
@@ -27,8 +27,8 @@ struct StepArrays {
 int64_t fused_step_cpu(const StepArrays& a, const StepParams& p, int num_threads);
 
 // out = uncond + scale * (cond - uncond); scales [B] or null (then `scale`).  All [B, n].
-void cfg_mix_cpu(const float* cond, const float* uncond, const float* scales, float scale,
-                 float* out, int64_t batch, int64_t n, int num_threads);
+void cfg_mix_cpu(const float* cond, const float* uncond, const float* scales, float scale, float* out,
+                 int64_t batch, int64_t n, int num_threads);
 
 // Per-sample q-quantile of |x| (torch.quantile, linear), clamped to [1, max_value] when
 // clamp is set. x [B, n] -> s [B].
@@ -36,8 +36,7 @@ void abs_quantile_cpu(const float* x, float q, float max_value, bool clamp, floa
                       int64_t n, int num_threads);
 
 // count standard normals of noise stream (seed, step), elements offset .. offset + count.
-void randn_cpu(uint64_t seed, uint32_t step, int64_t offset, float* out, int64_t count,
-               int num_threads);
+void randn_cpu(uint64_t seed, uint32_t step, int64_t offset, float* out, int64_t count, int num_threads);
 
 int default_num_threads();
 

@@ -19,10 +19,10 @@ struct StepArraysCuda {
   const void* uncond = nullptr;   // [B, n] or null
   const float* scales = nullptr;  // [B] or null
   float scale = 1.0f;
-  const void* x0_prev = nullptr;  // [B, n] or null
-  void* x0_out = nullptr;         // [B, n] or null
-  void* out = nullptr;            // [B, n]
-  float* thresholds = nullptr;    // [B] or null
+  const void* x0_prev = nullptr;            // [B, n] or null
+  void* x0_out = nullptr;                   // [B, n] or null
+  void* out = nullptr;                      // [B, n]
+  float* thresholds = nullptr;              // [B] or null
   unsigned long long* nonfinite = nullptr;  // one counter the step adds to, or null
   int64_t batch = 0;
   int64_t n = 0;

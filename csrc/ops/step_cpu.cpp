@@ -17,8 +17,8 @@
 namespace pydiff {
 namespace {
 
-constexpr int64_t kChunk = 16384;  // elements per work item: big enough to amortise scheduling
-constexpr int64_t kBlock = 512;    // elements per block of noise (on the stack, in L1)
+constexpr int64_t kChunk = 16384;        // elements per work item: big enough to amortise scheduling
+constexpr int64_t kBlock = 512;          // elements per block of noise (on the stack, in L1)
 constexpr int64_t kSerialBelow = 32768;  // below this many elements threads cost more than they save
 
 struct Item {
@@ -102,7 +102,8 @@ constexpr int64_t kBuckets = int64_t(1) << (31 - kBucketShift);
 
 // The k-th smallest of v[0, count) (non-negative floats) and, when want_next, the (k+1)-th.
 // A histogram of the buckets finds the one that holds rank k; nth_element runs on it alone.
-void select_kth(const float* v, int64_t count, int64_t k, bool want_next, float& vk, float& vk1, SelectScratch& sc) {
+void select_kth(const float* v, int64_t count, int64_t k, bool want_next, float& vk, float& vk1,
+                SelectScratch& sc) {
   if (count <= 2048) {
     sc.bucket.assign(v, v + count);
     auto nth = sc.bucket.begin() + k;
@@ -116,7 +117,8 @@ void select_kth(const float* v, int64_t count, int64_t k, bool want_next, float&
   sc.hist.assign(size_t(4 * kBuckets), 0u);
   uint32_t* hist = sc.hist.data();
   for (int64_t i = 0; i < count; ++i) ++hist[(i & 3) * kBuckets + (float_bits(v[i]) >> kBucketShift)];
-  for (int64_t i = 0; i < kBuckets; ++i) hist[i] += hist[kBuckets + i] + hist[2 * kBuckets + i] + hist[3 * kBuckets + i];
+  for (int64_t i = 0; i < kBuckets; ++i)
+    hist[i] += hist[kBuckets + i] + hist[2 * kBuckets + i] + hist[3 * kBuckets + i];
   int64_t b = 0, before = 0;
   while (before + int64_t(hist[b]) <= k) before += hist[b++];
   const uint32_t key = uint32_t(b);
@@ -157,8 +159,8 @@ float threshold_from_stats(int64_t n, const AbsStats& st, const CollectAbove& co
   float w;
   quantile_rank(q, n, lo, hi, w);
   const int64_t first_above = n - st.above_one;  // sorted position of the first value > 1
-  if (hi < first_above) return 1.0f;              // the lerp of two values <= 1
-  if (lo >= n - st.at_max) return max_value;      // the lerp of two values >= max_value
+  if (hi < first_above) return 1.0f;             // the lerp of two values <= 1
+  if (lo >= n - st.at_max) return max_value;     // the lerp of two values >= max_value
   sc.values.resize(size_t(n) + 1);
   const float* above = sc.values.data();
   collect_above(sc.values.data());
@@ -211,8 +213,8 @@ int64_t step_block(const StepParams& params, const float* x, const float* c, con
   for (int64_t j = 0; j < len; ++j) {
     float x0, m;
     const float r = PLAIN ? step_element_plain<PRED, GUIDED>(p, x[j], c[j], u[j], s, x0, m)
-                          : step_element<PRED, GUIDED>(p, x[j], c[j], u[j], s, limit, divisor, clipped_eps, prev[j],
-                                                       z[j], x0, m);
+                          : step_element<PRED, GUIDED>(p, x[j], c[j], u[j], s, limit, divisor, clipped_eps,
+                                                       prev[j], z[j], x0, m);
     // m is non-finite exactly when a network output is; it can vanish behind a clamp, so it is counted.
     bad += int32_t(!(std::fabs(m) <= FLT_MAX)) | int32_t(!(std::fabs(r) <= FLT_MAX));
     out[j] = r;
@@ -292,20 +294,20 @@ int64_t fused_step_impl(const StepArrays& a, const StepParams& params, int num_t
       std::vector<float> abs_vals;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t b = 0; b < B; ++b) try {
-        const int64_t off = b * n;
-        auto collect_above = [&](float* dst) {  // |x0| of the sample again, then its values > 1
-          abs_vals.resize(size_t(n));
-          AbsStats unused;
-          abs_stats_block<PRED, GUIDED>(p, a.x + off, a.cond + off, uncond + off, scale_of(b), n, unused,
-                                        abs_vals.data());
-          compact_above_one(abs_vals.data(), n, dst);
-        };
-        s_dyn[size_t(b)] = threshold_from_stats(n, per_sample[size_t(b)], collect_above, p.dynamic_ratio,
-                                                p.sample_max_value, scratch);
-      } catch (...) {
+          const int64_t off = b * n;
+          auto collect_above = [&](float* dst) {  // |x0| of the sample again, then its values > 1
+            abs_vals.resize(size_t(n));
+            AbsStats unused;
+            abs_stats_block<PRED, GUIDED>(p, a.x + off, a.cond + off, uncond + off, scale_of(b), n, unused,
+                                          abs_vals.data());
+            compact_above_one(abs_vals.data(), n, dst);
+          };
+          s_dyn[size_t(b)] = threshold_from_stats(n, per_sample[size_t(b)], collect_above, p.dynamic_ratio,
+                                                  p.sample_max_value, scratch);
+        } catch (...) {
 #pragma omp critical(pydiff_failure)
-        if (!failure) failure = std::current_exception();
-      }
+          if (!failure) failure = std::current_exception();
+        }
     }
     if (failure) std::rethrow_exception(failure);
     if (a.thresholds)
@@ -358,17 +360,23 @@ int64_t fused_step_cpu(const StepArrays& a, const StepParams& p, int num_threads
   if (a.batch == 0 || a.n == 0) return 0;
   const bool guided = a.uncond != nullptr;
   switch (p.prediction_type * 2 + int(guided)) {
-    case kEpsilon * 2: return fused_step_impl<kEpsilon, false>(a, p, num_threads);
-    case kEpsilon * 2 + 1: return fused_step_impl<kEpsilon, true>(a, p, num_threads);
-    case kSample * 2: return fused_step_impl<kSample, false>(a, p, num_threads);
-    case kSample * 2 + 1: return fused_step_impl<kSample, true>(a, p, num_threads);
-    case kVPrediction * 2: return fused_step_impl<kVPrediction, false>(a, p, num_threads);
-    default: return fused_step_impl<kVPrediction, true>(a, p, num_threads);
+    case kEpsilon * 2:
+      return fused_step_impl<kEpsilon, false>(a, p, num_threads);
+    case kEpsilon * 2 + 1:
+      return fused_step_impl<kEpsilon, true>(a, p, num_threads);
+    case kSample * 2:
+      return fused_step_impl<kSample, false>(a, p, num_threads);
+    case kSample * 2 + 1:
+      return fused_step_impl<kSample, true>(a, p, num_threads);
+    case kVPrediction * 2:
+      return fused_step_impl<kVPrediction, false>(a, p, num_threads);
+    default:
+      return fused_step_impl<kVPrediction, true>(a, p, num_threads);
   }
 }
 
-void cfg_mix_cpu(const float* cond, const float* uncond, const float* scales, float scale,
-                 float* out, int64_t batch, int64_t n, int num_threads) {
+void cfg_mix_cpu(const float* cond, const float* uncond, const float* scales, float scale, float* out,
+                 int64_t batch, int64_t n, int num_threads) {
   const int nt = threads_for(batch * n, num_threads);
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t b = 0; b < batch; ++b) {
@@ -381,52 +389,51 @@ void abs_quantile_cpu(const float* x, float q, float max_value, bool clamp, floa
                       int64_t n, int num_threads) {
   if (n == 0) return;
   const int nt = threads_for(batch * n, num_threads);
-  std::exception_ptr failure;   // as in fused_step_cpu: rethrown after the region
+  std::exception_ptr failure;  // as in fused_step_cpu: rethrown after the region
 #pragma omp parallel num_threads(int(std::min<int64_t>(nt, std::max<int64_t>(batch, 1))))
   {
     SelectScratch scratch;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < batch; ++b) try {
-      const float* xb = x + b * n;
-      AbsStats st;
-      int64_t nans = 0;
-      uint32_t mx = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        const float v = std::fabs(xb[i]);
-        st.above_one += v > 1.0f;
-        st.at_max += v >= max_value;
-        mx = std::max(mx, float_bits(v) & (0u - uint32_t(v <= 1.0f)));
-        nans += v != v;
-      }
-      st.max_le_one = bits_float(mx);
-      // torch.quantile gives NaN for a row with a NaN; so do we.
-      auto collect_above = [&](float* dst) {
-        int64_t k = 0;
+        const float* xb = x + b * n;
+        AbsStats st;
+        int64_t nans = 0;
+        uint32_t mx = 0;
         for (int64_t i = 0; i < n; ++i) {
-          dst[k] = std::fabs(xb[i]);
-          k += std::fabs(xb[i]) > 1.0f;
+          const float v = std::fabs(xb[i]);
+          st.above_one += v > 1.0f;
+          st.at_max += v >= max_value;
+          mx = std::max(mx, float_bits(v) & (0u - uint32_t(v <= 1.0f)));
+          nans += v != v;
         }
-      };
-      if (nans) {
-        s[b] = bits_float(0x7fc00000u);
-      } else if (clamp) {
-        s[b] = threshold_from_stats(n, st, collect_above, q, max_value, scratch);
-      } else {
-        std::vector<float>& all = scratch.values;
-        all.resize(size_t(n));
-        for (int64_t i = 0; i < n; ++i) all[size_t(i)] = std::fabs(xb[i]);
-        s[b] = quantile_of(all.data(), n, q, scratch);
-      }
-    } catch (...) {
+        st.max_le_one = bits_float(mx);
+        // torch.quantile gives NaN for a row with a NaN; so do we.
+        auto collect_above = [&](float* dst) {
+          int64_t k = 0;
+          for (int64_t i = 0; i < n; ++i) {
+            dst[k] = std::fabs(xb[i]);
+            k += std::fabs(xb[i]) > 1.0f;
+          }
+        };
+        if (nans) {
+          s[b] = bits_float(0x7fc00000u);
+        } else if (clamp) {
+          s[b] = threshold_from_stats(n, st, collect_above, q, max_value, scratch);
+        } else {
+          std::vector<float>& all = scratch.values;
+          all.resize(size_t(n));
+          for (int64_t i = 0; i < n; ++i) all[size_t(i)] = std::fabs(xb[i]);
+          s[b] = quantile_of(all.data(), n, q, scratch);
+        }
+      } catch (...) {
 #pragma omp critical(pydiff_failure)
-      if (!failure) failure = std::current_exception();
-    }
+        if (!failure) failure = std::current_exception();
+      }
   }
   if (failure) std::rethrow_exception(failure);
 }
 
-void randn_cpu(uint64_t seed, uint32_t step, int64_t offset, float* out, int64_t count,
-               int num_threads) {
+void randn_cpu(uint64_t seed, uint32_t step, int64_t offset, float* out, int64_t count, int num_threads) {
   const int nt = threads_for(count, num_threads);
   const int64_t chunks = (count + kChunk - 1) / kChunk;
 #pragma omp parallel for num_threads(nt) schedule(static)

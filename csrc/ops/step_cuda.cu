@@ -25,24 +25,32 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <class T> __device__ __forceinline__ float load(const void* p, int64_t i);
-template <> __device__ __forceinline__ float load<float>(const void* p, int64_t i) {
+template <class T>
+__device__ __forceinline__ float load(const void* p, int64_t i);
+template <>
+__device__ __forceinline__ float load<float>(const void* p, int64_t i) {
   return static_cast<const float*>(p)[i];
 }
-template <> __device__ __forceinline__ float load<__half>(const void* p, int64_t i) {
+template <>
+__device__ __forceinline__ float load<__half>(const void* p, int64_t i) {
   return __half2float(static_cast<const __half*>(p)[i]);
 }
-template <> __device__ __forceinline__ float load<__nv_bfloat16>(const void* p, int64_t i) {
+template <>
+__device__ __forceinline__ float load<__nv_bfloat16>(const void* p, int64_t i) {
   return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
 }
-template <class T> __device__ __forceinline__ void store(void* p, int64_t i, float v);
-template <> __device__ __forceinline__ void store<float>(void* p, int64_t i, float v) {
+template <class T>
+__device__ __forceinline__ void store(void* p, int64_t i, float v);
+template <>
+__device__ __forceinline__ void store<float>(void* p, int64_t i, float v) {
   static_cast<float*>(p)[i] = v;
 }
-template <> __device__ __forceinline__ void store<__half>(void* p, int64_t i, float v) {
+template <>
+__device__ __forceinline__ void store<__half>(void* p, int64_t i, float v) {
   static_cast<__half*>(p)[i] = __float2half_rn(v);
 }
-template <> __device__ __forceinline__ void store<__nv_bfloat16>(void* p, int64_t i, float v) {
+template <>
+__device__ __forceinline__ void store<__nv_bfloat16>(void* p, int64_t i, float v) {
   static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
 }
 
@@ -59,10 +67,20 @@ __device__ __forceinline__ StepParams params_of(const StepArraysCuda& a, const S
 // ---------------------------------------------------------------- vector access
 // Four consecutive elements per thread: one Philox block gives their 4 normals (the CPU twin's
 // grouping), and aligned groups move as one 16-byte (float32) or 8-byte (16-bit) access.
-template <class T> struct Vec4;
-template <> struct Vec4<float> { using type = float4; };
-template <> struct Vec4<__half> { using type = uint2; };
-template <> struct Vec4<__nv_bfloat16> { using type = uint2; };
+template <class T>
+struct Vec4;
+template <>
+struct Vec4<float> {
+  using type = float4;
+};
+template <>
+struct Vec4<__half> {
+  using type = uint2;
+};
+template <>
+struct Vec4<__nv_bfloat16> {
+  using type = uint2;
+};
 
 template <class T>
 __device__ __forceinline__ void load4(const void* p, int64_t e, bool vec, int64_t total, float v[4]) {
@@ -114,7 +132,7 @@ struct Selection {
   unsigned int prefix[2];        // their float bits, decided from the top
   int need_lo;                   // v_lo is among the values > 1 (else it is max_le_one)
   float w;
-  float s;                       // the threshold
+  float s;  // the threshold
 };
 
 constexpr int64_t kHistBins = 256;    // per sample: the first pass's histogram of the top 8 bits
@@ -122,8 +140,12 @@ constexpr int kSelectThreads = 1024;  // the select kernel's block, one per samp
 constexpr int kWideBits = 12;         // bits per pass of the select kernel: 24 = 2 x 12
 constexpr int kWideBins = 1 << kWideBits;
 
-size_t align256(size_t v) { return (v + 255) / 256 * 256; }
-size_t selection_bytes(int64_t batch) { return align256(sizeof(Selection) * size_t(batch)); }
+size_t align256(size_t v) {
+  return (v + 255) / 256 * 256;
+}
+size_t selection_bytes(int64_t batch) {
+  return align256(sizeof(Selection) * size_t(batch));
+}
 size_t zeroed_bytes(int64_t batch) {  // the part of the workspace cleared before each step
   return selection_bytes(batch) + align256(sizeof(unsigned long long) * size_t(kHistBins) * size_t(batch));
 }
@@ -147,8 +169,8 @@ __device__ __forceinline__ void warp_histogram_add(unsigned int* h, bool valid, 
 constexpr int kStatsGroups = 4;
 
 template <class T, int PRED, bool GUIDED>
-__global__ void threshold_stats_kernel(StepArraysCuda a, StepParams p0, Selection* sel, unsigned long long* hist,
-                                       float* vals, bool vec) {
+__global__ void threshold_stats_kernel(StepArraysCuda a, StepParams p0, Selection* sel,
+                                       unsigned long long* hist, float* vals, bool vec) {
   const StepParams p = params_of(a, p0);
   const int64_t b = blockIdx.y;
   const int lane = threadIdx.x & 31;
@@ -198,7 +220,8 @@ __global__ void threshold_stats_kernel(StepArraysCuda a, StepParams p0, Selectio
   if (lane == 31 && warp_total) warp_base = atomicAdd(&block_count, warp_total);
   warp_base = __shfl_sync(0xFFFFFFFFu, warp_base, 31);
   __syncthreads();
-  if (threadIdx.x == 0) block_base = block_count ? atomicAdd(&sel[b].above_one, (unsigned long long)block_count) : 0ull;
+  if (threadIdx.x == 0)
+    block_base = block_count ? atomicAdd(&sel[b].above_one, (unsigned long long)block_count) : 0ull;
   __syncthreads();
   unsigned long long pos = block_base + warp_base + (incl - mine);
 #pragma unroll
@@ -273,8 +296,8 @@ __device__ void settle_digits(const unsigned int (&h)[2][BINS], Selection& st, i
 // One block of kSelectThreads per sample, after the first pass: decides whether the sample needs the
 // select at all (the CPU twin's two shortcuts), else selects v_lo and v_hi, and computes the threshold.
 __global__ void __launch_bounds__(kSelectThreads, 1)
-threshold_select_kernel(StepArraysCuda a, StepParams p0, Selection* sel, const unsigned long long* hist,
-                        const float* vals) {
+    threshold_select_kernel(StepArraysCuda a, StepParams p0, Selection* sel, const unsigned long long* hist,
+                            const float* vals) {
   const int64_t b = blockIdx.x;
   const int tid = threadIdx.x;
   const StepParams p = params_of(a, p0);
@@ -311,7 +334,8 @@ threshold_select_kernel(StepArraysCuda a, StepParams p0, Selection* sel, const u
     for (int shift = 32 - 8 - kWideBits; shift >= 0; shift -= kWideBits) {
       for (int i = tid; i < 2 * kWideBins; i += blockDim.x) h12[i / kWideBins][i % kWideBins] = 0u;
       __syncthreads();
-      const unsigned int want0 = st.prefix[0] >> (shift + kWideBits), want1 = st.prefix[1] >> (shift + kWideBits);
+      const unsigned int want0 = st.prefix[0] >> (shift + kWideBits),
+                         want1 = st.prefix[1] >> (shift + kWideBits);
       // kLoads loads in flight per thread before their histogram updates: one block streams a
       // sample's compacted values, and one load at a time would wait on each.
       constexpr int kLoads = 8;
@@ -355,7 +379,8 @@ __global__ void fused_step_kernel(StepArraysCuda a, StepParams p0, const Selecti
   const bool clipped_eps = p.use_clipped_eps && p.threshold_mode != kNoThreshold;
   const bool small = total <= 0xFFFFFFFFll;
   unsigned int bad = 0;
-  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < groups; g += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < groups;
+       g += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e0 = 4 * g;
     const bool vec = aligned && e0 + 4 <= total;
     // Loads first, then the noise: the Philox rounds run while the loads are in flight. (Noise first
@@ -394,7 +419,9 @@ __global__ void fused_step_kernel(StepArraysCuda a, StepParams p0, const Selecti
   }
 }
 
-__global__ void advance_kernel(int32_t* counter) { *counter += 1; }
+__global__ void advance_kernel(int32_t* counter) {
+  *counter += 1;
+}
 
 bool aligned_for_vectors(const StepArraysCuda& a) {
   const uintptr_t mask = (a.storage == kFloat32 ? 16 : 8) - 1;
@@ -437,19 +464,26 @@ template <class T>
 int dispatch_prediction(const StepArraysCuda& a, const StepParams& p, cudaStream_t stream) {
   const bool guided = a.uncond != nullptr;
   switch (p.prediction_type * 2 + int(guided)) {
-    case kEpsilon * 2: return launch<T, kEpsilon, false>(a, p, stream);
-    case kEpsilon * 2 + 1: return launch<T, kEpsilon, true>(a, p, stream);
-    case kSample * 2: return launch<T, kSample, false>(a, p, stream);
-    case kSample * 2 + 1: return launch<T, kSample, true>(a, p, stream);
-    case kVPrediction * 2: return launch<T, kVPrediction, false>(a, p, stream);
-    default: return launch<T, kVPrediction, true>(a, p, stream);
+    case kEpsilon * 2:
+      return launch<T, kEpsilon, false>(a, p, stream);
+    case kEpsilon * 2 + 1:
+      return launch<T, kEpsilon, true>(a, p, stream);
+    case kSample * 2:
+      return launch<T, kSample, false>(a, p, stream);
+    case kSample * 2 + 1:
+      return launch<T, kSample, true>(a, p, stream);
+    case kVPrediction * 2:
+      return launch<T, kVPrediction, false>(a, p, stream);
+    default:
+      return launch<T, kVPrediction, true>(a, p, stream);
   }
 }
 
 __global__ void randn_kernel(uint64_t seed, uint32_t step, int64_t offset, float* out, int64_t count) {
   // Thread per group of the stream; writes the part of its group that falls in [offset, offset + count).
   const int64_t g0 = offset >> 2, g1 = (offset + count + 3) >> 2;
-  for (int64_t g = g0 + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < g1; g += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t g = g0 + blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < g1;
+       g += int64_t(gridDim.x) * blockDim.x) {
     float z[4];
     normal4(seed, step, uint64_t(g), z);
     for (int k = 0; k < 4; ++k) {
@@ -459,10 +493,11 @@ __global__ void randn_kernel(uint64_t seed, uint32_t step, int64_t offset, float
   }
 }
 
-__global__ void cfg_mix_kernel(const float* cond, const float* uncond, const float* scales, float scale, float* out,
-                               int64_t batch, int64_t n) {
+__global__ void cfg_mix_kernel(const float* cond, const float* uncond, const float* scales, float scale,
+                               float* out, int64_t batch, int64_t n) {
   const int64_t total = batch * n;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x)
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x)
     out[e] = cfg_mix(cond[e], uncond[e], scales ? scales[e / n] : scale);
 }
 
@@ -475,9 +510,12 @@ size_t fused_step_workspace_bytes(int64_t batch, int64_t n) {
 int fused_step_cuda(const StepArraysCuda& a, const StepParams& p, cudaStream_t stream) {
   if (a.batch == 0 || a.n == 0) return 0;
   switch (a.storage) {
-    case kFloat16: return dispatch_prediction<__half>(a, p, stream);
-    case kBFloat16: return dispatch_prediction<__nv_bfloat16>(a, p, stream);
-    default: return dispatch_prediction<float>(a, p, stream);
+    case kFloat16:
+      return dispatch_prediction<__half>(a, p, stream);
+    case kBFloat16:
+      return dispatch_prediction<__nv_bfloat16>(a, p, stream);
+    default:
+      return dispatch_prediction<float>(a, p, stream);
   }
 }
 
@@ -487,10 +525,11 @@ int randn_cuda(uint64_t seed, uint32_t step, int64_t offset, float* out, int64_t
   return int(cudaGetLastError());
 }
 
-int cfg_mix_cuda(const float* cond, const float* uncond, const float* scales, float scale, float* out, int64_t batch,
-                 int64_t n, cudaStream_t stream) {
+int cfg_mix_cuda(const float* cond, const float* uncond, const float* scales, float scale, float* out,
+                 int64_t batch, int64_t n, cudaStream_t stream) {
   if (batch * n == 0) return 0;
-  PYDIFF_LAUNCH(blocks_for(batch * n), kThreads, stream, cfg_mix_kernel)(cond, uncond, scales, scale, out, batch, n);
+  PYDIFF_LAUNCH(blocks_for(batch * n), kThreads, stream, cfg_mix_kernel)(cond, uncond, scales, scale, out,
+                                                                         batch, n);
   return int(cudaGetLastError());
 }
 

@@ -45,7 +45,8 @@ struct DeviceArray {
   int storage = kFloat32;
   bool unaligned = false;
   void* ptr() {
-    return storage == kFloat32 ? static_cast<void*>(f32.data() + unaligned) : static_cast<void*>(f16.data() + unaligned);
+    return storage == kFloat32 ? static_cast<void*>(f32.data() + unaligned)
+                               : static_cast<void*>(f16.data() + unaligned);
   }
   static DeviceArray make(std::vector<float>& v, int storage, bool unaligned) {
     DeviceArray d;
@@ -81,7 +82,8 @@ struct DeviceArray {
 static int mismatches(const DeviceArray& got, const std::vector<float>& want, int storage, size_t& first) {
   int bad = 0;
   for (size_t i = 0; i < want.size(); ++i) {
-    const float w = storage == kFloat32 ? want[i] : from_storage_bits(to_storage_bits(want[i], storage), storage);
+    const float w =
+        storage == kFloat32 ? want[i] : from_storage_bits(to_storage_bits(want[i], storage), storage);
     const float g = got.at(i);
     const bool same = float_bits(g) == float_bits(w) || (std::isnan(g) && std::isnan(w));
     if (!same && bad++ == 0) first = i;
@@ -92,9 +94,9 @@ static int mismatches(const DeviceArray& got, const std::vector<float>& want, in
 struct Case {
   int64_t batch, n;
   int pred, mode, storage;
-  bool guided, per_sample_scales, with_prev, with_x0_out, with_noise, clipped_eps, unaligned, table, own_workspace,
-      inject_nan;
-  float x0_scale;  // spread of the raw x0: below, around or above the dynamic threshold's range
+  bool guided, per_sample_scales, with_prev, with_x0_out, with_noise, clipped_eps, unaligned, table,
+      own_workspace, inject_nan;
+  float x0_scale;          // spread of the raw x0: below, around or above the dynamic threshold's range
   float max_value = 1.5f;  // sample_max_value
 };
 
@@ -196,12 +198,13 @@ static void run_case(const Case& c, std::mt19937& gen) {
   const int err = fused_step_cuda(ga, by_value, nullptr);
 
   char what[200];
-  std::snprintf(what, sizeof what,
-                "B=%lld n=%lld pred=%d mode=%d storage=%d guided=%d scales=%d prev=%d x0=%d noise=%d clipped=%d "
-                "unaligned=%d table=%d own_ws=%d nan=%d x0_scale=%g",
-                (long long)c.batch, (long long)c.n, c.pred, c.mode, c.storage, c.guided, c.per_sample_scales,
-                c.with_prev, c.with_x0_out, c.with_noise, c.clipped_eps, c.unaligned, c.table, c.own_workspace,
-                c.inject_nan, c.x0_scale);
+  std::snprintf(
+      what, sizeof what,
+      "B=%lld n=%lld pred=%d mode=%d storage=%d guided=%d scales=%d prev=%d x0=%d noise=%d clipped=%d "
+      "unaligned=%d table=%d own_ws=%d nan=%d x0_scale=%g",
+      (long long)c.batch, (long long)c.n, c.pred, c.mode, c.storage, c.guided, c.per_sample_scales,
+      c.with_prev, c.with_x0_out, c.with_noise, c.clipped_eps, c.unaligned, c.table, c.own_workspace,
+      c.inject_nan, c.x0_scale);
   CHECK(err == 0, "%s: launch error %d", what, err);
   size_t first = 0;
   const int bad_out = mismatches(dout, want_out, c.storage, first);
@@ -215,12 +218,13 @@ static void run_case(const Case& c, std::mt19937& gen) {
   if (c.mode == kDynamic) {
     ++dynamic_cases;
     for (int64_t b = 0; b < c.batch; ++b) {
-      CHECK(float_bits(thresholds[b]) == float_bits(want_thr[b]), "%s: threshold of sample %lld: %.9g vs %.9g", what,
-            (long long)b, thresholds[b], want_thr[b]);
+      CHECK(float_bits(thresholds[b]) == float_bits(want_thr[b]),
+            "%s: threshold of sample %lld: %.9g vs %.9g", what, (long long)b, thresholds[b], want_thr[b]);
       dynamic_selected += want_thr[b] > 1.0f && want_thr[b] < p.sample_max_value;
     }
   }
-  CHECK(int64_t(nonfinite) == want_bad, "%s: non-finite count %llu vs %lld", what, nonfinite, (long long)want_bad);
+  CHECK(int64_t(nonfinite) == want_bad, "%s: non-finite count %llu vs %lld", what, nonfinite,
+        (long long)want_bad);
   if (c.table) CHECK(counter == 2, "%s: the step counter is %d, not 2", what, counter);
 }
 
@@ -254,15 +258,15 @@ static void test_fused_step_matches_the_cpu_twin() {
         }
   // Bigger samples: many blocks per sample in the first pass, the select streaming more values per
   // thread than one round of loads; then 16 samples of 70,000.
-  Case big{2, 150001, kEpsilon, kDynamic, kFloat32, true, false, true, true, true, false, false, false, false, false,
-           0.55f};
+  Case big{2,    150001, kEpsilon, kDynamic, kFloat32, true,  false, true,
+           true, true,   false,    false,    false,    false, false, 0.55f};
   run_case(big, gen);
-  Case looping{16, 70000, kVPrediction, kDynamic, kFloat32, true, true, false, false, true, true, false, true, false,
-               false, 0.5f};
+  Case looping{16,    70000, kVPrediction, kDynamic, kFloat32, true,  true,  false,
+               false, true,  true,         false,    true,     false, false, 0.5f};
   run_case(looping, gen);
   // Most values above 1 and the threshold still inside (1, max): the select streams a long list.
-  Case wide{2, 40000, kSample, kDynamic, kFloat32, false, false, false, true, false, false, false, false, false,
-            false, 2.0f, 10.0f};
+  Case wide{2,     40000, kSample, kDynamic, kFloat32, false, false, false, true,
+            false, false, false,   false,    false,    false, 2.0f,  10.0f};
   run_case(wide, gen);
   k += 3;
   CHECK(dynamic_selected >= 20, "only %d dynamic thresholds were selected inside (1, max) in %d cases",
@@ -272,7 +276,8 @@ static void test_fused_step_matches_the_cpu_twin() {
 }
 
 static void test_noise_and_cfg_mix_match_the_cpu_twin() {
-  for (int64_t offset : {int64_t(0), int64_t(1), int64_t(3), int64_t(4), int64_t(1001), (int64_t(1) << 34) + 3})
+  for (int64_t offset :
+       {int64_t(0), int64_t(1), int64_t(3), int64_t(4), int64_t(1001), (int64_t(1) << 34) + 3})
     for (int64_t count : {1, 2, 5, 64, 4099}) {
       std::vector<float> want(count), got(count, std::nanf(""));
       randn_cpu(99, 17, offset, want.data(), count, 1);

@@ -14,14 +14,11 @@ using namespace pydiff;
 
 static void test_philox_known_answer() {
   // Known-answer vector of Random123's kat_vectors: philox4x32 10 rounds, all-ones counter and key.
-  const U32x4 r = philox4x32_10(0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu,
-                                0xffffffffu);
-  CHECK(r.v[0] == 0x408f276du && r.v[1] == 0x41c83b0eu && r.v[2] == 0xa20bc7c6u &&
-            r.v[3] == 0x6d5451fdu,
+  const U32x4 r = philox4x32_10(0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu);
+  CHECK(r.v[0] == 0x408f276du && r.v[1] == 0x41c83b0eu && r.v[2] == 0xa20bc7c6u && r.v[3] == 0x6d5451fdu,
         "philox KAT mismatch: %08x %08x %08x %08x", r.v[0], r.v[1], r.v[2], r.v[3]);
   const U32x4 z = philox4x32_10(0, 0, 0, 0, 0, 0);
-  CHECK(z.v[0] == 0x6627e8d5u && z.v[1] == 0xe169c58du && z.v[2] == 0xbc57ac4cu &&
-            z.v[3] == 0x9b00dbd8u,
+  CHECK(z.v[0] == 0x6627e8d5u && z.v[1] == 0xe169c58du && z.v[2] == 0xbc57ac4cu && z.v[3] == 0x9b00dbd8u,
         "philox zero KAT mismatch: %08x %08x %08x %08x", z.v[0], z.v[1], z.v[2], z.v[3]);
 }
 

@@ -17,10 +17,10 @@ struct StepParams {
 
   // Thresholding of the x0 prediction.
   int32_t threshold_mode;
-  float clip_range;        // static clip to [-clip_range, clip_range]
-  float dynamic_ratio;     // quantile of |x0| per sample (Imagen's p)
-  float sample_max_value;  // the quantile is clamped to [1, sample_max_value]
-  int32_t use_clipped_eps; // re-derive eps from the thresholded x0 (DDIM use_clipped_model_output)
+  float clip_range;         // static clip to [-clip_range, clip_range]
+  float dynamic_ratio;      // quantile of |x0| per sample (Imagen's p)
+  float sample_max_value;   // the quantile is clamped to [1, sample_max_value]
+  int32_t use_clipped_eps;  // re-derive eps from the thresholded x0 (DDIM use_clipped_model_output)
 
   // The update, linear in everything the step knows:
   //   x_prev = c_x * x + c_x0 * x0 + c_eps * eps + c_d * (x0 - x0_prev) + c_noise * z

@@ -89,7 +89,7 @@ void yield_to_scheduler(int me) {
 }
 
 __attribute__((noinline)) void resume(int i) {  // its frame holds the scheduler's jump buffer
-  if (_setjmp(scheduler)) {  // the fiber yielded or ended
+  if (_setjmp(scheduler)) {                     // the fiber yielded or ended
     finish_switch(scheduler_fake_stack, nullptr, nullptr);
     return;
   }
@@ -116,7 +116,8 @@ bool resolve_warp(int w, int nthreads) {
   for (int i = first; i < last; ++i) {
     const Fiber& f = fibers[i];
     if (f.state != kAtCollective) continue;
-    if (f.op != op || f.mask != fibers[leader].mask) fail("lanes of one warp wait at different collectives", w);
+    if (f.op != op || f.mask != fibers[leader].mask)
+      fail("lanes of one warp wait at different collectives", w);
     if ((f.mask >> (i - first) & 1u) == 0) fail("a lane outside its collective's mask took part", w);
   }
   for (int lane = 0; lane < last - first; ++lane)
@@ -129,9 +130,15 @@ bool resolve_warp(int w, int nthreads) {
     if (f.state != kAtCollective) continue;
     uint64_t r = 0;
     switch (op) {
-      case kShflUp: r = lane - f.arg >= 0 ? lane_in(lane - f.arg) : f.in; break;
-      case kShflDown: r = lane + f.arg < width ? lane_in(lane + f.arg) : f.in; break;
-      case kShflIdx: r = lane_in(f.arg & 31); break;
+      case kShflUp:
+        r = lane - f.arg >= 0 ? lane_in(lane - f.arg) : f.in;
+        break;
+      case kShflDown:
+        r = lane + f.arg < width ? lane_in(lane + f.arg) : f.in;
+        break;
+      case kShflIdx:
+        r = lane_in(f.arg & 31);
+        break;
       case kBallot:
         for (int j = 0; j < width; ++j)
           if (fibers[first + j].state == kAtCollective && lane_in(j)) r |= 1ull << j;

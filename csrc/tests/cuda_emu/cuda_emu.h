@@ -92,7 +92,9 @@ Launch<P...> launch(dim3 grid, dim3 block, S /*stream*/, void (*kernel)(P...)) {
 #define blockDim (::pydiff_emu::block_dim)
 #define gridDim (::pydiff_emu::grid_dim)
 
-inline void __syncthreads() { ::pydiff_emu::syncthreads(); }
+inline void __syncthreads() {
+  ::pydiff_emu::syncthreads();
+}
 
 template <class T>
 T __shfl_up_sync(unsigned mask, T v, int delta) {
@@ -118,8 +120,12 @@ inline unsigned __match_any_sync(unsigned mask, unsigned key) {
   return unsigned(warp_collective(kMatchAny, mask, key, 0));
 }
 
-inline int __popc(unsigned v) { return __builtin_popcount(v); }
-inline int __ffs(unsigned v) { return __builtin_ffs(int(v)); }
+inline int __popc(unsigned v) {
+  return __builtin_popcount(v);
+}
+inline int __ffs(unsigned v) {
+  return __builtin_ffs(int(v));
+}
 
 // One OS thread runs every fiber, and a fiber is switched out only at the points above, so the
 // read-modify-writes are atomic by construction.
@@ -138,4 +144,6 @@ inline unsigned atomicMax(unsigned* p, unsigned v) {
   *p = old > v ? old : v;
   return old;
 }
-inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) {
+  return a > b ? a : b;
+}

@@ -5,5 +5,9 @@
 struct alignas(2) __half {
   _Float16 h;
 };
-inline float __half2float(__half v) { return float(v.h); }
-inline __half __float2half_rn(float f) { return __half{_Float16(f)}; }
+inline float __half2float(__half v) {
+  return float(v.h);
+}
+inline __half __float2half_rn(float f) {
+  return __half{_Float16(f)};
+}
