@@ -221,7 +221,7 @@ def graph_row(torch, make_network, plan, shape, label, B, stream=None):
 
 def float16_package(base_onnx):
     """A temporary copy of the bundled shapes package whose base network is `base_onnx` (made by
-    `python -m pydiff.exporting.mixed_precision pydiff/bundled/shapes/base.onnx OUT`)."""
+    `pydiff export float16 pydiff/bundled/shapes/base.onnx OUT`)."""
     import shutil
     import tempfile
     from pathlib import Path

@@ -1,4 +1,4 @@
-"""The traced graph against the frozen one (pydiff.exporting.static_shapes): nodes, Shape ops, the
+"""The traced graph against the frozen one (pydiff.tools.export.static_shapes): nodes, Shape ops, the
 CPU-side inputs a node computes (what ONNX Runtime's CUDA provider would put on the CPU behind a
 Memcpy), and ONNX Runtime CPU time per call, the two graphs alternating in one run.
 

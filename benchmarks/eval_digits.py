@@ -1,10 +1,10 @@
-"""Digits classifier accuracy and diversity of a package (default: the bundled one).
+"""Digits classifier accuracy and diversity of a package (default: the bundled one); `pydiff eval digits`.
 
     python benchmarks/eval_digits.py [--model DIR] [--n 30]   # n samples per class
 """
 import sys
 
-from pydiff.tools.eval.packages import main
+from pydiff.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main(["digits", *sys.argv[1:]]))
+    raise SystemExit(main(["eval", "digits", *sys.argv[1:]]))

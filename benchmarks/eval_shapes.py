@@ -1,10 +1,10 @@
-"""Shapes alignment of a package (default: the bundled cascade); see pydiff.training.eval.
+"""Shapes alignment of a package (default: the bundled cascade); `pydiff eval shapes` (pydiff.tools.eval.packages).
 
     python benchmarks/eval_shapes.py [--model DIR] [--n 200] [--grid samples.png]
 """
 import sys
 
-from pydiff.tools.eval.packages import main
+from pydiff.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main(["shapes", *sys.argv[1:]]))
+    raise SystemExit(main(["eval", "shapes", *sys.argv[1:]]))

@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_prepare.sh [SHAPES_BASE_RUN] [--ort]      (default run: runs/shapes_base)
 # .gpu/wheels: diffusers and importlib_metadata for Python 3.12 (the per-step comparison);
 # .gpu/shapes_base: the run's EMA weights alone, in float16 (13 MB instead of 54: the package ships
-# them rounded to float16 anyway), loadable by pydiff.training.trainer.load_run_model.
+# them rounded to float16 anyway), loadable by pydiff.tools.training.trainer.load_run_model.
 # --ort: also onnxruntime-gpu ($ORT_GPU_VERSION, default 1.31.1: the CUDA 13 build checked on an H200) for
 # benchmarks/gpu_ort_check.sh, as .gpu/ort/part.NN pieces of 25 MB of one tar.xz of the unpacked wheel
 # (without its TensorRT provider library) and .gpu/ort/sha256: a machine that takes at most 64 MiB per
@@ -47,5 +47,5 @@ if [ "$ort" = 1 ]; then
   rm -rf "$tmp"
   echo "wrote .gpu/ort: onnxruntime-gpu $version in $(ls .gpu/ort/part.* | wc -l) parts"
   # the float16 rewrite of the bundled base network, for the ORT CUDA fp16 rows of the graph benchmark
-  python -m pydiff.exporting.mixed_precision pydiff/bundled/shapes/base.onnx .gpu/base16.onnx
+  pydiff export float16 pydiff/bundled/shapes/base.onnx .gpu/base16.onnx
 fi

@@ -1,5 +1,5 @@
 """The guidance comparison of issue 7 (quality against diversity per guidance type and scale):
-`pydiff eval guidance` (pydiff/training/eval_guidance.py), writing to benchmarks/results by default.
+`pydiff eval guidance` (pydiff/tools/eval/guidance_sweep.py), writing to benchmarks/results by default.
 
     python benchmarks/guidance_sweep.py                                  # digits, ~7 min on 2 busy cores
     python benchmarks/guidance_sweep.py --dataset shapes --base-only     # shapes, its 16x16 base stage

@@ -3,7 +3,7 @@
     python benchmarks/inpaint_picture.py [--model DIR] [--n 8] [--out docs/images/inpaint.png]
 
 Rows: each task's input (the regenerated region in grey), then the result without resampling
-(jump_n_sample 1), then with the package's resampling; the tasks are pydiff.training.eval's
+(jump_n_sample 1), then with the package's resampling; the tasks are pydiff.tools.eval.packages'
 `inpaint_cases` (complete half a shape from its own caption; replace a shape by another).
 """
 from __future__ import annotations

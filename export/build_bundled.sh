@@ -11,11 +11,11 @@ RUNS=${RUNS:-runs}
 OUT=${OUT:-pydiff/bundled}
 SEED=${SEED:-0}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-train() { python -m pydiff.training train "$@" --seed "$SEED" --threads 1 --no-progress; }
+train() { pydiff train "$@" --seed "$SEED" --threads 1 --no-progress; }
 
 # 1. The frozen text encoder: all-MiniLM-L6-v2 -> ONNX opset 17 -> int8 per channel (checked vs PyTorch).
 [ -f "$RUNS/text_encoder/model.onnx" ] || \
-    python -m pydiff.training export text-encoder --out "$RUNS/text_encoder" --max-length 16
+    pydiff export text-encoder --out "$RUNS/text_encoder" --max-length 16
 
 # 2. The three networks (the shapes stages train on the embeddings of that exact ONNX file, each
 #    caption encoded alone). The SR stage predicts v (Salimans & Ho 2022): an eps-prediction SR stage
@@ -32,8 +32,8 @@ train shapes-sr64 --out "$RUNS/shapes_sr64_v" --steps 2200 --text-encoder "$RUNS
 wait
 
 # 3. Export (each network verified against PyTorch before anything is written; atomic).
-python -m pydiff.training export digits --run "$RUNS/digits" --out "$OUT/digits"
-python -m pydiff.training export shapes --base "$RUNS/shapes_base_pp" --sr "$RUNS/shapes_sr64_v" \
+pydiff export digits --run "$RUNS/digits" --out "$OUT/digits"
+pydiff export shapes --base "$RUNS/shapes_base_pp" --sr "$RUNS/shapes_sr64_v" \
     --text-encoder "$RUNS/text_encoder" --out "$OUT/shapes" \
     --base-recommended '{"guidance_scale": 7.0, "steps": 50, "thresholding": "static", "inpaint": {"guidance_scale": 3.0, "jump_length": 10, "jump_n_sample": 10}}' \
     --sr-recommended '{"guidance_scale": 1.0, "steps": 20, "thresholding": "static"}' --noise-aug-level 100
@@ -41,26 +41,26 @@ python -m pydiff.training export shapes --base "$RUNS/shapes_base_pp" --sr "$RUN
 # 3b. The digits classifier for classifier guidance (issue 7): noise-aware, trained on the digits
 #     model's schedule (~2 min); its input gradient exported to ONNX (checked vs autograd) and added
 #     to the digits manifest's guidance_models.
-python -m pydiff.training.guidance_models train-classifier --out "$RUNS/digits_classifier" --steps 4000 \
+pydiff guidance train-classifier --out "$RUNS/digits_classifier" --steps 4000 \
     --seed "$SEED" --threads 1
-python -m pydiff.training.guidance_models export-classifier --run "$RUNS/digits_classifier" \
+pydiff guidance export-classifier --run "$RUNS/digits_classifier" \
     --out "$OUT/digits/classifier.onnx" --package "$OUT/digits"
 
 # 3c. The noise-aware CLIP for CLIP guidance of the shapes base stage (~12 min on 1 busy thread):
 #     contrastive against the frozen text encoder's pooled states; gradient exported and added to
 #     the shapes manifest's guidance_models.
-python -m pydiff.training.guidance_models train-clip --out "$RUNS/shapes_clip_pp" --steps 5000 \
+pydiff guidance train-clip --out "$RUNS/shapes_clip_pp" --steps 5000 \
     --text-encoder "$RUNS/text_encoder" --seed "$SEED" --threads 1
-python -m pydiff.training.guidance_models export-clip --run "$RUNS/shapes_clip_pp" \
+pydiff guidance export-clip --run "$RUNS/shapes_clip_pp" \
     --out "$OUT/shapes/clip.onnx" --package "$OUT/shapes"
 
 # 3d. The shapes combination classifier (168 classes) for classifier guidance of the shapes base.
-python -m pydiff.training.guidance_models train-classifier --task shapes --out "$RUNS/shapes_classifier" \
+pydiff guidance train-classifier --task shapes --out "$RUNS/shapes_classifier" \
     --steps 4000 --seed "$SEED" --threads 1
-python -m pydiff.training.guidance_models export-classifier --run "$RUNS/shapes_classifier" \
+pydiff guidance export-classifier --run "$RUNS/shapes_classifier" \
     --out "$OUT/shapes/classifier.onnx" --package "$OUT/shapes" --scale 10
 
 # 4. Evaluate (figures go in the README and TRAINING.md).
 python benchmarks/eval_digits.py --model "$OUT/digits" --n 30
 python benchmarks/eval_shapes.py --model "$OUT/shapes" --n 200
-python -m pydiff.cli eval shapes-sr --model "$OUT/shapes" --n 40
+pydiff eval shapes-sr --model "$OUT/shapes" --n 40

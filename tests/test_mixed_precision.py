@@ -1,4 +1,4 @@
-"""The float16 graph rewrite TensorRT 11's fp16 engines are built from (pydiff.exporting.mixed_precision).
+"""The float16 graph rewrite TensorRT 11's fp16 engines are built from (pydiff.backends.float16, `pydiff export float16`).
 
 Numbers are checked with onnx's reference evaluator, which computes every float16 op in NumPy float16
 (ONNX Runtime's CPU provider runs float16 graphs too, but computes many float16 ops in float32 and
@@ -224,19 +224,26 @@ def test_subgraphs_are_refused():
         mp.convert(cond, "m")
 
 
-def test_command_line_writes_atomically(tmp_path, capsys):
+def test_command_line_writes_atomically(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("torch")   # `pydiff export` comes with the [train] extra
+    from pydiff import cli
+
+    def float16_cli(argv):
+        return cli.main(["export", "float16", *argv])
+
+    monkeypatch.setenv("PYDIFF_DEBUG", "1")   # the command's exceptions reach the test
     src = bundled_path("digits") / "model.onnx"
     dst = tmp_path / "model_fp16.onnx"
-    assert mp.main([str(src), str(dst)]) == 0
+    assert float16_cli([str(src), str(dst)]) == 0
     assert "float16_nodes" in capsys.readouterr().out
     assert any(t.data_type == F16 for t in onnx.load(str(dst)).graph.initializer)
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not onnx")
     with pytest.raises(Exception):
-        mp.main([str(bad), str(tmp_path / "out.onnx")])
+        float16_cli([str(bad), str(tmp_path / "out.onnx")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "model_fp16.onnx"]
     with pytest.raises(SystemExit):
-        mp.main([str(src)])   # argparse: DST missing
+        float16_cli([str(src)])   # argparse: DST missing
 
 
 def test_a_float16_package_generates_the_float32_image(tmp_path):

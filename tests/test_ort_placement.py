@@ -1,4 +1,4 @@
-"""The CUDA-provider placement model (pydiff.exporting.ort_placement): it reproduces the Memcpy
+"""The CUDA-provider placement model (pydiff.tools.export.ort_placement): it reproduces the Memcpy
 count ONNX Runtime printed on an H200, and predicts none for the bundled (frozen) stage graphs."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Folding an exported graph's shape arithmetic (pydiff.exporting.static_shapes): same outputs bit
+"""Folding an exported graph's shape arithmetic (pydiff.tools.export.static_shapes): same outputs bit
 for bit, no Shape ops left, every CPU-side input of a GPU kernel a constant, clear refusals."""
 from __future__ import annotations
 

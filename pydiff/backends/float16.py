@@ -24,12 +24,11 @@ float16 op or back; a float16 weight stored with a Cast
 to float32 (how pydiff packages store weights) feeds float16 ops directly, and float constants are
 folded to float16. The result passes ONNX shape inference and the full checker.
 
-    python -m pydiff.exporting.mixed_precision IN.onnx OUT.onnx
-    python -m pydiff.exporting.mixed_precision --package SRC_PACKAGE DST_PACKAGE
+    pydiff export float16 IN.onnx OUT.onnx
+    pydiff export float16 --package SRC_PACKAGE DST_PACKAGE
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +62,7 @@ FP16_MAX = float(np.finfo(np.float16).max)
 
 def convert(model, what: str = "model"):
     """A float16-compute copy of `model` (an onnx.ModelProto) with float32 inputs and outputs."""
-    import onnx
+    import onnx  # lazily: the [tensorrt] extra; ONNX graphs are edited only here
     from onnx import TensorProto, helper, numpy_helper
 
     FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -237,7 +236,7 @@ def convert(model, what: str = "model"):
 
 def summary(model) -> dict:
     """Counts of nodes computing in float16 and in float32 and of float16 weights (for reports)."""
-    import onnx
+    import onnx  # lazily: the [tensorrt] extra; ONNX graphs are edited only here
     from onnx import TensorProto
 
     model = onnx.shape_inference.infer_shapes(model)
@@ -256,7 +255,7 @@ def convert_package(src, dst) -> dict:
     import json
     import shutil
 
-    import onnx
+    import onnx  # lazily: the [tensorrt] extra; ONNX graphs are edited only here
 
 
     src, dst = Path(src).resolve(), Path(dst)
@@ -273,7 +272,7 @@ def convert_package(src, dst) -> dict:
             onnx.save(half, str(tmp / rel))
             report[str(rel)] = summary(half)
         manifest = json.loads((tmp / "manifest.json").read_text())
-        note = f"stage networks in float16 (pydiff.exporting.mixed_precision v{VERSION})"
+        note = f"stage networks in float16 (pydiff export float16, rewrite v{VERSION})"
         manifest["description"] = f"{manifest.get('description', '')}; {note}".lstrip("; ")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         load_package(tmp)   # the copy is a valid package before it gets its name
@@ -282,29 +281,10 @@ def convert_package(src, dst) -> dict:
     return report
 
 
-def main(argv=None) -> int:
-    import argparse
+def convert_file(src, dst) -> dict:
+    """Rewrite the ONNX file `src` to float16 into `dst` (written atomically); returns its `summary`."""
+    import onnx  # lazily: the [tensorrt] extra; ONNX graphs are edited only here
 
-    import onnx
-
-    p = argparse.ArgumentParser(prog="python -m pydiff.exporting.mixed_precision",
-                                description="rewrite ONNX networks to compute in float16 (float32 "
-                                            "inputs and outputs), for fp16 TensorRT 11 engines")
-    p.add_argument("--package", action="store_true",
-                   help="SRC and DST are model packages: convert every stage network")
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST")
-    args = p.parse_args(argv)
-    if args.package:
-        for name, counts in convert_package(args.src, args.dst).items():
-            print(f"{name}: {counts}")
-        return 0
-
-    out = convert(onnx.load(args.src), args.src)
-    atomic_write_bytes(args.dst, out.SerializeToString())
-    print(summary(out))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    out = convert(onnx.load(str(src)), str(src))
+    atomic_write_bytes(dst, out.SerializeToString())
+    return summary(out)

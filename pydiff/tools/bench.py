@@ -1,4 +1,4 @@
-"""`pydiff bench`: the end-to-end benchmark of a cascade, pydiff against a diffusers-style loop.
+"""The end-to-end benchmark of a cascade (`pydiff bench`), pydiff against a diffusers-style loop.
 
 Both sides run the same networks with the same settings, batch and starting noise, side by side
 in one process, alternating repeats:
@@ -15,7 +15,6 @@ torch is imported only here.
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -25,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from pydiff import __version__, ops
-from pydiff.files import write_json
 from pydiff.imageio import save_png, to_numpy
 from pydiff.package import INPUT_SPECS
 from pydiff.pipeline import Pipeline, bundled_path
@@ -366,58 +364,3 @@ def bar_chart(rep: dict, path) -> None:
             d.text((bx, H - 50), names[side], fill="black")
     d.text((20, H - 24), f"batch {rep['batch']}, speedup {rep['speedup']:.2f}x end to end", fill="black")
     save_png(im, path)
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="end-to-end benchmark: pydiff vs a diffusers-style "
-                                            "torch loop on the same networks (needs torch)")
-    p.add_argument("--model", help="package (default: the bundled shapes cascade)")
-    p.add_argument("--run", action="append", metavar="STAGE=RUN_DIR",
-                   help="training run of a stage's torch network (default runs/shapes_base_pp, "
-                        "runs/shapes_sr64_v)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float)
-    p.add_argument("--thresholding", choices=["none", "static", "dynamic"],
-                   help="for every stage (default: the package's recommendation)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--json-out", metavar="PATH")
-    p.add_argument("--chart", metavar="PNG", help="write a bar chart")
-    p.add_argument("--quiet", "-q", action="store_true")
-    p.set_defaults(func=_cmd_bench)
-
-
-def _cmd_bench(args) -> int:
-
-    runs = None
-    if args.run:
-        runs = {}
-        for r in args.run:
-            if "=" not in r:
-                raise ValueError(f"--run {r!r}: expected STAGE=RUN_DIR")
-            k, _, v = r.partition("=")
-            runs[k] = v
-    rep = run_benchmark(args.model, runs, batch=args.batch, steps=args.steps, thresholding=args.thresholding,
-                        guidance_scale=args.guidance, repeats=args.repeats, warmup=args.warmup,
-                        seed=args.seed, progress=not args.quiet)
-    if args.json:
-        print(json.dumps(rep, indent=2))
-    else:
-        print(format_table(rep))
-    if args.json_out:
-        write_json(rep, args.json_out)
-    if args.chart:
-        bar_chart(rep, args.chart)
-    return 0
-
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m pydiff.bench")
-    register(ap.add_subparsers(dest="command", required=True))
-    a = ap.parse_args(["bench", *sys.argv[1:]])
-    raise SystemExit(a.func(a))

@@ -204,7 +204,7 @@ def _memcpy_report(path, capfd) -> str:
 
 
 def test_the_frozen_stages_need_no_memcpy_on_the_cuda_provider(capfd):
-    # pydiff.exporting.ort_placement predicts 0 Memcpy and 0 CPU nodes for every bundled stage
+    # pydiff.tools.export.ort_placement predicts 0 Memcpy and 0 CPU nodes for every bundled stage
     from pathlib import Path
 
     from pydiff.tools.export.ort_placement import predict_file

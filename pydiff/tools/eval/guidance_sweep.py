@@ -14,10 +14,10 @@ package's recommended settings except the guidance:
 Quality and diversity per dataset:
 
 - digits (n samples per class): quality = accuracy of an RBF SVM trained on the real digits
-  (pydiff.training.eval.digits_figures); diversity = mean pairwise L2 distance between samples of one
+  (pydiff.tools.eval.packages.digits_figures); diversity = mean pairwise L2 distance between samples of one
   class (pixels in [0, 1]).
 - shapes (n prompts x --num-images images): quality = fraction of images whose (shape colour, shape,
-  background) read back as prompted (pydiff.training.eval.read_shape; images under 64x64 are
+  background) read back as prompted (pydiff.tools.eval.packages.read_shape; images under 64x64 are
   upsampled bilinearly for the reader); diversity = mean pairwise distance between the images of one
   prompt. Also classifier-free guidance at large scales with thresholding none / static / dynamic
   (Imagen, Saharia et al. 2022, Sec. 2.3): quality and the fraction of saturated pixel values.
@@ -27,6 +27,7 @@ image; the JSON and PNG are written (atomically) only when the whole sweep has r
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import shlex
@@ -35,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 import pydiff.pipeline as P
 from pydiff import files, imageio
@@ -75,11 +77,6 @@ THRESHOLDING_MODES = ("none", "static", "dynamic")
 DEFAULT_THRESHOLDING_SCALES = {"digits": (), "shapes": (3.0, 8.0, 15.0)}
 
 
-def _usage_error(msg: str) -> Exception:
-
-    return UsageError(msg)
-
-
 # ------------------------------------------------------------------------------- datasets
 
 
@@ -96,10 +93,10 @@ class _Digits:
         first, last = pkg.stages[0], pkg.stages[-1]
         if first.conditioning != "class" or (first.num_classes or 0) < 10 \
                 or last.resolution != 8 or last.channels != 1:
-            raise _usage_error(f"--dataset digits: package {pkg.name!r} ({pkg.path}) is not a digits "
+            raise UsageError(f"--dataset digits: package {pkg.name!r} ({pkg.path}) is not a digits "
                                f"model (class-conditional with >= 10 classes, 8x8, 1 channel)")
         if importlib.util.find_spec("sklearn") is None:
-            raise _usage_error("--dataset digits needs scikit-learn for its quality figure "
+            raise UsageError("--dataset digits needs scikit-learn for its quality figure "
                                "(pip install scikit-learn, or the extra pydiff[train])")
 
     def __init__(self, n: int, num_images: int, seed: int):
@@ -136,7 +133,7 @@ class _Shapes:
     def check(pkg) -> None:
         first = pkg.stages[0]
         if first.conditioning != "text" or first.channels != 3:
-            raise _usage_error(f"--dataset shapes: package {pkg.name!r} ({pkg.path}) is not a shapes "
+            raise UsageError(f"--dataset shapes: package {pkg.name!r} ({pkg.path}) is not a shapes "
                                f"model (text-conditional, 3 channels)")
 
     def __init__(self, n: int, num_images: int, seed: int):
@@ -182,109 +179,65 @@ class _Shapes:
 _DATASET_CLASSES = {"digits": _Digits, "shapes": _Shapes}
 
 
-# ------------------------------------------------------------------------------- arguments
+# ------------------------------------------------------------------------------- checks
 
 
-def add_arguments(p) -> None:
-    """The arguments of `pydiff eval guidance`."""
-    p.add_argument("--dataset", choices=DATASETS, default="digits",
-                   help="which scorer, and the bundled package used by default (default: digits)")
-    p.add_argument("--model", default=None, metavar="PATH",
-                   help="package directory or bundled name (default: the bundled DATASET package)")
-    p.add_argument("--types", default=None, metavar="T[,T...]",
-                   help=f"guidance types to sweep, from {', '.join(TYPES)} (default: digits "
-                        f"{','.join(DEFAULT_TYPES['digits'])}; shapes {','.join(DEFAULT_TYPES['shapes'])}; "
-                        f"those the package has guidance models for)")
-    p.add_argument("--scales", action="append", default=None, metavar="[TYPE=]S[,S...]",
-                   help="guidance scales; a plain list applies to every type, TYPE=list to one; "
-                        "repeatable (default: " + "; ".join(
-                            f"{d} " + " ".join(f"{t}={','.join(f'{v:g}' for v in ss)}" for t, ss in per.items())
-                            for d, per in DEFAULT_SCALES.items()) + ")")
-    p.add_argument("--n", type=int, default=None,
-                   help="digits: samples per class; shapes: prompts (default 10)")
-    p.add_argument("--num-images", type=int, default=4, metavar="K",
-                   help="shapes: images per prompt (default 4)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: the package's recommended; classifier_ddpm100 keeps 100)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--thresholding-scales", default=None, metavar="S[,S...]|none",
-                   help="classifier-free scales at which to compare thresholding none / static / dynamic "
-                        "(default: shapes 3,8,15; digits none)")
-    p.add_argument("--base-only", action="store_true",
-                   help="run only the package's first stage (shapes: 16x16, fast)")
-    p.add_argument("--note", default=None, help="a note stored in the JSON and drawn on the PNG")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="folder for guidance_sweep_DATASET.json and .png (made if needed)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or per-point lines")
-
-
-def _scale_list(text: str, flag: str) -> tuple[float, ...]:
-    parts = [v.strip() for v in text.split(",")]
-    if not any(parts):
-        raise _usage_error(f"{flag} {text!r}: empty scale list")
+def _checked_scales(values, flag: str, allow_empty: bool = False) -> tuple[float, ...]:
+    """The scales as a tuple of floats, each once, in order; finite and >= 0."""
     out = []
-    for v in parts:
-        try:
-            s = float(v)
-        except ValueError:
-            raise _usage_error(f"{flag} {text!r}: invalid scale {v!r}") from None
+    for v in values:
+        s = float(v)
         if not math.isfinite(s) or s < 0:
-            raise _usage_error(f"{flag} {text!r}: scales must be finite and >= 0, got {v!r}")
+            raise UsageError(f"{flag}: scales must be finite and >= 0, got {v!r}")
         if s not in out:
             out.append(s)
+    if not out and not allow_empty:
+        raise UsageError(f"{flag}: empty scale list")
     return tuple(out)
 
 
-def _types(a, pkg) -> list[str]:
+def _types(types, dataset: str, pkg) -> list[str]:
     available = {g.kind for g in pkg.guidance_models if g.stage in pkg.stage_names}
-    if a.types is None:
-        return [t for t in DEFAULT_TYPES[a.dataset] if TYPES[t][0] == "cfg" or TYPES[t][0] in available]
-    types = []
-    for t in (v.strip() for v in a.types.split(",")):
-        if not t:
-            continue
+    if types is None:
+        return [t for t in DEFAULT_TYPES[dataset] if TYPES[t][0] == "cfg" or TYPES[t][0] in available]
+    out = []
+    for t in types:
         if t not in TYPES:
-            raise _usage_error(f"--types: unknown guidance type {t!r} (choose from {', '.join(TYPES)})")
+            raise UsageError(f"--types: unknown guidance type {t!r} (choose from {', '.join(TYPES)})")
         kind = TYPES[t][0]
         if kind != "cfg" and kind not in available:
             have = ", ".join(sorted(available)) or "none"
-            raise _usage_error(f"--types {t}: package {pkg.name!r} ({pkg.path}) has no {kind} guidance "
-                               f"model (its guidance models: {have})")
+            raise UsageError(f"--types {t}: package {pkg.name!r} ({pkg.path}) has no {kind} guidance "
+                             f"model (its guidance models: {have})")
+        if t not in out:
+            out.append(t)
+    if not out:
+        raise UsageError("--types: empty list")
+    return out
+
+
+def _scales(scales, scales_by_type, types: list[str], dataset: str) -> dict[str, tuple[float, ...]]:
+    plain = None if scales is None else _checked_scales(scales, "--scales")
+    per_type = {}
+    for t, ss in (scales_by_type or {}).items():
+        ss = _checked_scales(ss, f"--scales {t}=")
         if t not in types:
-            types.append(t)
-    if not types:
-        raise _usage_error("--types: empty list")
-    return types
+            raise UsageError(f"--scales {t}={_fmt(ss)}: {t!r} is not among the swept types "
+                             f"({','.join(types)})")
+        per_type[t] = ss
+    return {t: per_type.get(t, plain if plain is not None else DEFAULT_SCALES[dataset][t]) for t in types}
 
 
-def _scales(a, types: list[str]) -> dict[str, tuple[float, ...]]:
-    plain, per_type = None, {}
-    for v in a.scales or []:
-        head, eq, rest = v.partition("=")
-        if eq:
-            t = head.strip()
-            if t not in types:
-                raise _usage_error(f"--scales {v}: {t!r} is not among the swept types ({','.join(types)})")
-            if t in per_type:
-                raise _usage_error(f"--scales: {t} given twice")
-            per_type[t] = _scale_list(rest, f"--scales {t}=")
-        else:
-            if plain is not None:
-                raise _usage_error("--scales: give one plain list (for every type) at most")
-            plain = _scale_list(v, "--scales")
-    return {t: per_type.get(t, plain if plain is not None else DEFAULT_SCALES[a.dataset][t]) for t in types}
+def _fmt(scales) -> str:
+    return ",".join(f"{s:g}" for s in scales)
 
 
-def _load_pipeline(a):
-    import dataclasses
-
-
-
-    path = Path(a.model) if a.model else P.bundled_path(a.dataset)
-    if a.model and not path.exists() and (P.bundled_path(a.model) / "manifest.json").is_file():
-        path = P.bundled_path(a.model)     # a bundled package by name
+def _load_pipeline(model, dataset: str, base_only: bool):
+    path = Path(model) if model else P.bundled_path(dataset)
+    if model and not path.exists() and (P.bundled_path(model) / "manifest.json").is_file():
+        path = P.bundled_path(model)     # a bundled package by name
     pkg = load_package(path)
-    if a.base_only and len(pkg.stages) > 1:
+    if base_only and len(pkg.stages) > 1:
         keep = pkg.stages[:1]
         pkg = dataclasses.replace(pkg, name=pkg.name + "-base-only", stages=keep,
                                   guidance_models=tuple(g for g in pkg.guidance_models
@@ -292,72 +245,85 @@ def _load_pipeline(a):
     return P.load(pkg)
 
 
-def _command(a, types, scales, thresholding_scales) -> str:
-    def fmt(ss):
-        return ",".join(f"{s:g}" for s in ss)
-
-    words = ["pydiff", "eval", "guidance", "--dataset", a.dataset]
-    if a.model:
-        words += ["--model", a.model]
+def _command(*, dataset, model, types, scales, n, num_images, steps, seed, thresholding_scales,
+             base_only, out) -> str:
+    """The `pydiff eval guidance` command that runs this sweep again (stored in its JSON)."""
+    words = ["pydiff", "eval", "guidance", "--dataset", dataset]
+    if model:
+        words += ["--model", str(model)]
     words += ["--types", ",".join(types)]
     for t in types:
-        words += ["--scales", f"{t}={fmt(scales[t])}"]
-    words += ["--n", str(a.n)] + (["--num-images", str(a.num_images)] if a.dataset == "shapes" else [])
-    words += (["--steps", str(a.steps)] if a.steps is not None else []) + ["--seed", str(a.seed)]
-    words += ["--thresholding-scales", fmt(thresholding_scales) or "none"]
-    words += ["--base-only"] if a.base_only else []
-    words += ["--out", a.out]
+        words += ["--scales", f"{t}={_fmt(scales[t])}"]
+    words += ["--n", str(n)] + (["--num-images", str(num_images)] if dataset == "shapes" else [])
+    words += (["--steps", str(steps)] if steps is not None else []) + ["--seed", str(seed)]
+    words += ["--thresholding-scales", _fmt(thresholding_scales) or "none"]
+    words += ["--base-only"] if base_only else []
+    words += ["--out", str(out)]
     return shlex.join(words)
+
+
+def output_paths(out, dataset: str) -> tuple[Path, Path]:
+    """(JSON, PNG) a sweep of `dataset` writes in the folder `out`."""
+    stem = Path(out) / f"guidance_sweep_{dataset}"
+    return stem.with_suffix(".json"), stem.with_suffix(".png")
 
 
 # ------------------------------------------------------------------------------- the sweep
 
 
-def run(a) -> int:
-    """`pydiff eval guidance`: validate everything, run every point, then write JSON + PNG."""
-    from tqdm import tqdm
+def sweep(*, out, dataset: str = "digits", model=None, types=None, scales=None, scales_by_type=None,
+          n: int | None = None, num_images: int = 4, steps: int | None = None, seed: int = 0,
+          thresholding_scales=None, base_only: bool = False, note: str | None = None,
+          progress: bool = True) -> dict:
+    """Validate everything, run every point, then write `output_paths(out, dataset)` (PNG, then the
+    JSON as the sweep's record); returns what the JSON holds.
 
-
-    if a.n is None:
-        a.n = DEFAULT_N[a.dataset]
-    if a.dataset == "digits" and a.n < 2:
-        raise _usage_error(f"--n must be >= 2 (diversity needs two samples per class), got {a.n}")
-    if a.n < 1:
-        raise _usage_error(f"--n must be >= 1, got {a.n}")
-    if a.steps is not None and a.steps < 1:
-        raise _usage_error(f"--steps must be >= 1, got {a.steps}")
-    if a.dataset == "shapes" and a.num_images < 2:
-        raise _usage_error(f"--num-images must be >= 2 (diversity needs two images per prompt), "
-                           f"got {a.num_images}")
-    if a.thresholding_scales is None:
-        th_scales = DEFAULT_THRESHOLDING_SCALES[a.dataset]
-    elif a.thresholding_scales.strip().lower() == "none":
-        th_scales = ()
-    else:
-        th_scales = _scale_list(a.thresholding_scales, "--thresholding-scales")
-    cls = _DATASET_CLASSES[a.dataset]
-    pipe = _load_pipeline(a)
+    dataset: "digits" or "shapes" (the scorer, and the bundled package used when `model` is None);
+    types: guidance types from TYPES (default: the dataset's DEFAULT_TYPES the package has guidance
+    models for); scales: the scales of every type, scales_by_type: {type: scales} for some (default
+    DEFAULT_SCALES); n: digits samples per class, shapes prompts (default DEFAULT_N); num_images:
+    shapes images per prompt; steps: sampling steps (default: the package's; classifier_ddpm100
+    keeps 100); thresholding_scales: classifier-free scales at which thresholding none / static /
+    dynamic are compared (default DEFAULT_THRESHOLDING_SCALES, () for none); base_only: the
+    package's first stage alone; note: stored in the JSON and drawn on the PNG.
+    Bad input raises UsageError (a ValueError) naming the `pydiff eval guidance` option."""
+    if dataset not in DATASETS:
+        raise UsageError(f"--dataset: unknown dataset {dataset!r} (choose from {', '.join(DATASETS)})")
+    if n is None:
+        n = DEFAULT_N[dataset]
+    if dataset == "digits" and n < 2:
+        raise UsageError(f"--n must be >= 2 (diversity needs two samples per class), got {n}")
+    if n < 1:
+        raise UsageError(f"--n must be >= 1, got {n}")
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {steps}")
+    if dataset == "shapes" and num_images < 2:
+        raise UsageError(f"--num-images must be >= 2 (diversity needs two images per prompt), "
+                         f"got {num_images}")
+    th_scales = (DEFAULT_THRESHOLDING_SCALES[dataset] if thresholding_scales is None
+                 else _checked_scales(thresholding_scales, "--thresholding-scales", allow_empty=True))
+    cls = _DATASET_CLASSES[dataset]
+    pipe = _load_pipeline(model, dataset, base_only)
     pkg = pipe.package
     cls.check(pkg)
-    types = _types(a, pkg)
-    scales = _scales(a, types)
-    data = cls(a.n, a.num_images, a.seed)
-    stem = Path(a.out) / f"guidance_sweep_{a.dataset}"
-    json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
+    types = _types(types, dataset, pkg)
+    scales = _scales(scales, scales_by_type, types, dataset)
+    data = cls(n, num_images, seed)
+    json_path, png_path = output_paths(out, dataset)
 
     # Every call planned (validated) before the first image: bad input costs nothing.
-    common = {"output_type": "numpy", "progress": False, "seed": a.seed}
-    steps = {"steps": a.steps} if a.steps is not None else {}
+    common = {"output_type": "numpy", "progress": False, "seed": seed}
+    steps_kw = {"steps": steps} if steps is not None else {}
     points = []   # (type or None for the thresholding comparison, scale, thresholding, plan)
     for t in types:
         kind, fixed = TYPES[t]
         for s in scales[t]:
             kw = {"guidance_scale": s} if kind == "cfg" else {"guidance_type": kind, f"{kind}_scale": s}
-            points.append((t, s, None, pipe.plan(**data.inputs(kind), **common, **kw, **(fixed or steps))))
+            points.append((t, s, None, pipe.plan(**data.inputs(kind), **common, **kw, **(fixed or steps_kw))))
     for s in th_scales:
         for th in THRESHOLDING_MODES:
             points.append((None, s, th, pipe.plan(**data.inputs("cfg"), **common, guidance_scale=s,
-                                                  thresholding=th, **steps)))
+                                                  thresholding=th, **steps_kw)))
     files.check_writable(json_path, "--out")
     files.check_writable(png_path, "--out")
 
@@ -365,9 +331,9 @@ def run(a) -> int:
     result_points = {t: [] for t in types}
     thresholding = []
     samples = {}
-    log = (lambda msg: None) if a.quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
-    with tqdm(total=len(points), desc=f"guidance sweep ({a.dataset})", unit="point", file=sys.stderr,
-              disable=a.quiet, dynamic_ncols=True) as bar:
+    log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    with tqdm(total=len(points), desc=f"guidance sweep ({dataset})", unit="point", file=sys.stderr,
+              disable=not progress, dynamic_ncols=True) as bar:
         for t, s, th, plan in points:
             bar.set_postfix_str(f"{t or 'cfg'} {s:g}" + (f" {th}" if th else ""))
             t0 = time.time()
@@ -387,10 +353,10 @@ def run(a) -> int:
                     f"{sat:.3f} ({seconds} s)")
             bar.update(1)
 
-    settings = {k: v for k, v in pkg.stages[0].recommended.items() if k != "inpaint"} | steps
+    settings = {k: v for k, v in pkg.stages[0].recommended.items() if k != "inpaint"} | steps_kw
     result = {
-        "dataset": a.dataset, "package": str(pkg.path), "package_name": pkg.name,
-        "stages": pkg.stage_names, "n": data.n, **data.describe(), "seed": a.seed,
+        "dataset": dataset, "package": str(pkg.path), "package_name": pkg.name,
+        "stages": pkg.stage_names, "n": data.n, **data.describe(), "seed": seed,
         "settings": settings,
         "series": {t: {"guidance_type": TYPES[t][0], "settings": settings | (TYPES[t][1] or {}),
                        "scales": list(scales[t])} for t in types},
@@ -400,17 +366,17 @@ def run(a) -> int:
                  f"{settings.get('thresholding', 'no')} thresholding",
         "quality_label": data.quality_label, "diversity_label": data.diversity_label,
         "tiles_label": data.tiles_label,
-        "command": _command(a, types, scales, th_scales),
+        "command": _command(dataset=dataset, model=model, types=types, scales=scales, n=n,
+                            num_images=num_images, steps=steps, seed=seed, thresholding_scales=th_scales,
+                            base_only=base_only, out=out),
         "seconds": round(time.time() - t_start, 1),
     }
-    if a.note:
-        result["note"] = a.note
+    if note:
+        result["note"] = note
     image = plot(result, samples)
     imageio.save_png(image, png_path)       # each atomic; the JSON last, as the sweep's record
     files.write_json(result, json_path)
-    if not a.quiet:
-        print(f"wrote {json_path} and {png_path} ({result['seconds']} s)", file=sys.stderr)
-    return 0
+    return result
 
 
 # ------------------------------------------------------------------------------- drawing (Pillow only)

@@ -6,21 +6,19 @@ shape colour, and the fill ratio of the foreground's bounding box the shape (dis
 square 1.0, triangle 0.5).
 digits: accuracy of a scikit-learn classifier trained on the real digits, plus diversity (mean
 pairwise distance) and memorisation (distance to the nearest training image) figures.
-The guidance sweep (`pydiff eval guidance`) built on these: pydiff.training.eval_guidance.
+The guidance sweep (`pydiff eval guidance`) built on these: pydiff.tools.eval.guidance_sweep.
+`pydiff eval WHAT` runs each of them.
 """
 from __future__ import annotations
 
 import functools
-import json
 import time
 
 import numpy as np
 
 from pydiff import imageio
-from pydiff.cli import main as cli_main
 from pydiff.pipeline import bundled_path, load
 from pydiff.tools.data import shapes as S
-from pydiff.tools.eval import guidance_sweep as eval_guidance
 
 _NAMES = list(S.PALETTE)
 _RGB = np.array([S.PALETTE[n] for n in _NAMES], dtype=np.float64)
@@ -415,72 +413,3 @@ def evaluate_digits(package="digits", n_per_class: int = 30, seed: int = 0,
     rep["seconds"] = round(time.time() - t0, 1)
     rep["settings"] = settings
     return rep
-
-
-def add_arguments(p) -> None:
-    """The arguments of `pydiff eval` (also `python -m pydiff.training.eval`): WHAT, then its options."""
-
-    sub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
-    for what, help_ in (("shapes", "alignment of a shapes package on seen and held-out prompts"),
-                        ("shapes-sr", "a shapes package's super-resolution stage alone, on rendered "
-                                      "low-resolution images (alignment, PSNR; bilinear beside)"),
-                        ("shapes-inpaint", "inpainting with a shapes package: completing half a "
-                                           "shape (PSNR) and replacing a shape (alignment)"),
-                        ("shapes-img2img", "SDEdit with a shapes package: alignment to an edited "
-                                           "caption against the layout kept, per strength"),
-                        ("digits", "SVM accuracy, diversity and memorisation of a digits package")):
-        q = sub.add_parser(what, help=help_, description=help_)
-        q.add_argument("--model", default=None, help="package path (default: the bundled one)")
-        q.add_argument("--n", type=int, default=None,
-                       help="shapes: images per split (default 200); shapes-sr, shapes-inpaint: "
-                            "images (default 40); shapes-img2img: images (default 24); digits: "
-                            "per class (default 30)")
-        q.add_argument("--seed", type=int, default=0)
-        q.add_argument("--guidance-scale", type=float)
-        q.add_argument("--steps", type=int)
-        q.add_argument("--grid", help="save a PNG grid of samples here")
-        q.add_argument("--settings", type=json.loads, default=None, metavar="JSON",
-                       help='more generate/inpaint/img2img keywords, per-stage dicts allowed, e.g. '
-                            '\'{"jump_n_sample": {"base": 1}}\'; shapes-img2img also takes '
-                            '"later_strength": the strength of the stages after the first')
-    eval_guidance.add_arguments(sub.add_parser(
-        "guidance", help="quality against diversity per guidance type and scale (JSON + PNG)",
-        description=eval_guidance.__doc__.split("\n\n")[0]))
-
-
-def run(a) -> int:
-    if a.what == "guidance":
-
-        return eval_guidance.run(a)
-    settings = {k: v for k, v in (("guidance_scale", a.guidance_scale), ("steps", a.steps)) if v is not None}
-    if a.settings is not None:
-        if not isinstance(a.settings, dict):
-            raise ValueError("--settings: expected a JSON object")
-        settings.update(a.settings)
-    if a.what == "shapes":
-        rep = evaluate_shapes(a.model, a.n or 200, seed=a.seed, save_grid=a.grid, **settings)
-    elif a.what == "shapes-inpaint":
-        rep = evaluate_shapes_inpaint(a.model, 40 if a.n is None else a.n, seed=a.seed, save_grid=a.grid,
-                                      **settings)
-    elif a.what == "shapes-img2img":
-        later = settings.pop("later_strength", None)
-        rep = evaluate_shapes_img2img(a.model, 24 if a.n is None else a.n, seed=a.seed, save_grid=a.grid,
-                                      later_strength=later, **settings)
-    elif a.what == "shapes-sr":
-        rep = evaluate_shapes_sr(a.model, 40 if a.n is None else a.n, seed=a.seed, save_grid=a.grid, **settings)
-    else:
-        rep = evaluate_digits(a.model or "digits", a.n or 30, seed=a.seed, save_grid=a.grid, **settings)
-    print(json.dumps(rep, indent=1))
-    return 0
-
-
-def main(argv=None) -> int:
-    """`python -m pydiff.training.eval WHAT ...`: the same as `pydiff eval WHAT ...` (exit codes too)."""
-    import sys
-
-
-    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

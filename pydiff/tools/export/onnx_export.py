@@ -82,7 +82,7 @@ def export_stage_onnx(module, input_names: list[str], path: str | Path, *, chann
     With `fp16_weights` the module's parameters are first rounded to float16 (in place) and
     stored as float16 in the file; the check then compares with the rounded PyTorch module.
     With `static_shapes` the graph's shape arithmetic is folded into constants (only the batch
-    stays dynamic; pydiff.exporting.static_shapes), so no node of it needs the CPU on a GPU
+    stays dynamic; pydiff.tools.export.static_shapes), so no node of it needs the CPU on a GPU
     provider; a graph that cannot be frozen is kept as traced, with a warning.
     Raises (and leaves nothing at `path`) if the max abs error exceeds `max_abs_err`.
     """

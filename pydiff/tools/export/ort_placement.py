@@ -20,7 +20,7 @@ ort-bench.txt). It is a model of ONNX Runtime's rules, not ONNX Runtime: a predi
 modelled: other ops or types without CUDA kernels, subgraphs (If, Loop, Scan), whether a CPU kernel
 exists for a node the fallback would move, graph inputs that feed both providers.
 
-    python -m pydiff.exporting.ort_placement pydiff/bundled/shapes/*.onnx
+    pydiff export ort-placement pydiff/bundled/shapes/*.onnx
 """
 from __future__ import annotations
 
@@ -173,20 +173,3 @@ def predict_cuda_placement(model, unsupported=UNSUPPORTED_ON_CUDA) -> Placement:
 
 def predict_file(path: str | os.PathLike) -> Placement:
     return predict_cuda_placement(basic_optimised(path))
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m pydiff.exporting.ort_placement",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("files", nargs="+")
-    for f in p.parse_args(argv).files:
-        r = predict_file(f)
-        top = ", ".join(f"{op} {c}" for op, c in r.cpu_nodes.most_common(4))
-        print(f"{f}: {r.nodes} nodes, {r.n_cpu} on the CPU ({top or 'none'}), {r.memcpy} Memcpy")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

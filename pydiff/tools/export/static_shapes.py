@@ -3,7 +3,7 @@
 The TorchScript exporter records every `x.shape[i]` the forward reads: a U-Net's GroupNorm and
 attention reshapes become ~80 `Shape -> Gather -> Unsqueeze -> Concat` chains feeding `Reshape`,
 `Slice` and `Unsqueeze`. ONNX Runtime's CUDA provider runs such integer chains on its CPU provider
-(`GetCpuPreferredNodes`; 315 nodes of the traced shapes base stage, pydiff.exporting.ort_placement):
+(`GetCpuPreferredNodes`; 315 nodes of the traced shapes base stage, pydiff.tools.export.ort_placement):
 host work between the device kernels of every call. TensorRT re-derives them for every shape. In a
 stage network every dimension but the batch is fixed, so each of these values is a constant, or a
 `Reshape`/`Expand` target whose entries that scale with the batch can say so without a shape op
@@ -17,7 +17,7 @@ value that changes with the batch raises ShapeFreezeError, and nothing is writte
 `freeze_shapes_file` rewrites a file atomically after checking, with every graph optimisation off,
 that the new graph's outputs are bit-identical to the old one's at batch sizes it did not probe.
 
-    python -m pydiff.exporting.static_shapes pydiff/bundled/shapes/base.onnx ...
+    pydiff export static-shapes pydiff/bundled/shapes/base.onnx ...
 """
 from __future__ import annotations
 
@@ -451,21 +451,3 @@ def freeze_shapes_file(path: str | os.PathLike, out: str | os.PathLike | None = 
     finally:
         Path(tmp).unlink(missing_ok=True)
     return rep
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m pydiff.exporting.static_shapes",
-                                description="fold shape arithmetic of batch-dynamic ONNX files in place")
-    p.add_argument("files", nargs="+")
-    args = p.parse_args(argv)
-    for f in args.files:
-        r = freeze_shapes_file(f)
-        print(f"{f}: nodes {r['nodes_before']} -> {r['nodes_after']}, "
-              f"Shape/Size {r['shape_ops_before']} -> {r['shape_ops_after']}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -2,16 +2,13 @@
 2021, Sec. 4: a classifier trained on noised images x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps at
 uniformly drawn t, with the diffusion model's schedule).
 
-``python -m pydiff.training.guidance_models train-classifier --out runs/digits_classifier``
+``pydiff guidance train-classifier --out runs/digits_classifier``
 writes ``model.safetensors`` (weights + config in the metadata; no pickle), ``config.json``,
 ``summary.json`` (held-out accuracy per t band) and ``train.log``.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -322,76 +319,40 @@ def _nparams(model) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pydiff.training.guidance_models")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train-classifier", help="noise-aware classifier (digits, or shapes combinations)")
-    t.add_argument("--task", choices=["digits", "shapes"], default="digits")
-    t.add_argument("--out", required=True)
-    t.add_argument("--steps", type=int, default=4000)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=1)
-    c = sub.add_parser("train-clip", help="noise-aware CLIP image encoder for the shapes base stage")
-    c.add_argument("--out", required=True)
-    c.add_argument("--text-encoder", default="runs/text_encoder")
-    c.add_argument("--steps", type=int, default=3000)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--threads", type=int, default=1)
-    x = sub.add_parser("export-clip", help="ONNX of grad_x f(x_t, t) . g(c), checked vs autograd")
-    x.add_argument("--run", required=True)
-    x.add_argument("--out", required=True)
-    x.add_argument("--package", help="also add a guidance_models entry to this package's manifest")
-    x.add_argument("--name", default="clip")
-    x.add_argument("--scale", type=float, default=100.0, help="the manifest's recommended scale")
-    e = sub.add_parser("export-classifier", help="ONNX of the input gradient, checked vs autograd")
-    e.add_argument("--run", required=True, help="training run directory (model.safetensors)")
-    e.add_argument("--out", required=True, help="ONNX file to write")
-    e.add_argument("--package", help="also add a guidance_models entry to this package's manifest")
-    e.add_argument("--name", default="classifier")
-    e.add_argument("--scale", type=float, default=10.0, help="the manifest's recommended scale")
-    a = p.parse_args(argv)
-    if a.cmd == "train-clip":
-        command = "python -m pydiff.training.guidance_models " + " ".join(shlex.quote(x) for x in sys.argv[1:])
-        s = train_clip(ClipTrainConfig(steps=a.steps, seed=a.seed, threads=a.threads,
-                                       text_encoder=a.text_encoder), a.out, command)
-        print(json.dumps(s, indent=1))
-    elif a.cmd == "export-clip":
-
-        torch.set_num_threads(1)
-        model = load_clip(Path(a.run) / WEIGHTS)
-        print(json.dumps(export_clip_gradient(model, a.out), indent=1))
-        if a.package:
-            add_guidance_model(a.package, a.out, name=a.name, kind="clip", model=model,
-                               recommended={"scale": a.scale},
-                               description=f"noise-aware CLIP image encoder ({_nparams(model)} parameters) "
-                                           f"against the frozen text encoder's pooled states")
-    elif a.cmd == "train-classifier":
-        command = "python -m pydiff.training.guidance_models " + " ".join(shlex.quote(x) for x in sys.argv[1:])
-        s = train_classifier(ClassifierTrainConfig.for_task(a.task, steps=a.steps, seed=a.seed,
-                                                            threads=a.threads), a.out, command)
-        print(json.dumps(s, indent=1))
-    else:
-
-        torch.set_num_threads(1)
-        rep = export_classifier_gradient(load_classifier(Path(a.run) / WEIGHTS), a.out)
-        print(json.dumps(rep, indent=1))
-        if a.package:
-            model = load_classifier(Path(a.run) / WEIGHTS)
-            task = json.loads((Path(a.run) / "config.json").read_text()).get("task", "digits")
-            names = None
-            if task == "shapes":
-
-                names = [S.caption(*c, template=0) for c in S.all_combos(include_held_out=True)]
-            add_guidance_model(a.package, a.out, name=a.name, kind="classifier", model=model,
-                               recommended={"scale": a.scale}, class_names=names,
-                               description=f"noise-aware CNN p(y | x_t, t), {round(_nparams(model) / 1000)}k "
-                                           f"parameters, trained on noised {task} (squaredcos_cap_v2, "
-                                           f"1000 steps)" + ("; class = (colour, shape, background), "
-                                                             "named by class_names; the 12 held-out "
-                                                             "combinations were never seen"
-                                                             if task == "shapes" else ""))
-    return 0
+def export_clip(run: str | Path, out: str | Path, package: str | Path | None = None, name: str = "clip",
+                scale: float = 100.0) -> dict:
+    """ONNX of grad_x f(x_t, t) . g(c) for the CLIP run `run` at `out`, checked against autograd;
+    with `package`, also a guidance_models entry in its manifest (recommended scale `scale`).
+    Returns the export's check figures."""
+    torch.set_num_threads(1)
+    model = load_clip(Path(run) / WEIGHTS)
+    rep = export_clip_gradient(model, out)
+    if package:
+        add_guidance_model(package, out, name=name, kind="clip", model=model, recommended={"scale": scale},
+                           description=f"noise-aware CLIP image encoder ({_nparams(model)} parameters) "
+                                       f"against the frozen text encoder's pooled states")
+    return rep
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def export_classifier(run: str | Path, out: str | Path, package: str | Path | None = None,
+                      name: str = "classifier", scale: float = 10.0) -> dict:
+    """ONNX of the input gradient of the classifier run `run` at `out`, checked against autograd;
+    with `package`, also a guidance_models entry in its manifest (recommended scale `scale`; a
+    shapes classifier's classes named by their captions). Returns the export's check figures."""
+    torch.set_num_threads(1)
+    rep = export_classifier_gradient(load_classifier(Path(run) / WEIGHTS), out)
+    if package:
+        model = load_classifier(Path(run) / WEIGHTS)
+        task = json.loads((Path(run) / "config.json").read_text()).get("task", "digits")
+        names = None
+        if task == "shapes":
+            names = [S.caption(*c, template=0) for c in S.all_combos(include_held_out=True)]
+        add_guidance_model(package, out, name=name, kind="classifier", model=model,
+                           recommended={"scale": scale}, class_names=names,
+                           description=f"noise-aware CNN p(y | x_t, t), {round(_nparams(model) / 1000)}k "
+                                       f"parameters, trained on noised {task} (squaredcos_cap_v2, "
+                                       f"1000 steps)" + ("; class = (colour, shape, background), "
+                                                         "named by class_names; the 12 held-out "
+                                                         "combinations were never seen"
+                                                         if task == "shapes" else ""))
+    return rep

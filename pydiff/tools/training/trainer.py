@@ -345,7 +345,7 @@ def load_torch_modules(runs: dict[str, str]) -> dict:
     mods = {}
     for name, run in runs.items():
         model, _ = load_run_model(run)
-        # The package stores the weights rounded to float16 (pydiff.exporting): run the same ones.
+        # The package stores the weights rounded to float16 (pydiff.tools.export): run the same ones.
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(p.half().float())
