@@ -2,7 +2,7 @@
 
     python benchmarks/repaint_gaussian.py
 
-Data x0 ~ N(0, [[1, rho], [rho, 1]]), rho = 0.95, with its closed-form eps (pydiff.testing); the
+Data x0 ~ N(0, [[1, rho], [rho, 1]]), rho = 0.95, with its closed-form eps (pydiff.tools.testing); the
 first coordinate is kept at 2, so the second's exact conditional is N(2 rho, 1 - rho^2) =
 N(1.90, 0.312^2). 4000 samples per row, linear beta schedule, seed 1 (tests/test_repaint.py
 asserts the first six rows' gap).

@@ -15,10 +15,11 @@ import pytest
 from pydiff import cli
 from pydiff.backends import BackendUnavailableError, create_backend
 from pydiff.backends import onnxruntime as ortb
+from pydiff.backends import ort as ort_leaf
 from pydiff.package import PackageError, load_package
 from pydiff.pipeline import bundled_path
 
-CPU, CUDA, TRT = ortb.CPU, ortb.CUDA, ortb.TENSORRT
+CPU, CUDA, TRT = ort_leaf.CPU, ort_leaf.CUDA, ort_leaf.TENSORRT
 
 
 @pytest.fixture(scope="module")
@@ -195,55 +196,55 @@ def test_stream_becomes_the_cuda_providers_user_compute_stream(monkeypatch):
     on = {"has_user_compute_stream": "1"}
     fp32 = {"use_tf32": "0"}
     want = [(CUDA, {"device_id": 0, **fp32, **on, "user_compute_stream": str(0x5A00)}), CPU]
-    assert ortb.resolve_providers("cuda", stream=0x5A00) == want
-    assert ortb.resolve_providers(None, stream=type("S", (), {"cuda_stream": 0x5A00})()) == want
-    assert ortb.resolve_providers([CUDA, CPU], device_id=3, stream=7) == [
+    assert ort_leaf.resolve_providers("cuda", stream=0x5A00) == want
+    assert ort_leaf.resolve_providers(None, stream=type("S", (), {"cuda_stream": 0x5A00})()) == want
+    assert ort_leaf.resolve_providers([CUDA, CPU], device_id=3, stream=7) == [
         (CUDA, {"device_id": 3, **on, "user_compute_stream": "7"}), CPU]
-    assert ortb.resolve_providers("tensorrt", stream=7)[1] == (
+    assert ort_leaf.resolve_providers("tensorrt", stream=7)[1] == (
         CUDA, {"device_id": 0, **fp32, **on, "user_compute_stream": "7"})
     # ORT takes a device's streams from its first provider: TensorRT computes on the stream too
     # (its option parser has no has_user_compute_stream)
-    trt_opts = ortb.resolve_providers("tensorrt", stream=7)[0][1]
-    assert ortb.resolve_providers("tensorrt", stream=7)[0][0] == TRT and trt_opts["user_compute_stream"] == "7"
+    trt_opts = ort_leaf.resolve_providers("tensorrt", stream=7)[0][1]
+    assert ort_leaf.resolve_providers("tensorrt", stream=7)[0][0] == TRT and trt_opts["user_compute_stream"] == "7"
     assert "has_user_compute_stream" not in trt_opts
     with pytest.raises(ValueError, match="only the CUDA provider.*providers='cuda'"):
-        ortb.resolve_providers("cpu", stream=7)
+        ort_leaf.resolve_providers("cpu", stream=7)
     with pytest.raises(ValueError, match="stream 0 .*legacy default stream"):
-        ortb.resolve_providers("cuda", stream=0)
+        ort_leaf.resolve_providers("cuda", stream=0)
     with pytest.raises(TypeError, match="stream must be an integer handle"):
-        ortb.resolve_providers("cuda", stream=1.5)
+        ort_leaf.resolve_providers("cuda", stream=1.5)
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
     with pytest.raises(BackendUnavailableError, match="lacks"):   # the missing provider is named first
-        ortb.resolve_providers(None, stream=7)
+        ort_leaf.resolve_providers(None, stream=7)
 
 
 def test_provider_choices(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: [TRT, CUDA, CPU])
-    assert ortb.resolve_providers("cpu") == [CPU]
+    assert ort_leaf.resolve_providers("cpu") == [CPU]
     fp32 = {"use_tf32": "0"}   # the CUDA provider pydiff picks: TF32 off (the CPU provider's images)
-    assert ortb.resolve_providers("cuda", device_id=2) == [(CUDA, {"device_id": 2, **fp32}), CPU]
-    trt = ortb.resolve_providers("TensorRT")   # its engine-cache options: test_ort_tensorrt_engines_are_cached
+    assert ort_leaf.resolve_providers("cuda", device_id=2) == [(CUDA, {"device_id": 2, **fp32}), CPU]
+    trt = ort_leaf.resolve_providers("TensorRT")   # its engine-cache options: test_ort_tensorrt_engines_are_cached
     assert trt[0][0] == TRT and trt[0][1]["device_id"] == 0 and trt[1:] == [(CUDA, {"device_id": 0, **fp32}), CPU]
-    assert ortb.resolve_providers("auto") == [(CUDA, {"device_id": 0, **fp32}), CPU]
-    assert ortb.resolve_providers(None) == [(CUDA, {"device_id": 0, **fp32}), CPU]
-    assert ortb.resolve_providers([CPU]) == [CPU]
-    assert ortb.resolve_providers([CUDA, CPU]) == [CUDA, CPU]   # a caller's list keeps ORT's defaults
+    assert ort_leaf.resolve_providers("auto") == [(CUDA, {"device_id": 0, **fp32}), CPU]
+    assert ort_leaf.resolve_providers(None) == [(CUDA, {"device_id": 0, **fp32}), CPU]
+    assert ort_leaf.resolve_providers([CPU]) == [CPU]
+    assert ort_leaf.resolve_providers([CUDA, CPU]) == [CUDA, CPU]   # a caller's list keeps ORT's defaults
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
-    assert ortb.resolve_providers(None) == [CPU]
+    assert ort_leaf.resolve_providers(None) == [CPU]
     with pytest.raises(ValueError, match="unknown provider 'gpu'.*'cuda'"):
-        ortb.resolve_providers("gpu")
+        ort_leaf.resolve_providers("gpu")
 
 
 def test_missing_cuda_provider_is_a_clear_error_or_an_auto_fallback(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
     for choice in ("cuda", "tensorrt", [CUDA, CPU]):
         with pytest.raises(BackendUnavailableError, match="lacks.*CUDAExecutionProvider.*pip install onnxruntime-gpu"):
-            ortb.resolve_providers(choice)
+            ort_leaf.resolve_providers(choice)
     with pytest.warns(RuntimeWarning, match="no CUDAExecutionProvider.*running on the CPU"):
-        assert ortb.resolve_providers("auto") == [CPU]
+        assert ort_leaf.resolve_providers("auto") == [CPU]
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # the default (None) stays silent, as before
-        assert ortb.resolve_providers(None) == [CPU]
+        assert ort_leaf.resolve_providers(None) == [CPU]
 
 
 def test_cli_provider_flag(tmp_path, capsys):
@@ -261,7 +262,7 @@ def test_cli_provider_flag(tmp_path, capsys):
 def test_ort_tensorrt_engines_are_cached(monkeypatch, tmp_path):
     monkeypatch.setattr(ort, "get_available_providers", lambda: [TRT, CUDA, CPU])
     monkeypatch.setenv("PYDIFF_TRT_CACHE", str(tmp_path))
-    trt, cuda, cpu = ortb.resolve_providers("tensorrt")
+    trt, cuda, cpu = ort_leaf.resolve_providers("tensorrt")
     # ORT's Python parser takes "True"/"False" for TensorRT's booleans (not "1")
     assert trt == (TRT, {"device_id": 0, "trt_engine_cache_enable": "True",
                          "trt_engine_cache_path": str(tmp_path / "ort")})
@@ -275,8 +276,8 @@ def test_a_gpu_provider_that_does_not_start_is_not_a_silent_cpu_run(monkeypatch)
     path = bundled_path("shapes") / "base.onnx"
     with pytest.warns(UserWarning):   # ORT's own "not in available provider names"
         with pytest.raises(BackendUnavailableError, match=r"could not start \['CUDAExecutionProvider'\]"):
-            ortb.create_session(path, [(CUDA, {"use_tf32": "0"}), CPU])
-        assert ortb.create_session(path, [(CUDA, {}), CPU], required=()).get_providers() == [CPU]
+            ort_leaf.create_session(path, [(CUDA, {"use_tf32": "0"}), CPU])
+        assert ort_leaf.create_session(path, [(CUDA, {}), CPU], required=()).get_providers() == [CPU]
     pkg = load_package(bundled_path("shapes"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -303,9 +304,9 @@ def test_a_provider_that_fails_to_start_is_told_from_a_bad_model(monkeypatch, tm
     path = bundled_path("shapes") / "base.onnx"
     with pytest.raises(BackendUnavailableError, match="could not start.*TensorrtExecutionProvider.*"
                                                       "Please install TensorRT"):
-        ortb.create_session(path, [(TRT, {}), CPU])
+        ort_leaf.create_session(path, [(TRT, {}), CPU])
     assert calls[0][1] == 0        # ORT's own retry (without the provider options) is off
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
     with pytest.raises(PackageError, match="ONNX Runtime cannot load this model"):
-        ortb.create_session(bad, [(TRT, {}), CPU])
+        ort_leaf.create_session(bad, [(TRT, {}), CPU])

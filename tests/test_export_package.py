@@ -243,7 +243,7 @@ def test_bundled_manifest_matches_onnx(name):
                                                         providers=["CPUExecutionProvider"]))
     assert (root / "TRAINING.md").is_file()
     text = (root / "TRAINING.md").read_text()
-    assert "python -m pydiff.training train" in text and "final loss" in text
+    assert "pydiff train" in text and "final loss" in text
 
 
 def test_import_refuses_what_pydiff_cannot_run(tmp_path):

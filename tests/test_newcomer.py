@@ -11,7 +11,6 @@ import pydiff
 from pydiff.errors import PackageError
 from pydiff.package import bundled_packages, load_package
 
-
 # -- a bundled package's name is accepted everywhere a package is
 
 

@@ -14,7 +14,7 @@ PROMPTS = ["a red circle on a blue background", "green square, white background"
 
 
 def test_runtime_does_not_import_torch():
-    code = ("import sys; import pydiff.text_encoder; "
+    code = ("import sys; import pydiff.backends.text_encoder; "
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parent)  # the installed pydiff

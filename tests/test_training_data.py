@@ -85,7 +85,7 @@ def test_caption_embedding_cache_is_keyed_on_the_encoding(tmp_path, monkeypatch)
     pytest.importorskip("torch")
     import json
 
-    import pydiff.backends.text_encoder as te
+    import pydiff.tools.training.tasks as te  # where caption_embeddings finds TextEncoder
     from pydiff.tools.training.tasks import caption_embeddings
 
     calls = []

@@ -158,7 +158,7 @@ class CLIPGuidance:
 
     def guidance_fn(self, states, mask, scale=1.0):
         """fn(x_t, t) -> scale * grad_x f(x_t, t) . g(c), for pydiff.sample(guidance_fn=...);
-        states [B, L, D] / mask [B, L] from the package's text encoder (pydiff.text_encoder)."""
+        states [B, L, D] / mask [B, L] from the package's text encoder (pydiff.backends.text_encoder)."""
         def fn(x, t):
             B = x.shape[0]
             s = _scales(scale, B, "CLIP guidance scale")

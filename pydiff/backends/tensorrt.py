@@ -14,7 +14,7 @@ truncated file is rebuilt with a warning.
 
 fp16: TensorRT 10 gets its FP16 builder flag (it then picks float16 or float32 per layer); TensorRT 11
 removed that flag (its networks are strongly typed), so there the ONNX graph is first rewritten to
-compute in float16 with float32 inputs and outputs (`pydiff.exporting.mixed_precision`, needs the
+compute in float16 with float32 inputs and outputs (`pydiff.backends.float16`, needs the
 `onnx` package) and built as a strongly typed network.
 """
 from __future__ import annotations
