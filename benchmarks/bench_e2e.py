@@ -5,6 +5,7 @@ Same as `pydiff bench`; see pydiff/tools/bench.py for what is measured. Example 
     python benchmarks/bench_e2e.py --batch 8 --steps 25 --thresholding dynamic --repeats 3 \
         --json-out benchmarks/results/e2e.json --chart benchmarks/results/e2e.png
 """
+
 from __future__ import annotations
 
 import sys

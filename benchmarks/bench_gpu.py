@@ -15,6 +15,7 @@
 
     python benchmarks/bench_gpu.py --json results/gpu.json [--checkpoint RUN_DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,14 @@ import numpy as np
 import pydiff
 from pydiff import cuda, ops
 
-BANDWIDTH_SHAPES = [(4, 3, 64, 64), (16, 3, 64, 64), (4, 3, 256, 256), (1, 4, 128, 128), (16, 3, 256, 256),
-                    (4, 3, 1024, 1024)]
+BANDWIDTH_SHAPES = [
+    (4, 3, 64, 64),
+    (16, 3, 64, 64),
+    (4, 3, 256, 256),
+    (1, 4, 128, 128),
+    (16, 3, 256, 256),
+    (4, 3, 1024, 1024),
+]
 STEP_SHAPES = [(16, 3, 64, 64), (16, 3, 256, 256), (4, 3, 1024, 1024)]
 GUIDANCE = 5.0
 STEPS = 50
@@ -44,8 +51,12 @@ def realistic_inputs(shape, alpha, sigma, seed=0):
     x0 = 0.4 * rng.standard_normal(shape, dtype=np.float32)
     eps = rng.standard_normal(shape, dtype=np.float32)
     x = (alpha * x0 + sigma * eps).astype(np.float32)
-    both = np.concatenate([eps + 0.02 * rng.standard_normal(shape, dtype=np.float32),
-                           eps + 0.02 * rng.standard_normal(shape, dtype=np.float32)])
+    both = np.concatenate(
+        [
+            eps + 0.02 * rng.standard_normal(shape, dtype=np.float32),
+            eps + 0.02 * rng.standard_normal(shape, dtype=np.float32),
+        ]
+    )
     return x, both.astype(np.float32)
 
 
@@ -90,8 +101,13 @@ def wall_time(torch, fn, calls=50, repeats=7) -> float:
 
 
 def schedule(thresholding: bool) -> pydiff.Schedule:
-    return pydiff.Schedule(beta_schedule="squaredcos_cap_v2", clip_sample=False, thresholding=thresholding,
-                           dynamic_thresholding_ratio=0.995, sample_max_value=1.5)
+    return pydiff.Schedule(
+        beta_schedule="squaredcos_cap_v2",
+        clip_sample=False,
+        thresholding=thresholding,
+        dynamic_thresholding_ratio=0.995,
+        sample_max_value=1.5,
+    )
 
 
 def bench_bandwidth(torch, shapes):
@@ -101,21 +117,45 @@ def bench_bandwidth(torch, shapes):
     p = ops.step_params(**fields)
     for shape in shapes:
         n = int(np.prod(shape))
-        x, both = (torch.from_numpy(a).cuda() for a in realistic_inputs(shape, fields["alpha"], fields["sigma"]))
+        x, both = (
+            torch.from_numpy(a).cuda() for a in realistic_inputs(shape, fields["alpha"], fields["sigma"])
+        )
         out = torch.empty_like(x)
         step_bytes = 4 * n * 4  # x, cond, uncond in; x_prev out
-        t_step = gpu_time(torch, lambda: cuda.fused_step(x, both, p, out=out, guidance_scale=GUIDANCE,
-                                                         stream=torch.cuda.current_stream().cuda_stream))
-        src = torch.ones(step_bytes // 8, device="cuda")  # a copy moves 2x its size: as many bytes as the step
+        t_step = gpu_time(
+            torch,
+            lambda: cuda.fused_step(
+                x, both, p, out=out, guidance_scale=GUIDANCE, stream=torch.cuda.current_stream().cuda_stream
+            ),
+        )
+        src = torch.ones(
+            step_bytes // 8, device="cuda"
+        )  # a copy moves 2x its size: as many bytes as the step
         dst = torch.empty_like(src)
         t_copy = gpu_time(torch, lambda: dst.copy_(src))
         dyn = ops.step_params(**pydiff.make_sampler("ddpm", schedule(True), STEPS).params(STEP_INDEX, seed=1))
         ws = torch.empty(cuda.workspace_bytes(shape[0], n // shape[0]), dtype=torch.uint8, device="cuda")
-        t_dyn = gpu_time(torch, lambda: cuda.fused_step(x, both, dyn, out=out, guidance_scale=GUIDANCE, workspace=ws,
-                                                        stream=torch.cuda.current_stream().cuda_stream))
-        row = dict(shape="x".join(map(str, shape)), step_us=t_step * 1e6, copy_us=t_copy * 1e6,
-                   step_GBps=step_bytes / t_step / 1e9, copy_GBps=step_bytes / t_copy / 1e9,
-                   fraction_of_copy=t_copy / t_step, dynamic_step_us=t_dyn * 1e6)
+        t_dyn = gpu_time(
+            torch,
+            lambda: cuda.fused_step(
+                x,
+                both,
+                dyn,
+                out=out,
+                guidance_scale=GUIDANCE,
+                workspace=ws,
+                stream=torch.cuda.current_stream().cuda_stream,
+            ),
+        )
+        row = dict(
+            shape="x".join(map(str, shape)),
+            step_us=t_step * 1e6,
+            copy_us=t_copy * 1e6,
+            step_GBps=step_bytes / t_step / 1e9,
+            copy_GBps=step_bytes / t_copy / 1e9,
+            fraction_of_copy=t_copy / t_step,
+            dynamic_step_us=t_dyn * 1e6,
+        )
         rows.append(row)
         print("bandwidth", json.dumps(row), flush=True)
         del x, both, out, src, dst
@@ -123,8 +163,14 @@ def bench_bandwidth(torch, shapes):
 
 
 def diffusers_step(torch, diffusers, sampler, thresholding, x, both, t):
-    cfg = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", thresholding=thresholding,
-               dynamic_thresholding_ratio=0.995, sample_max_value=1.5, clip_sample=False)
+    cfg = dict(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        thresholding=thresholding,
+        dynamic_thresholding_ratio=0.995,
+        sample_max_value=1.5,
+        clip_sample=False,
+    )
     s = (diffusers.DDPMScheduler if sampler == "ddpm" else diffusers.DDIMScheduler)(**cfg)
     s.set_timesteps(STEPS)
 
@@ -158,17 +204,27 @@ def bench_per_step(torch, shapes, rounds=5):
             smp = pydiff.make_sampler(sampler, schedule(thr), STEPS)
             fields = smp.params(STEP_INDEX, seed=1)
             p = ops.step_params(**fields)
-            x, both = (torch.from_numpy(a).cuda() for a in realistic_inputs(shape, fields["alpha"], fields["sigma"]))
+            x, both = (
+                torch.from_numpy(a).cuda() for a in realistic_inputs(shape, fields["alpha"], fields["sigma"])
+            )
             out = torch.empty_like(x)
             thresholds = torch.empty(shape[0], device="cuda")
             # as a plain call allocates its scratch (stream-ordered), and with the caller's workspace
             ws = torch.empty(cuda.workspace_bytes(shape[0], x[0].numel()), dtype=torch.uint8, device="cuda")
             t = int(smp.timesteps[STEP_INDEX])
-            times = interleaved(torch, {
-                "pydiff": lambda: cuda.fused_step(x, both, p, out=out, guidance_scale=GUIDANCE, thresholds=thresholds),
-                "pydiff_ws": lambda: cuda.fused_step(x, both, p, out=out, guidance_scale=GUIDANCE,
-                                                     thresholds=thresholds, workspace=ws),
-                "diffusers": diffusers_step(torch, diffusers, sampler, thr, x, both, t)}, rounds)
+            times = interleaved(
+                torch,
+                {
+                    "pydiff": lambda: cuda.fused_step(
+                        x, both, p, out=out, guidance_scale=GUIDANCE, thresholds=thresholds
+                    ),
+                    "pydiff_ws": lambda: cuda.fused_step(
+                        x, both, p, out=out, guidance_scale=GUIDANCE, thresholds=thresholds, workspace=ws
+                    ),
+                    "diffusers": diffusers_step(torch, diffusers, sampler, thr, x, both, t),
+                },
+                rounds,
+            )
             # the two agree (DDIM exactly up to rounding; DDPM up to its noise, so compare the mean)
             ref = diffusers_step(torch, diffusers, sampler, thr, x, both, t)()
             cuda.fused_step(x, both, p, out=out, guidance_scale=GUIDANCE, thresholds=thresholds)
@@ -181,15 +237,33 @@ def bench_per_step(torch, shapes, rounds=5):
             med = {k: statistics.median(v) for k, v in times.items()}
             ratios = [d / o for d, o in zip(times["diffusers"], times["pydiff"])]
             ratios_ws = [d / o for d, o in zip(times["diffusers"], times["pydiff_ws"])]
-            row = dict(shape="x".join(map(str, shape)), sampler=sampler, thresholding="dynamic" if thr else "off",
-                       pydiff_us=med["pydiff"] * 1e6, pydiff_workspace_us=med["pydiff_ws"] * 1e6,
-                       diffusers_us=med["diffusers"] * 1e6, speedup=statistics.median(ratios),
-                       speedup_workspace=statistics.median(ratios_ws), rounds=rounds,
-                       speedup_range=[min(ratios), max(ratios)],
-                       gpu_only_pydiff_us=gpu_time(torch, lambda: cuda.fused_step(
-                           x, both, p, out=out, guidance_scale=GUIDANCE, workspace=ws,
-                           stream=torch.cuda.current_stream().cuda_stream)) * 1e6,
-                       agreement=agree, selected_fraction=sel)
+            row = dict(
+                shape="x".join(map(str, shape)),
+                sampler=sampler,
+                thresholding="dynamic" if thr else "off",
+                pydiff_us=med["pydiff"] * 1e6,
+                pydiff_workspace_us=med["pydiff_ws"] * 1e6,
+                diffusers_us=med["diffusers"] * 1e6,
+                speedup=statistics.median(ratios),
+                speedup_workspace=statistics.median(ratios_ws),
+                rounds=rounds,
+                speedup_range=[min(ratios), max(ratios)],
+                gpu_only_pydiff_us=gpu_time(
+                    torch,
+                    lambda: cuda.fused_step(
+                        x,
+                        both,
+                        p,
+                        out=out,
+                        guidance_scale=GUIDANCE,
+                        workspace=ws,
+                        stream=torch.cuda.current_stream().cuda_stream,
+                    ),
+                )
+                * 1e6,
+                agreement=agree,
+                selected_fraction=sel,
+            )
             rows.append(row)
             print("per_step", json.dumps(row), flush=True)
             del x, both, out, ws
@@ -212,9 +286,15 @@ def graph_row(torch, make_network, plan, shape, label, B, stream=None):
             r.run(x_T)
             times.append(time.perf_counter() - t0)
         res[graph] = len(plan) / statistics.median(times)
-    row = dict(network=label, batch=B, steps=len(plan), eager_steps_per_s=res[False], graph_steps_per_s=res[True],
-               graph_speedup=res[True] / res[False],
-               graph_vs_eager_max_abs=float((outs[True] - outs[False]).abs().max()))
+    row = dict(
+        network=label,
+        batch=B,
+        steps=len(plan),
+        eager_steps_per_s=res[False],
+        graph_steps_per_s=res[True],
+        graph_speedup=res[True] / res[False],
+        graph_vs_eager_max_abs=float((outs[True] - outs[False]).abs().max()),
+    )
     print("graph", json.dumps(row), flush=True)
     return row
 
@@ -274,12 +354,14 @@ def bench_graph(torch, checkpoint, batches=(1, 8), fp16_onnx=None):
             model = pydiff.load(providers="cuda", stream=stream).backend.model(stage.name)
         elif label == "onnxruntime-cuda-fp16":
             model = pydiff.load(float16_package(fp16_onnx), providers="cuda", stream=stream).backend.model(
-                stage.name)
+                stage.name
+            )
         elif label.startswith("tensorrt"):
             import tempfile
 
-            model = pydiff.load(backend="tensorrt", cache_dir=tempfile.mkdtemp(), providers="cpu",
-                                fp16=label.endswith("fp16")).backend.model(stage.name)
+            model = pydiff.load(
+                backend="tensorrt", cache_dir=tempfile.mkdtemp(), providers="cpu", fp16=label.endswith("fp16")
+            ).backend.model(stage.name)
         for B in batches:
             states, mask = enc.encode(["a red circle on a blue background"] * B + [""] * B)
             shape = (B, stage.channels, stage.resolution, stage.resolution)
@@ -289,13 +371,17 @@ def bench_graph(torch, checkpoint, batches=(1, 8), fp16_onnx=None):
                 def make_network():
                     def network(x, t):
                         with torch.inference_mode():
-                            return net(sample=x, timestep=t, encoder_hidden_states=st, encoder_attention_mask=mk)
+                            return net(
+                                sample=x, timestep=t, encoder_hidden_states=st, encoder_attention_mask=mk
+                            )
+
                     return network
             else:
                 cond = {"encoder_hidden_states": states, "encoder_attention_mask": mask}
 
                 def make_network():
                     return StageNetwork(model, cond)
+
             try:
                 rows.append(graph_row(torch, make_network, plan, shape, label, B, stream=stream))
             except Exception as e:  # keep the other networks' rows
@@ -311,7 +397,9 @@ def profile_dynamic(torch, shape=(16, 3, 256, 256)):
     p = ops.step_params(**fields)
     x, both = (torch.from_numpy(a).cuda() for a in realistic_inputs(shape, fields["alpha"], fields["sigma"]))
     out = torch.empty_like(x)
-    ws = torch.empty(cuda.workspace_bytes(shape[0], int(np.prod(shape[1:]))), dtype=torch.uint8, device="cuda")
+    ws = torch.empty(
+        cuda.workspace_bytes(shape[0], int(np.prod(shape[1:]))), dtype=torch.uint8, device="cuda"
+    )
     for _ in range(5):
         cuda.fused_step(x, both, p, out=out, guidance_scale=GUIDANCE, workspace=ws)
     torch.cuda.synchronize()
@@ -331,39 +419,65 @@ def markdown(path) -> str:
     r = json.load(open(path))
     out = [f"GPU: {r['meta']['gpu']}, torch {r['meta']['torch']}"]
     if r.get("bandwidth"):
-        out += ["", "| shape | fused step (us) | copy of as many bytes (us) | step GB/s | fraction of copy | "
-                "dynamic-threshold step (us) |", "|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "| shape | fused step (us) | copy of as many bytes (us) | step GB/s | fraction of copy | "
+            "dynamic-threshold step (us) |",
+            "|---|---|---|---|---|---|",
+        ]
     for b in r.get("bandwidth", []):
-        out.append(f"| {b['shape']} | {b['step_us']:.1f} | {b['copy_us']:.1f} | {b['step_GBps']:.0f} | "
-                   f"{b['fraction_of_copy']:.2f} | {b['dynamic_step_us']:.1f} |")
+        out.append(
+            f"| {b['shape']} | {b['step_us']:.1f} | {b['copy_us']:.1f} | {b['step_GBps']:.0f} | "
+            f"{b['fraction_of_copy']:.2f} | {b['dynamic_step_us']:.1f} |"
+        )
     if r.get("per_step"):
-        out += ["", "| shape | step | thresholding | pydiff wall (us) | pydiff GPU (us) | diffusers + torch CFG (us) | "
-                "speedup | with a workspace | agreement |", "|---|---|---|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "| shape | step | thresholding | pydiff wall (us) | pydiff GPU (us) | diffusers + torch CFG (us) | "
+            "speedup | with a workspace | agreement |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
     for p in r.get("per_step", []):
-        ws = (f"{p['pydiff_workspace_us']:.1f} us, {p['speedup_workspace']:.1f}x"
-              if "speedup_workspace" in p else "not measured")
-        spread = (f" ({p['speedup_range'][0]:.1f}-{p['speedup_range'][1]:.1f} over {p['rounds']} rounds)"
-                  if "speedup_range" in p else "")
-        out.append(f"| {p['shape']} | {p['sampler']} | {p['thresholding']} | {p['pydiff_us']:.1f} | "
-                   f"{p['gpu_only_pydiff_us']:.1f} | {p['diffusers_us']:.1f} | {p['speedup']:.1f}x{spread} | "
-                   f"{ws} | {p['agreement']:.1e} |")
+        ws = (
+            f"{p['pydiff_workspace_us']:.1f} us, {p['speedup_workspace']:.1f}x"
+            if "speedup_workspace" in p
+            else "not measured"
+        )
+        spread = (
+            f" ({p['speedup_range'][0]:.1f}-{p['speedup_range'][1]:.1f} over {p['rounds']} rounds)"
+            if "speedup_range" in p
+            else ""
+        )
+        out.append(
+            f"| {p['shape']} | {p['sampler']} | {p['thresholding']} | {p['pydiff_us']:.1f} | "
+            f"{p['gpu_only_pydiff_us']:.1f} | {p['diffusers_us']:.1f} | {p['speedup']:.1f}x{spread} | "
+            f"{ws} | {p['agreement']:.1e} |"
+        )
     if r.get("graph"):
-        out += ["", "| network | batch (x2 with CFG) | steps | eager steps/s | CUDA-graph steps/s | speedup | "
-                "max abs(graph - eager) |", "|---|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "| network | batch (x2 with CFG) | steps | eager steps/s | CUDA-graph steps/s | speedup | "
+            "max abs(graph - eager) |",
+            "|---|---|---|---|---|---|---|",
+        ]
     for g in r.get("graph", []):
         net = g.get("network", "torch")
         if "error" in g:
             out.append(f"| {net} | {g['batch']} | failed: {g['error']} | | | | |")
             continue
-        out.append(f"| {net} | {g['batch']} | {g['steps']} | {g['eager_steps_per_s']:.0f} | "
-                   f"{g['graph_steps_per_s']:.0f} | {g['graph_speedup']:.1f}x | {g['graph_vs_eager_max_abs']:.1g} |")
+        out.append(
+            f"| {net} | {g['batch']} | {g['steps']} | {g['eager_steps_per_s']:.0f} | "
+            f"{g['graph_steps_per_s']:.0f} | {g['graph_speedup']:.1f}x | {g['graph_vs_eager_max_abs']:.1g} |"
+        )
     return "\n".join(out)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--markdown", metavar="JSON", help="print Markdown tables of an earlier --json run and exit")
+    ap.add_argument(
+        "--markdown", metavar="JSON", help="print Markdown tables of an earlier --json run and exit"
+    )
     ap.add_argument("--checkpoint", help="training run of the shapes base stage (for the graph benchmark)")
     ap.add_argument("--fp16-onnx", help="the float16 rewrite of the shapes base network (graph benchmark)")
     ap.add_argument("--only", choices=["bandwidth", "per_step", "graph", "profile"], nargs="*")
@@ -378,13 +492,21 @@ def main(argv=None):
     if not cuda.available():
         sys.exit("bench_gpu: no GPU, or pydiff built without PYDIFF_CUDA=1")
     torch.backends.cudnn.benchmark = True
-    results = dict(meta=dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                             python=platform.python_version(), pydiff=pydiff.__version__))
+    results = dict(
+        meta=dict(
+            gpu=torch.cuda.get_device_name(),
+            torch=torch.__version__,
+            python=platform.python_version(),
+            pydiff=pydiff.__version__,
+        )
+    )
     want = set(args.only or ["bandwidth", "per_step", "graph", "profile"])
-    for name, fn in (("bandwidth", lambda: bench_bandwidth(torch, BANDWIDTH_SHAPES)),
-                     ("per_step", lambda: bench_per_step(torch, STEP_SHAPES)),
-                     ("graph", lambda: bench_graph(torch, args.checkpoint, fp16_onnx=args.fp16_onnx)),
-                     ("profile", lambda: profile_dynamic(torch))):
+    for name, fn in (
+        ("bandwidth", lambda: bench_bandwidth(torch, BANDWIDTH_SHAPES)),
+        ("per_step", lambda: bench_per_step(torch, STEP_SHAPES)),
+        ("graph", lambda: bench_graph(torch, args.checkpoint, fp16_onnx=args.fp16_onnx)),
+        ("profile", lambda: profile_dynamic(torch)),
+    ):
         if name not in want:
             continue
         try:

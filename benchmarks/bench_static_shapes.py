@@ -7,6 +7,7 @@ Memcpy), and ONNX Runtime CPU time per call, the two graphs alternating in one r
 The networks are the bundled presets with random weights (timing does not depend on the values),
 exported twice by export_stage_onnx: static_shapes=False and True.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,13 @@ def graph_figures(path: str) -> dict:
         ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         basic = onnx.load(so.optimized_model_filepath)
     m = onnx.load(path)
-    return {"nodes": len(m.graph.node), "shape_ops": count_shape_ops(m),
-            "nodes_after_basic": len(basic.graph.node), "shape_ops_after_basic": count_shape_ops(basic),
-            "computed_cpu_side_inputs": len(computed_cpu_side_inputs(basic))}
+    return {
+        "nodes": len(m.graph.node),
+        "shape_ops": count_shape_ops(m),
+        "nodes_after_basic": len(basic.graph.node),
+        "shape_ops_after_basic": count_shape_ops(basic),
+        "computed_cpu_side_inputs": len(computed_cpu_side_inputs(basic)),
+    }
 
 
 def main() -> int:
@@ -61,20 +66,32 @@ def main() -> int:
             with torch.no_grad():
                 for q in net.parameters():
                     q.add_(torch.randn_like(q) * 0.02)
-            kw = dict(channels=cfg.in_channels, resolution=res, text_dim=cfg.text_dim or 384,
-                      num_classes=cfg.num_classes or 10)
+            kw = dict(
+                channels=cfg.in_channels,
+                resolution=res,
+                text_dim=cfg.text_dim or 384,
+                num_classes=cfg.num_classes or 10,
+            )
             files = {}
             for static in (False, True):
-                rep = export_stage_onnx(net, cfg.input_names(), Path(d) / f"{preset}-{static}.onnx",
-                                        static_shapes=static, fp16_weights=True, **kw)
+                rep = export_stage_onnx(
+                    net,
+                    cfg.input_names(),
+                    Path(d) / f"{preset}-{static}.onnx",
+                    static_shapes=static,
+                    fp16_weights=True,
+                    **kw,
+                )
                 files["static" if static else "traced"] = rep["tmp_path"]
             so = ort.SessionOptions()
             so.intra_op_num_threads = args.threads
-            sess = {k: ort.InferenceSession(f, so, providers=["CPUExecutionProvider"]) for k, f in files.items()}
+            sess = {
+                k: ort.InferenceSession(f, so, providers=["CPUExecutionProvider"]) for k, f in files.items()
+            }
             for batch in (2, 8):  # 2 = one image with classifier-free guidance
                 x = example_inputs(cfg.input_names(), batch, seed=1, **kw)
                 outs = {k: s.run(None, x)[0] for k, s in sess.items()}
-                for s_ in sess.values():   # warm both: ORT's first calls allocate and tune
+                for s_ in sess.values():  # warm both: ORT's first calls allocate and tune
                     _time(s_, x, 5)
                 n = max(3, int(0.3 / max(1e-4, _time(sess["traced"], x, 1))))
                 times = {k: [] for k in sess}
@@ -83,28 +100,40 @@ def main() -> int:
                         times[k].append(_time(s, x, n))
                 med = {k: float(np.median(v)) for k, v in times.items()}
                 ratios = [a / b for a, b in zip(times["traced"], times["static"])]
-                rows.append({"preset": preset, "resolution": res, "batch": batch,
-                             "traced_ms": med["traced"] * 1e3, "static_ms": med["static"] * 1e3,
-                             "speedup_median": float(np.median(ratios)),
-                             "speedup_of_medians": med["traced"] / med["static"],
-                             "speedup_range": [float(min(ratios)), float(max(ratios))],
-                             "max_abs_diff": float(np.abs(outs["traced"] - outs["static"]).max()),
-                             "traced": graph_figures(files["traced"]),
-                             "static": graph_figures(files["static"])})
-    print("| network | batch | nodes (after ORT basic) | Shape ops | computed CPU-side inputs | "
-          "traced ms | static ms | speedup: median of rounds (range); of medians | max abs diff |")
+                rows.append(
+                    {
+                        "preset": preset,
+                        "resolution": res,
+                        "batch": batch,
+                        "traced_ms": med["traced"] * 1e3,
+                        "static_ms": med["static"] * 1e3,
+                        "speedup_median": float(np.median(ratios)),
+                        "speedup_of_medians": med["traced"] / med["static"],
+                        "speedup_range": [float(min(ratios)), float(max(ratios))],
+                        "max_abs_diff": float(np.abs(outs["traced"] - outs["static"]).max()),
+                        "traced": graph_figures(files["traced"]),
+                        "static": graph_figures(files["static"]),
+                    }
+                )
+    print(
+        "| network | batch | nodes (after ORT basic) | Shape ops | computed CPU-side inputs | "
+        "traced ms | static ms | speedup: median of rounds (range); of medians | max abs diff |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t, s = r["traced"], r["static"]
-        print(f"| {r['preset']} {r['resolution']}x{r['resolution']} | {r['batch']} | "
-              f"{t['nodes_after_basic']} -> {s['nodes_after_basic']} | {t['shape_ops_after_basic']} -> "
-              f"{s['shape_ops_after_basic']} | {t['computed_cpu_side_inputs']} -> {s['computed_cpu_side_inputs']} | "
-              f"{r['traced_ms']:.2f} | {r['static_ms']:.2f} | {r['speedup_median']:.2f}x "
-              f"({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}); {r['speedup_of_medians']:.2f}x | "
-              f"{r['max_abs_diff']:.1e} |")
+        print(
+            f"| {r['preset']} {r['resolution']}x{r['resolution']} | {r['batch']} | "
+            f"{t['nodes_after_basic']} -> {s['nodes_after_basic']} | {t['shape_ops_after_basic']} -> "
+            f"{s['shape_ops_after_basic']} | {t['computed_cpu_side_inputs']} -> {s['computed_cpu_side_inputs']} | "
+            f"{r['traced_ms']:.2f} | {r['static_ms']:.2f} | {r['speedup_median']:.2f}x "
+            f"({r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}); {r['speedup_of_medians']:.2f}x | "
+            f"{r['max_abs_diff']:.1e} |"
+        )
     if args.out:
-        Path(args.out).write_text(json.dumps({"threads": args.threads, "rounds": args.rounds,
-                                              "rows": rows}, indent=1) + "\n")
+        Path(args.out).write_text(
+            json.dumps({"threads": args.threads, "rounds": args.rounds, "rows": rows}, indent=1) + "\n"
+        )
     return 0
 
 

@@ -10,6 +10,7 @@ timed at the same thread count (torch's copy_; NumPy's single-threaded copy with
     python benchmarks/bench_step.py                 # table on stdout
     python benchmarks/bench_step.py --json out.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,13 +80,23 @@ def realistic_inputs(shape, alpha: float, sigma: float):
 
 def schedule_for(thresholding: bool) -> pydiff.Schedule:
     # sample_max_value > 1 so that the quantile is really selected (with 1.0 it is clamp(-1, 1)).
-    return pydiff.Schedule(beta_schedule="squaredcos_cap_v2", clip_sample=False, thresholding=thresholding,
-                           dynamic_thresholding_ratio=0.995, sample_max_value=1.5)
+    return pydiff.Schedule(
+        beta_schedule="squaredcos_cap_v2",
+        clip_sample=False,
+        thresholding=thresholding,
+        dynamic_thresholding_ratio=0.995,
+        sample_max_value=1.5,
+    )
 
 
 def make_diffusers_step(sampler, sched_cfg, shape, alpha, sigma, torch, diffusers):
-    cfg = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", thresholding=sched_cfg.thresholding,
-               dynamic_thresholding_ratio=0.995, sample_max_value=1.5)
+    cfg = dict(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        thresholding=sched_cfg.thresholding,
+        dynamic_thresholding_ratio=0.995,
+        sample_max_value=1.5,
+    )
     if sampler == "ddpm":
         s = diffusers.DDPMScheduler(**cfg, clip_sample=False)
     elif sampler == "ddim":
@@ -119,12 +130,16 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--shapes", default=None, help="e.g. 16x3x64x64,4x3x256x256")
     ap.add_argument("--no-reference", action="store_true", help="skip the (slow) NumPy reference")
-    ap.add_argument("--markdown", metavar="JSON", help="print a Markdown table of an earlier --json run and exit")
+    ap.add_argument(
+        "--markdown", metavar="JSON", help="print a Markdown table of an earlier --json run and exit"
+    )
     args = ap.parse_args(argv)
     if args.markdown:
         print(markdown_table(args.markdown))
         return None
-    shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes = (
+        SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    )
     try:
         import diffusers
         import torch
@@ -147,12 +162,18 @@ def main(argv=None):
                 arrays = 4 + (2 if sampler == "dpmpp_2m" else 0)
                 prev = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
                 p = ops.step_params(**fields)
-                kw = dict(guidance_scale=GUIDANCE)   # out=None: a new output each step, as diffusers
+                kw = dict(guidance_scale=GUIDANCE)  # out=None: a new output each step, as diffusers
                 if sampler == "dpmpp_2m":
                     kw.update(x0_prev=prev)
                 thresholds = np.empty(shape[0], np.float32)
-                ops.fused_step(x, both, p, guidance_scale=GUIDANCE, thresholds=thresholds,
-                               **({"x0_prev": prev} if sampler == "dpmpp_2m" else {}))
+                ops.fused_step(
+                    x,
+                    both,
+                    p,
+                    guidance_scale=GUIDANCE,
+                    thresholds=thresholds,
+                    **({"x0_prev": prev} if sampler == "dpmpp_2m" else {}),
+                )
                 selected = float(np.mean((thresholds > 1) & (thresholds < 1.5))) if thr else 0.0
                 for nt in args.threads:
                     ops.set_num_threads(nt)
@@ -160,32 +181,53 @@ def main(argv=None):
                     fns = {"pydiff": lambda: ops.fused_step(x, both, p, **kw)}
                     if torch is not None:
                         torch.set_num_threads(nt)
-                        fns["diffusers"] = make_diffusers_step(sampler, sched, shape, fields["alpha"], fields["sigma"],
-                                                               torch, diffusers)
+                        fns["diffusers"] = make_diffusers_step(
+                            sampler, sched, shape, fields["alpha"], fields["sigma"], torch, diffusers
+                        )
                     times = interleaved(fns, args.rounds, per_round)
-                    row = dict(shape="x".join(map(str, shape)), sampler=sampler,
-                               thresholding="dynamic" if thr else "off", threads=nt,
-                               pydiff_ms=statistics.median(times["pydiff"]) * 1e3, floor_ms=floor * 1e3,
-                               copy_GBps=arrays * 4 * n / floor / 1e9, selected_fraction=selected)
+                    row = dict(
+                        shape="x".join(map(str, shape)),
+                        sampler=sampler,
+                        thresholding="dynamic" if thr else "off",
+                        threads=nt,
+                        pydiff_ms=statistics.median(times["pydiff"]) * 1e3,
+                        floor_ms=floor * 1e3,
+                        copy_GBps=arrays * 4 * n / floor / 1e9,
+                        selected_fraction=selected,
+                    )
                     if torch is not None:
                         ratios = [d / q for d, q in zip(times["diffusers"], times["pydiff"])]
                         row["diffusers_ms"] = statistics.median(times["diffusers"]) * 1e3
                         row["speedup_vs_diffusers"] = statistics.median(ratios)
                         row["speedup_range"] = [min(ratios), max(ratios)]
                     if not args.no_reference and nt == args.threads[0]:
-                        ref = lambda: reference.fused_step(x, both, fields, guided=True, guidance_scale=GUIDANCE,  # noqa: E731
-                                                           x0_prev=prev if sampler == "dpmpp_2m" else None)
+                        ref = lambda: reference.fused_step(
+                            x,
+                            both,
+                            fields,
+                            guided=True,
+                            guidance_scale=GUIDANCE,  # noqa: E731
+                            x0_prev=prev if sampler == "dpmpp_2m" else None,
+                        )
                         row["numpy_ms"] = median_time(ref, max(3, args.repeat // 10), warmup=1) * 1e3
                     row["x_floor"] = row["pydiff_ms"] / row["floor_ms"]
                     rows.append(row)
                     print(_fmt(row), flush=True)
         ops.set_num_threads(0)
     if args.json:
-        meta = dict(machine=platform.processor() or platform.machine(), python=platform.python_version(),
-                    pydiff=pydiff.__version__, guidance=GUIDANCE, steps=STEPS, step_index=STEP_INDEX,
-                    repeat=args.repeat, rounds=args.rounds, floor="torch copy_ at the row's threads"
-                    if torch is not None else "numpy copyto, 1 thread",
-                    diffusers=getattr(diffusers, "__version__", None), torch=getattr(torch, "__version__", None))
+        meta = dict(
+            machine=platform.processor() or platform.machine(),
+            python=platform.python_version(),
+            pydiff=pydiff.__version__,
+            guidance=GUIDANCE,
+            steps=STEPS,
+            step_index=STEP_INDEX,
+            repeat=args.repeat,
+            rounds=args.rounds,
+            floor="torch copy_ at the row's threads" if torch is not None else "numpy copyto, 1 thread",
+            diffusers=getattr(diffusers, "__version__", None),
+            torch=getattr(torch, "__version__", None),
+        )
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     return rows
@@ -198,16 +240,20 @@ def markdown_table(path) -> str:
     by = {}
     for r in rows:
         by.setdefault((r["shape"], r["sampler"], r["thresholding"]), {})[r["threads"]] = r
-    out = ["| shape | sampler | thresholding | pydiff 1 thr | pydiff 2 thr | diffusers 2 thr | speed-up (2 thr) "
-           "| floor (2 thr) | pydiff / floor (2 thr) | NumPy reference |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| shape | sampler | thresholding | pydiff 1 thr | pydiff 2 thr | diffusers 2 thr | speed-up (2 thr) "
+        "| floor (2 thr) | pydiff / floor (2 thr) | NumPy reference |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for (shape, sampler, thr), t in by.items():
         one, two = t.get(1, {}), t.get(2, {})
         sel = f" ({one['selected_fraction']:.0%} selected)" if thr == "dynamic" and one else ""
-        out.append(f"| {shape} | {sampler} | {thr}{sel} | {one.get('pydiff_ms', float('nan')):.3f} ms "
-                   f"| {two.get('pydiff_ms', float('nan')):.3f} ms | {two.get('diffusers_ms', float('nan')):.3f} ms "
-                   f"| {_speedup(two)} | {two.get('floor_ms', float('nan')):.3f} ms "
-                   f"| {two.get('x_floor', float('nan')):.2f}x | {one.get('numpy_ms', float('nan')):.2f} ms |")
+        out.append(
+            f"| {shape} | {sampler} | {thr}{sel} | {one.get('pydiff_ms', float('nan')):.3f} ms "
+            f"| {two.get('pydiff_ms', float('nan')):.3f} ms | {two.get('diffusers_ms', float('nan')):.3f} ms "
+            f"| {_speedup(two)} | {two.get('floor_ms', float('nan')):.3f} ms "
+            f"| {two.get('x_floor', float('nan')):.2f}x | {one.get('numpy_ms', float('nan')):.2f} ms |"
+        )
     return "\n".join(out)
 
 

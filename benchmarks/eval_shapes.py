@@ -1,7 +1,8 @@
 """Shapes alignment of a package (default: the bundled cascade); `pydiff eval shapes` (pydiff.tools.eval.packages).
 
-    python benchmarks/eval_shapes.py [--model DIR] [--n 200] [--grid samples.png]
+python benchmarks/eval_shapes.py [--model DIR] [--n 200] [--grid samples.png]
 """
+
 import sys
 
 from pydiff.cli import main

@@ -5,6 +5,7 @@
     python benchmarks/guidance_sweep.py --dataset shapes --base-only     # shapes, its 16x16 base stage
 writes benchmarks/results/guidance_sweep_{digits,shapes}.{json,png}; options: pydiff eval guidance --help.
 """
+
 import sys
 from pathlib import Path
 

@@ -6,6 +6,7 @@ Rows: each task's input (the regenerated region in grey), then the result withou
 (jump_n_sample 1), then with the package's resampling; the tasks are pydiff.tools.eval.packages'
 `inpaint_cases` (complete half a shape from its own caption; replace a shape by another).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,22 @@ def main(argv=None) -> int:
         shown = [np.where(c[task][0][..., None], 0.85, c["image"] / 255.0) for c in cases]
         rows.append(np.stack(shown))
         for extra in ({"jump_n_sample": {base: 1}}, {}):
-            rows.append(np.concatenate([
-                pipe.inpaint(c["image"], c[task][0], c[task][1], seed=i, progress=False,
-                             output_type="numpy", **extra) for i, c in enumerate(cases)]))
+            rows.append(
+                np.concatenate(
+                    [
+                        pipe.inpaint(
+                            c["image"],
+                            c[task][0],
+                            c[task][1],
+                            seed=i,
+                            progress=False,
+                            output_type="numpy",
+                            **extra,
+                        )
+                        for i, c in enumerate(cases)
+                    ]
+                )
+            )
     save_image_grid(np.concatenate(rows), a.out, cols=a.n, scale=2)
     print(a.out)
     return 0

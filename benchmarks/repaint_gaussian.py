@@ -7,14 +7,23 @@ first coordinate is kept at 2, so the second's exact conditional is N(2 rho, 1 -
 N(1.90, 0.312^2). 4000 samples per row, linear beta schedule, seed 1 (tests/test_repaint.py
 asserts the first six rows' gap).
 """
+
 import numpy as np
 
 import pydiff
 from pydiff.tools.testing import gaussian_eps_model
 
 RHO = 0.95
-ROWS = [("ddpm", 50, 5, 1), ("ddpm", 50, 5, 10), ("ddim", 50, 5, 1), ("ddim", 50, 5, 10),
-        ("dpmpp_2m", 25, 5, 1), ("dpmpp_2m", 25, 5, 10), ("ddpm", 250, 10, 1), ("ddpm", 250, 10, 10)]
+ROWS = [
+    ("ddpm", 50, 5, 1),
+    ("ddpm", 50, 5, 10),
+    ("ddim", 50, 5, 1),
+    ("ddim", 50, 5, 10),
+    ("dpmpp_2m", 25, 5, 1),
+    ("dpmpp_2m", 25, 5, 10),
+    ("ddpm", 250, 10, 1),
+    ("ddpm", 250, 10, 10),
+]
 
 
 def main() -> int:
@@ -26,8 +35,18 @@ def main() -> int:
     print(f"exact conditional: mean {2 * RHO:.3f}, sd {np.sqrt(1 - RHO**2):.3f}")
     print("| sampler | steps | jump_length | jump_n_sample | mean | sd |\n|---|---|---|---|---|---|")
     for sampler, steps, L, r in ROWS:
-        b = pydiff.repaint(model, x_T, known, mask, schedule=sched, sampler=sampler, steps=steps,
-                           jump_length=L, jump_n_sample=r, seed=1)[:, 1]
+        b = pydiff.repaint(
+            model,
+            x_T,
+            known,
+            mask,
+            schedule=sched,
+            sampler=sampler,
+            steps=steps,
+            jump_length=L,
+            jump_n_sample=r,
+            seed=1,
+        )[:, 1]
         print(f"| {sampler} | {steps} | {L} | {r} | {b.mean():.3f} | {b.std():.3f} |")
     return 0
 

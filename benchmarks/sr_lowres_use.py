@@ -11,6 +11,7 @@ neighbour's. A stage that uses `low_res` has a small error with the right one an
 the wrong one; an error that barely moves means the stage is drawing from x_t and the text alone.
 Needs the `train` extra (torch) and the runs' text encoder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ def x0_errors(run_dirs, timesteps, seed: int = 11, n: int = 32) -> dict:
 
     models = {str(r): load_run_model(r) for r in run_dirs}
     cfg = next(iter(models.values()))[1]
-    cfg.crop, cfg.cond_drop = None, 0.0          # whole 64x64 images, every caption kept
+    cfg.crop, cfg.cond_drop = None, 0.0  # whole 64x64 images, every caption kept
     task = ShapesTask(cfg, None)
     batch = task.batch(np.random.default_rng(seed), n)
     eps = torch.randn(batch["x0"].shape, generator=torch.Generator().manual_seed(seed))
@@ -47,8 +48,9 @@ def x0_errors(run_dirs, timesteps, seed: int = 11, n: int = 32) -> dict:
                 with torch.no_grad():
                     y = model(xt, torch.full((n,), float(t)), low_res=low, **rest)
                 # the sampler's own formula (the oracle of the native kernels), float32
-                x0 = predict_x0(xt.numpy(), y.numpy(), float(a.sqrt()), float((1 - a).sqrt()),
-                                c.prediction_type)
+                x0 = predict_x0(
+                    xt.numpy(), y.numpy(), float(a.sqrt()), float((1 - a).sqrt()), c.prediction_type
+                )
                 errs.append(float(((np.clip(x0, -1, 1) - batch["x0"].numpy()) ** 2).mean()))
             rows[int(t)] = {"right_low_res": round(errs[0], 4), "shuffled_low_res": round(errs[1], 4)}
     return out
@@ -64,8 +66,13 @@ def main(argv=None) -> int:
     print("x0 mean squared error, right low_res / neighbour's low_res")
     print(f"{'t':>5}  " + "  ".join(f"{Path(r).name:>24}" for r in res))
     for t in a.t:
-        print(f"{t:5d}  " + "  ".join(f"{res[r][t]['right_low_res']:.4f} / {res[r][t]['shuffled_low_res']:.4f}".rjust(24)
-                                       for r in res))
+        print(
+            f"{t:5d}  "
+            + "  ".join(
+                f"{res[r][t]['right_low_res']:.4f} / {res[r][t]['shuffled_low_res']:.4f}".rjust(24)
+                for r in res
+            )
+        )
     return 0
 
 

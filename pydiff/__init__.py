@@ -2,6 +2,7 @@
 
 Core: ``Schedule``, ``sample``, ``make_sampler``, ``timesteps``, and the native ops in ``pydiff.ops``.
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"
@@ -27,5 +28,17 @@ def __getattr__(name):
     raise AttributeError(f"module 'pydiff' has no attribute {name!r}")
 
 
-__all__ = ["Schedule", "ScheduleError", "sample", "repaint", "repaint_schedule", "make_sampler", "timesteps", "NonFiniteError", "__version__",
-           "ModelOutputError", "BackendUnavailableError", *_PIPELINE_NAMES]
+__all__ = [
+    "Schedule",
+    "ScheduleError",
+    "sample",
+    "repaint",
+    "repaint_schedule",
+    "make_sampler",
+    "timesteps",
+    "NonFiniteError",
+    "__version__",
+    "ModelOutputError",
+    "BackendUnavailableError",
+    *_PIPELINE_NAMES,
+]

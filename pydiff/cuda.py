@@ -13,6 +13,7 @@ device counter you read when you choose to synchronise.
 
 Importing this module never touches a GPU; ``available()`` asks the CUDA runtime.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,7 +51,7 @@ class DeviceArray:
     shape: tuple
     storage: int
     device: int
-    stream: int | None = None   # the producer's stream to wait for (__cuda_array_interface__ "stream")
+    stream: int | None = None  # the producer's stream to wait for (__cuda_array_interface__ "stream")
 
     @property
     def nbytes(self) -> int:
@@ -63,9 +64,13 @@ def device_array(obj, name: str, *, stream: int = 0, writable: bool = False) -> 
     `stream`: the stream the caller will use it on (given to a DLPack producer so that it orders
     its pending work before it). `writable`: the array is written, so a read-only one is refused."""
     if isinstance(obj, np.ndarray):
-        raise TypeError(f"{name} is a host (NumPy) array; the CUDA step needs device arrays (use pydiff.ops on the CPU)")
+        raise TypeError(
+            f"{name} is a host (NumPy) array; the CUDA step needs device arrays (use pydiff.ops on the CPU)"
+        )
     if _C_cuda is None:
-        raise ImportError(f"pydiff was built without the CUDA twin (reinstall with PYDIFF_CUDA=1): {_IMPORT_ERROR}")
+        raise ImportError(
+            f"pydiff was built without the CUDA twin (reinstall with PYDIFF_CUDA=1): {_IMPORT_ERROR}"
+        )
     if hasattr(obj, "data_ptr") and hasattr(obj, "is_cuda"):  # a torch tensor
         if not obj.is_cuda:
             raise TypeError(f"{name} is a CPU tensor; the CUDA step needs device tensors")
@@ -78,7 +83,9 @@ def device_array(obj, name: str, *, stream: int = 0, writable: bool = False) -> 
         return DeviceArray(int(obj.data_ptr()), tuple(obj.shape), storage, int(obj.device.index))
     if type(obj).__name__ == "OrtValue" and hasattr(obj, "device_name"):  # onnxruntime.OrtValue
         if obj.device_name().lower() != "cuda":
-            raise TypeError(f"{name} is an OrtValue on {obj.device_name()}; the CUDA step needs one on 'cuda'")
+            raise TypeError(
+                f"{name} is an OrtValue on {obj.device_name()}; the CUDA step needs one on 'cuda'"
+            )
         storage = _ORT_TYPES.get(obj.data_type())
         if storage is None:
             raise TypeError(f"{name} must be float32, float16 or bfloat16, got {obj.data_type()}")
@@ -88,13 +95,17 @@ def device_array(obj, name: str, *, stream: int = 0, writable: bool = False) -> 
     if cai is None:
         if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
             return _from_dlpack(obj, name, stream=stream, writable=writable)
-        raise TypeError(f"{name} must be a CUDA device array (torch CUDA tensor, __cuda_array_interface__, DLPack "
-                        f"or a CUDA OrtValue), got {type(obj).__name__}")
+        raise TypeError(
+            f"{name} must be a CUDA device array (torch CUDA tensor, __cuda_array_interface__, DLPack "
+            f"or a CUDA OrtValue), got {type(obj).__name__}"
+        )
     storage = _TYPESTR.get(cai["typestr"])
     if storage is None:
         raise TypeError(f"{name} must be float32 or float16, got typestr {cai['typestr']!r}")
     if cai.get("mask") is not None:
-        raise ValueError(f"{name} has a mask (__cuda_array_interface__ 'mask'); masked arrays are not supported")
+        raise ValueError(
+            f"{name} has a mask (__cuda_array_interface__ 'mask'); masked arrays are not supported"
+        )
     shape = tuple(cai["shape"])
     _check_c_contiguous(name, shape, cai.get("strides"), 4 if storage == F32 else 2)
     ptr, read_only = int(cai["data"][0]), bool(cai["data"][1])
@@ -105,7 +116,9 @@ def device_array(obj, name: str, *, stream: int = 0, writable: bool = False) -> 
         raise TypeError(f"{name} points to host memory; the CUDA step needs device memory")
     # v3: an integer stream is one the consumer must order itself after (0 is not allowed)
     producer = cai.get("stream") if cai.get("version", 0) >= 3 else None
-    if producer is not None and (isinstance(producer, bool) or not isinstance(producer, int) or producer == 0):
+    if producer is not None and (
+        isinstance(producer, bool) or not isinstance(producer, int) or producer == 0
+    ):
         raise ValueError(f"{name}: __cuda_array_interface__ stream {producer!r} is not a stream handle")
     return DeviceArray(ptr, shape, storage, dev, producer)
 
@@ -127,8 +140,10 @@ def _from_dlpack(obj, name: str, *, stream: int = 0, writable: bool = False) -> 
 
     dev_type, dev_id = obj.__dlpack_device__()
     if dev_type in (_DL_CPU, _DL_CUDA_HOST):
-        raise TypeError(f"{name} is a host array (DLPack device type {int(dev_type)}); the CUDA step needs device "
-                        f"arrays (use pydiff.ops on the CPU)")
+        raise TypeError(
+            f"{name} is a host array (DLPack device type {int(dev_type)}); the CUDA step needs device "
+            f"arrays (use pydiff.ops on the CPU)"
+        )
     if dev_type not in (_DL_CUDA, _DL_CUDA_MANAGED):
         raise TypeError(f"{name} lives on DLPack device type {int(dev_type)}, not a CUDA GPU")
     # The consumer's stream, so that the producer orders its pending work before it (the DLPack
@@ -138,7 +153,9 @@ def _from_dlpack(obj, name: str, *, stream: int = 0, writable: bool = False) -> 
         raise ValueError(f"{name} is read-only (its DLPack producer says so); it is written")
     storage = _DL_TYPES.get((code, bits)) if lanes == 1 else None
     if storage is None:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got DLPack dtype code {code} with {bits} bits")
+        raise TypeError(
+            f"{name} must be float32, float16 or bfloat16, got DLPack dtype code {code} with {bits} bits"
+        )
     item = bits // 8
     _check_c_contiguous(name, tuple(shape), None if strides is None else [s * item for s in strides], item)
     return DeviceArray(int(ptr), tuple(shape), storage, int(dev_id))
@@ -153,7 +170,7 @@ def stream_handle(stream) -> int:
         return int(stream)
     for attr in ("cuda_stream", "ptr", "handle"):
         h = getattr(stream, attr, None)
-        h = getattr(h, "value", h)   # Numba: .handle is a ctypes c_void_p (value None: stream 0)
+        h = getattr(h, "value", h)  # Numba: .handle is a ctypes c_void_p (value None: stream 0)
         if isinstance(h, (int, np.integer)) and not isinstance(h, bool):
             return int(h)
         if h is None and attr == "handle" and hasattr(getattr(stream, attr, None), "value"):
@@ -164,12 +181,28 @@ def stream_handle(stream) -> int:
 def workspace_bytes(batch: int, n: int) -> int:
     """Scratch bytes one dynamic-thresholding step needs for `batch` samples of `n` elements each."""
     if _C_cuda is None:
-        raise ImportError(f"pydiff was built without the CUDA twin (reinstall with PYDIFF_CUDA=1): {_IMPORT_ERROR}")
+        raise ImportError(
+            f"pydiff was built without the CUDA twin (reinstall with PYDIFF_CUDA=1): {_IMPORT_ERROR}"
+        )
     return int(_C_cuda.workspace_bytes(int(batch), int(n)))
 
 
-def fused_step(x, model_output, params, *, out, guidance_scale=None, x0_prev=None, x0_out=None, thresholds=None,
-               nonfinite=None, stream=None, param_table=None, step_counter=None, workspace=None) -> None:
+def fused_step(
+    x,
+    model_output,
+    params,
+    *,
+    out,
+    guidance_scale=None,
+    x0_prev=None,
+    x0_out=None,
+    thresholds=None,
+    nonfinite=None,
+    stream=None,
+    param_table=None,
+    step_counter=None,
+    workspace=None,
+) -> None:
     """The fused denoising step on the GPU, queued on `stream` (see pydiff.ops.fused_step for the math).
 
     x, out, x0_prev, x0_out [B, ...] and model_output [B, ...] or [2B, ...] (with guidance) share one
@@ -236,16 +269,20 @@ def fused_step(x, model_output, params, *, out, guidance_scale=None, x0_prev=Non
         if tv.storage != F32 or tv.shape != (B,):
             raise ValueError(f"thresholds must be float32 of shape ({B},)")
         views["thresholds"], thr_ptr = tv, tv.ptr
-    raw = {}   # name -> (ptr, device, bytes, producer stream)
+    raw = {}  # name -> (ptr, device, bytes, producer stream)
     if nonfinite is not None:
-        raw["nonfinite"] = _raw_device_buffer(nonfinite, "nonfinite", dtype=np.int64, min_bytes=8, writable=True)
+        raw["nonfinite"] = _raw_device_buffer(
+            nonfinite, "nonfinite", dtype=np.int64, min_bytes=8, writable=True
+        )
     if (param_table is None) != (step_counter is None):
         raise ValueError("param_table and step_counter go together")
     if param_table is not None:
-        raw["param_table"] = _raw_device_buffer(param_table, "param_table", dtype=np.uint8,
-                                                min_bytes=_C.STEP_PARAMS_BYTES)
-        raw["step_counter"] = _raw_device_buffer(step_counter, "step_counter", dtype=np.int32, min_bytes=4,
-                                                 writable=True)
+        raw["param_table"] = _raw_device_buffer(
+            param_table, "param_table", dtype=np.uint8, min_bytes=_C.STEP_PARAMS_BYTES
+        )
+        raw["step_counter"] = _raw_device_buffer(
+            step_counter, "step_counter", dtype=np.int32, min_bytes=4, writable=True
+        )
     if workspace is not None:
         raw["workspace"] = _raw_device_buffer(workspace, "workspace", writable=True)
     for name, v in views.items():
@@ -254,23 +291,45 @@ def fused_step(x, model_output, params, *, out, guidance_scale=None, x0_prev=Non
     for name, (_, dev, _, _) in raw.items():
         if dev != xv.device:
             raise ValueError(f"{name} is on GPU {dev} but x is on GPU {xv.device}")
-    _C.validate_step_params(params)   # the CPU twin's rules: the kernel takes them on trust
+    _C.validate_step_params(params)  # the CPU twin's rules: the kernel takes them on trust
     _wait_for_producers(handle, xv.device, [v.stream for v in views.values()] + [r[3] for r in raw.values()])
-    nf, table, counter, ws = (raw.get(k, (0, 0, 0, None)) for k in ("nonfinite", "param_table", "step_counter",
-                                                                     "workspace"))
-    _C_cuda.fused_step(xv.ptr, mv.ptr, ov.ptr, B, n, xv.storage, params, guided, scale, scales_ptr,
-                       ptrs["x0_prev"], ptrs["x0_out"], thr_ptr, nf[0], handle,
-                       table[0], counter[0], ws[0], ws[2], xv.device)
+    nf, table, counter, ws = (
+        raw.get(k, (0, 0, 0, None)) for k in ("nonfinite", "param_table", "step_counter", "workspace")
+    )
+    _C_cuda.fused_step(
+        xv.ptr,
+        mv.ptr,
+        ov.ptr,
+        B,
+        n,
+        xv.storage,
+        params,
+        guided,
+        scale,
+        scales_ptr,
+        ptrs["x0_prev"],
+        ptrs["x0_out"],
+        thr_ptr,
+        nf[0],
+        handle,
+        table[0],
+        counter[0],
+        ws[0],
+        ws[2],
+        xv.device,
+    )
 
 
 def _no_partial_overlap(name: str, ptr: int, nbytes: int, others) -> None:
     for other, optr, obytes in others:
         if ptr < optr + obytes and optr < ptr + nbytes and (ptr, nbytes) != (optr, obytes):
-            raise ValueError(f"{name} partially overlaps {other} (it may be the same buffer, not a part of it)")
+            raise ValueError(
+                f"{name} partially overlaps {other} (it may be the same buffer, not a part of it)"
+            )
 
 
 def _same_stream(a: int, b: int) -> bool:
-    return a == b or {a, b} == {0, 1}   # 0 (no stream given) is the legacy default stream, 1
+    return a == b or {a, b} == {0, 1}  # 0 (no stream given) is the legacy default stream, 1
 
 
 def _wait_for_producers(consumer: int, device: int, producers) -> None:
@@ -327,4 +386,6 @@ def randn(out, seed: int, step: int = 0, *, offset: int = 0, stream=None) -> Non
     if v.storage != F32:
         raise TypeError("out must be float32")
     _wait_for_producers(handle, v.device, [v.stream])
-    _C_cuda.randn(v.ptr, math.prod(v.shape), seed, step, offset, handle, v.device)  # ranges: as pydiff.ops.randn
+    _C_cuda.randn(
+        v.ptr, math.prod(v.shape), seed, step, offset, handle, v.device
+    )  # ranges: as pydiff.ops.randn

@@ -23,6 +23,7 @@ the runner's stream:
 `StepPlan.run_cpu` is the same run on the CPU twin: the readable reference the GPU run is tested
 against, and itself tested to equal `pydiff.sample` bit for bit.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,9 +38,9 @@ from pydiff.samplers.base import NonFiniteError, Sampler
 class StepPlan:
     """The host-side schedule of one run: per step the native StepParams fields and the network's t."""
 
-    rows: tuple            # one dict of StepParams fields per step
+    rows: tuple  # one dict of StepParams fields per step
     timesteps: np.ndarray  # float32 [T], the network's timestep at each step
-    uses_history: bool     # a multistep solver: x0 of the previous step feeds the next
+    uses_history: bool  # a multistep solver: x0 of the previous step feeds the next
 
     @classmethod
     def from_sampler(cls, sampler: Sampler, seed: int, start_step: int = 0) -> "StepPlan":
@@ -81,8 +82,9 @@ class StepPlan:
         for row, t in zip(self.rows, self.timesteps):
             xin = np.concatenate([x, x]) if guided else x
             out = np.asarray(model(xin, np.full(xin.shape[0], t, np.float32)), np.float32)
-            x, bad = ops.fused_step(x, out, ops.step_params(**row), guidance_scale=guidance_scale,
-                                    x0_prev=x0_prev, x0_out=x0_out)
+            x, bad = ops.fused_step(
+                x, out, ops.step_params(**row), guidance_scale=guidance_scale, x0_prev=x0_prev, x0_out=x0_out
+            )
             if bad:
                 raise NonFiniteError(f"step at t={int(t)}: NaN or Inf")
             if self.uses_history:
@@ -101,13 +103,24 @@ class GraphSampler:
     Not thread-safe: one runner's buffers serve one `run` at a time (make a runner per thread).
     """
 
-    def __init__(self, network, plan: StepPlan, *, shape, guidance_scale=None, graph: bool = True,
-                 device="cuda", stream=None):
+    def __init__(
+        self,
+        network,
+        plan: StepPlan,
+        *,
+        shape,
+        guidance_scale=None,
+        graph: bool = True,
+        device="cuda",
+        stream=None,
+    ):
         import torch  # lazily: the [torch] extra; CUDA graphs run on torch's streams and buffers
 
         if not cuda.available() or not torch.cuda.is_available():
-            raise RuntimeError("GraphSampler needs an NVIDIA GPU, the CUDA module (install with PYDIFF_CUDA=1) "
-                               "and a CUDA build of torch")
+            raise RuntimeError(
+                "GraphSampler needs an NVIDIA GPU, the CUDA module (install with PYDIFF_CUDA=1) "
+                "and a CUDA build of torch"
+            )
         self.torch, self.cuda = torch, cuda
         self.network, self.plan, self.graph = network, plan, bool(graph)
         self.device = torch.device(device)
@@ -137,8 +150,10 @@ class GraphSampler:
             self.scale = None if guidance_scale is None else float(guidance_scale)
         self.params0 = ops.step_params(**plan.rows[0])  # the mode and prediction type all rows share
         if stream is not None and not isinstance(stream, torch.cuda.Stream):
-            raise TypeError(f"stream: expected a torch.cuda.Stream (torch.cuda.ExternalStream wraps a raw "
-                            f"handle), got {type(stream).__name__}")
+            raise TypeError(
+                f"stream: expected a torch.cuda.Stream (torch.cuda.ExternalStream wraps a raw "
+                f"handle), got {type(stream).__name__}"
+            )
         self.stream = stream
         self._graph = None
 
@@ -151,10 +166,20 @@ class GraphSampler:
         torch.index_select(self.t_table, 0, self.counter, out=self.t_one)
         self.t_in.copy_(self.t_one.expand_as(self.t_in))
         out = self.network(self.x_in, self.t_in)
-        self.cuda.fused_step(self.x, out, self.params0, out=self.x_next, guidance_scale=self.scale,
-                             x0_prev=self.x0_prev, x0_out=self.x0_out, nonfinite=self.nonfinite,
-                             stream=torch.cuda.current_stream(self.device).cuda_stream, param_table=self.table,
-                             step_counter=self.counter, workspace=self.workspace)
+        self.cuda.fused_step(
+            self.x,
+            out,
+            self.params0,
+            out=self.x_next,
+            guidance_scale=self.scale,
+            x0_prev=self.x0_prev,
+            x0_out=self.x0_out,
+            nonfinite=self.nonfinite,
+            stream=torch.cuda.current_stream(self.device).cuda_stream,
+            param_table=self.table,
+            step_counter=self.counter,
+            workspace=self.workspace,
+        )
         self.x.copy_(self.x_next)
         if self.x0_prev is not None:
             self.x0_prev.copy_(self.x0_out)
@@ -168,7 +193,7 @@ class GraphSampler:
 
     def capture(self) -> None:
         """Record one step as a CUDA graph (after a warm-up step on a side stream, as torch requires)."""
-        with self.torch.cuda.device(self.device):   # streams and the capture belong to the runner's GPU
+        with self.torch.cuda.device(self.device):  # streams and the capture belong to the runner's GPU
             self._capture()
 
     def _capture(self) -> None:
@@ -186,10 +211,12 @@ class GraphSampler:
             with torch.cuda.graph(g, stream=self.stream):
                 self._step()
         except RuntimeError as e:
-            raise RuntimeError(f"the step could not be captured as a CUDA graph ({str(e).splitlines()[0]}): "
-                               f"the network synchronised, copied to the host or allocated during the step "
-                               f"(for ONNX Runtime: load with providers='cuda', stream=<the runner's stream>). "
-                               f"graph=False runs the same steps eagerly") from e
+            raise RuntimeError(
+                f"the step could not be captured as a CUDA graph ({str(e).splitlines()[0]}): "
+                f"the network synchronised, copied to the host or allocated during the step "
+                f"(for ONNX Runtime: load with providers='cuda', stream=<the runner's stream>). "
+                f"graph=False runs the same steps eagerly"
+            ) from e
         self._graph = g
         self.x.copy_(saved)
 
@@ -223,7 +250,9 @@ class GraphSampler:
         result.record_stream(caller)
         bad = int(self.nonfinite.item())
         if bad:
-            raise NonFiniteError(f"{bad} non-finite values in the network's output or the update during the run")
+            raise NonFiniteError(
+                f"{bad} non-finite values in the network's output or the update during the run"
+            )
         return result
 
 

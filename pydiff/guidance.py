@@ -10,6 +10,7 @@ Classifier-free guidance stays in the fused kernel. Any other guidance is a call
 - ``EpsCorrection(delta)``: added to the predicted eps as it is, by every sampler;
 - a list of terms: their sum (several guidance terms in one step).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,7 +54,9 @@ def _check(a, shape, what) -> np.ndarray:
     return a.astype(np.float32, copy=False)
 
 
-def eps_to_output_delta(delta_eps: np.ndarray, prediction_type: str, alpha: float, sigma: float) -> np.ndarray:
+def eps_to_output_delta(
+    delta_eps: np.ndarray, prediction_type: str, alpha: float, sigma: float
+) -> np.ndarray:
     """The change of the network output that changes eps by delta_eps at fixed x_t
     (x_t = alpha x0 + sigma eps; v = alpha eps - sigma x0)."""
     if prediction_type == "epsilon":
@@ -65,4 +68,6 @@ def eps_to_output_delta(delta_eps: np.ndarray, prediction_type: str, alpha: floa
 
 def combine(fns: Sequence[GuidanceFn]) -> GuidanceFn:
     """One guidance_fn from several: their terms are added in the same step."""
-    return lambda x, t: [term for fn in fns for term in (lambda r: r if isinstance(r, (list, tuple)) else [r])(fn(x, t))]
+    return lambda x, t: [
+        term for fn in fns for term in (lambda r: r if isinstance(r, (list, tuple)) else [r])(fn(x, t))
+    ]

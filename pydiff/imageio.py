@@ -4,6 +4,7 @@ Model space is float32 NCHW in [-1, 1] (pixel p in 0..255 maps to p / 127.5 - 1)
 PIL images or NumPy arrays: uint8 HWC (0..255), or float HWC in [0, 1] (what
 `output_type="numpy"` returns). Anything else raises `TypeError`/`ValueError` rather than guess.
 """
+
 from __future__ import annotations
 
 import io
@@ -14,8 +15,17 @@ from PIL import Image
 
 from pydiff.files import atomic_write_bytes
 
-__all__ = ["to_model_array", "mask_to_array", "to_pil", "to_numpy", "resize", "make_grid",
-           "save_png", "upsample_bilinear", "load_image"]
+__all__ = [
+    "to_model_array",
+    "mask_to_array",
+    "to_pil",
+    "to_numpy",
+    "resize",
+    "make_grid",
+    "save_png",
+    "upsample_bilinear",
+    "load_image",
+]
 
 
 def _pil():
@@ -26,15 +36,19 @@ def _as_hwc(image, what: str) -> np.ndarray:
     """PIL / ndarray -> float32 HWC in [0, 1] (channels kept as given)."""
     Image = _pil()
     if isinstance(image, (str, os.PathLike)):
-        raise TypeError(f"{what}: expected an image (PIL.Image or numpy array), got a path; "
-                        f"open it with pydiff.imageio.load_image({str(image)!r})")
+        raise TypeError(
+            f"{what}: expected an image (PIL.Image or numpy array), got a path; "
+            f"open it with pydiff.imageio.load_image({str(image)!r})"
+        )
     if isinstance(image, Image.Image):
         mode = image.mode
         if mode in ("RGB", "L"):
             arr = np.asarray(image, dtype=np.uint8)
         elif mode in ("RGBA", "LA", "P", "CMYK", "YCbCr", "1", "I", "I;16", "F"):
-            raise ValueError(f"{what}: PIL image mode {mode!r} is not supported; convert it with "
-                             f"image.convert('RGB') (or 'L' for a grayscale model)")
+            raise ValueError(
+                f"{what}: PIL image mode {mode!r} is not supported; convert it with "
+                f"image.convert('RGB') (or 'L' for a grayscale model)"
+            )
         else:
             raise ValueError(f"{what}: PIL image mode {mode!r} is not supported")
         arr = arr.astype(np.float32) / 255.0
@@ -46,8 +60,10 @@ def _as_hwc(image, what: str) -> np.ndarray:
             if not np.all(np.isfinite(arr)):
                 raise ValueError(f"{what}: the array contains NaN or infinity")
             if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
-                raise ValueError(f"{what}: float arrays must be HWC in [0, 1] (got values in "
-                                 f"[{arr.min():.3g}, {arr.max():.3g}]); pass uint8 for 0..255")
+                raise ValueError(
+                    f"{what}: float arrays must be HWC in [0, 1] (got values in "
+                    f"[{arr.min():.3g}, {arr.max():.3g}]); pass uint8 for 0..255"
+                )
         else:
             raise TypeError(f"{what}: expected a uint8 or float array, got dtype {image.dtype}")
     else:
@@ -67,8 +83,10 @@ def to_model_array(image, channels: int = 3, what: str = "image") -> np.ndarray:
     c = arr.shape[2]
     if c != channels:
         if channels == 3 and c == 1:
-            raise ValueError(f"{what}: expected an RGB image (3 channels), got a grayscale one; "
-                             f"convert it with image.convert('RGB')")
+            raise ValueError(
+                f"{what}: expected an RGB image (3 channels), got a grayscale one; "
+                f"convert it with image.convert('RGB')"
+            )
         raise ValueError(f"{what}: expected {channels} channel(s), got {c} (shape {arr.shape})")
     return (arr.transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
 
@@ -80,8 +98,10 @@ def mask_to_array(mask, what: str = "mask") -> np.ndarray:
         if mask.mode == "1":
             mask = mask.convert("L")
         if mask.mode != "L":
-            raise ValueError(f"{what}: expected a single-channel mask (PIL mode 'L' or '1'), "
-                             f"got mode {mask.mode!r}; convert it with mask.convert('L')")
+            raise ValueError(
+                f"{what}: expected a single-channel mask (PIL mode 'L' or '1'), "
+                f"got mode {mask.mode!r}; convert it with mask.convert('L')"
+            )
         arr = np.asarray(mask, dtype=np.float32) / 255.0
     elif isinstance(mask, np.ndarray):
         if mask.dtype == np.bool_:
@@ -133,7 +153,7 @@ def upsample_bilinear(x: np.ndarray, size: int) -> np.ndarray:
     def axis(n_in, n_out):
         scale = n_in / n_out
         src = (np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5
-        src = np.maximum(src, 0.0)           # torch clamps negative source coords to 0
+        src = np.maximum(src, 0.0)  # torch clamps negative source coords to 0
         i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
         i1 = np.minimum(i0 + 1, n_in - 1)
         frac = (src - i0).astype(np.float32)

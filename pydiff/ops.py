@@ -5,6 +5,7 @@ Arrays are float32 and C-contiguous: NumPy arrays, or anything that exports DLPa
 shape or layout a ValueError, each naming the argument. Results go into ``out=`` when given.
 The NumPy oracles with the same names live in pydiff.reference.
 """
+
 from __future__ import annotations
 
 import os
@@ -57,8 +58,12 @@ def as_array(obj, name: str) -> np.ndarray:
         try:
             return np.from_dlpack(obj)
         except (RuntimeError, BufferError, TypeError) as e:
-            raise TypeError(f"{name}: cannot view this {type(obj).__name__} on the CPU via DLPack ({e})") from None
-    raise TypeError(f"{name} must be a float32 numpy.ndarray or a DLPack CPU tensor, got {type(obj).__name__}")
+            raise TypeError(
+                f"{name}: cannot view this {type(obj).__name__} on the CPU via DLPack ({e})"
+            ) from None
+    raise TypeError(
+        f"{name} must be a float32 numpy.ndarray or a DLPack CPU tensor, got {type(obj).__name__}"
+    )
 
 
 def _out(out, like: np.ndarray, shape=None) -> np.ndarray:
@@ -74,7 +79,11 @@ def _scales(scale):
         if not np.isfinite(s):
             raise ValueError(f"guidance scale must be finite, got {s}")
         return s, None
-    arr = as_array(scale, "guidance_scale") if not isinstance(scale, (list, tuple)) else np.asarray(scale, np.float32)
+    arr = (
+        as_array(scale, "guidance_scale")
+        if not isinstance(scale, (list, tuple))
+        else np.asarray(scale, np.float32)
+    )
     if not np.all(np.isfinite(arr)):
         raise ValueError("guidance scales must be finite")
     return 1.0, arr
@@ -116,8 +125,15 @@ def dynamic_threshold(x0, ratio: float = 0.995, sample_max_value: float = 1.0, *
     x0 = as_array(x0, "x0")
     res = _out(out, x0)
     s = np.empty(x0.shape[0] if x0.ndim else 0, np.float32)
-    p = step_params(threshold_mode=DYNAMIC, dynamic_ratio=ratio, sample_max_value=sample_max_value,
-                    prediction_type=SAMPLE, alpha=1.0, sigma=1.0, c_x0=1.0)
+    p = step_params(
+        threshold_mode=DYNAMIC,
+        dynamic_ratio=ratio,
+        sample_max_value=sample_max_value,
+        prediction_type=SAMPLE,
+        alpha=1.0,
+        sigma=1.0,
+        c_x0=1.0,
+    )
     _native().fused_step(x0, x0, res, p, thresholds=s)
     return res, s
 
@@ -145,7 +161,9 @@ def randn(shape, seed: int, step: int = 0, *, offset: int = 0, out=None) -> np.n
 def _prediction_code(prediction_type) -> int:
     if isinstance(prediction_type, str):
         if prediction_type not in PREDICTION_CODES:
-            raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_CODES)}")
+            raise ValueError(
+                f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_CODES)}"
+            )
         return PREDICTION_CODES[prediction_type]
     return int(prediction_type)
 
@@ -158,8 +176,9 @@ def step_params(**fields):
     return p
 
 
-def fused_step(x, model_output, params, *, guidance_scale=None, x0_prev=None, x0_out=None,
-               thresholds=None, out=None) -> tuple[np.ndarray, int]:
+def fused_step(
+    x, model_output, params, *, guidance_scale=None, x0_prev=None, x0_out=None, thresholds=None, out=None
+) -> tuple[np.ndarray, int]:
     """One fused denoising step (guidance mix, conversion, thresholding, update, noise).
 
     x [B, ...]; model_output [B, ...], or [2B, ...] = [cond; uncond] when guidance_scale is given
@@ -174,8 +193,15 @@ def fused_step(x, model_output, params, *, guidance_scale=None, x0_prev=None, x0
     guided = guidance_scale is not None
     s, scales = _scales(guidance_scale if guided else 1.0)
     bad = _native().fused_step(
-        x, mo, res, params, guided=guided, guidance_scale=s, scales=scales,
+        x,
+        mo,
+        res,
+        params,
+        guided=guided,
+        guidance_scale=s,
+        scales=scales,
         x0_prev=None if x0_prev is None else as_array(x0_prev, "x0_prev"),
         x0_out=None if x0_out is None else as_array(x0_out, "x0_out"),
-        thresholds=None if thresholds is None else as_array(thresholds, "thresholds"))
+        thresholds=None if thresholds is None else as_array(thresholds, "thresholds"),
+    )
     return res, bad

@@ -9,6 +9,7 @@ the manifest needs an ONNX Runtime session, so the backend does that with `check
 Every problem is a `PackageError` (a `ValueError`) whose message names the file and the key:
 ``shapes/manifest.json: stages[1].resolution: expected an integer in 1..4096, got 100000``.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,18 +25,27 @@ from pydiff.errors import PackageError
 from pydiff.step_params import PREDICTION_TYPES, THRESHOLDINGS
 
 __all__ = [
-    "PackageError", "Package", "Stage", "TextEncoderSpec", "GuidanceModelSpec", "load_package",
-    "check_stage_io", "check_text_encoder_io", "INPUT_SPECS", "MAX_RESOLUTION", "GUIDANCE_KINDS",
+    "PackageError",
+    "Package",
+    "Stage",
+    "TextEncoderSpec",
+    "GuidanceModelSpec",
+    "load_package",
+    "check_stage_io",
+    "check_text_encoder_io",
+    "INPUT_SPECS",
+    "MAX_RESOLUTION",
+    "GUIDANCE_KINDS",
 ]
 
 FORMAT = "pydiff-package"
 SUPPORTED_VERSIONS = (1,)
-MAX_RESOLUTION = 4096          # pixels per side; stops absurd manifests before any allocation
+MAX_RESOLUTION = 4096  # pixels per side; stops absurd manifests before any allocation
 MAX_CHANNELS = 64
 MAX_TEXT_LENGTH = 4096
 MAX_HIDDEN_SIZE = 65536
 MAX_STEPS = 10000
-MAX_MANIFEST_BYTES = 1 << 20   # a manifest is a few KB; refuse to json-parse anything huge
+MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few KB; refuse to json-parse anything huge
 
 CONDITIONINGS = ("text", "class", "none")
 # guidance model kind -> the inputs its network takes (docs/model-package.md, guidance_models)
@@ -65,8 +75,8 @@ def input_dtype(name: str) -> type:
 
 @dataclass(frozen=True)
 class TextEncoderSpec:
-    onnx: Path                 # absolute path of the encoder ONNX file
-    tokenizer: Path            # absolute path of the tokenizers JSON file
+    onnx: Path  # absolute path of the encoder ONNX file
+    tokenizer: Path  # absolute path of the tokenizers JSON file
     max_length: int
     hidden_size: int | None
     name: str | None = None
@@ -85,17 +95,17 @@ class Stage:
     onnx: Path
     resolution: int
     channels: int
-    conditioning: str                      # "text" | "class" | "none"
+    conditioning: str  # "text" | "class" | "none"
     num_classes: int | None
     inputs: tuple[str, ...]
     output: str
     prediction_type: str
-    scheduler: Mapping[str, Any]           # diffusers-style scheduler config
+    scheduler: Mapping[str, Any]  # diffusers-style scheduler config
     recommended: Mapping[str, Any]
     low_res_resolution: int | None = None  # super-resolution stages only
     noise_aug_scheduler: Mapping[str, Any] | None = None
     noise_aug_level: int | None = None
-    noise_aug_max_level: int | None = None   # the highest level training drew (level <= it)
+    noise_aug_max_level: int | None = None  # the highest level training drew (level <= it)
     # class stages: the label num_classes means "no class" (trained with condition dropout); False
     # for networks without one (most diffusers class-conditional UNets): no classifier-free guidance
     unconditional_class: bool = True
@@ -116,19 +126,19 @@ class GuidanceModelSpec:
 
     index: int
     name: str
-    kind: str                              # "classifier" | "clip"
-    onnx: Path                             # absolute path
-    stage: str                             # the stage whose x_t it guides
+    kind: str  # "classifier" | "clip"
+    onnx: Path  # absolute path
+    stage: str  # the stage whose x_t it guides
     inputs: tuple[str, ...]
-    output: str                            # the gradient output's name
-    num_classes: int | None = None         # classifier only
-    class_names: tuple[str, ...] | None = None   # classifier only, optional: what each label means
-    recommended: Mapping[str, Any] = field(default_factory=dict)   # {"scale": s}
+    output: str  # the gradient output's name
+    num_classes: int | None = None  # classifier only
+    class_names: tuple[str, ...] | None = None  # classifier only, optional: what each label means
+    recommended: Mapping[str, Any] = field(default_factory=dict)  # {"scale": s}
 
 
 @dataclass(frozen=True)
 class Package:
-    path: Path                             # the package directory (resolved)
+    path: Path  # the package directory (resolved)
     manifest_path: Path
     name: str
     description: str
@@ -210,8 +220,13 @@ def _number(ctx, obj, key, where, lo=-math.inf, hi=math.inf, *, lo_open=False, r
     k = f"{where}.{key}" if where else key
     if v is None:
         return None
-    ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-          and (lo < v if lo_open else lo <= v) and v <= hi)
+    ok = (
+        not isinstance(v, bool)
+        and isinstance(v, (int, float))
+        and math.isfinite(v)
+        and (lo < v if lo_open else lo <= v)
+        and v <= hi
+    )
     if not ok:
         lo_s = "(" if lo_open else "["
         raise ctx.error(k, f"expected a finite number in {lo_s}{lo}, {hi}], got {v!r}")
@@ -239,7 +254,7 @@ def _path(ctx: _Ctx, obj, key, where) -> Path:
         raise ctx.error(k, f"path {rel!r} must be relative to the package directory")
     if ".." in pure.parts:
         raise ctx.error(k, f"path {rel!r} must not contain '..'")
-    full = (ctx.root / pure)
+    full = ctx.root / pure
     real = Path(os.path.realpath(full))
     if real != ctx.root and ctx.root not in real.parents:
         raise ctx.error(k, f"path {rel!r} leaves the package directory (through a link)")
@@ -262,23 +277,24 @@ def _read_manifest(manifest_path: Path) -> dict:
     except OSError as e:
         raise PackageError(f"{manifest_path}: cannot read the manifest ({e.strerror})") from None
     if size > MAX_MANIFEST_BYTES:
-        raise PackageError(f"{manifest_path}: manifest is {size} bytes; over the "
-                           f"{MAX_MANIFEST_BYTES}-byte limit")
+        raise PackageError(
+            f"{manifest_path}: manifest is {size} bytes; over the {MAX_MANIFEST_BYTES}-byte limit"
+        )
     try:
         text = manifest_path.read_text(encoding="utf-8")
         data = json.loads(text, parse_constant=_reject_constant)
     except UnicodeDecodeError as e:
         raise PackageError(f"{manifest_path}: not UTF-8 text ({e.reason})") from None
     except json.JSONDecodeError as e:
-        raise PackageError(f"{manifest_path}: invalid JSON at line {e.lineno} column {e.colno}: "
-                           f"{e.msg}") from None
+        raise PackageError(
+            f"{manifest_path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from None
     except ValueError as e:  # NaN / Infinity literals
         raise PackageError(f"{manifest_path}: {e}") from None
     except OSError as e:
         raise PackageError(f"{manifest_path}: cannot read the manifest ({e.strerror})") from None
     if not isinstance(data, dict):
-        raise PackageError(f"{manifest_path}: expected a JSON object at the top level, "
-                           f"got {_typename(data)}")
+        raise PackageError(f"{manifest_path}: expected a JSON object at the top level, got {_typename(data)}")
     return data
 
 
@@ -300,7 +316,7 @@ def _recommended(ctx, obj, where) -> dict:
     k = f"{where}.recommended"
     _recommended_fields(ctx, rec, k)
     inpaint = _obj(ctx, rec, "inpaint", k, required=False)
-    if inpaint is not None:    # the settings that differ when the stage inpaints
+    if inpaint is not None:  # the settings that differ when the stage inpaints
         if "inpaint" in inpaint:
             raise ctx.error(f"{k}.inpaint.inpaint", "not allowed (inpaint overrides are one level)")
         _recommended_fields(ctx, inpaint, f"{k}.inpaint")
@@ -324,13 +340,15 @@ def _name(ctx: _Ctx, raw: dict, where: str) -> str:
     """The `name` of a stage or guidance model: letters, digits, '_', '-' or '.'."""
     name = _str(ctx, raw, "name", where)
     if not name or not all(c.isalnum() or c in "_-." for c in name):
-        raise ctx.error(f"{where}.name", f"expected a non-empty name of letters, digits, '_', '-' "
-                                         f"or '.', got {name!r}")
+        raise ctx.error(
+            f"{where}.name", f"expected a non-empty name of letters, digits, '_', '-' or '.', got {name!r}"
+        )
     return name
 
 
-def _parse_stage(ctx: _Ctx, raw: Any, i: int, text_encoder: TextEncoderSpec | None,
-                 previous: Stage | None) -> Stage:
+def _parse_stage(
+    ctx: _Ctx, raw: Any, i: int, text_encoder: TextEncoderSpec | None, previous: Stage | None
+) -> Stage:
     where = f"stages[{i}]"
     if not isinstance(raw, dict):
         raise ctx.error(where, f"expected an object, got {_typename(raw)}")
@@ -349,8 +367,9 @@ def _parse_stage(ctx: _Ctx, raw: Any, i: int, text_encoder: TextEncoderSpec | No
     inputs = tuple(inputs_raw)
     for name_ in inputs:
         if name_ not in INPUT_SPECS:
-            raise ctx.error(f"{where}.inputs", f"unknown input {name_!r}; the format knows "
-                                               f"{list(INPUT_SPECS)}")
+            raise ctx.error(
+                f"{where}.inputs", f"unknown input {name_!r}; the format knows {list(INPUT_SPECS)}"
+            )
     if len(set(inputs)) != len(inputs):
         raise ctx.error(f"{where}.inputs", "an input is listed twice")
     for needed in ("sample", "timestep"):
@@ -364,11 +383,12 @@ def _parse_stage(ctx: _Ctx, raw: Any, i: int, text_encoder: TextEncoderSpec | No
     elif "encoder_hidden_states" in inputs or "encoder_attention_mask" in inputs:
         raise ctx.error(f"{where}.inputs", f"text inputs given but conditioning is {conditioning!r}")
     if (conditioning == "class") != ("class_labels" in inputs):
-        raise ctx.error(f"{where}.inputs", 'conditioning "class" and the input "class_labels" go '
-                                           'together')
+        raise ctx.error(f"{where}.inputs", 'conditioning "class" and the input "class_labels" go together')
     unconditional_class = _get(ctx, raw, "unconditional_class", where, required=False, default=True)
     if not isinstance(unconditional_class, bool):
-        raise ctx.error(f"{where}.unconditional_class", f"expected true or false, got {unconditional_class!r}")
+        raise ctx.error(
+            f"{where}.unconditional_class", f"expected true or false, got {unconditional_class!r}"
+        )
     if not unconditional_class and conditioning != "class":
         raise ctx.error(f"{where}.unconditional_class", 'only a "class" stage can lack it')
     if ("mask" in inputs) != ("masked_image" in inputs):
@@ -381,8 +401,10 @@ def _parse_stage(ctx: _Ctx, raw: Any, i: int, text_encoder: TextEncoderSpec | No
     scheduler = _scheduler(ctx, raw, "scheduler", where)
     sp = scheduler.get("prediction_type")
     if sp is not None and sp != prediction_type:
-        raise ctx.error(f"{where}.scheduler.prediction_type",
-                        f"{sp!r} disagrees with {where}.prediction_type {prediction_type!r}")
+        raise ctx.error(
+            f"{where}.scheduler.prediction_type",
+            f"{sp!r} disagrees with {where}.prediction_type {prediction_type!r}",
+        )
     scheduler.setdefault("prediction_type", prediction_type)
     recommended = _recommended(ctx, raw, where)
 
@@ -394,30 +416,53 @@ def _parse_stage(ctx: _Ctx, raw: Any, i: int, text_encoder: TextEncoderSpec | No
         t_max = int(aug_sched.get("num_train_timesteps", 1000))
         # training drew levels from [0, max_level]: a level above it was never seen (optional,
         # default: the whole schedule)
-        aug_max = _int(ctx, aug, "max_level", f"{where}.noise_aug", 0, t_max - 1, required=False,
-                       default=t_max - 1)
+        aug_max = _int(
+            ctx, aug, "max_level", f"{where}.noise_aug", 0, t_max - 1, required=False, default=t_max - 1
+        )
         aug_level = _int(ctx, aug, "level", f"{where}.noise_aug", 0, aug_max)
         if previous is not None:
             if low_res_resolution != previous.resolution:
-                raise ctx.error(f"{where}.low_res_resolution",
-                                f"{low_res_resolution} but the previous stage {previous.name!r} "
-                                f"makes {previous.resolution}x{previous.resolution} images")
+                raise ctx.error(
+                    f"{where}.low_res_resolution",
+                    f"{low_res_resolution} but the previous stage {previous.name!r} "
+                    f"makes {previous.resolution}x{previous.resolution} images",
+                )
             if previous.channels != 3:
-                raise ctx.error(f"{where}.inputs", f"low_res needs 3 channels but the previous "
-                                                   f"stage {previous.name!r} has {previous.channels}")
+                raise ctx.error(
+                    f"{where}.inputs",
+                    f"low_res needs 3 channels but the previous "
+                    f"stage {previous.name!r} has {previous.channels}",
+                )
         if low_res_resolution > resolution:
-            raise ctx.error(f"{where}.low_res_resolution",
-                            f"{low_res_resolution} is larger than the stage's resolution {resolution}")
+            raise ctx.error(
+                f"{where}.low_res_resolution",
+                f"{low_res_resolution} is larger than the stage's resolution {resolution}",
+            )
     elif previous is not None:
-        raise ctx.error(f"{where}.inputs", "a stage after the first must be a super-resolution "
-                                           'stage (inputs "low_res", "noise_level")')
+        raise ctx.error(
+            f"{where}.inputs",
+            'a stage after the first must be a super-resolution stage (inputs "low_res", "noise_level")',
+        )
 
-    return Stage(index=i, name=name, onnx=onnx_path, resolution=resolution, channels=channels,
-                 conditioning=conditioning, num_classes=num_classes, inputs=inputs, output=output,
-                 prediction_type=prediction_type, scheduler=scheduler, recommended=recommended,
-                 low_res_resolution=low_res_resolution, noise_aug_scheduler=aug_sched,
-                 noise_aug_level=aug_level, noise_aug_max_level=aug_max,
-                 unconditional_class=unconditional_class)
+    return Stage(
+        index=i,
+        name=name,
+        onnx=onnx_path,
+        resolution=resolution,
+        channels=channels,
+        conditioning=conditioning,
+        num_classes=num_classes,
+        inputs=inputs,
+        output=output,
+        prediction_type=prediction_type,
+        scheduler=scheduler,
+        recommended=recommended,
+        low_res_resolution=low_res_resolution,
+        noise_aug_scheduler=aug_sched,
+        noise_aug_level=aug_level,
+        noise_aug_max_level=aug_max,
+        unconditional_class=unconditional_class,
+    )
 
 
 def _parse_guidance_model(ctx: _Ctx, raw: Any, i: int, stages: list[Stage]) -> GuidanceModelSpec:
@@ -430,15 +475,15 @@ def _parse_guidance_model(ctx: _Ctx, raw: Any, i: int, stages: list[Stage]) -> G
     stage_name = _str(ctx, raw, "stage", where)
     st = next((s for s in stages if s.name == stage_name), None)
     if st is None:
-        raise ctx.error(f"{where}.stage", f"unknown stage {stage_name!r}; the stages are "
-                                          f"{[s.name for s in stages]}")
+        raise ctx.error(
+            f"{where}.stage", f"unknown stage {stage_name!r}; the stages are {[s.name for s in stages]}"
+        )
     inputs_raw = _get(ctx, raw, "inputs", where)
     if not isinstance(inputs_raw, list) or not all(isinstance(x, str) for x in inputs_raw):
         raise ctx.error(f"{where}.inputs", f"expected a list of input names, got {inputs_raw!r}")
     want = GUIDANCE_KINDS[kind]
     if sorted(inputs_raw) != sorted(want):
-        raise ctx.error(f"{where}.inputs", f"a {kind!r} guidance model takes {list(want)}, got "
-                                           f"{inputs_raw}")
+        raise ctx.error(f"{where}.inputs", f"a {kind!r} guidance model takes {list(want)}, got {inputs_raw}")
     output = _str(ctx, raw, "output", where, required=False, default="grad")
     num_classes = None
     class_names = None
@@ -446,18 +491,33 @@ def _parse_guidance_model(ctx: _Ctx, raw: Any, i: int, stages: list[Stage]) -> G
         num_classes = _int(ctx, raw, "num_classes", where, 1, 1 << 30)
         names = _get(ctx, raw, "class_names", where, required=False)
         if names is not None:
-            if (not isinstance(names, list) or len(names) != num_classes
-                    or not all(isinstance(n, str) for n in names)):
+            if (
+                not isinstance(names, list)
+                or len(names) != num_classes
+                or not all(isinstance(n, str) for n in names)
+            ):
                 raise ctx.error(f"{where}.class_names", f"expected a list of {num_classes} strings")
             class_names = tuple(names)
     elif st.conditioning != "text":
-        raise ctx.error(f"{where}.stage", f"CLIP guidance needs a text-conditional stage's prompts; "
-                                          f"stage {stage_name!r} is {st.conditioning!r}")
+        raise ctx.error(
+            f"{where}.stage",
+            f"CLIP guidance needs a text-conditional stage's prompts; "
+            f"stage {stage_name!r} is {st.conditioning!r}",
+        )
     rec = _obj(ctx, raw, "recommended", where, required=False) or {}
     _number(ctx, rec, "scale", f"{where}.recommended")
-    return GuidanceModelSpec(index=i, name=name, kind=kind, onnx=onnx_path, stage=stage_name,
-                             inputs=tuple(inputs_raw), output=output, num_classes=num_classes,
-                             class_names=class_names, recommended=dict(rec))
+    return GuidanceModelSpec(
+        index=i,
+        name=name,
+        kind=kind,
+        onnx=onnx_path,
+        stage=stage_name,
+        inputs=tuple(inputs_raw),
+        output=output,
+        num_classes=num_classes,
+        class_names=class_names,
+        recommended=dict(rec),
+    )
 
 
 BUNDLED_ROOT = Path(__file__).resolve().parent / "bundled"
@@ -494,8 +554,9 @@ def load_package(path: str | os.PathLike | None) -> Package:
     package's name ("shapes", "digits") or None (shapes) names a bundled package."""
     p = package_path(path)
     if path is None and not (p / "manifest.json").is_file():
-        raise PackageError(f"{p}: the bundled {DEFAULT_PACKAGE!r} package is not installed; pass a model "
-                           f"package directory")
+        raise PackageError(
+            f"{p}: the bundled {DEFAULT_PACKAGE!r} package is not installed; pass a model package directory"
+        )
     if p.is_file() and p.name == "manifest.json":
         p = p.parent
     if not p.exists():
@@ -517,8 +578,11 @@ def load_package(path: str | os.PathLike | None) -> Package:
     if isinstance(version, bool) or not isinstance(version, int):
         raise ctx.error("version", f"expected an integer, got {_typename(version)}")
     if version not in SUPPORTED_VERSIONS:
-        raise ctx.error("version", f"unsupported package format version {version}; this pydiff "
-                                   f"reads version(s) {list(SUPPORTED_VERSIONS)}")
+        raise ctx.error(
+            "version",
+            f"unsupported package format version {version}; this pydiff "
+            f"reads version(s) {list(SUPPORTED_VERSIONS)}",
+        )
     name = _str(ctx, data, "name", "")
     description = _str(ctx, data, "description", "", required=False, default="")
 
@@ -529,11 +593,19 @@ def load_package(path: str | os.PathLike | None) -> Package:
             onnx=_path(ctx, te_raw, "onnx", "text_encoder"),
             tokenizer=_path(ctx, te_raw, "tokenizer", "text_encoder"),
             max_length=_int(ctx, te_raw, "max_length", "text_encoder", 1, MAX_TEXT_LENGTH),
-            hidden_size=_int(ctx, te_raw, "hidden_size", "text_encoder", 1, MAX_HIDDEN_SIZE,
-                             required=False, nullable=True),
+            hidden_size=_int(
+                ctx, te_raw, "hidden_size", "text_encoder", 1, MAX_HIDDEN_SIZE, required=False, nullable=True
+            ),
             name=_str(ctx, te_raw, "name", "text_encoder", required=False),
-            encode=_str(ctx, te_raw, "encode", "text_encoder", required=False, default="per_prompt",
-                        choices=("per_prompt", "batched")),
+            encode=_str(
+                ctx,
+                te_raw,
+                "encode",
+                "text_encoder",
+                required=False,
+                default="per_prompt",
+                choices=("per_prompt", "batched"),
+            ),
         )
 
     stages_raw = _get(ctx, data, "stages", "")
@@ -555,9 +627,17 @@ def load_package(path: str | os.PathLike | None) -> Package:
             if any(o.name == g.name for o in gms):
                 raise ctx.error(f"guidance_models[{i}].name", f"duplicate name {g.name!r}")
             gms.append(g)
-    return Package(path=root, manifest_path=manifest_path, name=name, description=description,
-                   version=version, text_encoder=te, stages=tuple(stages), manifest=data,
-                   guidance_models=tuple(gms))
+    return Package(
+        path=root,
+        manifest_path=manifest_path,
+        name=name,
+        description=description,
+        version=version,
+        text_encoder=te,
+        stages=tuple(stages),
+        manifest=data,
+        guidance_models=tuple(gms),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -576,20 +656,25 @@ def check_stage_io(package: Package, stage: Stage, session) -> None:
     missing = [n for n in stage.inputs if n not in got]
     extra = [n for n in got if n not in stage.inputs]
     if missing or extra:
-        raise PackageError(f"{f}: ONNX inputs {sorted(got)} disagree with {package.manifest_path} "
-                           f"{where}.inputs {list(stage.inputs)}"
-                           + (f" (missing {missing})" if missing else "")
-                           + (f" (not in the manifest {extra})" if extra else ""))
+        raise PackageError(
+            f"{f}: ONNX inputs {sorted(got)} disagree with {package.manifest_path} "
+            f"{where}.inputs {list(stage.inputs)}"
+            + (f" (missing {missing})" if missing else "")
+            + (f" (not in the manifest {extra})" if extra else "")
+        )
     for n in stage.inputs:
         want_type, want_rank = INPUT_SPECS[n]
         inp = got[n]
         if inp.type != want_type:
-            raise PackageError(f"{f}: input {n!r} has type {inp.type}, the format needs {want_type} "
-                               f"({package.manifest_path} {where}.inputs)")
+            raise PackageError(
+                f"{f}: input {n!r} has type {inp.type}, the format needs {want_type} "
+                f"({package.manifest_path} {where}.inputs)"
+            )
         shape = list(inp.shape) if inp.shape is not None else None
         if shape is not None and len(shape) != want_rank:
-            raise PackageError(f"{f}: input {n!r} has rank {len(shape)} (shape {shape}), the format "
-                               f"needs rank {want_rank}")
+            raise PackageError(
+                f"{f}: input {n!r} has rank {len(shape)} (shape {shape}), the format needs rank {want_rank}"
+            )
         if shape is None:
             continue
         expect: dict[int, int] = {}
@@ -608,19 +693,22 @@ def check_stage_io(package: Package, stage: Stage, session) -> None:
         for axis, want in expect.items():
             have = _static(shape[axis])
             if have is not None and have != want:
-                raise PackageError(f"{f}: input {n!r} has shape {shape}; axis {axis} should be "
-                                   f"{want} per {package.manifest_path} {where}")
+                raise PackageError(
+                    f"{f}: input {n!r} has shape {shape}; axis {axis} should be "
+                    f"{want} per {package.manifest_path} {where}"
+                )
     outs = session.get_outputs()
     names = [o.name for o in outs]
     if names != [stage.output]:
-        raise PackageError(f"{f}: ONNX outputs {names} disagree with {package.manifest_path} "
-                           f"{where}.output {stage.output!r} (a stage network has one output)")
+        raise PackageError(
+            f"{f}: ONNX outputs {names} disagree with {package.manifest_path} "
+            f"{where}.output {stage.output!r} (a stage network has one output)"
+        )
     o = outs[0]
     if o.type != "tensor(float)":
         raise PackageError(f"{f}: output {o.name!r} has type {o.type}, expected tensor(float)")
     if o.shape is not None and len(o.shape) != 4:
-        raise PackageError(f"{f}: output {o.name!r} has shape {list(o.shape)}, expected rank 4 "
-                           f"like 'sample'")
+        raise PackageError(f"{f}: output {o.name!r} has shape {list(o.shape)}, expected rank 4 like 'sample'")
 
 
 def check_text_encoder_io(package: Package, session) -> None:
@@ -632,18 +720,22 @@ def check_text_encoder_io(package: Package, session) -> None:
         if n not in got:
             raise PackageError(f"{f}: the text encoder has no input {n!r} (inputs {sorted(got)})")
         if got[n].type != "tensor(int64)":
-            raise PackageError(f"{f}: text encoder input {n!r} has type {got[n].type}, "
-                               f"expected tensor(int64)")
+            raise PackageError(
+                f"{f}: text encoder input {n!r} has type {got[n].type}, expected tensor(int64)"
+            )
     extra = [n for n in got if n not in ("input_ids", "attention_mask", "token_type_ids")]
     if extra:
         raise PackageError(f"{f}: the text encoder has inputs {extra} that the format does not feed")
     outs = {o.name: o for o in session.get_outputs()}
     if "last_hidden_state" not in outs:
-        raise PackageError(f"{f}: the text encoder has no output 'last_hidden_state' "
-                           f"(outputs {sorted(outs)})")
+        raise PackageError(
+            f"{f}: the text encoder has no output 'last_hidden_state' (outputs {sorted(outs)})"
+        )
     shape = outs["last_hidden_state"].shape
     if shape is not None and len(shape) == 3 and te.hidden_size:
         have = _static(shape[2])
         if have is not None and have != te.hidden_size:
-            raise PackageError(f"{f}: last_hidden_state has size {have}, but "
-                               f"{package.manifest_path} text_encoder.hidden_size is {te.hidden_size}")
+            raise PackageError(
+                f"{f}: last_hidden_state has size {have}, but "
+                f"{package.manifest_path} text_encoder.hidden_size is {te.hidden_size}"
+            )

@@ -1,4 +1,5 @@
 """``pydiff.sample``: the reverse process over any NumPy model, with the fused native step."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,13 +43,28 @@ def _as_output(out, shape, i: int, t: int, what: str = "the model") -> np.ndarra
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def sample(model: Callable[..., Any], x_T, *, schedule: Schedule, sampler: str = "dpmpp_2m", steps: int = 25,
-           eta: float = 0.0, guidance_scale=1.0, cond=None, uncond=None, seed: int | None = None,
-           noise: Callable[[int, tuple], np.ndarray] | None = None,
-           callback: Callable[[int, int, np.ndarray], Any] | None = None, progress: bool = False,
-           start_step: int = 0, batch_cond_uncond: bool = True, use_clipped_model_output: bool | None = None,
-           guidance_fn: Callable[[np.ndarray, np.ndarray], Any] | None = None,
-           backend: str = "native", **threshold_overrides) -> np.ndarray:
+def sample(
+    model: Callable[..., Any],
+    x_T,
+    *,
+    schedule: Schedule,
+    sampler: str = "dpmpp_2m",
+    steps: int = 25,
+    eta: float = 0.0,
+    guidance_scale=1.0,
+    cond=None,
+    uncond=None,
+    seed: int | None = None,
+    noise: Callable[[int, tuple], np.ndarray] | None = None,
+    callback: Callable[[int, int, np.ndarray], Any] | None = None,
+    progress: bool = False,
+    start_step: int = 0,
+    batch_cond_uncond: bool = True,
+    use_clipped_model_output: bool | None = None,
+    guidance_fn: Callable[[np.ndarray, np.ndarray], Any] | None = None,
+    backend: str = "native",
+    **threshold_overrides,
+) -> np.ndarray:
     """Run the reverse diffusion process from x_T [B, C, H, W] (or any [B, ...]) and return x_0 (float32).
 
     model: ``model(x_t, t)`` or, when ``cond`` is given, ``model(x_t, t, cond)``, on NumPy arrays;
@@ -68,14 +84,31 @@ def sample(model: Callable[..., Any], x_T, *, schedule: Schedule, sampler: str =
     threshold_overrides: thresholding, dynamic_thresholding_ratio, sample_max_value, clip_sample,
     clip_sample_range (diffusers' meaning), overriding the schedule's.
     """
-    opts = SamplingOptions(schedule=schedule, sampler=sampler, steps=steps, eta=eta, guidance_scale=guidance_scale,
-                           cond=cond, uncond=uncond, seed=seed, callback=callback, progress=progress,
-                           batch_cond_uncond=batch_cond_uncond, use_clipped_model_output=use_clipped_model_output,
-                           guidance_fn=guidance_fn, backend=backend, threshold_overrides=threshold_overrides)
+    opts = SamplingOptions(
+        schedule=schedule,
+        sampler=sampler,
+        steps=steps,
+        eta=eta,
+        guidance_scale=guidance_scale,
+        cond=cond,
+        uncond=uncond,
+        seed=seed,
+        callback=callback,
+        progress=progress,
+        batch_cond_uncond=batch_cond_uncond,
+        use_clipped_model_output=use_clipped_model_output,
+        guidance_fn=guidance_fn,
+        backend=backend,
+        threshold_overrides=threshold_overrides,
+    )
     smp = opts.make_sampler()
     run = _Run(model, x_T, smp, opts, reuse_buffers=callback is None)
     n_steps = len(smp.timesteps)
-    if isinstance(start_step, bool) or not isinstance(start_step, (int, np.integer)) or not 0 <= start_step < n_steps:
+    if (
+        isinstance(start_step, bool)
+        or not isinstance(start_step, (int, np.integer))
+        or not 0 <= start_step < n_steps
+    ):
         raise ValueError(f"start_step must be an integer in [0, {n_steps - 1}], got {start_step!r}")
 
     def draw(i, x):
@@ -101,12 +134,14 @@ def repaint_schedule(steps: int, jump_length: int = 10, jump_n_sample: int = 10)
     for name, v in (("steps", steps), ("jump_length", jump_length), ("jump_n_sample", jump_n_sample)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if jump_n_sample > 1 and jump_length >= steps:   # diffusers would silently not resample
-        raise ValueError(f"jump_length {jump_length} must be less than steps {steps} to resample "
-                         f"(jump_n_sample {jump_n_sample}); shorten the jumps or use jump_n_sample=1")
+    if jump_n_sample > 1 and jump_length >= steps:  # diffusers would silently not resample
+        raise ValueError(
+            f"jump_length {jump_length} must be less than steps {steps} to resample "
+            f"(jump_n_sample {jump_n_sample}); shorten the jumps or use jump_n_sample=1"
+        )
     jumps = {r: jump_n_sample - 1 for r in range(0, steps - jump_length, jump_length)}
     plan: list[tuple] = []
-    done = 0                                   # steps completed in the current pass
+    done = 0  # steps completed in the current pass
     while done < steps:
         plan.append(("step", done))
         done += 1
@@ -119,13 +154,30 @@ def repaint_schedule(steps: int, jump_length: int = 10, jump_n_sample: int = 10)
     return plan
 
 
-def repaint(model: Callable[..., Any], x_T, image, mask, *, schedule: Schedule, sampler: str = "ddpm",
-            steps: int = 25, jump_length: int = 10, jump_n_sample: int = 10, eta: float = 0.0,
-            guidance_scale=1.0, cond=None, uncond=None, seed: int | None = None,
-            callback: Callable[[int, int, np.ndarray], Any] | None = None, progress: bool = False,
-            batch_cond_uncond: bool = True, use_clipped_model_output: bool | None = None,
-            guidance_fn: Callable[[np.ndarray, np.ndarray], Any] | None = None, backend: str = "native",
-            **threshold_overrides) -> np.ndarray:
+def repaint(
+    model: Callable[..., Any],
+    x_T,
+    image,
+    mask,
+    *,
+    schedule: Schedule,
+    sampler: str = "ddpm",
+    steps: int = 25,
+    jump_length: int = 10,
+    jump_n_sample: int = 10,
+    eta: float = 0.0,
+    guidance_scale=1.0,
+    cond=None,
+    uncond=None,
+    seed: int | None = None,
+    callback: Callable[[int, int, np.ndarray], Any] | None = None,
+    progress: bool = False,
+    batch_cond_uncond: bool = True,
+    use_clipped_model_output: bool | None = None,
+    guidance_fn: Callable[[np.ndarray, np.ndarray], Any] | None = None,
+    backend: str = "native",
+    **threshold_overrides,
+) -> np.ndarray:
     r"""Inpainting by RePaint (Lugmayr et al. 2022): regenerate where ``mask`` is 1, keep ``image``.
 
     After every step the kept region is replaced by ``image`` noised to the level x is now at (the
@@ -145,12 +197,26 @@ def repaint(model: Callable[..., Any], x_T, image, mask, *, schedule: Schedule, 
     """
     for name in ("noise", "start_step"):
         if name in threshold_overrides:
-            raise TypeError(f"repaint() does not take {name}: RePaint runs every step with its own "
-                            f"noise streams")
-    opts = SamplingOptions(schedule=schedule, sampler=sampler, steps=steps, eta=eta, guidance_scale=guidance_scale,
-                           cond=cond, uncond=uncond, seed=seed, callback=callback, progress=progress,
-                           batch_cond_uncond=batch_cond_uncond, use_clipped_model_output=use_clipped_model_output,
-                           guidance_fn=guidance_fn, backend=backend, threshold_overrides=threshold_overrides)
+            raise TypeError(
+                f"repaint() does not take {name}: RePaint runs every step with its own noise streams"
+            )
+    opts = SamplingOptions(
+        schedule=schedule,
+        sampler=sampler,
+        steps=steps,
+        eta=eta,
+        guidance_scale=guidance_scale,
+        cond=cond,
+        uncond=uncond,
+        seed=seed,
+        callback=callback,
+        progress=progress,
+        batch_cond_uncond=batch_cond_uncond,
+        use_clipped_model_output=use_clipped_model_output,
+        guidance_fn=guidance_fn,
+        backend=backend,
+        threshold_overrides=threshold_overrides,
+    )
     smp = opts.make_sampler()
     plan = repaint_schedule(len(smp.timesteps), jump_length, jump_n_sample)
     run = _Run(model, x_T, smp, opts, reuse_buffers=False)
@@ -209,13 +275,33 @@ class SamplingOptions:
 
     def make_sampler(self):
         # None: on with a guidance_fn (see sample's docstring), off otherwise (diffusers)
-        clipped = self.guidance_fn is not None if self.use_clipped_model_output is None else self.use_clipped_model_output
-        return make_sampler(self.sampler, self.schedule, self.steps, eta=self.eta, use_clipped_model_output=clipped,
-                            backend=self.backend, **self.threshold_overrides)
+        clipped = (
+            self.guidance_fn is not None
+            if self.use_clipped_model_output is None
+            else self.use_clipped_model_output
+        )
+        return make_sampler(
+            self.sampler,
+            self.schedule,
+            self.steps,
+            eta=self.eta,
+            use_clipped_model_output=clipped,
+            backend=self.backend,
+            **self.threshold_overrides,
+        )
 
 
-def _loop(run: "_Run", plan: list[tuple], opts: SamplingOptions, *, desc: str, noise=None, after_step=None,
-          on_jump=None, count_steps: bool = False) -> np.ndarray:
+def _loop(
+    run: "_Run",
+    plan: list[tuple],
+    opts: SamplingOptions,
+    *,
+    desc: str,
+    noise=None,
+    after_step=None,
+    on_jump=None,
+    count_steps: bool = False,
+) -> np.ndarray:
     """The one step loop: ("step", i) runs sampler step i, ("jump", k, j) hands x to `on_jump`.
 
     Step ops are counted c = 0, 1, ...; with `count_steps` the c-th step draws the noise stream
@@ -262,14 +348,20 @@ def _image_like(a, shape, what: str, channels_may_be_one: bool = False) -> np.nd
     if a.dtype == np.bool_ and channels_may_be_one:
         a = a.astype(np.float32)
     if a.dtype.kind != "f":
-        raise TypeError(f"{what} must be floating point{' or bool' if channels_may_be_one else ''}, "
-                        f"got {a.dtype}")
-    ok = a.ndim == len(shape) and a.shape[0] in (1, shape[0]) and a.shape[2:] == tuple(shape[2:]) \
+        raise TypeError(
+            f"{what} must be floating point{' or bool' if channels_may_be_one else ''}, got {a.dtype}"
+        )
+    ok = (
+        a.ndim == len(shape)
+        and a.shape[0] in (1, shape[0])
+        and a.shape[2:] == tuple(shape[2:])
         and (a.shape[1] == shape[1] or (channels_may_be_one and a.shape[1] == 1))
+    )
     if not ok:
         allowed = "1 or C" if channels_may_be_one else "C"
-        raise ValueError(f"{what} must have shape [1 or B, {allowed}, ...] matching x_T {tuple(shape)}, "
-                         f"got {a.shape}")
+        raise ValueError(
+            f"{what} must have shape [1 or B, {allowed}, ...] matching x_T {tuple(shape)}, got {a.shape}"
+        )
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{what} contains NaN or Inf")
     return np.broadcast_to(a.astype(np.float32, copy=False), shape)
@@ -293,7 +385,9 @@ class _Run:
             raise ValueError("x_T contains NaN or Inf")
         self.x = np.array(x, np.float32, order="C", copy=True)
         B = x.shape[0]
-        self.guided = uncond is not None and not (np.ndim(guidance_scale) == 0 and float(guidance_scale) == 1.0)
+        self.guided = uncond is not None and not (
+            np.ndim(guidance_scale) == 0 and float(guidance_scale) == 1.0
+        )
         if np.ndim(guidance_scale) == 0:
             if not np.isfinite(float(guidance_scale)):
                 raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
@@ -324,8 +418,9 @@ class _Run:
     def _call(self, xb, tb, c):
         return self.model(xb, tb) if c is None else self.model(xb, tb, c)
 
-    def step(self, x: np.ndarray, i: int, noise: np.ndarray | None = None,
-             noise_step: int | None = None) -> np.ndarray:
+    def step(
+        self, x: np.ndarray, i: int, noise: np.ndarray | None = None, noise_step: int | None = None
+    ) -> np.ndarray:
         """x after step i of the sampler (the network evaluated at its timestep t_i)."""
         smp, B = self.smp, x.shape[0]
         t = int(smp.timesteps[i])
@@ -333,8 +428,9 @@ class _Run:
             if self.batch_cond_uncond:
                 self.x2[:B] = x
                 self.x2[B:] = x
-                out = _as_output(self._call(self.x2, np.full(2 * B, t, np.float32), self.both),
-                                 self.x2.shape, i, t)
+                out = _as_output(
+                    self._call(self.x2, np.full(2 * B, t, np.float32), self.both), self.x2.shape, i, t
+                )
             else:
                 tt = np.full(B, t, np.float32)
                 oc = _as_output(self._call(x, tt, self.cond), x.shape, i, t)
@@ -345,8 +441,16 @@ class _Run:
         mean_shift = None
         if self.guidance_fn is not None:
             out, mean_shift = _apply_guidance(self.guidance_fn, smp, i, t, x, out)
-        new = smp.step(out, x, i, guidance_scale=self.scale if self.guided else None, seed=self.seed,
-                       noise=noise, out=self.spare, noise_step=noise_step)
+        new = smp.step(
+            out,
+            x,
+            i,
+            guidance_scale=self.scale if self.guided else None,
+            seed=self.seed,
+            noise=noise,
+            out=self.spare,
+            noise_step=noise_step,
+        )
         if mean_shift is not None:
             new += mean_shift
         if self.spare is not None:

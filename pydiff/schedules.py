@@ -1,4 +1,5 @@
 """Noise schedules in diffusers' vocabulary (``scheduler_config.json``) and timestep spacing."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,28 +21,45 @@ VARIANCE_TYPES = ("fixed_small", "fixed_large")
 # Keys of diffusers' DDPM / DDIM / DPM-Solver configs that change nothing in pydiff's samplers:
 # ignored without a warning. (lower_order_final: with the final step to sigma 0, as here, diffusers'
 # 2M takes a first-order last step whatever it says.)
-_KNOWN_IGNORED = {"_class_name", "_diffusers_version", "skip_prk_steps", "lower_order_final",
-                  "flow_shift", "time_shift_type"}   # the last two: only with flow sigmas / shifting
+_KNOWN_IGNORED = {
+    "_class_name",
+    "_diffusers_version",
+    "skip_prk_steps",
+    "lower_order_final",
+    "flow_shift",
+    "time_shift_type",
+}  # the last two: only with flow sigmas / shifting
 # Keys that change the math, with the values pydiff implements (diffusers' defaults; None, which
 # diffusers writes for "default", too). Any other value is a ScheduleError, not a silently different
 # sampler.
 _SUPPORTED_ONLY = {
-    "algorithm_type": ("dpmsolver++",), "solver_order": (2,), "solver_type": ("midpoint",),
-    "final_sigmas_type": ("zero",), "euler_at_final": (False,), "lambda_min_clipped": (-math.inf,),
-    "rescale_betas_zero_snr": (False,), "use_karras_sigmas": (False,), "use_lu_lambdas": (False,),
-    "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,), "use_flow_sigmas": (False,),
+    "algorithm_type": ("dpmsolver++",),
+    "solver_order": (2,),
+    "solver_type": ("midpoint",),
+    "final_sigmas_type": ("zero",),
+    "euler_at_final": (False,),
+    "lambda_min_clipped": (-math.inf,),
+    "rescale_betas_zero_snr": (False,),
+    "use_karras_sigmas": (False,),
+    "use_lu_lambdas": (False,),
+    "use_exponential_sigmas": (False,),
+    "use_beta_sigmas": (False,),
+    "use_flow_sigmas": (False,),
     "use_dynamic_shifting": (False,),
 }
 # diffusers' "_log" variance types have the same standard deviation (exp(log(v) / 2) = sqrt(v))
 _VARIANCE_ALIASES = {"fixed_small_log": "fixed_small", "fixed_large_log": "fixed_large"}
 # diffusers' defaults that differ from DDPMScheduler's (pydiff's), by the config's _class_name:
 # DPM-Solver has no clip_sample and spaces its timesteps by linspace
-_CLASS_DEFAULTS = {"DPMSolverMultistepScheduler": {"clip_sample": False, "timestep_spacing": "linspace"},
-                   "DPMSolverSinglestepScheduler": {"clip_sample": False}}
+_CLASS_DEFAULTS = {
+    "DPMSolverMultistepScheduler": {"clip_sample": False, "timestep_spacing": "linspace"},
+    "DPMSolverSinglestepScheduler": {"clip_sample": False},
+}
 
 
 def _cosine_betas(T: int, max_beta: float = 0.999) -> np.ndarray:
     """Betas of the squared-cosine alpha-bar (Nichol & Dhariwal 2021, eq. 17), as diffusers' betas_for_alpha_bar."""
+
     def abar(t):
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
@@ -77,13 +95,19 @@ class Schedule:
         T = self.num_train_timesteps
         if not isinstance(T, (int, np.integer)) or isinstance(T, bool) or T < 1:
             raise ScheduleError(f"num_train_timesteps must be a positive integer, got {T!r}")
-        for name, allowed in (("beta_schedule", BETA_SCHEDULES), ("prediction_type", PREDICTION_TYPES),
-                              ("timestep_spacing", TIMESTEP_SPACINGS), ("variance_type", VARIANCE_TYPES)):
+        for name, allowed in (
+            ("beta_schedule", BETA_SCHEDULES),
+            ("prediction_type", PREDICTION_TYPES),
+            ("timestep_spacing", TIMESTEP_SPACINGS),
+            ("variance_type", VARIANCE_TYPES),
+        ):
             v = getattr(self, name)
             if v not in allowed:
                 raise ScheduleError(f"unknown {name} {v!r}; expected one of {', '.join(allowed)}")
         if not (0 < self.dynamic_thresholding_ratio <= 1):
-            raise ScheduleError(f"dynamic_thresholding_ratio must be in (0, 1], got {self.dynamic_thresholding_ratio}")
+            raise ScheduleError(
+                f"dynamic_thresholding_ratio must be in (0, 1], got {self.dynamic_thresholding_ratio}"
+            )
         if not self.sample_max_value >= 1:
             raise ScheduleError(f"sample_max_value must be >= 1, got {self.sample_max_value}")
         if not self.clip_sample_range > 0:
@@ -103,7 +127,7 @@ class Schedule:
         if self.beta_schedule == "linear":
             return np.linspace(self.beta_start, self.beta_end, T, dtype=np.float32)
         if self.beta_schedule == "scaled_linear":
-            return (np.linspace(self.beta_start**0.5, self.beta_end**0.5, T, dtype=np.float32) ** 2)
+            return np.linspace(self.beta_start**0.5, self.beta_end**0.5, T, dtype=np.float32) ** 2
         return _cosine_betas(T)
 
     @property
@@ -131,14 +155,16 @@ class Schedule:
         for key, value in config.items():
             if key in fields:
                 if value is None and key != "trained_betas":
-                    continue   # diffusers writes None for "the default"
+                    continue  # diffusers writes None for "the default"
                 if key == "variance_type":
                     value = _VARIANCE_ALIASES.get(value, value)
                 kwargs[key] = _check_type(key, value, fields[key].default)
             elif key in _SUPPORTED_ONLY:
                 if value is not None and value not in _SUPPORTED_ONLY[key]:
-                    raise ScheduleError(f"{key}={value!r} is not implemented by pydiff's samplers "
-                                        f"(supported: {', '.join(map(repr, _SUPPORTED_ONLY[key]))})")
+                    raise ScheduleError(
+                        f"{key}={value!r} is not implemented by pydiff's samplers "
+                        f"(supported: {', '.join(map(repr, _SUPPORTED_ONLY[key]))})"
+                    )
             elif key not in _KNOWN_IGNORED and not key.startswith("_"):
                 unknown.append(key)
         class_name = config.get("_class_name")
@@ -148,7 +174,9 @@ class Schedule:
             if config.get(key) is None:
                 kwargs[key] = value
         if unknown:
-            warnings.warn(f"scheduler config keys ignored by pydiff: {', '.join(sorted(unknown))}", stacklevel=2)
+            warnings.warn(
+                f"scheduler config keys ignored by pydiff: {', '.join(sorted(unknown))}", stacklevel=2
+            )
         return cls(**kwargs)
 
     def to_config(self) -> dict:
@@ -173,8 +201,18 @@ class Schedule:
 
 # Keys only diffusers' DPM-Solver configs have: a config without `_class_name` that has one of them
 # is a DPM-Solver config, and takes that class's defaults (not DDPMScheduler's).
-_DPM_SOLVER_KEYS = frozenset({"algorithm_type", "solver_order", "solver_type", "lower_order_final",
-                              "euler_at_final", "final_sigmas_type", "lambda_min_clipped", "use_lu_lambdas"})
+_DPM_SOLVER_KEYS = frozenset(
+    {
+        "algorithm_type",
+        "solver_order",
+        "solver_type",
+        "lower_order_final",
+        "euler_at_final",
+        "final_sigmas_type",
+        "lambda_min_clipped",
+        "use_lu_lambdas",
+    }
+)
 
 
 def _infer_class(config: dict) -> str | None:
@@ -182,9 +220,12 @@ def _infer_class(config: dict) -> str | None:
     keys = sorted(_DPM_SOLVER_KEYS & config.keys())
     if not keys:
         return None
-    warnings.warn(f"scheduler config without _class_name: taken as DPMSolverMultistepScheduler's "
-                  f"(it has {', '.join(keys)}), so clip_sample and timestep_spacing default to that "
-                  f"class's False and 'linspace'; add \"_class_name\" to say so", stacklevel=3)
+    warnings.warn(
+        f"scheduler config without _class_name: taken as DPMSolverMultistepScheduler's "
+        f"(it has {', '.join(keys)}), so clip_sample and timestep_spacing default to that "
+        f"class's False and 'linspace'; add \"_class_name\" to say so",
+        stacklevel=3,
+    )
     return "DPMSolverMultistepScheduler"
 
 
@@ -242,6 +283,8 @@ def timesteps(schedule: Schedule, steps: int, sampler: str = "ddim") -> np.ndarr
     if ts.max() >= T or ts.min() < 0:
         raise ValueError(f"steps_offset={offset} puts timesteps outside [0, {T - 1}]")
     if np.any(np.diff(ts) >= 0):
-        raise ValueError(f"steps={steps} with {spacing!r} spacing repeats timesteps for {sampler} "
-                         f"(num_train_timesteps={T}); use fewer steps")
+        raise ValueError(
+            f"steps={steps} with {spacing!r} spacing repeats timesteps for {sampler} "
+            f"(num_train_timesteps={T}); use fewer steps"
+        )
     return ts

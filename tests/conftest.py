@@ -1,4 +1,5 @@
 """Shared test configuration: GPU tests skip cleanly, decided at collection (never at import)."""
+
 from __future__ import annotations
 
 import pytest

@@ -3,6 +3,7 @@
 The CUDA branch (binding to 'cuda' memory) runs for real only in tests/gpu/test_backends_gpu.py;
 here a recording session checks what it would bind.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,10 @@ def base():
 def _inputs(b=2, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((b, 3, 16, 16)).astype(np.float32)
-    cond = {"encoder_hidden_states": rng.standard_normal((b, 16, 384)).astype(np.float32),
-            "encoder_attention_mask": (rng.random((b, 16)) < 0.7).astype(np.float32)}
+    cond = {
+        "encoder_hidden_states": rng.standard_normal((b, 16, 384)).astype(np.float32),
+        "encoder_attention_mask": (rng.random((b, 16)) < 0.7).astype(np.float32),
+    }
     return x, np.array([900.0, 40.0][:b], np.float32), cond
 
 
@@ -49,14 +52,14 @@ def test_run_device_ortvalues_match_session_run(base):
     assert isinstance(got, ort.OrtValue) and got.device_name().lower() == "cpu"
     assert tuple(got.shape()) == x.shape
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
-    assert np.abs(want).max() > 0.1   # a real output, not zeros that any binding would match
+    assert np.abs(want).max() > 0.1  # a real output, not zeros that any binding would match
 
 
 def test_run_device_writes_into_out(base):
     x, t, cond = _inputs()
     want = _session_run(base, x, t, cond)
     out = np.full_like(x, np.nan)
-    assert base.run_device(x, t, cond, out=out) is out        # host arrays, bound by pointer
+    assert base.run_device(x, t, cond, out=out) is out  # host arrays, bound by pointer
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
     ov = ort.OrtValue.ortvalue_from_shape_and_type(list(x.shape), np.float32, "cpu", 0)
     assert base.run_device(x, t, cond, out=ov) is ov
@@ -67,7 +70,7 @@ def test_run_device_scalar_timestep_is_broadcast(base):
     x, _, cond = _inputs()
     want = _session_run(base, x, np.full(2, 250.0, np.float32), cond)
     np.testing.assert_allclose(base.run_device(x, 250.0, cond).numpy(), want, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(base(x, 250.0, cond), want, rtol=1e-6, atol=1e-6)   # __call__ too
+    np.testing.assert_allclose(base(x, 250.0, cond), want, rtol=1e-6, atol=1e-6)  # __call__ too
 
 
 def test_run_device_int64_class_labels(tmp_path):
@@ -82,20 +85,29 @@ def test_run_device_int64_class_labels(tmp_path):
     got = model.run_device(x, 10.0, {"class_labels": ort.OrtValue.ortvalue_from_numpy(labels)})
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
     with pytest.raises(TypeError, match="class_labels.*tensor\\(int64\\)"):
-        model.run_device(x, 10.0, {"class_labels": ort.OrtValue.ortvalue_from_numpy(labels.astype(np.float32))})
+        model.run_device(
+            x, 10.0, {"class_labels": ort.OrtValue.ortvalue_from_numpy(labels.astype(np.float32))}
+        )
 
 
 class _FakeCudaArray:
     def __init__(self, a, index=None, strides=None):
         self.a = a
         self.device = type("Dev", (), {"index": index})()
-        self.__cuda_array_interface__ = {"shape": a.shape, "typestr": a.dtype.str, "strides": strides,
-                                         "data": (a.ctypes.data, False), "version": 3}
+        self.__cuda_array_interface__ = {
+            "shape": a.shape,
+            "typestr": a.dtype.str,
+            "strides": strides,
+            "data": (a.ctypes.data, False),
+            "version": 3,
+        }
 
 
 def test_run_device_errors_name_the_argument(base):
     x, t, cond = _inputs()
-    with pytest.raises(TypeError, match=r"sample: expected an OrtValue of tensor\(float\), got tensor\(double\)"):
+    with pytest.raises(
+        TypeError, match=r"sample: expected an OrtValue of tensor\(float\), got tensor\(double\)"
+    ):
         base.run_device(ort.OrtValue.ortvalue_from_numpy(x.astype(np.float64)), t, cond)
     with pytest.raises(ValueError, match="out: shape"):
         base.run_device(x, t, cond, out=np.empty((1, 3, 16, 16), np.float32))
@@ -116,7 +128,7 @@ class _RecordingSession:
 
     def __init__(self, real, **cuda_options):
         self.real, self.calls = real, []
-        self.cuda_options = {"device_id": "1", **cuda_options}   # ORT reports option values as strings
+        self.cuda_options = {"device_id": "1", **cuda_options}  # ORT reports option values as strings
 
     def get_provider_options(self):
         return {CUDA: dict(self.cuda_options), CPU: {}}
@@ -136,11 +148,14 @@ class _RecordingSession:
 
             def get_outputs(self):
                 return [ort.OrtValue.ortvalue_from_numpy(np.zeros((2, 3, 16, 16), np.float32))]
+
         return Binding()
 
     def run_with_iobinding(self, binding, run_options=None):
         key = "disable_synchronize_execution_providers"
-        self.calls.append(("run",) if run_options is None else ("run", key, run_options.get_run_config_entry(key)))
+        self.calls.append(
+            ("run",) if run_options is None else ("run", key, run_options.get_run_config_entry(key))
+        )
 
 
 def test_cuda_session_binds_device_pointers_on_its_device(base):
@@ -152,7 +167,7 @@ def test_cuda_session_binds_device_pointers_on_its_device(base):
     model.run_device(dx, t, cond)
     ins = {c[1]: c[2:] for c in sess.calls if c[0] == "in"}
     assert ins["sample"] == ("cuda", 1, np.float32, [2, 3, 16, 16], x.ctypes.data)
-    assert ins["timestep"][:2] == ("cpu", 0)                       # host data: ORT copies it in
+    assert ins["timestep"][:2] == ("cpu", 0)  # host data: ORT copies it in
     assert sess.calls[-2:] == [("out", "out", "cuda", 1), ("run",)]  # output allocated on the GPU
     sess.calls.clear()
     out = np.empty_like(x)
@@ -160,7 +175,7 @@ def test_cuda_session_binds_device_pointers_on_its_device(base):
     assert sess.calls[-2] == ("out", "out", "cuda", 1, np.float32, [2, 3, 16, 16], out.ctypes.data)
     with pytest.raises(ValueError, match="sample: on CUDA device 0, the session on 1"):
         model.run_device(_FakeCudaArray(x, index=0), t, cond)
-    with pytest.raises(TypeError, match="sample: expected float32, got float64"):   # never converted
+    with pytest.raises(TypeError, match="sample: expected float32, got float64"):  # never converted
         model.run_device(_FakeCudaArray(x.astype(np.float64), index=1), t, cond)
     with pytest.raises(ValueError, match="sample: must be C-contiguous"):
         model.run_device(_FakeCudaArray(x, index=1, strides=(4, 8, 16, 32)), t, cond)
@@ -172,22 +187,22 @@ def test_session_on_the_callers_stream_enqueues_without_synchronising(base):
     assert model.stream == 0x5A00
     x, t, cond = _inputs()
     dx, out = _FakeCudaArray(x, index=1), _FakeCudaArray(np.empty_like(x), index=1)
-    stream = type("Stream", (), {"cuda_stream": 0x5A00})()    # a torch.cuda.Stream stand-in
+    stream = type("Stream", (), {"cuda_stream": 0x5A00})()  # a torch.cuda.Stream stand-in
     assert model.run_device(dx, t, cond, out=out, stream=stream) is out
     assert sess.calls[-1] == ("run", "disable_synchronize_execution_providers", "1")
-    model.run_device(dx, t, cond, out=out)                     # no stream: ORT synchronises, as before
+    model.run_device(dx, t, cond, out=out)  # no stream: ORT synchronises, as before
     assert sess.calls[-1] == ("run",)
     sess.calls.clear()
     with pytest.raises(ValueError, match="computes on stream 0x5a00, not 0x77"):
         model.run_device(dx, t, cond, out=out, stream=0x77)
     with pytest.raises(TypeError, match="stream must be an integer handle or a stream object"):
         model.run_device(dx, t, cond, out=out, stream="0x5a00")
-    assert sess.calls == []                                    # refused before anything was bound or run
+    assert sess.calls == []  # refused before anything was bound or run
     plain = ortb.OrtStageModel(base.stage, _RecordingSession(base.session))
     assert plain.stream is None
     with pytest.raises(ValueError, match="ONNX Runtime's own stream.*providers='cuda', stream="):
         plain.run_device(dx, t, cond, out=out, stream=0x5A00)
-    with pytest.raises(ValueError, match="own stream"):        # the CPU session has no stream at all
+    with pytest.raises(ValueError, match="own stream"):  # the CPU session has no stream at all
         base.run_device(x, t, cond, stream=0x5A00)
 
 
@@ -199,13 +214,20 @@ def test_stream_becomes_the_cuda_providers_user_compute_stream(monkeypatch):
     assert ort_leaf.resolve_providers("cuda", stream=0x5A00) == want
     assert ort_leaf.resolve_providers(None, stream=type("S", (), {"cuda_stream": 0x5A00})()) == want
     assert ort_leaf.resolve_providers([CUDA, CPU], device_id=3, stream=7) == [
-        (CUDA, {"device_id": 3, **on, "user_compute_stream": "7"}), CPU]
+        (CUDA, {"device_id": 3, **on, "user_compute_stream": "7"}),
+        CPU,
+    ]
     assert ort_leaf.resolve_providers("tensorrt", stream=7)[1] == (
-        CUDA, {"device_id": 0, **fp32, **on, "user_compute_stream": "7"})
+        CUDA,
+        {"device_id": 0, **fp32, **on, "user_compute_stream": "7"},
+    )
     # ORT takes a device's streams from its first provider: TensorRT computes on the stream too
     # (its option parser has no has_user_compute_stream)
     trt_opts = ort_leaf.resolve_providers("tensorrt", stream=7)[0][1]
-    assert ort_leaf.resolve_providers("tensorrt", stream=7)[0][0] == TRT and trt_opts["user_compute_stream"] == "7"
+    assert (
+        ort_leaf.resolve_providers("tensorrt", stream=7)[0][0] == TRT
+        and trt_opts["user_compute_stream"] == "7"
+    )
     assert "has_user_compute_stream" not in trt_opts
     with pytest.raises(ValueError, match="only the CUDA provider.*providers='cuda'"):
         ort_leaf.resolve_providers("cpu", stream=7)
@@ -214,21 +236,27 @@ def test_stream_becomes_the_cuda_providers_user_compute_stream(monkeypatch):
     with pytest.raises(TypeError, match="stream must be an integer handle"):
         ort_leaf.resolve_providers("cuda", stream=1.5)
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
-    with pytest.raises(BackendUnavailableError, match="lacks"):   # the missing provider is named first
+    with pytest.raises(BackendUnavailableError, match="lacks"):  # the missing provider is named first
         ort_leaf.resolve_providers(None, stream=7)
 
 
 def test_provider_choices(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: [TRT, CUDA, CPU])
     assert ort_leaf.resolve_providers("cpu") == [CPU]
-    fp32 = {"use_tf32": "0"}   # the CUDA provider pydiff picks: TF32 off (the CPU provider's images)
+    fp32 = {"use_tf32": "0"}  # the CUDA provider pydiff picks: TF32 off (the CPU provider's images)
     assert ort_leaf.resolve_providers("cuda", device_id=2) == [(CUDA, {"device_id": 2, **fp32}), CPU]
-    trt = ort_leaf.resolve_providers("TensorRT")   # its engine-cache options: test_ort_tensorrt_engines_are_cached
-    assert trt[0][0] == TRT and trt[0][1]["device_id"] == 0 and trt[1:] == [(CUDA, {"device_id": 0, **fp32}), CPU]
+    trt = ort_leaf.resolve_providers(
+        "TensorRT"
+    )  # its engine-cache options: test_ort_tensorrt_engines_are_cached
+    assert (
+        trt[0][0] == TRT
+        and trt[0][1]["device_id"] == 0
+        and trt[1:] == [(CUDA, {"device_id": 0, **fp32}), CPU]
+    )
     assert ort_leaf.resolve_providers("auto") == [(CUDA, {"device_id": 0, **fp32}), CPU]
     assert ort_leaf.resolve_providers(None) == [(CUDA, {"device_id": 0, **fp32}), CPU]
     assert ort_leaf.resolve_providers([CPU]) == [CPU]
-    assert ort_leaf.resolve_providers([CUDA, CPU]) == [CUDA, CPU]   # a caller's list keeps ORT's defaults
+    assert ort_leaf.resolve_providers([CUDA, CPU]) == [CUDA, CPU]  # a caller's list keeps ORT's defaults
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
     assert ort_leaf.resolve_providers(None) == [CPU]
     with pytest.raises(ValueError, match="unknown provider 'gpu'.*'cuda'"):
@@ -238,18 +266,30 @@ def test_provider_choices(monkeypatch):
 def test_missing_cuda_provider_is_a_clear_error_or_an_auto_fallback(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
     for choice in ("cuda", "tensorrt", [CUDA, CPU]):
-        with pytest.raises(BackendUnavailableError, match="lacks.*CUDAExecutionProvider.*pip install onnxruntime-gpu"):
+        with pytest.raises(
+            BackendUnavailableError, match="lacks.*CUDAExecutionProvider.*pip install onnxruntime-gpu"
+        ):
             ort_leaf.resolve_providers(choice)
     with pytest.warns(RuntimeWarning, match="no CUDAExecutionProvider.*running on the CPU"):
         assert ort_leaf.resolve_providers("auto") == [CPU]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")   # the default (None) stays silent, as before
+        warnings.simplefilter("error")  # the default (None) stays silent, as before
         assert ort_leaf.resolve_providers(None) == [CPU]
 
 
 def test_cli_provider_flag(tmp_path, capsys):
-    args = ["generate", "a red circle", "--steps", "2", "--seed", "1", "--json", "-q",
-            "--out", str(tmp_path / "x.png")]
+    args = [
+        "generate",
+        "a red circle",
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "--json",
+        "-q",
+        "--out",
+        str(tmp_path / "x.png"),
+    ]
     assert cli.main(args + ["--provider", "cpu"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["backend"] == {"backend": "onnxruntime", "providers": [CPU]}
@@ -264,8 +304,10 @@ def test_ort_tensorrt_engines_are_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("PYDIFF_TRT_CACHE", str(tmp_path))
     trt, cuda, cpu = ort_leaf.resolve_providers("tensorrt")
     # ORT's Python parser takes "True"/"False" for TensorRT's booleans (not "1")
-    assert trt == (TRT, {"device_id": 0, "trt_engine_cache_enable": "True",
-                         "trt_engine_cache_path": str(tmp_path / "ort")})
+    assert trt == (
+        TRT,
+        {"device_id": 0, "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(tmp_path / "ort")},
+    )
     assert cuda == (CUDA, {"device_id": 0, "use_tf32": "0"}) and cpu == CPU
 
 
@@ -274,7 +316,7 @@ def test_a_gpu_provider_that_does_not_start_is_not_a_silent_cpu_run(monkeypatch)
     # with a log line, as onnxruntime-gpu does on a machine without a usable GPU
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
     path = bundled_path("shapes") / "base.onnx"
-    with pytest.warns(UserWarning):   # ORT's own "not in available provider names"
+    with pytest.warns(UserWarning):  # ORT's own "not in available provider names"
         with pytest.raises(BackendUnavailableError, match=r"could not start \['CUDAExecutionProvider'\]"):
             ort_leaf.create_session(path, [(CUDA, {"use_tf32": "0"}), CPU])
         assert ort_leaf.create_session(path, [(CUDA, {}), CPU], required=()).get_providers() == [CPU]
@@ -286,7 +328,7 @@ def test_a_gpu_provider_that_does_not_start_is_not_a_silent_cpu_run(monkeypatch)
         with pytest.warns(RuntimeWarning, match="providers='auto': ONNX Runtime could not start"):
             assert create_backend("onnxruntime", pkg, providers="auto").describe()["providers"] == [CPU]
         with warnings.catch_warnings():
-            warnings.simplefilter("error", RuntimeWarning)   # None: the CPU, silently, as documented
+            warnings.simplefilter("error", RuntimeWarning)  # None: the CPU, silently, as documented
             assert create_backend("onnxruntime", pkg).describe()["providers"] == [CPU]
 
 
@@ -302,10 +344,11 @@ def test_a_provider_that_fails_to_start_is_told_from_a_bad_model(monkeypatch, tm
 
     monkeypatch.setattr(ort, "InferenceSession", session)
     path = bundled_path("shapes") / "base.onnx"
-    with pytest.raises(BackendUnavailableError, match="could not start.*TensorrtExecutionProvider.*"
-                                                      "Please install TensorRT"):
+    with pytest.raises(
+        BackendUnavailableError, match="could not start.*TensorrtExecutionProvider.*Please install TensorRT"
+    ):
         ort_leaf.create_session(path, [(TRT, {}), CPU])
-    assert calls[0][1] == 0        # ORT's own retry (without the provider options) is off
+    assert calls[0][1] == 0  # ORT's own retry (without the provider options) is off
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
     with pytest.raises(PackageError, match="ONNX Runtime cannot load this model"):

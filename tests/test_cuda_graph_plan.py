@@ -1,4 +1,5 @@
 """The host side of CUDA-graph replay (pydiff.cuda_graph), on the CPU: the step table and the plan."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,11 +10,27 @@ from pydiff import _C, ops
 from pydiff.cuda_graph import GraphSampler, StepPlan
 
 # The native struct, field by field (csrc/include/pydiff/step_params.h), to read a packed table back.
-STEP_PARAMS_DTYPE = np.dtype([
-    ("alpha", "<f4"), ("sigma", "<f4"), ("prediction_type", "<i4"), ("threshold_mode", "<i4"),
-    ("clip_range", "<f4"), ("dynamic_ratio", "<f4"), ("sample_max_value", "<f4"), ("use_clipped_eps", "<i4"),
-    ("c_x", "<f4"), ("c_x0", "<f4"), ("c_eps", "<f4"), ("c_d", "<f4"), ("c_noise", "<f4"), ("_pad", "<u4"),
-    ("seed", "<u8"), ("noise_step", "<u4"), ("_pad2", "<u4")])
+STEP_PARAMS_DTYPE = np.dtype(
+    [
+        ("alpha", "<f4"),
+        ("sigma", "<f4"),
+        ("prediction_type", "<i4"),
+        ("threshold_mode", "<i4"),
+        ("clip_range", "<f4"),
+        ("dynamic_ratio", "<f4"),
+        ("sample_max_value", "<f4"),
+        ("use_clipped_eps", "<i4"),
+        ("c_x", "<f4"),
+        ("c_x0", "<f4"),
+        ("c_eps", "<f4"),
+        ("c_d", "<f4"),
+        ("c_noise", "<f4"),
+        ("_pad", "<u4"),
+        ("seed", "<u8"),
+        ("noise_step", "<u4"),
+        ("_pad2", "<u4"),
+    ]
+)
 
 
 def _schedule(**kw):
@@ -63,11 +80,23 @@ def test_plan_on_the_cpu_twin_equals_pydiff_sample(name, thr, scale):
         scale = np.array([1.5, 3.0, 7.0], np.float32)
     kw = dict(eta=1.0) if name == "ddim" else {}
     if scale is None:
-        want = pydiff.sample(lambda x, t: _model(x, t), x_T, schedule=sched, sampler=name, steps=8, seed=9, **kw)
+        want = pydiff.sample(
+            lambda x, t: _model(x, t), x_T, schedule=sched, sampler=name, steps=8, seed=9, **kw
+        )
     else:
         c = np.zeros((3, 1)), np.ones((3, 1))  # the model ignores cond: the halves differ by position
-        want = pydiff.sample(lambda x, t, cond: _model(x, t), x_T, schedule=sched, sampler=name, steps=8, seed=9,
-                             cond=c[0], uncond=c[1], guidance_scale=scale, **kw)
+        want = pydiff.sample(
+            lambda x, t, cond: _model(x, t),
+            x_T,
+            schedule=sched,
+            sampler=name,
+            steps=8,
+            seed=9,
+            cond=c[0],
+            uncond=c[1],
+            guidance_scale=scale,
+            **kw,
+        )
     plan = StepPlan.from_sampler(pydiff.make_sampler(name, sched, 8, **kw), seed=9)
     got = plan.run_cpu(_model, x_T, guidance_scale=scale)
     np.testing.assert_array_equal(got, want)
@@ -130,11 +159,11 @@ def test_stage_network_binds_static_buffers_on_the_current_stream(stream_1234):
     states = torch.ones(2, 4, 8)
     net = StageNetwork(stage, {"class_labels": labels, "encoder_hidden_states": states}, device="cpu")
     assert net.cond["class_labels"].dtype == torch.int64 and net.cond["class_labels"].tolist() == [3, 7]
-    assert net.cond["encoder_hidden_states"] is states      # device tensors are kept, not copied
+    assert net.cond["encoder_hidden_states"] is states  # device tensors are kept, not copied
     x, t = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4), torch.full((2,), 10.0)
     first = net(x, t)
     second = net(x + 1, t)
-    assert second is first and first.data_ptr() == net.out.data_ptr()   # one buffer: what a graph replays
+    assert second is first and first.data_ptr() == net.out.data_ptr()  # one buffer: what a graph replays
     assert torch.equal(second, (x + 1) * 2)
     assert [c[4] for c in stage.calls] == [stream_1234, stream_1234]
     assert all(c[2] is net.cond and c[3] is net.out for c in stage.calls)
@@ -150,7 +179,9 @@ def test_stage_network_refuses_what_it_cannot_replay(stream_1234):
     with pytest.raises(TypeError, match="backend's stage model.*run_device, got function"):
         StageNetwork(lambda x, t: x, device="cpu")
     net = StageNetwork(_FakeStage(), {"encoder_hidden_states": np.zeros((4, 2), np.float32)}, device="cpu")
-    with pytest.raises(ValueError, match=r"cond\['encoder_hidden_states'\]: batch 4, the network input's is 2"):
+    with pytest.raises(
+        ValueError, match=r"cond\['encoder_hidden_states'\]: batch 4, the network input's is 2"
+    ):
         net(torch.zeros(2, 3), torch.zeros(2))
     with pytest.raises(ValueError, match=r"cond\['s'\]: on meta, the network runs on cpu"):
         StageNetwork(_FakeStage(), {"s": torch.empty(2, device="meta")}, device="cpu")
@@ -166,8 +197,10 @@ def test_stage_network_over_a_cpu_onnx_session_names_the_fix(stream_1234):
     from pydiff.pipeline import bundled_path
 
     model = create_backend("onnxruntime", load_package(bundled_path("shapes")), providers="cpu").model("base")
-    cond = {"encoder_hidden_states": np.zeros((2, 16, 384), np.float32),
-            "encoder_attention_mask": np.ones((2, 16), np.float32)}
+    cond = {
+        "encoder_hidden_states": np.zeros((2, 16, 384), np.float32),
+        "encoder_attention_mask": np.ones((2, 16), np.float32),
+    }
     net = StageNetwork(model, cond, device="cpu")
     with pytest.raises(ValueError, match="ONNX Runtime's own stream.*providers='cuda', stream="):
         net(torch.zeros(2, 3, 16, 16), torch.full((2,), 500.0))

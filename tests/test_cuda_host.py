@@ -1,4 +1,5 @@
 """pydiff.cuda's host side, without a GPU: import, array recognition (DLPack, OrtValue) and errors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,7 +42,7 @@ class FakeGpuArray:
         return self.device
 
     def __dlpack__(self, stream=None):
-        self.stream = stream   # the consumer's stream, for the producer to order its work before
+        self.stream = stream  # the consumer's stream, for the producer to order its work before
         return self.a.__dlpack__()
 
 
@@ -50,7 +51,7 @@ def test_dlpack_device_arrays_are_recognised():
     fake = FakeGpuArray(a)
     v = cuda._from_dlpack(fake, "x")
     assert (v.ptr, v.shape, v.storage, v.device) == (a.ctypes.data, (2, 5), cuda.F32, 3)
-    assert fake.stream == 1          # no stream given: the legacy default stream, 1 in DLPack (0 is banned)
+    assert fake.stream == 1  # no stream given: the legacy default stream, 1 in DLPack (0 is banned)
     cuda._from_dlpack(fake, "x", stream=0x77)
     assert fake.stream == 0x77
     assert cuda._from_dlpack(FakeGpuArray(a.astype(np.float16)), "x").storage == cuda.F16
@@ -83,12 +84,21 @@ def test_without_the_cuda_module_the_error_says_how_to_build_it():
 def test_dlpack_read_only_and_version():
     a = np.zeros(4, np.float32)
     a.flags.writeable = False
-    cap = a.__dlpack__(max_version=(1, 0))          # a versioned capsule, flagged read-only
+    cap = a.__dlpack__(max_version=(1, 0))  # a versioned capsule, flagged read-only
     assert _C.dlpack_info(cap)[6] is True
     with pytest.raises(ValueError, match="out is read-only"):
-        cuda._from_dlpack(type("RO", (), {"__dlpack_device__": lambda self: (2, 0),
-                                          "__dlpack__": lambda self, stream=None: a.__dlpack__(max_version=(1, 0))})(),
-                          "out", writable=True)
+        cuda._from_dlpack(
+            type(
+                "RO",
+                (),
+                {
+                    "__dlpack_device__": lambda self: (2, 0),
+                    "__dlpack__": lambda self, stream=None: a.__dlpack__(max_version=(1, 0)),
+                },
+            )(),
+            "out",
+            writable=True,
+        )
 
 
 def test_stream_handles():
@@ -109,6 +119,7 @@ def test_empty_arrays_are_contiguous_whatever_their_strides():
 
 
 # -- the CUDA wrapper's checks and plumbing, on a stand-in for the compiled module ---------------
+
 
 class FakeCudaModule:
     """Records launches; every pointer below 2**62 lives on GPU 0, above on GPU 1."""
@@ -133,11 +144,19 @@ class FakeCudaModule:
 class CaiArray:
     """A device array by __cuda_array_interface__ v3 (the memory is host memory: nothing runs)."""
 
-    def __init__(self, shape, dtype=np.float32, *, stream=None, read_only=False, ptr=None, mask=None, base=None):
+    def __init__(
+        self, shape, dtype=np.float32, *, stream=None, read_only=False, ptr=None, mask=None, base=None
+    ):
         self.a = base if base is not None else np.zeros(shape, dtype)
         self.__cuda_array_interface__ = {
-            "shape": tuple(shape), "typestr": np.dtype(dtype).str, "strides": None, "version": 3,
-            "data": (ptr if ptr is not None else self.a.ctypes.data, read_only), "stream": stream, "mask": mask}
+            "shape": tuple(shape),
+            "typestr": np.dtype(dtype).str,
+            "strides": None,
+            "version": 3,
+            "data": (ptr if ptr is not None else self.a.ctypes.data, read_only),
+            "stream": stream,
+            "mask": mask,
+        }
 
 
 @pytest.fixture
@@ -156,16 +175,17 @@ def _step_args(B=2, **kw):
 def test_producer_streams_are_waited_for_on_the_device(fake_cuda):
     B = 2
     p = _C.StepParams()
-    x = CaiArray((B, 3, 4), stream=0x51)                 # written on another stream: wait for it
-    mo = CaiArray((2 * B, 3, 4), stream=0x51)            # the same producer: one wait
-    out = CaiArray((B, 3, 4), stream=0x77)               # the launch stream itself: no wait
+    x = CaiArray((B, 3, 4), stream=0x51)  # written on another stream: wait for it
+    mo = CaiArray((2 * B, 3, 4), stream=0x51)  # the same producer: one wait
+    out = CaiArray((B, 3, 4), stream=0x77)  # the launch stream itself: no wait
     cuda.fused_step(x, mo, p, out=out, guidance_scale=2.0, stream=0x77)
     assert fake_cuda.waits == [(0x77, 0x51, 0)]
     fake_cuda.waits.clear()
-    cuda.fused_step(CaiArray((B, 3, 4), stream=1), CaiArray((2 * B, 3, 4)), p, out=CaiArray((B, 3, 4)),
-                    guidance_scale=2.0)                   # 1 is the legacy default stream, which 0 means
+    cuda.fused_step(
+        CaiArray((B, 3, 4), stream=1), CaiArray((2 * B, 3, 4)), p, out=CaiArray((B, 3, 4)), guidance_scale=2.0
+    )  # 1 is the legacy default stream, which 0 means
     assert fake_cuda.waits == []
-    assert fake_cuda.launches[-1][-1] == 0                # launched on the arrays' GPU
+    assert fake_cuda.launches[-1][-1] == 0  # launched on the arrays' GPU
 
 
 def test_written_arrays_must_be_writable_and_unmasked(fake_cuda):
@@ -181,7 +201,7 @@ def test_written_arrays_must_be_writable_and_unmasked(fake_cuda):
 
 def test_outputs_may_alias_an_input_exactly_not_partly(fake_cuda):
     (x, mo, p), kw = _step_args()
-    kw["out"] = CaiArray((2, 3, 4), base=x.a)           # in place: fine
+    kw["out"] = CaiArray((2, 3, 4), base=x.a)  # in place: fine
     cuda.fused_step(x, mo, p, **kw)
     big = np.zeros((3, 3, 4), np.float32)
     shifted = CaiArray((2, 3, 4), base=big, ptr=big.ctypes.data + 48)
@@ -201,7 +221,7 @@ def test_raw_buffers_are_checked(fake_cuda):
         cuda.fused_step(x, mo, p, param_table=table, step_counter=CaiArray((0,), np.int32), **kw)
     with pytest.raises(TypeError, match="step_counter must be int32"):
         cuda.fused_step(x, mo, p, param_table=table, step_counter=CaiArray((1,), np.int64), **kw)
-    far = CaiArray((1,), np.int64, ptr=2**62)              # on GPU 1, x on GPU 0
+    far = CaiArray((1,), np.int64, ptr=2**62)  # on GPU 1, x on GPU 0
     with pytest.raises(ValueError, match="nonfinite is on GPU 1 but x is on GPU 0"):
         cuda.fused_step(x, mo, p, nonfinite=far, **kw)
     assert fake_cuda.launches == []
@@ -215,7 +235,7 @@ def test_the_cuda_wrapper_checks_params_as_the_cpu_twin(fake_cuda):
     p.prediction_type, p.threshold_mode, p.dynamic_ratio = 0, 2, 1.5
     with pytest.raises(ValueError, match="dynamic_thresholding_ratio"):
         cuda.fused_step(x, mo, p, **kw)
-    with pytest.raises(ValueError, match="prediction_type"):   # and the rows of a step table
+    with pytest.raises(ValueError, match="prediction_type"):  # and the rows of a step table
         bad = _C.StepParams()
         bad.prediction_type = 7
         _C.pack_step_params([bad])

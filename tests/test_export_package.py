@@ -1,4 +1,5 @@
 """Export: ONNX round trip vs PyTorch, package writing, diffusers import, bundled packages."""
+
 from __future__ import annotations
 
 import json
@@ -37,21 +38,38 @@ def test_onnx_round_trip(kind, fp16, tmp_path):
     cfg = KINDS[kind]
     m = _perturbed(cfg)
     names = cfg.input_names()
-    rep = export_stage_onnx(m, names, tmp_path / "net.onnx", channels=cfg.in_channels, resolution=8,
-                            max_length=5, text_dim=cfg.text_dim or 12, num_classes=cfg.num_classes or 3,
-                            fp16_weights=fp16)
+    rep = export_stage_onnx(
+        m,
+        names,
+        tmp_path / "net.onnx",
+        channels=cfg.in_channels,
+        resolution=8,
+        max_length=5,
+        text_dim=cfg.text_dim or 12,
+        num_classes=cfg.num_classes or 3,
+        fp16_weights=fp16,
+    )
     assert rep["max_abs_err"] <= 1e-4
     # only the batch is dynamic: the traced shape arithmetic is folded away (static_shapes.py)
     assert rep["static_shapes"]["frozen"] and rep["static_shapes"]["shape_ops_before"] > 0
     import onnx
 
     from pydiff.tools.export.static_shapes import count_shape_ops
+
     assert count_shape_ops(onnx.load(rep["tmp_path"])) == 0
     sess = ort.InferenceSession(rep["tmp_path"], providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == names
     assert [o.name for o in sess.get_outputs()] == ["out"]
-    x = example_inputs(names, 5, cfg.in_channels, 8, max_length=5, text_dim=cfg.text_dim or 12,
-                       num_classes=cfg.num_classes or 3, seed=7)
+    x = example_inputs(
+        names,
+        5,
+        cfg.in_channels,
+        8,
+        max_length=5,
+        text_dim=cfg.text_dim or 12,
+        num_classes=cfg.num_classes or 3,
+        seed=7,
+    )
     (got,) = sess.run(None, x)
     with torch.no_grad():
         ref = m(**{k: torch.from_numpy(v) for k, v in x.items()}).numpy()
@@ -96,12 +114,14 @@ def test_export_digits_package(tmp_path):
     assert pkg.stages[0].inputs == ("sample", "timestep", "class_labels")
     assert "pytest" in (tmp_path / "pkg" / "TRAINING.md").read_text()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
-    imgs = load(tmp_path / "pkg").generate(class_label=[1, 2], steps=2, output_type="numpy", progress=False,
-                                           seed=3)
+    imgs = load(tmp_path / "pkg").generate(
+        class_label=[1, 2], steps=2, output_type="numpy", progress=False, seed=3
+    )
     assert imgs.shape == (2, 8, 8, 1)
     # The torch backend runs the training checkpoint itself and gives the same images (1e-3 documented).
-    same = load(tmp_path / "pkg", backend="torch", modules=load_torch_modules({"base": tmp_path / "run"})).generate(
-        class_label=[1, 2], steps=2, output_type="numpy", progress=False, seed=3)
+    same = load(
+        tmp_path / "pkg", backend="torch", modules=load_torch_modules({"base": tmp_path / "run"})
+    ).generate(class_label=[1, 2], steps=2, output_type="numpy", progress=False, seed=3)
     np.testing.assert_allclose(same, imgs, atol=1e-3)
     with pytest.raises(ValueError, match="unknown stage"):
         load(tmp_path / "pkg", backend="torch", modules=load_torch_modules({"sr": tmp_path / "run"}))
@@ -127,7 +147,9 @@ def test_export_writes_the_runs_prediction_type(tmp_path):
     assert "prediction: `v_prediction`" in (tmp_path / "pkg" / "TRAINING.md").read_text()
     kw = dict(class_label=[3], steps=3, output_type="numpy", progress=False, seed=5)
     imgs = load(tmp_path / "pkg").generate(**kw)
-    same = load(tmp_path / "pkg", backend="torch", modules=load_torch_modules({"base": tmp_path / "run"})).generate(**kw)
+    same = load(
+        tmp_path / "pkg", backend="torch", modules=load_torch_modules({"base": tmp_path / "run"})
+    ).generate(**kw)
     np.testing.assert_allclose(same, imgs, atol=1e-3)
 
 
@@ -146,27 +168,42 @@ def test_import_diffusers_unet2d_class(tmp_path):
     from pydiff.tools.export.diffusers_import import import_diffusers
 
     torch.manual_seed(0)
-    m = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
-                              layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                              up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
-                              num_class_embeds=5)
+    m = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        num_class_embeds=5,
+    )
     m.save_pretrained(tmp_path / "unet")
     (tmp_path / "scheduler").mkdir()
-    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
-         "prediction_type": "v_prediction"}))
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "DDPMScheduler",
+                "num_train_timesteps": 1000,
+                "beta_schedule": "linear",
+                "prediction_type": "v_prediction",
+            }
+        )
+    )
     rep = import_diffusers(tmp_path / "unet", tmp_path / "pkg")
     assert rep["max_abs_err"] <= 1e-4
     import onnx
 
     from pydiff.tools.export.static_shapes import count_shape_ops
+
     assert count_shape_ops(onnx.load(str(tmp_path / "pkg" / "unet.onnx"))) == 0  # only batch dynamic
     st = load_package(tmp_path / "pkg").stages[0]
     # diffusers trains no "no class" label: all 5 are real classes, and there is no CFG
     assert st.conditioning == "class" and st.num_classes == 5 and st.prediction_type == "v_prediction"
     assert st.unconditional_class is False and st.recommended["guidance_scale"] == 1.0
     assert st.scheduler["beta_schedule"] == "linear"
-    assert st.recommended["thresholding"] == "static"   # DDPMScheduler's clip_sample default
+    assert st.recommended["thresholding"] == "static"  # DDPMScheduler's clip_sample default
     from pydiff.pipeline import load
 
     pipe = load(tmp_path / "pkg")
@@ -189,24 +226,39 @@ def test_import_diffusers_condition_from_config(tmp_path, tiny_text_encoder):
     from pydiff.pipeline import load
     from pydiff.tools.export.diffusers_import import import_diffusers
 
-    cfg = dict(diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, norm_num_groups=8,
-        attention_head_dim=8).config)
+    cfg = dict(
+        diffusers.UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            norm_num_groups=8,
+            attention_head_dim=8,
+        ).config
+    )
     cfg["_class_name"] = "UNet2DConditionModel"
     (tmp_path / "config.json").write_text(json.dumps(cfg, default=list))
     with pytest.warns(UserWarning, match="in_channels 4: .*latent model"):
-        rep = import_diffusers(tmp_path / "config.json", tmp_path / "pkg", text_encoder=tiny_text_encoder,
-                               max_length=6)
+        rep = import_diffusers(
+            tmp_path / "config.json", tmp_path / "pkg", text_encoder=tiny_text_encoder, max_length=6
+        )
     assert rep["max_abs_err"] <= 1e-4 and rep["conditioning"] == "text"
     pkg = load_package(tmp_path / "pkg")
     assert pkg.text_encoder.hidden_size == 32
     # diffusers' SD / IF pipelines never pass the mask: nor does the package, unless asked
     assert pkg.stages[0].inputs == ("sample", "timestep", "encoder_hidden_states")
     with pytest.warns(UserWarning):
-        import_diffusers(tmp_path / "config.json", tmp_path / "pkg_mask", text_encoder=tiny_text_encoder,
-                         max_length=6, attention_mask=True)
+        import_diffusers(
+            tmp_path / "config.json",
+            tmp_path / "pkg_mask",
+            text_encoder=tiny_text_encoder,
+            max_length=6,
+            attention_mask=True,
+        )
     assert "encoder_attention_mask" in load_package(tmp_path / "pkg_mask").stages[0].inputs
     img = load(tmp_path / "pkg").generate("a red circle", steps=2, output_type="numpy", progress=False)
     assert img.shape == (1, 8, 8, 4) and np.isfinite(img).all()
@@ -214,13 +266,14 @@ def test_import_diffusers_condition_from_config(tmp_path, tiny_text_encoder):
 
 # -- the bundled packages ----------------------------------------------------------------------
 
+
 def _bundled():
     return sorted(p for p in BUNDLED.iterdir() if (p / "manifest.json").is_file()) if BUNDLED.is_dir() else []
 
 
 def test_bundled_size_budget():
     total = sum(f.stat().st_size for f in BUNDLED.rglob("*") if f.is_file()) if BUNDLED.is_dir() else 0
-    assert total <= 40 * 2 ** 20
+    assert total <= 40 * 2**20
 
 
 @pytest.mark.parametrize("name", ["shapes", "digits"])
@@ -239,8 +292,9 @@ def test_bundled_manifest_matches_onnx(name):
         assert [i.name for i in sess.get_inputs()] == list(st.inputs)
         assert [o.name for o in sess.get_outputs()] == [st.output]
     if pkg.text_encoder is not None:
-        check_text_encoder_io(pkg, ort.InferenceSession(str(pkg.text_encoder.onnx),
-                                                        providers=["CPUExecutionProvider"]))
+        check_text_encoder_io(
+            pkg, ort.InferenceSession(str(pkg.text_encoder.onnx), providers=["CPUExecutionProvider"])
+        )
     assert (root / "TRAINING.md").is_file()
     text = (root / "TRAINING.md").read_text()
     assert "pydiff train" in text and "final loss" in text
@@ -251,13 +305,23 @@ def test_import_refuses_what_pydiff_cannot_run(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     from pydiff.tools.export.diffusers_import import import_diffusers
 
-    base = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
-                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                norm_num_groups=8)
-    for i, (change, msg) in enumerate([
+    base = dict(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+    for i, (change, msg) in enumerate(
+        [
             (dict(time_embedding_type="fourier"), "time_embedding_type 'fourier'"),
             (dict(class_embed_type="timestep"), "class_embed_type 'timestep'"),
-            (dict(sample_size=(8, 16)), "square images")]):
+            (dict(sample_size=(8, 16)), "square images"),
+        ]
+    ):
         m = diffusers.UNet2DModel(**{**base, **change})
         folder = tmp_path / f"m{i}"
         m.save_pretrained(folder)
@@ -275,7 +339,7 @@ def test_import_refuses_what_pydiff_cannot_run(tmp_path):
     import_diffusers(tmp_path / "sh", tmp_path / "psh")
     m.save_pretrained(tmp_path / "v", variant="fp16")
     import_diffusers(tmp_path / "v", tmp_path / "pv")
-    assert not list(tmp_path.glob("p[0-9]"))     # nothing half-written for the refused ones
+    assert not list(tmp_path.glob("p[0-9]"))  # nothing half-written for the refused ones
 
 
 def test_a_scheduler_pydiff_cannot_sample_is_refused_at_import(tmp_path):
@@ -284,9 +348,16 @@ def test_a_scheduler_pydiff_cannot_sample_is_refused_at_import(tmp_path):
     from pydiff.schedules import ScheduleError
     from pydiff.tools.export.diffusers_import import import_diffusers
 
-    m = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
-                              layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                              up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    m = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
     m.save_pretrained(tmp_path / "unet")
     (tmp_path / "scheduler").mkdir()
     diffusers.DDIMScheduler(rescale_betas_zero_snr=True).save_config(tmp_path / "scheduler")

@@ -1,5 +1,6 @@
 """Guidance models (issue 7): the exported classifier gradient equals torch.autograd's, runs without
 torch, and classifier guidance through the pipeline raises the independent classifier's accuracy."""
+
 from __future__ import annotations
 
 import json
@@ -29,17 +30,19 @@ def test_exported_gradient_matches_autograd(tmp_path):
     )
 
     torch.manual_seed(0)
-    for cfg in (ClassifierConfig(), ClassifierConfig(in_channels=3, resolution=16, num_classes=7,
-                                                     channels=(16, 32, 32, 32))):
+    for cfg in (
+        ClassifierConfig(),
+        ClassifierConfig(in_channels=3, resolution=16, num_classes=7, channels=(16, 32, 32, 32)),
+    ):
         m = NoisyClassifier(cfg).eval()
         x = torch.randn(5, cfg.in_channels, cfg.resolution, cfg.resolution)
         t = torch.tensor([0.0, 1.0, 250.0, 700.0, 999.0])
         y = torch.randint(0, cfg.num_classes, (5,))
-        g, lp = ClassifierGradient(m)(x, t, y)                      # the explicit backward pass
+        g, lp = ClassifierGradient(m)(x, t, y)  # the explicit backward pass
         rg, rlp = autograd_gradient(m, x, t, y)
         assert torch.allclose(g, rg, rtol=1e-5, atol=1e-6 * rg.abs().max().item())
         assert torch.allclose(lp, rlp, atol=1e-5)
-        rep = export_classifier_gradient(m, tmp_path / f"c{cfg.resolution}.onnx")   # ORT vs autograd
+        rep = export_classifier_gradient(m, tmp_path / f"c{cfg.resolution}.onnx")  # ORT vs autograd
         assert rep["max_rel_error_vs_autograd"] <= GRAD_RTOL
 
 
@@ -56,8 +59,9 @@ def test_exported_clip_gradient_matches_autograd(tmp_path):
     )
 
     torch.manual_seed(0)
-    clip = NoisyCLIP(ClassifierConfig(in_channels=3, resolution=16, num_classes=32,
-                                      channels=(16, 32, 32, 32)), text_dim=24).eval()
+    clip = NoisyCLIP(
+        ClassifierConfig(in_channels=3, resolution=16, num_classes=32, channels=(16, 32, 32, 32)), text_dim=24
+    ).eval()
     x, t = torch.randn(4, 3, 16, 16), torch.tensor([0.0, 30.0, 600.0, 999.0])
     st, mk = torch.randn(4, 16, 24), (torch.rand(4, 16) < 0.5).float()
     mk[:, 0] = 1
@@ -67,10 +71,14 @@ def test_exported_clip_gradient_matches_autograd(tmp_path):
     assert torch.allclose(sim, rsim, atol=1e-6)
     rep = export_clip_gradient(clip, tmp_path / "clip.onnx")
     assert rep["max_rel_error_vs_autograd"] <= GRAD_RTOL
-    gm = CLIPGuidance(tmp_path / "clip.onnx")                       # the torch-free runtime
+    gm = CLIPGuidance(tmp_path / "clip.onnx")  # the torch-free runtime
     out = gm.guidance_fn(st[:1].numpy(), mk[:1].numpy(), scale=3.0)(x.numpy(), t.numpy())
-    np.testing.assert_allclose(out, 3.0 * gm.gradient(x.numpy(), t.numpy(), np.repeat(st[:1].numpy(), 4, 0),
-                                                      np.repeat(mk[:1].numpy(), 4, 0)), rtol=1e-6)
+    np.testing.assert_allclose(
+        out,
+        3.0
+        * gm.gradient(x.numpy(), t.numpy(), np.repeat(st[:1].numpy(), 4, 0), np.repeat(mk[:1].numpy(), 4, 0)),
+        rtol=1e-6,
+    )
 
 
 def test_bundled_classifier_matches_its_weights_when_present():
@@ -111,7 +119,9 @@ sys.meta_path.insert(0, Block())
 def test_guidance_fn_and_cli_run_without_torch(tmp_path):
     """The ONNX guidance_fn and `pydiff generate --guidance-type classifier` (and `clip` on the
     bundled shapes cascade, when it has its CLIP) with torch unimportable."""
-    code = _NO_TORCH + f"""
+    code = (
+        _NO_TORCH
+        + f"""
 import numpy as np, pydiff
 from pydiff.backends.guidance_models import ClassifierGuidance
 gm = ClassifierGuidance({str(CLASSIFIER)!r}, num_classes=10)
@@ -135,7 +145,14 @@ if {HAS_SHAPES_CLIP!r}:
 assert "torch" not in sys.modules
 print("ok")
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent)  # the installed pydiff, not the source tree
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent,
+    )  # the installed pydiff, not the source tree
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
     rep = json.loads((tmp_path / "c.json").read_text())
     assert rep["guidance"] == {"type": "classifier", "model": "classifier", "stage": "base", "scale": 5.0}
@@ -154,13 +171,18 @@ def test_manifest_entry_and_validation(tmp_path):
     d = tmp_path / "p"
     shutil.copytree(DIGITS, d)
     m = json.loads((d / "manifest.json").read_text())
-    for key, bad, msg in (("kind", "foo", "guidance_models[0].kind"), ("stage", "sr", "unknown stage"),
-                          ("inputs", ["sample"], "guidance_models[0].inputs"),
-                          ("onnx", "../x.onnx", "'..'")):
+    for key, bad, msg in (
+        ("kind", "foo", "guidance_models[0].kind"),
+        ("stage", "sr", "unknown stage"),
+        ("inputs", ["sample"], "guidance_models[0].inputs"),
+        ("onnx", "../x.onnx", "'..'"),
+    ):
         mm = json.loads(json.dumps(m))
         mm["guidance_models"][0][key] = bad
         (d / "manifest.json").write_text(json.dumps(mm))
-        with pytest.raises(PackageError, match=msg if msg.startswith("'") else msg.replace("[", r"\[").replace("]", r"\]")):
+        with pytest.raises(
+            PackageError, match=msg if msg.startswith("'") else msg.replace("[", r"\[").replace("]", r"\]")
+        ):
             load_package(d)
 
 
@@ -206,8 +228,15 @@ def test_classifier_guidance_raises_accuracy():
     labels = np.repeat(np.arange(10), 6)
     acc = {}
     for s in (0.0, 10.0):
-        imgs = pipe.generate(class_label=[int(v) for v in labels], output_type="numpy", progress=False,
-                             seed=1, steps=10, guidance_type="classifier", classifier_scale=s)
+        imgs = pipe.generate(
+            class_label=[int(v) for v in labels],
+            output_type="numpy",
+            progress=False,
+            seed=1,
+            steps=10,
+            guidance_type="classifier",
+            classifier_scale=s,
+        )
         acc[s] = digits_figures(imgs[..., 0], labels)["accuracy"]
     assert acc[0.0] <= 0.3, acc
     assert acc[10.0] >= acc[0.0] + 0.3, acc
@@ -224,11 +253,13 @@ def test_clip_guidance_through_the_pipeline(tmp_path):
     from pydiff.tools.models.classifier import ClassifierConfig, NoisyCLIP
     from pydiff.tools.testing import make_tiny_package
 
-    pkg = make_tiny_package(tmp_path / "text", resolutions=(8,), hidden=8, max_length=6,
-                            sampler="dpmpp_2m", steps=6)
+    pkg = make_tiny_package(
+        tmp_path / "text", resolutions=(8,), hidden=8, max_length=6, sampler="dpmpp_2m", steps=6
+    )
     torch.manual_seed(0)
-    clip = NoisyCLIP(ClassifierConfig(in_channels=3, resolution=8, num_classes=16, channels=(8, 16)),
-                     text_dim=8).eval()
+    clip = NoisyCLIP(
+        ClassifierConfig(in_channels=3, resolution=8, num_classes=16, channels=(8, 16)), text_dim=8
+    ).eval()
     export_clip_gradient(clip, tmp_path / "clip.onnx", max_length=6)
     add_guidance_model(pkg, tmp_path / "clip.onnx", name="clip", kind="clip", recommended={"scale": 5.0})
     (g,) = load_package(pkg).guidance_models
@@ -243,10 +274,24 @@ def test_clip_guidance_through_the_pipeline(tmp_path):
         x = np.ascontiguousarray(imgs.transpose(0, 3, 1, 2) * 2 - 1, dtype=np.float32)
         return gm.similarity(x, np.zeros(len(x), np.float32), states, mask)
 
-    base = pipe.generate(prompt, num_images=8, seed=0, output_type="numpy", progress=False,
-                         guidance_type="clip", clip_scale=0.0)
-    guided = pipe.generate(prompt, num_images=8, seed=0, output_type="numpy", progress=False,
-                           guidance_type="clip", clip_scale=2000.0)
+    base = pipe.generate(
+        prompt,
+        num_images=8,
+        seed=0,
+        output_type="numpy",
+        progress=False,
+        guidance_type="clip",
+        clip_scale=0.0,
+    )
+    guided = pipe.generate(
+        prompt,
+        num_images=8,
+        seed=0,
+        output_type="numpy",
+        progress=False,
+        guidance_type="clip",
+        clip_scale=2000.0,
+    )
     assert sim(guided).mean() > sim(base).mean() + 0.05, (sim(base), sim(guided))
     with pytest.raises(ValueError, match="needs a prompt"):
         pipe.plan(guidance_type="clip")
@@ -265,28 +310,38 @@ def test_classifier_guidance_on_a_text_package(tmp_path):
     from pydiff.tools.models.classifier import ClassifierConfig, NoisyClassifier
     from pydiff.tools.testing import make_tiny_package
 
-    pkg = make_tiny_package(tmp_path / "text", resolutions=(8,), hidden=8, max_length=6,
-                            sampler="dpmpp_2m", steps=6)
+    pkg = make_tiny_package(
+        tmp_path / "text", resolutions=(8,), hidden=8, max_length=6, sampler="dpmpp_2m", steps=6
+    )
     torch.manual_seed(0)
-    clf = NoisyClassifier(ClassifierConfig(in_channels=3, resolution=8, num_classes=5, channels=(8, 16))).eval()
+    clf = NoisyClassifier(
+        ClassifierConfig(in_channels=3, resolution=8, num_classes=5, channels=(8, 16))
+    ).eval()
     with torch.no_grad():
-        clf.head.weight *= 20                         # a decisive (if meaningless) classifier
+        clf.head.weight *= 20  # a decisive (if meaningless) classifier
     export_classifier_gradient(clf, tmp_path / "c.onnx")
-    add_guidance_model(pkg, tmp_path / "c.onnx", name="classifier", kind="classifier", model=clf,
-                       class_names=[f"class {i}" for i in range(5)])
+    add_guidance_model(
+        pkg,
+        tmp_path / "c.onnx",
+        name="classifier",
+        kind="classifier",
+        model=clf,
+        class_names=[f"class {i}" for i in range(5)],
+    )
     (g,) = load_package(pkg).guidance_models
     assert g.class_names == tuple(f"class {i}" for i in range(5))
     pipe = P.load(pkg)
     with pytest.raises(ValueError, match="not class-conditional"):
-        pipe.plan(class_label=1)                      # class labels only for the classifier
+        pipe.plan(class_label=1)  # class labels only for the classifier
     gm = pipe._guidance_runtime(g)
 
     def logp(imgs):
         x = np.ascontiguousarray(imgs.transpose(0, 3, 1, 2) * 2 - 1, dtype=np.float32)
         return gm.log_prob(x, np.zeros(len(x), np.float32), np.full(len(x), 3))
 
-    kw = dict(class_label=3, num_images=8, seed=0, output_type="numpy", progress=False,
-              guidance_type="classifier")
+    kw = dict(
+        class_label=3, num_images=8, seed=0, output_type="numpy", progress=False, guidance_type="classifier"
+    )
     lp0 = logp(pipe.generate(classifier_scale=0.0, **kw)).mean()
     lp1 = logp(pipe.generate(classifier_scale=100.0, **kw)).mean()
-    assert lp1 > lp0 + 1.0, (lp0, lp1)           # measured -4.61 -> -2.32
+    assert lp1 > lp0 + 1.0, (lp0, lp1)  # measured -4.61 -> -2.32

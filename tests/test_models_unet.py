@@ -1,4 +1,5 @@
 """The conditional U-Net: shapes, conditioning paths, and that each kind learns a few steps."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,15 @@ from pydiff.tools.models import PRESETS, UNet, UNetConfig  # noqa: E402
 
 
 def tiny(**kw) -> UNetConfig:
-    base = dict(in_channels=3, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                attn_levels=(1,), head_dim=8, num_groups=4)
+    base = dict(
+        in_channels=3,
+        base_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attn_levels=(1,),
+        head_dim=8,
+        num_groups=4,
+    )
     base.update(kw)
     return UNetConfig(**base)
 
@@ -28,13 +36,17 @@ KINDS = {
 def inputs(cfg: UNetConfig, b=4, r=8, seed=0):
     """Named inputs for a batch of b images of r x r."""
     g = torch.Generator().manual_seed(seed)
-    kw = {"sample": torch.randn(b, cfg.in_channels, r, r, generator=g),
-          "timestep": torch.rand(b, generator=g) * 999}
+    kw = {
+        "sample": torch.randn(b, cfg.in_channels, r, r, generator=g),
+        "timestep": torch.rand(b, generator=g) * 999,
+    }
     if cfg.conditioning == "class":
         kw["class_labels"] = torch.arange(b) % (cfg.num_classes + 1)
     if cfg.conditioning == "text":
         kw["encoder_hidden_states"] = torch.randn(b, 5, cfg.text_dim, generator=g)
-        kw["encoder_attention_mask"] = (torch.arange(5)[None] < torch.tensor([[2], [5], [3], [4]])[:b]).float()
+        kw["encoder_attention_mask"] = (
+            torch.arange(5)[None] < torch.tensor([[2], [5], [3], [4]])[:b]
+        ).float()
     if cfg.low_res:
         kw["low_res"] = torch.randn(b, 3, r, r, generator=g)
         kw["noise_level"] = torch.rand(b, generator=g) * 100

@@ -49,7 +49,9 @@ def test_classifier_guidance_takes_a_class_name_as_prompt():
     two = pipe.plan(prompt=[names[5], names[9]], guidance_type="classifier", steps=2)
     assert two.class_labels == [5, 9]
     # the guided stage runs on the empty prompt (the classifier carries the condition): as with a label
-    kw = dict(guidance_type="classifier", steps={"base": 3, "sr64": 1}, output_type="numpy", progress=False, seed=2)
+    kw = dict(
+        guidance_type="classifier", steps={"base": 3, "sr64": 1}, output_type="numpy", progress=False, seed=2
+    )
     by_prompt = pipe.generate(prompt, **kw)
     by_label = pipe.generate(class_label=names.index(prompt), **kw)
     assert by_prompt.shape == by_label.shape == (1, 64, 64, 3)
@@ -70,7 +72,9 @@ def test_classifier_guidance_by_prompt_matches_by_label_on_the_guided_stage():
 
         return cb
 
-    kw = dict(guidance_type="classifier", steps={"base": 3, "sr64": 1}, output_type="numpy", progress=False, seed=4)
+    kw = dict(
+        guidance_type="classifier", steps={"base": 3, "sr64": 1}, output_type="numpy", progress=False, seed=4
+    )
     pipe.generate(names[40], callback=keep("prompt"), **kw)
     pipe.generate(class_label=40, callback=keep("label"), **kw)
     np.testing.assert_array_equal(seen["prompt"], seen["label"])
@@ -103,9 +107,17 @@ def test_exported_file_rebuilds_its_torch_network(kind, tmp_path):
 
     cfg = KINDS[kind]
     m = _perturbed(cfg)
-    rep = export_stage_onnx(m, cfg.input_names(), tmp_path / "net.onnx", channels=cfg.in_channels, resolution=8,
-                            max_length=8, text_dim=cfg.text_dim or 384, num_classes=cfg.num_classes or 10,
-                            fp16_weights=True)
+    rep = export_stage_onnx(
+        m,
+        cfg.input_names(),
+        tmp_path / "net.onnx",
+        channels=cfg.in_channels,
+        resolution=8,
+        max_length=8,
+        text_dim=cfg.text_dim or 384,
+        num_classes=cfg.num_classes or 10,
+        fp16_weights=True,
+    )
     write_network_config(rep["tmp_path"], cfg.to_dict())
     back = torch_module(rep["tmp_path"])
     want = m.state_dict()  # rounded to float16 in place by the export
@@ -122,9 +134,12 @@ def test_a_foreign_onnx_file_is_a_clear_error(tmp_path):
 
     from pydiff.tools.training.from_package import torch_module
 
-    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    g = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     onnx.save(helper.make_model(g), str(tmp_path / "f.onnx"))
     with pytest.raises(PackageError, match="no 'pydiff.network' metadata"):
         torch_module(tmp_path / "f.onnx")
@@ -134,8 +149,12 @@ def test_a_foreign_onnx_file_is_a_clear_error(tmp_path):
 
 
 def test_dpm_solver_config_without_class_name():
-    cfg = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "algorithm_type": "dpmsolver++",
-           "solver_order": 2}
+    cfg = {
+        "num_train_timesteps": 1000,
+        "beta_schedule": "squaredcos_cap_v2",
+        "algorithm_type": "dpmsolver++",
+        "solver_order": 2,
+    }
     with pytest.warns(UserWarning, match="taken as DPMSolverMultistepScheduler"):
         s = pydiff.Schedule.from_config(cfg)
     named = pydiff.Schedule.from_config({**cfg, "_class_name": "DPMSolverMultistepScheduler"})
@@ -155,3 +174,16 @@ def test_dpm_solver_config_without_class_name_matches_diffusers():
     ref = diffusers.DPMSolverMultistepScheduler.from_config(cfg)
     ref.set_timesteps(20)
     np.testing.assert_array_equal(pydiff.timesteps(s, 20, "dpmpp_2m"), ref.timesteps.numpy())
+
+
+def test_bench_runs_from_a_checkout_without_training_runs(tmp_path, monkeypatch):
+    """`pydiff bench` needs no runs/ folder: the peer's networks come from the package itself."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from pydiff.tools.bench import run_benchmark
+
+    monkeypatch.chdir(tmp_path)  # no runs/ here
+    rep = run_benchmark(batch=1, steps=2, repeats=1, warmup=0, progress=False, threads=1)
+    assert max(rep["max_abs_network_diff"].values()) <= 1e-4
+    assert rep["max_abs_image_diff"] <= 2e-2, rep["max_abs_image_diff"]
+    assert set(rep["sides"]) == {"pydiff", "torch"}

@@ -1,4 +1,5 @@
 """Every native op against its NumPy oracle (pydiff.reference), on awkward shapes."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,7 +18,9 @@ def rand(shape, seed=0, scale=1.0):
 def test_cfg_mix(shape):
     c, u = rand(shape, 1), rand(shape, 2)
     for scale in [1.0, 7.5, rand(shape[0], 3)]:
-        np.testing.assert_allclose(ops.cfg_mix(c, u, scale), reference.cfg_mix(c, u, scale), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            ops.cfg_mix(c, u, scale), reference.cfg_mix(c, u, scale), rtol=1e-5, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -106,9 +109,23 @@ def test_randn_statistics_and_streams():
 
 
 def _params(**kw):
-    base = dict(alpha=0.6, sigma=0.8, prediction_type=0, threshold_mode=0, clip_range=1.0, dynamic_ratio=0.995,
-                sample_max_value=1.5, use_clipped_eps=0, c_x=0.9, c_x0=0.3, c_eps=0.2, c_d=0.0, c_noise=0.0,
-                seed=77, noise_step=4)
+    base = dict(
+        alpha=0.6,
+        sigma=0.8,
+        prediction_type=0,
+        threshold_mode=0,
+        clip_range=1.0,
+        dynamic_ratio=0.995,
+        sample_max_value=1.5,
+        use_clipped_eps=0,
+        c_x=0.9,
+        c_x0=0.3,
+        c_eps=0.2,
+        c_d=0.0,
+        c_noise=0.0,
+        seed=77,
+        noise_step=4,
+    )
     base.update(kw)
     return base
 
@@ -123,13 +140,25 @@ def test_fused_step_matches_reference(shape, pred, mode, guided):
     mo = rand((2 * B,) + shape[1:] if guided else shape, 8, 1.4)
     prev = rand(shape, 9)
     scale = rand(B, 10) + 3 if guided else 1.0
-    for extra in (dict(), dict(c_noise=0.5), dict(c_d=-0.25, c_noise=0.0), dict(use_clipped_eps=1, c_noise=0.1)):
+    for extra in (
+        dict(),
+        dict(c_noise=0.5),
+        dict(c_d=-0.25, c_noise=0.0),
+        dict(use_clipped_eps=1, c_noise=0.1),
+    ):
         fields = _params(prediction_type=pred, threshold_mode=mode, **extra)
         x0_out = np.empty_like(x)
-        got, bad = ops.fused_step(x, mo, ops.step_params(**fields), guidance_scale=scale if guided else None,
-                                  x0_prev=prev if fields["c_d"] else None, x0_out=x0_out)
-        want, want_x0, _ = reference.fused_step(x, mo, fields, guided=guided, guidance_scale=scale,
-                                                x0_prev=prev if fields["c_d"] else None)
+        got, bad = ops.fused_step(
+            x,
+            mo,
+            ops.step_params(**fields),
+            guidance_scale=scale if guided else None,
+            x0_prev=prev if fields["c_d"] else None,
+            x0_out=x0_out,
+        )
+        want, want_x0, _ = reference.fused_step(
+            x, mo, fields, guided=guided, guidance_scale=scale, x0_prev=prev if fields["c_d"] else None
+        )
         assert bad == 0
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(x0_out, want_x0, rtol=1e-5, atol=1e-6)
@@ -202,8 +231,12 @@ class TestBadInput:
         with pytest.raises(ValueError, match="model_output must have shape .*stacked"):
             ops.fused_step(np.zeros((2, 4), np.float32), np.zeros((2, 4), np.float32), p, guidance_scale=2.0)
         with pytest.raises(ValueError, match="guidance_scale must have shape"):
-            ops.fused_step(np.zeros((2, 4), np.float32), np.zeros((4, 4), np.float32), p,
-                           guidance_scale=np.ones(3, np.float32))
+            ops.fused_step(
+                np.zeros((2, 4), np.float32),
+                np.zeros((4, 4), np.float32),
+                p,
+                guidance_scale=np.ones(3, np.float32),
+            )
 
     def test_read_only_output(self):
         out = np.zeros((2, 4), np.float32)
@@ -275,7 +308,7 @@ class TestAliasingAndInputs:
         a = np.frombuffer(np.arange(8, dtype=np.float32).tobytes(), np.float32).reshape(2, 4)  # read-only
         assert not a.flags.writeable
         np.testing.assert_array_equal(ops.cfg_mix(a, a, 3.0), a)
-        b = np.zeros((2, 4), np.dtype("float32", metadata={"k": 1}))   # an equivalent dtype object
+        b = np.zeros((2, 4), np.dtype("float32", metadata={"k": 1}))  # an equivalent dtype object
         assert b.dtype is not np.dtype(np.float32)
         ops.cfg_mix(b, b)
         c = pickle.loads(pickle.dumps(np.ones((2, 4), np.float32)))
@@ -289,5 +322,9 @@ class TestAliasingAndInputs:
             ops.fused_step(np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32), p)
         p = ops.step_params(**_params(threshold_mode=2, sample_max_value=1.5))
         with pytest.raises(ValueError, match="no elements per sample"):
-            ops.fused_step(np.zeros((3, 0), np.float32), np.zeros((3, 0), np.float32), p,
-                           thresholds=np.full(3, 123.0, np.float32))
+            ops.fused_step(
+                np.zeros((3, 0), np.float32),
+                np.zeros((3, 0), np.float32),
+                p,
+                thresholds=np.full(3, 123.0, np.float32),
+            )

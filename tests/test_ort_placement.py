@@ -1,5 +1,6 @@
 """The CUDA-provider placement model (pydiff.tools.export.ort_placement): it reproduces the Memcpy
 count ONNX Runtime printed on an H200, and predicts none for the bundled (frozen) stage graphs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,8 +41,16 @@ def test_a_traced_graph_keeps_its_shape_arithmetic_on_the_cpu(tmp_path):
 
     path = tmp_path / "m.onnx"
     with torch.no_grad():
-        torch.onnx.export(M(), (torch.randn(2, 3, 4, 4),), str(path), dynamo=False, opset_version=17,
-                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+        torch.onnx.export(
+            M(),
+            (torch.randn(2, 3, 4, 4),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "b"}, "y": {0: "b"}},
+        )
     traced = predict_file(path)
     # the Shape -> Gather -> Unsqueeze -> Concat chains go to the CPU, without copies (Shape's
     # output is on the host already)
@@ -56,16 +65,23 @@ def test_memcpy_counts_each_crossing_once(tmp_path):
     # by the dynamic scale (GPU): r goes to the host, the product and the scale come back
     w = numpy_helper.from_array(np.arange(12, dtype=np.uint8).reshape(4, 3), "w")
     wz = numpy_helper.from_array(np.array(3, np.uint8), "wz")
-    nodes = [helper.make_node("Relu", ["x"], ["r"]),
-             helper.make_node("DynamicQuantizeLinear", ["r"], ["q", "s", "z"]),
-             helper.make_node("MatMulInteger", ["q", "w", "z", "wz"], ["i"]),
-             helper.make_node("Cast", ["i"], ["f"], to=TensorProto.FLOAT),
-             helper.make_node("Mul", ["f", "s"], ["m"]),
-             helper.make_node("Relu", ["r"], ["r2h"]),
-             helper.make_node("ReduceSum", ["r2h"], ["r2"], keepdims=1),
-             helper.make_node("Add", ["m", "r2"], ["y"])]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3])], [w, wz])
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("DynamicQuantizeLinear", ["r"], ["q", "s", "z"]),
+        helper.make_node("MatMulInteger", ["q", "w", "z", "wz"], ["i"]),
+        helper.make_node("Cast", ["i"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["f", "s"], ["m"]),
+        helper.make_node("Relu", ["r"], ["r2h"]),
+        helper.make_node("ReduceSum", ["r2h"], ["r2"], keepdims=1),
+        helper.make_node("Add", ["m", "r2"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3])],
+        [w, wz],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(m)
     path = tmp_path / "q.onnx"
@@ -79,13 +95,20 @@ def test_half_precision_values_stay_on_the_gpu(tmp_path):
     # ORT's fallback never moves a node with a float16 input (forward) or output (backward):
     # Shape -> Cast(fp16) moves, Mul(fp16) and Cast(int64) stay, so two copies cross
     c = numpy_helper.from_array(np.array([1.0], np.float16), "c")
-    nodes = [helper.make_node("Shape", ["x"], ["s"]),
-             helper.make_node("Cast", ["s"], ["h"], to=TensorProto.FLOAT16),
-             helper.make_node("Mul", ["h", "c"], ["m"]),
-             helper.make_node("Cast", ["m"], ["t"], to=TensorProto.INT64),
-             helper.make_node("Reshape", ["x", "t"], ["y"])]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [c])
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Cast", ["s"], ["h"], to=TensorProto.FLOAT16),
+        helper.make_node("Mul", ["h", "c"], ["m"]),
+        helper.make_node("Cast", ["m"], ["t"], to=TensorProto.INT64),
+        helper.make_node("Reshape", ["x", "t"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [c],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     path = tmp_path / "h.onnx"
     onnx.save(m, str(path))

@@ -1,4 +1,5 @@
 """Model package loading and validation (docs/model-package.md), on tiny synthetic packages."""
+
 from __future__ import annotations
 
 import json
@@ -64,55 +65,69 @@ def test_missing_directory_and_manifest(tmp_path):
         load_package(tmp_path)
 
 
-@pytest.mark.parametrize("text,frag", [
-    ("{not json", "invalid JSON at line 1"),
-    ("[1, 2]", "top level"),
-    ('{"format": "pydiff-package", "version": NaN}', "NaN"),
-])
+@pytest.mark.parametrize(
+    "text,frag",
+    [
+        ("{not json", "invalid JSON at line 1"),
+        ("[1, 2]", "top level"),
+        ('{"format": "pydiff-package", "version": NaN}', "NaN"),
+    ],
+)
 def test_corrupt_manifest(pkg, text, frag):
     (pkg / "manifest.json").write_text(text)
     expect(pkg, "manifest.json", frag)
 
 
-@pytest.mark.parametrize("mutate,frags", [
-    (lambda m: m.update(version=2), ["version", "unsupported"]),
-    (lambda m: m.update(version="1"), ["version", "integer"]),
-    (lambda m: m.update(format="other"), ["format"]),
-    (lambda m: m.pop("stages"), ["stages", "missing"]),
-    (lambda m: m.update(stages=[]), ["stages", "non-empty"]),
-    (lambda m: m["stages"][0].pop("resolution"), ["stages[0].resolution", "missing"]),
-    (lambda m: m["stages"][0].update(resolution="8"), ["stages[0].resolution", "integer"]),
-    (lambda m: m["stages"][0].update(resolution=True), ["stages[0].resolution"]),
-    (lambda m: m["stages"][0].update(resolution=100000), ["stages[0].resolution", "1..4096"]),
-    (lambda m: m["stages"][1].update(channels=-1), ["stages[1].channels"]),
-    (lambda m: m["stages"][0].update(conditioning="audio"), ["stages[0].conditioning"]),
-    (lambda m: m["stages"][0].update(prediction_type="noise"), ["stages[0].prediction_type"]),
-    (lambda m: m["stages"][0].update(inputs=["sample"]), ["stages[0].inputs", "timestep"]),
-    (lambda m: m["stages"][0].update(inputs="sample"), ["stages[0].inputs"]),
-    (lambda m: m["stages"][0]["inputs"].append("bogus"), ["stages[0].inputs", "bogus"]),
-    (lambda m: m["stages"][1].update(name="base"), ["stages[1].name", "duplicate"]),
-    (lambda m: m["stages"][1].update(low_res_resolution=4), ["stages[1].low_res_resolution"]),
-    (lambda m: m["stages"][1]["noise_aug"].update(level=5000), ["stages[1].noise_aug.level"]),
-    (lambda m: m["stages"][1]["noise_aug"].update(level=300, max_level=250),   # never trained on
-     ["stages[1].noise_aug.level", "0..250"]),
-    (lambda m: m["stages"][1]["noise_aug"].update(max_level=1000), ["stages[1].noise_aug.max_level"]),
-    (lambda m: m["stages"][1].pop("noise_aug"), ["stages[1].noise_aug", "missing"]),
-    (lambda m: m["stages"][0]["recommended"].update(steps=0), ["stages[0].recommended.steps"]),
-    (lambda m: m["stages"][0]["recommended"].update(guidance_scale="x"),
-     ["stages[0].recommended.guidance_scale"]),
-    (lambda m: m["stages"][0]["recommended"].update(thresholding="max"),
-     ["stages[0].recommended.thresholding"]),
-    (lambda m: m["stages"][0]["scheduler"].update(prediction_type="sample"),
-     ["stages[0].scheduler.prediction_type", "disagrees"]),
-    (lambda m: m["text_encoder"].update(max_length=0), ["text_encoder.max_length"]),
-    (lambda m: m.pop("text_encoder"), ["no text_encoder"]),
-    (lambda m: m["stages"][0].update(onnx="/etc/passwd"), ["stages[0].onnx", "relative"]),
-    (lambda m: m["stages"][0].update(onnx="../x.onnx"), ["stages[0].onnx", ".."]),
-    (lambda m: m["stages"][0].update(onnx="missing.onnx"), ["stages[0].onnx", "does not exist"]),
-    (lambda m: m["stages"][0].update(onnx="text_encoder"), ["stages[0].onnx", "not a regular file"]),
-    (lambda m: m["stages"][0].update(onnx=3), ["stages[0].onnx", "string"]),
-    (lambda m: m["text_encoder"].update(tokenizer="nope.json"), ["text_encoder.tokenizer"]),
-])
+@pytest.mark.parametrize(
+    "mutate,frags",
+    [
+        (lambda m: m.update(version=2), ["version", "unsupported"]),
+        (lambda m: m.update(version="1"), ["version", "integer"]),
+        (lambda m: m.update(format="other"), ["format"]),
+        (lambda m: m.pop("stages"), ["stages", "missing"]),
+        (lambda m: m.update(stages=[]), ["stages", "non-empty"]),
+        (lambda m: m["stages"][0].pop("resolution"), ["stages[0].resolution", "missing"]),
+        (lambda m: m["stages"][0].update(resolution="8"), ["stages[0].resolution", "integer"]),
+        (lambda m: m["stages"][0].update(resolution=True), ["stages[0].resolution"]),
+        (lambda m: m["stages"][0].update(resolution=100000), ["stages[0].resolution", "1..4096"]),
+        (lambda m: m["stages"][1].update(channels=-1), ["stages[1].channels"]),
+        (lambda m: m["stages"][0].update(conditioning="audio"), ["stages[0].conditioning"]),
+        (lambda m: m["stages"][0].update(prediction_type="noise"), ["stages[0].prediction_type"]),
+        (lambda m: m["stages"][0].update(inputs=["sample"]), ["stages[0].inputs", "timestep"]),
+        (lambda m: m["stages"][0].update(inputs="sample"), ["stages[0].inputs"]),
+        (lambda m: m["stages"][0]["inputs"].append("bogus"), ["stages[0].inputs", "bogus"]),
+        (lambda m: m["stages"][1].update(name="base"), ["stages[1].name", "duplicate"]),
+        (lambda m: m["stages"][1].update(low_res_resolution=4), ["stages[1].low_res_resolution"]),
+        (lambda m: m["stages"][1]["noise_aug"].update(level=5000), ["stages[1].noise_aug.level"]),
+        (
+            lambda m: m["stages"][1]["noise_aug"].update(level=300, max_level=250),  # never trained on
+            ["stages[1].noise_aug.level", "0..250"],
+        ),
+        (lambda m: m["stages"][1]["noise_aug"].update(max_level=1000), ["stages[1].noise_aug.max_level"]),
+        (lambda m: m["stages"][1].pop("noise_aug"), ["stages[1].noise_aug", "missing"]),
+        (lambda m: m["stages"][0]["recommended"].update(steps=0), ["stages[0].recommended.steps"]),
+        (
+            lambda m: m["stages"][0]["recommended"].update(guidance_scale="x"),
+            ["stages[0].recommended.guidance_scale"],
+        ),
+        (
+            lambda m: m["stages"][0]["recommended"].update(thresholding="max"),
+            ["stages[0].recommended.thresholding"],
+        ),
+        (
+            lambda m: m["stages"][0]["scheduler"].update(prediction_type="sample"),
+            ["stages[0].scheduler.prediction_type", "disagrees"],
+        ),
+        (lambda m: m["text_encoder"].update(max_length=0), ["text_encoder.max_length"]),
+        (lambda m: m.pop("text_encoder"), ["no text_encoder"]),
+        (lambda m: m["stages"][0].update(onnx="/etc/passwd"), ["stages[0].onnx", "relative"]),
+        (lambda m: m["stages"][0].update(onnx="../x.onnx"), ["stages[0].onnx", ".."]),
+        (lambda m: m["stages"][0].update(onnx="missing.onnx"), ["stages[0].onnx", "does not exist"]),
+        (lambda m: m["stages"][0].update(onnx="text_encoder"), ["stages[0].onnx", "not a regular file"]),
+        (lambda m: m["stages"][0].update(onnx=3), ["stages[0].onnx", "string"]),
+        (lambda m: m["text_encoder"].update(tokenizer="nope.json"), ["text_encoder.tokenizer"]),
+    ],
+)
 def test_manifest_errors_name_file_and_key(pkg, mutate, frags):
     edit(pkg, mutate)
     msg = expect(pkg, *frags)
@@ -178,19 +193,26 @@ def test_class_without_num_classes(tmp_path):
         load_package(p)
 
 
-@pytest.mark.parametrize("inpaint,frag", [
-    ({"jump_n_sample": 0}, "stages[0].recommended.inpaint.jump_n_sample"),
-    ({"jump_length": "10"}, "stages[0].recommended.inpaint.jump_length"),
-    ({"eta": -1}, "stages[0].recommended.inpaint.eta"),
-    ({"inpaint": {}}, "stages[0].recommended.inpaint.inpaint"),
-    ([1], "stages[0].recommended.inpaint"),
-])
+@pytest.mark.parametrize(
+    "inpaint,frag",
+    [
+        ({"jump_n_sample": 0}, "stages[0].recommended.inpaint.jump_n_sample"),
+        ({"jump_length": "10"}, "stages[0].recommended.inpaint.jump_length"),
+        ({"eta": -1}, "stages[0].recommended.inpaint.eta"),
+        ({"inpaint": {}}, "stages[0].recommended.inpaint.inpaint"),
+        ([1], "stages[0].recommended.inpaint"),
+    ],
+)
 def test_bad_inpaint_recommendation(pkg, inpaint, frag):
     edit(pkg, lambda m: m["stages"][0]["recommended"].__setitem__("inpaint", inpaint))
     expect(pkg, "manifest.json", frag)
 
 
 def test_inpaint_recommendation_loads(pkg):
-    edit(pkg, lambda m: m["stages"][0]["recommended"].__setitem__(
-        "inpaint", {"guidance_scale": 1.0, "jump_length": 5, "jump_n_sample": 3}))
+    edit(
+        pkg,
+        lambda m: m["stages"][0]["recommended"].__setitem__(
+            "inpaint", {"guidance_scale": 1.0, "jump_length": 5, "jump_n_sample": 3}
+        ),
+    )
     assert load_package(pkg).stages[0].recommended["inpaint"]["jump_n_sample"] == 3

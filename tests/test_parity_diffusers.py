@@ -1,4 +1,5 @@
 """Complete sampling loops in diffusers and in pydiff.sample agree (diffusers is a dev dependency)."""
+
 from __future__ import annotations
 
 import itertools
@@ -30,7 +31,9 @@ def diffusers_loop(sampler, config, x_T, *, guidance=None, eta=0.0, torch_seed=0
     elif sampler == "ddim":
         sched = diffusers.DDIMScheduler(**config)
     else:
-        cfg = {k: v for k, v in config.items() if k not in ("clip_sample", "clip_sample_range", "variance_type")}
+        cfg = {
+            k: v for k, v in config.items() if k not in ("clip_sample", "clip_sample_range", "variance_type")
+        }
         sched = diffusers.DPMSolverMultistepScheduler(**cfg, algorithm_type="dpmsolver++", solver_order=2)
     sched.set_timesteps(STEPS)
     gen = torch.Generator().manual_seed(torch_seed)
@@ -60,12 +63,23 @@ def pydiff_loop(sampler, config, x_T, *, guidance=None, eta=0.0, torch_seed=0):
     noise = lambda i, shape: torch.randn(shape, generator=gen).numpy()  # noqa: E731
     kw = {}
     if guidance is not None:
-        kw = dict(cond=np.ones(x_T.shape[0], np.float32), uncond=np.zeros(x_T.shape[0], np.float32),
-                  guidance_scale=guidance)
+        kw = dict(
+            cond=np.ones(x_T.shape[0], np.float32),
+            uncond=np.zeros(x_T.shape[0], np.float32),
+            guidance_scale=guidance,
+        )
     schedule = pydiff.Schedule(**config)
     model = toy_model
-    return pydiff.sample(model, x_T, schedule=schedule, sampler=sampler, steps=STEPS, eta=eta,
-                         noise=noise if sampler != "dpmpp_2m" else None, **kw)
+    return pydiff.sample(
+        model,
+        x_T,
+        schedule=schedule,
+        sampler=sampler,
+        steps=STEPS,
+        eta=eta,
+        noise=noise if sampler != "dpmpp_2m" else None,
+        **kw,
+    )
 
 
 BETAS = ["linear", "scaled_linear", "squaredcos_cap_v2"]
@@ -76,20 +90,35 @@ SAMPLERS = [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpmpp_2m", 0.0)]
 
 
 def config_for(beta, pred, spacing, thr, steps_offset=0):
-    cfg = dict(num_train_timesteps=1000, beta_schedule=beta, prediction_type=pred, timestep_spacing=spacing,
-               steps_offset=steps_offset, clip_sample=thr == "static", clip_sample_range=1.0,
-               thresholding=thr == "dynamic", dynamic_thresholding_ratio=0.9, sample_max_value=1.5)
+    cfg = dict(
+        num_train_timesteps=1000,
+        beta_schedule=beta,
+        prediction_type=pred,
+        timestep_spacing=spacing,
+        steps_offset=steps_offset,
+        clip_sample=thr == "static",
+        clip_sample_range=1.0,
+        thresholding=thr == "dynamic",
+        dynamic_thresholding_ratio=0.9,
+        sample_max_value=1.5,
+    )
     if beta == "scaled_linear":
         cfg.update(beta_start=0.00085, beta_end=0.012)
     return cfg
 
 
-CASES = [c for c in itertools.product(BETAS, PREDICTIONS, SPACINGS, THRESHOLDS, SAMPLERS, [None, 3.0])
-         if not (c[4][0] == "dpmpp_2m" and c[3] == "static")]  # diffusers' DPM-Solver has no static clip
+CASES = [
+    c
+    for c in itertools.product(BETAS, PREDICTIONS, SPACINGS, THRESHOLDS, SAMPLERS, [None, 3.0])
+    if not (c[4][0] == "dpmpp_2m" and c[3] == "static")
+]  # diffusers' DPM-Solver has no static clip
 
 
-@pytest.mark.parametrize("beta,pred,spacing,thr,sampler_eta,guidance", CASES,
-                         ids=lambda v: str(v) if not isinstance(v, tuple) else f"{v[0]}-eta{v[1]}")
+@pytest.mark.parametrize(
+    "beta,pred,spacing,thr,sampler_eta,guidance",
+    CASES,
+    ids=lambda v: str(v) if not isinstance(v, tuple) else f"{v[0]}-eta{v[1]}",
+)
 def test_sampling_loop_matches_diffusers(beta, pred, spacing, thr, sampler_eta, guidance):
     sampler, eta = sampler_eta
     cfg = config_for(beta, pred, spacing, thr, steps_offset=1 if spacing == "leading" else 0)
@@ -105,15 +134,23 @@ def test_timesteps_match_diffusers():
     for spacing, offset, steps in itertools.product(SPACINGS, [0, 1], [1, 7, 10, 50, 999]):
         cfg = dict(num_train_timesteps=1000, timestep_spacing=spacing, steps_offset=offset)
         s = pydiff.Schedule(**cfg)
-        for name, cls in (("ddpm", diffusers.DDPMScheduler), ("ddim", diffusers.DDIMScheduler),
-                          ("dpmpp_2m", diffusers.DPMSolverMultistepScheduler)):
+        for name, cls in (
+            ("ddpm", diffusers.DDPMScheduler),
+            ("ddim", diffusers.DDIMScheduler),
+            ("dpmpp_2m", diffusers.DPMSolverMultistepScheduler),
+        ):
             d = cls(**cfg)
             d.set_timesteps(steps)
             if d.timesteps.max() >= 1000:  # diffusers would index past its schedule later; we refuse now
                 with pytest.raises(ValueError, match="outside"):
                     pydiff.timesteps(s, steps, name)
                 continue
-            assert list(pydiff.timesteps(s, steps, name)) == d.timesteps.tolist(), (name, spacing, offset, steps)
+            assert list(pydiff.timesteps(s, steps, name)) == d.timesteps.tolist(), (
+                name,
+                spacing,
+                offset,
+                steps,
+            )
 
 
 @pytest.mark.parametrize("beta", BETAS)
@@ -156,17 +193,32 @@ def test_stock_diffusers_configs_import_and_sample_as_diffusers(cls, tmp_path):
     assert s.clip_sample is (sampler != "dpmpp_2m")
     x_T = np.random.default_rng(3).standard_normal(SHAPE).astype(np.float32)
     cfg = {k: v for k, v in sched.config.items() if not k.startswith("_")}
-    want = diffusers_loop(sampler, {k: cfg[k] for k in ("beta_schedule", "prediction_type", "clip_sample")
-                                    if k in cfg}, x_T)
-    gen = torch.Generator().manual_seed(0)   # diffusers_loop's DDPM noise, drawn the same way
-    got = pydiff.sample(toy_model, x_T, schedule=s, sampler=sampler, steps=STEPS,
-                        noise=lambda i, shape: torch.randn(shape, generator=gen).numpy())
+    want = diffusers_loop(
+        sampler, {k: cfg[k] for k in ("beta_schedule", "prediction_type", "clip_sample") if k in cfg}, x_T
+    )
+    gen = torch.Generator().manual_seed(0)  # diffusers_loop's DDPM noise, drawn the same way
+    got = pydiff.sample(
+        toy_model,
+        x_T,
+        schedule=s,
+        sampler=sampler,
+        steps=STEPS,
+        noise=lambda i, shape: torch.randn(shape, generator=gen).numpy(),
+    )
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
 
 
-@pytest.mark.parametrize("key,value", [("final_sigmas_type", "sigma_min"), ("solver_type", "heun"),
-                                       ("rescale_betas_zero_snr", True), ("use_karras_sigmas", True),
-                                       ("algorithm_type", "dpmsolver"), ("solver_order", 3)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("final_sigmas_type", "sigma_min"),
+        ("solver_type", "heun"),
+        ("rescale_betas_zero_snr", True),
+        ("use_karras_sigmas", True),
+        ("algorithm_type", "dpmsolver"),
+        ("solver_order", 3),
+    ],
+)
 def test_config_keys_that_change_the_math_are_refused(key, value):
     cfg = {k: v for k, v in diffusers.DPMSolverMultistepScheduler().config.items()}
     cfg[key] = value

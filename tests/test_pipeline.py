@@ -1,4 +1,5 @@
 """The cascaded pipeline on ONNX Runtime, on tiny synthetic packages (no bundled models, no torch)."""
+
 from __future__ import annotations
 
 import functools
@@ -20,7 +21,9 @@ from pydiff.pipeline import Pipeline, load  # noqa: E402
 from pydiff.tools.testing import make_tiny_package  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-NEUTRAL_CWD = Path(__file__).resolve().parent  # tests/: no pydiff/ here, so subprocesses import the installed one
+NEUTRAL_CWD = (
+    Path(__file__).resolve().parent
+)  # tests/: no pydiff/ here, so subprocesses import the installed one
 
 
 def _native() -> bool:
@@ -42,10 +45,12 @@ def core_backend(monkeypatch):
 @pytest.fixture(scope="module")
 def pkgs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pkgs")
-    return {"text": make_tiny_package(root / "text"),
-            "class": make_tiny_package(root / "class", conditioning="class", num_classes=4),
-            "mask": make_tiny_package(root / "mask", conditioning="none", mask_channel=True),
-            "dpm": make_tiny_package(root / "dpm", sampler="dpmpp_2m", steps=5)}
+    return {
+        "text": make_tiny_package(root / "text"),
+        "class": make_tiny_package(root / "class", conditioning="class", num_classes=4),
+        "mask": make_tiny_package(root / "mask", conditioning="none", mask_channel=True),
+        "dpm": make_tiny_package(root / "dpm", sampler="dpmpp_2m", steps=5),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +72,7 @@ def gen(pipe, *args, **kw):
 @pytest.fixture
 def no_work(monkeypatch):
     """Any sampling or text encoding fails the test: validation must come first."""
+
     def boom(*a, **k):
         raise AssertionError("work started before the input was validated")
 
@@ -97,7 +103,7 @@ def test_same_seed_same_images_other_seed_other_images(text_pipe):
     c = gen(text_pipe, "a red circle", num_images=2, seed=8)
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 0.05
-    assert np.abs(a[0] - a[1]).max() > 0.05            # images in a batch differ
+    assert np.abs(a[0] - a[1]).max() > 0.05  # images in a batch differ
 
 
 def test_prompt_changes_image(text_pipe):
@@ -148,7 +154,7 @@ def test_every_sampler_runs_and_is_deterministic(text_pipe, sampler):
 def test_class_conditional(class_pipe):
     a = gen(class_pipe, class_label=[0, 3], num_images=2, seed=0)
     assert a.shape == (4, 16, 16, 3)
-    u = gen(class_pipe, seed=0)                          # unconditional: label num_classes
+    u = gen(class_pipe, seed=0)  # unconditional: label num_classes
     b = gen(class_pipe, class_label=0, seed=0)
     assert np.abs(u - b).max() > 0.01
 
@@ -198,16 +204,24 @@ def test_inpaint_resampling(text_pipe, monkeypatch):
     mask[2:10, 6:14] = 255
     kw = dict(seed=4, progress=False, output_type="numpy")
     one = text_pipe.inpaint(img, mask, "a red circle", jump_n_sample=1, **kw)
-    two = text_pipe.inpaint(img, mask, "a red circle", jump_n_sample={"base": 3, "sr16": 2},
-                            jump_length=2, **kw)
+    two = text_pipe.inpaint(
+        img, mask, "a red circle", jump_n_sample={"base": 3, "sr16": 2}, jump_length=2, **kw
+    )
     keep = mask == 0
     orig = img.astype(np.float32) / 255
     assert np.abs(two[0][keep] - orig[keep]).max() < 1e-5
     assert np.abs(two[0][~keep] - one[0][~keep]).max() > 0.01
     seen = []
-    text_pipe.inpaint(img, mask, "a red circle", jump_n_sample=3, jump_length=2,
-                      callback=lambda stage, i, t, x: seen.append((stage, i)), **kw)
-    steps = text_pipe.plan(mode="inpaint", image=img, mask=mask).settings["base"].steps
+    text_pipe.inpaint(
+        img,
+        mask,
+        "a red circle",
+        jump_n_sample=3,
+        jump_length=2,
+        callback=lambda stage, i, t, x: seen.append((stage, i)),
+        **kw,
+    )
+    steps = text_pipe.plan(kind="inpaint", image=img, mask=mask).settings["base"].steps
     want = [op[1] for op in pydiff.repaint_schedule(steps, 2, 3) if op[0] == "step"]
     assert [i for st, i in seen if st == "base"] == want
 
@@ -219,41 +233,48 @@ def test_inpaint_settings_come_from_recommended_inpaint(pkgs, tmp_path):
     dst = tmp_path / "p"
     shutil.copytree(pkgs["text"], dst)
     m = json.loads((dst / "manifest.json").read_text())
-    m["stages"][0]["recommended"]["inpaint"] = {"guidance_scale": 1.0, "jump_n_sample": 4,
-                                                "jump_length": 2}
+    m["stages"][0]["recommended"]["inpaint"] = {"guidance_scale": 1.0, "jump_n_sample": 4, "jump_length": 2}
     (dst / "manifest.json").write_text(json.dumps(m))
     p = load(dst)
     img, mask = _image(), np.ones((16, 16), bool)
-    ip = p.plan(prompt="red", mode="inpaint", image=img, mask=mask).settings
+    ip = p.plan(prompt="red", kind="inpaint", image=img, mask=mask).settings
     assert ip["base"].as_dict()["guidance_scale"] == 1.0
     assert (ip["base"].jump_n_sample, ip["base"].jump_length) == (4, 2)
-    assert (ip["sr16"].jump_n_sample, ip["sr16"].jump_length) == (1, 10)   # the fallback
-    gp = p.plan(prompt="red").settings["base"]        # generating ignores the inpaint block
+    assert (ip["sr16"].jump_n_sample, ip["sr16"].jump_length) == (1, 10)  # the fallback
+    gp = p.plan(prompt="red").settings["base"]  # generating ignores the inpaint block
     assert gp.as_dict()["guidance_scale"] == 2.0 and gp.jump_n_sample is None
-    mine = p.plan(prompt="red", mode="inpaint", image=img, mask=mask, jump_n_sample={"base": 2},
-                  guidance_scale=3.0).settings["base"]
+    mine = p.plan(
+        prompt="red", kind="inpaint", image=img, mask=mask, jump_n_sample={"base": 2}, guidance_scale=3.0
+    ).settings["base"]
     assert mine.jump_n_sample == 2 and mine.as_dict()["guidance_scale"] == 3.0
 
 
 def test_bundled_shapes_recommends_resampling_for_inpainting():
     p = load()
-    s = p.plan(prompt="a red circle on a blue background", mode="inpaint",
-               image=np.zeros((64, 64, 3), np.uint8), mask=np.ones((64, 64), bool)).settings
+    s = p.plan(
+        prompt="a red circle on a blue background",
+        kind="inpaint",
+        image=np.zeros((64, 64, 3), np.uint8),
+        mask=np.ones((64, 64), bool),
+    ).settings
     assert (s["base"].jump_n_sample, s["base"].jump_length) == (10, 10)
     assert s["base"].as_dict()["guidance_scale"] == 3.0
     assert s["sr64"].jump_n_sample == 1
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(jump_n_sample=0), "jump_n_sample for stage 'base' must be a positive integer"),
-    (dict(jump_length=1.5), "jump_length for stage 'base' must be a positive integer"),
-    (dict(jump_n_sample={"nope": 2}), "unknown stage 'nope'"),
-    (dict(jump_n_sample=10**4, jump_length=1), "10000-step limit"),
-    (dict(jump_n_sample=2, jump_length=4), "jump_length 4 must be less than the 4 steps of stage 'base'"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(jump_n_sample=0), "jump_n_sample for stage 'base' must be a positive integer"),
+        (dict(jump_length=1.5), "jump_length for stage 'base' must be a positive integer"),
+        (dict(jump_n_sample={"nope": 2}), "unknown stage 'nope'"),
+        (dict(jump_n_sample=10**4, jump_length=1), "10000-step limit"),
+        (dict(jump_n_sample=2, jump_length=4), "jump_length 4 must be less than the 4 steps of stage 'base'"),
+    ],
+)
 def test_bad_resampling_settings(text_pipe, kw, match):
     with pytest.raises(ValueError, match=match):
-        text_pipe.plan(prompt="red", mode="inpaint", image=_image(), mask=np.ones((16, 16), bool), **kw)
+        text_pipe.plan(prompt="red", kind="inpaint", image=_image(), mask=np.ones((16, 16), bool), **kw)
     with pytest.raises(ValueError, match="RePaint's inpainting settings"):
         text_pipe.plan(prompt="red", jump_n_sample=2)
 
@@ -261,18 +282,17 @@ def test_bad_resampling_settings(text_pipe, kw, match):
 def test_img2img_strength(text_pipe):
     img = _image(1)
     orig = img.astype(np.float32) / 255
-    weak = text_pipe.img2img(img, "red", strength=0.25, seed=0, steps=8, progress=False,
-                             output_type="numpy")
-    strong = text_pipe.img2img(img, "red", strength=1.0, seed=0, steps=8, progress=False,
-                               output_type="numpy")
+    weak = text_pipe.img2img(img, "red", strength=0.25, seed=0, steps=8, progress=False, output_type="numpy")
+    strong = text_pipe.img2img(img, "red", strength=1.0, seed=0, steps=8, progress=False, output_type="numpy")
     assert np.abs(weak[0] - orig).mean() < np.abs(strong[0] - orig).mean()
-    per_stage = text_pipe.img2img(img, "red", strength={"base": 0.5}, seed=0, progress=False,
-                                  output_type="numpy")
+    per_stage = text_pipe.img2img(
+        img, "red", strength={"base": 0.5}, seed=0, progress=False, output_type="numpy"
+    )
     assert per_stage.shape == (1, 16, 16, 3)
     # one number sets every stage; a dict sets the stages it names (the others: 1)
-    s = text_pipe.plan(prompt="red", mode="img2img", image=img, strength=0.5).settings
+    s = text_pipe.plan(prompt="red", kind="img2img", image=img, strength=0.5).settings
     assert (s["base"].strength, s["sr16"].strength) == (0.5, 0.5)
-    s = text_pipe.plan(prompt="red", mode="img2img", image=img, strength={"sr16": 0.5}).settings
+    s = text_pipe.plan(prompt="red", kind="img2img", image=img, strength={"sr16": 0.5}).settings
     assert (s["base"].strength, s["sr16"].strength) == (1.0, 0.5)
 
 
@@ -280,7 +300,7 @@ def test_upscale(text_pipe):
     small = _image(2, 8)
     out = text_pipe.upscale(small, "red", seed=0, progress=False)
     assert out[0].size == (16, 16)
-    big = text_pipe.upscale(_image(2, 32), "red", seed=0, progress=False)   # resized to 8x8 first
+    big = text_pipe.upscale(_image(2, 32), "red", seed=0, progress=False)  # resized to 8x8 first
     assert big[0].size == (16, 16)
     a = text_pipe.upscale(small, "red", seed=0, progress=False, output_type="numpy")
     b = text_pipe.upscale(small, "red", seed=0, progress=False, output_type="numpy")
@@ -292,30 +312,33 @@ def test_upscale(text_pipe):
 # ------------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("kwargs,exc,frag", [
-    (dict(steps=0), ValueError, "steps"),
-    (dict(steps=-3), ValueError, "steps"),
-    (dict(steps=2.5), TypeError, "steps"),
-    (dict(steps={"nope": 3}), ValueError, "unknown stage 'nope'"),
-    (dict(guidance_scale={"sr99": 1.0}), ValueError, "unknown stage 'sr99'"),
-    (dict(sampler="euler"), ValueError, "unknown sampler 'euler'"),
-    (dict(sampler={"sr16": "heun"}), ValueError, "unknown sampler 'heun'"),
-    (dict(guidance_scale=float("nan")), ValueError, "finite"),
-    (dict(guidance_scale=float("inf")), ValueError, "finite"),
-    (dict(guidance_scale=[1.0, float("nan")]), ValueError, "finite"),
-    (dict(guidance_scale=[1.0, 2.0, 3.0]), ValueError, "guidance scales"),
-    (dict(thresholding="max"), ValueError, "thresholding"),
-    (dict(eta=0.5, sampler="dpmpp_2m"), ValueError, "eta"),
-    (dict(eta=-1.0), ValueError, "eta"),
-    (dict(noise_aug_level=1000), ValueError, "noise_aug_level"),
-    (dict(noise_aug_level={"base": 3}), ValueError, "not a super-resolution stage"),
-    (dict(num_images=0), ValueError, "num_images"),
-    (dict(seed=-1), ValueError, "seed"),
-    (dict(seed="1"), ValueError, "seed"),
-    (dict(output_type="latent"), ValueError, "output_type"),
-    (dict(class_label=1), ValueError, "not class-conditional"),
-    (dict(callback=3), TypeError, "callback"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,frag",
+    [
+        (dict(steps=0), ValueError, "steps"),
+        (dict(steps=-3), ValueError, "steps"),
+        (dict(steps=2.5), TypeError, "steps"),
+        (dict(steps={"nope": 3}), ValueError, "unknown stage 'nope'"),
+        (dict(guidance_scale={"sr99": 1.0}), ValueError, "unknown stage 'sr99'"),
+        (dict(sampler="euler"), ValueError, "unknown sampler 'euler'"),
+        (dict(sampler={"sr16": "heun"}), ValueError, "unknown sampler 'heun'"),
+        (dict(guidance_scale=float("nan")), ValueError, "finite"),
+        (dict(guidance_scale=float("inf")), ValueError, "finite"),
+        (dict(guidance_scale=[1.0, float("nan")]), ValueError, "finite"),
+        (dict(guidance_scale=[1.0, 2.0, 3.0]), ValueError, "guidance scales"),
+        (dict(thresholding="max"), ValueError, "thresholding"),
+        (dict(eta=0.5, sampler="dpmpp_2m"), ValueError, "eta"),
+        (dict(eta=-1.0), ValueError, "eta"),
+        (dict(noise_aug_level=1000), ValueError, "noise_aug_level"),
+        (dict(noise_aug_level={"base": 3}), ValueError, "not a super-resolution stage"),
+        (dict(num_images=0), ValueError, "num_images"),
+        (dict(seed=-1), ValueError, "seed"),
+        (dict(seed="1"), ValueError, "seed"),
+        (dict(output_type="latent"), ValueError, "output_type"),
+        (dict(class_label=1), ValueError, "not class-conditional"),
+        (dict(callback=3), TypeError, "callback"),
+    ],
+)
 def test_bad_generate_input_fails_before_work(text_pipe, no_work, kwargs, exc, frag):
     with pytest.raises(exc, match=frag):
         text_pipe.generate(["a", "b"], progress=False, **kwargs)
@@ -374,8 +397,14 @@ def test_unknown_backend(pkgs):
 
 
 def test_threads_give_the_same_images_as_sequential_calls(text_pipe):
-    jobs = [("a red circle", 11), ("a blue square", 12), ("green triangle", 13),
-            ("yellow circle on a red background", 14), ("a red circle", 11), ("", 15)]
+    jobs = [
+        ("a red circle", 11),
+        ("a blue square", 12),
+        ("green triangle", 13),
+        ("yellow circle on a red background", 14),
+        ("a red circle", 11),
+        ("", 15),
+    ]
     sequential = [gen(text_pipe, p, seed=s, num_images=2) for p, s in jobs]
     results = [None] * len(jobs)
     errors = []
@@ -423,7 +452,7 @@ def test_user_callback_sees_every_step_and_can_replace_x(text_pipe):
 
     out = gen(text_pipe, "red", seed=0, callback=cb, steps={"base": 3, "sr16": 2})
     assert seen == ["base"] * 3 + ["sr16"] * 2
-    np.testing.assert_allclose(out, 0.5, atol=1e-6)    # x = 0 in [-1, 1] is grey
+    np.testing.assert_allclose(out, 0.5, atol=1e-6)  # x = 0 in [-1, 1] is grey
 
 
 def test_module_level_api_caches_pipelines(pkgs):
@@ -463,8 +492,9 @@ def test_generate_does_not_import_torch(pkgs):
         print("ok")
     """)
     env = dict(os.environ)  # the installed pydiff: run from a folder that has no pydiff/ in it
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                       timeout=120, cwd=NEUTRAL_CWD)
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120, cwd=NEUTRAL_CWD
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("ok")
 
@@ -477,8 +507,9 @@ def test_upsample_bilinear_matches_torch_interpolate():
     rng = np.random.default_rng(0)
     for h, s in [(8, 16), (16, 64), (5, 13), (16, 16)]:
         x = rng.standard_normal((2, 3, h, h)).astype(np.float32)
-        ref = torch.nn.functional.interpolate(torch.from_numpy(x), size=(s, s), mode="bilinear",
-                                              align_corners=False).numpy()
+        ref = torch.nn.functional.interpolate(
+            torch.from_numpy(x), size=(s, s), mode="bilinear", align_corners=False
+        ).numpy()
         np.testing.assert_allclose(imageio.upsample_bilinear(x, s), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -500,15 +531,17 @@ def test_noise_augmentation_follows_the_format(text_pipe, monkeypatch):
     def cb(stage, i, t, x):
         if stage == "base":
             x0["base"] = x
+
     gen(text_pipe, "red", seed=9, callback=cb, guidance_scale=1.0)
     rng = np.random.Generator(np.random.PCG64(9))
-    rng.standard_normal((1, 3, 8, 8), dtype=np.float32)            # base x_T
-    rng.standard_normal((1, 3, 16, 16), dtype=np.float32)          # sr16 x_T
-    n = rng.standard_normal((1, 3, 16, 16), dtype=np.float32)      # augmentation noise
+    rng.standard_normal((1, 3, 8, 8), dtype=np.float32)  # base x_T
+    rng.standard_normal((1, 3, 16, 16), dtype=np.float32)  # sr16 x_T
+    n = rng.standard_normal((1, 3, 16, 16), dtype=np.float32)  # augmentation noise
     abar = text_pipe._aug_schedules["sr16"].alphas_cumprod[100]
     up = imageio.upsample_bilinear(np.clip(x0["base"], -1, 1), 16)
-    np.testing.assert_allclose(seen["low_res"], np.sqrt(abar) * up + np.sqrt(1 - abar) * n,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        seen["low_res"], np.sqrt(abar) * up + np.sqrt(1 - abar) * n, rtol=1e-5, atol=1e-5
+    )
     assert seen["noise_level"][0] == 100.0
 
 
@@ -540,8 +573,9 @@ def test_bundled_shapes_red_circle_on_blue(tmp_path):
     from pydiff.tools.eval.packages import read_shape
 
     pipe = load()
-    imgs = pipe.generate("a red circle on a blue background", num_images=4, seed=0, progress=False,
-                         output_type="numpy")
+    imgs = pipe.generate(
+        "a red circle on a blue background", num_images=4, seed=0, progress=False, output_type="numpy"
+    )
     found = [read_shape(img) for img in imgs]
     hits = [(r["fg"], r["shape"], r["bg"]) == ("red", "circle", "blue") for r in found]
     assert sum(hits) >= 2, found
@@ -549,8 +583,9 @@ def test_bundled_shapes_red_circle_on_blue(tmp_path):
     from pydiff.cli import main
 
     out = tmp_path / "red.png"
-    assert main(["generate", "a red circle on a blue background", "--out", str(out), "-q",
-                 "--seed", "0"]) == 0
+    assert (
+        main(["generate", "a red circle on a blue background", "--out", str(out), "-q", "--seed", "0"]) == 0
+    )
     assert out.is_file()
 
 
@@ -563,16 +598,22 @@ def test_inpaint_evaluation(tmp_path):
 
     if not (bundled_path("shapes") / "manifest.json").is_file():
         pytest.skip("the bundled shapes package is not built yet")
-    rep = evaluate_shapes_inpaint(None, n=2, steps={"base": 12, "sr64": 4}, jump_length={"base": 4},
-                                  save_grid=str(tmp_path / "g.png"))
+    rep = evaluate_shapes_inpaint(
+        None, n=2, steps={"base": 12, "sr64": 4}, jump_length={"base": 4}, save_grid=str(tmp_path / "g.png")
+    )
     assert rep["n"] == 2 and set(rep) >= {"complete", "replace", "seconds", "settings"}
     assert set(rep["complete"]) == {"alignment", "fg", "shape", "bg", "masked_psnr_db"}
     assert set(rep["replace"]) == {"alignment", "fg", "shape", "bg", "fill_error"}
-    base = rep["settings"]["base"]     # the package's inpainting recommendation, and the overrides
-    assert (base["steps"], base["jump_length"], base["jump_n_sample"], base["guidance_scale"]) == (12, 4, 10, 3.0)
+    base = rep["settings"]["base"]  # the package's inpainting recommendation, and the overrides
+    assert (base["steps"], base["jump_length"], base["jump_n_sample"], base["guidance_scale"]) == (
+        12,
+        4,
+        10,
+        3.0,
+    )
     assert rep["settings"]["sr64"]["jump_n_sample"] == 1
     assert Image.open(tmp_path / "g.png").size == (2 * 66 * 2, 4 * 66 * 2)
-    few, more = inpaint_cases(2, seed=3), inpaint_cases(5, seed=3)   # cases[:k] do not depend on n
+    few, more = inpaint_cases(2, seed=3), inpaint_cases(5, seed=3)  # cases[:k] do not depend on n
     for a, b in zip(few, more):
         for task in ("complete", "replace"):
             assert a[task][1:] == b[task][1:] and np.array_equal(a[task][0], b[task][0])
@@ -591,8 +632,9 @@ def test_img2img_evaluation(tmp_path):
 
     if not (bundled_path("shapes") / "manifest.json").is_file():
         pytest.skip("the bundled shapes package is not built yet")
-    rep = evaluate_shapes_img2img(None, n=2, strengths=(0.15, 1.0), steps={"base": 10, "sr64": 8},
-                                  save_grid=str(tmp_path / "g.png"))
+    rep = evaluate_shapes_img2img(
+        None, n=2, strengths=(0.15, 1.0), steps={"base": 10, "sr64": 8}, save_grid=str(tmp_path / "g.png")
+    )
     assert rep["n"] == 2 and rep["strengths"] == [0.15, 1.0]
     for task in ("recolour", "reshape"):
         low, full = rep[task]
@@ -600,7 +642,7 @@ def test_img2img_evaluation(tmp_path):
         assert low["layout_iou"] > 0.7 and 0.0 <= full["layout_iou"] <= 1.0
         assert 0.0 <= low["alignment"] <= 1.0
     assert rep["settings"]["base"]["steps"] == 10 and rep["settings"]["base"]["strength"] == 1.0
-    assert Image.open(tmp_path / "g.png").size == (2 * 66 * 2, 5 * 66 * 2)   # originals + 2 x 2 rows
+    assert Image.open(tmp_path / "g.png").size == (2 * 66 * 2, 5 * 66 * 2)  # originals + 2 x 2 rows
     with pytest.raises(ValueError, match="n must be at least 1, got 0"):
         evaluate_shapes_img2img(None, n=0)
 
@@ -638,7 +680,9 @@ def test_sr_stage_evaluation(tmp_path):
 def test_a_noise_augmentation_level_above_the_trained_one_is_refused():
     import pydiff
 
-    pipe = pydiff.load()           # the bundled shapes cascade: sr64 was trained on levels 0..250 (its manifest's max_level)
+    pipe = (
+        pydiff.load()
+    )  # the bundled shapes cascade: sr64 was trained on levels 0..250 (its manifest's max_level)
     assert pipe.package.stage("sr64").noise_aug_max_level == 250
     with pytest.raises(ValueError, match=r"0\.\.250 \(the levels stage 'sr64' was trained on\), got 600"):
         pipe.plan(prompt="red", noise_aug_level=600)
@@ -651,4 +695,4 @@ def test_resize_by_an_integer_factor_is_the_area_mean_of_training():
 
     x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32)
     np.testing.assert_allclose(imageio.resize(x, 16), area_resize(x, 16), atol=1e-6)
-    assert imageio.resize(x, 24).shape == (2, 3, 24, 24)   # not a divisor: bicubic
+    assert imageio.resize(x, 24).shape == (2, 3, 24, 24)  # not a divisor: bicubic

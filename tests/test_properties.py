@@ -1,5 +1,6 @@
 """Property-based tests (hypothesis) of the native ops and pydiff.sample: on any input, the result
 equals the NumPy oracle or a clear TypeError/ValueError names the problem; never a crash."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,33 +42,61 @@ def test_dynamic_threshold_property(data, shape, q, smax):
 
 
 @SETTINGS
-@given(data=st.data(), shape=shapes, pred=st.integers(0, 2), mode=st.integers(0, 2), guided=st.booleans(),
-       scale=st.floats(-1e4, 1e4), coeffs=st.lists(st.floats(-1e3, 1e3, width=32), min_size=5, max_size=5),
-       alpha=st.floats(1e-3, 1.0), clipped=st.booleans(), seed=st.integers(0, 2**64 - 1))
+@given(
+    data=st.data(),
+    shape=shapes,
+    pred=st.integers(0, 2),
+    mode=st.integers(0, 2),
+    guided=st.booleans(),
+    scale=st.floats(-1e4, 1e4),
+    coeffs=st.lists(st.floats(-1e3, 1e3, width=32), min_size=5, max_size=5),
+    alpha=st.floats(1e-3, 1.0),
+    clipped=st.booleans(),
+    seed=st.integers(0, 2**64 - 1),
+)
 def test_fused_step_property(data, shape, pred, mode, guided, scale, coeffs, alpha, clipped, seed):
     x = data.draw(arrays_for(shape))
     B = shape[0]
     mo = data.draw(arrays_for(((2 * B) if guided else B,) + shape[1:]))
     prev = data.draw(arrays_for(shape))
-    fields = dict(alpha=alpha, sigma=float(np.sqrt(1 - alpha * alpha)) or 1e-3, prediction_type=pred,
-                  threshold_mode=mode, clip_range=1.0, dynamic_ratio=0.9, sample_max_value=2.0,
-                  use_clipped_eps=int(clipped), c_x=coeffs[0], c_x0=coeffs[1], c_eps=coeffs[2], c_d=coeffs[3],
-                  c_noise=coeffs[4], seed=seed, noise_step=3)
+    fields = dict(
+        alpha=alpha,
+        sigma=float(np.sqrt(1 - alpha * alpha)) or 1e-3,
+        prediction_type=pred,
+        threshold_mode=mode,
+        clip_range=1.0,
+        dynamic_ratio=0.9,
+        sample_max_value=2.0,
+        use_clipped_eps=int(clipped),
+        c_x=coeffs[0],
+        c_x0=coeffs[1],
+        c_eps=coeffs[2],
+        c_d=coeffs[3],
+        c_noise=coeffs[4],
+        seed=seed,
+        noise_step=3,
+    )
     if B > 0 and x[0].size == 0 and mode == 2:
         return  # no elements per sample: nothing to threshold (covered above)
     with np.errstate(all="ignore"):
-        got, bad = ops.fused_step(x, mo, ops.step_params(**fields), guidance_scale=scale if guided else None,
-                                  x0_prev=prev)
+        got, bad = ops.fused_step(
+            x, mo, ops.step_params(**fields), guidance_scale=scale if guided else None, x0_prev=prev
+        )
         want, _, _ = reference.fused_step(x, mo, fields, guided=guided, guidance_scale=scale, x0_prev=prev)
     # Extreme coefficients overflow to inf in both; then the step reports it.
     assert bad == int(np.count_nonzero(~np.isfinite(want)))
     ok = np.isfinite(want)
-    np.testing.assert_allclose(got[ok], want[ok], rtol=2e-5, atol=1e-5 * (1 + np.abs(want[ok]).max(initial=0)))
+    np.testing.assert_allclose(
+        got[ok], want[ok], rtol=2e-5, atol=1e-5 * (1 + np.abs(want[ok]).max(initial=0))
+    )
 
 
 @SETTINGS
-@given(shape=shapes, dtype=st.sampled_from([np.float64, np.float16, np.int32, np.uint8, np.complex64]),
-       which=st.sampled_from(["cond", "uncond"]))
+@given(
+    shape=shapes,
+    dtype=st.sampled_from([np.float64, np.float16, np.int32, np.uint8, np.complex64]),
+    which=st.sampled_from(["cond", "uncond"]),
+)
 def test_wrong_dtype_is_a_type_error_naming_the_argument(shape, dtype, which):
     good = np.zeros(shape, np.float32)
     bad = np.zeros(shape, dtype)
@@ -88,8 +117,13 @@ def test_non_contiguous_layouts_are_value_errors(data, shape):
 
 
 @SETTINGS
-@given(data=st.data(), n=st.integers(1, 40), bad=st.sampled_from([np.nan, np.inf, -np.inf]),
-       sampler=st.sampled_from(["ddpm", "ddim", "dpmpp_2m"]), thr=st.booleans())
+@given(
+    data=st.data(),
+    n=st.integers(1, 40),
+    bad=st.sampled_from([np.nan, np.inf, -np.inf]),
+    sampler=st.sampled_from(["ddpm", "ddim", "dpmpp_2m"]),
+    thr=st.booleans(),
+)
 def test_sample_reports_non_finite_model_output(data, n, bad, sampler, thr):
     where = data.draw(st.integers(0, n - 1))
     step = data.draw(st.integers(0, 4))

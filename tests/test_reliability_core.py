@@ -1,4 +1,5 @@
 """Reliability of the native core: determinism across thread counts, concurrency, and memory under soak."""
+
 from __future__ import annotations
 
 import threading
@@ -8,20 +9,33 @@ import numpy as np
 import pydiff
 from pydiff import ops
 
-SCHED = pydiff.Schedule(beta_schedule="squaredcos_cap_v2", clip_sample=False, thresholding=True,
-                        sample_max_value=1.5)
+SCHED = pydiff.Schedule(
+    beta_schedule="squaredcos_cap_v2", clip_sample=False, thresholding=True, sample_max_value=1.5
+)
 
 
 def model(x, t, c):
-    return (0.6 * x + 0.2 * np.sin(3 * x) + 0.1 * np.asarray(c, np.float32)[:, None, None, None]).astype(np.float32)
+    return (0.6 * x + 0.2 * np.sin(3 * x) + 0.1 * np.asarray(c, np.float32)[:, None, None, None]).astype(
+        np.float32
+    )
 
 
 def run(sampler, threads):
     ops.set_num_threads(threads)
     try:
         x_T = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
-        return pydiff.sample(model, x_T, schedule=SCHED, sampler=sampler, steps=6, seed=123, cond=np.ones(4),
-                             uncond=np.zeros(4), guidance_scale=4.0, eta=1.0 if sampler == "ddim" else 0.0)
+        return pydiff.sample(
+            model,
+            x_T,
+            schedule=SCHED,
+            sampler=sampler,
+            steps=6,
+            seed=123,
+            cond=np.ones(4),
+            uncond=np.zeros(4),
+            guidance_scale=4.0,
+            eta=1.0 if sampler == "ddim" else 0.0,
+        )
     finally:
         ops.set_num_threads(0)
 
@@ -35,8 +49,18 @@ def test_concurrent_native_steps_equal_sequential():
     rng = np.random.default_rng(1)
     xs = [rng.standard_normal((2, 3, 32, 32)).astype(np.float32) for _ in range(8)]
     mos = [rng.standard_normal((4, 3, 32, 32)).astype(np.float32) for _ in range(8)]
-    p = ops.step_params(alpha=0.7, sigma=0.714, c_x=0.9, c_x0=0.2, c_noise=0.3, threshold_mode=2,
-                        dynamic_ratio=0.99, sample_max_value=1.5, seed=5, noise_step=2)
+    p = ops.step_params(
+        alpha=0.7,
+        sigma=0.714,
+        c_x=0.9,
+        c_x0=0.2,
+        c_noise=0.3,
+        threshold_mode=2,
+        dynamic_ratio=0.99,
+        sample_max_value=1.5,
+        seed=5,
+        noise_step=2,
+    )
     want = [ops.fused_step(x, m, p, guidance_scale=3.0)[0] for x, m in zip(xs, mos)]
     got = [None] * 8
 

@@ -2,6 +2,7 @@
 the noise stream's seed, step and offset, float32-finite scalars, the domains the formulas need,
 and overlaps between every output and every input. On any argument an op gives the NumPy oracle's
 result, or a ValueError/TypeError that names the argument, before anything is written."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,20 +15,26 @@ from hypothesis import strategies as st
 
 from pydiff import _C, ops, reference
 
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+FUZZ = settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 F32_MAX = float(np.finfo(np.float32).max)
 ERRORS = (ValueError, TypeError, OverflowError)
 
 # any double: NaN, inf, float32-overflowing, float32's extremes, and ordinary values
-any_float = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
-                      st.sampled_from([F32_MAX, -F32_MAX, 1e39, -1e39, 3.5e38, 0.0, 1.0, 0.5]),
-                      st.floats(-1e3, 1e3))
-big_int = st.one_of(st.integers(-2**70, 2**70), st.integers(-3, 3))
+any_float = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([F32_MAX, -F32_MAX, 1e39, -1e39, 3.5e38, 0.0, 1.0, 0.5]),
+    st.floats(-1e3, 1e3),
+)
+big_int = st.one_of(st.integers(-(2**70), 2**70), st.integers(-3, 3))
 
 
 def f32_ok(v: float) -> bool:
-    return abs(v) <= F32_MAX   # False for NaN
+    return abs(v) <= F32_MAX  # False for NaN
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +50,7 @@ def test_a_million_threads_is_refused_and_the_next_large_op_runs():
         with pytest.raises(ValueError, match=r"num_threads must be an integer in \[0, 1024\]"):
             ops.set_num_threads(n)
         assert ops.get_num_threads() == before
-    z = ops.randn((40_000,), 7, 1)   # over 32,768 elements: the threaded path
+    z = ops.randn((40_000,), 7, 1)  # over 32,768 elements: the threaded path
     assert np.array_equal(z, reference.randn(7, 1, 40_000))
 
 
@@ -77,18 +84,21 @@ def test_offset_plus_count_may_not_overflow_and_nothing_is_written():
     with pytest.raises(ValueError, match=r"offset \+ count must be at most 2\*\*63 - 4"):
         ops.randn((4096,), 0, offset=2**63 - 4, out=out)
     assert np.all(out == 123.0)
-    last = 2**63 - 4 - 4096   # the last draw of 4096 that fits: the oracle's values
+    last = 2**63 - 4 - 4096  # the last draw of 4096 that fits: the oracle's values
     assert np.array_equal(ops.randn((4096,), 0, offset=last), reference.randn(0, 0, 4096, last))
 
 
-@pytest.mark.parametrize("kw, what", [
-    (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*64\)"),
-    (dict(seed=2**64), r"seed must be an integer in \[0, 2\*\*64\)"),
-    (dict(seed=0, step=-1), r"step must be an integer in \[0, 2\*\*32\)"),
-    (dict(seed=0, step=2**32), r"step must be an integer in \[0, 2\*\*32\)"),
-    (dict(seed=0, offset=-1), r"offset must be an integer in \[0, 2\*\*63 - 4\]"),
-    (dict(seed=0, offset=2**64 + 5), r"offset must be an integer"),
-])
+@pytest.mark.parametrize(
+    "kw, what",
+    [
+        (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*64\)"),
+        (dict(seed=2**64), r"seed must be an integer in \[0, 2\*\*64\)"),
+        (dict(seed=0, step=-1), r"step must be an integer in \[0, 2\*\*32\)"),
+        (dict(seed=0, step=2**32), r"step must be an integer in \[0, 2\*\*32\)"),
+        (dict(seed=0, offset=-1), r"offset must be an integer in \[0, 2\*\*63 - 4\]"),
+        (dict(seed=0, offset=2**64 + 5), r"offset must be an integer"),
+    ],
+)
 def test_seed_step_and_offset_ranges(kw, what):
     with pytest.raises(ValueError, match=what):
         ops.randn((8,), **kw)
@@ -98,19 +108,31 @@ def test_noise_coordinates_must_be_integers():
     for bad in (1.5, 2.0, "3", True, None):
         with pytest.raises(TypeError, match="seed must be an integer"):
             ops.randn((8,), bad)
-    assert np.array_equal(ops.randn((8,), np.uint64(2**64 - 1), np.uint32(2**32 - 1)),
-                          reference.randn(2**64 - 1, 2**32 - 1, 8))
+    assert np.array_equal(
+        ops.randn((8,), np.uint64(2**64 - 1), np.uint32(2**32 - 1)), reference.randn(2**64 - 1, 2**32 - 1, 8)
+    )
 
 
 @FUZZ
-@given(seed=st.one_of(st.integers(0, 2**64 - 1), st.integers(-2**66, 2**66)),
-       step=st.one_of(st.integers(0, 2**32 - 1), st.integers(-2**34, 2**34)),
-       offset=st.one_of(st.integers(0, 1000), st.integers(2**63 - 6000, 2**63 + 10), st.integers(-2**65, 2**65)),
-       count=st.integers(0, 70))
+@given(
+    seed=st.one_of(st.integers(0, 2**64 - 1), st.integers(-(2**66), 2**66)),
+    step=st.one_of(st.integers(0, 2**32 - 1), st.integers(-(2**34), 2**34)),
+    offset=st.one_of(
+        st.integers(0, 1000), st.integers(2**63 - 6000, 2**63 + 10), st.integers(-(2**65), 2**65)
+    ),
+    count=st.integers(0, 70),
+)
 def test_fuzz_randn(seed, step, offset, count):
     out = np.full(count, 7.0, np.float32)
-    bad = [name for name, ok in (("seed", 0 <= seed < 2**64), ("step", 0 <= step < 2**32),
-                                 ("offset", 0 <= offset <= 2**63 - 4)) if not ok]
+    bad = [
+        name
+        for name, ok in (
+            ("seed", 0 <= seed < 2**64),
+            ("step", 0 <= step < 2**32),
+            ("offset", 0 <= offset <= 2**63 - 4),
+        )
+        if not ok
+    ]
     if not bad and offset + count > 2**63 - 4:
         bad = ["offset + count"]
     if bad:
@@ -133,11 +155,26 @@ def test_a_float32_overflowing_scale_is_an_error_naming_it():
     assert np.all(out == 5.0)
     assert np.all(ops.cfg_mix(c, u, F32_MAX) == np.float32(F32_MAX))
     with pytest.raises(ValueError, match="guidance_scale must be finite in float32"):
-        ops.fused_step(np.ones((2, 3), np.float32), np.ones((4, 3), np.float32), ops.step_params(), guidance_scale=1e39)
+        ops.fused_step(
+            np.ones((2, 3), np.float32), np.ones((4, 3), np.float32), ops.step_params(), guidance_scale=1e39
+        )
 
 
-@pytest.mark.parametrize("field", ["alpha", "sigma", "clip_range", "dynamic_ratio", "sample_max_value",
-                                   "c_x", "c_x0", "c_eps", "c_d", "c_noise"])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "alpha",
+        "sigma",
+        "clip_range",
+        "dynamic_ratio",
+        "sample_max_value",
+        "c_x",
+        "c_x0",
+        "c_eps",
+        "c_d",
+        "c_noise",
+    ],
+)
 def test_step_params_float_fields_are_finite_in_float32(field):
     for v in (1e39, float("inf"), float("nan")):
         with pytest.raises(ValueError, match=rf"{field} must be finite in float32"):
@@ -147,39 +184,64 @@ def test_step_params_float_fields_are_finite_in_float32(field):
     assert getattr(ops.step_params(**{field: F32_MAX}), field) == np.float32(F32_MAX)
 
 
-@pytest.mark.parametrize("field, bad, what", [
-    ("seed", -1, r"seed must be an integer in \[0, 2\*\*64\)"),
-    ("seed", 2**64, r"seed must be an integer in \[0, 2\*\*64\)"),
-    ("noise_step", 2**32, r"noise_step must be an integer in \[0, 2\*\*32\)"),
-    ("noise_step", -1, r"noise_step must be an integer in \[0, 2\*\*32\)"),
-    ("prediction_type", 2**40, r"prediction_type must be an integer in \[-2147483648, 2147483647\]"),
-])
+@pytest.mark.parametrize(
+    "field, bad, what",
+    [
+        ("seed", -1, r"seed must be an integer in \[0, 2\*\*64\)"),
+        ("seed", 2**64, r"seed must be an integer in \[0, 2\*\*64\)"),
+        ("noise_step", 2**32, r"noise_step must be an integer in \[0, 2\*\*32\)"),
+        ("noise_step", -1, r"noise_step must be an integer in \[0, 2\*\*32\)"),
+        ("prediction_type", 2**40, r"prediction_type must be an integer in \[-2147483648, 2147483647\]"),
+    ],
+)
 def test_step_params_integer_fields_have_ranges(field, bad, what):
     with pytest.raises(ValueError, match=what):
         ops.step_params(**{field: bad})
 
 
-@pytest.mark.parametrize("field, bad, what", [
-    ("prediction_type", 3, r"prediction_type must be 0 \(epsilon\), 1 \(sample\) or 2 \(v_prediction\), got 3"),
-    ("prediction_type", -1, "prediction_type must be 0"),
-    ("threshold_mode", 3, r"threshold_mode must be 0 \(none\), 1 \(static\) or 2 \(dynamic\), got 3"),
-    ("use_clipped_eps", 2, r"use_clipped_eps must be 0 or 1, got 2"),
-])
+@pytest.mark.parametrize(
+    "field, bad, what",
+    [
+        (
+            "prediction_type",
+            3,
+            r"prediction_type must be 0 \(epsilon\), 1 \(sample\) or 2 \(v_prediction\), got 3",
+        ),
+        ("prediction_type", -1, "prediction_type must be 0"),
+        ("threshold_mode", 3, r"threshold_mode must be 0 \(none\), 1 \(static\) or 2 \(dynamic\), got 3"),
+        ("use_clipped_eps", 2, r"use_clipped_eps must be 0 or 1, got 2"),
+    ],
+)
 def test_enumerations_are_checked_before_any_work(field, bad, what):
-    p = ops.step_params(**{field: bad})   # taken as an int32; every op and the step table refuse it
+    p = ops.step_params(**{field: bad})  # taken as an int32; every op and the step table refuse it
     out = np.full((1, 4), 5.0, np.float32)
-    for call in (lambda: ops.fused_step(np.ones((1, 4), np.float32), np.ones((1, 4), np.float32), p, out=out),
-                 lambda: _C.validate_step_params(p), lambda: _C.pack_step_params([p])):
+    for call in (
+        lambda: ops.fused_step(np.ones((1, 4), np.float32), np.ones((1, 4), np.float32), p, out=out),
+        lambda: _C.validate_step_params(p),
+        lambda: _C.pack_step_params([p]),
+    ):
         with pytest.raises(ValueError, match=what):
             call()
     assert np.all(out == 5.0)
 
 
 def test_valid_step_params_are_kept():
-    p = ops.step_params(seed=2**64 - 1, noise_step=2**32 - 1, use_clipped_eps=True, prediction_type=2,
-                        threshold_mode=2, alpha=np.float32(0.5), sigma=1)
+    p = ops.step_params(
+        seed=2**64 - 1,
+        noise_step=2**32 - 1,
+        use_clipped_eps=True,
+        prediction_type=2,
+        threshold_mode=2,
+        alpha=np.float32(0.5),
+        sigma=1,
+    )
     assert (p.seed, p.noise_step, p.use_clipped_eps, p.prediction_type, p.threshold_mode) == (
-        2**64 - 1, 2**32 - 1, 1, 2, 2)
+        2**64 - 1,
+        2**32 - 1,
+        1,
+        2,
+        2,
+    )
     assert (p.alpha, p.sigma) == (0.5, 1.0)
     assert len(_C.pack_step_params([p])) == _C.STEP_PARAMS_BYTES
 
@@ -208,15 +270,19 @@ def test_out_may_not_overlap_the_per_sample_scales():
     assert np.array_equal(buf, before)
     x, mo = rng.standard_normal((2, 4)).astype(np.float32), rng.standard_normal((4, 4)).astype(np.float32)
     p = ops.step_params(c_x0=1.0, sigma=0.5)
-    for kw, what in ((dict(out=out), "out overlaps guidance_scale"),
-                     (dict(x0_out=out), "x0_out overlaps guidance_scale")):
+    for kw, what in (
+        (dict(out=out), "out overlaps guidance_scale"),
+        (dict(x0_out=out), "x0_out overlaps guidance_scale"),
+    ):
         with pytest.raises(ValueError, match=what):
             ops.fused_step(x, mo, p, guidance_scale=scales, **kw)
         assert np.array_equal(buf, before)
     pd = ops.step_params(c_x0=1.0, sigma=0.5, threshold_mode=2, sample_max_value=1.5)
     with pytest.raises(ValueError, match="thresholds overlaps guidance_scale"):
         ops.fused_step(x, mo, pd, guidance_scale=scales, thresholds=buf[7:9])
-    with pytest.raises(ValueError, match="guidance_scale must be finite, got nan at index 1"):  # the native check
+    with pytest.raises(
+        ValueError, match="guidance_scale must be finite, got nan at index 1"
+    ):  # the native check
         _C.fused_step(x, mo, np.empty_like(x), p, guided=True, scales=np.array([1.0, np.nan], np.float32))
     with pytest.raises(ValueError, match="scale must be finite, got inf at index 0"):
         _C.cfg_mix(c, u, np.empty_like(c), 1.0, np.array([np.inf, 1.0], np.float32))
@@ -226,11 +292,16 @@ def test_out_may_not_partly_overlap_x0_prev():
     buf = np.zeros(12, np.float32)
     p = ops.step_params(c_x0=1.0, c_d=0.5, sigma=0.5)
     with pytest.raises(ValueError, match="out partially overlaps x0_prev"):
-        ops.fused_step(np.ones((2, 4), np.float32), np.ones((2, 4), np.float32), p,
-                       x0_prev=buf[:8].reshape(2, 4), out=buf[4:].reshape(2, 4))
+        ops.fused_step(
+            np.ones((2, 4), np.float32),
+            np.ones((2, 4), np.float32),
+            p,
+            x0_prev=buf[:8].reshape(2, 4),
+            out=buf[4:].reshape(2, 4),
+        )
 
 
-POOL = 40   # floats in the shared buffer the fuzz places arrays into
+POOL = 40  # floats in the shared buffer the fuzz places arrays into
 
 
 @st.composite
@@ -244,13 +315,17 @@ def placements(draw, names_sizes):
 def test_fuzz_cfg_mix_overlaps(data, B, n, per_sample):
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     pool = rng.uniform(-2, 2, POOL).astype(np.float32)
-    where = data.draw(placements([("cond", B * n), ("uncond", B * n), ("out", B * n)] + ([("scale", B)] if per_sample else [])))
+    where = data.draw(
+        placements(
+            [("cond", B * n), ("uncond", B * n), ("out", B * n)] + ([("scale", B)] if per_sample else [])
+        )
+    )
 
     def arr(name, shape):
         k = int(np.prod(shape))
         if where[name] is None:
             return rng.uniform(-2, 2, k).astype(np.float32).reshape(shape)
-        return pool[where[name]:where[name] + k].reshape(shape)
+        return pool[where[name] : where[name] + k].reshape(shape)
 
     c, u, out = arr("cond", (B, n)), arr("uncond", (B, n)), arr("out", (B, n))
     scale = arr("scale", (B,)) if per_sample else 1.5
@@ -266,8 +341,16 @@ def test_fuzz_cfg_mix_overlaps(data, B, n, per_sample):
 
 
 @FUZZ
-@given(data=st.data(), B=st.integers(1, 3), n=st.integers(1, 4), guided=st.booleans(), per_sample=st.booleans(),
-       dynamic=st.booleans(), with_prev=st.booleans(), with_x0=st.booleans())
+@given(
+    data=st.data(),
+    B=st.integers(1, 3),
+    n=st.integers(1, 4),
+    guided=st.booleans(),
+    per_sample=st.booleans(),
+    dynamic=st.booleans(),
+    with_prev=st.booleans(),
+    with_x0=st.booleans(),
+)
 def test_fuzz_fused_step_overlaps(data, B, n, guided, per_sample, dynamic, with_prev, with_x0):
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     pool = rng.uniform(-2, 2, POOL).astype(np.float32)
@@ -282,7 +365,7 @@ def test_fuzz_fused_step_overlaps(data, B, n, guided, per_sample, dynamic, with_
         k = int(np.prod(shape))
         if where[name] is None:
             return rng.uniform(-2, 2, k).astype(np.float32).reshape(shape)
-        return pool[where[name]:where[name] + k].reshape(shape)
+        return pool[where[name] : where[name] + k].reshape(shape)
 
     x, out = arr("x", (B, n)), arr("out", (B, n))
     mo = arr("model_output", ((2 if guided else 1) * B, n))
@@ -290,17 +373,43 @@ def test_fuzz_fused_step_overlaps(data, B, n, guided, per_sample, dynamic, with_
     prev = arr("x0_prev", (B, n)) if with_prev else None
     x0 = arr("x0_out", (B, n)) if with_x0 else None
     thr = arr("thresholds", (B,)) if dynamic else None
-    fields = dict(alpha=0.8, sigma=0.6, prediction_type=0, threshold_mode=2 if dynamic else 0, clip_range=1.0,
-                  dynamic_ratio=0.9, sample_max_value=1.5, use_clipped_eps=0, c_x=0.7, c_x0=0.3, c_eps=0.2,
-                  c_d=0.25 if with_prev else 0.0, c_noise=0.1, seed=11, noise_step=4)
+    fields = dict(
+        alpha=0.8,
+        sigma=0.6,
+        prediction_type=0,
+        threshold_mode=2 if dynamic else 0,
+        clip_range=1.0,
+        dynamic_ratio=0.9,
+        sample_max_value=1.5,
+        use_clipped_eps=0,
+        c_x=0.7,
+        c_x0=0.3,
+        c_eps=0.2,
+        c_d=0.25 if with_prev else 0.0,
+        c_noise=0.1,
+        seed=11,
+        noise_step=4,
+    )
     want, want_x0, want_s = reference.fused_step(
-        x.copy(), mo.copy(), fields, guided=guided,
+        x.copy(),
+        mo.copy(),
+        fields,
+        guided=guided,
         guidance_scale=(scale.copy() if per_sample else scale) if guided else 1.0,
-        x0_prev=None if prev is None else prev.copy())
+        x0_prev=None if prev is None else prev.copy(),
+    )
     before = pool.copy()
     try:
-        got, bad = ops.fused_step(x, mo, ops.step_params(**fields), guidance_scale=scale, x0_prev=prev,
-                                  x0_out=x0, thresholds=thr, out=out)
+        got, bad = ops.fused_step(
+            x,
+            mo,
+            ops.step_params(**fields),
+            guidance_scale=scale,
+            x0_prev=prev,
+            x0_out=x0,
+            thresholds=thr,
+            out=out,
+        )
     except ValueError as e:
         assert "overlaps" in str(e)
         assert np.array_equal(pool, before)
@@ -333,7 +442,13 @@ def test_fuzz_abs_quantile(B, n, q, smax, clamp):
     x = np.random.default_rng(B * 10 + n).normal(0, 2, (B, n)).astype(np.float32)
     out = np.full(B, 9.0, np.float32)
     q32 = np.float32(q) if f32_ok(q) else None
-    ok = f32_ok(q) and f32_ok(smax) and 0 < q32 <= 1 and (not clamp or np.float32(smax) >= 1) and not (B and not n)
+    ok = (
+        f32_ok(q)
+        and f32_ok(smax)
+        and 0 < q32 <= 1
+        and (not clamp or np.float32(smax) >= 1)
+        and not (B and not n)
+    )
     if not ok:
         with pytest.raises(ValueError, match=r"^(q|max_value|x) "):
             _C.abs_quantile(x, out, q, smax, clamp)
@@ -380,8 +495,18 @@ def test_fuzz_predict_x0(alpha, sigma, pred):
 
 
 DOMAIN = "prediction_type|threshold_mode|use_clipped_eps|ratio|sample_max_value|clip_sample_range"
-FLOAT_FIELDS = ("alpha", "sigma", "clip_range", "dynamic_ratio", "sample_max_value", "c_x", "c_x0", "c_eps", "c_d",
-                "c_noise")
+FLOAT_FIELDS = (
+    "alpha",
+    "sigma",
+    "clip_range",
+    "dynamic_ratio",
+    "sample_max_value",
+    "c_x",
+    "c_x0",
+    "c_eps",
+    "c_d",
+    "c_noise",
+)
 
 
 @FUZZ
@@ -393,14 +518,18 @@ def test_fuzz_fused_step_params(data, guided, scale):
     fields["sigma"] = data.draw(st.one_of(st.floats(0.1, 1.0), any_float), label="sigma'")
     fields["clip_range"] = data.draw(st.one_of(st.floats(0.5, 3.0), any_float), label="clip_range'")
     fields["dynamic_ratio"] = data.draw(st.one_of(st.floats(0.5, 1.0), any_float), label="dynamic_ratio'")
-    fields["sample_max_value"] = data.draw(st.one_of(st.floats(1.0, 3.0), any_float), label="sample_max_value'")
+    fields["sample_max_value"] = data.draw(
+        st.one_of(st.floats(1.0, 3.0), any_float), label="sample_max_value'"
+    )
     fields["prediction_type"] = data.draw(st.one_of(st.integers(0, 2), st.integers(-3, 5)))
     fields["threshold_mode"] = data.draw(st.one_of(st.integers(0, 2), st.integers(-3, 5)))
     fields["use_clipped_eps"] = data.draw(st.one_of(st.booleans(), st.integers(-1, 2)))
     fields["seed"] = data.draw(st.one_of(st.integers(0, 2**64 - 1), big_int))
     fields["noise_step"] = data.draw(st.one_of(st.integers(0, 2**32 - 1), big_int))
     bad_fields = [k for k in FLOAT_FIELDS if not f32_ok(fields[k])]
-    bad_fields += [k for k, hi in (("seed", 2**64 - 1), ("noise_step", 2**32 - 1)) if not 0 <= fields[k] <= hi]
+    bad_fields += [
+        k for k, hi in (("seed", 2**64 - 1), ("noise_step", 2**32 - 1)) if not 0 <= fields[k] <= hi
+    ]
     if bad_fields:
         with pytest.raises(ValueError) as e:
             ops.step_params(**fields)
@@ -409,9 +538,13 @@ def test_fuzz_fused_step_params(data, guided, scale):
     p = ops.step_params(**fields)
     f32 = {k: np.float32(fields[k]) for k in FLOAT_FIELDS}
     mode = fields["threshold_mode"]
-    domain_ok = 0 <= fields["prediction_type"] <= 2 and 0 <= mode <= 2 and 0 <= fields["use_clipped_eps"] <= 1 and \
-        (mode != 2 or (0 < f32["dynamic_ratio"] <= 1 and f32["sample_max_value"] >= 1)) and \
-        (mode != 1 or 0 < f32["clip_range"] <= np.float32(3e38))
+    domain_ok = (
+        0 <= fields["prediction_type"] <= 2
+        and 0 <= mode <= 2
+        and 0 <= fields["use_clipped_eps"] <= 1
+        and (mode != 2 or (0 < f32["dynamic_ratio"] <= 1 and f32["sample_max_value"] >= 1))
+        and (mode != 1 or 0 < f32["clip_range"] <= np.float32(3e38))
+    )
     rng = np.random.default_rng(3)
     x, prev = rng.standard_normal((2, 6)).astype(np.float32), rng.standard_normal((2, 6)).astype(np.float32)
     mo = rng.standard_normal(((4 if guided else 2), 6)).astype(np.float32)
@@ -431,15 +564,29 @@ def test_fuzz_fused_step_params(data, guided, scale):
         return
     with np.errstate(all="ignore"):
         got, bad = ops.fused_step(x, mo, p, guidance_scale=scale if guided else None, x0_prev=prev, out=out)
-        want, _, _ = reference.fused_step(x, mo, {**fields, "use_clipped_eps": int(fields["use_clipped_eps"])},
-                                          guided=guided, guidance_scale=scale, x0_prev=prev)
+        want, _, _ = reference.fused_step(
+            x,
+            mo,
+            {**fields, "use_clipped_eps": int(fields["use_clipped_eps"])},
+            guided=guided,
+            guidance_scale=scale,
+            x0_prev=prev,
+        )
     assert 0 <= bad <= 2 * x.size
-    ordinary = all(abs(float(f32[k])) <= 4 for k in FLOAT_FIELDS) and f32["alpha"] >= 0.1 and f32["sigma"] >= 0.1 \
+    ordinary = (
+        all(abs(float(f32[k])) <= 4 for k in FLOAT_FIELDS)
+        and f32["alpha"] >= 0.1
+        and f32["sigma"] >= 0.1
         and abs(scale if guided else 0) <= 1e3
-    if ordinary:   # extreme but valid values: only a clean run is asked of them (rounding differs near overflow)
+    )
+    if (
+        ordinary
+    ):  # extreme but valid values: only a clean run is asked of them (rounding differs near overflow)
         assert bad == int(np.count_nonzero(~np.isfinite(want)))
         ok = np.isfinite(want)
-        np.testing.assert_allclose(got[ok], want[ok], rtol=2e-5, atol=1e-5 * (1 + np.abs(want[ok]).max(initial=0)))
+        np.testing.assert_allclose(
+            got[ok], want[ok], rtol=2e-5, atol=1e-5 * (1 + np.abs(want[ok]).max(initial=0))
+        )
 
 
 # ------------------------------------------------------------------ the CUDA twin's bindings (no GPU needed)
@@ -471,17 +618,46 @@ def test_cuda_bindings_refuse_with_the_cpu_twins_words():
         (lambda: m.cfg_mix(4096, 8192, 4096 + 4, 2, 2, 1.0, 0, 0), "out partially overlaps cond"),
         (lambda: m.cfg_mix(4096, 8192, 12288, 2, 2, 1e39, 0, 0), "scale must be finite in float32"),
         (lambda: m.cfg_mix(4096, 8192, 12288, 2, 2, 1.0, 12288 + 12, 0), "out overlaps scale"),
-        (lambda: m.fused_step(4096, 8192, 12288, 2, 4, 0, p, False, 1e39, 0, 0, 0, 0, 0, 0),
-         "guidance_scale must be finite in float32"),
-        (lambda: m.fused_step(4096, 8192, 12288, 2, 4, 0, p, True, 1.0, 12288 + 4, 0, 0, 0, 0, 0),
-         "out overlaps guidance_scale"),
-        (lambda: m.fused_step(4096, 8192, 12288, 2, 4, 0, p, False, 1.0, 0, 12288 + 8, 0, 0, 0, 0),
-         "out partially overlaps x0_prev"),
-        (lambda: m.fused_step(4096, 8192, 12288, 2, 4, 0, p, False, 1.0, 0, 0, 0, 0, 12288, 0),
-         "nonfinite overlaps out"),
-        (lambda: m.fused_step(4096, 8192, 12288, -1, 4, 0, p, False, 1.0, 0, 0, 0, 0, 0, 0), "batch must be >= 0"),
-        (lambda: m.fused_step(4096, 8192, 12288, 2, 4, 0, ops.step_params(threshold_mode=2, dynamic_ratio=0.0),
-                              False, 1.0, 0, 0, 0, 0, 0, 0), r"dynamic_thresholding_ratio must be in \(0, 1\]"),
+        (
+            lambda: m.fused_step(4096, 8192, 12288, 2, 4, 0, p, False, 1e39, 0, 0, 0, 0, 0, 0),
+            "guidance_scale must be finite in float32",
+        ),
+        (
+            lambda: m.fused_step(4096, 8192, 12288, 2, 4, 0, p, True, 1.0, 12288 + 4, 0, 0, 0, 0, 0),
+            "out overlaps guidance_scale",
+        ),
+        (
+            lambda: m.fused_step(4096, 8192, 12288, 2, 4, 0, p, False, 1.0, 0, 12288 + 8, 0, 0, 0, 0),
+            "out partially overlaps x0_prev",
+        ),
+        (
+            lambda: m.fused_step(4096, 8192, 12288, 2, 4, 0, p, False, 1.0, 0, 0, 0, 0, 12288, 0),
+            "nonfinite overlaps out",
+        ),
+        (
+            lambda: m.fused_step(4096, 8192, 12288, -1, 4, 0, p, False, 1.0, 0, 0, 0, 0, 0, 0),
+            "batch must be >= 0",
+        ),
+        (
+            lambda: m.fused_step(
+                4096,
+                8192,
+                12288,
+                2,
+                4,
+                0,
+                ops.step_params(threshold_mode=2, dynamic_ratio=0.0),
+                False,
+                1.0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ),
+            r"dynamic_thresholding_ratio must be in \(0, 1\]",
+        ),
         (lambda: m.workspace_bytes(2**31, 2**31), r"batch \* n must be at most 2\*\*60"),
     ]
     for call, what in cases:

@@ -1,4 +1,5 @@
 """Soak and concurrency of pydiff.generate on one pipeline (a tiny synthetic package, ONNX Runtime)."""
+
 from __future__ import annotations
 
 import threading

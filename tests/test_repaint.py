@@ -1,4 +1,5 @@
 """RePaint inpainting in the core (`pydiff.repaint`, `pydiff.repaint_schedule`)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -45,8 +46,20 @@ def _as_diffusers_sequence(plan, n):
     return seq
 
 
-@pytest.mark.parametrize("n,L,r", [(25, 10, 10), (20, 5, 3), (50, 10, 2), (7, 10, 1), (10, 10, 1),
-                                   (11, 10, 3), (30, 1, 2), (250, 10, 10), (13, 4, 1)])
+@pytest.mark.parametrize(
+    "n,L,r",
+    [
+        (25, 10, 10),
+        (20, 5, 3),
+        (50, 10, 2),
+        (7, 10, 1),
+        (10, 10, 1),
+        (11, 10, 3),
+        (30, 1, 2),
+        (250, 10, 10),
+        (13, 4, 1),
+    ],
+)
 def test_schedule_is_diffusers_repaint_schedule(n, L, r):
     diffusers = pytest.importorskip("diffusers")
     plan = pydiff.repaint_schedule(n, L, r)
@@ -59,7 +72,7 @@ def test_schedule_shape():
     n, L, r = 50, 10, 4
     plan = pydiff.repaint_schedule(n, L, r)
     done = 0
-    for op in plan:                      # steps run in order, jumps go back L from where x is
+    for op in plan:  # steps run in order, jumps go back L from where x is
         if op[0] == "step":
             assert op[1] == done
             done += 1
@@ -73,8 +86,17 @@ def test_schedule_shape():
     assert pydiff.repaint_schedule(n, L, 1) == [("step", i) for i in range(n)]
 
 
-@pytest.mark.parametrize("bad", [dict(steps=0), dict(jump_length=0), dict(jump_n_sample=0),
-                                 dict(steps=2.5), dict(jump_n_sample=True), dict(jump_length=10)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(steps=0),
+        dict(jump_length=0),
+        dict(jump_n_sample=0),
+        dict(steps=2.5),
+        dict(jump_n_sample=True),
+        dict(jump_length=10),
+    ],
+)
 def test_schedule_refuses_bad_values(bad):
     kw = dict(steps=10, jump_length=2, jump_n_sample=2) | bad
     with pytest.raises(ValueError, match=next(iter(bad))):
@@ -104,10 +126,12 @@ def test_one_pass_is_sample_with_a_replacing_callback(sampler):
             kn = np.broadcast_to(image, x.shape)
         return (keep * kn + mask * x).astype(np.float32)
 
-    want = pydiff.sample(_linear_model, x_T, schedule=sched, sampler=sampler, steps=10, seed=7,
-                         callback=paste)
-    got = pydiff.repaint(_linear_model, x_T, image, mask, schedule=sched, sampler=sampler, steps=10,
-                         jump_n_sample=1, seed=7)
+    want = pydiff.sample(
+        _linear_model, x_T, schedule=sched, sampler=sampler, steps=10, seed=7, callback=paste
+    )
+    got = pydiff.repaint(
+        _linear_model, x_T, image, mask, schedule=sched, sampler=sampler, steps=10, jump_n_sample=1, seed=7
+    )
     np.testing.assert_array_equal(got, want)
 
 
@@ -118,7 +142,7 @@ def test_jumps_replayed_by_hand(sampler):
     the paste with key 0x80000000 + c, the jump from the level x is at (alpha_next of the step
     before) to the level before step j with key 0xC0000000 + c - 1, and DPM-Solver++'s reset."""
     x_T, image, mask = _problem(B=1)
-    sched = _schedule(timestep_spacing="linspace")     # DDIM's levels are not its timesteps here
+    sched = _schedule(timestep_spacing="linspace")  # DDIM's levels are not its timesteps here
     steps, L, R, seed = 11, 3, 3, 9
     smp = pydiff.make_sampler(sampler, sched, steps)
     keep = 1.0 - mask
@@ -137,13 +161,24 @@ def test_jumps_replayed_by_hand(sampler):
         co = smp.coefficients(i)
         if i + 1 < steps:
             kn = np.float32(co.alpha_next) * image + np.float32(co.sigma_next) * ops.randn(
-                x.shape, seed, 0x80000000 + c)
+                x.shape, seed, 0x80000000 + c
+            )
         else:
             kn = image
         x = (keep * kn + mask * x).astype(np.float32)
         c += 1
-    got = pydiff.repaint(_linear_model, x_T, image, mask, schedule=sched, sampler=sampler, steps=steps,
-                         jump_length=L, jump_n_sample=R, seed=seed)
+    got = pydiff.repaint(
+        _linear_model,
+        x_T,
+        image,
+        mask,
+        schedule=sched,
+        sampler=sampler,
+        steps=steps,
+        jump_length=L,
+        jump_n_sample=R,
+        seed=seed,
+    )
     np.testing.assert_array_equal(got, x)
 
 
@@ -151,8 +186,18 @@ def test_jumps_replayed_by_hand(sampler):
 def test_ddim_without_alpha_to_one_still_ends_on_the_image():
     # DDIM's last step lands on abar[0] < 1 with set_alpha_to_one=False; the paste is exact anyway
     x_T, image, mask = _problem()
-    out = pydiff.repaint(_linear_model, x_T, image, mask, schedule=_schedule(set_alpha_to_one=False),
-                         sampler="ddim", steps=6, jump_length=2, jump_n_sample=2, seed=0)
+    out = pydiff.repaint(
+        _linear_model,
+        x_T,
+        image,
+        mask,
+        schedule=_schedule(set_alpha_to_one=False),
+        sampler="ddim",
+        steps=6,
+        jump_length=2,
+        jump_n_sample=2,
+        seed=0,
+    )
     keep = np.broadcast_to(mask == 0, out.shape)
     np.testing.assert_array_equal(out[keep], np.broadcast_to(image, out.shape)[keep])
 
@@ -186,9 +231,20 @@ def test_reference_backend_agrees_with_jumps(sampler):
 def test_callback_sees_every_step_and_progress_counts_them():
     x_T, image, mask = _problem(B=1)
     seen = []
-    pydiff.repaint(_linear_model, x_T, image, mask, schedule=_schedule(), sampler="ddim", steps=8,
-                   jump_length=2, jump_n_sample=3, seed=0, callback=lambda i, t, x: seen.append(i),
-                   backend="native" if ops.native_available() else "reference")
+    pydiff.repaint(
+        _linear_model,
+        x_T,
+        image,
+        mask,
+        schedule=_schedule(),
+        sampler="ddim",
+        steps=8,
+        jump_length=2,
+        jump_n_sample=3,
+        seed=0,
+        callback=lambda i, t, x: seen.append(i),
+        backend="native" if ops.native_available() else "reference",
+    )
     assert seen == [op[1] for op in pydiff.repaint_schedule(8, 2, 3) if op[0] == "step"]
 
 
@@ -211,11 +267,21 @@ def test_resampling_converges_to_the_exact_conditional(sampler, steps):
     mask = np.array([[0.0, 1.0]], np.float32)
     err = {}
     for r in (1, 10):
-        b = pydiff.repaint(model, x_T, known, mask, schedule=sched, sampler=sampler, steps=steps,
-                           jump_length=5, jump_n_sample=r, seed=1)[:, 1]
+        b = pydiff.repaint(
+            model,
+            x_T,
+            known,
+            mask,
+            schedule=sched,
+            sampler=sampler,
+            steps=steps,
+            jump_length=5,
+            jump_n_sample=r,
+            seed=1,
+        )[:, 1]
         err[r] = abs(float(b.mean()) - 2 * RHO)
         sd = float(b.std())
-    assert err[1] > 0.45                         # replacement: 0.52 (DDPM) to 0.83 (DDIM)
+    assert err[1] > 0.45  # replacement: 0.52 (DDPM) to 0.83 (DDIM)
     assert err[10] < 0.2 and err[10] < err[1] / 3
     assert abs(sd - np.sqrt(1 - RHO**2)) < 0.1
 
@@ -223,16 +289,19 @@ def test_resampling_converges_to_the_exact_conditional(sampler, steps):
 # ------------------------------------------------------------------------------ bad input
 
 
-@pytest.mark.parametrize("what,value,match", [
-    ("mask", np.zeros((1, 2, 8, 8), np.float32), "mask must have shape"),
-    ("mask", np.full((1, 1, 8, 8), 1.5, np.float32), r"mask values must be in \[0, 1\]"),
-    ("mask", np.zeros((1, 1, 8, 8), np.int64), "mask must be floating point"),
-    ("image", np.zeros((3, 3, 8, 8), np.float32), "image must have shape"),
-    ("image", np.full((1, 3, 8, 8), np.nan, np.float32), "image contains NaN"),
-    ("x_T", np.zeros(8, np.float32), r"x_T of shape \[B, C, ...\]"),
-    ("noise", lambda i, shape: None, "does not take noise"),
-    ("start_step", 2, "does not take start_step"),
-])
+@pytest.mark.parametrize(
+    "what,value,match",
+    [
+        ("mask", np.zeros((1, 2, 8, 8), np.float32), "mask must have shape"),
+        ("mask", np.full((1, 1, 8, 8), 1.5, np.float32), r"mask values must be in \[0, 1\]"),
+        ("mask", np.zeros((1, 1, 8, 8), np.int64), "mask must be floating point"),
+        ("image", np.zeros((3, 3, 8, 8), np.float32), "image must have shape"),
+        ("image", np.full((1, 3, 8, 8), np.nan, np.float32), "image contains NaN"),
+        ("x_T", np.zeros(8, np.float32), r"x_T of shape \[B, C, ...\]"),
+        ("noise", lambda i, shape: None, "does not take noise"),
+        ("start_step", 2, "does not take start_step"),
+    ],
+)
 def test_bad_image_or_mask_is_refused(what, value, match):
     x_T, image, mask = _problem()
     args = {"x_T": x_T, "image": image, "mask": mask}
@@ -242,12 +311,23 @@ def test_bad_image_or_mask_is_refused(what, value, match):
     else:
         extra[what] = value
     with pytest.raises((ValueError, TypeError), match=match):
-        pydiff.repaint(_linear_model, args["x_T"], args["image"], args["mask"], schedule=_schedule(),
-                       steps=4, jump_length=2, backend="reference", **extra)
+        pydiff.repaint(
+            _linear_model,
+            args["x_T"],
+            args["image"],
+            args["mask"],
+            schedule=_schedule(),
+            steps=4,
+            jump_length=2,
+            backend="reference",
+            **extra,
+        )
 
 
 def test_a_bool_mask_is_taken_as_float():
     x_T, image, mask = _problem(B=1)
     kw = dict(schedule=_schedule(), sampler="ddim", steps=4, jump_length=2, seed=0, backend="reference")
-    np.testing.assert_array_equal(pydiff.repaint(_linear_model, x_T, image, mask > 0.5, **kw),
-                                  pydiff.repaint(_linear_model, x_T, image, mask, **kw))
+    np.testing.assert_array_equal(
+        pydiff.repaint(_linear_model, x_T, image, mask > 0.5, **kw),
+        pydiff.repaint(_linear_model, x_T, image, mask, **kw),
+    )

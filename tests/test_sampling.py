@@ -1,4 +1,5 @@
 """pydiff.sample against an analytic oracle (a Gaussian mixture with closed-form eps*), and its errors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -71,7 +72,7 @@ def test_classifier_free_guidance_raises_class_purity_monotonically():
         for cls in (0, 1):  # class-conditional: one Gaussian; label 2: the unconditional mixture
             m = c == cls
             if m.any():
-                out[m] = mixture_eps(x[m], t[m], means[cls:cls + 1], np.ones(1), 0.5, SCHEDULE)
+                out[m] = mixture_eps(x[m], t[m], means[cls : cls + 1], np.ones(1), 0.5, SCHEDULE)
         m = c == 2
         if m.any():
             out[m] = mixture_eps(x[m], t[m], means, w, 0.5, SCHEDULE)
@@ -82,8 +83,17 @@ def test_classifier_free_guidance_raises_class_purity_monotonically():
     labels = np.zeros(n, np.int64)
     purity = []
     for s in [1.0, 1.5, 2.0, 3.0]:
-        x = pydiff.sample(model, x_T, schedule=SCHEDULE, sampler="ddim", steps=50, cond=labels,
-                          uncond=np.full(n, 2), guidance_scale=s, seed=0)
+        x = pydiff.sample(
+            model,
+            x_T,
+            schedule=SCHEDULE,
+            sampler="ddim",
+            steps=50,
+            cond=labels,
+            uncond=np.full(n, 2),
+            guidance_scale=s,
+            seed=0,
+        )
         purity.append(float(np.mean(np.argmin(((x[:, None] - means[None]) ** 2).sum(-1), 1) == 0)))
     phi = 0.7257468822499265  # Phi(0.6): the exact purity without guidance
     assert abs(purity[0] - phi) <= 4 * np.sqrt(phi * (1 - phi) / n), purity
@@ -112,7 +122,9 @@ def test_model_called_once_on_stacked_batch_or_twice():
         return np.zeros_like(x)
 
     x_T = np.zeros((2, 3), np.float32)
-    kw = dict(schedule=SCHEDULE, sampler="ddim", steps=3, cond=np.ones(2), uncond=np.zeros(2), guidance_scale=2.0)
+    kw = dict(
+        schedule=SCHEDULE, sampler="ddim", steps=3, cond=np.ones(2), uncond=np.zeros(2), guidance_scale=2.0
+    )
     pydiff.sample(model, x_T, **kw)
     assert calls == [4, 4, 4]
     calls.clear()
@@ -127,16 +139,27 @@ def test_seed_determinism_and_callback_replacement():
     c = pydiff.sample(mixture_model, x_T, schedule=SCHEDULE, sampler="ddpm", steps=20, seed=6)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     seen = []
-    out = pydiff.sample(mixture_model, x_T, schedule=SCHEDULE, sampler="ddim", steps=5,
-                        callback=lambda i, t, x: seen.append((i, t)) or np.zeros_like(x))
+    out = pydiff.sample(
+        mixture_model,
+        x_T,
+        schedule=SCHEDULE,
+        sampler="ddim",
+        steps=5,
+        callback=lambda i, t, x: seen.append((i, t)) or np.zeros_like(x),
+    )
     assert [i for i, _ in seen] == list(range(5)) and np.all(out == 0)
 
 
 def test_native_and_reference_backends_agree():
     x_T = np.random.default_rng(4).standard_normal((8, 3, 4, 4)).astype(np.float32) * 2
     for sampler in ("ddpm", "ddim", "dpmpp_2m"):
-        kw = dict(schedule=SCHEDULE.replace(thresholding=True, sample_max_value=1.5), sampler=sampler, steps=8,
-                  seed=3, eta=1.0 if sampler == "ddim" else 0.0)
+        kw = dict(
+            schedule=SCHEDULE.replace(thresholding=True, sample_max_value=1.5),
+            sampler=sampler,
+            steps=8,
+            seed=3,
+            eta=1.0 if sampler == "ddim" else 0.0,
+        )
         model = lambda x, t: (0.7 * x + 0.2).astype(np.float32)  # noqa: E731
         a = pydiff.sample(model, x_T, **kw)
         b = pydiff.sample(model, x_T, backend="reference", **kw)
@@ -145,8 +168,14 @@ def test_native_and_reference_backends_agree():
 
 def test_start_step_skips_timesteps():
     seen = []
-    pydiff.sample(lambda x, t: seen.append(int(t[0])) or np.zeros_like(x), np.zeros((1, 2), np.float32),
-                  schedule=SCHEDULE, sampler="ddim", steps=10, start_step=6)
+    pydiff.sample(
+        lambda x, t: seen.append(int(t[0])) or np.zeros_like(x),
+        np.zeros((1, 2), np.float32),
+        schedule=SCHEDULE,
+        sampler="ddim",
+        steps=10,
+        start_step=6,
+    )
     assert seen == list(pydiff.timesteps(SCHEDULE, 10, "ddim")[6:])
 
 
@@ -167,13 +196,18 @@ class TestBadInput:
             return np.full_like(x, np.nan) if t[0] < 500 else np.zeros_like(x)
 
         for sampler in ("ddpm", "ddim", "dpmpp_2m"):
-            with pytest.raises(pydiff.NonFiniteError, match=r"step \d+ \(t=\d+\): NaN or Inf in the network's output"):
+            with pytest.raises(
+                pydiff.NonFiniteError, match=r"step \d+ \(t=\d+\): NaN or Inf in the network's output"
+            ):
                 self.run(model=model, sampler=sampler, steps=10)
 
     def test_inf_hidden_by_static_clip_is_still_reported(self):
         with pytest.raises(pydiff.NonFiniteError):
-            self.run(model=lambda x, t: np.full_like(x, np.inf), sampler="ddpm",
-                     schedule=SCHEDULE.replace(clip_sample=True))
+            self.run(
+                model=lambda x, t: np.full_like(x, np.inf),
+                sampler="ddpm",
+                schedule=SCHEDULE.replace(clip_sample=True),
+            )
 
     def test_steps_out_of_range(self):
         for steps in (0, -1, 1001):
@@ -222,8 +256,10 @@ class TestBadInput:
 
     def test_from_config(self, tmp_path):
         p = tmp_path / "scheduler_config.json"
-        p.write_text('{"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,'
-                     ' "beta_end": 0.012, "prediction_type": "v_prediction", "some_new_key": 3}')
+        p.write_text(
+            '{"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,'
+            ' "beta_end": 0.012, "prediction_type": "v_prediction", "some_new_key": 3}'
+        )
         with pytest.warns(UserWarning, match="some_new_key"):
             s = pydiff.Schedule.from_config(p)
         assert s.prediction_type == "v_prediction" and s.beta_schedule == "scaled_linear"

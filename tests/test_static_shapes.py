@@ -1,5 +1,6 @@
 """Folding an exported graph's shape arithmetic (pydiff.tools.export.static_shapes): same outputs bit
 for bit, no Shape ops left, every CPU-side input of a GPU kernel a constant, clear refusals."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,13 +22,23 @@ from pydiff.tools.export.static_shapes import (  # noqa: E402
 BUNDLED = Path(__file__).resolve().parent.parent / "pydiff" / "bundled"
 STAGE_FILES = sorted(p for p in BUNDLED.glob("*/*.onnx"))  # the text encoders live one level down
 
+
 def _export(module, inputs, path, dynamic=(0,), **kw):
     torch = pytest.importorskip("torch")
     names = [f"x{i}" for i in range(len(inputs))]
     axes = {n: {d: f"d{d}" for d in dynamic} for n in names + ["y"]}
     with torch.no_grad():
-        torch.onnx.export(module.eval(), tuple(inputs), str(path), dynamo=False, opset_version=17,
-                          input_names=names, output_names=["y"], dynamic_axes=axes, **kw)
+        torch.onnx.export(
+            module.eval(),
+            tuple(inputs),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=names,
+            output_names=["y"],
+            dynamic_axes=axes,
+            **kw,
+        )
     return onnx.load(str(path))
 
 
@@ -76,7 +87,8 @@ def test_a_traced_unet_block_freezes_bit_identically(tmp_path):
     t = np.full(6, 0.5, np.float32)
     (y,) = sess.run(None, {"x0": x, "x1": t})
     (y_old,) = ort.InferenceSession(old.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"x0": x, "x1": t})
+        None, {"x0": x, "x1": t}
+    )
     # with ORT's default optimisations the static graph may fuse differently: rounding only
     assert y.shape == (24, 15)
     np.testing.assert_allclose(y, y_old, rtol=1e-5, atol=1e-6)
@@ -91,7 +103,9 @@ def test_a_reshape_that_multiplies_the_batch_uses_minus_one(tmp_path):
 
     old = _export(M(), (torch.randn(2, 3, 4),), tmp_path / "m.onnx")
     new = freeze_shapes(old)
-    targets = [onnx.numpy_helper.to_array(i) for i in new.graph.initializer if i.data_type == onnx.TensorProto.INT64]
+    targets = [
+        onnx.numpy_helper.to_array(i) for i in new.graph.initializer if i.data_type == onnx.TensorProto.INT64
+    ]
     assert any(t.tolist() == [-1, 4] for t in targets)
     check_equal(old, new, batches=(1, 7))
 
@@ -164,7 +178,7 @@ def test_the_file_rewrite_is_atomic_and_in_place(tmp_path):
     real.chmod(0o640)
     link = tmp_path / "link.onnx"
     link.symlink_to(real.name)
-    rep = freeze_shapes_file(link)   # through the link: the file it names changes
+    rep = freeze_shapes_file(link)  # through the link: the file it names changes
     assert rep["frozen"] and rep["shape_ops_before"] > 0 and rep["shape_ops_after"] == 0
     assert link.is_symlink() and count_shape_ops(onnx.load(str(real))) == 0
     assert real.stat().st_mode & 0o777 == 0o640
@@ -207,12 +221,22 @@ def test_subgraphs_and_unnamed_batches_are_refused():
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    branch = helper.make_graph([helper.make_node("Identity", ["x"], ["o"])], "br", [],
-                               [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
-    m = _graph([helper.make_node("Shape", ["x"], ["s"]),
-                helper.make_node("ReduceMax", ["s"], ["n"], keepdims=0),
-                helper.make_node("Cast", ["n"], ["c"], to=TensorProto.BOOL),
-                helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)], [x], [y])
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["o"])],
+        "br",
+        [],
+        [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)],
+    )
+    m = _graph(
+        [
+            helper.make_node("Shape", ["x"], ["s"]),
+            helper.make_node("ReduceMax", ["s"], ["n"], keepdims=0),
+            helper.make_node("Cast", ["n"], ["c"], to=TensorProto.BOOL),
+            helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch),
+        ],
+        [x],
+        [y],
+    )
     with pytest.raises(ShapeFreezeError, match="has a subgraph"):
         freeze_shapes(m)
     a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [None, 2])
@@ -228,16 +252,24 @@ def test_initializers_listed_as_inputs_are_dropped_from_both(tmp_path):
 
     # IR < 4 style: the shape arithmetic's constants are initializers listed as inputs as well;
     # once its nodes go, a leftover input would be a required input nobody feeds
-    inits = [numpy_helper.from_array(np.array([1, 2], np.int64), "idx"),
-             numpy_helper.from_array(np.array([-1], np.int64), "mone")]
+    inits = [
+        numpy_helper.from_array(np.array([1, 2], np.int64), "idx"),
+        numpy_helper.from_array(np.array([-1], np.int64), "mone"),
+    ]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 2, 3])
     listed = [helper.make_tensor_value_info(i.name, TensorProto.INT64, list(i.dims)) for i in inits]
-    m = _graph([helper.make_node("Shape", ["x"], ["s"]),
-                helper.make_node("Gather", ["s", "idx"], ["hw"]),
-                helper.make_node("ReduceProd", ["hw"], ["n"], keepdims=1),
-                helper.make_node("Concat", ["mone", "n"], ["target"], axis=0),
-                helper.make_node("Reshape", ["x", "target"], ["y"])],
-               [x] + listed, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 6])], inits)
+    m = _graph(
+        [
+            helper.make_node("Shape", ["x"], ["s"]),
+            helper.make_node("Gather", ["s", "idx"], ["hw"]),
+            helper.make_node("ReduceProd", ["hw"], ["n"], keepdims=1),
+            helper.make_node("Concat", ["mone", "n"], ["target"], axis=0),
+            helper.make_node("Reshape", ["x", "target"], ["y"]),
+        ],
+        [x] + listed,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 6])],
+        inits,
+    )
     path = tmp_path / "m.onnx"
     onnx.save(m, str(path))
     rep = freeze_shapes_file(path)

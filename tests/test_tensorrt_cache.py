@@ -4,6 +4,7 @@ The fake parses nothing: it reads an ONNX file's inputs through ONNX Runtime (or
 for test bytes that are not ONNX) and "builds" an engine that is a JSON description of the network.
 Real engines run only in tests/gpu/test_backends_gpu.py.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,14 +30,14 @@ GPU = ("NVIDIA H200", "9.0")
 def fake_tensorrt(version="10.13.0.35"):
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
-    trt.builds = []          # (onnx bytes, fp16, profile) per build_serialized_network call
-    trt.build_flags = []     # the builder config's flags per build
+    trt.builds = []  # (onnx bytes, fp16, profile) per build_serialized_network call
+    trt.build_flags = []  # the builder config's flags per build
     trt.fail_build = False
     trt.executions = []
-    trt.parsed_inputs = None         # set: the network's inputs instead of the file's
-    trt.dtypes = {}                  # tensor name -> DataType name the engine reports (default: FLOAT)
-    trt.refused_addresses = set()    # tensor names whose set_tensor_address answers False
-    trt.output_shape = None          # set: what get_tensor_shape answers for the output
+    trt.parsed_inputs = None  # set: the network's inputs instead of the file's
+    trt.dtypes = {}  # tensor name -> DataType name the engine reports (default: FLOAT)
+    trt.refused_addresses = set()  # tensor names whose set_tensor_address answers False
+    trt.output_shape = None  # set: what get_tensor_shape answers for the output
 
     class Logger:
         WARNING = 2
@@ -51,10 +52,10 @@ def fake_tensorrt(version="10.13.0.35"):
         FP16, TF32 = "fp16", "tf32"
 
     class NetworkDefinitionCreationFlag:
-        STRONGLY_TYPED = 1   # TensorRT 11 accepts it and ignores it: every network is strongly typed
+        STRONGLY_TYPED = 1  # TensorRT 11 accepts it and ignores it: every network is strongly typed
 
-    trt.network_flags = []   # create_network's flags per build
-    if int(version.split(".")[0]) >= 11:   # TensorRT 11: strongly typed networks, no FP16 flag
+    trt.network_flags = []  # create_network's flags per build
+    if int(version.split(".")[0]) >= 11:  # TensorRT 11: strongly typed networks, no FP16 flag
         del BuilderFlag.FP16
 
     class DataType:
@@ -84,8 +85,10 @@ def fake_tensorrt(version="10.13.0.35"):
                 import onnxruntime as ort
 
                 sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-                self.network.inputs = [(i.name, tuple(d if isinstance(d, int) else -1 for d in i.shape))
-                                       for i in sess.get_inputs()]
+                self.network.inputs = [
+                    (i.name, tuple(d if isinstance(d, int) else -1 for d in i.shape))
+                    for i in sess.get_inputs()
+                ]
                 self.network.outputs = [o.name for o in sess.get_outputs()]
             except Exception:
                 self.network.inputs = [("sample", (-1, 3, 8, 8)), ("timestep", (-1,))]
@@ -100,7 +103,7 @@ def fake_tensorrt(version="10.13.0.35"):
 
     class Config:
         def __init__(self):
-            self.flags, self.profiles = {"tf32"}, []   # TensorRT's default: TF32 on
+            self.flags, self.profiles = {"tf32"}, []  # TensorRT's default: TF32 on
 
         def set_flag(self, flag):
             self.flags.add(flag)
@@ -122,7 +125,7 @@ def fake_tensorrt(version="10.13.0.35"):
             pass
 
         def create_network(self, flags):
-            assert flags in (0, 1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED)   # explicit batch only
+            assert flags in (0, 1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED)  # explicit batch only
             trt.network_flags.append(flags)
             return Network()
 
@@ -138,9 +141,17 @@ def fake_tensorrt(version="10.13.0.35"):
             trt.build_flags.append(set(config.flags))
             if trt.fail_build:
                 return None
-            return b"ENGINE" + json.dumps({"inputs": [n for n, _ in network.inputs],
-                                           "outputs": network.outputs,
-                                           "profile": config.profiles[0], "fp16": fp16}).encode()
+            return (
+                b"ENGINE"
+                + json.dumps(
+                    {
+                        "inputs": [n for n, _ in network.inputs],
+                        "outputs": network.outputs,
+                        "profile": config.profiles[0],
+                        "fp16": fp16,
+                    }
+                ).encode()
+            )
 
     class Context:
         def __init__(self):
@@ -149,13 +160,13 @@ def fake_tensorrt(version="10.13.0.35"):
         def set_input_shape(self, name, shape):
             self.shape_calls += 1
             if any(d <= 0 for d in shape):
-                return False                      # TensorRT answers a bad shape with False
+                return False  # TensorRT answers a bad shape with False
             self.shapes[name] = tuple(shape)
             return True
 
         def set_tensor_address(self, name, ptr):
             if name in trt.refused_addresses:
-                return False                      # the real one keeps the old address then
+                return False  # the real one keeps the old address then
             self.addresses[name] = ptr
             return True
 
@@ -194,8 +205,15 @@ def fake_tensorrt(version="10.13.0.35"):
         def deserialize_cuda_engine(self, blob):
             return Engine(json.loads(blob[6:])) if bytes(blob).startswith(b"ENGINE") else None
 
-    for cls in (Logger, TensorIOMode, BuilderFlag, Builder, OnnxParser, Runtime,
-                NetworkDefinitionCreationFlag):
+    for cls in (
+        Logger,
+        TensorIOMode,
+        BuilderFlag,
+        Builder,
+        OnnxParser,
+        Runtime,
+        NetworkDefinitionCreationFlag,
+    ):
         setattr(trt, cls.__name__, cls)
     return trt
 
@@ -219,13 +237,15 @@ def test_key_changes_with_onnx_gpu_version_and_options_only():
     opts = trtb.EngineOptions()
     key = trtb.engine_key(b"A", GPU, "10.13.0", opts)
     assert key == trtb.engine_key(b"A", GPU, "10.13.0", trtb.EngineOptions(False, 1, 2, 32))
-    variants = [trtb.engine_key(b"B", GPU, "10.13.0", opts),
-                trtb.engine_key(b"A", ("NVIDIA H100", "9.0"), "10.13.0", opts),
-                trtb.engine_key(b"A", ("NVIDIA H200", "10.0"), "10.13.0", opts),
-                trtb.engine_key(b"A", GPU, "10.14.1", opts),
-                trtb.engine_key(b"A", GPU, "10.13.0", trtb.EngineOptions(fp16=True)),
-                trtb.engine_key(b"A", GPU, "10.13.0", trtb.EngineOptions(tf32=True)),
-                trtb.engine_key(b"A", GPU, "10.13.0", trtb.EngineOptions(max_batch=64))]
+    variants = [
+        trtb.engine_key(b"B", GPU, "10.13.0", opts),
+        trtb.engine_key(b"A", ("NVIDIA H100", "9.0"), "10.13.0", opts),
+        trtb.engine_key(b"A", ("NVIDIA H200", "10.0"), "10.13.0", opts),
+        trtb.engine_key(b"A", GPU, "10.14.1", opts),
+        trtb.engine_key(b"A", GPU, "10.13.0", trtb.EngineOptions(fp16=True)),
+        trtb.engine_key(b"A", GPU, "10.13.0", trtb.EngineOptions(tf32=True)),
+        trtb.engine_key(b"A", GPU, "10.13.0", trtb.EngineOptions(max_batch=64)),
+    ]
     assert len({key, *variants}) == 1 + len(variants)
     with pytest.raises(ValueError, match="min_batch <= opt_batch <= max_batch"):
         trtb.EngineOptions(min_batch=4, opt_batch=2)
@@ -277,13 +297,13 @@ def test_corrupt_cache_file_is_rebuilt_with_a_warning(trt, tmp_path, damage):
         path.write_bytes(b"")
     elif damage == "flip":
         path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
-    else:   # a well-formed cache file whose engine TensorRT refuses (e.g. from another build)
+    else:  # a well-formed cache file whose engine TensorRT refuses (e.g. from another build)
         path.write_bytes(trtb.MAGIC + hashlib.sha256(b"junk").digest() + b"junk")
     match = "cannot load this cached engine" if damage == "not-an-engine" else "corrupt or truncated"
     with pytest.warns(RuntimeWarning, match=match):
         _, path2, built = trtb.load_engine(onnx, cache=cache)
     assert built and path2 == path and path.read_bytes() == good and len(trt.builds) == 2
-    assert trtb.load_engine(onnx, cache=cache)[2] is False   # repaired: a hit again
+    assert trtb.load_engine(onnx, cache=cache)[2] is False  # repaired: a hit again
 
 
 def test_failing_build_or_write_leaves_no_file(trt, tmp_path, monkeypatch):
@@ -296,13 +316,13 @@ def test_failing_build_or_write_leaves_no_file(trt, tmp_path, monkeypatch):
     assert not cache.exists() or list(cache.iterdir()) == []
     trt.fail_build = False
 
-    def broken_replace(src, dst):   # the disk fills up / the rename fails after the temp file
+    def broken_replace(src, dst):  # the disk fills up / the rename fails after the temp file
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.warns(RuntimeWarning, match="cannot cache the engine.*No space left"):
         engine, path, built = trtb.load_engine(_onnx(tmp_path), cache=cache)
-    assert built and engine is not None and list(cache.iterdir()) == []   # no temp file left
+    assert built and engine is not None and list(cache.iterdir()) == []  # no temp file left
 
 
 def test_cache_location(monkeypatch, tmp_path):
@@ -315,8 +335,9 @@ def test_cache_location(monkeypatch, tmp_path):
 
 def test_profile_covers_the_batch_and_only_the_batch(trt, tmp_path):
     pkg = load_package(bundled_path("shapes"))
-    trtb.load_engine(pkg.stage("base").onnx, trtb.EngineOptions(min_batch=1, opt_batch=4, max_batch=8),
-                     cache=tmp_path)
+    trtb.load_engine(
+        pkg.stage("base").onnx, trtb.EngineOptions(min_batch=1, opt_batch=4, max_batch=8), cache=tmp_path
+    )
     profile = trt.builds[-1][2]
     assert profile["sample"] == [[1, 3, 16, 16], [4, 3, 16, 16], [8, 3, 16, 16]]
     assert profile["encoder_hidden_states"] == [[1, 16, 384], [4, 16, 384], [8, 16, 384]]
@@ -328,8 +349,13 @@ class _CudaArray:
 
     def __init__(self, a):
         self.a = a
-        self.__cuda_array_interface__ = {"shape": a.shape, "typestr": a.dtype.str, "strides": None,
-                                         "data": (a.ctypes.data, False), "version": 3}
+        self.__cuda_array_interface__ = {
+            "shape": a.shape,
+            "typestr": a.dtype.str,
+            "strides": None,
+            "data": (a.ctypes.data, False),
+            "version": 3,
+        }
 
 
 def test_backend_builds_each_stage_once_and_binds_device_pointers(trt, tmp_path):
@@ -349,9 +375,13 @@ def test_backend_builds_each_stage_once_and_binds_device_pointers(trt, tmp_path)
     assert model.run_device(_CudaArray(x), _CudaArray(t), cond, out=_CudaArray(out), stream=1234).a is out
     shapes, addresses, stream = trt.executions[-1]
     assert stream == 1234 and shapes["sample"] == (2, 3, 16, 16) and shapes["timestep"] == (2,)
-    assert addresses == {"sample": x.ctypes.data, "timestep": t.ctypes.data, "out": out.ctypes.data,
-                         "encoder_hidden_states": states.ctypes.data,
-                         "encoder_attention_mask": mask.ctypes.data}
+    assert addresses == {
+        "sample": x.ctypes.data,
+        "timestep": t.ctypes.data,
+        "out": out.ctypes.data,
+        "encoder_hidden_states": states.ctypes.data,
+        "encoder_attention_mask": mask.ctypes.data,
+    }
     with pytest.raises(TypeError, match="timestep: expected a CUDA array"):
         model.run_device(_CudaArray(x), t, cond, out=_CudaArray(out), stream=1234)
     # shapes are set only when they change: an enqueue captured in a CUDA graph has no deferred update
@@ -362,16 +392,23 @@ def test_backend_builds_each_stage_once_and_binds_device_pointers(trt, tmp_path)
     cond1 = {"encoder_hidden_states": _CudaArray(states[:1]), "encoder_attention_mask": _CudaArray(mask[:1])}
     model.run_device(_CudaArray(x1), _CudaArray(t1), cond1, out=_CudaArray(out1), stream=1234)
     assert model.context.shape_calls == calls + 4 and trt.executions[-1][0]["sample"] == (1, 3, 16, 16)
-    empty = {"encoder_hidden_states": _CudaArray(states[:1, :0]), "encoder_attention_mask": _CudaArray(mask[:1])}
-    with pytest.raises(ValueError, match=r"TensorRT refuses shape \(1, 0, 384\) for input 'encoder_hidden_states'"):
+    empty = {
+        "encoder_hidden_states": _CudaArray(states[:1, :0]),
+        "encoder_attention_mask": _CudaArray(mask[:1]),
+    }
+    with pytest.raises(
+        ValueError, match=r"TensorRT refuses shape \(1, 0, 384\) for input 'encoder_hidden_states'"
+    ):
         model.run_device(_CudaArray(x1), _CudaArray(t1), empty, out=_CudaArray(out1), stream=1234)
     big = np.zeros((5, 3, 16, 16), np.float32)
-    with pytest.raises(ValueError, match="batch 5 is outside the engine's profile 1..4; load with max_batch=5"):
+    with pytest.raises(
+        ValueError, match="batch 5 is outside the engine's profile 1..4; load with max_batch=5"
+    ):
         model.run_device(_CudaArray(big), _CudaArray(np.zeros(5, np.float32)), cond, out=_CudaArray(big))
 
 
 def test_missing_tensorrt_is_a_clear_error(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(sys.modules, "tensorrt", None)   # `import tensorrt` raises ImportError
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
     with pytest.raises(BackendUnavailableError, match=r"pip install 'pydiff\[tensorrt\]'.*tensorrt-cu13"):
         create_backend("tensorrt", load_package(bundled_path("shapes")))
     assert issubclass(BackendUnavailableError, ImportError)
@@ -391,11 +428,17 @@ def test_cli_fp16_reaches_the_tensorrt_backend(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(trtb.TensorRTBackend, "__init__", init)
     pipeline.clear_cache()
-    rc = cli.main(["generate", "red", "--backend", "tensorrt", "--fp16", "-q", "--out", str(tmp_path / "x.png")])
+    rc = cli.main(
+        ["generate", "red", "--backend", "tensorrt", "--fp16", "-q", "--out", str(tmp_path / "x.png")]
+    )
     assert rc == 2 and seen == [("tensorrt", {"fp16": True})]
     rc = cli.main(["generate", "red", "--fp16", "-q", "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
-    assert rc == 2 and len(seen) == 1 and "--fp16 builds float16 TensorRT engines: it needs --backend tensorrt" in err
+    assert (
+        rc == 2
+        and len(seen) == 1
+        and "--fp16 builds float16 TensorRT engines: it needs --backend tensorrt" in err
+    )
     assert not (tmp_path / "x.png").exists()
 
 
@@ -403,7 +446,7 @@ def test_missing_torch_or_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
     pkg = load_package(bundled_path("shapes"))
     torch = pytest.importorskip("torch")
-    monkeypatch.setitem(sys.modules, "torch", None)     # `import torch` raises ImportError
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
     with pytest.raises(BackendUnavailableError, match=r"needs torch.*pip install 'pydiff\[torch\]'"):
         create_backend("tensorrt", pkg)
     monkeypatch.setitem(sys.modules, "torch", torch)
@@ -413,10 +456,12 @@ def test_missing_torch_or_gpu_is_a_clear_error(monkeypatch):
 
 
 def test_module_imports_neither_tensorrt_nor_torch():
-    code = ("import sys, pydiff.backends.tensorrt; "
-            "print([m for m in ('tensorrt', 'torch') if m in sys.modules])")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       cwd=Path(__file__).parent)   # tests/: the installed pydiff, as in test_cli
+    code = (
+        "import sys, pydiff.backends.tensorrt; print([m for m in ('tensorrt', 'torch') if m in sys.modules])"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent
+    )  # tests/: the installed pydiff, as in test_cli
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
 
 
@@ -439,20 +484,29 @@ def test_fp16_on_tensorrt_11_builds_a_float16_graph(monkeypatch, tmp_path):
     assert built and fake.network_flags == [1 << 1] and "fp16" not in fake.build_flags[0]
     parsed = onnx.load_from_string(fake.builds[0][0])
     assert [i.type.tensor_type.elem_type for i in parsed.graph.input] == [
-        TensorProto.FLOAT, TensorProto.FLOAT, TensorProto.INT64]   # sample, timestep, class_labels
+        TensorProto.FLOAT,
+        TensorProto.FLOAT,
+        TensorProto.INT64,
+    ]  # sample, timestep, class_labels
     assert parsed.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
     convs = [n for n in parsed.graph.node if n.op_type == "Conv"]
     weights = {t.name: t.data_type for t in parsed.graph.initializer}
     assert convs and all(weights[n.input[1]] == TensorProto.FLOAT16 for n in convs)
-    assert file.name == "model-" + trtb.engine_key(
-        src.read_bytes(), GPU, "11.4.0", fp16, f"mixed-precision-fp16-v{mixed_precision.VERSION}")[:32] + ".engine"
+    assert (
+        file.name
+        == "model-"
+        + trtb.engine_key(
+            src.read_bytes(), GPU, "11.4.0", fp16, f"mixed-precision-fp16-v{mixed_precision.VERSION}"
+        )[:32]
+        + ".engine"
+    )
 
-    assert not trtb.load_engine(path, fp16, cache=tmp_path / "c")[2]        # cached
-    _, fp32_file, built32 = trtb.load_engine(path, cache=tmp_path / "c")     # fp32: a network as parsed
+    assert not trtb.load_engine(path, fp16, cache=tmp_path / "c")[2]  # cached
+    _, fp32_file, built32 = trtb.load_engine(path, cache=tmp_path / "c")  # fp32: a network as parsed
     assert built32 and fp32_file != file and fake.network_flags[-1] == 0
     assert fake.builds[-1][0] == src.read_bytes()
 
-    monkeypatch.setitem(sys.modules, "onnx", None)   # the rewrite needs onnx
+    monkeypatch.setitem(sys.modules, "onnx", None)  # the rewrite needs onnx
     with pytest.raises(BackendUnavailableError, match="needs the onnx package"):
         trtb.load_engine(path, fp16, cache=tmp_path / "d")
     assert not (tmp_path / "d").exists()
@@ -466,8 +520,11 @@ def test_fp16_on_tensorrt_10_uses_the_builder_flag(trt, tmp_path):
 
 def test_a_static_batch_input_is_refused(trt, tmp_path):
     trt.parsed_inputs = [("sample", (1, 3, 8, 8)), ("timestep", (-1,))]
-    with pytest.raises(ValueError, match=r"input 'sample' has shape \(1, 3, 8, 8\); the batch \(dim 0\) "
-                                         "must be dynamic"):
+    with pytest.raises(
+        ValueError,
+        match=r"input 'sample' has shape \(1, 3, 8, 8\); the batch \(dim 0\) "
+        "must be dynamic",
+    ):
         trtb.load_engine(_onnx(tmp_path), cache=tmp_path / "c")
 
 
@@ -478,10 +535,13 @@ def _base_model(trt, tmp_path):
 
 def _device_call(model, out_shape=(2, 3, 16, 16)):
     x, t = np.zeros((2, 3, 16, 16), np.float32), np.zeros(2, np.float32)
-    cond = {"encoder_hidden_states": _CudaArray(np.zeros((2, 16, 384), np.float32)),
-            "encoder_attention_mask": _CudaArray(np.zeros((2, 16), np.float32))}
-    return model.run_device(_CudaArray(x), _CudaArray(t), cond, out=_CudaArray(np.zeros(out_shape, np.float32)),
-                            stream=7)
+    cond = {
+        "encoder_hidden_states": _CudaArray(np.zeros((2, 16, 384), np.float32)),
+        "encoder_attention_mask": _CudaArray(np.zeros((2, 16), np.float32)),
+    }
+    return model.run_device(
+        _CudaArray(x), _CudaArray(t), cond, out=_CudaArray(np.zeros(out_shape, np.float32)), stream=7
+    )
 
 
 def test_an_engine_with_other_dtypes_is_refused(trt, tmp_path):
@@ -500,10 +560,10 @@ def test_a_refused_address_or_output_shape_raises(trt, tmp_path):
         _device_call(model)
     trt.refused_addresses = set()
     n = len(trt.executions)
-    trt.output_shape = (2, 6, 16, 16)   # e.g. a learned-variance network: 2C channels
+    trt.output_shape = (2, 6, 16, 16)  # e.g. a learned-variance network: 2C channels
     with pytest.raises(ValueError, match=r"output has shape \(2, 6, 16, 16\), not the sample's"):
         _device_call(model)
-    assert len(trt.executions) == n     # nothing was enqueued
+    assert len(trt.executions) == n  # nothing was enqueued
     trt.output_shape = None
     _device_call(model)
     assert len(trt.executions) == n + 1

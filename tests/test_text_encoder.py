@@ -1,4 +1,5 @@
 """The frozen text encoder: torch-free at run time; the shipped int8 ONNX agrees with PyTorch."""
+
 from __future__ import annotations
 
 import subprocess
@@ -9,15 +10,23 @@ import numpy as np
 import pytest
 
 BUNDLED_TE = Path(__file__).resolve().parent.parent / "pydiff" / "bundled" / "shapes" / "text_encoder"
-PROMPTS = ["a red circle on a blue background", "green square, white background",
-           "a black background with a yellow triangle", "", "a photo of a cat on a sofa"]
+PROMPTS = [
+    "a red circle on a blue background",
+    "green square, white background",
+    "a black background with a yellow triangle",
+    "",
+    "a photo of a cat on a sofa",
+]
 
 
 def test_runtime_does_not_import_torch():
-    code = ("import sys; import pydiff.backends.text_encoder; "
-            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parent)  # the installed pydiff
+    code = (
+        "import sys; import pydiff.backends.text_encoder; "
+        "assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parent
+    )  # the installed pydiff
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
@@ -60,12 +69,14 @@ def test_onnx_matches_pytorch(tmp_path_factory):
     ids, am = enc.tokenize(PROMPTS)
     model = _load_torch_model(minilm_dir())
     with torch.no_grad():
-        ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(am)).last_hidden_state.numpy()
+        ref = model(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(am)
+        ).last_hidden_state.numpy()
     sel = mask.astype(bool)
     a, b = states[sel], ref[sel]
     cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
     assert cos.mean() >= 0.99 and cos.min() >= 0.95
-    assert (d / "model.onnx").stat().st_size < 30 * 2 ** 20  # int8
+    assert (d / "model.onnx").stat().st_size < 30 * 2**20  # int8
 
 
 def test_the_tokenizers_own_pad_token_is_kept(tmp_path):
@@ -83,8 +94,14 @@ def test_the_tokenizers_own_pad_token_is_kept(tmp_path):
     eot = "<|endoftext|>"
     if eot not in vocab:
         vocab[eot] = max(vocab.values()) + 1
-    tok["padding"] = {"strategy": {"Fixed": 77}, "direction": "Right", "pad_to_multiple_of": None,
-                      "pad_id": vocab[eot], "pad_type_id": 0, "pad_token": eot}
+    tok["padding"] = {
+        "strategy": {"Fixed": 77},
+        "direction": "Right",
+        "pad_to_multiple_of": None,
+        "pad_id": vocab[eot],
+        "pad_type_id": 0,
+        "pad_token": eot,
+    }
     (te / "tokenizer.json").write_text(json.dumps(tok))
     enc = TextEncoder(te / "model.onnx", te / "tokenizer.json", max_length=6)
     ids, mask = enc.tokenize(["red circle"])
@@ -101,8 +118,14 @@ def test_a_prompts_states_do_not_depend_on_its_batch():
         pytest.skip("no bundled text encoder")
     enc = TextEncoder(BUNDLED_TE / "model.onnx", BUNDLED_TE / "tokenizer.json", max_length=16)
     alone, _ = enc.encode(["a red circle on a blue background"])
-    mixed, mask = enc.encode(["a green square on a white background", "a red circle on a blue background",
-                              "", "a green square on a white background"])
+    mixed, mask = enc.encode(
+        [
+            "a green square on a white background",
+            "a red circle on a blue background",
+            "",
+            "a green square on a white background",
+        ]
+    )
     assert np.array_equal(mixed[1], alone[0]) and np.array_equal(mixed[0], mixed[3])
     assert mixed.shape[0] == mask.shape[0] == 4
 
@@ -117,12 +140,12 @@ def test_the_package_says_how_prompts_are_encoded(tmp_path):
 
     a, b = "a red circle on a blue background", "a green square on a white background"
     pkg = load_package(bundled_path("shapes"))
-    assert pkg.text_encoder.encode == "per_prompt"     # its stages were trained on captions encoded alone
+    assert pkg.text_encoder.encode == "per_prompt"  # its stages were trained on captions encoded alone
     enc = pydiff.load(bundled_path("shapes")).backend.text_encoder
     assert enc.per_prompt is True
     both, _ = enc.encode([a, b])
     alone, _ = enc.encode([b])
-    assert np.array_equal(both[1], alone[0])            # a prompt's states do not depend on the call
+    assert np.array_equal(both[1], alone[0])  # a prompt's states do not depend on the call
 
     # "batched" (packages trained on batch-encoded captions): one run for the whole call
     copy = tmp_path / "shapes"

@@ -1,4 +1,5 @@
 """The `shapes` and `digits` training data (issue 4's specification)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,12 +37,12 @@ def test_render_palette_and_geometry(shape, fill):
     spec = S.ShapeSpec("red", shape, "blue", x0=10.0, y0=12.0, side=32.0)
     img = S.render(spec)
     assert img.shape == (64, 64, 3) and img.dtype == np.uint8
-    assert tuple(img[0, 0]) == S.PALETTE["blue"]            # exact palette, no jitter
+    assert tuple(img[0, 0]) == S.PALETTE["blue"]  # exact palette, no jitter
     assert tuple(img[12 + 30, 10 + 16]) == S.PALETTE["red"]  # inside every shape
     fg = (img == np.array(S.PALETTE["red"])).all(-1)
     ys, xs = np.nonzero((img != np.array(S.PALETTE["blue"])).any(-1))
     assert ys.min() >= 12 and ys.max() < 12 + 32 and xs.min() >= 10 and xs.max() < 10 + 32
-    assert abs(fg.sum() / 32 ** 2 - fill) < 0.06
+    assert abs(fg.sum() / 32**2 - fill) < 0.06
 
 
 def test_render_rejects_same_colour():
@@ -98,8 +99,10 @@ def test_caption_embedding_cache_is_keyed_on_the_encoding(tmp_path, monkeypatch)
         def encode(self, prompts):
             calls.append(len(prompts))
             n = len(prompts)
-            return (np.full((n, self.max_length, 4), float(len(calls)), np.float32),
-                    np.ones((n, self.max_length), np.float32))
+            return (
+                np.full((n, self.max_length, 4), float(len(calls)), np.float32),
+                np.ones((n, self.max_length), np.float32),
+            )
 
     monkeypatch.setattr(te, "TextEncoder", FakeEncoder)
     enc = tmp_path / "enc"
@@ -111,16 +114,16 @@ def test_caption_embedding_cache_is_keyed_on_the_encoding(tmp_path, monkeypatch)
     assert captions[-1] == "" and states.shape == (len(captions), 16, 4) and calls == [len(captions)]
     meta = json.loads((tmp_path / "run" / "caption_embeddings.safetensors.json").read_text())
     assert meta["encode"] == "per_prompt"
-    _, again, _ = caption_embeddings(enc, 16, cache)          # reused: no second encoding
+    _, again, _ = caption_embeddings(enc, 16, cache)  # reused: no second encoding
     assert len(calls) == 1 and np.array_equal(again, states)
 
-    del meta["encode"]                                        # a cache of the batched encoding
+    del meta["encode"]  # a cache of the batched encoding
     (tmp_path / "run" / "caption_embeddings.safetensors.json").write_text(json.dumps(meta))
     _, redone, _ = caption_embeddings(enc, 16, cache)
     assert len(calls) == 2 and redone[0, 0, 0] == 2.0
 
-    (enc / "model.onnx").write_bytes(b"two")                  # another encoder file
+    (enc / "model.onnx").write_bytes(b"two")  # another encoder file
     caption_embeddings(enc, 16, cache)
     assert len(calls) == 3
-    caption_embeddings(enc, 8, cache)                         # another length
+    caption_embeddings(enc, 8, cache)  # another length
     assert len(calls) == 4

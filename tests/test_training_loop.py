@@ -1,4 +1,5 @@
 """The training loop: data streams, condition dropout, noise augmentation, checkpoint resume."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,23 @@ torch.set_num_threads(1)
 
 from pydiff.tools.training.trainer import TrainConfig, Trainer, load_run_model, train  # noqa: E402
 
-TINY = dict(in_channels=1, base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attn_levels=[1],
-            self_attention=True, head_dim=8, dropout=0.0, num_groups=4, conditioning="class",
-            num_classes=10, text_dim=None, cross_attention=True, low_res=False, inpaint=False)
+TINY = dict(
+    in_channels=1,
+    base_channels=8,
+    channel_mult=[1, 2],
+    num_res_blocks=1,
+    attn_levels=[1],
+    self_attention=True,
+    head_dim=8,
+    dropout=0.0,
+    num_groups=4,
+    conditioning="class",
+    num_classes=10,
+    text_dim=None,
+    cross_attention=True,
+    low_res=False,
+    inpaint=False,
+)
 
 
 def digits_cfg(**kw):
@@ -83,10 +98,18 @@ def _fake_text_encoder(d: Path):
 
 def test_shapes_sr_stream(tmp_path):
     te = _fake_text_encoder(tmp_path)
-    model = dict(TINY, in_channels=3, conditioning="text", num_classes=None, text_dim=12,
-                 low_res=True, self_attention=False)
-    cfg = TrainConfig.for_task("shapes-sr64", model=model, text_encoder=str(te), batch_size=4,
-                               steps=2, threads=1, cond_drop=0.5)
+    model = dict(
+        TINY,
+        in_channels=3,
+        conditioning="text",
+        num_classes=None,
+        text_dim=12,
+        low_res=True,
+        self_attention=False,
+    )
+    cfg = TrainConfig.for_task(
+        "shapes-sr64", model=model, text_encoder=str(te), batch_size=4, steps=2, threads=1, cond_drop=0.5
+    )
     tr = Trainer(cfg, tmp_path / "run")
     b = tr.task.batch(np.random.default_rng(0), 8)
     assert b["x0"].shape == (8, 3, 32, 32) and b["low_res"].shape == (8, 3, 32, 32)
@@ -99,10 +122,18 @@ def test_shapes_sr_stream(tmp_path):
 
 def test_noise_aug_level_zero_is_the_upsampled_image(tmp_path):
     te = _fake_text_encoder(tmp_path)
-    model = dict(TINY, in_channels=3, conditioning="text", num_classes=None, text_dim=12,
-                 low_res=True, self_attention=False)
-    cfg = TrainConfig.for_task("shapes-sr64", model=model, text_encoder=str(te), max_noise_level=0,
-                               crop=None, threads=1)
+    model = dict(
+        TINY,
+        in_channels=3,
+        conditioning="text",
+        num_classes=None,
+        text_dim=12,
+        low_res=True,
+        self_attention=False,
+    )
+    cfg = TrainConfig.for_task(
+        "shapes-sr64", model=model, text_encoder=str(te), max_noise_level=0, crop=None, threads=1
+    )
     tr = Trainer(cfg, None)
     b = tr.task.batch(np.random.default_rng(0), 2)
     # level 0 of the cosine schedule: sqrt(abar_0) ~ 1 so low_res is the blurred image itself
@@ -146,8 +177,9 @@ def test_training_target_is_what_the_sampler_inverts(prediction_type):
         rx0, reps = predict_x0_eps(code, xt.numpy(), out.numpy(), np.sqrt(abar), np.sqrt(1 - abar))
         np.testing.assert_allclose(reps, eps.numpy(), atol=1e-5)
         # x0 from an eps-prediction divides by sqrt(abar): its error grows as abar -> 0
-        np.testing.assert_allclose(rx0, x0.numpy(), atol=1e-5 if prediction_type == "v_prediction"
-                                   else 1e-5 / np.sqrt(abar))
+        np.testing.assert_allclose(
+            rx0, x0.numpy(), atol=1e-5 if prediction_type == "v_prediction" else 1e-5 / np.sqrt(abar)
+        )
 
 
 def test_v_target_matches_diffusers_get_velocity():
@@ -155,8 +187,9 @@ def test_v_target_matches_diffusers_get_velocity():
     from pydiff.tools.training.schedule import alphas_cumprod
     from pydiff.tools.training.trainer import training_target
 
-    sch = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                                  prediction_type="v_prediction")
+    sch = diffusers.DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
+    )
     g = torch.Generator().manual_seed(1)
     x0, eps = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
     t = torch.tensor([0, 500, 999])
@@ -193,5 +226,5 @@ def test_resume_refuses_another_task_or_prediction_type(tmp_path):
     cfg.task = "shapes-base"
     with pytest.raises(ValueError, match=r"task 'digits', not 'shapes-base'"):
         train(cfg, run, progress=False)
-    assert json.loads((run / "summary.json").read_text())["steps"] == 2   # nothing was trained
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2  # nothing was trained
     assert train(digits_cfg(steps=3), run, progress=False)["steps"] == 3  # the same settings resume

@@ -1,4 +1,5 @@
 """What every backend provides."""
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -26,8 +27,9 @@ class StageModel:
             if name in values:
                 continue
             if name not in cond:
-                raise ValueError(f"stage {self.stage.name!r} needs the input {name!r}, "
-                                 f"which the pipeline did not provide")
+                raise ValueError(
+                    f"stage {self.stage.name!r} needs the input {name!r}, which the pipeline did not provide"
+                )
             values[name] = cond[name]
         return values
 
@@ -49,7 +51,7 @@ class Backend:
     def __init__(self, package: Package):
         self.package = package
         self.stage_models: dict[str, StageModel] = {}
-        self.text_encoder = None   # object with .encode(list[str]) -> (states, mask) or None
+        self.text_encoder = None  # object with .encode(list[str]) -> (states, mask) or None
 
     def model(self, stage_name: str) -> StageModel:
         return self.stage_models[stage_name]

@@ -27,6 +27,7 @@ folded to float16. The result passes ONNX shape inference and the full checker.
     pydiff export float16 IN.onnx OUT.onnx
     pydiff export float16 --package SRC_PACKAGE DST_PACKAGE
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,21 +38,81 @@ from pydiff.errors import MixedPrecisionError
 from pydiff.files import atomic_write_bytes, write_folder_atomic
 from pydiff.package import load_package
 
-VERSION = 1   # part of the TensorRT engine cache key: a change to these rules builds new engines
+VERSION = 1  # part of the TensorRT engine cache key: a change to these rules builds new engines
 
-FLOAT16_OPS = frozenset({
-    "Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum",
-    "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Max", "Min", "Clip", "Where",
-    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh", "Erf", "Elu", "Selu", "Softplus", "Mish",
-    "Concat", "Split", "Slice", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Expand",
-    "Gather", "Identity", "Resize", "Pad", "Tile", "DepthToSpace", "SpaceToDepth",
-    "AveragePool", "MaxPool", "GlobalAveragePool",
-})
-KEEP_FLOAT32 = frozenset({
-    "InstanceNormalization", "LayerNormalization", "GroupNormalization", "BatchNormalization",
-    "Softmax", "LogSoftmax", "ReduceSum", "ReduceMean", "ReduceProd", "ReduceL2", "ReduceLogSumExp",
-    "ReduceSumSquare", "Exp", "Log", "Pow", "Sqrt", "Reciprocal", "Sin", "Cos", "Range", "CumSum",
-})
+FLOAT16_OPS = frozenset(
+    {
+        "Conv",
+        "ConvTranspose",
+        "MatMul",
+        "Gemm",
+        "Einsum",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Neg",
+        "Abs",
+        "Max",
+        "Min",
+        "Clip",
+        "Where",
+        "Relu",
+        "LeakyRelu",
+        "Sigmoid",
+        "HardSigmoid",
+        "Tanh",
+        "Erf",
+        "Elu",
+        "Selu",
+        "Softplus",
+        "Mish",
+        "Concat",
+        "Split",
+        "Slice",
+        "Reshape",
+        "Transpose",
+        "Unsqueeze",
+        "Squeeze",
+        "Flatten",
+        "Expand",
+        "Gather",
+        "Identity",
+        "Resize",
+        "Pad",
+        "Tile",
+        "DepthToSpace",
+        "SpaceToDepth",
+        "AveragePool",
+        "MaxPool",
+        "GlobalAveragePool",
+    }
+)
+KEEP_FLOAT32 = frozenset(
+    {
+        "InstanceNormalization",
+        "LayerNormalization",
+        "GroupNormalization",
+        "BatchNormalization",
+        "Softmax",
+        "LogSoftmax",
+        "ReduceSum",
+        "ReduceMean",
+        "ReduceProd",
+        "ReduceL2",
+        "ReduceLogSumExp",
+        "ReduceSumSquare",
+        "Exp",
+        "Log",
+        "Pow",
+        "Sqrt",
+        "Reciprocal",
+        "Sin",
+        "Cos",
+        "Range",
+        "CumSum",
+    }
+)
 PHASE_OPS = frozenset({"Sin", "Cos"})
 # inputs of float16 ops that are not the op's data type: Resize's roi and scales
 NOT_DATA_INPUTS = {"Resize": {1, 2}}
@@ -73,10 +134,12 @@ def convert(model, what: str = "model"):
     g = model.graph
     for node in g.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            raise MixedPrecisionError(f"{what}: node {node.name or node.op_type!r} ({node.op_type}) has "
-                                      f"a subgraph; this pass handles flat graphs only")
+            raise MixedPrecisionError(
+                f"{what}: node {node.name or node.op_type!r} ({node.op_type}) has "
+                f"a subgraph; this pass handles flat graphs only"
+            )
 
-    elem = {}   # the exported type of every tensor
+    elem = {}  # the exported type of every tensor
     for v in list(g.input) + list(g.value_info) + list(g.output):
         elem[v.name] = v.type.tensor_type.elem_type
     graph_inputs = {v.name for v in g.input}
@@ -98,8 +161,10 @@ def convert(model, what: str = "model"):
 
     def is_float(name):
         if name not in elem:
-            raise MixedPrecisionError(f"{what}: the type of tensor {name!r} is not known after shape "
-                                      f"inference; cannot decide its precision")
+            raise MixedPrecisionError(
+                f"{what}: the type of tensor {name!r} is not known after shape "
+                f"inference; cannot decide its precision"
+            )
         return elem[name] == FLOAT
 
     def constant_value(name):
@@ -123,13 +188,18 @@ def convert(model, what: str = "model"):
         return v is not None and np.abs(v[np.isfinite(v)]).max(initial=0.0) > FP16_MAX
 
     # 1. which nodes compute in float16
-    low = {id(n) for n in g.node if n.op_type in FLOAT16_OPS
-           and not any(out_of_range(i) for i in n.input if i)}
+    low = {
+        id(n) for n in g.node if n.op_type in FLOAT16_OPS and not any(out_of_range(i) for i in n.input if i)
+    }
     stack = [i for n in g.node if n.op_type in PHASE_OPS for i in n.input if i]
-    stack += [n.input[k] for n in g.node for k in NOT_DATA_INPUTS.get(n.op_type, ())
-              if k < len(n.input) and n.input[k]]
+    stack += [
+        n.input[k]
+        for n in g.node
+        for k in NOT_DATA_INPUTS.get(n.op_type, ())
+        if k < len(n.input) and n.input[k]
+    ]
     seen = set()
-    while stack:   # Sin/Cos arguments and Resize's scales, and what computes them, stay float32
+    while stack:  # Sin/Cos arguments and Resize's scales, and what computes them, stay float32
         name = stack.pop()
         if name in seen or name not in producer:
             continue
@@ -145,23 +215,24 @@ def convert(model, what: str = "model"):
             return FLOAT16
         return elem[name]
 
-    new_inits, new_nodes_before = [], {}   # inserted casts go right before their first consumer
-    fp16_of = {}                           # tensor -> its float16 twin's name
+    new_inits, new_nodes_before = [], {}  # inserted casts go right before their first consumer
+    fp16_of = {}  # tensor -> its float16 twin's name
 
     def as_fp16(name, consumer):
         if name in fp16_of:
             return fp16_of[name]
         p = producer.get(name)
         if p is not None and p.op_type == "Cast" and elem.get(p.input[0]) == FLOAT16:
-            fp16_of[name] = p.input[0]   # float16 -> float32 -> float16 is the identity
+            fp16_of[name] = p.input[0]  # float16 -> float32 -> float16 is the identity
             return p.input[0]
-        value = constant_value(name)   # in float16's range: its consumers would stay float32
+        value = constant_value(name)  # in float16's range: its consumers would stay float32
         twin = fresh(f"{name}/fp16")
         if value is not None:
             new_inits.append(numpy_helper.from_array(np.asarray(value).astype(np.float16), twin))
         else:
             new_nodes_before.setdefault(id(consumer), []).append(
-                helper.make_node("Cast", [name], [twin], name=fresh(f"{name}/to_fp16"), to=FLOAT16))
+                helper.make_node("Cast", [name], [twin], name=fresh(f"{name}/to_fp16"), to=FLOAT16)
+            )
         fp16_of[name] = twin
         return twin
 
@@ -171,7 +242,8 @@ def convert(model, what: str = "model"):
         if name not in fp32_of:
             twin = fresh(f"{name}/fp32")
             new_nodes_before.setdefault(id(consumer), []).append(
-                helper.make_node("Cast", [name], [twin], name=fresh(f"{name}/to_fp32"), to=FLOAT))
+                helper.make_node("Cast", [name], [twin], name=fresh(f"{name}/to_fp32"), to=FLOAT)
+            )
             fp32_of[name] = twin
         return fp32_of[name]
 
@@ -201,7 +273,8 @@ def convert(model, what: str = "model"):
                 inner = renamed[name] = fresh(f"{name}/fp16")
                 node.output[j] = inner
                 after.setdefault(id(node), []).append(
-                    helper.make_node("Cast", [inner], [name], name=fresh(f"{name}/to_fp32"), to=FLOAT))
+                    helper.make_node("Cast", [inner], [name], name=fresh(f"{name}/to_fp32"), to=FLOAT)
+                )
     nodes = []
     for node in g.node:
         nodes.extend(new_nodes_before.get(id(node), []))
@@ -240,12 +313,20 @@ def summary(model) -> dict:
     from onnx import TensorProto
 
     model = onnx.shape_inference.infer_shapes(model)
-    elem = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)}
-    fp16 = sum(1 for n in model.graph.node if n.op_type != "Cast"
-               and any(elem.get(o) == TensorProto.FLOAT16 for o in n.output))
-    return {"nodes": len(model.graph.node), "float16_nodes": fp16,
-            "casts": sum(n.op_type == "Cast" for n in model.graph.node),
-            "float16_weights": sum(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer)}
+    elem = {
+        v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)
+    }
+    fp16 = sum(
+        1
+        for n in model.graph.node
+        if n.op_type != "Cast" and any(elem.get(o) == TensorProto.FLOAT16 for o in n.output)
+    )
+    return {
+        "nodes": len(model.graph.node),
+        "float16_nodes": fp16,
+        "casts": sum(n.op_type == "Cast" for n in model.graph.node),
+        "float16_weights": sum(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer),
+    }
 
 
 def convert_package(src, dst) -> dict:
@@ -257,7 +338,6 @@ def convert_package(src, dst) -> dict:
 
     import onnx  # lazily: the [tensorrt] extra; ONNX graphs are edited only here
 
-
     src, dst = Path(src).resolve(), Path(dst)
     if dst.exists():
         raise FileExistsError(f"{dst} exists; give a new folder")
@@ -266,7 +346,7 @@ def convert_package(src, dst) -> dict:
 
     def build(tmp: Path):
         shutil.copytree(src, tmp, dirs_exist_ok=True)
-        for path in dict.fromkeys(st.onnx for st in pkg.stages):   # each file once
+        for path in dict.fromkeys(st.onnx for st in pkg.stages):  # each file once
             rel = path.relative_to(src)
             half = convert(onnx.load(str(path)), str(rel))
             onnx.save(half, str(tmp / rel))
@@ -275,7 +355,7 @@ def convert_package(src, dst) -> dict:
         note = f"stage networks in float16 (pydiff export float16, rewrite v{VERSION})"
         manifest["description"] = f"{manifest.get('description', '')}; {note}".lstrip("; ")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        load_package(tmp)   # the copy is a valid package before it gets its name
+        load_package(tmp)  # the copy is a valid package before it gets its name
 
     write_folder_atomic(dst, build)
     return report

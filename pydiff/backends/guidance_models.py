@@ -15,6 +15,7 @@ A guidance model's ONNX network outputs the input gradient guidance needs (docs/
   [B, L]) -> grad = grad_x f(x_t, t) . g(c) (and optionally similarity [B]). CLIP guidance (GLIDE,
   Nichol et al. 2022, Sec. 3.2): the guidance_fn returns ``s * grad``, used as above.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,6 @@ from pydiff.backends.ort import create_session
 from pydiff.package import GUIDANCE_KINDS
 
 __all__ = ["ClassifierGuidance", "CLIPGuidance", "load_guidance_model", "GUIDANCE_KINDS"]
-
 
 
 def _session(path, providers=None, session_options=None):
@@ -65,11 +65,20 @@ class ClassifierGuidance:
     kind = "classifier"
     INPUTS = ["class_labels", "sample", "timestep"]
 
-    def __init__(self, onnx_path: str | os.PathLike, *, output: str = "grad", num_classes: int | None = None,
-                 providers=None, session_options=None, session=None):
+    def __init__(
+        self,
+        onnx_path: str | os.PathLike,
+        *,
+        output: str = "grad",
+        num_classes: int | None = None,
+        providers=None,
+        session_options=None,
+        session=None,
+    ):
         self.path = str(onnx_path)
-        self.session, outs = _checked_session(onnx_path, session, providers, session_options, self.INPUTS,
-                                              "a classifier-guidance", output)
+        self.session, outs = _checked_session(
+            onnx_path, session, providers, session_options, self.INPUTS, "a classifier-guidance", output
+        )
         self.num_classes = num_classes
         self.output = output
         self.has_log_prob = "log_prob" in outs
@@ -103,7 +112,7 @@ class ClassifierGuidance:
 
         labels int [B]; scale a number or [B] per-sample scales (Dhariwal & Nichol's s)."""
         labels = np.asarray(labels)
-        if labels.dtype.kind not in "iu":   # before any cast: 2.9 must not become 2
+        if labels.dtype.kind not in "iu":  # before any cast: 2.9 must not become 2
             raise TypeError(f"class labels must be integers, got {labels.dtype}")
         labels = labels.astype(np.int64).reshape(-1)
 
@@ -123,11 +132,19 @@ class CLIPGuidance:
     kind = "clip"
     INPUTS = ["encoder_attention_mask", "encoder_hidden_states", "sample", "timestep"]
 
-    def __init__(self, onnx_path: str | os.PathLike, *, output: str = "grad", providers=None,
-                 session_options=None, session=None):
+    def __init__(
+        self,
+        onnx_path: str | os.PathLike,
+        *,
+        output: str = "grad",
+        providers=None,
+        session_options=None,
+        session=None,
+    ):
         self.path = str(onnx_path)
-        self.session, outs = _checked_session(onnx_path, session, providers, session_options, self.INPUTS,
-                                              "a CLIP-guidance", output)
+        self.session, outs = _checked_session(
+            onnx_path, session, providers, session_options, self.INPUTS, "a CLIP-guidance", output
+        )
         self.output = output
         self.has_similarity = "similarity" in outs
 
@@ -141,8 +158,12 @@ class CLIPGuidance:
         if states.shape[0] == 1 and B > 1:
             states, mask = np.repeat(states, B, 0), np.repeat(mask, B, 0)
         t = np.ascontiguousarray(np.broadcast_to(np.asarray(t, np.float32), (B,)))
-        return {"sample": x, "timestep": t, "encoder_hidden_states": np.ascontiguousarray(states),
-                "encoder_attention_mask": np.ascontiguousarray(mask)}
+        return {
+            "sample": x,
+            "timestep": t,
+            "encoder_hidden_states": np.ascontiguousarray(states),
+            "encoder_attention_mask": np.ascontiguousarray(mask),
+        }
 
     def gradient(self, x, t, states, mask) -> np.ndarray:
         """grad_x f(x_t, t) . g(c): x float32 [B, C, H, W], t [B], states [B, L, D], mask [B, L]."""
@@ -159,6 +180,7 @@ class CLIPGuidance:
     def guidance_fn(self, states, mask, scale=1.0):
         """fn(x_t, t) -> scale * grad_x f(x_t, t) . g(c), for pydiff.sample(guidance_fn=...);
         states [B, L, D] / mask [B, L] from the package's text encoder (pydiff.backends.text_encoder)."""
+
         def fn(x, t):
             B = x.shape[0]
             s = _scales(scale, B, "CLIP guidance scale")
@@ -170,10 +192,18 @@ class CLIPGuidance:
 def load_guidance_model(spec, providers=None, session_options=None):
     """The runtime object for a package's guidance model entry (pydiff.package.GuidanceModelSpec)."""
     if spec.kind == "classifier":
-        return ClassifierGuidance(spec.onnx, output=spec.output, num_classes=spec.num_classes,
-                                  providers=providers, session_options=session_options)
+        return ClassifierGuidance(
+            spec.onnx,
+            output=spec.output,
+            num_classes=spec.num_classes,
+            providers=providers,
+            session_options=session_options,
+        )
     if spec.kind == "clip":
-        return CLIPGuidance(spec.onnx, output=spec.output, providers=providers,
-                            session_options=session_options)
-    raise ValueError(f"{spec.onnx}: guidance model kind {spec.kind!r} has no runtime in this pydiff "
-                     f"(known: 'classifier', 'clip')")
+        return CLIPGuidance(
+            spec.onnx, output=spec.output, providers=providers, session_options=session_options
+        )
+    raise ValueError(
+        f"{spec.onnx}: guidance model kind {spec.kind!r} has no runtime in this pydiff "
+        f"(known: 'classifier', 'clip')"
+    )

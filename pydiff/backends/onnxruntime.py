@@ -13,6 +13,7 @@ With `stream=` (a cudaStream_t; the CUDA provider's `user_compute_stream`) the s
 caller's stream, and `run_device(..., stream=)` returns without synchronising: what
 pydiff.cuda_graph needs to capture the network and the step in one CUDA graph.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -48,13 +49,15 @@ class OrtStageModel(StageModel):
         # the caller's stream the CUDA provider computes on (user_compute_stream), else None
         user = int(opts.get("user_compute_stream", 0) or 0) if opts is not None else 0
         self.stream = user or None
-        self._async = None   # RunOptions of run_device(stream=), made on first use
+        self._async = None  # RunOptions of run_device(stream=), made on first use
 
     def __call__(self, x, t, cond=None):
         (out,) = self.session.run(self._outputs, self.feeds(x, t, cond))
         if out.shape != x.shape:
-            raise ModelOutputError(f"stage {self.stage.name!r}: the network returned shape {out.shape} "
-                               f"for a sample of shape {x.shape}")
+            raise ModelOutputError(
+                f"stage {self.stage.name!r}: the network returned shape {out.shape} "
+                f"for a sample of shape {x.shape}"
+            )
         return out
 
     def run_device(self, x, t, cond=None, *, out=None, stream=None):
@@ -74,15 +77,19 @@ class OrtStageModel(StageModel):
         if stream is not None:
             handle = stream_handle(stream)
             if self.stream is None:
-                raise ValueError(f"stream: stage {self.stage.name!r} computes on ONNX Runtime's own "
-                                 f"stream; to enqueue on {handle:#x}, load with providers='cuda', "
-                                 f"stream=<that stream>")
+                raise ValueError(
+                    f"stream: stage {self.stage.name!r} computes on ONNX Runtime's own "
+                    f"stream; to enqueue on {handle:#x}, load with providers='cuda', "
+                    f"stream=<that stream>"
+                )
             if handle != self.stream:
-                raise ValueError(f"stream: stage {self.stage.name!r} computes on stream "
-                                 f"{self.stream:#x}, not {handle:#x}; run on the stream it was loaded with")
+                raise ValueError(
+                    f"stream: stage {self.stage.name!r} computes on stream "
+                    f"{self.stream:#x}, not {handle:#x}; run on the stream it was loaded with"
+                )
             run_options = self._async_run_options()
         binding = self.session.io_binding()
-        keep = []   # host arrays bound by pointer must outlive run_with_iobinding
+        keep = []  # host arrays bound by pointer must outlive run_with_iobinding
         values = self.input_values(x, t, cond)
 
         x_shape = self._bind(binding, "sample", x, keep, binding.bind_input)
@@ -101,14 +108,15 @@ class OrtStageModel(StageModel):
         if out is None:
             (out,) = binding.get_outputs()
             if tuple(out.shape()) != x_shape:
-                raise ModelOutputError(f"stage {self.stage.name!r}: the network returned shape "
-                                   f"{tuple(out.shape())} for a sample of shape {x_shape}")
+                raise ModelOutputError(
+                    f"stage {self.stage.name!r}: the network returned shape "
+                    f"{tuple(out.shape())} for a sample of shape {x_shape}"
+                )
         return out
 
     def _async_run_options(self):
         """RunOptions that leave the run enqueued on the session's stream (made once, reused per step)."""
         if self._async is None:
-
             opts = ort.RunOptions()
             opts.add_run_config_entry("disable_synchronize_execution_providers", "1")
             self._async = opts
@@ -121,8 +129,9 @@ class OrtStageModel(StageModel):
         dtype = np.float32 if name == "out" else input_dtype(name)
         if isinstance(value, ort.OrtValue):
             if value.data_type() != ORT_TYPES[dtype]:
-                raise TypeError(f"{name}: expected an OrtValue of {ORT_TYPES[dtype]}, got "
-                                f"{value.data_type()}")
+                raise TypeError(
+                    f"{name}: expected an OrtValue of {ORT_TYPES[dtype]}, got {value.data_type()}"
+                )
             if name == "out":
                 binding.bind_ortvalue_output(port, value)
             else:
@@ -131,24 +140,26 @@ class OrtStageModel(StageModel):
         if hasattr(value, "__cuda_array_interface__"):
             device, iface = "cuda", value.__cuda_array_interface__
             if self.device != "cuda":
-                raise ValueError(f"{name}: a CUDA array, but this session runs on "
-                                 f"{self.session.get_providers()}; load with providers='cuda'")
-            dev = getattr(value, "device", None)   # torch: .device.index; CuPy: .device.id
+                raise ValueError(
+                    f"{name}: a CUDA array, but this session runs on "
+                    f"{self.session.get_providers()}; load with providers='cuda'"
+                )
+            dev = getattr(value, "device", None)  # torch: .device.index; CuPy: .device.id
             index = getattr(dev, "index", getattr(dev, "id", None))
             if index is not None and index != self.device_id:
                 raise ValueError(f"{name}: on CUDA device {index}, the session on {self.device_id}")
         elif name == "out":
             if not isinstance(value, np.ndarray):
-                raise TypeError(f"out: expected an OrtValue, a CUDA array or a NumPy array, got "
-                                f"{type(value).__name__}")
+                raise TypeError(
+                    f"out: expected an OrtValue, a CUDA array or a NumPy array, got {type(value).__name__}"
+                )
             device, iface = "cpu", value.__array_interface__
-        else:   # host data: converted like __call__'s feeds, bound by pointer like a device array
+        else:  # host data: converted like __call__'s feeds, bound by pointer like a device array
             value = np.ascontiguousarray(value, dtype=dtype)
             keep.append(value)
             device, iface = "cpu", value.__array_interface__
         shape = check_interface(name, iface, dtype)
-        bind(port, device, self.device_id if device == "cuda" else 0, dtype, list(shape),
-             iface["data"][0])
+        bind(port, device, self.device_id if device == "cuda" else 0, dtype, list(shape), iface["data"][0])
         return shape
 
 
@@ -161,14 +172,16 @@ def _on_device(v) -> bool:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, package: Package, providers=None, session_options=None, device_id: int = 0,
-                 stream=None):
+    def __init__(
+        self, package: Package, providers=None, session_options=None, device_id: int = 0, stream=None
+    ):
         super().__init__(package)
         self.providers = resolve_providers(providers, device_id, stream)
         # None and "auto" take the CPU when no GPU provider starts (auto says so); an explicit
         # choice, or a stream, gets what it asked for or a BackendUnavailableError
-        lenient = stream is None and (providers is None or (isinstance(providers, str)
-                                                             and providers.lower() == "auto"))
+        lenient = stream is None and (
+            providers is None or (isinstance(providers, str) and providers.lower() == "auto")
+        )
         required = () if lenient else None
         for stage in package.stages:
             sess = create_session(stage.onnx, self.providers, session_options, required=required)
@@ -178,9 +191,13 @@ class OnnxRuntimeBackend(Backend):
         started = next(iter(self.stage_models.values())).session.get_providers() if self.stage_models else []
         wanted = [p if isinstance(p, str) else p[0] for p in self.providers]
         if lenient and isinstance(providers, str) and CUDA in wanted and CUDA not in started:
-            warnings.warn(f"providers='auto': ONNX Runtime could not start {CUDA} (no usable GPU, or "
-                          f"the CUDA 13 / cuDNN 9 libraries are not found; its log says which); "
-                          f"running on the CPU", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"providers='auto': ONNX Runtime could not start {CUDA} (no usable GPU, or "
+                f"the CUDA 13 / cuDNN 9 libraries are not found; its log says which); "
+                f"running on the CPU",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def describe(self) -> dict:
         sess = next(iter(self.stage_models.values())).session

@@ -66,13 +66,17 @@ def resolve_providers(providers=None, device_id: int = 0, stream=None) -> list:
     if stream is not None:
         handle = stream_handle(stream)
         if handle == 0:
-            raise ValueError("stream: ONNX Runtime takes stream 0 (the legacy default stream) for "
-                             "'none'; create one, e.g. torch.cuda.Stream(), and pass it")
+            raise ValueError(
+                "stream: ONNX Runtime takes stream 0 (the legacy default stream) for "
+                "'none'; create one, e.g. torch.cuda.Stream(), and pass it"
+            )
         chosen = resolve_providers("cuda" if providers is None else providers, device_id)
         names = [p if isinstance(p, str) else p[0] for p in chosen]
         if CUDA not in names:
-            raise ValueError(f"stream: only the CUDA provider computes on a caller's stream, and the "
-                             f"providers are {names}; choose providers='cuda'")
+            raise ValueError(
+                f"stream: only the CUDA provider computes on a caller's stream, and the "
+                f"providers are {names}; choose providers='cuda'"
+            )
         for i, name in enumerate(names):
             if name not in (CUDA, TENSORRT):
                 continue
@@ -92,13 +96,18 @@ def resolve_providers(providers=None, device_id: int = 0, stream=None) -> list:
         if key == "auto":
             key = "cuda" if CUDA in available else "cpu"
             if key == "cpu":
-                warnings.warn(f"providers='auto': this onnxruntime {ort.__version__} build has no "
-                              f"{CUDA} (it has {available}); running on the CPU. For the GPU: "
-                              f"pip uninstall onnxruntime && pip install onnxruntime-gpu",
-                              RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"providers='auto': this onnxruntime {ort.__version__} build has no "
+                    f"{CUDA} (it has {available}); running on the CPU. For the GPU: "
+                    f"pip uninstall onnxruntime && pip install onnxruntime-gpu",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         if key not in PROVIDER_CHOICES:
-            raise ValueError(f"unknown provider {providers!r}; choose one of "
-                             f"{['auto', *PROVIDER_CHOICES]} or a list of ONNX Runtime provider names")
+            raise ValueError(
+                f"unknown provider {providers!r}; choose one of "
+                f"{['auto', *PROVIDER_CHOICES]} or a list of ONNX Runtime provider names"
+            )
         names = PROVIDER_CHOICES[key]
         chosen = [p if p == CPU else (p, {"device_id": device_id, **_default_options(p)}) for p in names]
     else:
@@ -110,7 +119,8 @@ def resolve_providers(providers=None, device_id: int = 0, stream=None) -> list:
             f"this onnxruntime {ort.__version__} build lacks {missing} (it has {available}); "
             f"the CUDA and TensorRT providers come with the GPU build: pip uninstall onnxruntime && "
             f"pip install onnxruntime-gpu (TensorRT also needs NVIDIA's TensorRT libraries), or "
-            f"choose the CPU (providers='cpu', --provider cpu)")
+            f"choose the CPU (providers='cpu', --provider cpu)"
+        )
     return chosen
 
 
@@ -132,24 +142,28 @@ def create_session(path, providers, session_options=None, *, required=None):
     names = [p if isinstance(p, str) else p[0] for p in providers]
     required = [n for n in names if n != CPU] if required is None else list(required)
     try:
-        sess = ort.InferenceSession(str(path), sess_options=session_options, providers=providers,
-                                    enable_fallback=0)
+        sess = ort.InferenceSession(
+            str(path), sess_options=session_options, providers=providers, enable_fallback=0
+        )
     except Exception as e:  # ORT raises its own exception types for corrupt/truncated files
         if names != [CPU]:
-            try:   # the provider, or the model? the CPU provider tells them apart
+            try:  # the provider, or the model? the CPU provider tells them apart
                 ort.InferenceSession(str(path), sess_options=session_options, providers=[CPU])
             except Exception:
                 pass
             else:
-                raise BackendUnavailableError(f"{path}: ONNX Runtime could not start {[n for n in names if n != CPU]} "
-                                              f"({_first_line(e)}); choose providers='cpu' or 'cuda'") from None
+                raise BackendUnavailableError(
+                    f"{path}: ONNX Runtime could not start {[n for n in names if n != CPU]} "
+                    f"({_first_line(e)}); choose providers='cpu' or 'cuda'"
+                ) from None
         raise PackageError(f"{path}: ONNX Runtime cannot load this model ({_first_line(e)})") from None
     missing = [n for n in required if n not in sess.get_providers()]
     if missing:
         raise BackendUnavailableError(
             f"{path}: ONNX Runtime could not start {missing} (the session has {sess.get_providers()}): "
             f"no usable GPU, or the CUDA 13 / cuDNN 9 (and for TensorRT, TensorRT's) libraries are not "
-            f"found; ONNX Runtime's log above says which. Or choose providers='cpu'")
+            f"found; ONNX Runtime's log above says which. Or choose providers='cpu'"
+        )
     return sess
 
 
@@ -157,10 +171,12 @@ def check_interface(name, iface: dict, dtype) -> tuple:
     """The shape of an array interface (NumPy's or CUDA's) of `dtype`, C-contiguous, else raise."""
     shape = tuple(iface["shape"])
     if np.dtype(iface["typestr"]) != np.dtype(dtype):
-        raise TypeError(f"{name}: expected {np.dtype(dtype)}, got {np.dtype(iface['typestr'])} "
-                        f"(device arrays are not converted)")
+        raise TypeError(
+            f"{name}: expected {np.dtype(dtype)}, got {np.dtype(iface['typestr'])} "
+            f"(device arrays are not converted)"
+        )
     strides, itemsize = iface.get("strides"), np.dtype(dtype).itemsize
-    dense = [itemsize * int(np.prod(shape[i + 1:])) for i in range(len(shape))]
+    dense = [itemsize * int(np.prod(shape[i + 1 :])) for i in range(len(shape))]
     if strides is not None and any(n > 1 and s != d for n, s, d in zip(shape, strides, dense)):
         raise ValueError(f"{name}: must be C-contiguous (strides {tuple(strides)}, shape {shape})")
     if name == "out" and iface["data"][1]:

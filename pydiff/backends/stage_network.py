@@ -22,8 +22,10 @@ class StageNetwork:
         import torch  # lazily: torch's CUDA tensors are the device buffers; the runtime does not need it
 
         if not callable(getattr(stage_model, "run_device", None)):
-            raise TypeError(f"stage_model: expected a backend's stage model (pipe.backend.model(name)) with "
-                            f"run_device, got {type(stage_model).__name__}")
+            raise TypeError(
+                f"stage_model: expected a backend's stage model (pipe.backend.model(name)) with "
+                f"run_device, got {type(stage_model).__name__}"
+            )
         self.torch, self.stage_model = torch, stage_model
         self.device = torch.device(device)
         self.cond = {}
@@ -33,7 +35,9 @@ class StageNetwork:
                     raise ValueError(f"cond[{name!r}]: on {value.device}, the network runs on {self.device}")
                 self.cond[name] = value.contiguous()
             else:
-                self.cond[name] = torch.from_numpy(np.ascontiguousarray(value, input_dtype(name))).to(self.device)
+                self.cond[name] = torch.from_numpy(np.ascontiguousarray(value, input_dtype(name))).to(
+                    self.device
+                )
         self.out = None
 
     def __call__(self, x, t):
@@ -41,11 +45,17 @@ class StageNetwork:
         if self.out is None:
             for name, value in self.cond.items():
                 if value.shape[0] != x.shape[0]:
-                    raise ValueError(f"cond[{name!r}]: batch {value.shape[0]}, the network input's is "
-                                     f"{x.shape[0]} (with guidance: [cond; uncond], twice the images)")
+                    raise ValueError(
+                        f"cond[{name!r}]: batch {value.shape[0]}, the network input's is "
+                        f"{x.shape[0]} (with guidance: [cond; uncond], twice the images)"
+                    )
             self.out = torch.empty(tuple(x.shape), dtype=torch.float32, device=self.device)
         elif tuple(self.out.shape) != tuple(x.shape):
-            raise ValueError(f"this StageNetwork serves shape {tuple(self.out.shape)}, not {tuple(x.shape)}: "
-                             f"make one per shape")
-        self.stage_model.run_device(x, t, self.cond, out=self.out, stream=torch.cuda.current_stream(self.device))
+            raise ValueError(
+                f"this StageNetwork serves shape {tuple(self.out.shape)}, not {tuple(x.shape)}: "
+                f"make one per shape"
+            )
+        self.stage_model.run_device(
+            x, t, self.cond, out=self.out, stream=torch.cuda.current_stream(self.device)
+        )
         return self.out

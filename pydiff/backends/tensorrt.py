@@ -17,6 +17,7 @@ removed that flag (its networks are strongly typed), so there the ONNX graph is 
 compute in float16 with float32 inputs and outputs (`pydiff.backends.float16`, needs the
 `onnx` package) and built as a strongly typed network.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,7 +39,7 @@ from pydiff.errors import BackendUnavailableError, PackageError
 from pydiff.files import atomic_write_bytes
 from pydiff.package import Package, input_dtype
 
-MAGIC = b"pydiff-trt-engine 1\n"   # then sha256(engine) (32 bytes), then the engine
+MAGIC = b"pydiff-trt-engine 1\n"  # then sha256(engine) (32 bytes), then the engine
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,10 @@ class EngineOptions:
     """Build options; every field is part of the cache key."""
 
     fp16: bool = False
-    min_batch: int = 1      # the dynamic-batch optimisation profile (batch = dim 0 of every input)
+    min_batch: int = 1  # the dynamic-batch optimisation profile (batch = dim 0 of every input)
     opt_batch: int = 2
-    max_batch: int = 32     # classifier-free guidance doubles the batch: 16 images
-    tf32: bool = False      # TensorRT's default is on; off, fp32 layers round as the CPU provider's do
+    max_batch: int = 32  # classifier-free guidance doubles the batch: 16 images
+    tf32: bool = False  # TensorRT's default is on; off, fp32 layers round as the CPU provider's do
 
     def __post_init__(self):
         b = (self.min_batch, self.opt_batch, self.max_batch)
@@ -65,7 +66,8 @@ def import_tensorrt():
         raise BackendUnavailableError(
             f"the tensorrt backend needs NVIDIA TensorRT, which does not import here ({e}); install "
             f"it with: pip install 'pydiff[tensorrt]' (the tensorrt-cu13 wheel, for CUDA 13 "
-            f"drivers), or use backend='onnxruntime'") from e
+            f"drivers), or use backend='onnxruntime'"
+        ) from e
     return tensorrt
 
 
@@ -74,21 +76,34 @@ def gpu_identity() -> tuple[str, str]:
     try:
         import torch  # lazily: device buffers and streams, on a GPU only
     except ImportError as e:
-        raise BackendUnavailableError(f"the tensorrt backend needs torch for device buffers and "
-                                      f"streams ({e}): pip install 'pydiff[torch]'") from e
+        raise BackendUnavailableError(
+            f"the tensorrt backend needs torch for device buffers and "
+            f"streams ({e}): pip install 'pydiff[torch]'"
+        ) from e
     if not torch.cuda.is_available():
-        raise BackendUnavailableError(f"the tensorrt backend needs a CUDA GPU, and torch "
-                                      f"{torch.__version__} sees none")
+        raise BackendUnavailableError(
+            f"the tensorrt backend needs a CUDA GPU, and torch {torch.__version__} sees none"
+        )
     major, minor = torch.cuda.get_device_capability()
     return torch.cuda.get_device_name(), f"{major}.{minor}"
 
 
-def engine_key(onnx_bytes: bytes, gpu: tuple[str, str], trt_version: str, options: EngineOptions,
-               graph_rewrite: str | None = None) -> str:
+def engine_key(
+    onnx_bytes: bytes,
+    gpu: tuple[str, str],
+    trt_version: str,
+    options: EngineOptions,
+    graph_rewrite: str | None = None,
+) -> str:
     """What an engine depends on, hashed: the ONNX bytes, the GPU, TensorRT, the build options and
     the rewrite the graph goes through before TensorRT parses it (None: parsed as it is)."""
-    fields = {"onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(), "gpu": gpu[0],
-              "compute_capability": gpu[1], "tensorrt": trt_version, **asdict(options)}
+    fields = {
+        "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+        "gpu": gpu[0],
+        "compute_capability": gpu[1],
+        "tensorrt": trt_version,
+        **asdict(options),
+    }
     if graph_rewrite is not None:
         fields["graph_rewrite"] = graph_rewrite
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
@@ -112,7 +127,8 @@ def check_options(trt, options: EngineOptions) -> None:
             raise BackendUnavailableError(
                 f"fp16=True on TensorRT {trt.__version__} (strongly typed networks, no FP16 builder "
                 f"flag) rewrites the ONNX graph to float16, which needs the onnx package ({e}): "
-                f"pip install onnx, or use fp16=False") from e
+                f"pip install onnx, or use fp16=False"
+            ) from e
 
 
 def float16_graph(onnx_bytes: bytes, what: str, path: str | None = None) -> bytes:
@@ -121,20 +137,21 @@ def float16_graph(onnx_bytes: bytes, what: str, path: str | None = None) -> byte
     import onnx  # lazily: the [tensorrt] extra (the float16 rewrite)
     from onnx.external_data_helper import load_external_data_for_model
 
-    model = onnx.load_from_string(onnx_bytes)   # the bytes the cache key hashed, not a re-read
+    model = onnx.load_from_string(onnx_bytes)  # the bytes the cache key hashed, not a re-read
     if path is not None:
         load_external_data_for_model(model, str(Path(path).parent))
     return float16_convert(model, what).SerializeToString()
 
 
-def load_engine(onnx_path, options: EngineOptions = EngineOptions(), *, cache=None,
-                gpu: tuple[str, str] | None = None):
+def load_engine(
+    onnx_path, options: EngineOptions = EngineOptions(), *, cache=None, gpu: tuple[str, str] | None = None
+):
     """(engine, cache file, built) for an ONNX file: from the cache, else built and cached.
     pydiff packages keep their weights inside the .onnx file, the bytes the key hashes."""
     trt = import_tensorrt()
     check_options(trt, options)
     onnx_path = Path(onnx_path)
-    data = onnx_path.read_bytes()   # hashed and parsed: the same bytes
+    data = onnx_path.read_bytes()  # hashed and parsed: the same bytes
     key = engine_key(data, gpu or gpu_identity(), trt.__version__, options, graph_rewrite(trt, options))
     path = trt_cache_dir(cache) / f"{onnx_path.stem}-{key[:32]}.engine"
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -147,9 +164,10 @@ def load_engine(onnx_path, options: EngineOptions = EngineOptions(), *, cache=No
     blob = build_engine(trt, data, options, what=str(onnx_path), path=str(onnx_path))
     try:
         atomic_write_bytes(path, MAGIC + hashlib.sha256(blob).digest() + blob)
-    except OSError as e:   # a read-only or full disk costs a rebuild next time, not this run
-        warnings.warn(f"{path}: cannot cache the engine ({e}); it will be built again next time",
-                      RuntimeWarning)
+    except OSError as e:  # a read-only or full disk costs a rebuild next time, not this run
+        warnings.warn(
+            f"{path}: cannot cache the engine ({e}); it will be built again next time", RuntimeWarning
+        )
     engine = runtime.deserialize_cuda_engine(blob)
     if engine is None:
         raise RuntimeError(f"{onnx_path}: TensorRT cannot load the engine it just built")
@@ -164,8 +182,11 @@ def build_engine(trt, onnx_bytes: bytes, options: EngineOptions, what: str, path
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     # TensorRT 10 networks are always explicit-batch (the flag is deprecated); 8.x needs the flag
-    flags = 0 if int(trt.__version__.split(".")[0]) >= 10 else \
-        1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    flags = (
+        0
+        if int(trt.__version__.split(".")[0]) >= 10
+        else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    )
     if graph_rewrite(trt, options) is not None:
         onnx_bytes, path = float16_graph(onnx_bytes, what, path), None
         # TensorRT 11 types every network strongly; the flag says so to versions that still ask
@@ -190,10 +211,13 @@ def build_engine(trt, onnx_bytes: bytes, options: EngineOptions, what: str, path
         shape = tuple(inp.shape)
         rest = shape[1:]
         if not shape or shape[0] != -1 or any(d < 0 for d in rest):
-            raise ValueError(f"{what}: input {inp.name!r} has shape {shape}; the batch (dim 0) must be "
-                             f"dynamic and every other dimension fixed")
-        profile.set_shape(inp.name, (options.min_batch, *rest), (options.opt_batch, *rest),
-                          (options.max_batch, *rest))
+            raise ValueError(
+                f"{what}: input {inp.name!r} has shape {shape}; the batch (dim 0) must be "
+                f"dynamic and every other dimension fixed"
+            )
+        profile.set_shape(
+            inp.name, (options.min_batch, *rest), (options.opt_batch, *rest), (options.max_batch, *rest)
+        )
     config.add_optimization_profile(profile)
     blob = builder.build_serialized_network(network, config)
     if blob is None:
@@ -211,10 +235,14 @@ def _read_cached(path: Path) -> bytes | None:
         warnings.warn(f"{path}: cannot read the cached engine ({e}); rebuilding it", RuntimeWarning)
         return None
     head = len(MAGIC) + 32
-    if (len(data) <= head or not data.startswith(MAGIC)
-            or hashlib.sha256(data[head:]).digest() != data[len(MAGIC):head]):
-        warnings.warn(f"{path}: corrupt or truncated TensorRT engine cache file; rebuilding it",
-                      RuntimeWarning)
+    if (
+        len(data) <= head
+        or not data.startswith(MAGIC)
+        or hashlib.sha256(data[head:]).digest() != data[len(MAGIC) : head]
+    ):
+        warnings.warn(
+            f"{path}: corrupt or truncated TensorRT engine cache file; rebuilding it", RuntimeWarning
+        )
         return None
     return data[head:]
 
@@ -232,8 +260,10 @@ def _cuda_pointer(name: str, value, dtype) -> tuple[int, tuple]:
     """(device pointer, shape) of a `__cuda_array_interface__` array of `dtype`, C-contiguous."""
     iface = getattr(value, "__cuda_array_interface__", None)
     if iface is None:
-        raise TypeError(f"{name}: expected a CUDA array (torch CUDA tensor, CuPy, anything with "
-                        f"__cuda_array_interface__), got {type(value).__name__}")
+        raise TypeError(
+            f"{name}: expected a CUDA array (torch CUDA tensor, CuPy, anything with "
+            f"__cuda_array_interface__), got {type(value).__name__}"
+        )
     return iface["data"][0], check_interface(name, iface, dtype)
 
 
@@ -248,8 +278,10 @@ class TrtStageModel(StageModel):
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in inputs]
         if sorted(inputs) != sorted(stage.inputs) or outputs != [stage.output]:
-            raise PackageError(f"{stage.onnx}: engine inputs {inputs} / outputs {outputs} disagree "
-                               f"with the manifest's {list(stage.inputs)} / {[stage.output]}")
+            raise PackageError(
+                f"{stage.onnx}: engine inputs {inputs} / outputs {outputs} disagree "
+                f"with the manifest's {list(stage.inputs)} / {[stage.output]}"
+            )
         # the buffers pydiff binds have the manifest's dtypes: an engine that wants others (an fp16
         # I/O model, int32 labels) would read them as the wrong type
         for n in names:
@@ -257,13 +289,15 @@ class TrtStageModel(StageModel):
             got = _numpy_dtype(engine.get_tensor_dtype(n))
             if got != want:
                 raise PackageError(f"{stage.onnx}: the engine's {n!r} is {got}, pydiff binds {want}")
-        self.batch_range = (engine.get_tensor_profile_shape("sample", 0)[0][0],
-                            engine.get_tensor_profile_shape("sample", 0)[2][0])
+        self.batch_range = (
+            engine.get_tensor_profile_shape("sample", 0)[0][0],
+            engine.get_tensor_profile_shape("sample", 0)[2][0],
+        )
         self.context = engine.create_execution_context()
-        self._shapes = {}                # input name -> the shape last set on the context
-        self._out_checked = None         # the sample shape whose output shape was checked
-        self._stream = None              # __call__'s own stream (the default stream synchronises)
-        self._lock = threading.RLock()   # one context: one call in flight (held to its end in __call__)
+        self._shapes = {}  # input name -> the shape last set on the context
+        self._out_checked = None  # the sample shape whose output shape was checked
+        self._stream = None  # __call__'s own stream (the default stream synchronises)
+        self._lock = threading.RLock()  # one context: one call in flight (held to its end in __call__)
 
     def __call__(self, x, t, cond=None):
         import torch  # lazily: device buffers and streams, on a GPU only
@@ -294,8 +328,10 @@ class TrtStageModel(StageModel):
         x_ptr, x_shape = _cuda_pointer("sample", x, np.float32)
         lo, hi = self.batch_range
         if not lo <= x_shape[0] <= hi:
-            raise ValueError(f"stage {self.stage.name!r}: batch {x_shape[0]} is outside the engine's "
-                             f"profile {lo}..{hi}; load with max_batch={x_shape[0]} or more")
+            raise ValueError(
+                f"stage {self.stage.name!r}: batch {x_shape[0]} is outside the engine's "
+                f"profile {lo}..{hi}; load with max_batch={x_shape[0]} or more"
+            )
         if out is None:
             import torch  # lazily: device buffers and streams, on a GPU only
 
@@ -312,22 +348,26 @@ class TrtStageModel(StageModel):
                 if self._shapes.get(name) != shape:
                     self._shapes.pop(name, None)
                     if not self.context.set_input_shape(name, shape):
-                        raise ValueError(f"stage {self.stage.name!r}: TensorRT refuses shape {shape} for "
-                                         f"input {name!r} (its log says why)")
+                        raise ValueError(
+                            f"stage {self.stage.name!r}: TensorRT refuses shape {shape} for "
+                            f"input {name!r} (its log says why)"
+                        )
                     self._shapes[name] = shape
                 self._bind(name, ptr)
-            if self._out_checked != x_shape:   # host-side; only after a shape change
+            if self._out_checked != x_shape:  # host-side; only after a shape change
                 got = tuple(self.context.get_tensor_shape(self.stage.output))
                 if got != x_shape:
-                    raise ValueError(f"stage {self.stage.name!r}: the engine's output has shape {got}, "
-                                     f"not the sample's {x_shape}")
+                    raise ValueError(
+                        f"stage {self.stage.name!r}: the engine's output has shape {got}, "
+                        f"not the sample's {x_shape}"
+                    )
                 self._out_checked = x_shape
             self._bind(self.stage.output, out_ptr)
             if not self.context.execute_async_v3(handle):
-                raise RuntimeError(f"stage {self.stage.name!r}: TensorRT execute_async_v3 failed "
-                                   f"(its log says why)")
+                raise RuntimeError(
+                    f"stage {self.stage.name!r}: TensorRT execute_async_v3 failed (its log says why)"
+                )
         return out
-
 
     def _bind(self, name: str, ptr: int) -> None:
         # False leaves the previous address bound: the engine would read or write stale buffers
@@ -336,8 +376,15 @@ class TrtStageModel(StageModel):
             raise ValueError(f"stage {self.stage.name!r}: TensorRT refuses the address of {name!r}{why}")
 
 
-_NUMPY_OF_TRT = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32,
-                 "INT64": np.int64, "BOOL": np.bool_, "UINT8": np.uint8}
+_NUMPY_OF_TRT = {
+    "FLOAT": np.float32,
+    "HALF": np.float16,
+    "INT8": np.int8,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+}
 
 
 def _numpy_dtype(dtype) -> np.dtype | str:
@@ -349,22 +396,36 @@ def _numpy_dtype(dtype) -> np.dtype | str:
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, package: Package, fp16: bool = False, min_batch: int = 1, opt_batch: int = 2,
-                 max_batch: int = 32, cache_dir=None, providers=None, session_options=None, tf32: bool = False):
-        import_tensorrt()   # the missing-TensorRT message before any other work
+    def __init__(
+        self,
+        package: Package,
+        fp16: bool = False,
+        min_batch: int = 1,
+        opt_batch: int = 2,
+        max_batch: int = 32,
+        cache_dir=None,
+        providers=None,
+        session_options=None,
+        tf32: bool = False,
+    ):
+        import_tensorrt()  # the missing-TensorRT message before any other work
         super().__init__(package)
         self.options = EngineOptions(fp16, min_batch, opt_batch, max_batch, tf32)
         self.gpu = gpu_identity()
         self.engine_files: dict[str, Path] = {}
-        self.built: list[str] = []     # stages whose engine was built now, not read from the cache
+        self.built: list[str] = []  # stages whose engine was built now, not read from the cache
         for stage in package.stages:
             engine, path, built = load_engine(stage.onnx, self.options, cache=cache_dir, gpu=self.gpu)
             self.engine_files[stage.name] = path
             self.built += [stage.name] if built else []
             self.stage_models[stage.name] = TrtStageModel(stage, engine)
-        self.providers = resolve_providers(providers)   # the text encoder and guidance models
+        self.providers = resolve_providers(providers)  # the text encoder and guidance models
         self.text_encoder = load_text_encoder(package, self.providers, session_options)
 
     def describe(self) -> dict:
-        return {"backend": self.name, "gpu": list(self.gpu), **asdict(self.options),
-                "engines": {k: str(v) for k, v in self.engine_files.items()}}
+        return {
+            "backend": self.name,
+            "gpu": list(self.gpu),
+            **asdict(self.options),
+            "engines": {k: str(v) for k, v in self.engine_files.items()},
+        }

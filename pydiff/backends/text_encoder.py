@@ -1,4 +1,5 @@
 """The frozen text encoder at run time: a `tokenizers` tokenizer plus an ONNX encoder (no torch)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,9 +16,16 @@ class TextEncoder:
     ONNX inputs `input_ids`, `attention_mask` (int64 [B, L]); output `last_hidden_state` [B, L, D].
     """
 
-    def __init__(self, onnx_path: str, tokenizer_path: str, max_length: int = 16,
-                 providers: list[str] | None = None, session_options=None, session=None,
-                 per_prompt: bool = True):
+    def __init__(
+        self,
+        onnx_path: str,
+        tokenizer_path: str,
+        max_length: int = 16,
+        providers: list[str] | None = None,
+        session_options=None,
+        session=None,
+        per_prompt: bool = True,
+    ):
         """`session`: an InferenceSession of `onnx_path` already made (then `providers` and
         `session_options` are unused). `per_prompt`: encode each prompt alone (see encode); False
         runs a call's prompts as one batch (the package format's text_encoder.encode "batched")."""
@@ -32,11 +40,13 @@ class TextEncoder:
             pad_id, pad_token = pad["pad_id"], pad["pad_token"]
         else:
             pad_id, pad_token = self.tokenizer.token_to_id("[PAD]"), "[PAD]"
-        self.tokenizer.enable_padding(length=self.max_length, pad_id=0 if pad_id is None else pad_id,
-                                      pad_token=pad_token)
+        self.tokenizer.enable_padding(
+            length=self.max_length, pad_id=0 if pad_id is None else pad_id, pad_token=pad_token
+        )
         if session is None:
-            session = create_session(onnx_path, providers or ["CPUExecutionProvider"], session_options,
-                                     required=())
+            session = create_session(
+                onnx_path, providers or ["CPUExecutionProvider"], session_options, required=()
+            )
         self.session = session
         self.per_prompt = bool(per_prompt)
         self._input_names = {i.name for i in self.session.get_inputs()}
@@ -64,7 +74,7 @@ class TextEncoder:
         rows: dict[str, np.ndarray] = {}
         for i, p in enumerate(prompts):
             if p not in rows:
-                rows[p] = self._run(ids[i:i + 1], mask[i:i + 1])
+                rows[p] = self._run(ids[i : i + 1], mask[i : i + 1])
         states = np.concatenate([rows[p] for p in prompts]) if prompts else np.zeros((0, self.max_length, 0))
         return states.astype(np.float32), mask.astype(np.float32)
 
@@ -88,8 +98,13 @@ def load_text_encoder(package: Package, providers, session_options=None, *, requ
         return None
     session = create_session(te.onnx, providers, session_options, required=required)
     try:
-        enc = TextEncoder(str(te.onnx), str(te.tokenizer), te.max_length, session=session,
-                          per_prompt=te.encode == "per_prompt")
+        enc = TextEncoder(
+            str(te.onnx),
+            str(te.tokenizer),
+            te.max_length,
+            session=session,
+            per_prompt=te.encode == "per_prompt",
+        )
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PackageError(f"{te.onnx} / {te.tokenizer}: cannot load the text encoder ({msg})") from None

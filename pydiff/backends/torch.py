@@ -11,6 +11,7 @@ still runs on ONNX Runtime (it is frozen and shared by both backends).
 Across backends the same seed gives images that agree to within the networks' own float32
 disagreement (docs: 1e-3 absolute in [-1, 1] pixel units for the bundled packages).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,16 +42,24 @@ class TorchStageModel(StageModel):
             out = out[0]
         out = out.detach().to("cpu", torch.float32).numpy()
         if out.shape != x.shape:
-            raise RuntimeError(f"stage {self.stage.name!r}: the module returned shape {out.shape} "
-                               f"for a sample of shape {x.shape}")
+            raise RuntimeError(
+                f"stage {self.stage.name!r}: the module returned shape {out.shape} "
+                f"for a sample of shape {x.shape}"
+            )
         return out
 
 
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, package: Package, modules=None, device: str | None = None,
-                 providers: list[str] | None = None, session_options=None):
+    def __init__(
+        self,
+        package: Package,
+        modules=None,
+        device: str | None = None,
+        providers: list[str] | None = None,
+        session_options=None,
+    ):
         import torch  # lazily: the [torch] extra, needed by this backend only
 
         super().__init__(package)
@@ -58,22 +67,24 @@ class TorchBackend(Backend):
         modules = dict(modules or {})
         unknown = [k for k in modules if k not in package.stage_names]
         if unknown:
-            raise ValueError(f"modules given for unknown stage(s) {unknown}; the package has "
-                             f"{package.stage_names}")
+            raise ValueError(
+                f"modules given for unknown stage(s) {unknown}; the package has {package.stage_names}"
+            )
         for stage in package.stages:
             mod = modules.get(stage.name)
             if mod is None:
                 raise PackageError(
                     f"{package.manifest_path}: stage {stage.name!r} has only an ONNX network; the "
                     f"torch backend needs a torch.nn.Module for it: "
-                    f"pydiff.load(path, backend='torch', modules={{{stage.name!r}: module, ...}})")
+                    f"pydiff.load(path, backend='torch', modules={{{stage.name!r}: module, ...}})"
+                )
             if not isinstance(mod, torch.nn.Module):
-                raise TypeError(f"modules[{stage.name!r}] must be a torch.nn.Module, "
-                                f"got {type(mod).__name__}")
+                raise TypeError(
+                    f"modules[{stage.name!r}] must be a torch.nn.Module, got {type(mod).__name__}"
+                )
             mod = mod.to(self.device).eval()
             self.stage_models[stage.name] = TorchStageModel(stage, mod, self.device)
-        self.text_encoder = load_text_encoder(package, providers or default_providers(),
-                                              session_options)
+        self.text_encoder = load_text_encoder(package, providers or default_providers(), session_options)
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": str(self.device)}

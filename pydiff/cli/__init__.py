@@ -38,8 +38,7 @@ TOOL_COMMANDS = {
 def build_parser(tools=tuple(TOOL_COMMANDS)) -> argparse.ArgumentParser:
     """The `pydiff` parser, with the image commands, `info` and the tools commands `tools` that
     this installation can import."""
-    parser = Parser(prog="pydiff", description="Cascaded conditional diffusion on a compiled "
-                                               "sampling core.")
+    parser = Parser(prog="pydiff", description="Cascaded conditional diffusion on a compiled sampling core.")
     parser.add_argument("--version", action="version", version=f"pydiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     images.register(sub)
@@ -77,15 +76,14 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    args.argv = argv   # the command's own words, for the commands that record how they were run
+    args.argv = argv  # the command's own words, for the commands that record how they were run
     try:
         rc = args.func(args)
         return EXIT_OK if rc is None else int(rc)
     except KeyboardInterrupt:
         print("pydiff: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (UsageError, PackageError, ValueError, TypeError, FileNotFoundError,
-            BackendUnavailableError) as e:
+    except (UsageError, PackageError, ValueError, TypeError, FileNotFoundError, BackendUnavailableError) as e:
         if debug:
             raise
         msg = str(e).replace("\n", " ") or type(e).__name__
@@ -97,6 +95,9 @@ def main(argv=None) -> int:
         if debug:
             raise
         cause = e.__cause__ if isinstance(e, InternalError) and e.__cause__ else e
-        print(f"pydiff: internal error: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
-              f" (set PYDIFF_DEBUG=1 for a traceback)", file=sys.stderr)
+        print(
+            f"pydiff: internal error: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+            f" (set PYDIFF_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL

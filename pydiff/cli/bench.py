@@ -12,17 +12,26 @@ from pydiff.tools.bench import bar_chart, format_table, run_benchmark
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="end-to-end benchmark: pydiff vs a diffusers-style "
-                                            "torch loop on the same networks (needs torch)")
+    p = subparsers.add_parser(
+        "bench",
+        help="end-to-end benchmark: pydiff vs a diffusers-style "
+        "torch loop on the same networks (needs torch)",
+    )
     p.add_argument("--model", help="package (default: the bundled shapes cascade)")
-    p.add_argument("--run", action="append", metavar="STAGE=RUN_DIR",
-                   help="training run of a stage's torch network (default runs/shapes_base_pp, "
-                        "runs/shapes_sr64_v)")
+    p.add_argument(
+        "--run",
+        action="append",
+        metavar="STAGE=RUN_DIR",
+        help="training run of a stage's torch network (default: the networks rebuilt from the package's own weights)",
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float)
-    p.add_argument("--thresholding", choices=["none", "static", "dynamic"],
-                   help="for every stage (default: the package's recommendation)")
+    p.add_argument(
+        "--thresholding",
+        choices=["none", "static", "dynamic"],
+        help="for every stage (default: the package's recommendation)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -42,9 +51,18 @@ def run(args) -> int:
                 raise UsageError(f"--run {r!r}: expected STAGE=RUN_DIR")
             k, _, v = r.partition("=")
             runs[k] = v
-    rep = run_benchmark(args.model, runs, batch=args.batch, steps=args.steps, thresholding=args.thresholding,
-                        guidance_scale=args.guidance, repeats=args.repeats, warmup=args.warmup,
-                        seed=args.seed, progress=not args.quiet)
+    rep = run_benchmark(
+        args.model,
+        runs,
+        batch=args.batch,
+        steps=args.steps,
+        thresholding=args.thresholding,
+        guidance_scale=args.guidance,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
     if args.json:
         print(json.dumps(rep, indent=2))
     else:

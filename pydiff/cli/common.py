@@ -56,7 +56,7 @@ def convert(text, what, convert_one):
 
 
 def scale_list(text):
-    """"3" -> 3.0 ; "1,4" -> [1.0, 4.0] (one scale per prompt or class label)."""
+    """ "3" -> 3.0 ; "1,4" -> [1.0, 4.0] (one scale per prompt or class label)."""
     parts = [p for p in text.split(",") if p.strip()]
     vals = [float(p) for p in parts]
     return vals[0] if len(vals) == 1 else vals
@@ -74,46 +74,81 @@ def thresholding_mode(text):
 def add_sampling_arguments(p, *, prompts=True) -> None:
     """The model, sampling and output arguments of generate, inpaint, img2img and upscale."""
     g = p.add_argument_group("model and sampling")
-    g.add_argument("--model", metavar="PATH", help="model package directory or bundled name "
-                                                   "(default: the bundled shapes cascade)")
-    g.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
-                   help="runtime for the networks (default: onnxruntime; tensorrt needs "
-                        "pydiff[tensorrt] and a GPU)")
-    g.add_argument("--fp16", action="store_true",
-                   help="TensorRT backend: float16 engines (TensorRT 10: the FP16 builder flag; "
-                        "11: the ONNX graph rewritten to float16, inputs and outputs float32)")
-    g.add_argument("--provider", choices=["auto", "cpu", "cuda", "tensorrt"], default=None,
-                   help="ONNX Runtime execution provider (default: CUDA when this onnxruntime "
-                        "has it, else CPU; cuda/tensorrt need onnxruntime-gpu)")
+    g.add_argument(
+        "--model",
+        metavar="PATH",
+        help="model package directory or bundled name (default: the bundled shapes cascade)",
+    )
+    g.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "onnxruntime", "tensorrt"],
+        help="runtime for the networks (default: onnxruntime; tensorrt needs pydiff[tensorrt] and a GPU)",
+    )
+    g.add_argument(
+        "--fp16",
+        action="store_true",
+        help="TensorRT backend: float16 engines (TensorRT 10: the FP16 builder flag; "
+        "11: the ONNX graph rewritten to float16, inputs and outputs float32)",
+    )
+    g.add_argument(
+        "--provider",
+        choices=["auto", "cpu", "cuda", "tensorrt"],
+        default=None,
+        help="ONNX Runtime execution provider (default: CUDA when this onnxruntime "
+        "has it, else CPU; cuda/tensorrt need onnxruntime-gpu)",
+    )
     g.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt")
     g.add_argument("--steps", action="append", metavar="[STAGE=]N", help="sampling steps")
-    g.add_argument("--sampler", action="append", metavar="[STAGE=]NAME",
-                   help="ddpm, ddim or dpmpp_2m")
-    g.add_argument("--guidance", action="append", metavar="[STAGE=]G[,G...]",
-                   help="classifier-free guidance scale; a comma list gives one per prompt")
-    g.add_argument("--guidance-type", choices=["cfg", "classifier", "clip"], default=None,
-                   help="cfg (classifier-free, default) or a guidance model of the package: "
-                        "classifier or clip (packages with such guidance_models)")
-    g.add_argument("--classifier-scale", metavar="S[,S...]",
-                   help="classifier guidance scale (default: the package's recommended); "
-                        "a comma list gives one per class label")
-    g.add_argument("--clip-scale", metavar="S[,S...]",
-                   help="CLIP guidance scale (default: the package's recommended); a comma list "
-                        "gives one per prompt")
-    g.add_argument("--thresholding", action="append", metavar="[STAGE=]MODE",
-                   help="none, static or dynamic")
+    g.add_argument("--sampler", action="append", metavar="[STAGE=]NAME", help="ddpm, ddim or dpmpp_2m")
+    g.add_argument(
+        "--guidance",
+        action="append",
+        metavar="[STAGE=]G[,G...]",
+        help="classifier-free guidance scale; a comma list gives one per prompt",
+    )
+    g.add_argument(
+        "--guidance-type",
+        choices=["cfg", "classifier", "clip"],
+        default=None,
+        help="cfg (classifier-free, default) or a guidance model of the package: "
+        "classifier or clip (packages with such guidance_models)",
+    )
+    g.add_argument(
+        "--classifier-scale",
+        metavar="S[,S...]",
+        help="classifier guidance scale (default: the package's recommended); "
+        "a comma list gives one per class label",
+    )
+    g.add_argument(
+        "--clip-scale",
+        metavar="S[,S...]",
+        help="CLIP guidance scale (default: the package's recommended); a comma list gives one per prompt",
+    )
+    g.add_argument("--thresholding", action="append", metavar="[STAGE=]MODE", help="none, static or dynamic")
     g.add_argument("--eta", action="append", metavar="[STAGE=]ETA", help="DDIM eta")
-    g.add_argument("--noise-aug-level", action="append", metavar="[STAGE=]LEVEL",
-                   help="augmentation timestep of the low-resolution input (SR stages)")
+    g.add_argument(
+        "--noise-aug-level",
+        action="append",
+        metavar="[STAGE=]LEVEL",
+        help="augmentation timestep of the low-resolution input (SR stages)",
+    )
     g.add_argument("--seed", type=int, help="random seed (default: random, reported by --json)")
     if prompts:
         g.add_argument("--negative-prompt", metavar="TEXT")
     o = p.add_argument_group("output")
-    o.add_argument("--out", default="out.png", metavar="PATH",
-                   help="PNG to write (missing folders are made once the images are); several images "
-                        "make a grid, one column per prompt, unless --no-grid")
-    o.add_argument("--no-grid", action="store_true",
-                   help="several images: one PNG each, OUT-0.png, OUT-1.png, ... (one image: OUT)")
+    o.add_argument(
+        "--out",
+        default="out.png",
+        metavar="PATH",
+        help="PNG to write (missing folders are made once the images are); several images "
+        "make a grid, one column per prompt, unless --no-grid",
+    )
+    o.add_argument(
+        "--no-grid",
+        action="store_true",
+        help="several images: one PNG each, OUT-0.png, OUT-1.png, ... (one image: OUT)",
+    )
     o.add_argument("--json", action="store_true", help="print what was made as JSON on stdout")
     o.add_argument("--json-out", metavar="PATH", help="also write that JSON to a file")
     o.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages")
@@ -151,7 +186,11 @@ def plain_mode(img, want: str | None):
     `want`: 'L' (masks, 1-channel models) or 'RGB'."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         a = np.asarray(img, np.float64)
-        top = 65535.0 if img.mode.startswith("I") and a.max(initial=0) > 255 else (1.0 if img.mode == "F" else 255.0)
+        top = (
+            65535.0
+            if img.mode.startswith("I") and a.max(initial=0) > 255
+            else (1.0 if img.mode == "F" else 255.0)
+        )
         img = Image.fromarray(np.clip(np.rint(a / top * 255.0), 0, 255).astype(np.uint8), "L")
     return img if img.mode == want else img.convert(want)
 

@@ -15,16 +15,23 @@ from pydiff.tools.export.minilm import export_text_encoder
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("export", help="write a pydiff model package (ONNX + manifest.json), or "
-                                             "rewrite ONNX files (float16, static shapes)")
+    p = subparsers.add_parser(
+        "export",
+        help="write a pydiff model package (ONNX + manifest.json), or "
+        "rewrite ONNX files (float16, static shapes)",
+    )
     esub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
     s = esub.add_parser("shapes", help="the shapes cascade from a base run and an SR run")
     s.add_argument("--base", required=True)
     s.add_argument("--sr", required=True)
     s.add_argument("--text-encoder", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--base-recommended", type=json.loads, default=None,
-                   help='JSON merged into the base stage\'s "recommended", e.g. \'{"guidance_scale": 4}\'')
+    s.add_argument(
+        "--base-recommended",
+        type=json.loads,
+        default=None,
+        help='JSON merged into the base stage\'s "recommended", e.g. \'{"guidance_scale": 4}\'',
+    )
     s.add_argument("--sr-recommended", type=json.loads, default=None)
     s.add_argument("--noise-aug-level", type=int, default=100)
     s.add_argument("--notes", default="", help="Markdown appended to TRAINING.md (e.g. eval figures)")
@@ -42,39 +49,67 @@ def register(subparsers) -> None:
     f.add_argument("--name", default=None)
     f.add_argument("--text-encoder", help="UNet2DConditionModel: folder with model.onnx + tokenizer.json")
     f.add_argument("--max-length", type=int, default=None, help="tokenizer length (default 77)")
-    f.add_argument("--null-class", action="store_true",
-                   help="class models: the last class embedding is a trained 'no class' label (enables CFG)")
-    f.add_argument("--attention-mask", action="store_true",
-                   help="text models: feed encoder_attention_mask (diffusers' SD/IF pipelines do not)")
+    f.add_argument(
+        "--null-class",
+        action="store_true",
+        help="class models: the last class embedding is a trained 'no class' label (enables CFG)",
+    )
+    f.add_argument(
+        "--attention-mask",
+        action="store_true",
+        help="text models: feed encoder_attention_mask (diffusers' SD/IF pipelines do not)",
+    )
     f.set_defaults(func=_run_diffusers)
     e = esub.add_parser("text-encoder", help="export all-MiniLM-L6-v2 to int8 ONNX")
     e.add_argument("--out", required=True)
     e.add_argument("--max-length", type=int, default=16)
     e.set_defaults(func=_run_text_encoder)
-    h = esub.add_parser("float16", help="rewrite ONNX networks to compute in float16 (float32 inputs and "
-                                        "outputs), for fp16 TensorRT 11 engines",
-                        description="rewrite ONNX networks to compute in float16 (float32 inputs and "
-                                    "outputs), for fp16 TensorRT 11 engines")
-    h.add_argument("--package", action="store_true",
-                   help="SRC and DST are model packages: convert every stage network")
+    h = esub.add_parser(
+        "float16",
+        help="rewrite ONNX networks to compute in float16 (float32 inputs and "
+        "outputs), for fp16 TensorRT 11 engines",
+        description="rewrite ONNX networks to compute in float16 (float32 inputs and "
+        "outputs), for fp16 TensorRT 11 engines",
+    )
+    h.add_argument(
+        "--package", action="store_true", help="SRC and DST are model packages: convert every stage network"
+    )
     h.add_argument("src", metavar="SRC")
     h.add_argument("dst", metavar="DST")
     h.set_defaults(func=_run_float16)
-    q = esub.add_parser("static-shapes", help="fold shape arithmetic of batch-dynamic ONNX files in place",
-                        description="fold shape arithmetic of batch-dynamic ONNX files in place")
+    q = esub.add_parser(
+        "static-shapes",
+        help="fold shape arithmetic of batch-dynamic ONNX files in place",
+        description="fold shape arithmetic of batch-dynamic ONNX files in place",
+    )
     q.add_argument("files", nargs="+", metavar="FILE")
     q.set_defaults(func=_run_static_shapes)
     first_line = ort_placement.__doc__.splitlines()[0]
-    o = esub.add_parser("ort-placement", help="predict the CPU nodes and Memcpy of ONNX Runtime's CUDA "
-                                              "provider for ONNX files", description=first_line)
+    o = esub.add_parser(
+        "ort-placement",
+        help="predict the CPU nodes and Memcpy of ONNX Runtime's CUDA provider for ONNX files",
+        description=first_line,
+    )
     o.add_argument("files", nargs="+", metavar="FILE")
     o.set_defaults(func=_run_ort_placement)
 
 
 def _run_shapes(a) -> int:
-    print(json.dumps(export_shapes(a.base, a.sr, a.text_encoder, a.out, base_recommended=a.base_recommended,
-                                   sr_recommended=a.sr_recommended, noise_aug_level=a.noise_aug_level,
-                                   extra_md=a.notes), indent=1))
+    print(
+        json.dumps(
+            export_shapes(
+                a.base,
+                a.sr,
+                a.text_encoder,
+                a.out,
+                base_recommended=a.base_recommended,
+                sr_recommended=a.sr_recommended,
+                noise_aug_level=a.noise_aug_level,
+                extra_md=a.notes,
+            ),
+            indent=1,
+        )
+    )
     return EXIT_OK
 
 
@@ -84,9 +119,21 @@ def _run_digits(a) -> int:
 
 
 def _run_diffusers(a) -> int:
-    print(json.dumps(import_diffusers(a.model, a.out, scheduler=a.scheduler, name=a.name,
-                                      text_encoder=a.text_encoder, max_length=a.max_length,
-                                      null_class=a.null_class, attention_mask=a.attention_mask), indent=1))
+    print(
+        json.dumps(
+            import_diffusers(
+                a.model,
+                a.out,
+                scheduler=a.scheduler,
+                name=a.name,
+                text_encoder=a.text_encoder,
+                max_length=a.max_length,
+                null_class=a.null_class,
+                attention_mask=a.attention_mask,
+            ),
+            indent=1,
+        )
+    )
     return EXIT_OK
 
 
@@ -107,8 +154,10 @@ def _run_float16(a) -> int:
 def _run_static_shapes(a) -> int:
     for f in a.files:
         r = static_shapes.freeze_shapes_file(f)
-        print(f"{f}: nodes {r['nodes_before']} -> {r['nodes_after']}, "
-              f"Shape/Size {r['shape_ops_before']} -> {r['shape_ops_after']}")
+        print(
+            f"{f}: nodes {r['nodes_before']} -> {r['nodes_after']}, "
+            f"Shape/Size {r['shape_ops_before']} -> {r['shape_ops_after']}"
+        )
     return EXIT_OK
 
 

@@ -18,8 +18,10 @@ from pydiff.tools.training.guidance import (
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("guidance", help="train and export guidance models: train-classifier, "
-                                               "train-clip, export-classifier, export-clip")
+    p = subparsers.add_parser(
+        "guidance",
+        help="train and export guidance models: train-classifier, train-clip, export-classifier, export-clip",
+    )
     sub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
     t = sub.add_parser("train-classifier", help="noise-aware classifier (digits, or shapes combinations)")
     t.add_argument("--task", choices=["digits", "shapes"], default="digits")
@@ -69,6 +71,7 @@ def _run_export_clip(a) -> int:
 
 
 def _run_export_classifier(a) -> int:
-    print(json.dumps(export_classifier(a.run, a.out, package=a.package, name=a.name, scale=a.scale),
-                     indent=1))
+    print(
+        json.dumps(export_classifier(a.run, a.out, package=a.package, name=a.name, scale=a.scale), indent=1)
+    )
     return EXIT_OK

@@ -24,6 +24,7 @@ from pydiff.cli.common import (
 from pydiff.errors import ModelOutputError, NonFiniteError, UsageError
 from pydiff.files import check_writable, write_json
 from pydiff.pipeline import _pipeline
+from pydiff.pipeline.requests import REQUESTS
 
 MODES = ("generate", "inpaint", "img2img", "upscale")
 
@@ -31,32 +32,48 @@ MODES = ("generate", "inpaint", "img2img", "upscale")
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="make images from prompts or class labels")
     p.add_argument("prompt", nargs="*", help="text prompt(s); several make one batch")
-    p.add_argument("--class-label", type=int, action="append", metavar="N",
-                   help="class index (class-conditional packages); repeat for several")
+    p.add_argument(
+        "--class-label",
+        type=int,
+        action="append",
+        metavar="N",
+        help="class index (class-conditional packages); repeat for several",
+    )
     add_sampling_arguments(p)
-    p.set_defaults(func=run, mode="generate")
+    p.set_defaults(func=run, kind="generate")
 
     p = subparsers.add_parser("inpaint", help="regenerate the white part of a mask")
     p.add_argument("image")
     p.add_argument("mask", help="white (255) = regenerate, black = keep")
     p.add_argument("prompt", nargs="*")
     p.add_argument("--class-label", type=int, action="append", metavar="N")
-    p.add_argument("--jump-length", action="append", metavar="[STAGE=]L",
-                   help="RePaint: steps redone per resampling jump (default: the package's, else 10)")
-    p.add_argument("--jump-n-sample", action="append", metavar="[STAGE=]R",
-                   help="RePaint: passes over each stretch of steps, 1 = no resampling "
-                        "(default: the package's, else 1)")
+    p.add_argument(
+        "--jump-length",
+        action="append",
+        metavar="[STAGE=]L",
+        help="RePaint: steps redone per resampling jump (default: the package's, else 10)",
+    )
+    p.add_argument(
+        "--jump-n-sample",
+        action="append",
+        metavar="[STAGE=]R",
+        help="RePaint: passes over each stretch of steps, 1 = no resampling (default: the package's, else 1)",
+    )
     add_sampling_arguments(p)
-    p.set_defaults(func=run, mode="inpaint")
+    p.set_defaults(func=run, kind="inpaint")
 
     p = subparsers.add_parser("img2img", help="edit an image (SDEdit)")
     p.add_argument("image")
     p.add_argument("prompt", nargs="*")
     p.add_argument("--class-label", type=int, action="append", metavar="N")
-    p.add_argument("--strength", action="append", metavar="[STAGE=]S",
-                   help="how far to noise the image, in (0, 1] (default 0.75)")
+    p.add_argument(
+        "--strength",
+        action="append",
+        metavar="[STAGE=]S",
+        help="how far to noise the image, in (0, 1] (default 0.75)",
+    )
     add_sampling_arguments(p)
-    p.set_defaults(func=run, mode="img2img")
+    p.set_defaults(func=run, kind="img2img")
 
     p = subparsers.add_parser("upscale", help="super-resolve an image with an SR stage")
     p.add_argument("image")
@@ -64,7 +81,7 @@ def register(subparsers) -> None:
     p.add_argument("--class-label", type=int, action="append", metavar="N")
     p.add_argument("--stage", help="super-resolution stage to start at (default: the first)")
     add_sampling_arguments(p)
-    p.set_defaults(func=run, mode="upscale")
+    p.set_defaults(func=run, kind="upscale")
 
 
 def run(args) -> int:
@@ -73,8 +90,12 @@ def run(args) -> int:
     if args.json_out:
         check_writable(args.json_out, "--json-out")
         j = Path(args.json_out).resolve()
-        if j == out.resolve() or (args.no_grid and j.parent == out.resolve().parent
-                                  and j.name.startswith(out.stem + "-") and j.suffix == out.suffix):
+        if j == out.resolve() or (
+            args.no_grid
+            and j.parent == out.resolve().parent
+            and j.name.startswith(out.stem + "-")
+            and j.suffix == out.suffix
+        ):
             raise UsageError(f"--json-out {args.json_out}: would overwrite an image (--out {args.out})")
     kwargs = dict(
         num_images=args.num_images,
@@ -84,8 +105,9 @@ def run(args) -> int:
         thresholding=per_stage(args.thresholding, "thresholding", thresholding_mode),
         eta=per_stage(args.eta, "eta", float),
         noise_aug_level=per_stage(args.noise_aug_level, "noise-aug-level", int),
-        seed=args.seed,   # None: the pipeline draws one (reported as plan.seed)
-        progress=not args.quiet, output_type="pil",
+        seed=args.seed,  # None: the pipeline draws one (reported as plan.seed)
+        progress=not args.quiet,
+        output_type="pil",
     )
     if args.guidance_type is not None:
         kwargs["guidance_type"] = args.guidance_type
@@ -100,18 +122,18 @@ def run(args) -> int:
         kwargs["class_label"] = args.class_label if len(args.class_label) > 1 else args.class_label[0]
     if args.negative_prompt is not None:
         kwargs["negative_prompt"] = args.negative_prompt
-    mode = args.mode
-    if mode in ("inpaint", "img2img", "upscale"):
+    kind = args.kind
+    if kind in ("inpaint", "img2img", "upscale"):
         kwargs["image"] = open_image(args.image, "image")
-    if mode == "inpaint":
+    if kind == "inpaint":
         kwargs["mask"] = open_image(args.mask, "mask")
         kwargs["jump_length"] = per_stage(args.jump_length, "jump-length", int)
         kwargs["jump_n_sample"] = per_stage(args.jump_n_sample, "jump-n-sample", int)
-    if mode == "img2img":
+    if kind == "img2img":
         strength = per_stage(args.strength, "strength", float)
         kwargs["strength"] = 0.75 if strength is None else strength
-    if mode == "upscale":
-        kwargs["start_stage"] = args.stage
+    if kind == "upscale":
+        kwargs["stage"] = args.stage
 
     t0 = time.perf_counter()
     options = {"providers": args.provider} if args.provider else {}
@@ -120,24 +142,29 @@ def run(args) -> int:
             raise UsageError("--fp16 builds float16 TensorRT engines: it needs --backend tensorrt")
         options["fp16"] = True
     pipe = _pipeline(args.model, args.backend, **options)
-    if "image" in kwargs:   # the image file as the model takes it (grey for 1-channel models)
-        channels = 3 if mode == "upscale" else pipe.package.stages[-1].channels
+    if "image" in kwargs:  # the image file as the model takes it (grey for 1-channel models)
+        channels = 3 if kind == "upscale" else pipe.package.stages[-1].channels
         kwargs["image"] = plain_mode(kwargs["image"], "L" if channels == 1 else "RGB")
-    plan = pipe.plan(prompt=prompts, mode=mode, **kwargs)   # validation: errors exit 2
+    plan = pipe.plan(REQUESTS[kind](prompt=prompts, **kwargs))  # validation: errors exit 2
     try:
         images = pipe.execute(plan)
-    except (NonFiniteError, ModelOutputError) as e:           # a broken network: the model's fault
+    except (NonFiniteError, ModelOutputError) as e:  # a broken network: the model's fault
         raise UsageError(f"the model failed: {e}") from e
-    except (ValueError, TypeError) as e:                     # past validation: our bug
+    except (ValueError, TypeError) as e:  # past validation: our bug
         raise InternalError(str(e)) from e
     elapsed = time.perf_counter() - t0
 
     written = []
     if len(images) == 1 or not args.no_grid:
         # one column per prompt (or class), its images down the column
-        img = images[0] if len(images) == 1 else imageio.make_grid(
-            _columns_by_prompt(images, plan.n_prompts, plan.num_images),
-            cols=plan.n_prompts if plan.n_prompts > 1 else None)
+        img = (
+            images[0]
+            if len(images) == 1
+            else imageio.make_grid(
+                _columns_by_prompt(images, plan.n_prompts, plan.num_images),
+                cols=plan.n_prompts if plan.n_prompts > 1 else None,
+            )
+        )
         imageio.save_png(img, out)
         written.append(str(out))
         paths = [str(out)] * len(images)
@@ -154,12 +181,23 @@ def run(args) -> int:
     per_prompt = plan.prompts or [None] * plan.n_prompts
     labels = plan.class_labels or [None] * plan.n_prompts
     report = {
-        "command": mode, "model": str(pipe.package.path), "package": pipe.package.name,
-        "backend": pipe.backend.describe(), "seed": plan.seed, "num_images": len(images),
+        "command": kind,
+        "model": str(pipe.package.path),
+        "package": pipe.package.name,
+        "backend": pipe.backend.describe(),
+        "seed": plan.seed,
+        "num_images": len(images),
         "grid": str(out) if len(images) > 1 and not args.no_grid else None,
         "size": list(images[0].size),
-        "images": [{"index": i, "path": paths[i], "prompt": per_prompt[i // plan.num_images],
-                    "class_label": labels[i // plan.num_images]} for i in range(len(images))],
+        "images": [
+            {
+                "index": i,
+                "path": paths[i],
+                "prompt": per_prompt[i // plan.num_images],
+                "class_label": labels[i // plan.num_images],
+            }
+            for i in range(len(images))
+        ],
         "stages": {n: s.as_dict() for n, s in plan.settings.items()},
         "guidance": _guidance_report(plan),
         "elapsed_s": round(elapsed, 4),
@@ -182,6 +220,9 @@ def _guidance_report(plan) -> dict:
     d = {"type": plan.guidance_type}
     if plan.guidance_model is not None:
         sc = plan.guidance_model_scale
-        d.update(model=plan.guidance_model.name, stage=plan.guidance_model.stage,
-                 scale=float(sc[0]) if (sc == sc[0]).all() else [float(v) for v in sc])
+        d.update(
+            model=plan.guidance_model.name,
+            stage=plan.guidance_model.stage,
+            scale=float(sc[0]) if (sc == sc[0]).all() else [float(v) for v in sc],
+        )
     return d

@@ -52,12 +52,15 @@ def run(args) -> int:
         return "unknown" if v is None else ("yes" if v else "no")
 
     print(f"pydiff {d['version']} (Python {d['python']})")
-    print(f"native kernels built: {yn(d['native_kernels'])}"
-          + (f"  ({d['native_error']})" if "native_error" in d else ""))
+    print(
+        f"native kernels built: {yn(d['native_kernels'])}"
+        + (f"  ({d['native_error']})" if "native_error" in d else "")
+    )
     print(f"CUDA twin available:  {yn(d['cuda_twin'])}")
     print(f"ONNX Runtime:         {d['onnxruntime']}  providers: {', '.join(d['ort_providers'])}")
     print(f"torch installed:      {yn(d['torch_installed'])}")
     models = d["bundled_models"]
-    print("bundled models:       " + (", ".join(f"{k} ({v})" for k, v in models.items())
-                                      if models else "none"))
+    print(
+        "bundled models:       " + (", ".join(f"{k} ({v})" for k, v in models.items()) if models else "none")
+    )
     return EXIT_OK

@@ -10,7 +10,9 @@ from pydiff.tools.training.trainer import TrainConfig, train
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a network (L_simple, Algorithm 1); resumes if the run exists")
+    p = subparsers.add_parser(
+        "train", help="train a network (L_simple, Algorithm 1); resumes if the run exists"
+    )
     p.add_argument("task", choices=["digits", "shapes-base", "shapes-sr64"])
     p.add_argument("--out", required=True, help="run directory (checkpoints, log, summary)")
     p.add_argument("--steps", type=int)
@@ -23,8 +25,11 @@ def register(subparsers) -> None:
     p.add_argument("--base-channels", type=int, help="override the preset's base channel count")
     p.add_argument("--num-res-blocks", type=int)
     p.add_argument("--ema-decay", type=float)
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
-                   help="what the network predicts (default epsilon; v_prediction: Salimans & Ho 2022)")
+    p.add_argument(
+        "--prediction-type",
+        choices=["epsilon", "v_prediction"],
+        help="what the network predicts (default epsilon; v_prediction: Salimans & Ho 2022)",
+    )
     p.add_argument("--ckpt-every-s", type=float, default=300.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
@@ -39,10 +44,20 @@ def run(a) -> int:
         model["num_res_blocks"] = a.num_res_blocks
     if a.task.startswith("shapes") and not a.text_encoder:
         raise UsageError("--text-encoder is required for shapes tasks")
-    cfg = TrainConfig.for_task(a.task, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                               text_encoder=a.text_encoder, max_noise_level=a.max_noise_level,
-                               crop=a.crop, model=model, ema_decay=a.ema_decay,
-                               prediction_type=a.prediction_type,
-                               ckpt_every_s=a.ckpt_every_s, threads=a.threads)
+    cfg = TrainConfig.for_task(
+        a.task,
+        steps=a.steps,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        seed=a.seed,
+        text_encoder=a.text_encoder,
+        max_noise_level=a.max_noise_level,
+        crop=a.crop,
+        model=model,
+        ema_decay=a.ema_decay,
+        prediction_type=a.prediction_type,
+        ckpt_every_s=a.ckpt_every_s,
+        threads=a.threads,
+    )
     train(cfg, a.out, command=command_line(a), progress=not a.no_progress)
     return EXIT_OK

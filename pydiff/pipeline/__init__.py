@@ -3,6 +3,7 @@
 The module-level functions run on a pipeline cached per (package path, backend); `model=` picks
 the package (a path or a `Pipeline`), default the bundled `shapes` cascade.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,19 @@ from pydiff.errors import PackageError
 from pydiff.package import bundled_packages, bundled_path, load_package, package_path
 from pydiff.pipeline.pipeline import Pipeline
 
-__all__ = ["Pipeline", "load", "generate", "inpaint", "img2img", "upscale", "PackageError",
-           "load_package", "bundled_path", "bundled_packages", "clear_cache"]
+__all__ = [
+    "Pipeline",
+    "load",
+    "generate",
+    "inpaint",
+    "img2img",
+    "upscale",
+    "PackageError",
+    "load_package",
+    "bundled_path",
+    "bundled_packages",
+    "clear_cache",
+]
 
 _cache: dict[tuple[str, str, str], Pipeline] = {}
 _cache_lock = threading.Lock()

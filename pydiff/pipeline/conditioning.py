@@ -22,7 +22,9 @@ from pydiff.pipeline.requests import Plan
 Conditions = dict[str, np.ndarray]
 
 
-def text_conditions(encoder, plan: Plan, empty: tuple[np.ndarray, np.ndarray]) -> tuple[Conditions, Conditions]:
+def text_conditions(
+    encoder, plan: Plan, empty: tuple[np.ndarray, np.ndarray]
+) -> tuple[Conditions, Conditions]:
     """(cond, uncond) token states [B, L, D] and masks [B, L], one row per image, prompt-major.
     `empty`: the encoder's output for [""] (cached by the pipeline)."""
     k = plan.num_images

@@ -9,6 +9,7 @@ and RePaint's noise for the kept region and its jumps (`pydiff.repaint`), come f
 counter-based generator seeded with ``(seed + stage index) mod 2**64``. Images depend on the
 batch they are made in (batch composition changes the draws), not on threads or timing.
 """
+
 from __future__ import annotations
 
 import sys
@@ -53,14 +54,14 @@ class Pipeline:
         self._schedules = {}
         self._aug_schedules = {}
         for st in package.stages:
-            self._schedules[st.name] = self._schedule(st.scheduler,
-                                                      f"stages[{st.index}].scheduler")
+            self._schedules[st.name] = self._schedule(st.scheduler, f"stages[{st.index}].scheduler")
             if st.is_super_resolution:
                 self._aug_schedules[st.name] = self._schedule(
-                    st.noise_aug_scheduler, f"stages[{st.index}].noise_aug.scheduler")
+                    st.noise_aug_scheduler, f"stages[{st.index}].noise_aug.scheduler"
+                )
         self._uncond_lock = threading.Lock()
         self._empty_encoding: tuple[np.ndarray, np.ndarray] | None = None
-        self._guidance_runtimes: dict[str, Any] = {}     # guidance model name -> runtime (lazy)
+        self._guidance_runtimes: dict[str, Any] = {}  # guidance model name -> runtime (lazy)
 
     def _schedule(self, config, key):
         try:
@@ -75,8 +76,7 @@ class Pipeline:
         return self.package.stage_names
 
     def __repr__(self) -> str:
-        return (f"Pipeline({self.package.name!r}, stages={self.stages}, "
-                f"backend={self.backend.name!r})")
+        return f"Pipeline({self.package.name!r}, stages={self.stages}, backend={self.backend.name!r})"
 
     def generate(self, prompt=None, **kwargs):
         """Images for `prompt` (a string or a list: one batch) or `class_label` (int or list).
@@ -141,13 +141,11 @@ class Pipeline:
         `request`: a request object; or, as keywords, `kind=` ("generate", "inpaint", "img2img",
         "upscale"; default "generate") and that kind's fields."""
         if request is None:
-            kind = kwargs.pop("kind", kwargs.pop("mode", "generate"))
+            kind = kwargs.pop("kind", "generate")
             if kind not in REQUESTS:
                 raise ValueError(f"unknown call kind {kind!r}; choose one of {list(REQUESTS)}")
             if kind != "inpaint" and {"jump_length", "jump_n_sample"} & kwargs.keys():
                 raise ValueError("jump_length and jump_n_sample are RePaint's inpainting settings")
-            if kind == "upscale" and "start_stage" in kwargs:
-                kwargs["stage"] = kwargs.pop("start_stage")
             request = REQUESTS[kind](**kwargs)
         elif kwargs:
             raise TypeError("plan() takes a request object or keywords, not both")
@@ -177,7 +175,7 @@ class Pipeline:
         for st in plan.stages:
             try:
                 x_prev = self._run_stage(plan, st, rng, text, x_prev)
-            except (NonFiniteError, ModelOutputError) as e:   # say which network misbehaved
+            except (NonFiniteError, ModelOutputError) as e:  # say which network misbehaved
                 raise type(e)(f"stage {st.name!r} ({st.onnx.name}): {e}") from e
         x = np.clip(x_prev, -1.0, 1.0)
         if plan.output_type == "numpy":
@@ -189,7 +187,6 @@ class Pipeline:
         with self._uncond_lock:
             rt = self._guidance_runtimes.get(spec.name)
             if rt is None:
-
                 try:
                     rt = load_guidance_model(spec, providers=getattr(self.backend, "providers", None))
                 except ValueError as e:
@@ -208,7 +205,9 @@ class Pipeline:
         if st.is_super_resolution:
             up = imageio.upsample_bilinear(np.clip(x_prev, -1.0, 1.0), R)
             aug_noise = rng.standard_normal(up.shape, dtype=np.float32)
-            low = np.asarray(self._aug_schedules[st.name].add_noise(up, aug_noise, s.noise_aug_level), np.float32)
+            low = np.asarray(
+                self._aug_schedules[st.name].add_noise(up, aug_noise, s.noise_aug_level), np.float32
+            )
         known, keep = conditioning.resized(plan, st)
         cond, uncond = conditioning.stage_conditions(
             plan, st, text, low_res=low, noise_level=s.noise_aug_level, known=known, keep=keep
@@ -271,7 +270,13 @@ class Pipeline:
             model = self.backend.model(st.name)
             if resample:  # RePaint: the kept region replaced after every step, with resampling
                 result = repaint(
-                    model, x, known, 1.0 - keep, jump_length=s.jump_length, jump_n_sample=s.jump_n_sample, **common
+                    model,
+                    x,
+                    known,
+                    1.0 - keep,
+                    jump_length=s.jump_length,
+                    jump_n_sample=s.jump_n_sample,
+                    **common,
                 )
             else:
                 result = sample(model, x, start_step=start_step, **common)
@@ -286,9 +291,12 @@ def _timesteps(schedule, steps, sampler):
 def _threshold_kwargs(s: StageSettings) -> dict:
     """The core's thresholding keywords for a stage's setting (diffusers' vocabulary)."""
     if s.thresholding == "dynamic":
-        return {"thresholding": True, "dynamic_thresholding_ratio": s.dynamic_thresholding_ratio,
-                "sample_max_value": s.sample_max_value, "clip_sample": False}
+        return {
+            "thresholding": True,
+            "dynamic_thresholding_ratio": s.dynamic_thresholding_ratio,
+            "sample_max_value": s.sample_max_value,
+            "clip_sample": False,
+        }
     if s.thresholding == "static":
-        return {"thresholding": False, "clip_sample": True,
-                "clip_sample_range": s.clip_sample_range}
+        return {"thresholding": False, "clip_sample": True, "clip_sample_range": s.clip_sample_range}
     return {"thresholding": False, "clip_sample": False}

@@ -55,10 +55,6 @@ class Plan:
     def batch(self) -> int:
         return self.n_prompts * self.num_images
 
-    @property
-    def mode(self) -> str:  # the name reports and older callers use
-        return self.kind
-
 
 def _str_list(value, what) -> list[str]:
     if isinstance(value, str):
@@ -135,7 +131,9 @@ class Request:
             raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
         num_images = int(num_images)
         if n_prompts * num_images > MAX_BATCH:
-            raise ValueError(f"{n_prompts} prompt(s) x {num_images} images is over the batch limit {MAX_BATCH}")
+            raise ValueError(
+                f"{n_prompts} prompt(s) x {num_images} images is over the batch limit {MAX_BATCH}"
+            )
         seed = self.seed
         if seed is None:
             seed = random_seed()
@@ -146,7 +144,9 @@ class Request:
         if self.callback is not None and not callable(self.callback):
             raise TypeError("callback must be callable(stage, i, t, x)")
 
-        gtype, gspec, gscale, labels = self._guidance_model(pkg, stages, prompts, labels, n_prompts, num_images)
+        gtype, gspec, gscale, labels = self._guidance_model(
+            pkg, stages, prompts, labels, n_prompts, num_images
+        )
         settings = resolve(
             pkg,
             stages,
@@ -295,7 +295,11 @@ class Request:
             if labels is None or any(c is None for c in labels):
                 raise ValueError(
                     "classifier guidance needs class_label (the class to guide to)"
-                    + (", or a prompt that is one of the classifier's class_names" if gspec.class_names else "")
+                    + (
+                        ", or a prompt that is one of the classifier's class_names"
+                        if gspec.class_names
+                        else ""
+                    )
                 )
             for c in labels:
                 if not 0 <= c < gspec.num_classes:

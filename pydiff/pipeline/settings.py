@@ -1,4 +1,5 @@
 """Per-stage sampling settings: manifest recommendations, overridden per call, validated up front."""
+
 from __future__ import annotations
 
 import math
@@ -13,24 +14,33 @@ from pydiff.schedules import Schedule
 from pydiff.step_params import THRESHOLDINGS
 
 # Used when a manifest's `recommended` block leaves a key out.
-FALLBACK = {"sampler": "ddim", "steps": 25, "guidance_scale": 1.0, "eta": 0.0,
-            "thresholding": "none", "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0,
-            "clip_sample_range": 1.0, "jump_length": 10, "jump_n_sample": 1}
+FALLBACK = {
+    "sampler": "ddim",
+    "steps": 25,
+    "guidance_scale": 1.0,
+    "eta": 0.0,
+    "thresholding": "none",
+    "dynamic_thresholding_ratio": 0.995,
+    "sample_max_value": 1.0,
+    "clip_sample_range": 1.0,
+    "jump_length": 10,
+    "jump_n_sample": 1,
+}
 
 
 @dataclass(frozen=True)
 class StageSettings:
     sampler: str
     steps: int
-    guidance_scale: np.ndarray       # float32 [B] per-sample scales
+    guidance_scale: np.ndarray  # float32 [B] per-sample scales
     eta: float
-    thresholding: str                # "none" | "static" | "dynamic"
+    thresholding: str  # "none" | "static" | "dynamic"
     dynamic_thresholding_ratio: float
     sample_max_value: float
     clip_sample_range: float
-    noise_aug_level: int | None      # super-resolution stages only
-    strength: float | None = None    # img2img only
-    jump_length: int | None = None   # inpaint (RePaint resampling) only
+    noise_aug_level: int | None  # super-resolution stages only
+    strength: float | None = None  # img2img only
+    jump_length: int | None = None  # inpaint (RePaint resampling) only
     jump_n_sample: int | None = None
 
     @property
@@ -39,9 +49,13 @@ class StageSettings:
 
     def as_dict(self) -> dict:
         g = self.guidance_scale
-        d = {"sampler": self.sampler, "steps": self.steps,
-             "guidance_scale": float(g[0]) if np.all(g == g[0]) else [float(v) for v in g],
-             "eta": self.eta, "thresholding": self.thresholding}
+        d = {
+            "sampler": self.sampler,
+            "steps": self.steps,
+            "guidance_scale": float(g[0]) if np.all(g == g[0]) else [float(v) for v in g],
+            "eta": self.eta,
+            "thresholding": self.thresholding,
+        }
         if self.thresholding == "dynamic":
             d["dynamic_thresholding_ratio"] = self.dynamic_thresholding_ratio
             d["sample_max_value"] = self.sample_max_value
@@ -63,12 +77,12 @@ def per_stage(value: Any, what: str, package: Package, stages: list[Stage]) -> d
     if isinstance(value, Mapping):
         unknown = [k for k in value if k not in package.stage_names]
         if unknown:
-            raise ValueError(f"{what}: unknown stage {unknown[0]!r}; this package's stages are "
-                             f"{package.stage_names}")
+            raise ValueError(
+                f"{what}: unknown stage {unknown[0]!r}; this package's stages are {package.stage_names}"
+            )
         not_run = [k for k in value if k not in names]
         if not_run:
-            raise ValueError(f"{what}: stage {not_run[0]!r} does not run in this call "
-                             f"(stages run: {names})")
+            raise ValueError(f"{what}: stage {not_run[0]!r} does not run in this call (stages run: {names})")
         return {n: value.get(n) for n in names}
     return {n: value for n in names}
 
@@ -91,15 +105,30 @@ def guidance_array(value, what: str, n_prompts: int, num_images: int) -> np.ndar
             return np.repeat(np.asarray(vals, np.float32), num_images)
         if len(vals) == B:
             return np.asarray(vals, np.float32)
-        raise ValueError(f"{what}: {len(vals)} guidance scales for {n_prompts} prompt(s) x "
-                         f"{num_images} image(s); give one, one per prompt or one per image")
+        raise ValueError(
+            f"{what}: {len(vals)} guidance scales for {n_prompts} prompt(s) x "
+            f"{num_images} image(s); give one, one per prompt or one per image"
+        )
     return np.full(B, _finite(value, what), np.float32)
 
 
-def resolve(package: Package, stages: list[Stage], *, n_prompts: int, num_images: int,
-            steps=None, sampler=None, guidance_scale=None, thresholding=None, eta=None,
-            noise_aug_level=None, strength=None, jump_length=None, jump_n_sample=None,
-            inpaint: bool = False) -> dict[str, StageSettings]:
+def resolve(
+    package: Package,
+    stages: list[Stage],
+    *,
+    n_prompts: int,
+    num_images: int,
+    steps=None,
+    sampler=None,
+    guidance_scale=None,
+    thresholding=None,
+    eta=None,
+    noise_aug_level=None,
+    strength=None,
+    jump_length=None,
+    jump_n_sample=None,
+    inpaint: bool = False,
+) -> dict[str, StageSettings]:
     """Merge per-call settings with each stage's `recommended`, validating every value."""
     steps_ = per_stage(steps, "steps", package, stages)
     sampler_ = per_stage(sampler, "sampler", package, stages)
@@ -116,7 +145,7 @@ def resolve(package: Package, stages: list[Stage], *, n_prompts: int, num_images
     out: dict[str, StageSettings] = {}
     for st in stages:
         rec = {**FALLBACK, **{k_: v for k_, v in st.recommended.items() if k_ != "inpaint"}}
-        if inpaint:     # the package's inpainting recommendation (RePaint resampling, guidance)
+        if inpaint:  # the package's inpainting recommendation (RePaint resampling, guidance)
             rec.update(st.recommended.get("inpaint") or {})
         n = st.name
 
@@ -140,8 +169,7 @@ def resolve(package: Package, stages: list[Stage], *, n_prompts: int, num_images
         if e < 0:
             raise ValueError(f"eta for stage {n!r} must be >= 0, got {e}")
         if e != 0 and s != "ddim":
-            raise ValueError(f"eta for stage {n!r}: eta applies to the 'ddim' sampler only, "
-                             f"not {s!r}")
+            raise ValueError(f"eta for stage {n!r}: eta applies to the 'ddim' sampler only, not {s!r}")
 
         th = thr_[n] if thr_[n] is not None else rec["thresholding"]
         if th is True:
@@ -149,8 +177,9 @@ def resolve(package: Package, stages: list[Stage], *, n_prompts: int, num_images
         elif th is False:
             th = "none"
         if th not in THRESHOLDINGS:
-            raise ValueError(f"thresholding for stage {n!r}: expected one of {list(THRESHOLDINGS)} "
-                             f"or a bool, got {th!r}")
+            raise ValueError(
+                f"thresholding for stage {n!r}: expected one of {list(THRESHOLDINGS)} or a bool, got {th!r}"
+            )
 
         lvl = None
         if st.is_super_resolution:
@@ -159,8 +188,9 @@ def resolve(package: Package, stages: list[Stage], *, n_prompts: int, num_images
             top = T_aug - 1 if st.noise_aug_max_level is None else st.noise_aug_max_level
             if isinstance(lvl, bool) or not isinstance(lvl, (int, np.integer)) or not 0 <= lvl <= top:
                 trained = "" if top == T_aug - 1 else f" (the levels stage {n!r} was trained on)"
-                raise ValueError(f"noise_aug_level for stage {n!r} must be an integer in "
-                                 f"0..{top}{trained}, got {lvl!r}")
+                raise ValueError(
+                    f"noise_aug_level for stage {n!r} must be an integer in 0..{top}{trained}, got {lvl!r}"
+                )
             lvl = int(lvl)
         elif isinstance(noise_aug_level, Mapping) and noise_aug_level.get(n) is not None:
             raise ValueError(f"noise_aug_level: stage {n!r} is not a super-resolution stage")
@@ -172,8 +202,9 @@ def resolve(package: Package, stages: list[Stage], *, n_prompts: int, num_images
             if not 0.0 < sv <= 1.0:
                 raise ValueError(f"strength for stage {n!r} must be in (0, 1], got {sv}")
             if int(int(k) * sv) < 1:
-                raise ValueError(f"strength {sv} with {k} steps runs no step for stage {n!r}; "
-                                 f"raise strength or steps")
+                raise ValueError(
+                    f"strength {sv} with {k} steps runs no step for stage {n!r}; raise strength or steps"
+                )
 
         jl = jn = None
         for what, given in (("jump_length", jump_length), ("jump_n_sample", jump_n_sample)):
@@ -187,24 +218,34 @@ def resolve(package: Package, stages: list[Stage], *, n_prompts: int, num_images
                     raise ValueError(f"{what} for stage {n!r} must be a positive integer, got {v!r}")
             jl, jn = int(jl), int(jn)
             if jn > 1 and jl >= int(k):
-                raise ValueError(f"jump_length {jl} must be less than the {k} steps of stage {n!r} to "
-                                 f"resample (jump_n_sample {jn}); shorten the jumps or use "
-                                 f"jump_n_sample=1")
+                raise ValueError(
+                    f"jump_length {jl} must be less than the {k} steps of stage {n!r} to "
+                    f"resample (jump_n_sample {jn}); shorten the jumps or use "
+                    f"jump_n_sample=1"
+                )
             if int(k) * jn > MAX_STEPS:
-                raise ValueError(f"jump_n_sample {jn} x {k} steps for stage {n!r} is over the "
-                                 f"{MAX_STEPS}-step limit")
+                raise ValueError(
+                    f"jump_n_sample {jn} x {k} steps for stage {n!r} is over the {MAX_STEPS}-step limit"
+                )
 
-        if s == "ddim" and e > 1:   # beyond 1 eta can ask for more noise than a step holds
-
+        if s == "ddim" and e > 1:  # beyond 1 eta can ask for more noise than a step holds
             try:
                 make_sampler("ddim", Schedule.from_config(dict(st.scheduler)), int(k), eta=e)
             except ValueError as err:
                 raise ValueError(f"eta for stage {n!r}: {err}") from None
 
         out[n] = StageSettings(
-            sampler=s, steps=int(k), guidance_scale=g, eta=e, thresholding=th,
+            sampler=s,
+            steps=int(k),
+            guidance_scale=g,
+            eta=e,
+            thresholding=th,
             dynamic_thresholding_ratio=_finite(rec["dynamic_thresholding_ratio"], "ratio"),
             sample_max_value=_finite(rec["sample_max_value"], "sample_max_value"),
             clip_sample_range=_finite(rec["clip_sample_range"], "clip_sample_range"),
-            noise_aug_level=lvl, strength=sv, jump_length=jl, jump_n_sample=jn)
+            noise_aug_level=lvl,
+            strength=sv,
+            jump_length=jl,
+            jump_n_sample=jn,
+        )
     return out

@@ -3,6 +3,7 @@
 They mirror the C++ formulas operation by operation in float32, so that the native kernels can
 be checked against them to a few ulp (usually bit for bit). They are slow; use pydiff.ops.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,10 +57,22 @@ def sincos_2pi(u: np.ndarray):
     r = u - q.astype(F32) * F32(0.25)
     t = r * F32(6.28318531)
     t2 = t * t
-    sn = t * (F32(1) + t2 * (F32(-1.66666667e-01) + t2 * (F32(8.33333333e-03) + t2 * (
-        F32(-1.98412698e-04) + t2 * F32(2.75573192e-06)))))
-    cs = F32(1) + t2 * (F32(-0.5) + t2 * (F32(4.16666667e-02) + t2 * (F32(-1.38888889e-03) + t2 * (
-        F32(2.48015873e-05) + t2 * F32(-2.75573192e-07)))))
+    sn = t * (
+        F32(1)
+        + t2
+        * (
+            F32(-1.66666667e-01)
+            + t2 * (F32(8.33333333e-03) + t2 * (F32(-1.98412698e-04) + t2 * F32(2.75573192e-06)))
+        )
+    )
+    cs = F32(1) + t2 * (
+        F32(-0.5)
+        + t2
+        * (
+            F32(4.16666667e-02)
+            + t2 * (F32(-1.38888889e-03) + t2 * (F32(2.48015873e-05) + t2 * F32(-2.75573192e-07)))
+        )
+    )
     k = q & 3
     c = np.select([k == 0, k == 1, k == 2], [cs, -sn, -cs], sn)
     s = np.select([k == 0, k == 1, k == 2], [sn, cs, -sn], -cs)
@@ -76,8 +89,14 @@ def randn(seed: int, step: int, count: int, offset: int = 0) -> np.ndarray:
         return np.zeros(0, F32)
     g0, g1 = offset // 4, (offset + count + 3) // 4
     g = np.arange(g0, g1, dtype=np.uint64)
-    r = philox4x32_10(g & _MASK32, g >> np.uint64(32), np.full_like(g, step & 0xFFFFFFFF),
-                      np.full_like(g, _STREAM_TAG), seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
+    r = philox4x32_10(
+        g & _MASK32,
+        g >> np.uint64(32),
+        np.full_like(g, step & 0xFFFFFFFF),
+        np.full_like(g, _STREAM_TAG),
+        seed & 0xFFFFFFFF,
+        (seed >> 32) & 0xFFFFFFFF,
+    )
     out = np.empty((len(g), 4), F32)
     for p in range(2):
         u1 = ((r[2 * p] >> 8) + 1).astype(F32) * F32(2.0**-24)
@@ -86,7 +105,7 @@ def randn(seed: int, step: int, count: int, offset: int = 0) -> np.ndarray:
         c, s = sincos_2pi(u2)
         out[:, 2 * p], out[:, 2 * p + 1] = rad * c, rad * s
     flat = out.reshape(-1)
-    return flat[offset - 4 * g0: offset - 4 * g0 + count].copy()
+    return flat[offset - 4 * g0 : offset - 4 * g0 + count].copy()
 
 
 # ---------------------------------------------------------------- per-element formulas
@@ -142,7 +161,7 @@ def fma32(a, b, c) -> np.float32:
     r = F32(s)
     if e != 0.0 and float(r) != s:
         other = np.nextafter(r, F32(np.inf) if s > float(r) else F32(-np.inf))
-        if s == (float(r) + float(other)) / 2:          # a midpoint: the exact sum is off it
+        if s == (float(r) + float(other)) / 2:  # a midpoint: the exact sum is off it
             s = float(np.nextafter(s, np.inf if e > 0 else -np.inf))
             r = F32(s)
     return r
@@ -179,8 +198,7 @@ def _per_sample(v, like):
     return v.reshape((-1,) + (1,) * (like.ndim - 1)) if v.ndim == 1 else v
 
 
-def fused_step(x, model_output, params: dict, *, guided=False, guidance_scale=1.0, x0_prev=None,
-               noise=None):
+def fused_step(x, model_output, params: dict, *, guided=False, guidance_scale=1.0, x0_prev=None, noise=None):
     """One denoising step exactly as the native fused step computes it.
 
     x [B, ...]; model_output [B, ...] or, when guided, [2B, ...] = [cond; uncond];

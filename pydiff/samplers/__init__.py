@@ -1,4 +1,5 @@
 """Samplers: one file each, one class each, driving the fused native step."""
+
 from __future__ import annotations
 
 from pydiff.samplers.base import NonFiniteError, Sampler, StepCoefficients
@@ -20,5 +21,13 @@ def make_sampler(name: str, schedule, steps: int, *, eta: float = 0.0, **options
     return SAMPLERS[name](schedule, steps, **options)
 
 
-__all__ = ["SAMPLERS", "make_sampler", "Sampler", "StepCoefficients", "NonFiniteError", "DDPM", "DDIM",
-           "DPMSolverPP2M"]
+__all__ = [
+    "SAMPLERS",
+    "make_sampler",
+    "Sampler",
+    "StepCoefficients",
+    "NonFiniteError",
+    "DDPM",
+    "DDIM",
+    "DPMSolverPP2M",
+]

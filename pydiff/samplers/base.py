@@ -1,4 +1,5 @@
 """What every sampler shares: timesteps, thresholding settings, and driving the fused step."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +11,13 @@ from pydiff import ops, reference
 from pydiff.errors import NonFiniteError
 from pydiff.schedules import Schedule, timesteps
 
-THRESHOLD_KEYS = ("thresholding", "dynamic_thresholding_ratio", "sample_max_value", "clip_sample",
-                  "clip_sample_range")
+THRESHOLD_KEYS = (
+    "thresholding",
+    "dynamic_thresholding_ratio",
+    "sample_max_value",
+    "clip_sample",
+    "clip_sample_range",
+)
 
 
 @dataclasses.dataclass
@@ -40,8 +46,15 @@ class Sampler:
 
     name = "base"
 
-    def __init__(self, schedule: Schedule, steps: int, *, use_clipped_model_output: bool = False,
-                 backend: str = "native", **threshold_overrides):
+    def __init__(
+        self,
+        schedule: Schedule,
+        steps: int,
+        *,
+        use_clipped_model_output: bool = False,
+        backend: str = "native",
+        **threshold_overrides,
+    ):
         unknown = set(threshold_overrides) - set(THRESHOLD_KEYS)
         if unknown:
             raise TypeError(f"unknown sampler option(s): {', '.join(sorted(unknown))}")
@@ -76,23 +89,43 @@ class Sampler:
             mode = ops.STATIC_CLIP
         else:
             mode = ops.NO_THRESHOLD
-        return dict(threshold_mode=mode, clip_range=float(s.clip_sample_range),
-                    dynamic_ratio=float(s.dynamic_thresholding_ratio),
-                    sample_max_value=float(s.sample_max_value),
-                    use_clipped_eps=int(self.use_clipped_model_output))
+        return dict(
+            threshold_mode=mode,
+            clip_range=float(s.clip_sample_range),
+            dynamic_ratio=float(s.dynamic_thresholding_ratio),
+            sample_max_value=float(s.sample_max_value),
+            use_clipped_eps=int(self.use_clipped_model_output),
+        )
 
     def params(self, i: int, seed: int, noise_step: int | None = None) -> dict:
         """The fields of the native StepParams for step i (noise stream (seed, noise_step), default i)."""
         c = self.coefficients(i)
-        return dict(alpha=c.alpha, sigma=c.sigma, c_x=c.c_x, c_x0=c.c_x0, c_eps=c.c_eps, c_d=c.c_d,
-                    c_noise=c.c_noise, prediction_type=ops.PREDICTION_CODES[self.schedule.prediction_type],
-                    seed=int(seed) & (2**64 - 1),
-                    noise_step=(i if noise_step is None else int(noise_step)) & 0xFFFFFFFF,
-                    **self._threshold_fields())
+        return dict(
+            alpha=c.alpha,
+            sigma=c.sigma,
+            c_x=c.c_x,
+            c_x0=c.c_x0,
+            c_eps=c.c_eps,
+            c_d=c.c_d,
+            c_noise=c.c_noise,
+            prediction_type=ops.PREDICTION_CODES[self.schedule.prediction_type],
+            seed=int(seed) & (2**64 - 1),
+            noise_step=(i if noise_step is None else int(noise_step)) & 0xFFFFFFFF,
+            **self._threshold_fields(),
+        )
 
-    def step(self, model_output: np.ndarray, x: np.ndarray, i: int, *, guidance_scale=None,
-             seed: int = 0, noise: np.ndarray | None = None, out: np.ndarray | None = None,
-             noise_step: int | None = None) -> np.ndarray:
+    def step(
+        self,
+        model_output: np.ndarray,
+        x: np.ndarray,
+        i: int,
+        *,
+        guidance_scale=None,
+        seed: int = 0,
+        noise: np.ndarray | None = None,
+        out: np.ndarray | None = None,
+        noise_step: int | None = None,
+    ) -> np.ndarray:
         """x_{t_{i+1}} from x_{t_i} and the network output at t_i.
 
         model_output [B, ...], or [2B, ...] = [cond; uncond] when guidance_scale is given.
@@ -107,9 +140,14 @@ class Sampler:
         if not history:
             fields["c_d"] = 0.0
         if self.backend == "reference":
-            res, x0, _ = reference.fused_step(x, model_output, fields, guided=guidance_scale is not None,
-                                              guidance_scale=1.0 if guidance_scale is None else guidance_scale,
-                                              x0_prev=self._x0_prev if history else None)
+            res, x0, _ = reference.fused_step(
+                x,
+                model_output,
+                fields,
+                guided=guidance_scale is not None,
+                guidance_scale=1.0 if guidance_scale is None else guidance_scale,
+                x0_prev=self._x0_prev if history else None,
+            )
             bad = int(np.count_nonzero(~np.isfinite(res)))
             bad += int(np.count_nonzero(~np.isfinite(model_output)))
         else:
@@ -118,11 +156,21 @@ class Sampler:
                 if self._x0_next is None or self._x0_next.shape != x.shape:
                     self._x0_next = np.empty(x.shape, np.float32)
                 x0 = self._x0_next
-            res, bad = ops.fused_step(x, model_output, ops.step_params(**fields), guidance_scale=guidance_scale,
-                                      x0_prev=self._x0_prev if history else None, x0_out=x0, out=out)
+            res, bad = ops.fused_step(
+                x,
+                model_output,
+                ops.step_params(**fields),
+                guidance_scale=guidance_scale,
+                x0_prev=self._x0_prev if history else None,
+                x0_out=x0,
+                out=out,
+            )
         if bad:
-            where = "the network's output" if not np.all(np.isfinite(model_output)) else (
-                "x_t" if not np.all(np.isfinite(x)) else "the update (overflow)")
+            where = (
+                "the network's output"
+                if not np.all(np.isfinite(model_output))
+                else ("x_t" if not np.all(np.isfinite(x)) else "the update (overflow)")
+            )
             raise NonFiniteError(f"{self.name} step {i} (t={int(self.timesteps[i])}): NaN or Inf in {where}")
         if noise is not None and c_noise != 0.0:
             res = (res + np.float32(c_noise) * np.asarray(noise, np.float32)).astype(np.float32, copy=False)

@@ -1,4 +1,5 @@
 """DDIM sampling."""
+
 from __future__ import annotations
 
 from pydiff.samplers.base import Sampler, StepCoefficients, sqrt
@@ -18,7 +19,7 @@ class DDIM(Sampler):
             raise ValueError(f"eta must be >= 0, got {eta}")
         self.eta = float(eta)
         super().__init__(schedule, steps, **kwargs)
-        if self.eta > 1.0:   # refuse now, not in the middle of a run
+        if self.eta > 1.0:  # refuse now, not in the middle of a run
             for i in range(len(self.timesteps)):
                 self.coefficients(i)
 
@@ -35,9 +36,18 @@ class DDIM(Sampler):
         variance = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
         std = self.eta * sqrt(variance)
         rest = 1.0 - a_prev - std * std
-        if rest < -1e-12:   # eta > 1 can ask for more noise than x_{t'} has (diffusers: NaN)
-            raise ValueError(f"eta={self.eta:g}: the noise (std {std:.4g}) exceeds what x_{{t'}} holds at "
-                             f"t={t} -> {prev}; eta <= 1 always fits")
-        return StepCoefficients(t=t, alpha=sqrt(a_t), sigma=sqrt(1.0 - a_t), c_x0=sqrt(a_prev),
-                                c_eps=sqrt(max(rest, 0.0)), c_noise=std if self.eta > 0 else 0.0,
-                                alpha_next=sqrt(a_prev), sigma_next=sqrt(1.0 - a_prev))
+        if rest < -1e-12:  # eta > 1 can ask for more noise than x_{t'} has (diffusers: NaN)
+            raise ValueError(
+                f"eta={self.eta:g}: the noise (std {std:.4g}) exceeds what x_{{t'}} holds at "
+                f"t={t} -> {prev}; eta <= 1 always fits"
+            )
+        return StepCoefficients(
+            t=t,
+            alpha=sqrt(a_t),
+            sigma=sqrt(1.0 - a_t),
+            c_x0=sqrt(a_prev),
+            c_eps=sqrt(max(rest, 0.0)),
+            c_noise=std if self.eta > 0 else 0.0,
+            alpha_next=sqrt(a_prev),
+            sigma_next=sqrt(1.0 - a_prev),
+        )

@@ -1,4 +1,5 @@
 """DDPM ancestral sampling."""
+
 from __future__ import annotations
 
 from pydiff.samplers.base import Sampler, StepCoefficients, sqrt
@@ -27,7 +28,12 @@ class DDPM(Sampler):
         else:  # fixed_large
             var = cur_beta
         return StepCoefficients(
-            t=t, alpha=sqrt(a_t), sigma=sqrt(beta_prod_t),
+            t=t,
+            alpha=sqrt(a_t),
+            sigma=sqrt(beta_prod_t),
             c_x0=sqrt(a_prev) * cur_beta / beta_prod_t,
             c_x=sqrt(cur_alpha) * beta_prod_prev / beta_prod_t,
-            c_noise=sqrt(var) if t > 0 else 0.0, alpha_next=sqrt(a_prev), sigma_next=sqrt(beta_prod_prev))
+            c_noise=sqrt(var) if t > 0 else 0.0,
+            alpha_next=sqrt(a_prev),
+            sigma_next=sqrt(beta_prod_prev),
+        )

@@ -1,4 +1,5 @@
 """DPM-Solver++ 2M."""
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,9 @@ class DPMSolverPP2M(Sampler):
     def coefficients(self, i: int) -> StepCoefficients:
         alpha_s, sigma_s = self._alpha_sigma(i)
         alpha_t, sigma_t = self._alpha_sigma(i + 1)
-        c = StepCoefficients(t=int(self.timesteps[i]), alpha=alpha_s, sigma=sigma_s,
-                             alpha_next=alpha_t, sigma_next=sigma_t)
+        c = StepCoefficients(
+            t=int(self.timesteps[i]), alpha=alpha_s, sigma=sigma_s, alpha_next=alpha_t, sigma_next=sigma_t
+        )
         if sigma_t == 0.0:  # the last step: lambda_t = +inf, exp(-h) = 0, x_t = x0
             c.c_x0 = 1.0
             return c

@@ -4,8 +4,8 @@ Both sides run the same networks with the same settings, batch and starting nois
 in one process, alternating repeats:
 
 - pydiff: `Pipeline.generate` on ONNX Runtime with the fused native step;
-- peer: the package's stages as PyTorch modules (from the training runs the package was exported
-  from), eager, in the loop every diffusers pipeline runs: diffusers' scheduler (`step`, with its
+- peer: the package's stages as PyTorch modules (rebuilt from the package's own weights,
+  pydiff.tools.training.from_package; or from training runs with `--run`), eager, in the loop every diffusers pipeline runs: diffusers' scheduler (`step`, with its
   `_threshold_sample` when thresholding is dynamic), the torch CFG mix, `torch.nn.functional.
   interpolate` and `scheduler.add_noise` for the noise-conditioning augmentation.
 
@@ -13,6 +13,7 @@ Per step, the time spent outside the network = (time between two step ends) - (n
 that step). Text encoding (ONNX Runtime, once per batch) is the same code on both sides.
 torch is imported only here.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,12 +28,15 @@ from pydiff import __version__, ops
 from pydiff.imageio import save_png, to_numpy
 from pydiff.package import INPUT_SPECS
 from pydiff.pipeline import Pipeline, bundled_path
+from pydiff.tools.training.from_package import torch_modules
 from pydiff.tools.training.trainer import load_torch_modules
 
-# the runs the bundled shapes stages were exported from (export/build_bundled.sh, TRAINING.md)
-DEFAULT_RUNS = {"base": "runs/shapes_base_pp", "sr64": "runs/shapes_sr64_v"}
-PROMPTS = ["a red circle on a blue background", "a green square on a yellow background",
-           "a blue triangle on a white background", "a yellow circle on a black background"]
+PROMPTS = [
+    "a red circle on a blue background",
+    "a green square on a yellow background",
+    "a blue triangle on a white background",
+    "a yellow circle on a black background",
+]
 
 
 class _Timed:
@@ -65,13 +69,15 @@ def _scheduler(stage, settings):
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     sc = dict(stage.scheduler)
-    kw = dict(num_train_timesteps=int(sc.get("num_train_timesteps", 1000)),
-              beta_schedule=sc.get("beta_schedule", "linear"),
-              prediction_type=stage.prediction_type,
-              timestep_spacing=sc.get("timestep_spacing", "leading"),
-              thresholding=settings.thresholding == "dynamic",
-              dynamic_thresholding_ratio=settings.dynamic_thresholding_ratio,
-              sample_max_value=settings.sample_max_value)
+    kw = dict(
+        num_train_timesteps=int(sc.get("num_train_timesteps", 1000)),
+        beta_schedule=sc.get("beta_schedule", "linear"),
+        prediction_type=stage.prediction_type,
+        timestep_spacing=sc.get("timestep_spacing", "leading"),
+        thresholding=settings.thresholding == "dynamic",
+        dynamic_thresholding_ratio=settings.dynamic_thresholding_ratio,
+        sample_max_value=settings.sample_max_value,
+    )
     for k in ("beta_start", "beta_end", "steps_offset"):
         if k in sc:
             kw[k] = sc[k]
@@ -81,10 +87,12 @@ def _scheduler(stage, settings):
             # sample_max_value 1 clamps the per-sample scale s to [1, 1], i.e. clips x0 to [-1, 1].
             # Another range has no diffusers equivalent (s = r then rescales x0 by 1 / r).
             if settings.clip_sample_range != 1.0:
-                raise ValueError(f"stage {stage.name!r}: static clipping to +-{settings.clip_sample_range} "
-                                 f"with dpmpp_2m has no diffusers equivalent (its DPMSolverMultistep"
-                                 f"Scheduler clips only through thresholding, to [-1, 1]); benchmark "
-                                 f"another sampler or thresholding")
+                raise ValueError(
+                    f"stage {stage.name!r}: static clipping to +-{settings.clip_sample_range} "
+                    f"with dpmpp_2m has no diffusers equivalent (its DPMSolverMultistep"
+                    f"Scheduler clips only through thresholding, to [-1, 1]); benchmark "
+                    f"another sampler or thresholding"
+                )
             kw.update(thresholding=True, sample_max_value=1.0)
         return DPMSolverMultistepScheduler(**kw)
     kw["clip_sample"] = settings.thresholding == "static"
@@ -99,9 +107,8 @@ def _torch_cascade(pipe, modules, plan, rng_seed, record):
     import torch
     import torch.nn.functional as F
 
-
     B = plan.batch
-    rng = np.random.Generator(np.random.PCG64(rng_seed))   # same draws as the pipeline
+    rng = np.random.Generator(np.random.PCG64(rng_seed))  # same draws as the pipeline
     states, mask = pipe.backend.text_encoder.encode(plan.prompts)
     es, em = pipe._empty()
     k = plan.num_images
@@ -124,12 +131,15 @@ def _torch_cascade(pipe, modules, plan, rng_seed, record):
             if st.is_super_resolution:
                 from diffusers import DDPMScheduler
 
-                up = F.interpolate(x_prev.clamp(-1, 1), size=(R, R), mode="bilinear",
-                                   align_corners=False)
+                up = F.interpolate(x_prev.clamp(-1, 1), size=(R, R), mode="bilinear", align_corners=False)
                 n = torch.from_numpy(rng.standard_normal(tuple(up.shape), dtype=np.float32))
-                aug = DDPMScheduler(**{k2: v for k2, v in st.noise_aug_scheduler.items()
-                                       if k2 in ("num_train_timesteps", "beta_schedule",
-                                                 "beta_start", "beta_end")})
+                aug = DDPMScheduler(
+                    **{
+                        k2: v
+                        for k2, v in st.noise_aug_scheduler.items()
+                        if k2 in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
+                    }
+                )
                 lvl = torch.full((B,), s.noise_aug_level, dtype=torch.long)
                 low = aug.add_noise(up, n, lvl)
             # diffusers' pipelines skip the unconditional half when guidance_scale <= 1
@@ -139,8 +149,10 @@ def _torch_cascade(pipe, modules, plan, rng_seed, record):
             reps = 2 if cfg else 1
             hs, hm = (ehs, eam) if cfg else (c_s, c_m)
             if st.is_super_resolution:
-                extra = {"low_res": torch.cat([low] * reps),
-                         "noise_level": torch.full((reps * B,), float(s.noise_aug_level))}
+                extra = {
+                    "low_res": torch.cat([low] * reps),
+                    "noise_level": torch.full((reps * B,), float(s.noise_aug_level)),
+                }
             g = torch.from_numpy(s.guidance_scale).view(B, 1, 1, 1)
             calls, ends = [], []
             start = time.perf_counter()
@@ -148,8 +160,9 @@ def _torch_cascade(pipe, modules, plan, rng_seed, record):
                 inp = torch.cat([x] * reps)
                 tt = torch.full((reps * B,), float(t))
                 t0 = time.perf_counter()
-                out = net(sample=inp, timestep=tt, encoder_hidden_states=hs,
-                          encoder_attention_mask=hm, **extra)
+                out = net(
+                    sample=inp, timestep=tt, encoder_hidden_states=hs, encoder_attention_mask=hm, **extra
+                )
                 calls.append((t0, time.perf_counter()))
                 if cfg:
                     o_c, o_u = out.chunk(2)
@@ -165,7 +178,6 @@ def check_same_networks(pipe, modules, batch=2, seed=0) -> dict[str, float]:
     """Max |ORT - torch| of one forward pass per stage on random inputs (same networks?)."""
     import torch
 
-
     rng = np.random.default_rng(seed)
     out = {}
     te = pipe.package.text_encoder
@@ -173,11 +185,15 @@ def check_same_networks(pipe, modules, batch=2, seed=0) -> dict[str, float]:
         feeds = {}
         for n in st.inputs:
             if n == "sample":
-                feeds[n] = rng.standard_normal((batch, st.channels, st.resolution, st.resolution)).astype(np.float32)
+                feeds[n] = rng.standard_normal((batch, st.channels, st.resolution, st.resolution)).astype(
+                    np.float32
+                )
             elif n in ("timestep", "noise_level"):
                 feeds[n] = rng.integers(0, 1000, batch).astype(np.float32)
             elif n == "encoder_hidden_states":
-                feeds[n] = rng.standard_normal((batch, te.max_length, te.hidden_size or 384)).astype(np.float32)
+                feeds[n] = rng.standard_normal((batch, te.max_length, te.hidden_size or 384)).astype(
+                    np.float32
+                )
             elif n == "encoder_attention_mask":
                 m = np.zeros((batch, te.max_length), np.float32)
                 m[:, :5] = 1
@@ -187,7 +203,9 @@ def check_same_networks(pipe, modules, batch=2, seed=0) -> dict[str, float]:
             elif n in ("low_res", "masked_image"):
                 feeds[n] = rng.uniform(-1, 1, (batch, 3, st.resolution, st.resolution)).astype(np.float32)
             elif n == "mask":
-                feeds[n] = (rng.uniform(0, 1, (batch, 1, st.resolution, st.resolution)) > 0.5).astype(np.float32)
+                feeds[n] = (rng.uniform(0, 1, (batch, 1, st.resolution, st.resolution)) > 0.5).astype(
+                    np.float32
+                )
             assert n in INPUT_SPECS
         sess = pipe.backend.model(st.name).session
         a = sess.run([st.output], feeds)[0]
@@ -209,12 +227,24 @@ def _package_digest(path) -> str:
     return h.hexdigest()
 
 
-def run_benchmark(model=None, runs=None, *, modules=None, batch=8, steps=None, guidance_scale=None,
-                  thresholding=None, repeats=3, warmup=1, seed=0, threads=None, progress=True) -> dict:
+def run_benchmark(
+    model=None,
+    runs=None,
+    *,
+    modules=None,
+    batch=8,
+    steps=None,
+    guidance_scale=None,
+    thresholding=None,
+    repeats=3,
+    warmup=1,
+    seed=0,
+    threads=None,
+    progress=True,
+) -> dict:
     """Time the cascade on pydiff and on the diffusers-style torch loop; returns a report dict."""
     import onnxruntime as ort
     import torch
-
 
     threads = threads or os.cpu_count()
     # the same thread count everywhere: torch, ONNX Runtime's intra-op pool, pydiff's kernels
@@ -227,19 +257,23 @@ def run_benchmark(model=None, runs=None, *, modules=None, batch=8, steps=None, g
     pipe = Pipeline(path, session_options=so)
     if pipe.package.text_encoder is None:
         raise ValueError("bench runs text-conditional cascades (the bundled shapes package)")
-    if modules is None:
-        runs = runs or {k: v for k, v in DEFAULT_RUNS.items() if k in pipe.package.stage_names}
-        missing = [s for s in pipe.package.stage_names if s not in runs]
-        if missing:
-            raise ValueError(f"no training run given for stage(s) {missing}: --run STAGE=RUN_DIR")
+    if modules is None and runs:
         for name, r in runs.items():
             if not Path(r).is_dir():
                 raise ValueError(f"training run {r} (stage {name!r}) is not a directory")
+        missing = [s for s in pipe.package.stage_names if s not in runs]
+        if missing:
+            raise ValueError(
+                f"no training run given for stage(s) {missing}: --run STAGE=RUN_DIR for each, or none"
+            )
         modules = load_torch_modules(runs)
+    elif modules is None:  # the peer's networks from the package's own weights: no training run needed
+        modules = torch_modules(pipe.package)
     same = check_same_networks(pipe, modules)
     if max(same.values()) > 1e-3:
-        raise ValueError(f"the torch modules are not the package's networks: max |ORT - torch| "
-                         f"per stage {same}")
+        raise ValueError(
+            f"the torch modules are not the package's networks: max |ORT - torch| per stage {same}"
+        )
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     kw = dict(steps=steps, guidance_scale=guidance_scale, thresholding=thresholding)
@@ -257,8 +291,7 @@ def run_benchmark(model=None, runs=None, *, modules=None, batch=8, steps=None, g
     def run_pydiff():
         calls.clear()
         ends.clear()
-        p = pipe.plan(prompt=prompts, seed=seed, progress=False, output_type="numpy",
-                      callback=cb, **kw)
+        p = pipe.plan(prompt=prompts, seed=seed, progress=False, output_type="numpy", callback=cb, **kw)
         pipe.backend.stage_models = timed
         try:
             t0 = time.perf_counter()
@@ -293,14 +326,22 @@ def run_benchmark(model=None, runs=None, *, modules=None, batch=8, steps=None, g
                 images[side] = img
 
     n_calls = sum(plan.settings[s.name].steps for s in plan.stages)
-    report = {"pydiff_version": __version__, "onnxruntime": ort.__version__,
-              "torch": torch.__version__, "threads": threads, "threads_set": ["torch", "onnxruntime intra-op", "pydiff kernels"], "package": str(pipe.package.path),
-              "package_sha256": _package_digest(pipe.package.path),
-              "batch": batch, "repeats": repeats, "seed": seed,
-              "stages": {n: s.as_dict() for n, s in plan.settings.items()},
-              "max_abs_network_diff": same,
-              "max_abs_image_diff": float(np.abs(images["pydiff"] - images["torch"]).max()),
-              "sides": {}}
+    report = {
+        "pydiff_version": __version__,
+        "onnxruntime": ort.__version__,
+        "torch": torch.__version__,
+        "threads": threads,
+        "threads_set": ["torch", "onnxruntime intra-op", "pydiff kernels"],
+        "package": str(pipe.package.path),
+        "package_sha256": _package_digest(pipe.package.path),
+        "batch": batch,
+        "repeats": repeats,
+        "seed": seed,
+        "stages": {n: s.as_dict() for n, s in plan.settings.items()},
+        "max_abs_network_diff": same,
+        "max_abs_image_diff": float(np.abs(images["pydiff"] - images["torch"]).max()),
+        "sides": {},
+    }
     for side, rs in results.items():
         total = statistics.median(t for t, _ in rs)
         per_stage = {}
@@ -309,31 +350,50 @@ def run_benchmark(model=None, runs=None, *, modules=None, batch=8, steps=None, g
             net = [v for _, sp in rs for v in sp[st.name][1]]
             step = statistics.median(tot)
             outside = statistics.median([a - b for a, b in zip(tot, net)])
-            per_stage[st.name] = {"step_ms": 1e3 * step, "network_ms": 1e3 * statistics.median(net),
-                                  "outside_ms": 1e3 * outside, "outside_pct": 100 * outside / step}
-        report["sides"][side] = {"seconds_per_batch": total, "images_per_s": batch / total,
-                                 "network_evals_per_s": n_calls / total, "stages": per_stage}
-    report["speedup"] = report["sides"]["torch"]["seconds_per_batch"] / \
-        report["sides"]["pydiff"]["seconds_per_batch"]
+            per_stage[st.name] = {
+                "step_ms": 1e3 * step,
+                "network_ms": 1e3 * statistics.median(net),
+                "outside_ms": 1e3 * outside,
+                "outside_pct": 100 * outside / step,
+            }
+        report["sides"][side] = {
+            "seconds_per_batch": total,
+            "images_per_s": batch / total,
+            "network_evals_per_s": n_calls / total,
+            "stages": per_stage,
+        }
+    report["speedup"] = (
+        report["sides"]["torch"]["seconds_per_batch"] / report["sides"]["pydiff"]["seconds_per_batch"]
+    )
     return report
 
 
 def format_table(rep: dict) -> str:
-    lines = [f"batch {rep['batch']}, stages " + ", ".join(
-        f"{n}: {s['sampler']} x{s['steps']}, guidance {s['guidance_scale']}, {s['thresholding']}"
-        for n, s in rep["stages"].items()),
-        f"{'':10s} {'s/batch':>8s} {'img/s':>7s} {'NFE/s':>7s}  " + "  ".join(
-            f"{n + ' step/net/outside ms (outside %)':>40s}" for n in rep["stages"])]
+    lines = [
+        f"batch {rep['batch']}, stages "
+        + ", ".join(
+            f"{n}: {s['sampler']} x{s['steps']}, guidance {s['guidance_scale']}, {s['thresholding']}"
+            for n, s in rep["stages"].items()
+        ),
+        f"{'':10s} {'s/batch':>8s} {'img/s':>7s} {'NFE/s':>7s}  "
+        + "  ".join(f"{n + ' step/net/outside ms (outside %)':>40s}" for n in rep["stages"]),
+    ]
     for side in ("pydiff", "torch"):
         d = rep["sides"][side]
-        cells = [f"{s['step_ms']:8.2f} /{s['network_ms']:8.2f} /{s['outside_ms']:7.3f} "
-                 f"({s['outside_pct']:5.2f}%)" for s in d["stages"].values()]
+        cells = [
+            f"{s['step_ms']:8.2f} /{s['network_ms']:8.2f} /{s['outside_ms']:7.3f} ({s['outside_pct']:5.2f}%)"
+            for s in d["stages"].values()
+        ]
         label = "pydiff" if side == "pydiff" else "diffusers"
-        lines.append(f"{label:10s} {d['seconds_per_batch']:8.2f} {d['images_per_s']:7.3f} "
-                     f"{d['network_evals_per_s']:7.2f}  " + "  ".join(f"{c:>40s}" for c in cells))
-    lines.append(f"end-to-end speedup: {rep['speedup']:.2f}x; max |pydiff - diffusers| image "
-                 f"difference {rep['max_abs_image_diff']:.2e}; networks agree to "
-                 f"{max(rep['max_abs_network_diff'].values()):.1e}")
+        lines.append(
+            f"{label:10s} {d['seconds_per_batch']:8.2f} {d['images_per_s']:7.3f} "
+            f"{d['network_evals_per_s']:7.2f}  " + "  ".join(f"{c:>40s}" for c in cells)
+        )
+    lines.append(
+        f"end-to-end speedup: {rep['speedup']:.2f}x; max |pydiff - diffusers| image "
+        f"difference {rep['max_abs_image_diff']:.2e}; networks agree to "
+        f"{max(rep['max_abs_network_diff'].values()):.1e}"
+    )
     return "\n".join(lines)
 
 
@@ -341,17 +401,23 @@ def bar_chart(rep: dict, path) -> None:
     """A PNG with two panels: seconds per batch, and per-step time outside the network."""
     from PIL import Image, ImageDraw
 
-
     W, H = 720, 360
     im = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(im)
     colors = {"pydiff": (40, 110, 200), "torch": (220, 120, 40)}
     names = {"pydiff": "pydiff", "torch": "diffusers-style torch"}
-    panels = [("seconds per batch (lower is better)",
-               {s: rep["sides"][s]["seconds_per_batch"] for s in colors}, "{:.2f} s"),
-              ("time outside the network, % of a step",
-               {s: max(v["outside_pct"] for v in rep["sides"][s]["stages"].values()) for s in colors},
-               "{:.2f} %")]
+    panels = [
+        (
+            "seconds per batch (lower is better)",
+            {s: rep["sides"][s]["seconds_per_batch"] for s in colors},
+            "{:.2f} s",
+        ),
+        (
+            "time outside the network, % of a step",
+            {s: max(v["outside_pct"] for v in rep["sides"][s]["stages"].values()) for s in colors},
+            "{:.2f} %",
+        ),
+    ]
     for k, (title, vals, fmt) in enumerate(panels):
         x0 = 20 + k * (W // 2)
         d.text((x0, 12), title, fill="black")

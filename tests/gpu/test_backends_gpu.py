@@ -2,6 +2,7 @@
 
 Skipped without a GPU (conftest), without onnxruntime-gpu's CUDA provider, or without tensorrt.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,10 @@ def _inputs(b=4):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((b, 3, 16, 16)).astype(np.float32)
     t = np.linspace(999, 1, b).astype(np.float32)
-    cond = {"encoder_hidden_states": rng.standard_normal((b, 16, 384)).astype(np.float32),
-            "encoder_attention_mask": (rng.random((b, 16)) < 0.7).astype(np.float32)}
+    cond = {
+        "encoder_hidden_states": rng.standard_normal((b, 16, 384)).astype(np.float32),
+        "encoder_attention_mask": (rng.random((b, 16)) < 0.7).astype(np.float32),
+    }
     return x, t, cond
 
 
@@ -55,14 +58,15 @@ def test_ort_cuda_io_binding_matches_cpu_provider(package, cpu_base):
     want = cpu_base(x, t, cond)
 
     on_gpu = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in cond.items()}
-    got = model.run_device(ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0),
-                           ort.OrtValue.ortvalue_from_numpy(t, "cuda", 0), on_gpu)
-    assert got.device_name().lower() == "cuda"     # the output stayed on the GPU
+    got = model.run_device(
+        ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0), ort.OrtValue.ortvalue_from_numpy(t, "cuda", 0), on_gpu
+    )
+    assert got.device_name().lower() == "cuda"  # the output stayed on the GPU
     np.testing.assert_allclose(got.numpy(), want, atol=1e-3, rtol=0)
 
     tx, out = _cuda(x), torch.full(x.shape, float("nan"), device="cuda")
     tcond = {k: _cuda(v) for k, v in cond.items()}
-    torch.cuda.synchronize()                      # ORT reads them on its own stream
+    torch.cuda.synchronize()  # ORT reads them on its own stream
     assert model.run_device(tx, _cuda(t), tcond, out=out) is out
     np.testing.assert_allclose(out.cpu().numpy(), want, atol=1e-3, rtol=0)
     np.testing.assert_allclose(model(x, t, cond), want, atol=1e-3, rtol=0)
@@ -78,7 +82,9 @@ def test_generate_on_the_cuda_provider_gives_the_cpu_image(package):
     import pydiff
 
     def images(providers):
-        out = pydiff.load(providers=providers).generate("a red circle on a blue background", seed=3, num_images=2)
+        out = pydiff.load(providers=providers).generate(
+            "a red circle on a blue background", seed=3, num_images=2
+        )
         return np.stack([np.asarray(im, dtype=np.int16) for im in out])
 
     gpu, cpu = images("cuda"), images("cpu")
@@ -100,7 +106,7 @@ def test_tensorrt_engine_matches_cpu_provider_and_is_cached(package, cpu_base, t
     model = trtb.TrtStageModel(stage, engine)
     np.testing.assert_allclose(model(x, t, cond), want, atol=1e-2, rtol=0)
 
-    stream = torch.cuda.Stream()                  # device buffers on a side stream
+    stream = torch.cuda.Stream()  # device buffers on a side stream
     tx, tt, tcond = _cuda(x), _cuda(t), {k: _cuda(v) for k, v in cond.items()}
     stream.wait_stream(torch.cuda.current_stream())
     out = model.run_device(tx, tt, tcond, stream=stream)
@@ -120,8 +126,9 @@ def test_tensorrt_fp16_engine_is_close_to_the_float32_graph(package, cpu_base, t
     from pydiff.backends import tensorrt as trtb
 
     stage = package.stage("base")
-    engine, path, built = trtb.load_engine(stage.onnx, trtb.EngineOptions(fp16=True, max_batch=8),
-                                           cache=tmp_path)
+    engine, path, built = trtb.load_engine(
+        stage.onnx, trtb.EngineOptions(fp16=True, max_batch=8), cache=tmp_path
+    )
     assert built and path.is_file()
     x, t, cond = _inputs()
     want = cpu_base(x, t, cond)
@@ -134,10 +141,11 @@ def test_tensorrt_backend_runs_the_pipeline(package, tmp_path):
     pytest.importorskip("tensorrt")
     import pydiff
 
-    kw = dict(steps=3, seed=5, output_type="numpy", progress=False)   # [B, H, W, C] in [0, 1]
+    kw = dict(steps=3, seed=5, output_type="numpy", progress=False)  # [B, H, W, C] in [0, 1]
     ref = pydiff.load(package, providers="cpu").generate("a red circle on a blue background", **kw)
     img = pydiff.load(package, backend="tensorrt", cache_dir=tmp_path, providers="cpu").generate(
-        "a red circle on a blue background", **kw)
+        "a red circle on a blue background", **kw
+    )
     assert img.shape == ref.shape and np.isfinite(img).all()
     # same seed, networks within 1e-2 of each other: the images agree to a few grey levels
     assert np.abs(img - ref).mean() < 0.02
@@ -152,19 +160,22 @@ def _graph_runs(model, cpu_base, stream=None, B=2, steps=5):
     from pydiff.cuda_graph import GraphSampler, StepPlan
 
     rng = np.random.default_rng(1)
-    cond = {"encoder_hidden_states": rng.standard_normal((2 * B, 16, 384)).astype(np.float32),
-            "encoder_attention_mask": (rng.random((2 * B, 16)) < 0.7).astype(np.float32)}
+    cond = {
+        "encoder_hidden_states": rng.standard_normal((2 * B, 16, 384)).astype(np.float32),
+        "encoder_attention_mask": (rng.random((2 * B, 16)) < 0.7).astype(np.float32),
+    }
     sched = pydiff.Schedule(beta_schedule="squaredcos_cap_v2", clip_sample=True)
     plan = StepPlan.from_sampler(pydiff.make_sampler("dpmpp_2m", sched, steps), seed=4)
     x_T = rng.standard_normal((B, 3, 16, 16)).astype(np.float32)
     want = plan.run_cpu(lambda x, t: cpu_base(x, t, cond), x_T, guidance_scale=3.0)
     got = {}
     for graph in (False, True):
-        runner = GraphSampler(StageNetwork(model, cond), plan, shape=x_T.shape, guidance_scale=3.0,
-                              graph=graph, stream=stream)
+        runner = GraphSampler(
+            StageNetwork(model, cond), plan, shape=x_T.shape, guidance_scale=3.0, graph=graph, stream=stream
+        )
         got[graph] = runner.run(_cuda(x_T)).cpu().numpy()
         assert runner.captured == graph
-    np.testing.assert_allclose(got[True], got[False], atol=1e-4, rtol=0)   # the same kernels, replayed
+    np.testing.assert_allclose(got[True], got[False], atol=1e-4, rtol=0)  # the same kernels, replayed
     np.testing.assert_allclose(got[True], want, atol=2e-2, rtol=0)
     assert np.abs(want).max() > 0.1
 

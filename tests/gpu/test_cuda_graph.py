@@ -1,4 +1,5 @@
 """Whole runs on the GPU (pydiff.cuda_graph): eager and CUDA-graph replay against the CPU twin's plan."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """The CUDA twin against the CPU twin (its oracle), on torch CUDA tensors. Skipped without a GPU."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,9 +13,23 @@ SHAPES = [(1, 7), (3, 5, 9), (16, 3, 64, 64), (2, 3, 257, 255)]
 
 
 def _params(**kw):
-    base = dict(alpha=0.6, sigma=0.8, prediction_type=0, threshold_mode=0, clip_range=1.0, dynamic_ratio=0.995,
-                sample_max_value=1.5, use_clipped_eps=0, c_x=0.9, c_x0=0.3, c_eps=0.2, c_d=0.0, c_noise=0.0,
-                seed=77, noise_step=4)
+    base = dict(
+        alpha=0.6,
+        sigma=0.8,
+        prediction_type=0,
+        threshold_mode=0,
+        clip_range=1.0,
+        dynamic_ratio=0.995,
+        sample_max_value=1.5,
+        use_clipped_eps=0,
+        c_x=0.9,
+        c_x0=0.3,
+        c_eps=0.2,
+        c_d=0.0,
+        c_noise=0.0,
+        seed=77,
+        noise_step=4,
+    )
     base.update(kw)
     return base
 
@@ -28,7 +43,9 @@ def _dev(a):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("pred", [0, 1, 2])
 @pytest.mark.parametrize("mode", [0, 1, 2])
-@pytest.mark.parametrize("extra", [{}, {"c_noise": 0.5}, {"c_d": -0.25}, {"use_clipped_eps": 1, "c_noise": 0.1}])
+@pytest.mark.parametrize(
+    "extra", [{}, {"c_noise": 0.5}, {"c_d": -0.25}, {"use_clipped_eps": 1, "c_noise": 0.1}]
+)
 def test_fused_step_matches_cpu_twin(shape, pred, mode, extra):
     import torch
 
@@ -42,13 +59,23 @@ def test_fused_step_matches_cpu_twin(shape, pred, mode, extra):
     p = ops.step_params(**fields)
     use_prev = fields["c_d"] != 0
     x0_cpu, thr_cpu = np.empty_like(x), np.empty(B, np.float32)
-    want, bad = ops.fused_step(x, mo, p, guidance_scale=scales, x0_prev=prev if use_prev else None, x0_out=x0_cpu,
-                               thresholds=thr_cpu)
+    want, bad = ops.fused_step(
+        x, mo, p, guidance_scale=scales, x0_prev=prev if use_prev else None, x0_out=x0_cpu, thresholds=thr_cpu
+    )
     out, x0_gpu = torch.empty(shape, device="cuda"), torch.empty(shape, device="cuda")
     thr_gpu = torch.empty(B, device="cuda")
     counter = torch.zeros(1, dtype=torch.int64, device="cuda")
-    cuda.fused_step(_dev(x), _dev(mo), p, out=out, guidance_scale=_dev(scales), x0_prev=_dev(prev) if use_prev else None,
-                    x0_out=x0_gpu, thresholds=thr_gpu, nonfinite=counter)
+    cuda.fused_step(
+        _dev(x),
+        _dev(mo),
+        p,
+        out=out,
+        guidance_scale=_dev(scales),
+        x0_prev=_dev(prev) if use_prev else None,
+        x0_out=x0_gpu,
+        thresholds=thr_gpu,
+        nonfinite=counter,
+    )
     torch.cuda.synchronize()
     if mode == 2:
         assert np.array_equal(thr_gpu.cpu().numpy(), thr_cpu)  # the quantile is exact on both
@@ -83,7 +110,11 @@ def test_half_and_bfloat16_storage_within_twice_torch_error():
         c, u = md.chunk(2)
         eps = u + 5.0 * (c - u)
         x0 = (xd - 0.8 * eps) / 0.6
-        s = torch.quantile(x0.float().abs().flatten(1), 0.995, dim=1).clamp(1, 1.5).to(dt)[:, None, None, None]
+        s = (
+            torch.quantile(x0.float().abs().flatten(1), 0.995, dim=1)
+            .clamp(1, 1.5)
+            .to(dt)[:, None, None, None]
+        )
         x0 = torch.clamp(x0, -s, s) / s
         torch_out = 0.3 * x0 + 0.9 * xd + 0.2 * eps
         ours = np.abs(out.float().cpu().numpy() - ref).max()
@@ -146,10 +177,15 @@ def test_a_producer_stream_is_waited_for():
 
     p = ops.step_params(**_params(c_x=1.0, c_x0=0.0, c_eps=0.0))
     out = torch.empty_like(x).reshape(1, -1)
-    cuda.fused_step(CAI(x.reshape(1, -1), side.cuda_stream), mo, p, out=out,
-                    stream=torch.cuda.current_stream().cuda_stream)
+    cuda.fused_step(
+        CAI(x.reshape(1, -1), side.cuda_stream),
+        mo,
+        p,
+        out=out,
+        stream=torch.cuda.current_stream().cuda_stream,
+    )
     torch.cuda.synchronize()
-    assert torch.all(out == 200.0)   # c_x = 1: x_prev = x, all 200 additions seen
+    assert torch.all(out == 200.0)  # c_x = 1: x_prev = x, all 200 additions seen
 
 
 def _realistic(shape, alpha=0.6, sigma=0.8, seed=0):
@@ -176,7 +212,9 @@ def test_dynamic_threshold_selected_exactly(shape):
     out, thr = torch.empty(shape, device="cuda"), torch.empty(B, device="cuda")
     ws = torch.empty(cuda.workspace_bytes(B, int(np.prod(shape[1:]))), dtype=torch.uint8, device="cuda")
     for workspace in (None, ws):
-        cuda.fused_step(_dev(x), _dev(mo), p, out=out, guidance_scale=5.0, thresholds=thr, workspace=workspace)
+        cuda.fused_step(
+            _dev(x), _dev(mo), p, out=out, guidance_scale=5.0, thresholds=thr, workspace=workspace
+        )
         torch.cuda.synchronize()
         assert np.array_equal(thr.cpu().numpy(), thr_cpu)
         np.testing.assert_allclose(out.cpu().numpy(), want, rtol=4e-7 * 8, atol=1e-6)
@@ -192,7 +230,7 @@ def test_dynamic_threshold_selected_from_a_long_list(shape):
     x0 = 2.0 * rng.standard_normal(shape)
     eps = rng.standard_normal(shape)
     x = (0.6 * x0 + 0.8 * eps).astype(np.float32)
-    mo = eps.astype(np.float32)   # the exact eps: raw x0 is 2 N(0, 1)
+    mo = eps.astype(np.float32)  # the exact eps: raw x0 is 2 N(0, 1)
     p = ops.step_params(**_params(threshold_mode=2, sample_max_value=10.0))
     B = shape[0]
     thr_cpu = np.empty(B, np.float32)
@@ -211,17 +249,36 @@ def test_param_table_rows_and_counter():
     from pydiff import _C
 
     x, mo = _realistic((4, 3, 16, 16))
-    rows = [_params(threshold_mode=2, alpha=0.5 + 0.1 * i, sigma=0.7, c_noise=0.1 * i, noise_step=i, c_x=0.8 + 0.05 * i)
-            for i in range(3)]
-    table = torch.frombuffer(bytearray(_C.pack_step_params([ops.step_params(**r) for r in rows])),
-                             dtype=torch.uint8).cuda()
+    rows = [
+        _params(
+            threshold_mode=2,
+            alpha=0.5 + 0.1 * i,
+            sigma=0.7,
+            c_noise=0.1 * i,
+            noise_step=i,
+            c_x=0.8 + 0.05 * i,
+        )
+        for i in range(3)
+    ]
+    table = torch.frombuffer(
+        bytearray(_C.pack_step_params([ops.step_params(**r) for r in rows])), dtype=torch.uint8
+    ).cuda()
     counter = torch.zeros(1, dtype=torch.int32, device="cuda")
     out = torch.empty(x.shape, device="cuda")
     for i, r in enumerate(rows):
         want, _ = ops.fused_step(x, mo, ops.step_params(**r), guidance_scale=5.0)
         # the by-value params are a decoy: the step must read row counter[0] of the table
-        cuda.fused_step(_dev(x), _dev(mo), ops.step_params(**rows[0], ), out=out, guidance_scale=5.0,
-                        param_table=table, step_counter=counter)
+        cuda.fused_step(
+            _dev(x),
+            _dev(mo),
+            ops.step_params(
+                **rows[0],
+            ),
+            out=out,
+            guidance_scale=5.0,
+            param_table=table,
+            step_counter=counter,
+        )
         torch.cuda.synchronize()
         assert int(counter.item()) == i + 1
         np.testing.assert_allclose(out.cpu().numpy(), want, rtol=4e-7 * 8, atol=1e-6)

@@ -1,4 +1,5 @@
 """scikit-learn's handwritten digits (8x8 grey, 1797 images) as float32 NCHW in [-1, 1]."""
+
 from __future__ import annotations
 
 import numpy as np

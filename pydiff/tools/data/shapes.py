@@ -5,6 +5,7 @@ triangle with width == height) fully inside the frame, bounding-box side uniform
 position uniform, anti-aliased by 4x4 supersampling, per-image colour jitter up to +-8 per
 channel. Twelve (shape colour, shape, background) combinations are never rendered for training.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,12 +26,22 @@ COLORS: tuple[str, ...] = tuple(PALETTE)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
 # (shape colour, shape, background): held out to test compositional generalisation.
-HELD_OUT: frozenset[tuple[str, str, str]] = frozenset({
-    ("red", "square", "yellow"), ("orange", "circle", "purple"), ("yellow", "triangle", "black"),
-    ("green", "circle", "white"), ("blue", "triangle", "orange"), ("purple", "square", "green"),
-    ("white", "triangle", "red"), ("black", "circle", "blue"), ("green", "triangle", "purple"),
-    ("blue", "square", "white"), ("yellow", "circle", "red"), ("black", "square", "orange"),
-})
+HELD_OUT: frozenset[tuple[str, str, str]] = frozenset(
+    {
+        ("red", "square", "yellow"),
+        ("orange", "circle", "purple"),
+        ("yellow", "triangle", "black"),
+        ("green", "circle", "white"),
+        ("blue", "triangle", "orange"),
+        ("purple", "square", "green"),
+        ("white", "triangle", "red"),
+        ("black", "circle", "blue"),
+        ("green", "triangle", "purple"),
+        ("blue", "square", "white"),
+        ("yellow", "circle", "red"),
+        ("black", "square", "orange"),
+    }
+)
 
 TEMPLATES: tuple[str, ...] = (
     "a {fg} {shape} on a {bg} background",
@@ -48,6 +59,7 @@ SUPERSAMPLE = 4
 @dataclass(frozen=True)
 class ShapeSpec:
     """One image: colours, shape, bounding box (left x0, top y0, side) in 64x64 pixels, jitter."""
+
     fg: str
     shape: str
     bg: str

@@ -25,6 +25,7 @@ Quality and diversity per dataset:
 Needs no torch (ONNX Runtime); digits needs scikit-learn. Everything is validated before the first
 image; the JSON and PNG are written (atomically) only when the whole sweep has run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,19 +61,25 @@ TYPES = {
     "classifier_ddpm100": ("classifier", {"sampler": "ddpm", "steps": 100}),
     "clip": ("clip", None),
 }
-DEFAULT_TYPES = {"digits": ("cfg", "classifier", "classifier_ddpm100"),
-                 "shapes": ("cfg", "clip", "classifier")}
-DEFAULT_SCALES = {
-    "digits": {"cfg": (0.0, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0),
-               "classifier": (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0),
-               "classifier_ddpm100": (0.0, 2.0, 5.0, 10.0, 20.0, 40.0),
-               "clip": (0.0, 30.0, 100.0, 300.0, 1000.0)},
-    "shapes": {"cfg": (0.0, 1.0, 2.0, 3.0, 5.0),
-               "classifier": (0.0, 3.0, 10.0, 30.0, 100.0),
-               "classifier_ddpm100": (0.0, 3.0, 10.0, 30.0, 100.0),
-               "clip": (0.0, 30.0, 100.0, 300.0, 1000.0)},
+DEFAULT_TYPES = {
+    "digits": ("cfg", "classifier", "classifier_ddpm100"),
+    "shapes": ("cfg", "clip", "classifier"),
 }
-DEFAULT_N = {"digits": 10, "shapes": 10}   # samples per class / prompts
+DEFAULT_SCALES = {
+    "digits": {
+        "cfg": (0.0, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0),
+        "classifier": (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0),
+        "classifier_ddpm100": (0.0, 2.0, 5.0, 10.0, 20.0, 40.0),
+        "clip": (0.0, 30.0, 100.0, 300.0, 1000.0),
+    },
+    "shapes": {
+        "cfg": (0.0, 1.0, 2.0, 3.0, 5.0),
+        "classifier": (0.0, 3.0, 10.0, 30.0, 100.0),
+        "classifier_ddpm100": (0.0, 3.0, 10.0, 30.0, 100.0),
+        "clip": (0.0, 30.0, 100.0, 300.0, 1000.0),
+    },
+}
+DEFAULT_N = {"digits": 10, "shapes": 10}  # samples per class / prompts
 THRESHOLDING_MODES = ("none", "static", "dynamic")
 DEFAULT_THRESHOLDING_SCALES = {"digits": (), "shapes": (3.0, 8.0, 15.0)}
 
@@ -91,13 +98,21 @@ class _Digits:
     @staticmethod
     def check(pkg) -> None:
         first, last = pkg.stages[0], pkg.stages[-1]
-        if first.conditioning != "class" or (first.num_classes or 0) < 10 \
-                or last.resolution != 8 or last.channels != 1:
-            raise UsageError(f"--dataset digits: package {pkg.name!r} ({pkg.path}) is not a digits "
-                               f"model (class-conditional with >= 10 classes, 8x8, 1 channel)")
+        if (
+            first.conditioning != "class"
+            or (first.num_classes or 0) < 10
+            or last.resolution != 8
+            or last.channels != 1
+        ):
+            raise UsageError(
+                f"--dataset digits: package {pkg.name!r} ({pkg.path}) is not a digits "
+                f"model (class-conditional with >= 10 classes, 8x8, 1 channel)"
+            )
         if importlib.util.find_spec("sklearn") is None:
-            raise UsageError("--dataset digits needs scikit-learn for its quality figure "
-                               "(pip install scikit-learn, or the extra pydiff[train])")
+            raise UsageError(
+                "--dataset digits needs scikit-learn for its quality figure "
+                "(pip install scikit-learn, or the extra pydiff[train])"
+            )
 
     def __init__(self, n: int, num_images: int, seed: int):
         self.n_per_class, self.seed = n, seed
@@ -109,16 +124,22 @@ class _Digits:
 
     def score(self, imgs: np.ndarray) -> dict:
         fig = digits_figures(imgs[..., 0], self.labels, self.seed)
-        return {"quality": fig["accuracy"], "diversity": fig["mean_pairwise_distance_same_class"],
-                "nearest_training_distance_median": fig["nearest_training_distance_median"]}
+        return {
+            "quality": fig["accuracy"],
+            "diversity": fig["mean_pairwise_distance_same_class"],
+            "nearest_training_distance_median": fig["nearest_training_distance_median"],
+        }
 
     def tiles(self, imgs: np.ndarray) -> np.ndarray:
-        return imgs[::self.n_per_class, ..., 0]
+        return imgs[:: self.n_per_class, ..., 0]
 
     def describe(self) -> dict:
 
-        return {"n_per_class": self.n_per_class, "svm_real_test_accuracy": digits_classifier(self.seed)[1],
-                "real_diversity": _real_digits()[2]}
+        return {
+            "n_per_class": self.n_per_class,
+            "svm_real_test_accuracy": digits_classifier(self.seed)[1],
+            "real_diversity": _real_digits()[2],
+        }
 
 
 class _Shapes:
@@ -133,12 +154,14 @@ class _Shapes:
     def check(pkg) -> None:
         first = pkg.stages[0]
         if first.conditioning != "text" or first.channels != 3:
-            raise UsageError(f"--dataset shapes: package {pkg.name!r} ({pkg.path}) is not a shapes "
-                               f"model (text-conditional, 3 channels)")
+            raise UsageError(
+                f"--dataset shapes: package {pkg.name!r} ({pkg.path}) is not a shapes "
+                f"model (text-conditional, 3 channels)"
+            )
 
     def __init__(self, n: int, num_images: int, seed: int):
 
-        self.items = shapes_prompts(n, seed)["seen"]           # (caption, fg, shape, bg)
+        self.items = shapes_prompts(n, seed)["seen"]  # (caption, fg, shape, bg)
         self.prompts = [c[0] for c in self.items]
         combo_index = {c: i for i, c in enumerate(S.all_combos(include_held_out=True))}
         self.labels = [combo_index[c[1:]] for c in self.items]  # the classifier's classes
@@ -146,7 +169,7 @@ class _Shapes:
         self.n = len(self.prompts) * num_images
 
     def inputs(self, kind: str) -> dict:
-        if kind == "classifier":   # the network on the empty prompt, the classifier on the combination
+        if kind == "classifier":  # the network on the empty prompt, the classifier on the combination
             return {"prompt": None, "class_label": self.labels, "num_images": self.num_images}
         return {"prompt": self.prompts, "class_label": None, "num_images": self.num_images}
 
@@ -154,8 +177,11 @@ class _Shapes:
 
         x = imgs
         if x.shape[1] < 64:
-            x = imageio.to_numpy(imageio.upsample_bilinear(
-                np.ascontiguousarray(imgs.transpose(0, 3, 1, 2) * 2 - 1, dtype=np.float32), 64))
+            x = imageio.to_numpy(
+                imageio.upsample_bilinear(
+                    np.ascontiguousarray(imgs.transpose(0, 3, 1, 2) * 2 - 1, dtype=np.float32), 64
+                )
+            )
         ok = {"all": 0, "fg": 0, "shape": 0, "bg": 0}
         for i, img in enumerate(x):
             _, fg, shape, bg = self.items[i // self.num_images]
@@ -165,12 +191,14 @@ class _Shapes:
                 ok[k] += int(v)
             ok["all"] += int(all(hit.values()))
         per_prompt = imgs.reshape(len(self.prompts), self.num_images, -1)
-        return {"quality": ok["all"] / len(x),
-                "diversity": float(np.mean([mean_pairwise_distance(f) for f in per_prompt])),
-                **{k: ok[k] / len(x) for k in ("fg", "shape", "bg")}}
+        return {
+            "quality": ok["all"] / len(x),
+            "diversity": float(np.mean([mean_pairwise_distance(f) for f in per_prompt])),
+            **{k: ok[k] / len(x) for k in ("fg", "shape", "bg")},
+        }
 
     def tiles(self, imgs: np.ndarray) -> np.ndarray:
-        return imgs[::self.num_images][:10]
+        return imgs[:: self.num_images][:10]
 
     def describe(self) -> dict:
         return {"n_prompts": len(self.prompts), "num_images": self.num_images}
@@ -207,8 +235,10 @@ def _types(types, dataset: str, pkg) -> list[str]:
         kind = TYPES[t][0]
         if kind != "cfg" and kind not in available:
             have = ", ".join(sorted(available)) or "none"
-            raise UsageError(f"--types {t}: package {pkg.name!r} ({pkg.path}) has no {kind} guidance "
-                             f"model (its guidance models: {have})")
+            raise UsageError(
+                f"--types {t}: package {pkg.name!r} ({pkg.path}) has no {kind} guidance "
+                f"model (its guidance models: {have})"
+            )
         if t not in out:
             out.append(t)
     if not out:
@@ -222,8 +252,9 @@ def _scales(scales, scales_by_type, types: list[str], dataset: str) -> dict[str,
     for t, ss in (scales_by_type or {}).items():
         ss = _checked_scales(ss, f"--scales {t}=")
         if t not in types:
-            raise UsageError(f"--scales {t}={_fmt(ss)}: {t!r} is not among the swept types "
-                             f"({','.join(types)})")
+            raise UsageError(
+                f"--scales {t}={_fmt(ss)}: {t!r} is not among the swept types ({','.join(types)})"
+            )
         per_type[t] = ss
     return {t: per_type.get(t, plain if plain is not None else DEFAULT_SCALES[dataset][t]) for t in types}
 
@@ -235,18 +266,22 @@ def _fmt(scales) -> str:
 def _load_pipeline(model, dataset: str, base_only: bool):
     path = Path(model) if model else P.bundled_path(dataset)
     if model and not path.exists() and (P.bundled_path(model) / "manifest.json").is_file():
-        path = P.bundled_path(model)     # a bundled package by name
+        path = P.bundled_path(model)  # a bundled package by name
     pkg = load_package(path)
     if base_only and len(pkg.stages) > 1:
         keep = pkg.stages[:1]
-        pkg = dataclasses.replace(pkg, name=pkg.name + "-base-only", stages=keep,
-                                  guidance_models=tuple(g for g in pkg.guidance_models
-                                                        if g.stage == keep[0].name))
+        pkg = dataclasses.replace(
+            pkg,
+            name=pkg.name + "-base-only",
+            stages=keep,
+            guidance_models=tuple(g for g in pkg.guidance_models if g.stage == keep[0].name),
+        )
     return P.load(pkg)
 
 
-def _command(*, dataset, model, types, scales, n, num_images, steps, seed, thresholding_scales,
-             base_only, out) -> str:
+def _command(
+    *, dataset, model, types, scales, n, num_images, steps, seed, thresholding_scales, base_only, out
+) -> str:
     """The `pydiff eval guidance` command that runs this sweep again (stored in its JSON)."""
     words = ["pydiff", "eval", "guidance", "--dataset", dataset]
     if model:
@@ -271,10 +306,23 @@ def output_paths(out, dataset: str) -> tuple[Path, Path]:
 # ------------------------------------------------------------------------------- the sweep
 
 
-def sweep(*, out, dataset: str = "digits", model=None, types=None, scales=None, scales_by_type=None,
-          n: int | None = None, num_images: int = 4, steps: int | None = None, seed: int = 0,
-          thresholding_scales=None, base_only: bool = False, note: str | None = None,
-          progress: bool = True) -> dict:
+def sweep(
+    *,
+    out,
+    dataset: str = "digits",
+    model=None,
+    types=None,
+    scales=None,
+    scales_by_type=None,
+    n: int | None = None,
+    num_images: int = 4,
+    steps: int | None = None,
+    seed: int = 0,
+    thresholding_scales=None,
+    base_only: bool = False,
+    note: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Validate everything, run every point, then write `output_paths(out, dataset)` (PNG, then the
     JSON as the sweep's record); returns what the JSON holds.
 
@@ -298,10 +346,14 @@ def sweep(*, out, dataset: str = "digits", model=None, types=None, scales=None, 
     if steps is not None and steps < 1:
         raise UsageError(f"--steps must be >= 1, got {steps}")
     if dataset == "shapes" and num_images < 2:
-        raise UsageError(f"--num-images must be >= 2 (diversity needs two images per prompt), "
-                         f"got {num_images}")
-    th_scales = (DEFAULT_THRESHOLDING_SCALES[dataset] if thresholding_scales is None
-                 else _checked_scales(thresholding_scales, "--thresholding-scales", allow_empty=True))
+        raise UsageError(
+            f"--num-images must be >= 2 (diversity needs two images per prompt), got {num_images}"
+        )
+    th_scales = (
+        DEFAULT_THRESHOLDING_SCALES[dataset]
+        if thresholding_scales is None
+        else _checked_scales(thresholding_scales, "--thresholding-scales", allow_empty=True)
+    )
     cls = _DATASET_CLASSES[dataset]
     pipe = _load_pipeline(model, dataset, base_only)
     pkg = pipe.package
@@ -314,7 +366,7 @@ def sweep(*, out, dataset: str = "digits", model=None, types=None, scales=None, 
     # Every call planned (validated) before the first image: bad input costs nothing.
     common = {"output_type": "numpy", "progress": False, "seed": seed}
     steps_kw = {"steps": steps} if steps is not None else {}
-    points = []   # (type or None for the thresholding comparison, scale, thresholding, plan)
+    points = []  # (type or None for the thresholding comparison, scale, thresholding, plan)
     for t in types:
         kind, fixed = TYPES[t]
         for s in scales[t]:
@@ -322,8 +374,14 @@ def sweep(*, out, dataset: str = "digits", model=None, types=None, scales=None, 
             points.append((t, s, None, pipe.plan(**data.inputs(kind), **common, **kw, **(fixed or steps_kw))))
     for s in th_scales:
         for th in THRESHOLDING_MODES:
-            points.append((None, s, th, pipe.plan(**data.inputs("cfg"), **common, guidance_scale=s,
-                                                  thresholding=th, **steps_kw)))
+            points.append(
+                (
+                    None,
+                    s,
+                    th,
+                    pipe.plan(**data.inputs("cfg"), **common, guidance_scale=s, thresholding=th, **steps_kw),
+                )
+            )
     files.check_writable(json_path, "--out")
     files.check_writable(png_path, "--out")
 
@@ -332,59 +390,106 @@ def sweep(*, out, dataset: str = "digits", model=None, types=None, scales=None, 
     thresholding = []
     samples = {}
     log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda msg: None)
-    with tqdm(total=len(points), desc=f"guidance sweep ({dataset})", unit="point", file=sys.stderr,
-              disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(points),
+        desc=f"guidance sweep ({dataset})",
+        unit="point",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
         for t, s, th, plan in points:
             bar.set_postfix_str(f"{t or 'cfg'} {s:g}" + (f" {th}" if th else ""))
             t0 = time.time()
-            imgs = pipe.execute(plan)                          # float32 [B, H, W, C] in [0, 1]
+            imgs = pipe.execute(plan)  # float32 [B, H, W, C] in [0, 1]
             fig = data.score(imgs)
             seconds = round(time.time() - t0, 2)
             if th is None:
                 result_points[t].append({"scale": s, **fig, "seconds": seconds})
                 samples[(t, s)] = data.tiles(imgs)
-                log(f"{t:18s} scale {s:7g}: quality {fig['quality']:.3f} diversity "
-                    f"{fig['diversity']:.3f} ({seconds} s)")
+                log(
+                    f"{t:18s} scale {s:7g}: quality {fig['quality']:.3f} diversity "
+                    f"{fig['diversity']:.3f} ({seconds} s)"
+                )
             else:
                 sat = float((np.abs(imgs * 2 - 1) >= 0.99).mean())
-                thresholding.append({"guidance_scale": s, "thresholding": th, "quality": fig["quality"],
-                                     "saturated_fraction": sat, "seconds": seconds})
-                log(f"cfg {s:7g} thresholding {th:8s}: quality {fig['quality']:.3f} saturated "
-                    f"{sat:.3f} ({seconds} s)")
+                thresholding.append(
+                    {
+                        "guidance_scale": s,
+                        "thresholding": th,
+                        "quality": fig["quality"],
+                        "saturated_fraction": sat,
+                        "seconds": seconds,
+                    }
+                )
+                log(
+                    f"cfg {s:7g} thresholding {th:8s}: quality {fig['quality']:.3f} saturated "
+                    f"{sat:.3f} ({seconds} s)"
+                )
             bar.update(1)
 
     settings = {k: v for k, v in pkg.stages[0].recommended.items() if k != "inpaint"} | steps_kw
     result = {
-        "dataset": dataset, "package": str(pkg.path), "package_name": pkg.name,
-        "stages": pkg.stage_names, "n": data.n, **data.describe(), "seed": seed,
+        "dataset": dataset,
+        "package": str(pkg.path),
+        "package_name": pkg.name,
+        "stages": pkg.stage_names,
+        "n": data.n,
+        **data.describe(),
+        "seed": seed,
         "settings": settings,
-        "series": {t: {"guidance_type": TYPES[t][0], "settings": settings | (TYPES[t][1] or {}),
-                       "scales": list(scales[t])} for t in types},
+        "series": {
+            t: {
+                "guidance_type": TYPES[t][0],
+                "settings": settings | (TYPES[t][1] or {}),
+                "scales": list(scales[t]),
+            }
+            for t in types
+        },
         "points": result_points,
         "thresholding": thresholding,
         "title": f"{pkg.name}: {data.n} samples per point (the same x_T at every point), "
-                 f"{settings.get('thresholding', 'no')} thresholding",
-        "quality_label": data.quality_label, "diversity_label": data.diversity_label,
+        f"{settings.get('thresholding', 'no')} thresholding",
+        "quality_label": data.quality_label,
+        "diversity_label": data.diversity_label,
         "tiles_label": data.tiles_label,
-        "command": _command(dataset=dataset, model=model, types=types, scales=scales, n=n,
-                            num_images=num_images, steps=steps, seed=seed, thresholding_scales=th_scales,
-                            base_only=base_only, out=out),
+        "command": _command(
+            dataset=dataset,
+            model=model,
+            types=types,
+            scales=scales,
+            n=n,
+            num_images=num_images,
+            steps=steps,
+            seed=seed,
+            thresholding_scales=th_scales,
+            base_only=base_only,
+            out=out,
+        ),
         "seconds": round(time.time() - t_start, 1),
     }
     if note:
         result["note"] = note
     image = plot(result, samples)
-    imageio.save_png(image, png_path)       # each atomic; the JSON last, as the sweep's record
+    imageio.save_png(image, png_path)  # each atomic; the JSON last, as the sweep's record
     files.write_json(result, json_path)
     return result
 
 
 # ------------------------------------------------------------------------------- drawing (Pillow only)
 
-COLOURS = {"cfg": (31, 119, 180), "classifier": (214, 39, 40), "classifier_ddpm100": (44, 160, 44),
-           "clip": (148, 103, 189)}
-NAMES = {"cfg": "classifier-free guidance", "classifier": "classifier guidance",
-         "classifier_ddpm100": "classifier guidance, DDPM 100", "clip": "CLIP guidance"}
+COLOURS = {
+    "cfg": (31, 119, 180),
+    "classifier": (214, 39, 40),
+    "classifier_ddpm100": (44, 160, 44),
+    "clip": (148, 103, 189),
+}
+NAMES = {
+    "cfg": "classifier-free guidance",
+    "classifier": "classifier guidance",
+    "classifier_ddpm100": "classifier guidance, DDPM 100",
+    "clip": "CLIP guidance",
+}
 SHORT = {"cfg": "cfg", "classifier": "clf", "classifier_ddpm100": "clf ddpm", "clip": "clip"}
 
 
@@ -412,16 +517,20 @@ def plot(result: dict, samples: dict):
     y_lo, y_hi = 0.0, 1.02
 
     def xy(div, q):
-        return (m + (div - x_lo) / (x_hi - x_lo) * (W - 2 * m),
-                H - m - (q - y_lo) / (y_hi - y_lo) * (H - 2 * m))
+        return (
+            m + (div - x_lo) / (x_hi - x_lo) * (W - 2 * m),
+            H - m - (q - y_lo) / (y_hi - y_lo) * (H - 2 * m),
+        )
 
     d.rectangle([m, m, W - m, H - m], outline="black")
     for v in np.arange(0, 1.01, 0.2):
         _, yy = xy(x_lo, v)
         d.line([m - 4, yy, m, yy], fill="black")
         d.text((m - 30, yy - 6), f"{v:.1f}", fill="black", font=font)
-    step = next((v for v in (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0)
-                 if (x_hi - x_lo) / v <= 10), (x_hi - x_lo) / 10)
+    step = next(
+        (v for v in (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0) if (x_hi - x_lo) / v <= 10),
+        (x_hi - x_lo) / 10,
+    )
     for v in np.arange(np.ceil(x_lo / step) * step, x_hi, step):
         xx, _ = xy(v, y_lo)
         d.line([xx, H - m, xx, H - m + 4], fill="black")
@@ -449,19 +558,29 @@ def plot(result: dict, samples: dict):
         d.text((W - m - 175, m + 8 + 16 * i), NAMES[k], fill=COLOURS[k], font=font)
     if th:
         y = H + 4
-        d.text((m, y), "classifier-free guidance, thresholding: quality / saturated fraction",
-               fill="black", font=font)
+        d.text(
+            (m, y),
+            "classifier-free guidance, thresholding: quality / saturated fraction",
+            fill="black",
+            font=font,
+        )
         for p in th:
             y += 14
-            d.text((m, y), f"scale {p['guidance_scale']:g} {p['thresholding']:8s} "
-                           f"{p['quality']:.3f} / {p['saturated_fraction']:.3f}", fill="black", font=font)
+            d.text(
+                (m, y),
+                f"scale {p['guidance_scale']:g} {p['thresholding']:8s} "
+                f"{p['quality']:.3f} / {p['saturated_fraction']:.3f}",
+                fill="black",
+                font=font,
+            )
     y = 20
     d.text((W + 80, 4), result["tiles_label"], fill="black", font=font)
     for k, s in rows:
         d.text((W + 2, y + 6), f"{SHORT[k]} {s:g}", fill=COLOURS[k], font=font)
         for j, a in enumerate(samples[(k, s)]):
             tile = Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)).resize(
-                (tile_px, tile_px), Image.NEAREST)
+                (tile_px, tile_px), Image.NEAREST
+            )
             img.paste(tile, (W + 80 + j * (tile_px + 2), y))
         y += tile_px + 4
     return img

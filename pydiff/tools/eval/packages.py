@@ -9,6 +9,7 @@ pairwise distance) and memorisation (distance to the nearest training image) fig
 The guidance sweep (`pydiff eval guidance`) built on these: pydiff.tools.eval.guidance_sweep.
 `pydiff eval WHAT` runs each of them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -50,8 +51,9 @@ def read_shape(img) -> dict:
     a = a.astype(np.float64) * (255.0 if a.dtype != np.uint8 and a.max() <= 1.0 + 1e-6 else 1.0)
     h, w, _ = a.shape
     b = max(1, h // 32)
-    border = np.concatenate([a[:b].reshape(-1, 3), a[-b:].reshape(-1, 3),
-                             a[:, :b].reshape(-1, 3), a[:, -b:].reshape(-1, 3)])
+    border = np.concatenate(
+        [a[:b].reshape(-1, 3), a[-b:].reshape(-1, 3), a[:, :b].reshape(-1, 3), a[:, -b:].reshape(-1, 3)]
+    )
     bg_rgb = np.median(border, axis=0)
     bg = nearest_colour(bg_rgb)
     dist = _distance_to(a, bg)
@@ -92,14 +94,23 @@ def shapes_prompts(n_per_split: int, seed: int = 0) -> dict[str, list[tuple[str,
     held = sorted(S.HELD_OUT)
     out = {}
     for split, combos in (("seen", seen), ("held_out", held)):
-        picks = [combos[i % len(combos)] for i in rng.permutation(max(n_per_split, len(combos)))][:n_per_split] \
-            if split == "seen" else [combos[i % len(combos)] for i in range(n_per_split)]
+        picks = (
+            [combos[i % len(combos)] for i in rng.permutation(max(n_per_split, len(combos)))][:n_per_split]
+            if split == "seen"
+            else [combos[i % len(combos)] for i in range(n_per_split)]
+        )
         out[split] = [(S.caption(*c, template=0), *c) for c in picks]
     return out
 
 
-def evaluate_shapes(package=None, n_per_split: int = 200, batch: int = 25, seed: int = 0,
-                    save_grid: str | None = None, **settings) -> dict:
+def evaluate_shapes(
+    package=None,
+    n_per_split: int = 200,
+    batch: int = 25,
+    seed: int = 0,
+    save_grid: str | None = None,
+    **settings,
+) -> dict:
     """Generate n_per_split images for seen and for held-out prompts; report alignment."""
 
     pipe = load(package)
@@ -109,9 +120,10 @@ def evaluate_shapes(package=None, n_per_split: int = 200, batch: int = 25, seed:
     for split, items in shapes_prompts(n_per_split, seed).items():
         ok = {"all": 0, "fg": 0, "shape": 0, "bg": 0}
         for i in range(0, len(items), batch):
-            chunk = items[i:i + batch]
-            imgs = pipe.generate([c[0] for c in chunk], output_type="numpy", progress=False,
-                                 seed=seed + i, **settings)
+            chunk = items[i : i + batch]
+            imgs = pipe.generate(
+                [c[0] for c in chunk], output_type="numpy", progress=False, seed=seed + i, **settings
+            )
             for img, (_, fg, shape, bg) in zip(imgs, chunk):
                 r = read_shape(img)
                 hit = {"fg": r["fg"] == fg, "shape": r["shape"] == shape, "bg": r["bg"] == bg}
@@ -129,8 +141,14 @@ def evaluate_shapes(package=None, n_per_split: int = 200, batch: int = 25, seed:
     return report
 
 
-def evaluate_shapes_sr(package=None, n: int = 40, seed: int = 0, stage: str | None = None,
-                       save_grid: str | None = None, **settings) -> dict:
+def evaluate_shapes_sr(
+    package=None,
+    n: int = 40,
+    seed: int = 0,
+    stage: str | None = None,
+    save_grid: str | None = None,
+    **settings,
+) -> dict:
     """The super-resolution stage alone: upscale n rendered training images area-resized to the
     stage's low resolution, with their captions, and compare with the originals.
 
@@ -143,37 +161,61 @@ def evaluate_shapes_sr(package=None, n: int = 40, seed: int = 0, stage: str | No
     pipe = load(package)
     st = next((x for x in pipe.package.stages if x.is_super_resolution and stage in (None, x.name)), None)
     if st is None:
-        raise ValueError(f"{pipe.package.path}: no super-resolution stage"
-                         + (f" named {stage!r}" if stage else ""))
+        raise ValueError(
+            f"{pipe.package.path}: no super-resolution stage" + (f" named {stage!r}" if stage else "")
+        )
     specs = S.sample_specs(np.random.default_rng(seed), n)
-    hi = S.render_batch(specs)                                   # [n, 3, 64, 64] in [-1, 1]
+    hi = S.render_batch(specs)  # [n, 3, 64, 64] in [-1, 1]
     if hi.shape[-1] != st.resolution:
-        raise ValueError(f"stage {st.name!r} is {st.resolution}x{st.resolution}; the shapes set is "
-                         f"{hi.shape[-1]}x{hi.shape[-1]}")
+        raise ValueError(
+            f"stage {st.name!r} is {st.resolution}x{st.resolution}; the shapes set is "
+            f"{hi.shape[-1]}x{hi.shape[-1]}"
+        )
     low = S.area_resize(hi, st.low_res_resolution)
     ref = imageio.to_numpy(hi)
     first = imageio.to_numpy(low[:1])[0]
-    used = pipe.plan(prompt="", mode="upscale", image=first, start_stage=st.name,
-                     **settings).settings[st.name].as_dict()   # what the stage runs with, defaults too
+    used = (
+        pipe.plan(kind="upscale", prompt="", image=first, stage=st.name, **settings)
+        .settings[st.name]
+        .as_dict()
+    )  # what the stage runs with, defaults too
     t0 = time.time()
-    out = np.concatenate([
-        pipe.upscale(imageio.to_numpy(low[i:i + 1])[0], S.caption(sp.fg, sp.shape, sp.bg, 0), stage=st.name,
-                     output_type="numpy", progress=False, seed=seed + i, **settings)
-        for i, sp in enumerate(specs)])
+    out = np.concatenate(
+        [
+            pipe.upscale(
+                imageio.to_numpy(low[i : i + 1])[0],
+                S.caption(sp.fg, sp.shape, sp.bg, 0),
+                stage=st.name,
+                output_type="numpy",
+                progress=False,
+                seed=seed + i,
+                **settings,
+            )
+            for i, sp in enumerate(specs)
+        ]
+    )
     seconds = time.time() - t0
     bilinear = imageio.to_numpy(np.clip(imageio.upsample_bilinear(low, st.resolution), -1, 1))
 
     def figures(imgs):
-        ok = sum(all(read_shape(im)[k] == getattr(sp, k) for k in ("fg", "shape", "bg"))
-                 for im, sp in zip(imgs, specs))
+        ok = sum(
+            all(read_shape(im)[k] == getattr(sp, k) for k in ("fg", "shape", "bg"))
+            for im, sp in zip(imgs, specs)
+        )
         mse = float(np.mean((imgs.astype(np.float64) - ref) ** 2))
         return {"alignment": ok / n, "psnr_db": round(float(10 * np.log10(1.0 / mse)), 2)}
 
-    if save_grid:   # originals, bilinear, SR: 8 per row
+    if save_grid:  # originals, bilinear, SR: 8 per row
         k = min(8, n)
         save_image_grid(np.concatenate([ref[:k], bilinear[:k], out[:k]]), save_grid, cols=k)
-    return {"stage": st.name, "n": n, "sr": figures(out), "bilinear": figures(bilinear),
-            "seconds": round(seconds, 1), "settings": used}
+    return {
+        "stage": st.name,
+        "n": n,
+        "sr": figures(out),
+        "bilinear": figures(bilinear),
+        "seconds": round(seconds, 1),
+        "settings": used,
+    }
 
 
 _IDEAL_FILL = {"circle": float(np.pi / 4), "square": 1.0, "triangle": 0.5}
@@ -194,25 +236,31 @@ def inpaint_cases(n: int, seed: int = 0) -> list[dict]:
     replace: the whole box (4 px margin) is regenerated from a caption with another shape colour
     (not the background's) and another shape on the same background.
     """
-    pick = np.random.default_rng([seed, 1])    # apart from the specs, so that cases[:k] keep with n
+    pick = np.random.default_rng([seed, 1])  # apart from the specs, so that cases[:k] keep with n
     cases = []
     for sp in S.sample_specs(np.random.default_rng(seed), n):
         img = S.render(sp)
         top, bottom = int(max(0, np.floor(sp.y0 - 4))), int(min(S.SIZE, np.ceil(sp.y0 + sp.side + 4)))
         left, right = int(max(0, np.floor(sp.x0 - 4))), int(min(S.SIZE, np.ceil(sp.x0 + sp.side + 4)))
         half = np.zeros((S.SIZE, S.SIZE), bool)
-        half[top:bottom, int(round(sp.x0 + sp.side / 2)):right] = True
+        half[top:bottom, int(round(sp.x0 + sp.side / 2)) : right] = True
         box = np.zeros((S.SIZE, S.SIZE), bool)
         box[top:bottom, left:right] = True
         fg, shape = _another_colour_and_shape(sp, pick)
-        cases.append({"image": img, "spec": sp,
-                      "complete": (half, S.caption(sp.fg, sp.shape, sp.bg), (sp.fg, sp.shape, sp.bg)),
-                      "replace": (box, S.caption(fg, shape, sp.bg), (fg, shape, sp.bg))})
+        cases.append(
+            {
+                "image": img,
+                "spec": sp,
+                "complete": (half, S.caption(sp.fg, sp.shape, sp.bg), (sp.fg, sp.shape, sp.bg)),
+                "replace": (box, S.caption(fg, shape, sp.bg), (fg, shape, sp.bg)),
+            }
+        )
     return cases
 
 
-def evaluate_shapes_inpaint(package=None, n: int = 40, seed: int = 0, save_grid: str | None = None,
-                            **settings) -> dict:
+def evaluate_shapes_inpaint(
+    package=None, n: int = 40, seed: int = 0, save_grid: str | None = None, **settings
+) -> dict:
     """Inpainting on the two tasks of `inpaint_cases`, one `inpaint` call per image (seed i).
 
     complete: alignment (the original's colours and shape read back) and the PSNR of the
@@ -225,8 +273,12 @@ def evaluate_shapes_inpaint(package=None, n: int = 40, seed: int = 0, save_grid:
     pipe = load(package)
     cases = inpaint_cases(n, seed)
     first = cases[0]
-    used = {k: v.as_dict() for k, v in pipe.plan(prompt="", mode="inpaint", image=first["image"],
-                                                 mask=first["complete"][0], **settings).settings.items()}
+    used = {
+        k: v.as_dict()
+        for k, v in pipe.plan(
+            kind="inpaint", prompt="", image=first["image"], mask=first["complete"][0], **settings
+        ).settings.items()
+    }
     report: dict = {"n": n}
     shown = {"complete": [], "replace": []}
     t0 = time.time()
@@ -235,8 +287,9 @@ def evaluate_shapes_inpaint(package=None, n: int = 40, seed: int = 0, save_grid:
         sq_err, n_px, fill_err = 0.0, 0, []
         for i, case in enumerate(cases):
             mask, prompt, want = case[task]
-            out = pipe.inpaint(case["image"], mask, prompt, output_type="numpy", progress=False,
-                               seed=seed + i, **settings)[0]
+            out = pipe.inpaint(
+                case["image"], mask, prompt, output_type="numpy", progress=False, seed=seed + i, **settings
+            )[0]
             r = read_shape(out)
             hit = {"fg": r["fg"] == want[0], "shape": r["shape"] == want[1], "bg": r["bg"] == want[2]}
             for k, v in hit.items():
@@ -256,15 +309,21 @@ def evaluate_shapes_inpaint(package=None, n: int = 40, seed: int = 0, save_grid:
         report[task] = rep
     report["seconds"] = round(time.time() - t0, 1)
     report["settings"] = used
-    if save_grid:   # per task: the input with the mask in grey, then the result
+    if save_grid:  # per task: the input with the mask in grey, then the result
         rows = [np.stack([p[j] for p in shown[t]]) for t in ("complete", "replace") for j in (0, 1)]
         save_image_grid(np.concatenate(rows), save_grid, cols=len(shown["complete"]), scale=2)
     return report
 
 
-def evaluate_shapes_img2img(package=None, n: int = 24, seed: int = 0,
-                            strengths=(0.3, 0.5, 0.7, 0.85, 1.0), later_strength: float | None = None,
-                            save_grid: str | None = None, **settings) -> dict:
+def evaluate_shapes_img2img(
+    package=None,
+    n: int = 24,
+    seed: int = 0,
+    strengths=(0.3, 0.5, 0.7, 0.85, 1.0),
+    later_strength: float | None = None,
+    save_grid: str | None = None,
+    **settings,
+) -> dict:
     """SDEdit (`img2img`) on n rendered training images at each strength, for two edits.
 
     recolour: the caption with another shape colour (not the background's); reshape: with another
@@ -301,22 +360,34 @@ def evaluate_shapes_img2img(package=None, n: int = 24, seed: int = 0,
             for i, (sp, e) in enumerate(zip(specs, edits)):
                 img = S.render(sp)
                 want = e[task]
-                out = pipe.img2img(img, S.caption(*want), strength=per_stage(strength), output_type="numpy",
-                                   progress=False, seed=seed + i, **settings)[0]
+                out = pipe.img2img(
+                    img,
+                    S.caption(*want),
+                    strength=per_stage(strength),
+                    output_type="numpy",
+                    progress=False,
+                    seed=seed + i,
+                    **settings,
+                )[0]
                 r = read_shape(out)
                 ok += int((r["fg"], r["shape"], r["bg"]) == want)
                 a, b = foreground(img, sp.bg), foreground(out, sp.bg)
                 iou.append(float((a & b).sum() / max((a | b).sum(), 1)))
                 if len(shown) < 8:
                     shown.append(out)
-            per.append({"strength": strength, "alignment": ok / n, "layout_iou": round(float(np.mean(iou)), 3)})
+            per.append(
+                {"strength": strength, "alignment": ok / n, "layout_iou": round(float(np.mean(iou)), 3)}
+            )
             rows.append(np.stack(shown))
         report[task] = per
     report["seconds"] = round(time.time() - t0, 1)
-    report["settings"] = {k: v.as_dict() for k, v in pipe.plan(
-        prompt="", mode="img2img", image=S.render(specs[0]), strength=per_stage(strengths[-1]),
-        **settings).settings.items()}
-    if save_grid:   # the originals, then per task one row per strength
+    report["settings"] = {
+        k: v.as_dict()
+        for k, v in pipe.plan(
+            kind="img2img", prompt="", image=S.render(specs[0]), strength=per_stage(strengths[-1]), **settings
+        ).settings.items()
+    }
+    if save_grid:  # the originals, then per task one row per strength
         k = min(8, n)
         orig = np.stack([S.render(sp) / 255.0 for sp in specs[:k]])
         save_image_grid(np.concatenate([orig] + [r[:k] for r in rows]), save_grid, cols=k, scale=2)
@@ -335,9 +406,10 @@ def save_image_grid(imgs: np.ndarray, path: str, cols: int = 8, scale: int = 2) 
     g = np.ones((rows * (h + 2), cols * (w + 2), 3))
     for i, im in enumerate(imgs):
         r, q = divmod(i, cols)
-        g[r * (h + 2):r * (h + 2) + h, q * (w + 2):q * (w + 2) + w] = im
+        g[r * (h + 2) : r * (h + 2) + h, q * (w + 2) : q * (w + 2) + w] = im
     Image.fromarray((g * 255).round().astype(np.uint8)).resize(
-        (g.shape[1] * scale, g.shape[0] * scale), Image.NEAREST).save(path)
+        (g.shape[1] * scale, g.shape[0] * scale), Image.NEAREST
+    ).save(path)
 
 
 @functools.lru_cache(maxsize=4)
@@ -387,29 +459,39 @@ def digits_figures(samples: np.ndarray, labels: np.ndarray, seed: int = 0) -> di
     real, _, real_same_class, real_nn_median = _real_digits()
     d_nn = np.sqrt(((x[:, None, :] - real[None]) ** 2).sum(-1)).min(1)
     per_class_gen = [mean_pairwise_distance(x[labels == c]) for c in range(10) if (labels == c).sum() > 1]
-    return {"accuracy": acc, "classifier_real_test_accuracy": real_acc, "n": int(len(x)),
-            "mean_pairwise_distance_same_class": float(np.mean(per_class_gen)),
-            "real_mean_pairwise_distance_same_class": real_same_class,
-            "nearest_training_distance_median": float(np.median(d_nn)),
-            # the same figure for real images against the other real images (leave-one-out)
-            "real_leave_one_out_nearest_distance_median": real_nn_median,
-            "fraction_near_copies": float((d_nn < 0.5).mean())}
+    return {
+        "accuracy": acc,
+        "classifier_real_test_accuracy": real_acc,
+        "n": int(len(x)),
+        "mean_pairwise_distance_same_class": float(np.mean(per_class_gen)),
+        "real_mean_pairwise_distance_same_class": real_same_class,
+        "nearest_training_distance_median": float(np.median(d_nn)),
+        # the same figure for real images against the other real images (leave-one-out)
+        "real_leave_one_out_nearest_distance_median": real_nn_median,
+        "fraction_near_copies": float((d_nn < 0.5).mean()),
+    }
 
 
-def evaluate_digits(package="digits", n_per_class: int = 30, seed: int = 0,
-                    save_grid: str | None = None, **settings) -> dict:
+def evaluate_digits(
+    package="digits", n_per_class: int = 30, seed: int = 0, save_grid: str | None = None, **settings
+) -> dict:
 
     if package == "digits":
         package = bundled_path("digits")
     pipe = load(package)
     labels = np.repeat(np.arange(10), n_per_class)
     t0 = time.time()
-    imgs = pipe.generate(class_label=[int(v) for v in labels], output_type="numpy", progress=False,
-                         seed=seed, **settings)
+    imgs = pipe.generate(
+        class_label=[int(v) for v in labels], output_type="numpy", progress=False, seed=seed, **settings
+    )
     rep = digits_figures(imgs[..., 0], labels, seed)
     if save_grid:
-        save_image_grid(imgs[np.argsort(np.tile(np.arange(n_per_class), 10), kind="stable")][:100],
-                        save_grid, cols=10, scale=4)
+        save_image_grid(
+            imgs[np.argsort(np.tile(np.arange(n_per_class), 10), kind="stable")][:100],
+            save_grid,
+            cols=10,
+            scale=4,
+        )
     rep["seconds"] = round(time.time() - t0, 1)
     rep["settings"] = settings
     return rep

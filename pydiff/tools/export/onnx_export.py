@@ -1,4 +1,5 @@
 """Export a stage network to ONNX (opset 17, dynamic batch) and verify it against PyTorch."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,9 +12,16 @@ OPSET = 17
 MAX_ABS_ERR = 1e-4
 
 
-def example_inputs(input_names: list[str], batch: int, channels: int, resolution: int,
-                   max_length: int = 16, text_dim: int = 384, num_classes: int = 10,
-                   seed: int = 0) -> dict[str, np.ndarray]:
+def example_inputs(
+    input_names: list[str],
+    batch: int,
+    channels: int,
+    resolution: int,
+    max_length: int = 16,
+    text_dim: int = 384,
+    num_classes: int = 10,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """Random inputs [batch, ...] named as in docs/model-package.md (mask with padding)."""
     rng = np.random.default_rng(seed)
     r = resolution
@@ -58,8 +66,11 @@ def store_weights_fp16(onnx_path: str | Path, min_size: int = 64) -> None:
             arr = numpy_helper.to_array(init)
             half = numpy_helper.from_array(arr.astype(np.float16), name=init.name + "__fp16")
             keep.append(half)
-            casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
-                                          name=init.name + "__cast"))
+            casts.append(
+                helper.make_node(
+                    "Cast", [half.name], [init.name], to=TensorProto.FLOAT, name=init.name + "__cast"
+                )
+            )
         else:
             keep.append(init)
     del g.initializer[:]
@@ -71,11 +82,22 @@ def store_weights_fp16(onnx_path: str | Path, min_size: int = 64) -> None:
     onnx.save(model, str(onnx_path))
 
 
-def export_stage_onnx(module, input_names: list[str], path: str | Path, *, channels: int,
-                      resolution: int, max_length: int = 16, text_dim: int = 384,
-                      num_classes: int = 10, output_name: str = "out",
-                      call=None, max_abs_err: float = MAX_ABS_ERR, fp16_weights: bool = False,
-                      static_shapes: bool = True) -> dict:
+def export_stage_onnx(
+    module,
+    input_names: list[str],
+    path: str | Path,
+    *,
+    channels: int,
+    resolution: int,
+    max_length: int = 16,
+    text_dim: int = 384,
+    num_classes: int = 10,
+    output_name: str = "out",
+    call=None,
+    max_abs_err: float = MAX_ABS_ERR,
+    fp16_weights: bool = False,
+    static_shapes: bool = True,
+) -> dict:
     """Trace `module` to ONNX at `path` and check ORT against PyTorch on fresh random inputs.
 
     `call(module, **inputs)` maps the named inputs to the module's forward (default: keywords).
@@ -105,16 +127,29 @@ def export_stage_onnx(module, input_names: list[str], path: str | Path, *, chann
             return call(self.m, **dict(zip(input_names, args)))
 
     wrapped = Named(module).eval()
-    kw = dict(channels=channels, resolution=resolution, max_length=max_length, text_dim=text_dim,
-              num_classes=num_classes)
+    kw = dict(
+        channels=channels,
+        resolution=resolution,
+        max_length=max_length,
+        text_dim=text_dim,
+        num_classes=num_classes,
+    )
     trace = example_inputs(input_names, 2, seed=0, **kw)
     dyn = {n: {0: "batch"} for n in input_names}
     dyn[output_name] = {0: "batch"}
     tmp = path.with_name(path.name + ".tmp")
     with torch.no_grad():
-        torch.onnx.export(wrapped, tuple(torch.from_numpy(trace[n]) for n in input_names), str(tmp),
-                          opset_version=OPSET, dynamo=False, input_names=list(input_names),
-                          output_names=[output_name], dynamic_axes=dyn, do_constant_folding=True)
+        torch.onnx.export(
+            wrapped,
+            tuple(torch.from_numpy(trace[n]) for n in input_names),
+            str(tmp),
+            opset_version=OPSET,
+            dynamo=False,
+            input_names=list(input_names),
+            output_names=[output_name],
+            dynamic_axes=dyn,
+            do_constant_folding=True,
+        )
     module.eval()  # the TorchScript exporter may leave modules in training mode
     try:
         if fp16_weights:
@@ -131,7 +166,9 @@ def export_stage_onnx(module, input_names: list[str], path: str | Path, *, chann
                 raise RuntimeError(f"ONNX output shape {got.shape} != PyTorch {ref.shape}")
             worst = max(worst, float(np.abs(got - ref).max()))
         if not worst <= max_abs_err:
-            raise RuntimeError(f"ONNX Runtime disagrees with PyTorch: max abs err {worst:.3g} > {max_abs_err}")
+            raise RuntimeError(
+                f"ONNX Runtime disagrees with PyTorch: max abs err {worst:.3g} > {max_abs_err}"
+            )
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -22,6 +22,7 @@ exists for a node the fallback would move, graph inputs that feed both providers
 
     pydiff export ort-placement pydiff/bundled/shapes/*.onnx
 """
+
 from __future__ import annotations
 
 import heapq
@@ -45,9 +46,10 @@ SMALL_INITIALIZER = 100
 @dataclass
 class Placement:
     """Where the CUDA provider would run a graph's nodes (after basic optimisations)."""
+
     nodes: int
-    cpu_nodes: Counter = field(default_factory=Counter)   # op type -> count on the CPU provider
-    memcpy: int = 0                                       # Memcpy nodes ONNX Runtime would add
+    cpu_nodes: Counter = field(default_factory=Counter)  # op type -> count on the CPU provider
+    memcpy: int = 0  # Memcpy nodes ONNX Runtime would add
 
     @property
     def n_cpu(self) -> int:
@@ -75,13 +77,17 @@ def predict_cuda_placement(model, unsupported=UNSUPPORTED_ON_CUDA) -> Placement:
 
     g = model.graph
     inferred = onnx.shape_inference.infer_shapes(model).graph
-    elem = {v.name: v.type.tensor_type.elem_type
-            for v in list(inferred.value_info) + list(inferred.input) + list(inferred.output)}
+    elem = {
+        v.name: v.type.tensor_type.elem_type
+        for v in list(inferred.value_info) + list(inferred.input) + list(inferred.output)
+    }
     elem.update({i.name: i.data_type for i in g.initializer})
 
     def no_kernel(n) -> bool:
-        return n.op_type in unsupported or (n.op_type == "MatMulInteger"
-                                            and elem.get(n.input[0]) != onnx.TensorProto.INT8)
+        return n.op_type in unsupported or (
+            n.op_type == "MatMulInteger" and elem.get(n.input[0]) != onnx.TensorProto.INT8
+        )
+
     nodes = list(g.node)
     order = {id(n): i for i, n in enumerate(nodes)}
     producer = {o: n for n in nodes for o in n.output if o}
@@ -91,7 +97,7 @@ def predict_cuda_placement(model, unsupported=UNSUPPORTED_ON_CUDA) -> Placement:
             if i:
                 consumers[i].append(n)
     inits = {i.name: i for i in g.initializer}
-    graph_inputs = {i.name for i in g.input} - set(inits)   # as GraphViewer::GetInputs()
+    graph_inputs = {i.name for i in g.input} - set(inits)  # as GraphViewer::GetInputs()
 
     def small_initializer(name: str) -> bool:
         if name not in inits:
@@ -128,10 +134,16 @@ def predict_cuda_placement(model, unsupported=UNSUPPORTED_ON_CUDA) -> Placement:
             continue
         seen.add(key)
         # an omitted optional input is a NodeArg that exists nowhere: it keeps the node on CUDA
-        if all(i and elem.get(i) not in HALF_TYPES
-               and (small_initializer(i) or i in graph_inputs
-                    or (i in cpu_values and k not in CPU_SIDE_INPUTS.get(n.op_type, [])))
-               for k, i in enumerate(n.input)):
+        if all(
+            i
+            and elem.get(i) not in HALF_TYPES
+            and (
+                small_initializer(i)
+                or i in graph_inputs
+                or (i in cpu_values and k not in CPU_SIDE_INPUTS.get(n.op_type, []))
+            )
+            for k, i in enumerate(n.input)
+        ):
             fallback.add(key)
             cpu_values.update(n.output)
             for o in n.output:
@@ -146,9 +158,13 @@ def predict_cuda_placement(model, unsupported=UNSUPPORTED_ON_CUDA) -> Placement:
         if key in seen or key in fallback or key not in on_cuda:
             continue
         seen.add(key)
-        if all(o and o in cpu_values and elem.get(o) not in HALF_TYPES
-               and k not in CPU_SIDE_OUTPUTS.get(n.op_type, []) for k, o in enumerate(n.output)) \
-                and all(elem.get(i) not in HALF_TYPES for i in n.input if i):
+        if all(
+            o
+            and o in cpu_values
+            and elem.get(o) not in HALF_TYPES
+            and k not in CPU_SIDE_OUTPUTS.get(n.op_type, [])
+            for k, o in enumerate(n.output)
+        ) and all(elem.get(i) not in HALF_TYPES for i in n.input if i):
             fallback.add(key)
             cpu_values.update(i for i in n.input if i)
             for i in n.input:
@@ -161,14 +177,17 @@ def predict_cuda_placement(model, unsupported=UNSUPPORTED_ON_CUDA) -> Placement:
     for n in nodes:
         for k, i in enumerate(n.input):
             p = producer.get(i)
-            if p is None:          # graph inputs and initializers: copied by the session
+            if p is None:  # graph inputs and initializers: copied by the session
                 continue
             host = id(p) in on_cpu or list(p.output).index(i) in CPU_SIDE_OUTPUTS.get(p.op_type, [])
             wants_host = id(n) in on_cpu or k in CPU_SIDE_INPUTS.get(n.op_type, [])
             if host != wants_host:
                 crossings.add((i, wants_host))
-    return Placement(nodes=len(nodes), cpu_nodes=Counter(n.op_type for n in nodes if id(n) in on_cpu),
-                     memcpy=len(crossings))
+    return Placement(
+        nodes=len(nodes),
+        cpu_nodes=Counter(n.op_type for n in nodes if id(n) in on_cpu),
+        memcpy=len(crossings),
+    )
 
 
 def predict_file(path: str | os.PathLike) -> Placement:

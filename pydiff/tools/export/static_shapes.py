@@ -19,6 +19,7 @@ that the new graph's outputs are bit-identical to the old one's at batch sizes i
 
     pydiff export static-shapes pydiff/bundled/shapes/base.onnx ...
 """
+
 from __future__ import annotations
 
 import os
@@ -37,23 +38,68 @@ BROADCAST_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where")
 #: ops whose output shape depends on their input values: a Shape downstream is no constant
 DATA_SHAPED_OPS = ("NonZero", "Unique", "Compress", "StringSplit")
 #: ops that keep the elements of their first input in order (a reshape, a cast, a unary map)
-ORDER_KEEPING_OPS = ("Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Neg", "Abs",
-                     "Floor", "Ceil", "Sqrt", "Relu", "Sign", "Round")
-ELEMENTWISE_OPS = BROADCAST_OPS + ("Mod", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual",
-                                   "And", "Or", "Xor")
+ORDER_KEEPING_OPS = (
+    "Identity",
+    "Cast",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Neg",
+    "Abs",
+    "Floor",
+    "Ceil",
+    "Sqrt",
+    "Relu",
+    "Sign",
+    "Round",
+)
+ELEMENTWISE_OPS = BROADCAST_OPS + (
+    "Mod",
+    "Equal",
+    "Less",
+    "Greater",
+    "LessOrEqual",
+    "GreaterOrEqual",
+    "And",
+    "Or",
+    "Xor",
+)
 
 # inputs that ONNX Runtime's CUDA kernels read from host memory (InputMemoryType CPU): a value a
 # node computes for one of them pulls that node to the CPU provider. Also, but Clip's bounds and
 # Dropout's ratio, the inputs that set an op's output shape.
-CPU_SIDE_INPUTS = {"Reshape": [1], "Expand": [1], "Slice": [1, 2, 3, 4], "Unsqueeze": [1],
-                   "Squeeze": [1], "Resize": [1, 2, 3], "Upsample": [1], "Tile": [1],
-                   "ConstantOfShape": [0], "Range": [0, 1, 2], "Split": [1], "Pad": [1, 2, 3],
-                   "TopK": [1], "OneHot": [1], "CumSum": [1], "Trilu": [1], "Clip": [1, 2],
-                   "Dropout": [1, 2], "ReduceSum": [1], "ReduceMean": [1], "ReduceMax": [1],
-                   "ReduceMin": [1], "ReduceProd": [1], "ReduceL1": [1], "ReduceL2": [1],
-                   "ReduceLogSum": [1], "ReduceLogSumExp": [1], "ReduceSumSquare": [1]}
-NOT_SHAPE_SETTING = {("Clip", 1), ("Clip", 2), ("Dropout", 1), ("Dropout", 2), ("CumSum", 1),
-                     ("Trilu", 1)}
+CPU_SIDE_INPUTS = {
+    "Reshape": [1],
+    "Expand": [1],
+    "Slice": [1, 2, 3, 4],
+    "Unsqueeze": [1],
+    "Squeeze": [1],
+    "Resize": [1, 2, 3],
+    "Upsample": [1],
+    "Tile": [1],
+    "ConstantOfShape": [0],
+    "Range": [0, 1, 2],
+    "Split": [1],
+    "Pad": [1, 2, 3],
+    "TopK": [1],
+    "OneHot": [1],
+    "CumSum": [1],
+    "Trilu": [1],
+    "Clip": [1, 2],
+    "Dropout": [1, 2],
+    "ReduceSum": [1],
+    "ReduceMean": [1],
+    "ReduceMax": [1],
+    "ReduceMin": [1],
+    "ReduceProd": [1],
+    "ReduceL1": [1],
+    "ReduceL2": [1],
+    "ReduceLogSum": [1],
+    "ReduceLogSumExp": [1],
+    "ReduceSumSquare": [1],
+}
+NOT_SHAPE_SETTING = {("Clip", 1), ("Clip", 2), ("Dropout", 1), ("Dropout", 2), ("CumSum", 1), ("Trilu", 1)}
 
 
 def _batch_symbol(model) -> str | None:
@@ -66,15 +112,17 @@ def _batch_symbol(model) -> str | None:
         for i, d in enumerate(inp.type.tensor_type.shape.dim):
             if not d.HasField("dim_value"):
                 if i != 0:
-                    raise ShapeFreezeError(f"input {inp.name!r}: dimension {i} is dynamic; only a "
-                                           "leading batch dimension may be")
+                    raise ShapeFreezeError(
+                        f"input {inp.name!r}: dimension {i} is dynamic; only a leading batch dimension may be"
+                    )
                 if d.dim_param:
                     symbols.add(d.dim_param)
                 else:
                     unnamed.append(inp.name)
     if unnamed and (symbols or len(unnamed) > 1):
-        raise ShapeFreezeError(f"inputs {unnamed} have unnamed dynamic dimensions: cannot tell "
-                               "whether they are one batch")
+        raise ShapeFreezeError(
+            f"inputs {unnamed} have unnamed dynamic dimensions: cannot tell whether they are one batch"
+        )
     symbols.update("?" for _ in unnamed)
     if len(symbols) > 1:
         raise ShapeFreezeError(f"inputs have several dynamic batch names {sorted(symbols)}")
@@ -124,8 +172,9 @@ def _shape_values(graph) -> set[str]:
         if n.op_type == "Constant" or any(a.type == a.GRAPH for a in n.attribute):
             continue
         ins = [i for i in n.input if i]
-        if n.op_type in SHAPE_OPS or (any(i in values for i in ins)
-                                      and all(i in values or i in const for i in ins)):
+        if n.op_type in SHAPE_OPS or (
+            any(i in values for i in ins) and all(i in values or i in const for i in ins)
+        ):
             values.update(o for o in n.output if o)
     return values
 
@@ -148,21 +197,38 @@ def freeze_shapes(model, probe_batches=PROBE_BATCHES):
             consumers.setdefault(i, []).append((n, k))
     graph_outputs = {o.name for o in g.output}
     # the shape values that leave the shape arithmetic: these are what the network really uses
-    frontier = sorted(v for v in values if v in graph_outputs or any(
-        c.output[0] not in values for c, _ in consumers.get(v, [])))
+    frontier = sorted(
+        v
+        for v in values
+        if v in graph_outputs or any(c.output[0] not in values for c, _ in consumers.get(v, []))
+    )
     if not frontier:
         return model
     # a Reshape or Expand target that scales with the batch is rewritten from the shapes its data
     # input and output really have: evaluate those as well
     producer = {o: n for n in g.node for o in n.output}
-    reshape_io = sorted({t for v in frontier for c, k in consumers.get(v, [])
-                         if c.op_type in ("Reshape", "Expand") and k == 1
-                         for t in (c.input[0], c.output[0])})
+    reshape_io = sorted(
+        {
+            t
+            for v in frontier
+            for c, k in consumers.get(v, [])
+            if c.op_type in ("Reshape", "Expand") and k == 1
+            for t in (c.input[0], c.output[0])
+        }
+    )
     # a batch-sized constant (`t * torch.ones(x.shape[0])`, diffusers' UNet2DModel) can shrink to
     # ones in every dimension if the other operands alone give the result its shape
-    broadcast_io = sorted({t for v in frontier if producer[v].op_type == "ConstantOfShape"
-                           for c, _ in consumers.get(v, []) if c.op_type in BROADCAST_OPS
-                           for t in list(c.input) + list(c.output) if t and t != v})
+    broadcast_io = sorted(
+        {
+            t
+            for v in frontier
+            if producer[v].op_type == "ConstantOfShape"
+            for c, _ in consumers.get(v, [])
+            if c.op_type in BROADCAST_OPS
+            for t in list(c.input) + list(c.output)
+            if t and t != v
+        }
+    )
     runs = _probe(model, list(dict.fromkeys(sorted(values) + reshape_io + broadcast_io)), probe_batches)
     depends = _batch_dependence(g, values, runs)
 
@@ -172,8 +238,10 @@ def freeze_shapes(model, probe_batches=PROBE_BATCHES):
         if all(s.shape == seen[0].shape and np.array_equal(s, seen[0]) for s in seen[1:]):
             # equal at every probe; but a step function of the batch (B // 8) would be too
             if depends[name].any():
-                raise ShapeFreezeError(f"shape value {name!r} is computed from the batch size but "
-                                       f"equal at the probed sizes {tuple(probe_batches)}")
+                raise ShapeFreezeError(
+                    f"shape value {name!r} is computed from the batch size but "
+                    f"equal at the probed sizes {tuple(probe_batches)}"
+                )
             new_inits.append(numpy_helper.from_array(seen[0], name=name))
             continue
         if producer[name].op_type == "ConstantOfShape":
@@ -202,11 +270,12 @@ def _refuse_unsupported(g) -> None:
         if any(a.type in (a.GRAPH, a.GRAPHS) for a in n.attribute):
             raise ShapeFreezeError(f"node {n.name or n.op_type!r} ({n.op_type}) has a subgraph")
         if n.op_type in SHAPE_OPS and n.input[0] in data_shaped:
-            raise ShapeFreezeError(f"{n.op_type} node {n.name!r} reads a tensor whose shape depends "
-                                   "on data")
+            raise ShapeFreezeError(f"{n.op_type} node {n.name!r} reads a tensor whose shape depends on data")
         shaped_by_data = n.op_type in DATA_SHAPED_OPS or any(
             i and i not in const and i not in values and (n.op_type, k) not in NOT_SHAPE_SETTING
-            for k, i in enumerate(n.input) if k in CPU_SIDE_INPUTS.get(n.op_type, []))
+            for k, i in enumerate(n.input)
+            if k in CPU_SIDE_INPUTS.get(n.op_type, [])
+        )
         if n.op_type not in SHAPE_OPS and (shaped_by_data or any(i in data_shaped for i in n.input)):
             data_shaped.update(o for o in n.output if o)
 
@@ -236,7 +305,7 @@ def _batch_dependence(g, values: set[str], runs: list[dict]) -> dict[str, np.nda
             continue
         first = [runs[0][o] for o in outs]
         if any(any(r[o].shape != runs[0][o].shape for r in runs) for o in outs):
-            for o, v in zip(outs, first):          # its shape changes with the batch
+            for o, v in zip(outs, first):  # its shape changes with the batch
                 dep[o] = np.ones(v.size, bool)
             continue
         ins = [(i, known.get(i)) for i in n.input]
@@ -244,18 +313,31 @@ def _batch_dependence(g, values: set[str], runs: list[dict]) -> dict[str, np.nda
         if n.op_type in SHAPE_OPS:
             stack = np.stack([r[outs[0]].reshape(-1) for r in runs])
             d = (stack != stack[0]).any(axis=0)
-        elif n.op_type == "Gather" and ins[0][1] is not None and ins[0][1].ndim == 1 \
-                and ins[1][1] is not None and not of(ins[1][0], ins[1][1]).any():
+        elif (
+            n.op_type == "Gather"
+            and ins[0][1] is not None
+            and ins[0][1].ndim == 1
+            and ins[1][1] is not None
+            and not of(ins[1][0], ins[1][1]).any()
+        ):
             d = of(*ins[0])[ins[1][1].reshape(-1).astype(np.int64)]
-        elif n.op_type == "Slice" and ins[0][1] is not None and ins[0][1].ndim == 1 \
-                and all(a is not None and not of(i, a).any() for i, a in ins[1:]):
+        elif (
+            n.op_type == "Slice"
+            and ins[0][1] is not None
+            and ins[0][1].ndim == 1
+            and all(a is not None and not of(i, a).any() for i, a in ins[1:])
+        ):
             start, end = int(ins[1][1].reshape(-1)[0]), int(ins[2][1].reshape(-1)[0])
             step = int(ins[4][1].reshape(-1)[0]) if len(ins) > 4 else 1
             d = of(*ins[0])[np.arange(ins[0][1].size)[slice(start, end, step)]]
         elif n.op_type == "Concat" and v.ndim == 1 and all(a is not None for _, a in ins):
             d = np.concatenate([of(i, a) for i, a in ins])
-        elif n.op_type in ORDER_KEEPING_OPS and ins[0][1] is not None and ins[0][1].size == v.size \
-                and all(a is not None and not of(i, a).any() for i, a in ins[1:]):
+        elif (
+            n.op_type in ORDER_KEEPING_OPS
+            and ins[0][1] is not None
+            and ins[0][1].size == v.size
+            and all(a is not None and not of(i, a).any() for i, a in ins[1:])
+        ):
             d = of(*ins[0])
         elif n.op_type in ELEMENTWISE_OPS and all(a is not None for _, a in ins):
             d = np.zeros(v.shape, bool)
@@ -277,8 +359,9 @@ def _probe(model, names: list[str], batches) -> list[dict[str, np.ndarray]]:
     probe = onnx.ModelProto.FromString(model.SerializeToString())
     inits = {i.name: i for i in probe.graph.initializer}
     inferred = onnx.shape_inference.infer_shapes(probe).graph
-    types = {vi.name: vi.type for vi in list(inferred.value_info) + list(inferred.output)
-             + list(inferred.input)}
+    types = {
+        vi.name: vi.type for vi in list(inferred.value_info) + list(inferred.output) + list(inferred.input)
+    }
     outputs = {o.name for o in probe.graph.output}
     computed = [n for n in names if n not in inits]
     for name in computed:
@@ -299,10 +382,16 @@ def _broadcast_constant(name: str, uses: list, runs: list[dict], is_output: bool
     each consumer is an elementwise broadcast whose output shape the other operands give alone."""
     seen = [r[name] for r in runs]
     flat = seen[0].reshape(-1)
-    if is_output or not uses or flat.size == 0 or any(
-            c.op_type not in BROADCAST_OPS for c, _ in uses) or not (flat == flat[0]).all():
-        raise ShapeFreezeError(f"shape value {name!r} changes with the batch and feeds "
-                               f"{sorted({c.op_type for c, _ in uses})}")
+    if (
+        is_output
+        or not uses
+        or flat.size == 0
+        or any(c.op_type not in BROADCAST_OPS for c, _ in uses)
+        or not (flat == flat[0]).all()
+    ):
+        raise ShapeFreezeError(
+            f"shape value {name!r} changes with the batch and feeds {sorted({c.op_type for c, _ in uses})}"
+        )
     for c, _ in uses:
         for r in runs:
             others = [r[i].shape for i in c.input if i and i != name]
@@ -316,9 +405,11 @@ def _batch_target(name: str, uses: list, runs: list[dict], is_output: bool) -> n
     its consumers' data inputs and outputs had at every probed batch size."""
     ops = sorted({(c.op_type, k) for c, k in uses})
     if is_output or len(ops) != 1 or ops[0] not in (("Reshape", 1), ("Expand", 1)):
-        raise ShapeFreezeError(f"shape value {name!r} changes with the batch and feeds "
-                               f"{sorted({c.op_type for c, _ in uses})}; only a Reshape or "
-                               "Expand target may")
+        raise ShapeFreezeError(
+            f"shape value {name!r} changes with the batch and feeds "
+            f"{sorted({c.op_type for c, _ in uses})}; only a Reshape or "
+            "Expand target may"
+        )
     op = ops[0][0]
     targets = set()
     for c, _ in uses:
@@ -329,6 +420,7 @@ def _batch_target(name: str, uses: list, runs: list[dict], is_output: bool) -> n
         n = len(outs[0])
         stack = np.array(outs, dtype=np.int64)
         varying = np.flatnonzero((stack != stack[0]).any(axis=0))
+
         # does the data input already have the output's dimension i at every batch size?
         # (aligned from the left for Reshape, from the right for Expand's broadcast)
         def copies(i: int) -> bool:
@@ -339,18 +431,20 @@ def _batch_target(name: str, uses: list, runs: list[dict], is_output: bool) -> n
         if op == "Expand":
             if not all(copies(int(i)) for i in varying):
                 raise ShapeFreezeError(f"Expand target {name!r} grows a dimension with the batch")
-            target[varying] = 1          # 1 = "keep the input's dimension" in a broadcast
+            target[varying] = 1  # 1 = "keep the input's dimension" in a broadcast
         else:
             allowzero = any(a.name == "allowzero" and a.i for a in c.attribute)
             if (np.delete(target, varying) == 0).any():
                 raise ShapeFreezeError(f"Reshape target {name!r} makes an empty dimension")
             if not allowzero and all(copies(int(i)) for i in varying):
-                target[varying] = 0      # 0 = "copy the input's dimension i"
+                target[varying] = 0  # 0 = "copy the input's dimension i"
             elif len(varying) == 1:
-                target[varying] = -1     # -1 = "whatever is left": the other entries are concrete
+                target[varying] = -1  # -1 = "whatever is left": the other entries are concrete
             else:
-                raise ShapeFreezeError(f"Reshape target {name!r}: entries {varying.tolist()} change "
-                                       "with the batch and cannot be inferred")
+                raise ShapeFreezeError(
+                    f"Reshape target {name!r}: entries {varying.tolist()} change "
+                    "with the batch and cannot be inferred"
+                )
         targets.add(tuple(target.tolist()))
     if len(targets) != 1:
         raise ShapeFreezeError(f"{op} target {name!r} is shared by uses that need different constants")
@@ -392,9 +486,12 @@ def computed_cpu_side_inputs(model) -> list[tuple[str, int, str]]:
     """(op, input index, producer op) for each CPU-side input (CPU_SIDE_INPUTS) that a node other
     than Constant computes: the nodes ONNX Runtime's CUDA provider would leave on the CPU."""
     prod = {o: n for n in model.graph.node for o in n.output}
-    return [(n.op_type, k, prod[n.input[k]].op_type) for n in model.graph.node
-            for k in CPU_SIDE_INPUTS.get(n.op_type, []) if k < len(n.input)
-            and n.input[k] in prod and prod[n.input[k]].op_type != "Constant"]
+    return [
+        (n.op_type, k, prod[n.input[k]].op_type)
+        for n in model.graph.node
+        for k in CPU_SIDE_INPUTS.get(n.op_type, [])
+        if k < len(n.input) and n.input[k] in prod and prod[n.input[k]].op_type != "Constant"
+    ]
 
 
 def check_equal(old, new, batches=CHECK_BATCHES) -> None:
@@ -409,8 +506,9 @@ def check_equal(old, new, batches=CHECK_BATCHES) -> None:
                 raise RuntimeError(f"frozen graph differs at batch {batch}, output {name!r}")
 
 
-def freeze_shapes_file(path: str | os.PathLike, out: str | os.PathLike | None = None, *,
-                       strict: bool = True) -> dict:
+def freeze_shapes_file(
+    path: str | os.PathLike, out: str | os.PathLike | None = None, *, strict: bool = True
+) -> dict:
     """Freeze the ONNX file at `path` into `out` (default: in place) after check_equal; atomic.
     Returns {"frozen", "shape_ops_before", "shape_ops_after", "nodes_before", "nodes_after"}.
     With strict=False a graph that cannot be frozen is left as it is, with a warning naming why
@@ -418,7 +516,7 @@ def freeze_shapes_file(path: str | os.PathLike, out: str | os.PathLike | None = 
     import onnx
 
     path = Path(path)
-    out = Path(out) if out is not None else path.resolve()   # in place: through a symlink
+    out = Path(out) if out is not None else path.resolve()  # in place: through a symlink
     old = onnx.load(str(path), load_external_data=False)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in old.graph.initializer):
         raise ShapeFreezeError(f"{path.name}: weights in external data files are not supported")

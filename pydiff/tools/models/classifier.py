@@ -5,6 +5,7 @@ The classifier is a small conv net: SiLU activations (smooth, so that its input 
 informative), the time entering every conv block through a sinusoidal embedding -> MLP -> per-channel
 scale and shift (as the U-Net's FiLM-style time conditioning), global mean pooling, a linear head.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,7 @@ class ClassifierConfig:
     in_channels: int = 1
     resolution: int = 8
     num_classes: int = 10
-    channels: tuple[int, ...] = (32, 64, 64)     # per conv block; block k > 0 halves the size if it can
+    channels: tuple[int, ...] = (32, 64, 64)  # per conv block; block k > 0 halves the size if it can
     time_dim: int = 64
 
     def to_dict(self) -> dict:
@@ -65,8 +66,9 @@ class NoisyClassifier(nn.Module):
     def __init__(self, cfg: ClassifierConfig):
         super().__init__()
         self.cfg = cfg
-        self.time_mlp = nn.Sequential(nn.Linear(cfg.time_dim, cfg.time_dim), nn.SiLU(),
-                                      nn.Linear(cfg.time_dim, cfg.time_dim))
+        self.time_mlp = nn.Sequential(
+            nn.Linear(cfg.time_dim, cfg.time_dim), nn.SiLU(), nn.Linear(cfg.time_dim, cfg.time_dim)
+        )
         blocks, cin, size = [], cfg.in_channels, cfg.resolution
         for k, c in enumerate(cfg.channels):
             stride = 2 if k > 0 and size >= 4 else 1
@@ -74,7 +76,7 @@ class NoisyClassifier(nn.Module):
             blocks.append(_Block(cin, c, cfg.time_dim, stride))
             cin = c
         self.blocks = nn.ModuleList(blocks)
-        self.final_size = size                   # spatial side of the last block's output
+        self.final_size = size  # spatial side of the last block's output
         self.head = nn.Linear(cin, cfg.num_classes)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -186,7 +188,7 @@ class CLIPGradient(nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask):
         c = self.clip.image
-        txt = self.clip.encode_text(encoder_hidden_states, encoder_attention_mask)   # [B, E], unit
+        txt = self.clip.encode_text(encoder_hidden_states, encoder_attention_mask)  # [B, E], unit
         h, saved, pooled = _forward_saved(c, sample, timestep)
         z = c.head(pooled)
         n = torch.sqrt((z * z).sum(1, keepdim=True))

@@ -9,6 +9,7 @@ Conditioning:
 - image (SR3 / Palette / GLIDE): `low_res` (and `mask`, `masked_image`) concatenated to the input
   channels; `noise_level` (the augmentation timestep of `low_res`) embedded like the time.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,21 +22,21 @@ import torch.nn.functional as F
 
 @dataclass
 class UNetConfig:
-    in_channels: int = 3             # channels of `sample` (the output has the same number)
+    in_channels: int = 3  # channels of `sample` (the output has the same number)
     base_channels: int = 64
     channel_mult: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = 2
-    attn_levels: tuple[int, ...] = (1, 2)       # levels (0 = full resolution) with attention
-    self_attention: bool = True                 # self-attention at attn_levels (off for crop-trained SR)
+    attn_levels: tuple[int, ...] = (1, 2)  # levels (0 = full resolution) with attention
+    self_attention: bool = True  # self-attention at attn_levels (off for crop-trained SR)
     head_dim: int = 32
     dropout: float = 0.0
     num_groups: int = 8
-    conditioning: str = "none"                  # "none" | "class" | "text"
+    conditioning: str = "none"  # "none" | "class" | "text"
     num_classes: int | None = None
-    text_dim: int | None = None                 # D of encoder_hidden_states
-    cross_attention: bool = True                # text: cross-attention at attn_levels
-    low_res: bool = False                       # SR: concat `low_res` and embed `noise_level`
-    inpaint: bool = False                       # concat `mask` (1 ch) and `masked_image` (3 ch)
+    text_dim: int | None = None  # D of encoder_hidden_states
+    cross_attention: bool = True  # text: cross-attention at attn_levels
+    low_res: bool = False  # SR: concat `low_res` and embed `noise_level`
+    inpaint: bool = False  # concat `mask` (1 ch) and `masked_image` (3 ch)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -66,17 +67,38 @@ class UNetConfig:
 
 PRESETS: dict[str, UNetConfig] = {
     # 8x8 grey digits, 10 classes.
-    "digits": UNetConfig(in_channels=1, base_channels=32, channel_mult=(1, 2), num_res_blocks=2,
-                         attn_levels=(1,), conditioning="class", num_classes=10),
+    "digits": UNetConfig(
+        in_channels=1,
+        base_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=2,
+        attn_levels=(1,),
+        conditioning="class",
+        num_classes=10,
+    ),
     # shapes base stage, 16x16, text cross-attention at 8x8 and 4x4.
-    "shapes-base": UNetConfig(in_channels=3, base_channels=48, channel_mult=(1, 2, 2),
-                              num_res_blocks=1, attn_levels=(1, 2), conditioning="text",
-                              text_dim=384),
+    "shapes-base": UNetConfig(
+        in_channels=3,
+        base_channels=48,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attn_levels=(1, 2),
+        conditioning="text",
+        text_dim=384,
+    ),
     # shapes 16->64 super-resolution; trained on 32x32 crops, so no self-attention; the text
     # enters through the pooled embedding and per-pixel cross-attention at the lowest level.
-    "shapes-sr64": UNetConfig(in_channels=3, base_channels=32, channel_mult=(1, 2, 3),
-                              num_res_blocks=1, attn_levels=(2,), self_attention=False,
-                              conditioning="text", text_dim=384, low_res=True),
+    "shapes-sr64": UNetConfig(
+        in_channels=3,
+        base_channels=32,
+        channel_mult=(1, 2, 3),
+        num_res_blocks=1,
+        attn_levels=(2,),
+        self_attention=False,
+        conditioning="text",
+        text_dim=384,
+        low_res=True,
+    ),
 }
 
 
@@ -193,7 +215,11 @@ class UNet(nn.Module):
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
                 out = ch * mult
-                self.down.append(nn.ModuleList([ResBlock(cur, out, temb, g, cfg.dropout), attn(out, level) or nn.Identity()]))
+                self.down.append(
+                    nn.ModuleList(
+                        [ResBlock(cur, out, temb, g, cfg.dropout), attn(out, level) or nn.Identity()]
+                    )
+                )
                 cur = out
                 skips.append(cur)
             if level != len(cfg.channel_mult) - 1:
@@ -201,27 +227,49 @@ class UNet(nn.Module):
                 skips.append(cur)
         last = len(cfg.channel_mult) - 1
         self.mid1 = ResBlock(cur, cur, temb, g, cfg.dropout)
-        self.mid_attn = AttnBlock(cur, cfg.head_dim, g, cfg.self_attention, ctx_dim) \
-            if (cfg.self_attention or ctx_dim is not None) else None
+        self.mid_attn = (
+            AttnBlock(cur, cfg.head_dim, g, cfg.self_attention, ctx_dim)
+            if (cfg.self_attention or ctx_dim is not None)
+            else None
+        )
         self.mid2 = ResBlock(cur, cur, temb, g, cfg.dropout)
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for _ in range(cfg.num_res_blocks + 1):
                 out = ch * mult
-                self.up.append(nn.ModuleList([ResBlock(cur + skips.pop(), out, temb, g, cfg.dropout),
-                                              attn(out, level) or nn.Identity()]))
+                self.up.append(
+                    nn.ModuleList(
+                        [
+                            ResBlock(cur + skips.pop(), out, temb, g, cfg.dropout),
+                            attn(out, level) or nn.Identity(),
+                        ]
+                    )
+                )
                 cur = out
             if level != 0:
-                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
-                                              nn.Conv2d(cur, cur, 3, padding=1)]))
+                self.up.append(
+                    nn.ModuleList(
+                        [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cur, cur, 3, padding=1)]
+                    )
+                )
         del last
         self.norm_out = nn.GroupNorm(g, cur)
         self.conv_out = nn.Conv2d(cur, cfg.in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, sample, timestep, encoder_hidden_states=None, encoder_attention_mask=None,
-                class_labels=None, low_res=None, noise_level=None, mask=None, masked_image=None):
+    def forward(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        class_labels=None,
+        low_res=None,
+        noise_level=None,
+        mask=None,
+        masked_image=None,
+    ):
         """sample [B, C, H, W], timestep [B] float -> eps prediction [B, C, H, W]."""
         cfg = self.cfg
         emb = self.time_mlp(timestep_embedding(timestep, cfg.base_channels))

@@ -93,7 +93,9 @@ def torch_module(path: str | Path) -> torch.nn.Module:
     missing = sorted(k for k in want if k not in weights)
     if missing:
         raise PackageError(f"{path}: the file lacks the weights {missing[:4]} of its network config")
-    state = {k: torch.from_numpy(np.ascontiguousarray(weights[k]).reshape(tuple(v.shape))) for k, v in want.items()}
+    state = {
+        k: torch.from_numpy(np.ascontiguousarray(weights[k]).reshape(tuple(v.shape))) for k, v in want.items()
+    }
     net.load_state_dict(state, strict=True)
     return net.eval()
 

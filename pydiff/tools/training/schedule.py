@@ -1,5 +1,6 @@
 """The noise schedule for training-time noising: the sampler's own (pydiff.Schedule), so that a
 network is trained on exactly the alpha-bars it is later sampled with."""
+
 from __future__ import annotations
 
 import numpy as np

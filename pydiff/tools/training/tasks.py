@@ -1,4 +1,5 @@
 """Training data streams: each task draws a batch dict (x0 plus the stage's conditioning inputs)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -43,7 +44,6 @@ def caption_embeddings(text_encoder_dir: str | Path, max_length: int, cache: str
     """
     from safetensors.numpy import load_file, save_file
 
-
     d = Path(text_encoder_dir)
     digest = hashlib.sha256((d / "model.onnx").read_bytes()).hexdigest()
     captions = S.all_captions(include_held_out=True) + [""]
@@ -51,8 +51,12 @@ def caption_embeddings(text_encoder_dir: str | Path, max_length: int, cache: str
         t = load_file(str(cache))
         meta = json.loads(Path(str(cache) + ".json").read_text())
         # "encode" is absent from caches written by the batched encoding of the first bundled runs
-        if (meta["sha256"] == digest and meta["captions"] == captions
-                and meta["max_length"] == max_length and meta.get("encode") == "per_prompt"):
+        if (
+            meta["sha256"] == digest
+            and meta["captions"] == captions
+            and meta["max_length"] == max_length
+            and meta.get("encode") == "per_prompt"
+        ):
             return captions, t["states"], t["mask"]
     enc = TextEncoder(str(d / "model.onnx"), str(d / "tokenizer.json"), max_length)
     # one caption at a time, as inference encodes (TextEncoder.encode): the int8 encoder quantises
@@ -62,8 +66,11 @@ def caption_embeddings(text_encoder_dir: str | Path, max_length: int, cache: str
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         save_file({"states": states, "mask": masks}, str(cache))
-        Path(str(cache) + ".json").write_text(json.dumps(
-            {"sha256": digest, "captions": captions, "max_length": max_length, "encode": "per_prompt"}))
+        Path(str(cache) + ".json").write_text(
+            json.dumps(
+                {"sha256": digest, "captions": captions, "max_length": max_length, "encode": "per_prompt"}
+            )
+        )
     return captions, states, masks
 
 
@@ -106,8 +113,10 @@ class ShapesTask:
             c = cfg.crop
             ys = rng.integers(0, cfg.resolution - c + 1, size=n)
             xs = rng.integers(0, cfg.resolution - c + 1, size=n)
-            x = torch.stack([x[i, :, y:y + c, z:z + c] for i, (y, z) in enumerate(zip(ys, xs))])
-            low_res = torch.stack([low_res[i, :, y:y + c, z:z + c] for i, (y, z) in enumerate(zip(ys, xs))])
+            x = torch.stack([x[i, :, y : y + c, z : z + c] for i, (y, z) in enumerate(zip(ys, xs))])
+            low_res = torch.stack(
+                [low_res[i, :, y : y + c, z : z + c] for i, (y, z) in enumerate(zip(ys, xs))]
+            )
         out.update(x0=x, low_res=low_res, noise_level=level.float())
         return out
 

@@ -1,5 +1,6 @@
 """The training loop: L_simple (Ho et al. 2020, Algorithm 1), condition dropout for
 classifier-free guidance (Ho & Salimans 2022), EMA weights, safetensors checkpoints, resume."""
+
 from __future__ import annotations
 
 import copy
@@ -23,12 +24,12 @@ CKPT = "last.safetensors"
 
 @dataclass
 class TrainConfig:
-    task: str = "digits"                   # digits | shapes-base | shapes-sr64
-    model: dict | None = None              # UNetConfig as a dict; None = the task's preset
+    task: str = "digits"  # digits | shapes-base | shapes-sr64
+    model: dict | None = None  # UNetConfig as a dict; None = the task's preset
     steps: int = 3000
     batch_size: int = 64
     lr: float = 5e-4
-    lr_min_ratio: float = 0.1              # cosine decay to lr * lr_min_ratio at `steps`
+    lr_min_ratio: float = 0.1  # cosine decay to lr * lr_min_ratio at `steps`
     warmup: int = 200
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -42,7 +43,7 @@ class TrainConfig:
     prediction_type: str = "epsilon"
     resolution: int = 8
     # shapes
-    text_encoder: str | None = None        # folder with model.onnx + tokenizer.json
+    text_encoder: str | None = None  # folder with model.onnx + tokenizer.json
     max_length: int = 16
     # super-resolution
     low_res_resolution: int | None = None
@@ -61,8 +62,15 @@ class TrainConfig:
         defaults = {
             "digits": dict(resolution=8, batch_size=128, lr=1e-3, steps=3000),
             "shapes-base": dict(resolution=16, batch_size=64, lr=5e-4, steps=5000),
-            "shapes-sr64": dict(resolution=64, low_res_resolution=16, crop=32, batch_size=32,
-                                lr=5e-4, steps=5000, max_noise_level=250),
+            "shapes-sr64": dict(
+                resolution=64,
+                low_res_resolution=16,
+                crop=32,
+                batch_size=32,
+                lr=5e-4,
+                steps=5000,
+                max_noise_level=250,
+            ),
         }[task]
         defaults.update({k: v for k, v in kw.items() if v is not None})
         cfg = cls(task=task, **defaults)
@@ -81,7 +89,9 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-def training_target(prediction_type: str, x0: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+def training_target(
+    prediction_type: str, x0: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor
+) -> torch.Tensor:
     """The regression target of L_simple for x_t = sqrt(abar) x0 + sqrt(1 - abar) eps."""
     if prediction_type == "epsilon":
         return eps
@@ -110,7 +120,7 @@ class Trainer:
             p.requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.abar = torch.from_numpy(alphas_cumprod(cfg.num_train_timesteps, cfg.beta_schedule)).float()
-        self.rng = np.random.default_rng(cfg.seed)            # data, captions, dropout, crops
+        self.rng = np.random.default_rng(cfg.seed)  # data, captions, dropout, crops
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # t and eps of Algorithm 1
         self.task = make_task(cfg, self.run_dir)
         self.step_i = 0
@@ -253,9 +263,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, command: str | None = None, pro
         # network is a different run, refused rather than silently trained as the saved one
         for key in ("task", "prediction_type"):
             if getattr(cfg, key) != getattr(saved, key):
-                raise ValueError(f"{run_dir} holds a run with {key} {getattr(saved, key)!r}, not "
-                                 f"{getattr(cfg, key)!r}: resume it with the same setting, or use a "
-                                 f"new --out")
+                raise ValueError(
+                    f"{run_dir} holds a run with {key} {getattr(saved, key)!r}, not "
+                    f"{getattr(cfg, key)!r}: resume it with the same setting, or use a "
+                    f"new --out"
+                )
         saved.steps, saved.ckpt_every_s = cfg.steps, cfg.ckpt_every_s  # may extend a run
         cfg = saved
     else:
@@ -271,8 +283,15 @@ def train(cfg: TrainConfig, run_dir: str | Path, command: str | None = None, pro
     print(f"task {cfg.task}: {n_params} parameters, {cfg.steps} steps, batch {cfg.batch_size}", flush=True)
     last_ckpt = time.time()
     t_seg = time.time()
-    bar = tqdm(total=cfg.steps, initial=tr.step_i, disable=not progress, mininterval=5.0,
-               file=sys.stderr, dynamic_ncols=False, ncols=100)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=tr.step_i,
+        disable=not progress,
+        mininterval=5.0,
+        file=sys.stderr,
+        dynamic_ncols=False,
+        ncols=100,
+    )
     t_log = time.time()
     k = 0
     import signal
@@ -281,12 +300,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, command: str | None = None, pro
 
     def _request_stop(signum, frame):  # SIGTERM / first Ctrl-C: finish the step, checkpoint, exit
         if stop["flag"] and signum == signal.SIGINT:
-            raise KeyboardInterrupt     # a second Ctrl-C: stop now, without a checkpoint of this step
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint of this step
         stop["flag"] = True
 
     prev = signal.signal(signal.SIGTERM, _request_stop) if _main_thread() else None
     prev_int = signal.signal(signal.SIGINT, _request_stop) if _main_thread() else None
-    torn = False   # interrupted inside a step: its state may be half-applied, so it is not saved
+    torn = False  # interrupted inside a step: its state may be half-applied, so it is not saved
     try:
         while tr.step_i < cfg.steps and not stop["flag"]:
             tr.step()
@@ -296,8 +315,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, command: str | None = None, pro
                 k = (tr.step_i - 1) % cfg.log_every + 1  # steps since the last line
                 recent = float(np.mean(tr.losses[-k:]))
                 bar.set_postfix(loss=f"{recent:.4f}")
-                print(f"step {tr.step_i} loss {recent:.5f} lr {tr.opt.param_groups[0]['lr']:.2e} "
-                      f"s/step {(now - t_log) / k:.3f}", flush=True)
+                print(
+                    f"step {tr.step_i} loss {recent:.5f} lr {tr.opt.param_groups[0]['lr']:.2e} "
+                    f"s/step {(now - t_log) / k:.3f}",
+                    flush=True,
+                )
                 t_log = now
             if time.time() - last_ckpt > cfg.ckpt_every_s:
                 tr.wall_s += time.time() - t_seg
@@ -313,23 +335,32 @@ def train(cfg: TrainConfig, run_dir: str | Path, command: str | None = None, pro
             signal.signal(signal.SIGINT, prev_int)
     bar.close()
     if torn:
-        print(f"interrupted inside step {tr.step_i + 1}; the last checkpoint stands (rerun the same "
-              f"command to resume from it)", flush=True)
+        print(
+            f"interrupted inside step {tr.step_i + 1}; the last checkpoint stands (rerun the same "
+            f"command to resume from it)",
+            flush=True,
+        )
         return {"task": cfg.task, "steps": tr.step_i, "stopped": True}
     tr.wall_s += time.time() - t_seg
     tr.save(run_dir / CKPT)
     if stop["flag"] and tr.step_i < cfg.steps:
-        print(f"stopped at step {tr.step_i}; checkpoint saved, rerun the same command to resume",
-              flush=True)
+        print(f"stopped at step {tr.step_i}; checkpoint saved, rerun the same command to resume", flush=True)
         return {"task": cfg.task, "steps": tr.step_i, "stopped": True}
     final_loss = float(np.mean(tr.losses[-200:])) if tr.losses else float("nan")
-    summary = {"task": cfg.task, "steps": tr.step_i, "seed": cfg.seed, "wall_s": round(tr.wall_s, 1),
-               "final_loss_last200": final_loss, "parameters": n_params,
-               "commands": (run_dir / "commands.txt").read_text().splitlines() if command else []}
+    summary = {
+        "task": cfg.task,
+        "steps": tr.step_i,
+        "seed": cfg.seed,
+        "wall_s": round(tr.wall_s, 1),
+        "final_loss_last200": final_loss,
+        "parameters": n_params,
+        "commands": (run_dir / "commands.txt").read_text().splitlines() if command else [],
+    }
     os.replace(run_dir / CKPT, run_dir / "final.safetensors") if tr.step_i >= cfg.steps else None
     # keep last.safetensors too so an extended run can resume
     if (run_dir / "final.safetensors").exists() and not (run_dir / CKPT).exists():
         import shutil
+
         shutil.copyfile(run_dir / "final.safetensors", run_dir / CKPT)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary), flush=True)
