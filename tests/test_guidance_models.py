@@ -89,7 +89,7 @@ def test_bundled_classifier_matches_its_weights_when_present():
         pytest.skip("runs/digits_classifier is not on this machine")
     from pydiff.backends.guidance_models import ClassifierGuidance
     from pydiff.tools.models.classifier import autograd_gradient
-    from pydiff.tools.training.guidance import load_classifier
+    from pydiff.tools.training.noisy_classifiers import load_classifier
 
     m = load_classifier(weights)
     rng = np.random.default_rng(0)

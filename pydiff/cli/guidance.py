@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from pydiff.cli.common import EXIT_OK, command_line
-from pydiff.tools.training.guidance import (
+from pydiff.tools.training.noisy_classifiers import (
     ClassifierTrainConfig,
     ClipTrainConfig,
     export_classifier,

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pydiff.files import write_json
 from pydiff.tools.export.static_shapes import freeze_shapes_file
 from pydiff.tools.models.classifier import (
     ClassifierGradient,
@@ -229,10 +229,5 @@ def add_guidance_model(
         entry["recommended"] = dict(recommended)
     gms = [g for g in manifest.get("guidance_models", []) if g.get("name") != name]
     manifest["guidance_models"] = gms + [entry]
-    fd, tmp = tempfile.mkstemp(dir=pkg, prefix=".manifest-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, manifest_path)
+    write_json(manifest, manifest_path)
     return entry

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pydiff.files import atomic_write_bytes
 from pydiff.tools.models import PRESETS, build_model
 from pydiff.tools.training.schedule import alphas_cumprod
 from pydiff.tools.training.tasks import make_task
@@ -86,7 +87,7 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+TRAINABLE_PREDICTION_TYPES = ("epsilon", "v_prediction")  # of pydiff.step_params.PREDICTION_TYPES
 
 
 def training_target(
@@ -97,7 +98,7 @@ def training_target(
         return eps
     if prediction_type == "v_prediction":
         return abar.sqrt() * eps - (1 - abar).sqrt() * x0
-    raise ValueError(f"prediction_type {prediction_type!r}: expected one of {PREDICTION_TYPES}")
+    raise ValueError(f"prediction_type {prediction_type!r}: expected one of {TRAINABLE_PREDICTION_TYPES}")
 
 
 def _net_inputs(batch: dict) -> dict:
@@ -109,8 +110,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path | None = None):
 
-        if cfg.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type {cfg.prediction_type!r}: expected one of {PREDICTION_TYPES}")
+        if cfg.prediction_type not in TRAINABLE_PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type {cfg.prediction_type!r}: expected one of {TRAINABLE_PREDICTION_TYPES}"
+            )
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else None
         torch.manual_seed(cfg.seed)
@@ -180,13 +183,10 @@ class Trainer:
         return t, meta
 
     def save(self, path: str | Path):
-        from safetensors.torch import save_file
+        from safetensors.torch import save  # lazily: as the module's other safetensors imports
 
-        path = Path(path)
         t, meta = self.state_tensors()
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(t, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, save(t, metadata=meta))
 
     def load(self, path: str | Path):
         from safetensors import safe_open
