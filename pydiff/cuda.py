@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 
 import numpy as np
 
@@ -219,6 +220,142 @@ def fused_step(
     """
     from pydiff import _C
 
+    c = _step_call(
+        x,
+        model_output,
+        out,
+        guidance_scale,
+        x0_prev,
+        x0_out,
+        thresholds,
+        nonfinite,
+        stream,
+        workspace,
+        param_table=param_table,
+        step_counter=step_counter,
+    )
+    _C.validate_step_params(params)  # the CPU twin's rules: the kernel takes them on trust
+    _wait_for_producers(c.stream, c.device, c.producers)
+    _C_cuda.fused_step(
+        c.x,
+        c.model_output,
+        c.out,
+        c.batch,
+        c.n,
+        c.storage,
+        params,
+        c.guided,
+        c.scale,
+        c.scales,
+        c.x0_prev,
+        c.x0_out,
+        c.thresholds,
+        c.nonfinite,
+        c.stream,
+        c.param_table,
+        c.step_counter,
+        c.workspace,
+        c.workspace_bytes,
+        c.device,
+    )
+
+
+def fused_step_rows(
+    x,
+    model_output,
+    params,
+    *,
+    out,
+    guidance_scale=None,
+    x0_prev=None,
+    x0_out=None,
+    thresholds=None,
+    nonfinite=None,
+    stream=None,
+    workspace=None,
+) -> None:
+    """fused_step with every row at a step of its own, on the GPU (see pydiff.ops.fused_step_rows for
+    the math and the noise key: the CPU twin's values, bit for bit).
+
+    Arrays as fused_step's. params: the host table of the rows, B pydiff._C.StepParams or a [B]
+    STEP_PARAMS_DTYPE NumPy array (pydiff.ops.step_params_table), checked and copied at the call: the
+    launches carry the rows as kernel arguments (32 rows a launch), so nothing is copied to the device or
+    synchronised, and the table may be changed as soon as this returns. workspace: as fused_step's, for
+    the rows with dynamic thresholding.
+    """
+    from pydiff import _C
+
+    c = _step_call(
+        x, model_output, out, guidance_scale, x0_prev, x0_out, thresholds, nonfinite, stream, workspace
+    )
+    # the twins' rules, here before any wait is queued (the binding checks them again)
+    _C.validate_step_rows(params, c.batch, c.n, x0_prev is not None)
+    _wait_for_producers(c.stream, c.device, c.producers)
+    _C_cuda.fused_step_rows(
+        c.x,
+        c.model_output,
+        c.out,
+        c.batch,
+        c.n,
+        c.storage,
+        params,
+        c.guided,
+        c.scale,
+        c.scales,
+        c.x0_prev,
+        c.x0_out,
+        c.thresholds,
+        c.nonfinite,
+        c.stream,
+        c.workspace,
+        c.workspace_bytes,
+        c.device,
+    )
+
+
+class _StepCall(typing.NamedTuple):
+    """The launch arguments of one fused step, from the checked device arrays (a tuple: cheap per step)."""
+
+    x: int
+    model_output: int
+    out: int
+    batch: int
+    n: int
+    storage: int
+    guided: bool
+    scale: float
+    scales: int
+    x0_prev: int
+    x0_out: int
+    thresholds: int
+    nonfinite: int
+    stream: int
+    param_table: int
+    step_counter: int
+    workspace: int
+    workspace_bytes: int
+    device: int
+    producers: tuple  # the streams the arrays' producers named, to wait for
+
+
+def _step_call(
+    x,
+    model_output,
+    out,
+    guidance_scale,
+    x0_prev,
+    x0_out,
+    thresholds,
+    nonfinite,
+    stream,
+    workspace,
+    *,
+    param_table=None,
+    step_counter=None,
+) -> _StepCall:
+    """Checks the arrays of a fused step (dtype, shape, device, layout, overlaps) into launch arguments."""
+    from pydiff import _C
+
     handle = stream_handle(stream)
     xv = device_array(x, "x", stream=handle)
     mv = device_array(model_output, "model_output", stream=handle)
@@ -291,19 +428,16 @@ def fused_step(
     for name, (_, dev, _, _) in raw.items():
         if dev != xv.device:
             raise ValueError(f"{name} is on GPU {dev} but x is on GPU {xv.device}")
-    _C.validate_step_params(params)  # the CPU twin's rules: the kernel takes them on trust
-    _wait_for_producers(handle, xv.device, [v.stream for v in views.values()] + [r[3] for r in raw.values()])
     nf, table, counter, ws = (
         raw.get(k, (0, 0, 0, None)) for k in ("nonfinite", "param_table", "step_counter", "workspace")
     )
-    _C_cuda.fused_step(
+    return _StepCall(
         xv.ptr,
         mv.ptr,
         ov.ptr,
         B,
         n,
         xv.storage,
-        params,
         guided,
         scale,
         scales_ptr,
@@ -317,6 +451,7 @@ def fused_step(
         ws[0],
         ws[2],
         xv.device,
+        tuple(v.stream for v in views.values()) + tuple(r[3] for r in raw.values()),
     )
 
 

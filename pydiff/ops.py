@@ -29,6 +29,9 @@ except ImportError as e:  # pragma: no cover - only without a build
     _C = None
     _IMPORT_ERROR = e
 
+# StepParams as a NumPy structured dtype (its fields at the struct's offsets): fused_step_rows' table.
+STEP_PARAMS_DTYPE = None if _C is None else _C.STEP_PARAMS_DTYPE
+
 EPSILON, SAMPLE, V_PREDICTION = PredictionType
 NO_THRESHOLD, STATIC_CLIP, DYNAMIC = Thresholding
 PREDICTION_CODES = {p.setting: p for p in PredictionType}
@@ -193,6 +196,55 @@ def fused_step(
     guided = guidance_scale is not None
     s, scales = _scales(guidance_scale if guided else 1.0)
     bad = _native().fused_step(
+        x,
+        mo,
+        res,
+        params,
+        guided=guided,
+        guidance_scale=s,
+        scales=scales,
+        x0_prev=None if x0_prev is None else as_array(x0_prev, "x0_prev"),
+        x0_out=None if x0_out is None else as_array(x0_out, "x0_out"),
+        thresholds=None if thresholds is None else as_array(thresholds, "thresholds"),
+    )
+    return res, bad
+
+
+def step_params_table(rows) -> np.ndarray:
+    """fused_step_rows' table: a [B] array of STEP_PARAMS_DTYPE from B pydiff._C.StepParams or field
+    dicts (step_params' keywords), each row checked as fused_step checks its params. Its columns are
+    the fields by name (``table["c_noise"][b]``), to fill in place from one step to the next."""
+    native = _native()
+    params = []
+    for b, r in enumerate(rows):
+        try:
+            p = r if isinstance(r, native.StepParams) else step_params(**r)
+            native.validate_step_params(p)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"params[{b}]: {e}") from None
+        params.append(p)
+    return np.frombuffer(native.pack_step_params(params), STEP_PARAMS_DTYPE).copy()
+
+
+def fused_step_rows(
+    x, model_output, params, *, guidance_scale=None, x0_prev=None, x0_out=None, thresholds=None, out=None
+) -> tuple[np.ndarray, int]:
+    """fused_step with every row at a step of its own (step-level batching across requests).
+
+    x [B, ...]; model_output [B, ...], or [2B, ...] = [cond; uncond] when guidance_scale is given (a
+    number or [B]); params: B pydiff._C.StepParams or a [B] STEP_PARAMS_DTYPE array (step_params_table),
+    row b's coefficients, prediction type, thresholding and noise key. Row b's noise is element i of the
+    stream (params[b].seed, params[b].noise_step) for element i of the sample, so row b's result is
+    fused_step's on row b alone (x0_prev given when its c_d != 0), bit for bit, at any position and beside
+    any neighbours. x0_prev [B, ...] is read only for the rows with c_d != 0; x0_out [B, ...]; thresholds
+    [B] receives the dynamic threshold of the rows with dynamic thresholding (the others are left as
+    they are). Returns (x_prev [B, ...], number of non-finite inputs/outputs).
+    """
+    x, mo = as_array(x, "x"), as_array(model_output, "model_output")
+    res = _out(out, x)
+    guided = guidance_scale is not None
+    s, scales = _scales(guidance_scale if guided else 1.0)
+    bad = _native().fused_step_rows(
         x,
         mo,
         res,

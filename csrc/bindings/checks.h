@@ -137,32 +137,54 @@ inline void validate_step_params(const StepParams& p) {
 }
 
 // The buffers of one fused step (x, out, x0_prev, x0_out: [B, n]; cond and uncond: the halves of
-// model_output; scales and thresholds: [B]), for the rules that do not depend on how the arrays
-// arrived. model_output is the whole [B or 2B, n] buffer.
+// model_output; scales and thresholds: [B]; params: fused_step_rows' per-row table, [B] StepParams),
+// for the rules that do not depend on how the arrays arrived. model_output is the whole [B or 2B, n]
+// buffer.
 struct StepSpans {
-  Span x, model_output, cond, uncond, scales, x0_prev, x0_out, out, thresholds;
+  Span x, model_output, cond, uncond, scales, x0_prev, x0_out, out, thresholds, params;
   // the CUDA twin's device scalars and scratch: written, so they may touch nothing
   Span nonfinite, step_counter, workspace;
 };
 
-inline void check_step(const StepParams& p, const StepSpans& s, int64_t batch, int64_t n) {
-  validate_step_params(p);
-  if (p.c_d != 0.0f && !s.x0_prev.name) refuse("x0_prev is required when c_d != 0 (a multistep update)");
-  if (p.threshold_mode == kDynamic && batch > 0 && n == 0)
-    refuse("x has no elements per sample: the dynamic threshold is undefined");
+// The overlap rules of every fused step, one StepParams or a table of them.
+inline void check_step_buffers(const StepSpans& s) {
   // the outputs the element loop writes where it reads its inputs
   for (const Span* o : {&s.out, &s.x0_out}) {
     for (const Span* in : {&s.x, &s.cond, &s.uncond, &s.x0_prev}) check_no_partial_overlap(*o, *in);
     check_no_overlap(*o, s.scales);
+    check_no_overlap(*o, s.params);
   }
   check_no_overlap(s.x0_out, s.out);
   // written between the statistics and the update pass: it may touch nothing the step reads or writes
-  for (const Span* o : {&s.x, &s.model_output, &s.out, &s.x0_prev, &s.x0_out, &s.scales})
+  for (const Span* o : {&s.x, &s.model_output, &s.out, &s.x0_prev, &s.x0_out, &s.scales, &s.params})
     check_no_overlap(s.thresholds, *o);
   for (const Span* w : {&s.nonfinite, &s.step_counter, &s.workspace})
     for (const Span* o : {&s.x, &s.model_output, &s.out, &s.x0_prev, &s.x0_out, &s.scales, &s.thresholds,
-                          &s.nonfinite, &s.step_counter, &s.workspace})
+                          &s.params, &s.nonfinite, &s.step_counter, &s.workspace})
       if (w != o) check_no_overlap(*w, *o);
+}
+
+// The rules of one StepParams given what the step has: an x0 history, samples of n elements.
+inline void check_step_params(const StepParams& p, const StepSpans& s, int64_t batch, int64_t n) {
+  validate_step_params(p);
+  if (p.c_d != 0.0f && !s.x0_prev.name) refuse("x0_prev is required when c_d != 0 (a multistep update)");
+  if (p.threshold_mode == kDynamic && batch > 0 && n == 0)
+    refuse("x has no elements per sample: the dynamic threshold is undefined");
+}
+
+inline void check_step(const StepParams& p, const StepSpans& s, int64_t batch, int64_t n) {
+  check_step_params(p, s, batch, n);
+  check_step_buffers(s);
+}
+
+// fused_step_rows: every row by fused_step's rules, its index in the message ("params[3]: ...").
+inline void check_step_rows(const StepParams* rows, const StepSpans& s, int64_t batch, int64_t n) {
+  for (int64_t b = 0; b < batch; ++b) try {
+      check_step_params(rows[b], s, 1, n);
+    } catch (const std::invalid_argument& e) {
+      refuse("params[" + std::to_string(b) + "]: " + e.what());
+    }
+  check_step_buffers(s);
 }
 
 // cond, uncond, out: [B, n]; scales: [B] or absent.

@@ -12,6 +12,7 @@
 
 #include "bindings/args.h"
 #include "bindings/checks.h"
+#include "bindings/step_rows.h"
 #include "ops/ops.h"
 
 namespace py = pybind11;
@@ -80,8 +81,13 @@ void require_finite(const View& v, const char* name) {
                             std::to_string(i));
 }
 
-// `p` by value: another Python thread may change the caller's object once the GIL is released.
-int64_t fused_step(py::handle x_, py::handle model_output_, py::handle out_, StepParams p, bool guided,
+// The arrays of one fused step, checked for dtype, shape and layout (the range rules come after).
+struct StepCall {
+  StepArrays a;
+  StepSpans spans;
+};
+
+StepCall step_call(py::handle x_, py::handle model_output_, py::handle out_, bool guided,
                    py::handle guidance_scale_, py::handle scales_, py::handle x0_prev_, py::handle x0_out_,
                    py::handle thresholds_) {
   const View x = view_f32(x_, "x", false);
@@ -95,8 +101,9 @@ int64_t fused_step(py::handle x_, py::handle model_output_, py::handle out_, Ste
   require_shape(mo, mo_shape, "model_output", guided ? "the stacked [cond; uncond] batch" : "the same as x");
   require_shape(out, x.shape, "out", "the same as x");
 
-  StepArrays a;
-  StepSpans sp;
+  StepCall c;
+  StepArrays& a = c.a;
+  StepSpans& sp = c.spans;
   a.x = x.ptr;
   a.cond = mo.ptr;
   a.uncond = guided ? mo.ptr + B * n : nullptr;
@@ -134,10 +141,32 @@ int64_t fused_step(py::handle x_, py::handle model_output_, py::handle out_, Ste
     a.thresholds = v.ptr;
     sp.thresholds = span(v, "thresholds");
   }
-  check_step(p, sp, B, n);
+  return c;
+}
+
+// `p` by value: another Python thread may change the caller's object once the GIL is released.
+int64_t fused_step(py::handle x_, py::handle model_output_, py::handle out_, StepParams p, bool guided,
+                   py::handle guidance_scale_, py::handle scales_, py::handle x0_prev_, py::handle x0_out_,
+                   py::handle thresholds_) {
+  const StepCall c =
+      step_call(x_, model_output_, out_, guided, guidance_scale_, scales_, x0_prev_, x0_out_, thresholds_);
+  check_step(p, c.spans, c.a.batch, c.a.n);
   const int nt = num_threads();
   py::gil_scoped_release nogil;
-  return fused_step_cpu(a, p, nt);
+  return fused_step_cpu(c.a, p, nt);
+}
+
+// The rows are copied (step_rows_arg) for the same reason.
+int64_t fused_step_rows(py::handle x_, py::handle model_output_, py::handle out_, py::handle params_,
+                        bool guided, py::handle guidance_scale_, py::handle scales_, py::handle x0_prev_,
+                        py::handle x0_out_, py::handle thresholds_) {
+  StepCall c =
+      step_call(x_, model_output_, out_, guided, guidance_scale_, scales_, x0_prev_, x0_out_, thresholds_);
+  const std::vector<StepParams> rows = step_rows_arg(params_, c.a.batch, c.spans.params);
+  check_step_rows(rows.data(), c.spans, c.a.batch, c.a.n);
+  const int nt = num_threads();
+  py::gil_scoped_release nogil;
+  return fused_step_rows_cpu(c.a, rows.data(), nt);
 }
 
 void cfg_mix(py::handle cond_, py::handle uncond_, py::handle out_, py::handle scale_, py::handle scales_) {
@@ -332,6 +361,26 @@ PYBIND11_MODULE(_C, m) {
         py::arg("guided") = false, py::arg("guidance_scale") = 1.0, py::arg("scales") = py::none(),
         py::arg("x0_prev") = py::none(), py::arg("x0_out") = py::none(), py::arg("thresholds") = py::none(),
         "One fused denoising step; returns how many elements had a non-finite input or output.");
+  m.attr("STEP_PARAMS_DTYPE") = step_params_dtype();
+  m.def(
+      "validate_step_rows",
+      [](py::handle params, int64_t batch, int64_t n, bool has_x0_prev) {
+        check_extent(batch, n);
+        StepSpans spans;
+        const std::vector<StepParams> rows = step_rows_arg(params, batch, spans.params);
+        if (has_x0_prev) spans.x0_prev.name = "x0_prev";
+        check_step_rows(rows.data(), spans, batch, n);
+      },
+      py::arg("params"), py::arg("batch"), py::arg("n"), py::arg("has_x0_prev"),
+      "Raise TypeError/ValueError for a per-row table that fused_step_rows (either twin) refuses for a "
+      "batch of `batch` samples of `n` elements.");
+  m.def("fused_step_rows", &fused_step_rows, py::arg("x"), py::arg("model_output"), py::arg("out"),
+        py::arg("params"), py::arg("guided") = false, py::arg("guidance_scale") = 1.0,
+        py::arg("scales") = py::none(), py::arg("x0_prev") = py::none(), py::arg("x0_out") = py::none(),
+        py::arg("thresholds") = py::none(),
+        "The fused step with a step per row: params holds B StepParams (a STEP_PARAMS_DTYPE array or a "
+        "sequence); row b's noise is keyed by its own (seed, noise_step) and the element index within the "
+        "sample. Returns the non-finite count.");
   m.def("cfg_mix", &cfg_mix, py::arg("cond"), py::arg("uncond"), py::arg("out"), py::arg("scale") = 1.0,
         py::arg("scales") = py::none());
   m.def("abs_quantile", &abs_quantile, py::arg("x"), py::arg("out"), py::arg("q"), py::arg("max_value") = 1.0,

@@ -8,9 +8,11 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "bindings/args.h"
 #include "bindings/checks.h"
+#include "bindings/step_rows.h"
 #include "ops/ops.h"
 #include "ops/ops_cuda.h"
 
@@ -76,11 +78,16 @@ void check_device(int device) {
     throw py::value_error("device must be >= -1 (-1: the current device), got " + std::to_string(device));
 }
 
-void fused_step(uintptr_t x, uintptr_t model_output, uintptr_t out, int64_t batch, int64_t n, int storage,
-                const StepParams& p, bool guided, py::handle scale_, uintptr_t scales, uintptr_t x0_prev,
-                uintptr_t x0_out, uintptr_t thresholds, uintptr_t nonfinite, uintptr_t stream,
-                uintptr_t param_table, uintptr_t step_counter, uintptr_t workspace, size_t workspace_bytes,
-                int device) {
+// The arrays of one fused step on the device, and their spans for the overlap rules.
+struct StepCall {
+  StepArraysCuda a;
+  StepSpans spans;
+};
+
+StepCall step_call(uintptr_t x, uintptr_t model_output, uintptr_t out, int64_t batch, int64_t n, int storage,
+                   bool guided, py::handle scale_, uintptr_t scales, uintptr_t x0_prev, uintptr_t x0_out,
+                   uintptr_t thresholds, uintptr_t nonfinite, uintptr_t param_table, uintptr_t step_counter,
+                   uintptr_t workspace, size_t workspace_bytes, int device) {
   if (storage < kFloat32 || storage > kBFloat16)
     throw py::value_error("storage must be 0 (f32), 1 (f16) or 2 (bf16)");
   if (param_table && !step_counter) throw py::value_error("a param_table needs a step_counter");
@@ -91,7 +98,8 @@ void fused_step(uintptr_t x, uintptr_t model_output, uintptr_t out, int64_t batc
   const uint64_t bytes = uint64_t(batch * n) * elem;
   if (bytes && (!x || !model_output || !out))
     throw py::value_error("x, model_output and out must be device pointers");
-  StepSpans sp;
+  StepCall c;
+  StepSpans& sp = c.spans;
   sp.x = dspan("x", x, bytes);
   sp.model_output = dspan("model_output", model_output, guided ? 2 * bytes : bytes);
   sp.cond = dspan("model_output", model_output, bytes);
@@ -104,8 +112,7 @@ void fused_step(uintptr_t x, uintptr_t model_output, uintptr_t out, int64_t batc
   sp.nonfinite = dspan("nonfinite", nonfinite, 8);
   sp.step_counter = dspan("step_counter", param_table ? step_counter : 0, 4);
   sp.workspace = dspan("workspace", workspace, workspace_bytes);
-  check_step(p, sp, batch, n);
-  StepArraysCuda a;
+  StepArraysCuda& a = c.a;
   a.x = ptr<const void>(x);
   a.cond = ptr<const void>(model_output);
   a.uncond = guided ? ptr<const char>(model_output) + batch * n * elem : nullptr;
@@ -123,13 +130,44 @@ void fused_step(uintptr_t x, uintptr_t model_output, uintptr_t out, int64_t batc
   a.step_counter = param_table ? ptr<int32_t>(step_counter) : nullptr;
   a.workspace = ptr<void>(workspace);
   a.workspace_bytes = workspace_bytes;
+  return c;
+}
+
+void fused_step(uintptr_t x, uintptr_t model_output, uintptr_t out, int64_t batch, int64_t n, int storage,
+                const StepParams& p, bool guided, py::handle scale_, uintptr_t scales, uintptr_t x0_prev,
+                uintptr_t x0_out, uintptr_t thresholds, uintptr_t nonfinite, uintptr_t stream,
+                uintptr_t param_table, uintptr_t step_counter, uintptr_t workspace, size_t workspace_bytes,
+                int device) {
+  const StepCall c =
+      step_call(x, model_output, out, batch, n, storage, guided, scale_, scales, x0_prev, x0_out, thresholds,
+                nonfinite, param_table, step_counter, workspace, workspace_bytes, device);
+  check_step(p, c.spans, batch, n);
   int err;
   {
     py::gil_scoped_release nogil;
     DeviceGuard guard(device);
-    err = fused_step_cuda(a, p, reinterpret_cast<cudaStream_t>(stream));
+    err = fused_step_cuda(c.a, p, reinterpret_cast<cudaStream_t>(stream));
   }
   check(err, "fused_step");
+}
+
+// params: the host table of the rows (bindings/step_rows.h), copied and checked here; the kernels
+// take the copy as their arguments.
+void fused_step_rows(uintptr_t x, uintptr_t model_output, uintptr_t out, int64_t batch, int64_t n,
+                     int storage, py::handle params, bool guided, py::handle scale_, uintptr_t scales,
+                     uintptr_t x0_prev, uintptr_t x0_out, uintptr_t thresholds, uintptr_t nonfinite,
+                     uintptr_t stream, uintptr_t workspace, size_t workspace_bytes, int device) {
+  StepCall c = step_call(x, model_output, out, batch, n, storage, guided, scale_, scales, x0_prev, x0_out,
+                         thresholds, nonfinite, 0, 0, workspace, workspace_bytes, device);
+  const std::vector<StepParams> rows = step_rows_arg(params, batch, c.spans.params);
+  check_step_rows(rows.data(), c.spans, batch, n);
+  int err;
+  {
+    py::gil_scoped_release nogil;
+    DeviceGuard guard(device);
+    err = fused_step_rows_cuda(c.a, rows.data(), reinterpret_cast<cudaStream_t>(stream));
+  }
+  check(err, "fused_step_rows");
 }
 
 void randn(uintptr_t out, int64_t count, py::handle seed_, py::handle step_, py::handle offset_,
@@ -177,6 +215,11 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("scales"), py::arg("x0_prev"), py::arg("x0_out"), py::arg("thresholds"), py::arg("nonfinite"),
         py::arg("stream"), py::arg("param_table") = 0, py::arg("step_counter") = 0, py::arg("workspace") = 0,
         py::arg("workspace_bytes") = 0, py::arg("device") = -1);
+  m.def("fused_step_rows", &fused_step_rows, py::arg("x"), py::arg("model_output"), py::arg("out"),
+        py::arg("batch"), py::arg("n"), py::arg("storage"), py::arg("params"), py::arg("guided"),
+        py::arg("scale"), py::arg("scales"), py::arg("x0_prev"), py::arg("x0_out"), py::arg("thresholds"),
+        py::arg("nonfinite"), py::arg("stream"), py::arg("workspace") = 0, py::arg("workspace_bytes") = 0,
+        py::arg("device") = -1);
   m.def("stream_wait", &stream_wait, py::arg("consumer"), py::arg("producer"), py::arg("device") = -1,
         "Make stream `consumer` wait for the work queued on `producer` (no host synchronisation).");
   m.def(

@@ -26,6 +26,14 @@ struct StepArrays {
 // Returns how many elements had a non-finite network output or produced a non-finite x_{t-1}.
 int64_t fused_step_cpu(const StepArrays& a, const StepParams& p, int num_threads);
 
+// The same step with every row at a step of its own (step-level batching): rows [B], row b's
+// coefficients, prediction type, thresholding and noise key. Row b's noise is element i of stream
+// (rows[b].seed, rows[b].noise_step) for element i of the sample (not of the batch), so a row's result
+// is that of fused_step_cpu on the row alone, at any position and beside any neighbours. x0_prev is
+// read only for rows with c_d != 0 (the others may hold anything there); thresholds[b] is written
+// for the rows with dynamic thresholding only. Returns the non-finite count, as fused_step_cpu.
+int64_t fused_step_rows_cpu(const StepArrays& a, const StepParams* rows, int num_threads);
+
 // out = uncond + scale * (cond - uncond); scales [B] or null (then `scale`).  All [B, n].
 void cfg_mix_cpu(const float* cond, const float* uncond, const float* scales, float scale, float* out,
                  int64_t batch, int64_t n, int num_threads);

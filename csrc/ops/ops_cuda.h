@@ -48,6 +48,12 @@ size_t fused_step_workspace_bytes(int64_t batch, int64_t n);
 // twin). Returns a cudaError_t value (0: launched).
 int fused_step_cuda(const StepArraysCuda& a, const StepParams& p, cudaStream_t stream);
 
+// fused_step_rows_cpu's step on `stream`: rows [B] in host memory, row b's StepParams (coefficients,
+// modes, noise key; its noise numbered within the sample). The rows travel as kernel arguments, 32 rows
+// per launch: nothing is copied or synchronised, and rows may be freed once this returns. param_table
+// and step_counter must be null. Returns a cudaError_t value (0: launched).
+int fused_step_rows_cuda(const StepArraysCuda& a, const StepParams* rows, cudaStream_t stream);
+
 // Noise stream (seed, step), elements offset .. offset + count, into float32 out.
 int randn_cuda(uint64_t seed, uint32_t step, int64_t offset, float* out, int64_t count, cudaStream_t stream);
 

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <exception>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -193,14 +194,16 @@ float quantile_of(const float* v, int64_t n, float q, SelectScratch& sc) {
   return torch_lerp(v_lo, v_hi, w);
 }
 
-// The element loop of the fused step over one block. Parameters by value and no pointer
-// into them: the compiler keeps every coefficient in a register and vectorises the loop.
 // The element loop of the fused step over one block. Coefficients in a local and no pointer into
-// them, so the compiler keeps them in registers and vectorises the loop.
+// them, so the compiler keeps them in registers and vectorises the loop. Inlined into its caller: as
+// a call of its own (GCC 12, from the dispatching lambda of fused_step_impl) the scalar fallback of
+// the vectorised loop ran, 4-8x slower at (16, 3, 64, 64).
 template <int PRED, bool GUIDED, bool PLAIN>
-int64_t step_block(const StepParams& params, const float* x, const float* c, const float* u, const float s,
-                   const float limit, const float divisor, const bool clipped_eps, const float* prev,
-                   const float* z, float* x0o, float* out, const int64_t len) {
+[[gnu::always_inline]] inline int64_t step_block(const StepParams& params, const float* x, const float* c,
+                                                 const float* u, const float s, const float limit,
+                                                 const float divisor, const bool clipped_eps,
+                                                 const float* prev, const float* z, float* x0o, float* out,
+                                                 const int64_t len) {
   StepParams p{};
   p.alpha = params.alpha;
   p.sigma = params.sigma;
@@ -256,27 +259,83 @@ void abs_stats_block(const StepParams& params, const float* x, const float* c, c
   st.max_le_one = bits_float(mx);
 }
 
-template <int PRED, bool GUIDED>
-int64_t fused_step_impl(const StepArrays& a, const StepParams& params, int num_threads) {
-  const StepParams p = params;
+// Calls f(Pred<PRED>{}, Guided<GUIDED>{}) for a prediction type and guidance known at run time:
+// the element loops' template choice, made once per work item (a row's own in fused_step_rows).
+template <int P>
+using Pred = std::integral_constant<int, P>;
+template <bool G>
+using Guided = std::integral_constant<bool, G>;
+
+template <class F>
+decltype(auto) with_kernel(int32_t prediction_type, bool guided, F&& f) {
+  switch (prediction_type * 2 + int(guided)) {
+    case kEpsilon * 2:
+      return f(Pred<kEpsilon>{}, Guided<false>{});
+    case kEpsilon * 2 + 1:
+      return f(Pred<kEpsilon>{}, Guided<true>{});
+    case kSample * 2:
+      return f(Pred<kSample>{}, Guided<false>{});
+    case kSample * 2 + 1:
+      return f(Pred<kSample>{}, Guided<true>{});
+    case kVPrediction * 2:
+      return f(Pred<kVPrediction>{}, Guided<false>{});
+    default:
+      return f(Pred<kVPrediction>{}, Guided<true>{});
+  }
+}
+
+// How the samples of a call map to step params and noise. fused_step: one StepParams for the batch,
+// its noise numbered over the whole batch (element b * n + i), x0_prev read whenever given.
+struct OneStep {
+  const StepParams& p;
+  const StepParams& of(int64_t) const { return p; }
+  int64_t noise_offset(int64_t b, int64_t n) const { return b * n; }
+  bool reads_prev(const StepParams&) const { return true; }
+  bool any_dynamic(int64_t) const { return p.threshold_mode == kDynamic; }
+};
+
+// fused_step_rows: row b has its own StepParams and its own noise stream (seed, noise_step) numbered
+// within the sample (element i), so nothing of a row depends on its position or its neighbours. A row
+// whose c_d is 0 reads x where x0_prev would be (as fused_step without x0_prev does): a row with no
+// history may hold anything in x0_prev.
+struct PerRow {
+  const StepParams* rows;
+  const StepParams& of(int64_t b) const { return rows[b]; }
+  int64_t noise_offset(int64_t, int64_t) const { return 0; }
+  bool reads_prev(const StepParams& p) const { return p.c_d != 0.0f; }
+  bool any_dynamic(int64_t batch) const {
+    for (int64_t b = 0; b < batch; ++b)
+      if (rows[b].threshold_mode == kDynamic) return true;
+    return false;
+  }
+};
+
+template <class Rows>
+int64_t fused_step_impl(const StepArrays& a, const Rows& rows, int num_threads) {
   const int64_t B = a.batch, n = a.n;
+  const bool guided = a.uncond != nullptr;
   const std::vector<Item> items = make_items(B, n);
   const int64_t num_items = int64_t(items.size());
   const int nt = threads_for(B * n, num_threads);
-  const float* uncond = GUIDED ? a.uncond : a.cond;  // read only when GUIDED
+  const float* uncond = guided ? a.uncond : a.cond;  // read only when guided
   auto scale_of = [&](int64_t b) { return a.scales ? a.scales[b] : a.scale; };
 
   // Dynamic thresholding needs each sample's quantile of |x0| before any element can be finished:
   // a statistics pass, then a selection only for the samples that the counts do not settle.
   std::vector<float> s_dyn(static_cast<size_t>(B), 1.0f);
-  if (p.threshold_mode == kDynamic) {
+  if (rows.any_dynamic(B)) {
     std::vector<AbsStats> stats(static_cast<size_t>(num_items));
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t it = 0; it < num_items; ++it) {
       const Item& item = items[size_t(it)];
+      const StepParams& p = rows.of(item.sample);
+      if (p.threshold_mode != kDynamic) continue;
       const int64_t off = item.sample * n + item.begin;
-      abs_stats_block<PRED, GUIDED>(p, a.x + off, a.cond + off, uncond + off, scale_of(item.sample),
-                                    item.end - item.begin, stats[size_t(it)], nullptr);
+      with_kernel(p.prediction_type, guided, [&](auto pred, auto g) {
+        abs_stats_block<decltype(pred)::value, decltype(g)::value>(
+            p, a.x + off, a.cond + off, uncond + off, scale_of(item.sample), item.end - item.begin,
+            stats[size_t(it)], nullptr);
+      });
     }
     std::vector<AbsStats> per_sample(static_cast<size_t>(B));
     for (int64_t it = 0; it < num_items; ++it) {
@@ -294,12 +353,16 @@ int64_t fused_step_impl(const StepArrays& a, const StepParams& params, int num_t
       std::vector<float> abs_vals;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t b = 0; b < B; ++b) try {
+          const StepParams& p = rows.of(b);
+          if (p.threshold_mode != kDynamic) continue;
           const int64_t off = b * n;
           auto collect_above = [&](float* dst) {  // |x0| of the sample again, then its values > 1
             abs_vals.resize(size_t(n));
             AbsStats unused;
-            abs_stats_block<PRED, GUIDED>(p, a.x + off, a.cond + off, uncond + off, scale_of(b), n, unused,
-                                          abs_vals.data());
+            with_kernel(p.prediction_type, guided, [&](auto pred, auto g) {
+              abs_stats_block<decltype(pred)::value, decltype(g)::value>(
+                  p, a.x + off, a.cond + off, uncond + off, scale_of(b), n, unused, abs_vals.data());
+            });
             compact_above_one(abs_vals.data(), n, dst);
           };
           s_dyn[size_t(b)] = threshold_from_stats(n, per_sample[size_t(b)], collect_above, p.dynamic_ratio,
@@ -311,37 +374,44 @@ int64_t fused_step_impl(const StepArrays& a, const StepParams& params, int num_t
     }
     if (failure) std::rethrow_exception(failure);
     if (a.thresholds)
-      for (int64_t b = 0; b < B; ++b) a.thresholds[b] = s_dyn[size_t(b)];
+      for (int64_t b = 0; b < B; ++b)
+        if (rows.of(b).threshold_mode == kDynamic) a.thresholds[b] = s_dyn[size_t(b)];
   }
 
-  const bool has_noise = p.c_noise != 0.0f;
-  const bool has_prev = a.x0_prev != nullptr;
-  const bool clipped_eps = p.use_clipped_eps && p.threshold_mode != kNoThreshold;
-  const bool plain = p.threshold_mode == kNoThreshold && !has_noise && p.c_d == 0.0f;
   int64_t nonfinite = 0;
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : nonfinite)
   for (int64_t it = 0; it < num_items; ++it) {
     const Item& item = items[size_t(it)];
     const int64_t b = item.sample;
+    const StepParams& p = rows.of(b);
+    const bool has_noise = p.c_noise != 0.0f;
+    const bool has_prev = a.x0_prev != nullptr && rows.reads_prev(p);
+    const bool clipped_eps = p.use_clipped_eps && p.threshold_mode != kNoThreshold;
+    const bool plain = p.threshold_mode == kNoThreshold && !has_noise && p.c_d == 0.0f;
+    const int64_t noise0 = rows.noise_offset(b, n) - b * n;  // noise element of array element k: k + noise0
     const float s = scale_of(b);
     float limit, divisor;
     threshold_limits(p, s_dyn[size_t(b)], limit, divisor);
     float z[kBlock];
     float x0_scratch[kBlock];
     if (!has_noise) std::fill(z, z + kBlock, 0.0f);
-    int64_t bad = 0;
-    for (int64_t blk = item.begin; blk < item.end; blk += kBlock) {
-      const int64_t len = std::min(kBlock, item.end - blk);
-      const int64_t k0 = b * n + blk;
-      if (has_noise) fill_normals(p.seed, p.noise_step, k0, len, z);
-      const float* prev = has_prev ? a.x0_prev + k0 : a.x + k0;  // any finite values when c_d == 0
-      float* x0o = a.x0_out ? a.x0_out + k0 : x0_scratch;
-      bad += plain ? step_block<PRED, GUIDED, true>(p, a.x + k0, a.cond + k0, uncond + k0, s, limit, divisor,
-                                                    clipped_eps, prev, z, x0o, a.out + k0, len)
-                   : step_block<PRED, GUIDED, false>(p, a.x + k0, a.cond + k0, uncond + k0, s, limit, divisor,
-                                                     clipped_eps, prev, z, x0o, a.out + k0, len);
-    }
-    nonfinite += bad;
+    nonfinite += with_kernel(p.prediction_type, guided, [&](auto pred, auto g) {
+      constexpr int PRED = decltype(pred)::value;
+      constexpr bool GUIDED = decltype(g)::value;
+      int64_t bad = 0;
+      for (int64_t blk = item.begin; blk < item.end; blk += kBlock) {
+        const int64_t len = std::min(kBlock, item.end - blk);
+        const int64_t k0 = b * n + blk;
+        if (has_noise) fill_normals(p.seed, p.noise_step, k0 + noise0, len, z);
+        const float* prev = has_prev ? a.x0_prev + k0 : a.x + k0;  // any finite values when c_d == 0
+        float* x0o = a.x0_out ? a.x0_out + k0 : x0_scratch;
+        bad += plain ? step_block<PRED, GUIDED, true>(p, a.x + k0, a.cond + k0, uncond + k0, s, limit,
+                                                      divisor, clipped_eps, prev, z, x0o, a.out + k0, len)
+                     : step_block<PRED, GUIDED, false>(p, a.x + k0, a.cond + k0, uncond + k0, s, limit,
+                                                       divisor, clipped_eps, prev, z, x0o, a.out + k0, len);
+      }
+      return bad;
+    });
   }
   return nonfinite;
 }
@@ -358,21 +428,12 @@ int default_num_threads() {
 
 int64_t fused_step_cpu(const StepArrays& a, const StepParams& p, int num_threads) {
   if (a.batch == 0 || a.n == 0) return 0;
-  const bool guided = a.uncond != nullptr;
-  switch (p.prediction_type * 2 + int(guided)) {
-    case kEpsilon * 2:
-      return fused_step_impl<kEpsilon, false>(a, p, num_threads);
-    case kEpsilon * 2 + 1:
-      return fused_step_impl<kEpsilon, true>(a, p, num_threads);
-    case kSample * 2:
-      return fused_step_impl<kSample, false>(a, p, num_threads);
-    case kSample * 2 + 1:
-      return fused_step_impl<kSample, true>(a, p, num_threads);
-    case kVPrediction * 2:
-      return fused_step_impl<kVPrediction, false>(a, p, num_threads);
-    default:
-      return fused_step_impl<kVPrediction, true>(a, p, num_threads);
-  }
+  return fused_step_impl(a, OneStep{p}, num_threads);
+}
+
+int64_t fused_step_rows_cpu(const StepArrays& a, const StepParams* rows, int num_threads) {
+  if (a.batch == 0 || a.n == 0) return 0;
+  return fused_step_impl(a, PerRow{rows}, num_threads);
 }
 
 void cfg_mix_cpu(const float* cond, const float* uncond, const float* scales, float scale, float* out,

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cfloat>
+#include <type_traits>
 
 #include "math/philox.h"
 #include "math/step.h"
@@ -168,11 +169,11 @@ __device__ __forceinline__ void warp_histogram_add(unsigned int* h, bool valid, 
 // when `vec` (aligned arrays, n a multiple of 4).
 constexpr int kStatsGroups = 4;
 
+// Sample b's part of the pass, under its params p (a block's samples all share theirs).
 template <class T, int PRED, bool GUIDED>
-__global__ void threshold_stats_kernel(StepArraysCuda a, StepParams p0, Selection* sel,
-                                       unsigned long long* hist, float* vals, bool vec) {
-  const StepParams p = params_of(a, p0);
-  const int64_t b = blockIdx.y;
+__device__ __forceinline__ void threshold_stats(const StepArraysCuda& a, const StepParams& p, int64_t b,
+                                                Selection* sel, unsigned long long* hist, float* vals,
+                                                bool vec) {
   const int lane = threadIdx.x & 31;
   __shared__ unsigned int h[256];
   __shared__ unsigned int block_count;
@@ -241,6 +242,12 @@ __global__ void threshold_stats_kernel(StepArraysCuda a, StepParams p0, Selectio
     if (h[i]) atomicAdd(&hist[b * kHistBins + i], (unsigned long long)h[i]);
 }
 
+template <class T, int PRED, bool GUIDED>
+__global__ void threshold_stats_kernel(StepArraysCuda a, StepParams p0, Selection* sel,
+                                       unsigned long long* hist, float* vals, bool vec) {
+  threshold_stats<T, PRED, GUIDED>(a, params_of(a, p0), blockIdx.y, sel, hist, vals, vec);
+}
+
 // One block per sample: after it, each target's prefix holds 8 more bits (at `shift`, from the
 // histograms h[t][0..BINS) of the values that match its higher bits) and its rank is the rank within
 // them. Each thread owns BINS / kSelectThreads consecutive bins (at least one); a block-wide scan of
@@ -293,14 +300,12 @@ __device__ void settle_digits(const unsigned int (&h)[2][BINS], Selection& st, i
   __syncthreads();
 }
 
-// One block of kSelectThreads per sample, after the first pass: decides whether the sample needs the
+// One block of kSelectThreads per sample, after the first pass: decides whether sample b needs the
 // select at all (the CPU twin's two shortcuts), else selects v_lo and v_hi, and computes the threshold.
-__global__ void __launch_bounds__(kSelectThreads, 1)
-    threshold_select_kernel(StepArraysCuda a, StepParams p0, Selection* sel, const unsigned long long* hist,
-                            const float* vals) {
-  const int64_t b = blockIdx.x;
+__device__ __forceinline__ void select_threshold(const StepArraysCuda& a, const StepParams& p, int64_t b,
+                                                 Selection* sel, const unsigned long long* hist,
+                                                 const float* vals) {
   const int tid = threadIdx.x;
-  const StepParams p = params_of(a, p0);
   __shared__ Selection st;
   __shared__ unsigned int h8[2][256];
   __shared__ unsigned int h12[2][kWideBins];
@@ -368,6 +373,12 @@ __global__ void __launch_bounds__(kSelectThreads, 1)
   }
 }
 
+__global__ void __launch_bounds__(kSelectThreads, 1)
+    threshold_select_kernel(StepArraysCuda a, StepParams p0, Selection* sel, const unsigned long long* hist,
+                            const float* vals) {
+  select_threshold(a, params_of(a, p0), blockIdx.x, sel, hist, vals);
+}
+
 // ---------------------------------------------------------------- the fused step
 template <class T, int PRED, bool GUIDED>
 __global__ void fused_step_kernel(StepArraysCuda a, StepParams p0, const Selection* sel, bool aligned) {
@@ -413,6 +424,103 @@ __global__ void fused_step_kernel(StepArraysCuda a, StepParams p0, const Selecti
     store4<T>(a.out, e0, vec, total, r);
     if (a.x0_out) store4<T>(a.x0_out, e0, vec, total, x0);
   }
+  if (a.nonfinite) {
+    for (int off = 16; off > 0; off >>= 1) bad += __shfl_down_sync(0xffffffffu, bad, off);
+    if ((threadIdx.x & 31) == 0 && bad) atomicAdd(a.nonfinite, (unsigned long long)bad);
+  }
+}
+
+// ---------------------------------------------------------------- the fused step, a step per row
+// fused_step_rows: each row carries its own StepParams. They travel as a kernel argument, up to
+// kRowsPerLaunch rows per launch (the 4 KB argument limit of every CUDA version), so nothing is copied
+// to the device or synchronised, and a captured graph holds them. Grids are (blocks, rows of the chunk):
+// a block's elements all belong to one row, so its params, its prediction-type branch and its noise
+// stream are uniform over the block.
+constexpr int kRowsPerLaunch = 32;
+
+struct RowChunk {
+  StepParams rows[kRowsPerLaunch];
+  int64_t first;  // the batch index of rows[0]
+  int32_t count;  // rows in this chunk
+};
+
+// Calls f(std::integral_constant<int, PRED>{}) for the row's prediction type (a device switch).
+template <class F>
+__device__ __forceinline__ void with_prediction(int32_t prediction_type, F&& f) {
+  switch (prediction_type) {
+    case kEpsilon:
+      f(std::integral_constant<int, kEpsilon>{});
+      break;
+    case kSample:
+      f(std::integral_constant<int, kSample>{});
+      break;
+    default:
+      f(std::integral_constant<int, kVPrediction>{});
+  }
+}
+
+template <class T, bool GUIDED>
+__global__ void threshold_stats_rows_kernel(StepArraysCuda a, RowChunk c, Selection* sel,
+                                            unsigned long long* hist, float* vals, bool vec) {
+  const StepParams p = c.rows[blockIdx.y];
+  if (p.threshold_mode != kDynamic) return;  // the whole block
+  with_prediction(p.prediction_type, [&](auto pred) {
+    threshold_stats<T, decltype(pred)::value, GUIDED>(a, p, c.first + blockIdx.y, sel, hist, vals, vec);
+  });
+}
+
+__global__ void __launch_bounds__(kSelectThreads, 1)
+    threshold_select_rows_kernel(StepArraysCuda a, RowChunk c, Selection* sel, const unsigned long long* hist,
+                                 const float* vals) {
+  const StepParams p = c.rows[blockIdx.x];
+  if (p.threshold_mode != kDynamic) return;  // the whole block
+  select_threshold(a, p, c.first + blockIdx.x, sel, hist, vals);
+}
+
+// Row b = c.first + blockIdx.y; its groups of four elements 4g .. 4g+3 within the sample, the Philox
+// block g of its own stream (the CPU twin's numbering within the sample). vec: aligned arrays and
+// n % 4 == 0, so that no group crosses a row.
+template <class T, int PRED, bool GUIDED>
+__device__ __forceinline__ unsigned int step_row(const StepArraysCuda& a, const StepParams& p, int64_t b,
+                                                 const Selection* sel, bool vec) {
+  const int64_t groups = (a.n + 3) / 4, begin = b * a.n, end = begin + a.n;
+  const bool has_noise = p.c_noise != 0.0f;
+  const bool has_prev = a.x0_prev != nullptr && p.c_d != 0.0f;  // a row without history reads x
+  const bool clipped_eps = p.use_clipped_eps && p.threshold_mode != kNoThreshold;
+  const float s = a.scales ? a.scales[b] : a.scale;
+  float limit, divisor;
+  threshold_limits(p, p.threshold_mode == kDynamic ? sel[b].s : 1.0f, limit, divisor);
+  unsigned int bad = 0;
+  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < groups;
+       g += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t e0 = begin + 4 * g;
+    float x[4], cv[4], u[4] = {0.0f, 0.0f, 0.0f, 0.0f}, prev[4] = {0.0f, 0.0f, 0.0f, 0.0f}, r[4], x0[4];
+    load4<T>(a.x, e0, vec, end, x);
+    load4<T>(a.cond, e0, vec, end, cv);
+    if (GUIDED) load4<T>(a.uncond, e0, vec, end, u);
+    if (has_prev) load4<T>(a.x0_prev, e0, vec, end, prev);
+    float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (has_noise) normal4(p.seed, p.noise_step, uint64_t(g), z);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      float m;
+      r[k] = step_element<PRED, GUIDED>(p, x[k], cv[k], u[k], s, limit, divisor, clipped_eps,
+                                        has_prev ? prev[k] : x[k], z[k], x0[k], m);
+      if (e0 + k < end) bad += !(fabsf(m) <= FLT_MAX) | !(fabsf(r[k]) <= FLT_MAX);
+    }
+    store4<T>(a.out, e0, vec, end, r);
+    if (a.x0_out) store4<T>(a.x0_out, e0, vec, end, x0);
+  }
+  return bad;
+}
+
+template <class T, bool GUIDED>
+__global__ void fused_step_rows_kernel(StepArraysCuda a, RowChunk c, const Selection* sel, bool vec) {
+  const StepParams p = c.rows[blockIdx.y];
+  unsigned int bad = 0;
+  with_prediction(p.prediction_type, [&](auto pred) {
+    bad = step_row<T, decltype(pred)::value, GUIDED>(a, p, c.first + blockIdx.y, sel, vec);
+  });
   if (a.nonfinite) {
     for (int off = 16; off > 0; off >>= 1) bad += __shfl_down_sync(0xffffffffu, bad, off);
     if ((threadIdx.x & 31) == 0 && bad) atomicAdd(a.nonfinite, (unsigned long long)bad);
@@ -479,6 +587,59 @@ int dispatch_prediction(const StepArraysCuda& a, const StepParams& p, cudaStream
   }
 }
 
+template <class T, bool GUIDED>
+int launch_rows(const StepArraysCuda& a, const StepParams* rows, cudaStream_t stream) {
+  bool any_dynamic = false;
+  for (int64_t b = 0; b < a.batch; ++b) any_dynamic = any_dynamic || rows[b].threshold_mode == kDynamic;
+  Selection* sel = nullptr;
+  unsigned long long* hist = nullptr;
+  float* vals = nullptr;
+  void* owned = nullptr;
+  if (any_dynamic) {  // the workspace of fused_step's, for the whole batch; rows of other modes skip it
+    const size_t need = fused_step_workspace_bytes(a.batch, a.n);
+    void* ws = a.workspace;
+    if (!ws || a.workspace_bytes < need) {
+      if (cudaError_t e = cudaMallocAsync(&owned, need, stream)) return int(e);
+      ws = owned;
+    }
+    sel = static_cast<Selection*>(ws);
+    hist = reinterpret_cast<unsigned long long*>(static_cast<char*>(ws) + selection_bytes(a.batch));
+    vals = reinterpret_cast<float*>(static_cast<char*>(ws) + zeroed_bytes(a.batch));
+    cudaMemsetAsync(ws, 0, zeroed_bytes(a.batch), stream);
+  }
+  const bool vec = aligned_for_vectors(a) && a.n % 4 == 0;
+  const int64_t groups = (a.n + 3) / 4;
+  for (int64_t first = 0; first < a.batch; first += kRowsPerLaunch) {
+    RowChunk c{};
+    c.first = first;
+    c.count = int32_t(a.batch - first < kRowsPerLaunch ? a.batch - first : kRowsPerLaunch);
+    bool chunk_dynamic = false;
+    for (int32_t r = 0; r < c.count; ++r) {
+      c.rows[r] = rows[first + r];
+      chunk_dynamic = chunk_dynamic || c.rows[r].threshold_mode == kDynamic;
+    }
+    if (chunk_dynamic) {
+      const int64_t per_block = int64_t(kThreads) * kStatsGroups;  // groups
+      const dim3 stats_grid(unsigned((groups + per_block - 1) / per_block), unsigned(c.count));
+      PYDIFF_LAUNCH(stats_grid, kThreads, stream, threshold_stats_rows_kernel<T, GUIDED>)(a, c, sel, hist,
+                                                                                          vals, vec);
+      PYDIFF_LAUNCH(unsigned(c.count), kSelectThreads, stream, threshold_select_rows_kernel)(a, c, sel, hist,
+                                                                                             vals);
+    }
+    // as many blocks in all as fused_step's grid would have for these rows
+    const int64_t per_row = (blocks_for(groups * c.count) + c.count - 1) / c.count;
+    const dim3 grid(unsigned(per_row), unsigned(c.count));
+    PYDIFF_LAUNCH(grid, kThreads, stream, fused_step_rows_kernel<T, GUIDED>)(a, c, sel, vec);
+  }
+  if (owned) cudaFreeAsync(owned, stream);
+  return int(cudaGetLastError());
+}
+
+template <class T>
+int dispatch_rows(const StepArraysCuda& a, const StepParams* rows, cudaStream_t stream) {
+  return a.uncond ? launch_rows<T, true>(a, rows, stream) : launch_rows<T, false>(a, rows, stream);
+}
+
 __global__ void randn_kernel(uint64_t seed, uint32_t step, int64_t offset, float* out, int64_t count) {
   // Thread per group of the stream; writes the part of its group that falls in [offset, offset + count).
   const int64_t g0 = offset >> 2, g1 = (offset + count + 3) >> 2;
@@ -516,6 +677,19 @@ int fused_step_cuda(const StepArraysCuda& a, const StepParams& p, cudaStream_t s
       return dispatch_prediction<__nv_bfloat16>(a, p, stream);
     default:
       return dispatch_prediction<float>(a, p, stream);
+  }
+}
+
+int fused_step_rows_cuda(const StepArraysCuda& a, const StepParams* rows, cudaStream_t stream) {
+  if (a.batch == 0 || a.n == 0) return 0;
+  if (a.param_table || a.step_counter) return int(cudaErrorInvalidValue);  // the rows are the table
+  switch (a.storage) {
+    case kFloat16:
+      return dispatch_rows<__half>(a, rows, stream);
+    case kBFloat16:
+      return dispatch_rows<__nv_bfloat16>(a, rows, stream);
+    default:
+      return dispatch_rows<float>(a, rows, stream);
   }
 }
 

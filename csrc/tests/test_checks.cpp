@@ -169,6 +169,52 @@ static void test_step_buffers() {
         "dynamic, empty samples");
 }
 
+// fused_step_rows' table: each row by fused_step's rules, named by its index; the table is a buffer
+// that no output may touch.
+static void test_step_rows() {
+  const uint64_t bytes = 3 * 8 * 4;  // B = 3, n = 8
+  StepSpans s;
+  s.x = Span{"x", 0x10000, bytes};
+  s.model_output = Span{"model_output", 0x20000, bytes};
+  s.cond = s.model_output;
+  s.out = Span{"out", 0x30000, bytes};
+  StepParams rows[3] = {plain_params(), plain_params(), plain_params()};
+  CHECK(refusal([&] { check_step_rows(rows, s, 3, 8); }).empty(), "valid rows");
+  rows[1].threshold_mode = kDynamic;
+  rows[2].prediction_type = kVPrediction;
+  CHECK(refusal([&] { check_step_rows(rows, s, 3, 8); }).empty(), "rows of different modes");
+  rows[2].alpha = INFINITY;
+  CHECK(has(refusal([&] { check_step_rows(rows, s, 3, 8); }), "params[2]: alpha must be finite in float32"),
+        "a non-finite row names its index");
+  rows[2] = plain_params();
+  rows[1].dynamic_ratio = 1.5f;
+  CHECK(has(refusal([&] { check_step_rows(rows, s, 3, 8); }), "params[1]: dynamic_thresholding_ratio"),
+        "a bad ratio names its row");
+  rows[1] = plain_params();
+  rows[0].c_d = 0.25f;
+  CHECK(has(refusal([&] { check_step_rows(rows, s, 3, 8); }), "params[0]: x0_prev is required"),
+        "a multistep row needs x0_prev");
+  s.x0_prev = Span{"x0_prev", 0x40000, bytes};
+  CHECK(refusal([&] { check_step_rows(rows, s, 3, 8); }).empty(), "with x0_prev");
+  rows[0] = plain_params();
+  rows[0].threshold_mode = kDynamic;
+  CHECK(has(refusal([&] { check_step_rows(rows, s, 3, 0); }), "params[0]: x has no elements per sample"),
+        "dynamic rows of empty samples");
+  rows[0] = plain_params();
+  s.params = Span{"params", 0x30000 + 16, 3 * sizeof(StepParams)};
+  CHECK(has(refusal([&] { check_step_rows(rows, s, 3, 8); }), "out overlaps params"), "the table inside out");
+  s.params = Span{"params", 0x50000, 3 * sizeof(StepParams)};
+  s.thresholds = Span{"thresholds", 0x50000 + 8, 12};
+  CHECK(has(refusal([&] { check_step_rows(rows, s, 3, 8); }), "thresholds overlaps params"),
+        "thresholds on the table");
+  s.thresholds = Span{};
+  s.workspace = Span{"workspace", 0x50000, 64};
+  CHECK(has(refusal([&] { check_step_rows(rows, s, 3, 8); }), "workspace overlaps params"),
+        "the workspace on the table");
+  s.workspace = Span{};
+  CHECK(refusal([&] { check_step_rows(rows, s, 3, 8); }).empty(), "a separate table");
+}
+
 int main() {
   test_finite_f32();
   test_num_threads();
@@ -177,6 +223,7 @@ int main() {
   test_overlap();
   test_step_params();
   test_step_buffers();
+  test_step_rows();
   if (failures) std::printf("%d check(s) failed\n", failures);
   return failures ? 1 : 0;
 }

@@ -2,7 +2,8 @@
 // csrc/tests/cuda_emu and compared with the CPU twin bit for bit: the fused step in every mode
 // (prediction types, guidance with scalar and per-sample scales, no / static / dynamic thresholding,
 // the update terms, noise, x0 history, float32 / float16 / bfloat16 storage, aligned and unaligned
-// arrays, the step table and counter, caller and own workspace), the noise stream and the CFG mix.
+// arrays, the step table and counter, caller and own workspace), the noise stream, the CFG mix, and
+// fused_step_rows (a step per row: mixed modes in one call, chunks of rows, each row = the row alone).
 // The dynamic threshold's device selection (counts, compaction, the block-per-sample radix select) must give
 // exactly the CPU twin's quantile. What the emulator cannot show, a GPU's speed and races, is
 // tests/gpu's.
@@ -301,9 +302,189 @@ static void test_noise_and_cfg_mix_match_the_cpu_twin() {
   }
 }
 
+// fused_step_rows: every row at its own step (its own prediction type, thresholding, coefficients and
+// noise key) in one call. The CUDA twin equals the CPU twin bit for bit, across chunks of rows
+// (kRowsPerLaunch), storage types and alignments; and each row equals fused_step_cuda on that row alone.
+struct RowsCase {
+  int64_t batch, n;
+  int storage;
+  bool guided, per_sample_scales, with_prev, with_x0_out, unaligned, own_workspace;
+};
+
+static int rows_selected = 0;
+
+static void run_rows_case(const RowsCase& c, std::mt19937& gen) {
+  const int64_t total = c.batch * c.n;
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::uniform_real_distribution<float> ud(0.05f, 0.95f);
+  const float spreads[] = {0.3f, 0.45f, 0.6f, 3.0f};
+  std::vector<StepParams> rows(size_t(c.batch));
+  std::vector<float> x(total), cond(total), uncond(total), prev(total), scales(c.batch);
+  for (int64_t b = 0; b < c.batch; ++b) {
+    StepParams& p = rows[size_t(b)];
+    const float ab = ud(gen);
+    p.alpha = std::sqrt(ab);
+    p.sigma = std::sqrt(1.0f - ab);
+    p.prediction_type = int32_t(gen() % 3);
+    p.threshold_mode = int32_t(gen() % 3);
+    p.clip_range = 1.0f;
+    p.dynamic_ratio = b % 2 ? 0.995f : 0.9f;
+    p.sample_max_value = b % 3 ? 1.5f : 2.5f;
+    p.use_clipped_eps = int32_t(gen() % 2);
+    p.c_x = ud(gen);
+    p.c_x0 = ud(gen);
+    p.c_eps = ud(gen) - 0.5f;
+    p.c_d = c.with_prev && gen() % 2 ? ud(gen) - 0.5f : 0.0f;
+    p.c_noise = gen() % 3 ? ud(gen) : 0.0f;
+    p.seed = (uint64_t(gen()) << 32) | gen();
+    p.noise_step = gen() % 4 ? gen() % 1000 : 0xFFFFFFFFu;
+    scales[size_t(b)] = 1.0f + 4.0f * ud(gen);
+    const float spread = spreads[gen() % 4];
+    for (int64_t i = b * c.n; i < (b + 1) * c.n; ++i) {
+      const float x0 = spread * nd(gen), eps = nd(gen);
+      x[i] = p.alpha * x0 + p.sigma * eps;
+      const float target = p.prediction_type == kEpsilon
+                               ? eps
+                               : (p.prediction_type == kSample ? x0 : p.alpha * eps - p.sigma * x0);
+      cond[i] = target + 0.01f * nd(gen);
+      uncond[i] = target + 0.01f * nd(gen);
+      prev[i] = 0.5f * nd(gen);
+    }
+  }
+  const float scale = 1.0f + 4.0f * ud(gen);
+  auto dx = DeviceArray::make(x, c.storage, c.unaligned);
+  auto dcond = DeviceArray::make(cond, c.storage, c.unaligned);
+  auto duncond = DeviceArray::make(uncond, c.storage, c.unaligned);
+  auto dprev = DeviceArray::make(prev, c.storage, c.unaligned);
+  auto dout = DeviceArray::empty(total, c.storage, c.unaligned);
+  auto dx0 = DeviceArray::empty(total, c.storage, c.unaligned);
+  std::vector<float> thresholds(c.batch, -1.0f);
+
+  StepArrays ca;
+  ca.x = x.data();
+  ca.cond = cond.data();
+  ca.uncond = c.guided ? uncond.data() : nullptr;
+  ca.scales = c.per_sample_scales ? scales.data() : nullptr;
+  ca.scale = scale;
+  ca.x0_prev = c.with_prev ? prev.data() : nullptr;
+  std::vector<float> want_out(total), want_x0(total), want_thr(c.batch, -1.0f);
+  ca.x0_out = c.with_x0_out ? want_x0.data() : nullptr;
+  ca.out = want_out.data();
+  ca.thresholds = want_thr.data();
+  ca.batch = c.batch;
+  ca.n = c.n;
+  const int64_t want_bad = fused_step_rows_cpu(ca, rows.data(), 1);
+
+  StepArraysCuda ga;
+  ga.x = dx.ptr();
+  ga.cond = dcond.ptr();
+  ga.uncond = c.guided ? duncond.ptr() : nullptr;
+  ga.scales = c.per_sample_scales ? scales.data() : nullptr;
+  ga.scale = scale;
+  ga.x0_prev = c.with_prev ? dprev.ptr() : nullptr;
+  ga.x0_out = c.with_x0_out ? dx0.ptr() : nullptr;
+  ga.out = dout.ptr();
+  ga.thresholds = thresholds.data();
+  unsigned long long nonfinite = 0;
+  ga.nonfinite = &nonfinite;
+  ga.batch = c.batch;
+  ga.n = c.n;
+  ga.storage = c.storage;
+  std::vector<unsigned char> workspace;
+  if (!c.own_workspace) {
+    workspace.assign(fused_step_workspace_bytes(c.batch, c.n) + 256, 0xAB);
+    const uintptr_t a = reinterpret_cast<uintptr_t>(workspace.data());
+    ga.workspace = workspace.data() + ((256 - a % 256) % 256);
+    ga.workspace_bytes = fused_step_workspace_bytes(c.batch, c.n);
+  }
+  const int err = fused_step_rows_cuda(ga, rows.data(), nullptr);
+
+  char what[160];
+  std::snprintf(what, sizeof what,
+                "rows B=%lld n=%lld storage=%d guided=%d scales=%d prev=%d x0=%d unaligned=%d own_ws=%d",
+                (long long)c.batch, (long long)c.n, c.storage, c.guided, c.per_sample_scales, c.with_prev,
+                c.with_x0_out, c.unaligned, c.own_workspace);
+  CHECK(err == 0, "%s: launch error %d", what, err);
+  size_t first = 0;
+  const int bad_out = mismatches(dout, want_out, c.storage, first);
+  CHECK(bad_out == 0, "%s: %d of x_prev differ, first at %zu (row %lld): %.9g vs %.9g", what, bad_out, first,
+        (long long)(first / size_t(c.n)), dout.at(first), want_out[first]);
+  if (c.with_x0_out) {
+    const int bad_x0 = mismatches(dx0, want_x0, c.storage, first);
+    CHECK(bad_x0 == 0, "%s: %d of x0 differ, first at %zu", what, bad_x0, first);
+  }
+  CHECK(std::isnan(dout.guard()) && std::isnan(dx0.guard()), "%s: a write outside the output arrays", what);
+  for (int64_t b = 0; b < c.batch; ++b) {
+    CHECK(float_bits(thresholds[b]) == float_bits(want_thr[b]), "%s: threshold of row %lld: %.9g vs %.9g",
+          what, (long long)b, thresholds[b], want_thr[b]);
+    if (rows[size_t(b)].threshold_mode != kDynamic)
+      CHECK(thresholds[b] == -1.0f, "%s: row %lld has no dynamic threshold, yet it was written", what,
+            (long long)b);
+    else
+      rows_selected += want_thr[b] > 1.0f && want_thr[b] < rows[size_t(b)].sample_max_value;
+  }
+  CHECK(int64_t(nonfinite) == want_bad, "%s: non-finite count %llu vs %lld", what, nonfinite,
+        (long long)want_bad);
+
+  // Each row against fused_step_cuda on the row alone (x0_prev given when its c_d != 0).
+  for (int64_t b = 0; b < c.batch; ++b) {
+    const StepParams& p = rows[size_t(b)];
+    auto slice = [&](const std::vector<float>& v) {
+      return std::vector<float>(v.begin() + b * c.n, v.begin() + (b + 1) * c.n);
+    };
+    std::vector<float> xb = slice(x), cb = slice(cond), ub = slice(uncond), pb = slice(prev);
+    auto sx = DeviceArray::make(xb, c.storage, c.unaligned);
+    auto sc = DeviceArray::make(cb, c.storage, c.unaligned);
+    auto su = DeviceArray::make(ub, c.storage, c.unaligned);
+    auto sp = DeviceArray::make(pb, c.storage, c.unaligned);
+    auto so = DeviceArray::empty(size_t(c.n), c.storage, c.unaligned);
+    StepArraysCuda one;
+    one.x = sx.ptr();
+    one.cond = sc.ptr();
+    one.uncond = c.guided ? su.ptr() : nullptr;
+    one.scales = c.per_sample_scales ? scales.data() + b : nullptr;
+    one.scale = scale;
+    one.x0_prev = c.with_prev && p.c_d != 0.0f ? sp.ptr() : nullptr;
+    one.out = so.ptr();
+    one.batch = 1;
+    one.n = c.n;
+    one.storage = c.storage;
+    CHECK(fused_step_cuda(one, p, nullptr) == 0, "%s: single-row launch", what);
+    int differ = 0;
+    for (int64_t i = 0; i < c.n; ++i)
+      differ += float_bits(so.at(size_t(i))) != float_bits(dout.at(size_t(b * c.n + i)));
+    CHECK(differ == 0, "%s: row %lld: %d elements differ from fused_step on the row alone", what,
+          (long long)b, differ);
+  }
+}
+
+static void test_fused_step_rows_match_the_cpu_twin() {
+  std::mt19937 gen(29);
+  const int64_t shapes[][2] = {{1, 1}, {3, 5}, {5, 64}, {37, 7}, {4, 1000}, {3, 4099}, {2, 12288}, {33, 40}};
+  int k = 0;
+  for (const auto& shape : shapes)
+    for (int variant = 0; variant < 4; ++variant, ++k) {
+      RowsCase c{};
+      c.batch = shape[0];
+      c.n = shape[1];
+      c.storage = k % 5 == 3 ? kFloat16 : (k % 5 == 4 ? kBFloat16 : kFloat32);
+      c.guided = variant != 0;
+      c.per_sample_scales = variant >= 2;
+      c.with_prev = variant != 1;
+      c.with_x0_out = variant != 2;
+      c.unaligned = k % 7 == 5;
+      c.own_workspace = k % 3 == 1;
+      run_rows_case(c, gen);
+    }
+  CHECK(rows_selected >= 10, "only %d dynamic thresholds of rows were selected inside (1, max)",
+        rows_selected);
+  std::printf("fused step rows: %d cases (%d thresholds selected inside (1, max))\n", k, rows_selected);
+}
+
 int main() {
   test_fused_step_matches_the_cpu_twin();
   test_noise_and_cfg_mix_match_the_cpu_twin();
+  test_fused_step_rows_match_the_cpu_twin();
   std::printf("%s (%d failures)\n", failures ? "FAILED" : "OK", failures);
   return failures ? 1 : 0;
 }

@@ -232,3 +232,68 @@ def fused_step(x, model_output, params: dict, *, guided=False, guidance_scale=1.
     r = r + F32(p["c_d"]) * (x0 - prev)
     r = r + F32(p["c_noise"]) * z.astype(F32)
     return r.astype(F32), x0.astype(F32), s
+
+
+_STEP_PARAMS_FIELDS = (
+    "alpha",
+    "sigma",
+    "prediction_type",
+    "threshold_mode",
+    "clip_range",
+    "dynamic_ratio",
+    "sample_max_value",
+    "use_clipped_eps",
+    "c_x",
+    "c_x0",
+    "c_eps",
+    "c_d",
+    "c_noise",
+    "seed",
+    "noise_step",
+)
+
+
+def _row_fields(row) -> dict:
+    """The fields of one row: a dict as it is, a record of a STEP_PARAMS_DTYPE array, or a StepParams."""
+    if isinstance(row, dict):
+        return row
+    if isinstance(row, np.void):
+        return {k: row[k].item() for k in _STEP_PARAMS_FIELDS}
+    return {k: getattr(row, k) for k in _STEP_PARAMS_FIELDS}
+
+
+def fused_step_rows(x, model_output, params, *, guided=False, guidance_scale=1.0, x0_prev=None, noise=None):
+    """fused_step with a step of its own per row, exactly as the native fused_step_rows computes it.
+
+    Row b is fused_step on row b alone: x[b], its model output (the rows b and B + b when guided),
+    params[b] (field dicts, StepParams or the records of a STEP_PARAMS_DTYPE array), its guidance scale
+    (a number or [B]) and x0_prev[b] when its c_d != 0 (other rows do not read x0_prev). So its in-kernel
+    noise is the stream (seed, noise_step) of params[b] numbered within the sample: elements 0 .. n - 1,
+    whatever b is. noise: [B, ...] normals to use instead. Returns (x_prev [B, ...], x0 [B, ...],
+    thresholds [B], NaN for the rows without dynamic thresholding).
+    """
+    x = np.asarray(x, F32)
+    m = np.asarray(model_output, F32)
+    B = x.shape[0]
+    if len(params) != B:
+        raise ValueError(f"params must hold {B} rows (one per row of x), got {len(params)}")
+    scales = np.broadcast_to(np.asarray(guidance_scale, F32), (B,))
+    x_prev, x0 = np.empty_like(x), np.empty_like(x)
+    thresholds = np.full(B, np.nan, F32)
+    for b in range(B):
+        p = _row_fields(params[b])
+        mo = np.concatenate([m[b : b + 1], m[B + b : B + b + 1]]) if guided else m[b : b + 1]
+        history = x0_prev is not None and p["c_d"] != 0
+        r, r_x0, s = fused_step(
+            x[b : b + 1],
+            mo,
+            p,
+            guided=guided,
+            guidance_scale=scales[b],
+            x0_prev=x0_prev[b : b + 1] if history else None,
+            noise=None if noise is None else np.asarray(noise, F32)[b : b + 1],
+        )
+        x_prev[b], x0[b] = r[0], r_x0[0]
+        if s is not None:
+            thresholds[b] = s[0]
+    return x_prev, x0, thresholds
