@@ -3,17 +3,33 @@
 Model space is float32 NCHW in [-1, 1] (pixel p in 0..255 maps to p / 127.5 - 1). User images are
 PIL images or NumPy arrays: uint8 HWC (0..255), or float HWC in [0, 1] (what
 `output_type="numpy"` returns). Anything else raises `TypeError`/`ValueError` rather than guess.
+
+Sizes are checked before any conversion: an image or mask of more than `MAX_IMAGE_PIXELS` pixels
+(twice the largest output side, squared) is a `ValueError`, and `load_image` reads that size from
+the file's header before it decodes anything.
+
+Masks (`mask_to_array`), 1 = generate, 0 = keep:
+
+- bool: True is 1;
+- integers of any dtype whose values are all 0 or 1: taken as they are;
+- other uint8 values (and a PIL 'L' or '1' image): 8-bit grey, v / 255 (255 = generate);
+- other integers (a signed or wider integer outside {0, 1}): a `ValueError`;
+- floats (float16/32/64): values in [0, 1], NaN and infinity refused.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import warnings
 
 import numpy as np
 from PIL import Image
 
 from pydiff.files import atomic_write_bytes
+
+MAX_OUTPUT_SIDE = 4096  # the largest stage resolution a package may have (package.MAX_RESOLUTION)
+MAX_IMAGE_PIXELS = (2 * MAX_OUTPUT_SIDE) ** 2  # 8192 x 8192: anything larger is out of proportion
 
 __all__ = [
     "to_model_array",
@@ -25,6 +41,7 @@ __all__ = [
     "save_png",
     "upsample_bilinear",
     "load_image",
+    "MAX_IMAGE_PIXELS",
 ]
 
 
@@ -40,6 +57,7 @@ def _as_hwc(image, what: str) -> np.ndarray:
             f"{what}: expected an image (PIL.Image or numpy array), got a path; "
             f"open it with pydiff.imageio.load_image({str(image)!r})"
         )
+    _check_size(image, what)
     if isinstance(image, Image.Image):
         mode = image.mode
         if mode in ("RGB", "L"):
@@ -56,7 +74,8 @@ def _as_hwc(image, what: str) -> np.ndarray:
         if image.dtype == np.uint8:
             arr = image.astype(np.float32) / 255.0
         elif image.dtype.kind == "f":
-            arr = image.astype(np.float32)
+            with np.errstate(over="ignore"):  # beyond float32 is infinity, refused just below
+                arr = image.astype(np.float32)
             if not np.all(np.isfinite(arr)):
                 raise ValueError(f"{what}: the array contains NaN or infinity")
             if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
@@ -77,6 +96,21 @@ def _as_hwc(image, what: str) -> np.ndarray:
     return arr
 
 
+def _check_size(image, what: str) -> None:
+    """A PIL image (its size is known before it decodes) or array of at most MAX_IMAGE_PIXELS."""
+    if isinstance(image, Image.Image):
+        w, h = image.size
+    elif isinstance(image, np.ndarray) and image.ndim >= 2:
+        h, w = image.shape[:2]
+    else:
+        return
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"{what}: {w}x{h} is {w * h} pixels, over the limit of {MAX_IMAGE_PIXELS} "
+            f"({2 * MAX_OUTPUT_SIDE}x{2 * MAX_OUTPUT_SIDE}); reduce it first"
+        )
+
+
 def to_model_array(image, channels: int = 3, what: str = "image") -> np.ndarray:
     """One user image -> float32 [1, C, H, W] in [-1, 1]; the channel count must match."""
     arr = _as_hwc(image, what)
@@ -92,8 +126,9 @@ def to_model_array(image, channels: int = 3, what: str = "image") -> np.ndarray:
 
 
 def mask_to_array(mask, what: str = "mask") -> np.ndarray:
-    """A mask (PIL 'L'/'1', bool/uint8/float array HxW; white/1 = generate) -> float32 [1,1,H,W]."""
-    Image = _pil()
+    """A mask (PIL 'L'/'1', or an HxW / HxWx1 array of any dtype; 1 = generate) -> float32
+    [1, 1, H, W] in [0, 1], by the rule in this module's docstring."""
+    _check_size(mask, what)
     if isinstance(mask, Image.Image):
         if mask.mode == "1":
             mask = mask.convert("L")
@@ -102,24 +137,37 @@ def mask_to_array(mask, what: str = "mask") -> np.ndarray:
                 f"{what}: expected a single-channel mask (PIL mode 'L' or '1'), "
                 f"got mode {mask.mode!r}; convert it with mask.convert('L')"
             )
-        arr = np.asarray(mask, dtype=np.float32) / 255.0
-    elif isinstance(mask, np.ndarray):
-        if mask.dtype == np.bool_:
-            arr = mask.astype(np.float32)
-        elif mask.dtype == np.uint8:
-            arr = mask.astype(np.float32) / 255.0
-        elif mask.dtype.kind == "f":
-            arr = mask.astype(np.float32)
-            if not np.all(np.isfinite(arr)) or (arr.size and (arr.min() < 0 or arr.max() > 1)):
-                raise ValueError(f"{what}: float masks must be in [0, 1]")
-        else:
-            raise TypeError(f"{what}: expected a bool, uint8 or float array, got dtype {mask.dtype}")
-        if arr.ndim == 3 and arr.shape[2] == 1:
-            arr = arr[:, :, 0]
-        if arr.ndim != 2:
-            raise ValueError(f"{what}: expected an HxW mask, got shape {mask.shape}")
-    else:
+        mask = np.asarray(mask, dtype=np.uint8)
+    if not isinstance(mask, np.ndarray):
         raise TypeError(f"{what}: expected a PIL.Image or a numpy array, got {type(mask).__name__}")
+    shape = mask.shape
+    if mask.ndim == 3 and shape[2] == 1:
+        mask = mask[:, :, 0]
+    if mask.ndim != 2:
+        raise ValueError(f"{what}: expected an HxW mask, got shape {shape}")
+    if mask.size == 0:
+        raise ValueError(f"{what}: the mask is empty (shape {shape})")
+    kind = mask.dtype.kind
+    if kind == "b":
+        arr = mask.astype(np.float32)
+    elif kind in "iu":
+        lo, hi = int(mask.min()), int(mask.max())
+        if lo >= 0 and hi <= 1:  # a 0/1 mask, whatever its integer type
+            arr = mask.astype(np.float32)
+        elif mask.dtype == np.uint8:  # 8-bit grey: 255 = generate
+            arr = mask.astype(np.float32) / 255.0
+        else:
+            raise ValueError(
+                f"{what}: an integer mask of dtype {mask.dtype} must hold only 0 and 1 (got values "
+                f"in [{lo}, {hi}]); pass uint8 for 0..255 grey or floats in [0, 1]"
+            )
+    elif kind == "f":
+        with np.errstate(over="ignore"):  # beyond float32 is infinity, refused just below
+            arr = mask.astype(np.float32)
+        if not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 1:
+            raise ValueError(f"{what}: float masks must be in [0, 1] (NaN and infinity refused)")
+    else:
+        raise TypeError(f"{what}: expected a bool, integer or float array, got dtype {mask.dtype}")
     return arr[None, None]
 
 
@@ -203,9 +251,32 @@ def save_png(image, path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_image(path):
-    """Open an image file fully (the file is closed afterwards)."""
+def load_image(path, max_pixels: int = MAX_IMAGE_PIXELS):
+    """Open an image file fully (the file is closed afterwards), refusing before it decodes a file
+    whose header claims more than `max_pixels` pixels. A file Pillow cannot read, takes for a
+    decompression bomb or fails to decode is a ValueError naming it; a missing or unreadable path
+    stays the OSError it is (FileNotFoundError, PermissionError, IsADirectoryError)."""
     Image = _pil()
-    with Image.open(path) as im:
-        im.load()
-        return im.copy()
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (DecompressionBombWarning) over its own limit: the check below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # reads the header only
+                w, h = im.size
+                if w * h <= max_pixels:
+                    im.load()
+                    return im.copy()
+    except (FileNotFoundError, IsADirectoryError, PermissionError, MemoryError):
+        raise
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: refused as a decompression bomb ({e})") from None
+    except Image.UnidentifiedImageError as e:
+        raise ValueError(f"{path}: not an image file Pillow can read ({e})") from None
+    except Exception as e:  # noqa: BLE001 - a damaged file: Pillow's decoders raise many kinds
+        detail = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], bytes) else e  # Pillow's b'...'
+        if isinstance(detail, bytes):
+            detail = detail.decode("latin-1")
+        raise ValueError(f"{path}: cannot decode the image ({type(e).__name__}: {detail})") from None
+    raise ValueError(
+        f"{path}: the image is {w}x{h} ({w * h} pixels), over the limit of {max_pixels} pixels; reduce it first"
+    )

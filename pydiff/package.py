@@ -12,9 +12,10 @@ Every problem is a `PackageError` (a `ValueError`) whose message names the file 
 
 from __future__ import annotations
 
-import json
 import math
+import mmap
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,6 +23,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from pydiff.errors import PackageError
+from pydiff.samplers import SAMPLERS, make_sampler
+from pydiff.schedules import MAX_TRAIN_TIMESTEPS, Schedule, parse_json_bytes
 from pydiff.step_params import PREDICTION_TYPES, THRESHOLDINGS
 
 __all__ = [
@@ -36,6 +39,8 @@ __all__ = [
     "INPUT_SPECS",
     "MAX_RESOLUTION",
     "GUIDANCE_KINDS",
+    "RECOMMENDED_DEFAULTS",
+    "onnx_external_data",
 ]
 
 FORMAT = "pydiff-package"
@@ -46,6 +51,22 @@ MAX_TEXT_LENGTH = 4096
 MAX_HIDDEN_SIZE = 65536
 MAX_STEPS = 10000
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few KB; refuse to json-parse anything huge
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the settings are used in float32
+
+# What a stage's `recommended` block means where it leaves a key out (the pipeline's settings use
+# these; the load-time check that the schedule can run them uses the same).
+RECOMMENDED_DEFAULTS: dict[str, Any] = {
+    "sampler": "ddim",
+    "steps": 25,
+    "guidance_scale": 1.0,
+    "eta": 0.0,
+    "thresholding": "none",
+    "dynamic_thresholding_ratio": 0.995,
+    "sample_max_value": 1.0,
+    "clip_sample_range": 1.0,
+    "jump_length": 10,
+    "jump_n_sample": 1,
+}
 
 CONDITIONINGS = ("text", "class", "none")
 # guidance model kind -> the inputs its network takes (docs/model-package.md, guidance_models)
@@ -224,12 +245,14 @@ def _number(ctx, obj, key, where, lo=-math.inf, hi=math.inf, *, lo_open=False, r
         not isinstance(v, bool)
         and isinstance(v, (int, float))
         and math.isfinite(v)
+        and abs(v) <= FLOAT32_MAX
         and (lo < v if lo_open else lo <= v)
         and v <= hi
     )
     if not ok:
         lo_s = "(" if lo_open else "["
-        raise ctx.error(k, f"expected a finite number in {lo_s}{lo}, {hi}], got {v!r}")
+        within = "" if lo == -math.inf and hi == math.inf else f" in {lo_s}{lo}, {hi}]"
+        raise ctx.error(k, f"expected a number finite in float32{within}, got {v!r}")
     return float(v)
 
 
@@ -267,8 +290,139 @@ def _path(ctx: _Ctx, obj, key, where) -> Path:
     return real
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
+# --------------------------------------------------------------------------------------------
+# ONNX external data: read from the protobuf wire format (the onnx package is not a runtime
+# dependency), so that no version of ONNX Runtime is trusted to keep a model inside its package
+
+
+class _Malformed(Exception):
+    """Not a protobuf message; ONNX Runtime's own parser refuses the file with its error."""
+
+
+def _varint(buf, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _Malformed
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, wire type, value): a varint's value, or a length-delimited field's (start, end)."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos, end)
+            yield number, wire, value
+        elif wire == 2:
+            n, pos = _varint(buf, pos, end)
+            if pos + n > end:
+                raise _Malformed
+            yield number, wire, (pos, pos + n)
+            pos += n
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            if pos > end:
+                raise _Malformed
+        else:  # groups: not in onnx.proto
+            raise _Malformed
+
+
+# onnx.proto's field numbers of the messages that hold tensors, and what each field holds
+_GRAPH, _NODE, _ATTRIBUTE, _TENSOR, _SPARSE, _FUNCTION, _TRAINING = range(7)
+_HOLDS = {
+    "model": {7: _GRAPH, 20: _TRAINING, 25: _FUNCTION},
+    _GRAPH: {1: _NODE, 5: _TENSOR, 15: _SPARSE},
+    _NODE: {5: _ATTRIBUTE},
+    _ATTRIBUTE: {5: _TENSOR, 6: _GRAPH, 10: _TENSOR, 11: _GRAPH, 22: _SPARSE, 23: _SPARSE},
+    _SPARSE: {1: _TENSOR, 2: _TENSOR},
+    _FUNCTION: {7: _NODE},
+    _TRAINING: {1: _GRAPH, 2: _GRAPH},
+}
+_TENSOR_NAME, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION, _EXTERNAL = 8, 13, 14, 1
+
+
+def _tensor_external(buf, start: int, end: int) -> tuple[str, str | None] | None:
+    """(tensor name, external data location or None) of a TensorProto stored externally, else None."""
+    name, location, external = "", None, False
+    for number, wire, value in _fields(buf, start, end):
+        if number == _TENSOR_NAME and wire == 2:
+            name = bytes(buf[value[0] : value[1]]).decode("utf-8", "replace")
+        elif number == _TENSOR_DATA_LOCATION and wire == 0:
+            external = value == _EXTERNAL
+        elif number == _TENSOR_EXTERNAL_DATA and wire == 2:
+            external = True
+            entry = {}
+            for n, w, v in _fields(buf, *value):
+                if w == 2 and n in (1, 2):
+                    entry[n] = bytes(buf[v[0] : v[1]]).decode("utf-8", "replace")
+            if entry.get(1) == "location":
+                location = entry.get(2, "")
+    return (name, location) if external else None
+
+
+def onnx_external_data(path: str | os.PathLike) -> list[tuple[str, str | None]]:
+    """(tensor name, location) of every tensor of an ONNX file kept in external data: initializers,
+    sparse initializers and constants, in subgraphs and functions too; location None where the
+    tensor is marked external but names no file. An unparseable file gives what was found before
+    the damage (ONNX Runtime refuses the file itself)."""
+    found: list[tuple[str, str | None]] = []
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return found
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            stack = [("model", 0, len(buf))]  # no recursion: subgraphs nest as deep as a file says
+            try:
+                while stack:
+                    kind, start, end = stack.pop()
+                    if kind == _TENSOR:
+                        ext = _tensor_external(buf, start, end)
+                        if ext is not None:
+                            found.append(ext)
+                        continue
+                    holds = _HOLDS[kind]
+                    for number, wire, value in _fields(buf, start, end):
+                        if wire == 2 and number in holds:
+                            stack.append((holds[number], *value))
+            except _Malformed:
+                pass
+    return found
+
+
+def _check_external_data(ctx: _Ctx, k: str, onnx_file: Path) -> None:
+    """Every external data file of an ONNX network lies inside the package, as a regular file."""
+    for tensor, location in onnx_external_data(onnx_file):
+        what = f"external data of tensor {tensor!r} in {onnx_file.name}"
+        if not location or "\x00" in location:
+            raise ctx.error(k, f"{what}: no file location given")
+        pure = Path(location.replace("\\", "/"))
+        if (
+            pure.is_absolute()
+            or location.startswith(("/", "\\"))
+            or (len(location) > 1 and location[1] == ":")
+        ):
+            raise ctx.error(k, f"{what}: the absolute path {location!r} leaves the package directory")
+        if ".." in pure.parts:
+            raise ctx.error(k, f"{what}: the path {location!r} must not contain '..'")
+        real = Path(os.path.realpath(onnx_file.parent / pure))
+        if ctx.root not in real.parents:
+            raise ctx.error(k, f"{what}: {location!r} leaves the package directory (through a link)")
+        if not real.is_file():
+            raise ctx.error(k, f"{what}: {location!r} is not a regular file in the package")
+
+
+def _onnx_path(ctx: _Ctx, obj, key, where) -> Path:
+    """An ONNX file of the package (see _path) whose external data stays inside the package too."""
+    real = _path(ctx, obj, key, where)
+    _check_external_data(ctx, f"{where}.{key}" if where else key, real)
+    return real
 
 
 def _read_manifest(manifest_path: Path) -> dict:
@@ -281,18 +435,16 @@ def _read_manifest(manifest_path: Path) -> dict:
             f"{manifest_path}: manifest is {size} bytes; over the {MAX_MANIFEST_BYTES}-byte limit"
         )
     try:
-        text = manifest_path.read_text(encoding="utf-8")
-        data = json.loads(text, parse_constant=_reject_constant)
-    except UnicodeDecodeError as e:
-        raise PackageError(f"{manifest_path}: not UTF-8 text ({e.reason})") from None
-    except json.JSONDecodeError as e:
-        raise PackageError(
-            f"{manifest_path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
-        ) from None
-    except ValueError as e:  # NaN / Infinity literals
-        raise PackageError(f"{manifest_path}: {e}") from None
+        with open(manifest_path, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)  # the file may grow after the stat
     except OSError as e:
         raise PackageError(f"{manifest_path}: cannot read the manifest ({e.strerror})") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise PackageError(f"{manifest_path}: manifest is over the {MAX_MANIFEST_BYTES}-byte limit")
+    try:
+        data = parse_json_bytes(raw)
+    except ValueError as e:
+        raise PackageError(f"{manifest_path}: {e}") from None
     if not isinstance(data, dict):
         raise PackageError(f"{manifest_path}: expected a JSON object at the top level, got {_typename(data)}")
     return data
@@ -303,7 +455,7 @@ def _scheduler(ctx, obj, key, where, *, required=True) -> dict | None:
     if sch is None:
         return None
     k = f"{where}.{key}"
-    _int(ctx, sch, "num_train_timesteps", k, 1, 100000, required=False)
+    _int(ctx, sch, "num_train_timesteps", k, 1, MAX_TRAIN_TIMESTEPS, required=False)
     for name in ("beta_schedule", "prediction_type", "timestep_spacing"):
         _str(ctx, sch, name, k, required=False)
     if "prediction_type" in sch:
@@ -321,6 +473,40 @@ def _recommended(ctx, obj, where) -> dict:
             raise ctx.error(f"{k}.inpaint.inpaint", "not allowed (inpaint overrides are one level)")
         _recommended_fields(ctx, inpaint, f"{k}.inpaint")
     return dict(rec)
+
+
+def _build_schedule(ctx, config: dict, key: str) -> Schedule:
+    """The schedule a scheduler block describes, built as the pipeline builds it (its ScheduleError
+    becomes this file's PackageError naming the key)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # keys pydiff ignores: the pipeline warns when it builds it
+            return Schedule.from_config(dict(config))
+    except (ValueError, TypeError) as e:
+        raise ctx.error(key, str(e)) from None
+
+
+def _check_runnable(ctx, where: str, schedule: Schedule, recommended: dict) -> None:
+    """The stage's recommended sampler, steps and eta (and its inpainting ones) run on its own
+    schedule: refused at load, not on the first call that leaves them as they are. (RePaint's jumps
+    against the steps are the call's settings, checked when they are resolved.)"""
+    base = {**RECOMMENDED_DEFAULTS, **{k: v for k, v in recommended.items() if k != "inpaint"}}
+    blocks = [(f"{where}.recommended", base)]
+    if recommended.get("inpaint") is not None:
+        blocks.append((f"{where}.recommended.inpaint", {**base, **recommended["inpaint"]}))
+    T = schedule.num_train_timesteps
+    for k, rec in blocks:
+        sampler, steps, eta = rec["sampler"], rec["steps"], rec["eta"]
+        if sampler not in SAMPLERS:
+            raise ctx.error(f"{k}.sampler", f"unknown sampler {sampler!r}; pydiff has {list(SAMPLERS)}")
+        if steps > T:
+            raise ctx.error(f"{k}.steps", f"{steps} steps, but {where}.scheduler has num_train_timesteps={T}")
+        try:
+            make_sampler(sampler, schedule, steps, eta=eta)
+        except (ValueError, TypeError) as e:
+            raise ctx.error(
+                k, f"sampler {sampler!r}, {steps} steps, eta {eta} cannot run on {where}.scheduler: {e}"
+            ) from None
 
 
 def _recommended_fields(ctx, rec, k) -> None:
@@ -353,7 +539,7 @@ def _parse_stage(
     if not isinstance(raw, dict):
         raise ctx.error(where, f"expected an object, got {_typename(raw)}")
     name = _name(ctx, raw, where)
-    onnx_path = _path(ctx, raw, "onnx", where)
+    onnx_path = _onnx_path(ctx, raw, "onnx", where)
     resolution = _int(ctx, raw, "resolution", where, 1, MAX_RESOLUTION)
     channels = _int(ctx, raw, "channels", where, 1, MAX_CHANNELS)
     conditioning = _str(ctx, raw, "conditioning", where, choices=CONDITIONINGS)
@@ -407,12 +593,15 @@ def _parse_stage(
         )
     scheduler.setdefault("prediction_type", prediction_type)
     recommended = _recommended(ctx, raw, where)
+    schedule = _build_schedule(ctx, scheduler, f"{where}.scheduler")
+    _check_runnable(ctx, where, schedule, recommended)
 
     low_res_resolution = aug_sched = aug_level = aug_max = None
     if "low_res" in inputs:
         low_res_resolution = _int(ctx, raw, "low_res_resolution", where, 1, MAX_RESOLUTION)
         aug = _obj(ctx, raw, "noise_aug", where)
         aug_sched = _scheduler(ctx, aug, "scheduler", f"{where}.noise_aug")
+        _build_schedule(ctx, aug_sched, f"{where}.noise_aug.scheduler")
         t_max = int(aug_sched.get("num_train_timesteps", 1000))
         # training drew levels from [0, max_level]: a level above it was never seen (optional,
         # default: the whole schedule)
@@ -471,7 +660,7 @@ def _parse_guidance_model(ctx: _Ctx, raw: Any, i: int, stages: list[Stage]) -> G
         raise ctx.error(where, f"expected an object, got {_typename(raw)}")
     name = _name(ctx, raw, where)
     kind = _str(ctx, raw, "kind", where, choices=tuple(GUIDANCE_KINDS))
-    onnx_path = _path(ctx, raw, "onnx", where)
+    onnx_path = _onnx_path(ctx, raw, "onnx", where)
     stage_name = _str(ctx, raw, "stage", where)
     st = next((s for s in stages if s.name == stage_name), None)
     if st is None:
@@ -590,7 +779,7 @@ def load_package(path: str | os.PathLike | None) -> Package:
     te_raw = _obj(ctx, data, "text_encoder", "", required=False)
     if te_raw is not None:
         te = TextEncoderSpec(
-            onnx=_path(ctx, te_raw, "onnx", "text_encoder"),
+            onnx=_onnx_path(ctx, te_raw, "onnx", "text_encoder"),
             tokenizer=_path(ctx, te_raw, "tokenizer", "text_encoder"),
             max_length=_int(ctx, te_raw, "max_length", "text_encoder", 1, MAX_TEXT_LENGTH),
             hidden_size=_int(

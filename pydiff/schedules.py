@@ -15,6 +15,10 @@ from pydiff.errors import ScheduleError
 from pydiff.step_params import PREDICTION_TYPES
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+MAX_TRAIN_TIMESTEPS = 100000  # the arrays are float64 [T]; refuse absurd sizes before allocating
+MAX_CONFIG_BYTES = 16 << 20  # a config with 100000 trained_betas is about 2.5 MB
+MAX_JSON_DEPTH = 32  # configs and manifests nest about 5 deep; deeper is refused, never a RecursionError
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # the schedule's settings are used in float32
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
@@ -57,6 +61,56 @@ _CLASS_DEFAULTS = {
 }
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):  # 1e999 parses as inf
+        raise ValueError(f"the number {text} is out of range")
+    return v
+
+
+def json_depth(value: Any) -> int:
+    """How deep `value` nests lists and objects (a scalar: 0), found without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list):
+            deepest = max(deepest, d)
+            stack.extend((x, d + 1) for x in v if isinstance(x, (dict, list)))
+    return deepest
+
+
+def parse_json_bytes(raw: bytes, max_depth: int = MAX_JSON_DEPTH, *, strict: bool = True) -> Any:
+    """JSON from bytes in UTF-8 (a BOM allowed), at most `max_depth` levels of nesting; `strict`:
+    NaN, Infinity and numbers beyond float range refused (diffusers writes -Infinity into
+    scheduler configs, so those are read with strict=False). Every problem is a ValueError whose
+    message says what is wrong (no RecursionError, no UnicodeDecodeError)."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ValueError("UTF-16 text; JSON files here are UTF-8")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte {e.start}: {e.reason})") from None
+    try:
+        if strict:
+            data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        else:
+            data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise ValueError(f"JSON nested too deeply (over {max_depth} levels)") from None
+    # ValueError: NaN / Infinity literals, out-of-range numbers, integers over Python's digit limit
+    if json_depth(data) > max_depth:
+        raise ValueError(f"JSON nested too deeply (over {max_depth} levels)")
+    return data
+
+
 def _cosine_betas(T: int, max_beta: float = 0.999) -> np.ndarray:
     """Betas of the squared-cosine alpha-bar (Nichol & Dhariwal 2021, eq. 17), as diffusers' betas_for_alpha_bar."""
 
@@ -93,8 +147,10 @@ class Schedule:
         if self.trained_betas is not None and not isinstance(self.trained_betas, tuple):
             object.__setattr__(self, "trained_betas", tuple(float(b) for b in self.trained_betas))
         T = self.num_train_timesteps
-        if not isinstance(T, (int, np.integer)) or isinstance(T, bool) or T < 1:
-            raise ScheduleError(f"num_train_timesteps must be a positive integer, got {T!r}")
+        if not isinstance(T, (int, np.integer)) or isinstance(T, bool) or not 1 <= T <= MAX_TRAIN_TIMESTEPS:
+            raise ScheduleError(
+                f"num_train_timesteps must be an integer in 1..{MAX_TRAIN_TIMESTEPS}, got {T!r}"
+            )
         for name, allowed in (
             ("beta_schedule", BETA_SCHEDULES),
             ("prediction_type", PREDICTION_TYPES),
@@ -112,8 +168,25 @@ class Schedule:
             raise ScheduleError(f"sample_max_value must be >= 1, got {self.sample_max_value}")
         if not self.clip_sample_range > 0:
             raise ScheduleError(f"clip_sample_range must be > 0, got {self.clip_sample_range}")
-        if not isinstance(self.steps_offset, (int, np.integer)) or self.steps_offset < 0:
-            raise ScheduleError(f"steps_offset must be a non-negative integer, got {self.steps_offset!r}")
+        off = self.steps_offset
+        if isinstance(off, bool) or not isinstance(off, (int, np.integer)) or not 0 <= off < T:
+            raise ScheduleError(f"steps_offset must be an integer in 0..{T - 1}, got {off!r}")
+        for name in (
+            "beta_start",
+            "beta_end",
+            "clip_sample_range",
+            "dynamic_thresholding_ratio",
+            "sample_max_value",
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise ScheduleError(f"{name} must be a number, got {v!r}")
+            if not abs(float(v)) <= _FLOAT32_MAX:  # NaN fails too
+                raise ScheduleError(f"{name} must be finite in float32, got {v!r}")
+        if self.trained_betas is not None and len(self.trained_betas) != T:
+            raise ScheduleError(
+                f"trained_betas has {len(self.trained_betas)} values for num_train_timesteps={T}"
+            )
         betas = self.betas
         if betas.shape != (T,) or not np.all(np.isfinite(betas)) or np.any(betas <= 0) or np.any(betas >= 1):
             raise ScheduleError("betas must be num_train_timesteps values in (0, 1)")
@@ -142,32 +215,34 @@ class Schedule:
         Unknown keys are ignored with a warning; invalid values raise ScheduleError.
         """
         if not isinstance(config, dict):
-            try:
-                with open(config, encoding="utf-8") as f:
-                    config = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ScheduleError(f"{config}: not valid JSON ({e})") from None
-            if not isinstance(config, dict):
-                raise ScheduleError("a scheduler config must be a JSON object")
+            config = _read_config(config)
+        elif json_depth(config) > MAX_JSON_DEPTH:
+            raise ScheduleError(f"a scheduler config nested over {MAX_JSON_DEPTH} levels")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         unknown = []
         for key, value in config.items():
+            if not isinstance(key, str):
+                raise ScheduleError(f"scheduler config keys are strings, got {key!r}")
             if key in fields:
                 if value is None and key != "trained_betas":
                     continue  # diffusers writes None for "the default"
-                if key == "variance_type":
+                if key == "variance_type" and isinstance(value, str):
                     value = _VARIANCE_ALIASES.get(value, value)
                 kwargs[key] = _check_type(key, value, fields[key].default)
             elif key in _SUPPORTED_ONLY:
-                if value is not None and value not in _SUPPORTED_ONLY[key]:
+                supported = _SUPPORTED_ONLY[key]
+                # same type as well as equal: 2.0 is no solver order and `true` no 1
+                if value is not None and not any(type(value) is type(v) and value == v for v in supported):
                     raise ScheduleError(
                         f"{key}={value!r} is not implemented by pydiff's samplers "
-                        f"(supported: {', '.join(map(repr, _SUPPORTED_ONLY[key]))})"
+                        f"(supported: {', '.join(map(repr, supported))})"
                     )
             elif key not in _KNOWN_IGNORED and not key.startswith("_"):
                 unknown.append(key)
         class_name = config.get("_class_name")
+        if class_name is not None and not isinstance(class_name, str):
+            raise ScheduleError(f"_class_name must be a string, got {class_name!r}")
         if class_name is None:
             class_name = _infer_class(config)
         for key, value in _CLASS_DEFAULTS.get(class_name, {}).items():
@@ -197,6 +272,26 @@ class Schedule:
         if abar.ndim == 1:
             abar = abar.reshape((-1,) + (1,) * (np.ndim(x0) - 1))
         return (np.sqrt(abar) * x0 + np.sqrt(np.float32(1) - abar) * noise).astype(np.float32)
+
+
+def _read_config(path) -> dict:
+    """A scheduler_config.json file as a dict; a file that is not one is a ScheduleError."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise ScheduleError(f"a scheduler config is a dict or a path, got {type(path).__name__}")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ScheduleError(f"{path}: cannot read the scheduler config ({e.strerror or e})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ScheduleError(f"{path}: over the {MAX_CONFIG_BYTES}-byte limit of a scheduler config")
+    try:
+        config = parse_json_bytes(raw, strict=False)
+    except ValueError as e:
+        raise ScheduleError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ScheduleError(f"{path}: a scheduler config must be a JSON object")
+    return config
 
 
 # Keys only diffusers' DPM-Solver configs have: a config without `_class_name` that has one of them
@@ -233,8 +328,16 @@ def _check_type(key: str, value, default):
     if key == "trained_betas":
         if value is None:
             return None
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) for v in value):
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        ):
             raise ScheduleError("trained_betas must be a list of numbers")
+        if len(value) > MAX_TRAIN_TIMESTEPS:
+            raise ScheduleError(f"trained_betas has over {MAX_TRAIN_TIMESTEPS} values")
+        try:
+            return tuple(float(v) for v in value)
+        except OverflowError:  # an integer beyond float range
+            raise ScheduleError("trained_betas must be numbers in (0, 1)") from None
         return tuple(float(v) for v in value)
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -243,9 +346,16 @@ def _check_type(key: str, value, default):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ScheduleError(f"{key} must be an integer, got {value!r}")
     elif isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ScheduleError(f"{key} must be a finite number, got {value!r}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float range
+            raise ScheduleError(
+                f"{key} must be a finite number, got an integer of {value.bit_length()} bits"
+            ) from None
+        if not math.isfinite(value):
+            raise ScheduleError(f"{key} must be a finite number, got {value!r}")
     elif isinstance(default, str):
         if not isinstance(value, str):
             raise ScheduleError(f"{key} must be a string, got {value!r}")

@@ -1,6 +1,14 @@
-"""The frozen text encoder at run time: a `tokenizers` tokenizer plus an ONNX encoder (no torch)."""
+"""The frozen text encoder at run time: a `tokenizers` tokenizer plus an ONNX encoder (no torch).
+
+Prompts are checked before they reach the tokenizer (`check_prompt`: a string of at most
+`MAX_PROMPT_CHARS` characters that is valid Unicode); a tokenizer file is at most
+`MAX_TOKENIZER_BYTES` and must encode characters outside its vocabulary (an unknown token such as
+BERT's [UNK], or byte-level pieces), never drop them.
+"""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -8,6 +16,63 @@ from tokenizers import Tokenizer
 from pydiff.backends.ort import create_session
 from pydiff.errors import PackageError
 from pydiff.package import Package, check_text_encoder_io
+
+MAX_PROMPT_CHARS = 16384  # 4 characters a token at the longest text_encoder.max_length (4096)
+MAX_TOKENIZER_BYTES = 64 << 20  # the largest common tokenizer.json files are about 20 MB
+# characters no vocabulary of the bundled kind holds: what an unknown token must stand for
+_UNKNOWN_PROBE = "\u2603\U0001d518"
+
+
+def check_prompt(prompt, what: str = "prompt") -> str:
+    """`prompt` if it is a string of at most MAX_PROMPT_CHARS characters, valid Unicode (no lone
+    surrogates); else a TypeError / ValueError naming `what`."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"{what}: expected a string, got {type(prompt).__name__}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{what}: {len(prompt)} characters, over the limit of {MAX_PROMPT_CHARS}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what}: not valid Unicode text ({e.reason} at character {e.start}: {prompt[e.start]!r})"
+        ) from None
+    return prompt
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """A `tokenizers` JSON file, size-capped before it is read; it must encode unknown characters."""
+    try:
+        size = os.stat(path).st_size
+    except OSError as e:
+        raise PackageError(f"{path}: cannot read the tokenizer ({e.strerror or e})") from None
+    if size > MAX_TOKENIZER_BYTES:
+        raise PackageError(
+            f"{path}: the tokenizer is {size} bytes, over the {MAX_TOKENIZER_BYTES}-byte limit"
+        )
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception for a file it cannot parse
+        raise PackageError(f"{path}: not a tokenizers JSON file ({_first_line(e)})") from None
+    tokenizer.no_truncation()  # the file's own limit could cut the probe to special tokens alone
+    # (the TextEncoder sets its max_length afterwards)
+    try:
+        enc = tokenizer.encode(_UNKNOWN_PROBE)
+    except Exception as e:  # e.g. WordLevel without an unknown token
+        raise PackageError(
+            f"{path}: the tokenizer cannot encode characters outside its vocabulary "
+            f"({_first_line(e)}); it needs an unknown token such as [UNK]"
+        ) from None
+    if not any(m and not sp for m, sp in zip(enc.attention_mask, enc.special_tokens_mask)):
+        raise PackageError(
+            f"{path}: the tokenizer drops characters outside its vocabulary (a prompt of them "
+            f"would encode as no text); it needs an unknown token such as [UNK]"
+        )
+    return tokenizer
 
 
 class TextEncoder:
@@ -31,7 +96,7 @@ class TextEncoder:
         runs a call's prompts as one batch (the package format's text_encoder.encode "batched")."""
 
         self.max_length = int(max_length)
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self.tokenizer = load_tokenizer(tokenizer_path)
         self.tokenizer.enable_truncation(self.max_length)
         # the tokenizer's own pad token where tokenizer.json sets one (CLIP pads with <|endoftext|>,
         # which a network fed no attention mask has seen in training), else BERT's [PAD]
@@ -52,8 +117,22 @@ class TextEncoder:
         self._input_names = {i.name for i in self.session.get_inputs()}
 
     def tokenize(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Return (input_ids, attention_mask), both int64 [B, max_length]."""
-        enc = self.tokenizer.encode_batch(list(prompts))
+        """Return (input_ids, attention_mask), both int64 [B, max_length]; each prompt is checked
+        (`check_prompt`) first."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts: expected a list of strings, got one string")
+        prompts = [check_prompt(p, f"prompt[{i}]") for i, p in enumerate(prompts)]
+        try:
+            enc = self.tokenizer.encode_batch(prompts)
+        except Exception as e:  # tokenizers raises plain Exception; name the prompt it refused
+            for i, p in enumerate(prompts):
+                try:
+                    self.tokenizer.encode(p)
+                except Exception:
+                    raise ValueError(
+                        f"prompt[{i}] {p[:60]!r}: the tokenizer refuses it ({_first_line(e)})"
+                    ) from None
+            raise ValueError(f"the tokenizer refuses the prompts ({_first_line(e)})") from None
         ids = np.array([e.ids for e in enc], dtype=np.int64)
         mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
         return ids, mask
@@ -67,6 +146,8 @@ class TextEncoder:
         whatever else is in the call. Alone, a prompt's states depend on the prompt only."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts: expected a string or a list of strings, got {type(prompts).__name__}")
         prompts = list(prompts)
         ids, mask = self.tokenize(prompts)
         if not self.per_prompt:

@@ -13,12 +13,12 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from pydiff import imageio
+from pydiff.backends.text_encoder import check_prompt
 from pydiff.package import GUIDANCE_KINDS, GuidanceModelSpec, Package, Stage
-from pydiff.pipeline.settings import StageSettings, guidance_array, resolve
+from pydiff.pipeline.settings import MAX_BATCH, StageSettings, guidance_array, resolve
 
 OUTPUT_TYPES = ("pil", "numpy")
 GUIDANCE_TYPES = ("cfg", *GUIDANCE_KINDS)  # classifier-free, or a guidance model of the package
-MAX_BATCH = 4096
 MAX_SEED = 2**64 - 1
 
 
@@ -57,15 +57,15 @@ class Plan:
 
 
 def _str_list(value, what) -> list[str]:
+    """One prompt or a list of them, each checked (type, length, valid Unicode) before any work."""
     if isinstance(value, str):
-        return [value]
+        return [check_prompt(value, what)]
     if isinstance(value, (list, tuple)):
         if not value:
             raise ValueError(f"{what}: empty list")
-        for i, p in enumerate(value):
-            if not isinstance(p, str):
-                raise TypeError(f"{what}[{i}]: expected a string, got {type(p).__name__}")
-        return list(value)
+        if len(value) > MAX_BATCH:
+            raise ValueError(f"{what}: {len(value)} prompts; over the batch limit {MAX_BATCH}")
+        return [check_prompt(p, f"{what}[{i}]") for i, p in enumerate(value)]
     raise TypeError(f"{what}: expected a string or a list of strings, got {type(value).__name__}")
 
 

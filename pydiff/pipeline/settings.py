@@ -8,24 +8,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pydiff.package import MAX_STEPS, Package, Stage
+from pydiff.package import FLOAT32_MAX, MAX_STEPS, RECOMMENDED_DEFAULTS, Package, Stage
 from pydiff.samplers import SAMPLERS, make_sampler
 from pydiff.schedules import Schedule
 from pydiff.step_params import THRESHOLDINGS
 
-# Used when a manifest's `recommended` block leaves a key out.
-FALLBACK = {
-    "sampler": "ddim",
-    "steps": 25,
-    "guidance_scale": 1.0,
-    "eta": 0.0,
-    "thresholding": "none",
-    "dynamic_thresholding_ratio": 0.995,
-    "sample_max_value": 1.0,
-    "clip_sample_range": 1.0,
-    "jump_length": 10,
-    "jump_n_sample": 1,
-}
+# Used when a manifest's `recommended` block leaves a key out (defined with the manifest's rules).
+FALLBACK = RECOMMENDED_DEFAULTS
 
 
 @dataclass(frozen=True)
@@ -88,19 +77,38 @@ def per_stage(value: Any, what: str, package: Package, stages: list[Stage]) -> d
 
 
 def _finite(v, what) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+    """A real number finite in float32, the precision the kernels use it in (1e39 passes
+    math.isfinite but is inf in float32)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
         raise TypeError(f"{what}: expected a number, got {type(v).__name__}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"{what}: must be finite, got {v}")
-    return v
+    try:
+        f = float(v)
+    except OverflowError:  # an integer beyond float64
+        raise ValueError(
+            f"{what}: must be finite in float32, got an integer of {int(v).bit_length()} bits"
+        ) from None
+    if not math.isfinite(f):
+        raise ValueError(f"{what}: must be finite, got {f}")
+    if abs(f) > FLOAT32_MAX:
+        raise ValueError(f"{what}: must be finite in float32 (|x| <= {FLOAT32_MAX:.4g}), got {v!r}")
+    return f
+
+
+MAX_BATCH = 4096  # images in one call; so also the most guidance scales a call takes
 
 
 def guidance_array(value, what: str, n_prompts: int, num_images: int) -> np.ndarray:
     """A scale, or one per prompt, or one per image -> float32 [n_prompts * num_images]."""
     B = n_prompts * num_images
     if isinstance(value, (list, tuple, np.ndarray)):
-        vals = [_finite(v, f"{what}[{i}]") for i, v in enumerate(np.asarray(value).ravel().tolist())]
+        n = value.size if isinstance(value, np.ndarray) else len(value)
+        if n > MAX_BATCH:  # before converting anything
+            raise ValueError(f"{what}: {n} guidance scales; at most one per image ({MAX_BATCH})")
+        try:
+            flat = np.asarray(value, dtype=object).ravel().tolist()
+        except ValueError as e:  # ragged nesting
+            raise ValueError(f"{what}: expected a flat list of numbers ({e})") from None
+        vals = [_finite(v, f"{what}[{i}]") for i, v in enumerate(flat)]
         if len(vals) == n_prompts:
             return np.repeat(np.asarray(vals, np.float32), num_images)
         if len(vals) == B:
