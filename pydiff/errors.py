@@ -29,6 +29,23 @@ class ModelOutputError(RuntimeError):
     a broken or mismatched model file, not a bug of the caller or of pydiff."""
 
 
+class NetworkRunError(ModelOutputError):
+    """ONNX Runtime (or another runtime) failed while running a package's network: the message
+    names the stage (or the text encoder, the guidance model) and its ONNX file, and the runtime's
+    own first line."""
+
+
+class CallbackError(ValueError):
+    """A function given to the sampler returned something it cannot use (a dtype that is not
+    floating point, another shape, NaN or Inf in float32, or a sum with the state that overflows):
+    the message names the function (the callback, the noise function, the guidance function) and
+    the step. `source` is "callback", "noise" or "guidance_fn"."""
+
+    def __init__(self, message: str, source: str | None = None):
+        super().__init__(message)
+        self.source = source
+
+
 class MixedPrecisionError(ValueError):
     """A graph the float16 rewrite cannot handle (the message says which node or tensor, and why)."""
 
@@ -42,12 +59,33 @@ class UsageError(ValueError):
     """Bad input found by the command line itself (exit code 2)."""
 
 
+class QueueFullError(RuntimeError):
+    """The queue holds `max_queue` calls already; `retry_after` estimates the seconds to wait."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ShuttingDownError(RuntimeError):
+    """The engine is draining for shutdown and takes no new work."""
+
+
+class CancelledJobError(RuntimeError):
+    """Every request of a call was cancelled (deadline passed or client gone): the call stops."""
+
+
 __all__ = [
+    "QueueFullError",
+    "ShuttingDownError",
+    "CancelledJobError",
     "ScheduleError",
     "NonFiniteError",
     "PackageError",
     "BackendUnavailableError",
     "ModelOutputError",
+    "NetworkRunError",
+    "CallbackError",
     "MixedPrecisionError",
     "ShapeFreezeError",
     "UsageError",

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from typing import Any, Callable
 
 import numpy as np
 
 from pydiff import guidance as _guidance
 from pydiff import ops, reference
+from pydiff.errors import CallbackError
 from pydiff.samplers import NonFiniteError, make_sampler
 from pydiff.schedules import Schedule
+
+
+def random_seed() -> int:
+    """A fresh seed for a run that gives none: 53 bits, exact in JSON readers that use doubles (jq,
+    JavaScript), so that a reported seed remakes the run."""
+    return secrets.randbits(53)
 
 
 def _stack(cond, uncond, name="cond"):
@@ -32,6 +40,8 @@ def _check_batch(c, B: int, name: str):
 
 
 def _as_output(out, shape, i: int, t: int, what: str = "the model") -> np.ndarray:
+    """A network output as float32 [shape]: its dtype and shape checked, cast once, explicitly,
+    here (never in the kernels). Its finiteness is the fused step's check, which names it."""
     if hasattr(out, "__dlpack__") and not isinstance(out, np.ndarray):
         out = np.from_dlpack(out)
     out = np.asarray(out)
@@ -39,8 +49,35 @@ def _as_output(out, shape, i: int, t: int, what: str = "the model") -> np.ndarra
         raise TypeError(f"step {i} (t={t}): {what} returned dtype {out.dtype}; expected floating point")
     if out.shape != tuple(shape):
         raise ValueError(f"step {i} (t={t}): {what} returned shape {out.shape}; expected {tuple(shape)}")
-    # Model outputs may be float16/float64: cast once, explicitly, here (never in the kernels).
-    return np.ascontiguousarray(out, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: Inf, which the step names
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _from_function(out, shape, i: int, t: int, what: str, source: str) -> np.ndarray:
+    """What a caller's function (callback, noise, guidance) returned, as a new float32 array of
+    `shape`, finite in float32; else a CallbackError naming `what` and the step."""
+    if hasattr(out, "__dlpack__") and not isinstance(out, np.ndarray):
+        out = np.from_dlpack(out)
+    out = np.asarray(out)
+    if out.dtype.kind != "f":
+        raise CallbackError(
+            f"step {i} (t={t}): {what} returned dtype {out.dtype}; expected floating point", source
+        )
+    if out.shape != tuple(shape):
+        raise CallbackError(
+            f"step {i} (t={t}): {what} returned shape {out.shape}; expected {tuple(shape)}", source
+        )
+    # a float64 value beyond float32's range is Inf once cast: checked after the cast
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.array(out, dtype=np.float32, order="C", copy=True)
+    _check_finite(out, i, t, f"{what} returned NaN or Inf (in float32)", source)
+    return out
+
+
+def _check_finite(a: np.ndarray, i: int, t: int, what: str, source: str) -> None:
+    if not np.all(np.isfinite(a)):
+        bad = int(np.count_nonzero(~np.isfinite(a)))
+        raise CallbackError(f"step {i} (t={t}): {what} ({bad} of {a.size} values)", source)
 
 
 def sample(
@@ -72,8 +109,13 @@ def sample(
     guidance_scale: classifier-free guidance scale s (diffusers' convention; the lecture's w = s - 1),
     a number or [B] per-sample scales; used when ``uncond`` is given. The model is then called once
     on the stacked batch [x; x], [t; t], [cond; uncond] (twice if ``batch_cond_uncond=False``).
-    seed: key of the in-kernel noise (and nothing else); ``noise(i, shape)`` replaces it.
-    callback(i, t, x) runs after step i; an array it returns replaces x.
+    seed: key of the in-kernel noise (and nothing else); ``noise(i, shape)`` replaces it (floating
+    point normals of that shape, finite in float32).
+    callback(i, t, x) runs after step i; an array it returns replaces x (floating point, x's
+    shape, finite in float32; so must x be if the callback edits it in place). What a callback,
+    ``noise`` or ``guidance_fn`` returns that breaks these rules is a `CallbackError` naming it.
+    Arrays handed out are never written again: the model, the callback and guidance_fn may keep
+    every x, t and cond they are given (cond is the same array at every step; pydiff only reads it).
     start_step: skip the first timesteps (SDEdit / img2img starts part-way).
     guidance_fn(x_t, t): guidance by separate models (classifier, CLIP, your own), see pydiff.guidance:
     it returns a scaled gradient of log p(y | x_t), an EpsCorrection, or a list of them.
@@ -102,7 +144,7 @@ def sample(
         threshold_overrides=threshold_overrides,
     )
     smp = opts.make_sampler()
-    run = _Run(model, x_T, smp, opts, reuse_buffers=callback is None)
+    run = _Run(model, x_T, smp, opts)
     n_steps = len(smp.timesteps)
     if (
         isinstance(start_step, bool)
@@ -114,10 +156,8 @@ def sample(
     def draw(i, x):
         if noise is None:
             return None
-        z = np.asarray(noise(i, x.shape), dtype=np.float32)
-        if z.shape != x.shape:
-            raise ValueError(f"noise({i}, shape) returned shape {z.shape}; expected {x.shape}")
-        return z
+        t = int(smp.timesteps[i])
+        return _from_function(noise(i, x.shape), x.shape, i, t, "the noise function", "noise")
 
     steps_plan = [("step", i) for i in range(start_step, n_steps)]
     return _loop(run, steps_plan, opts, desc=f"{sampler} sampling", noise=draw)
@@ -219,7 +259,7 @@ def repaint(
     )
     smp = opts.make_sampler()
     plan = repaint_schedule(len(smp.timesteps), jump_length, jump_n_sample)
-    run = _Run(model, x_T, smp, opts, reuse_buffers=False)
+    run = _Run(model, x_T, smp, opts)
     shape = run.x.shape
     known = _image_like(image, shape, "image")
     gen = _image_like(mask, shape, "mask", channels_may_be_one=True)
@@ -331,7 +371,9 @@ def _loop(
                 t = int(smp.timesteps[i])
                 r = callback(i, t, x)
                 if r is not None:
-                    x = np.array(_as_output(r, x.shape, i, t, "callback"), copy=True)
+                    x = _from_function(r, x.shape, i, t, "the callback", "callback")
+                else:  # x as the callback may have left it, edited in place
+                    _check_finite(x, i, t, "the callback left NaN or Inf in x", "callback")
     finally:
         if bar is not None:
             bar.close()
@@ -371,7 +413,7 @@ class _Run:
     """The validated inputs of one sampling run and its denoising step: the network call (one
     stacked call for classifier-free guidance), guidance models, then the fused step."""
 
-    def __init__(self, model, x_T, smp, opts: SamplingOptions, reuse_buffers: bool):
+    def __init__(self, model, x_T, smp, opts: SamplingOptions):
         guidance_scale, cond, uncond, seed = opts.guidance_scale, opts.cond, opts.uncond, opts.seed
         batch_cond_uncond, guidance_fn = opts.batch_cond_uncond, opts.guidance_fn
         if hasattr(x_T, "__dlpack__") and not isinstance(x_T, np.ndarray):
@@ -408,12 +450,10 @@ class _Run:
         self.batch_cond_uncond, self.guidance_fn = batch_cond_uncond, guidance_fn
         self.both = _stack(cond, uncond) if self.guided and batch_cond_uncond else None
         if seed is None:
-            seed = int(np.random.SeedSequence().entropy) & (2**64 - 1)
+            seed = random_seed()
         self.seed = seed
-        # Preallocated buffers: the doubled network input, and two x buffers used in turn (only
-        # when no callback could keep a reference to x).
-        self.x2 = np.empty((2 * B,) + x.shape[1:], np.float32) if self.guided and batch_cond_uncond else None
-        self.spare = np.empty_like(self.x) if reuse_buffers else None
+        # No buffer is reused across steps: a model or callback may keep any array it was handed
+        # (one allocation of x per step is noise beside a network call).
 
     def _call(self, xb, tb, c):
         return self.model(xb, tb) if c is None else self.model(xb, tb, c)
@@ -426,11 +466,8 @@ class _Run:
         t = int(smp.timesteps[i])
         if self.guided:
             if self.batch_cond_uncond:
-                self.x2[:B] = x
-                self.x2[B:] = x
-                out = _as_output(
-                    self._call(self.x2, np.full(2 * B, t, np.float32), self.both), self.x2.shape, i, t
-                )
+                x2 = np.concatenate([x, x])
+                out = _as_output(self._call(x2, np.full(2 * B, t, np.float32), self.both), x2.shape, i, t)
             else:
                 tt = np.full(B, t, np.float32)
                 oc = _as_output(self._call(x, tt, self.cond), x.shape, i, t)
@@ -448,33 +485,57 @@ class _Run:
             guidance_scale=self.scale if self.guided else None,
             seed=self.seed,
             noise=noise,
-            out=self.spare,
             noise_step=noise_step,
         )
         if mean_shift is not None:
             new += mean_shift
-        if self.spare is not None:
-            self.spare = x
+            _check_finite(
+                new, i, t, "x overflows float32 after the guidance function's mean shift", "guidance_fn"
+            )
+        elif noise is not None:
+            _check_finite(new, i, t, "x overflows float32 with the noise function's normals", "noise")
         return new
 
 
 def _apply_guidance(guidance_fn, smp, i: int, t: int, x: np.ndarray, out: np.ndarray):
     """(network output with the eps-form terms folded in, DDPM mean shift or None)."""
+    # collect checks each term's dtype, shape and finiteness (in its own dtype); float32 below
     grad, eps = _guidance.collect(guidance_fn(x, np.full(x.shape[0], t, np.float32)), x.shape)
+    what = "the guidance function's terms overflow float32"
     c = smp.coefficients(i)
     mean_shift = None
-    if grad is not None:
-        if smp.name == "ddpm":  # mu <- mu + Sigma * grad, Sigma the step's variance (zero at t = 0)
-            mean_shift = (np.float32(c.c_noise**2) * grad).astype(np.float32)
-        else:  # score form: eps <- eps - sqrt(1 - abar_t) * grad
-            d = (-np.float32(c.sigma) * grad).astype(np.float32)
-            eps = d if eps is None else eps + d
-    if eps is not None:
-        delta = _guidance.eps_to_output_delta(eps, smp.schedule.prediction_type, c.alpha, c.sigma)
-        # Both halves of a guided batch move alike, so the CFG mix moves eps by exactly delta.
-        reps = out.shape[0] // x.shape[0]
-        out = out + (np.concatenate([delta] * reps) if reps > 1 else delta)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if grad is not None:
+            _check_finite(grad, i, t, what, "guidance_fn")
+            if smp.name == "ddpm":  # mu <- mu + Sigma * grad, Sigma the step's variance (zero at t = 0)
+                mean_shift = (np.float32(c.c_noise**2) * grad).astype(np.float32)
+                _check_finite(mean_shift, i, t, what, "guidance_fn")
+            else:  # score form: eps <- eps - sqrt(1 - abar_t) * grad
+                d = (-np.float32(c.sigma) * grad).astype(np.float32)
+                eps = d if eps is None else eps + d
+        if eps is not None:
+            _check_finite(eps, i, t, what, "guidance_fn")
+            delta = _guidance.eps_to_output_delta(eps, smp.schedule.prediction_type, c.alpha, c.sigma)
+            # Both halves of a guided batch move alike, so the CFG mix moves eps by exactly delta.
+            reps = out.shape[0] // x.shape[0]
+            if np.all(np.isfinite(out)):  # else the step names the network's output
+                out = out + (np.concatenate([delta] * reps) if reps > 1 else delta)
+                _check_finite(
+                    out,
+                    i,
+                    t,
+                    "the guidance function's correction overflows float32 beside the network's output",
+                    "guidance_fn",
+                )
     return out, mean_shift
 
 
-__all__ = ["sample", "repaint", "repaint_schedule", "SamplingOptions", "NonFiniteError"]
+__all__ = [
+    "sample",
+    "repaint",
+    "repaint_schedule",
+    "SamplingOptions",
+    "NonFiniteError",
+    "CallbackError",
+    "random_seed",
+]

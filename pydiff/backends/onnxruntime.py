@@ -32,7 +32,7 @@ from pydiff.backends.ort import (
 )
 from pydiff.backends.text_encoder import load_text_encoder
 from pydiff.cuda import stream_handle
-from pydiff.errors import ModelOutputError
+from pydiff.errors import ModelOutputError, NetworkRunError
 from pydiff.package import Package, check_stage_io, input_dtype
 
 
@@ -52,11 +52,15 @@ class OrtStageModel(StageModel):
         self._async = None  # RunOptions of run_device(stream=), made on first use
 
     def __call__(self, x, t, cond=None):
-        (out,) = self.session.run(self._outputs, self.feeds(x, t, cond))
+        feeds = self.feeds(x, t, cond)
+        try:
+            (out,) = self.session.run(self._outputs, feeds)
+        except Exception as e:  # ORT's own exception types (Fail, InvalidArgument, ...), any of them
+            raise self.run_error(e) from e
         if out.shape != x.shape:
             raise ModelOutputError(
-                f"stage {self.stage.name!r}: the network returned shape {out.shape} "
-                f"for a sample of shape {x.shape}"
+                f"stage {self.stage.name!r} ({self.stage.onnx.name}): the network returned shape "
+                f"{out.shape} for a sample of shape {x.shape}"
             )
         return out
 
@@ -104,15 +108,25 @@ class OrtStageModel(StageModel):
             out_shape = self._bind(binding, "out", out, keep, binding.bind_output)
             if out_shape != x_shape:
                 raise ValueError(f"out: shape {out_shape} differs from the sample's {x_shape}")
-        self.session.run_with_iobinding(binding, run_options)
+        try:
+            self.session.run_with_iobinding(binding, run_options)
+        except Exception as e:  # as in __call__
+            raise self.run_error(e) from e
         if out is None:
             (out,) = binding.get_outputs()
             if tuple(out.shape()) != x_shape:
                 raise ModelOutputError(
-                    f"stage {self.stage.name!r}: the network returned shape "
+                    f"stage {self.stage.name!r} ({self.stage.onnx.name}): the network returned shape "
                     f"{tuple(out.shape())} for a sample of shape {x_shape}"
                 )
         return out
+
+    def run_error(self, e: Exception) -> NetworkRunError:
+        """ONNX Runtime's failure running this stage's network, as pydiff's error naming both."""
+        return NetworkRunError(
+            f"stage {self.stage.name!r} ({self.stage.onnx.name}): ONNX Runtime failed running the "
+            f"network: {_first_line(e)}"
+        )
 
     def _async_run_options(self):
         """RunOptions that leave the run enqueued on the session's stream (made once, reused per step)."""
@@ -161,6 +175,11 @@ class OrtStageModel(StageModel):
         shape = check_interface(name, iface, dtype)
         bind(port, device, self.device_id if device == "cuda" else 0, dtype, list(shape), iface["data"][0])
         return shape
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def _on_device(v) -> bool:

@@ -1,9 +1,10 @@
 """The `pydiff` command line: generate, inpaint, img2img, upscale, info (+ train, export, eval,
 guidance, bench where their extras are installed). One module per command; this one routes.
 
-Exit codes: 0 success; 2 bad usage or input (one line on stderr, no traceback); 1 internal error;
-130 interrupted. Images and JSON files are written atomically (temp file + os.replace).
-Set PYDIFF_DEBUG=1 to get tracebacks.
+Exit codes (docs/cli.md): 0 success; 2 bad usage, input or package (one line on stderr, no
+traceback); 1 internal error (pydiff's bug); 74 an I/O error (output not written); 130 Ctrl-C;
+143 SIGTERM. Images and JSON files are written atomically (temp files, then renames), or to a
+stream. Set PYDIFF_DEBUG=1 to get tracebacks.
 """
 
 from __future__ import annotations
@@ -11,14 +12,35 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 
 from pydiff import __version__
 from pydiff.cli import images, info
-from pydiff.cli.common import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, InternalError, Parser
-from pydiff.errors import BackendUnavailableError, PackageError, UsageError
+from pydiff.cli.common import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_IO,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    InternalError,
+    Parser,
+    Terminated,
+)
+from pydiff.errors import BackendUnavailableError, ModelOutputError, PackageError, UsageError
 
-__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_INTERNAL", "EXIT_USAGE", "EXIT_INTERRUPTED"]
+__all__ = [
+    "main",
+    "build_parser",
+    "EXIT_OK",
+    "EXIT_INTERNAL",
+    "EXIT_USAGE",
+    "EXIT_IO",
+    "EXIT_INTERRUPTED",
+    "EXIT_TERMINATED",
+]
 
 OWN_COMMANDS = (*images.MODES, "info")
 
@@ -32,6 +54,7 @@ TOOL_COMMANDS = {
     "eval": "pydiff.cli.eval",
     "guidance": "pydiff.cli.guidance",
     "bench": "pydiff.cli.bench",
+    "serve": "pydiff.cli.serve",  # the [serve] extra: Starlette, uvicorn (says how to install it)
 }
 
 
@@ -77,18 +100,38 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     args.argv = argv  # the command's own words, for the commands that record how they were run
+    previous = _on_sigterm()
     try:
         rc = args.func(args)
         return EXIT_OK if rc is None else int(rc)
     except KeyboardInterrupt:
         print("pydiff: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (UsageError, PackageError, ValueError, TypeError, FileNotFoundError, BackendUnavailableError) as e:
+    except Terminated:
+        print("pydiff: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
+    except (
+        UsageError,
+        PackageError,
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        BackendUnavailableError,
+        ModelOutputError,
+    ) as e:
         if debug:
             raise
         msg = str(e).replace("\n", " ") or type(e).__name__
         print(f"pydiff: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # a full disk, a closed pipe, a device error: nothing half-written
+        if debug:
+            raise
+        if isinstance(e, BrokenPipeError):  # stdout's reader left: no second error at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        where = f" {e.filename}" if e.filename else ""
+        print(f"pydiff: I/O error{where}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_IO
     except SystemExit:
         raise
     except BaseException as e:  # noqa: BLE001 - the CLI's last line of defence
@@ -101,3 +144,18 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm():
+    """SIGTERM raises Terminated (exit 143) so that temporary files are removed on the way out;
+    returns the handler it replaced (None off the main thread, where signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminated(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, terminated)

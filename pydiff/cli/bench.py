@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from pydiff.cli.common import EXIT_OK
+from pydiff.cli.common import EXIT_OK, number, positive_int
 from pydiff.errors import UsageError
 from pydiff.files import write_json
 from pydiff.tools.bench import bar_chart, format_table, run_benchmark
@@ -24,15 +24,15 @@ def register(subparsers) -> None:
         metavar="STAGE=RUN_DIR",
         help="training run of a stage's torch network (default: the networks rebuilt from the package's own weights)",
     )
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float)
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--steps", type=positive_int)
+    p.add_argument("--guidance", type=number)
     p.add_argument(
         "--thresholding",
         choices=["none", "static", "dynamic"],
         help="for every stage (default: the package's recommendation)",
     )
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the report as JSON")

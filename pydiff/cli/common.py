@@ -5,6 +5,7 @@ commands, messages, and opening image files in a mode the pipeline takes."""
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -13,14 +14,23 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pydiff.errors import UsageError
-from pydiff.files import check_writable
+from pydiff.files import check_writable, is_stream
 from pydiff.imageio import load_image
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_IO = 74  # sysexits.h EX_IOERR: the output could not be written (a full disk, a closed pipe)
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a command SIGTERM ended
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class InternalError(Exception):
     """A failure past validation: pydiff's bug, not the user's (exit code 1, its cause named)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (raised by the command line's handler; exit code 143). A BaseException, as
+    KeyboardInterrupt is, so that every `finally` and atomic write cleans up on the way out."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,13 +62,38 @@ def convert(text, what, convert_one):
     try:
         return convert_one(text)
     except ValueError:
-        raise UsageError(f"--{what}: invalid value {text!r}") from None
+        hint = " (numbers must be finite in float32)" if convert_one in (number, scale_list) else ""
+        raise UsageError(f"--{what}: invalid value {text!r}{hint}") from None
+
+
+def number(text) -> float:
+    """A float that is finite in float32, the precision the sampler uses it in (1e39 is not)."""
+    v = float(text)
+    if not math.isfinite(v) or abs(v) > FLOAT32_MAX:
+        raise ValueError(text)
+    return v
+
+
+def positive_int(text) -> int:
+    """An argparse type: an integer >= 1 (argparse's message names the option)."""
+    v = int(text)
+    if v < 1:
+        raise ValueError(text)
+    return v
+
+
+def positive_number(text) -> float:
+    """An argparse type: a number > 0, finite in float32."""
+    v = number(text)
+    if v <= 0:
+        raise ValueError(text)
+    return v
 
 
 def scale_list(text):
     """ "3" -> 3.0 ; "1,4" -> [1.0, 4.0] (one scale per prompt or class label)."""
     parts = [p for p in text.split(",") if p.strip()]
-    vals = [float(p) for p in parts]
+    vals = [number(p) for p in parts]
     return vals[0] if len(vals) == 1 else vals
 
 
@@ -157,15 +192,30 @@ def add_sampling_arguments(p, *, prompts=True) -> None:
 # ------------------------------------------------------------------------------- files, messages
 
 
+def text_argument(text: str, what: str) -> str:
+    """A command-line text (a prompt): valid Unicode, which the tokenizer needs; bytes that are
+    not UTF-8 reach Python as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what}: not valid UTF-8 text ({ascii(text[:40])})") from None
+    return text
+
+
 def say(args, msg) -> None:
     """A message on stderr, unless --quiet."""
     if not getattr(args, "quiet", False):
         print(msg, file=sys.stderr)
 
 
-def check_out(path: Path) -> None:
+def check_out(path) -> None:
+    """--out: a .png file, or a stream ("-" for stdout, a FIFO, a character device)."""
+    if is_stream(path):
+        check_writable(path, "--out")
+        return
+    path = Path(path)
     if path.suffix.lower() != ".png":
-        raise UsageError(f"--out {path}: must end in .png")
+        raise UsageError(f"--out {path}: must end in .png (or be - for stdout)")
     check_writable(path, "--out")
 
 
@@ -175,7 +225,9 @@ def open_image(path, what):
         img = load_image(path)
     except FileNotFoundError:
         raise UsageError(f"{what} {path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except Image.DecompressionBombError as e:  # a header claiming a size Pillow refuses to decode
+        raise UsageError(f"{what} {path}: too large to decode ({e})") from None
+    except (UnidentifiedImageError, OSError, EOFError, ValueError, SyntaxError) as e:  # Pillow's decoders
         raise UsageError(f"{what} {path}: cannot read the image ({e})") from None
     return plain_mode(img, "L") if what == "mask" else img
 

@@ -4,10 +4,12 @@ Needs the [train] extra (torch); `diffusers` also needs diffusers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 from pydiff.backends import float16
 from pydiff.cli.common import EXIT_OK
+from pydiff.errors import UsageError
 from pydiff.tools.export import ort_placement, static_shapes
 from pydiff.tools.export.diffusers_import import import_diffusers
 from pydiff.tools.export.from_runs import export_digits, export_shapes
@@ -143,6 +145,24 @@ def _run_text_encoder(a) -> int:
 
 
 def _run_float16(a) -> int:
+    with _model_file(a.src):
+        return _float16(a)
+
+
+@contextlib.contextmanager
+def _model_file(path):
+    """A file onnx or ONNX Runtime cannot parse (their own exception types) is the user's: exit 2."""
+    try:
+        yield
+    except Exception as e:
+        if not type(e).__module__.startswith(("onnxruntime", "onnx", "google.protobuf")):
+            raise
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        raise UsageError(f"{path}: not an ONNX model that can be read ({first})") from None
+
+
+def _float16(a) -> int:
     if a.package:
         for name, counts in float16.convert_package(a.src, a.dst).items():
             print(f"{name}: {counts}")
@@ -153,7 +173,8 @@ def _run_float16(a) -> int:
 
 def _run_static_shapes(a) -> int:
     for f in a.files:
-        r = static_shapes.freeze_shapes_file(f)
+        with _model_file(f):
+            r = static_shapes.freeze_shapes_file(f)
         print(
             f"{f}: nodes {r['nodes_before']} -> {r['nodes_after']}, "
             f"Shape/Size {r['shape_ops_before']} -> {r['shape_ops_after']}"
@@ -163,7 +184,8 @@ def _run_static_shapes(a) -> int:
 
 def _run_ort_placement(a) -> int:
     for f in a.files:
-        r = ort_placement.predict_file(f)
+        with _model_file(f):
+            r = ort_placement.predict_file(f)
         top = ", ".join(f"{op} {c}" for op, c in r.cpu_nodes.most_common(4))
         print(f"{f}: {r.nodes} nodes, {r.n_cpu} on the CPU ({top or 'none'}), {r.memcpy} Memcpy")
     return EXIT_OK

@@ -3,6 +3,7 @@ pipeline. Runtime modules only (no torch): these are the commands a plain instal
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -14,15 +15,17 @@ from pydiff.cli.common import (
     add_sampling_arguments,
     check_out,
     convert,
+    number,
     open_image,
     per_stage,
     plain_mode,
     say,
     scale_list,
+    text_argument,
     thresholding_mode,
 )
 from pydiff.errors import ModelOutputError, NonFiniteError, UsageError
-from pydiff.files import check_writable, write_json
+from pydiff.files import check_writable, is_stream, write_files_atomic, write_output
 from pydiff.pipeline import _pipeline
 from pydiff.pipeline.requests import REQUESTS
 
@@ -86,9 +89,18 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     out = Path(args.out)
-    check_out(out)
+    out_stream = is_stream(args.out)
+    check_out(args.out)
+    json_stream = bool(args.json_out) and is_stream(args.json_out)
+    if args.out == "-" and args.json:
+        raise UsageError(
+            "--out - writes the PNG to stdout: --json would print there too; use --json-out FILE"
+        )
+    if args.json_out == "-" and (args.out == "-" or args.json):
+        raise UsageError("--json-out - prints the JSON on stdout, as --json or --out - would: give one")
     if args.json_out:
         check_writable(args.json_out, "--json-out")
+    if args.json_out and not json_stream and not out_stream:
         j = Path(args.json_out).resolve()
         if j == out.resolve() or (
             args.no_grid
@@ -103,7 +115,7 @@ def run(args) -> int:
         sampler=per_stage(args.sampler, "sampler", str),
         guidance_scale=per_stage(args.guidance, "guidance", scale_list),
         thresholding=per_stage(args.thresholding, "thresholding", thresholding_mode),
-        eta=per_stage(args.eta, "eta", float),
+        eta=per_stage(args.eta, "eta", number),
         noise_aug_level=per_stage(args.noise_aug_level, "noise-aug-level", int),
         seed=args.seed,  # None: the pipeline draws one (reported as plan.seed)
         progress=not args.quiet,
@@ -115,13 +127,13 @@ def run(args) -> int:
         kwargs["classifier_scale"] = convert(args.classifier_scale, "classifier-scale", scale_list)
     if args.clip_scale is not None:
         kwargs["clip_scale"] = convert(args.clip_scale, "clip-scale", scale_list)
-    prompts = list(args.prompt) or None
+    prompts = [text_argument(p, f"prompt {i + 1}") for i, p in enumerate(args.prompt)] or None
     if prompts is not None and len(prompts) == 1:
         prompts = prompts[0]
     if args.class_label:
         kwargs["class_label"] = args.class_label if len(args.class_label) > 1 else args.class_label[0]
     if args.negative_prompt is not None:
-        kwargs["negative_prompt"] = args.negative_prompt
+        kwargs["negative_prompt"] = text_argument(args.negative_prompt, "--negative-prompt")
     kind = args.kind
     if kind in ("inpaint", "img2img", "upscale"):
         kwargs["image"] = open_image(args.image, "image")
@@ -130,7 +142,7 @@ def run(args) -> int:
         kwargs["jump_length"] = per_stage(args.jump_length, "jump-length", int)
         kwargs["jump_n_sample"] = per_stage(args.jump_n_sample, "jump-n-sample", int)
     if kind == "img2img":
-        strength = per_stage(args.strength, "strength", float)
+        strength = per_stage(args.strength, "strength", number)
         kwargs["strength"] = 0.75 if strength is None else strength
     if kind == "upscale":
         kwargs["stage"] = args.stage
@@ -146,6 +158,16 @@ def run(args) -> int:
         channels = 3 if kind == "upscale" else pipe.package.stages[-1].channels
         kwargs["image"] = plain_mode(kwargs["image"], "L" if channels == 1 else "RGB")
     plan = pipe.plan(REQUESTS[kind](prompt=prompts, **kwargs))  # validation: errors exit 2
+    n_images = plan.batch
+    grid = n_images == 1 or not args.no_grid
+    if grid:
+        targets = [out]
+    else:  # OUT-0.png, OUT-1.png, ...: their names checked now, before any work
+        if out_stream:
+            raise UsageError(f"--out {args.out}: --no-grid writes {n_images} files; give a file name")
+        targets = [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n_images)]
+        for p in targets:
+            check_writable(p, "--out")
     try:
         images = pipe.execute(plan)
     except (NonFiniteError, ModelOutputError) as e:  # a broken network: the model's fault
@@ -154,8 +176,7 @@ def run(args) -> int:
         raise InternalError(str(e)) from e
     elapsed = time.perf_counter() - t0
 
-    written = []
-    if len(images) == 1 or not args.no_grid:
+    if grid:
         # one column per prompt (or class), its images down the column
         img = (
             images[0]
@@ -165,18 +186,11 @@ def run(args) -> int:
                 cols=plan.n_prompts if plan.n_prompts > 1 else None,
             )
         )
-        imageio.save_png(img, out)
-        written.append(str(out))
-        paths = [str(out)] * len(images)
+        outputs = [(args.out if out_stream else out, _png(img))]
+        paths = [str(args.out)] * len(images)
     else:
-        paths = []
-        for i, img in enumerate(images):
-            p = out.with_name(f"{out.stem}-{i}{out.suffix}")
-            imageio.save_png(img, p)
-            paths.append(str(p))
-        written = paths
-    for p in written:
-        say(args, f"wrote {p}")
+        outputs = [(p, _png(img)) for p, img in zip(targets, images)]
+        paths = [str(p) for p in targets]
 
     per_prompt = plan.prompts or [None] * plan.n_prompts
     labels = plan.class_labels or [None] * plan.n_prompts
@@ -187,7 +201,7 @@ def run(args) -> int:
         "backend": pipe.backend.describe(),
         "seed": plan.seed,
         "num_images": len(images),
-        "grid": str(out) if len(images) > 1 and not args.no_grid else None,
+        "grid": str(args.out) if len(images) > 1 and not args.no_grid else None,
         "size": list(images[0].size),
         "images": [
             {
@@ -202,11 +216,26 @@ def run(args) -> int:
         "guidance": _guidance_report(plan),
         "elapsed_s": round(elapsed, 4),
     }
+    n_image_files = len(outputs)
+    if args.json_out:
+        outputs.append((args.json_out, (json.dumps(report, indent=2) + "\n").encode("utf-8")))
+    # the files of this run (images and JSON) to temporaries first, then all renamed: a failure
+    # leaves the older run's files as they were; streams are written after
+    write_files_atomic([(p, data) for p, data in outputs if not is_stream(p)])
+    for p, data in outputs:
+        if is_stream(p):
+            write_output(p, data)
+    for p, _ in outputs[:n_image_files]:
+        say(args, f"wrote {'stdout' if p == '-' else p}")
     if args.json:
         print(json.dumps(report, indent=2))
-    if args.json_out:
-        write_json(report, args.json_out)
     return EXIT_OK
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _columns_by_prompt(images: list, n_prompts: int, num_images: int) -> list:

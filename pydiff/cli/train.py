@@ -3,7 +3,7 @@ folder that exists is resumed. Needs the [train] extra (torch)."""
 
 from __future__ import annotations
 
-from pydiff.cli.common import EXIT_OK, command_line
+from pydiff.cli.common import EXIT_OK, command_line, number, positive_int, positive_number
 from pydiff.errors import UsageError
 from pydiff.tools.models import PRESETS
 from pydiff.tools.training.trainer import TrainConfig, train
@@ -15,23 +15,23 @@ def register(subparsers) -> None:
     )
     p.add_argument("task", choices=["digits", "shapes-base", "shapes-sr64"])
     p.add_argument("--out", required=True, help="run directory (checkpoints, log, summary)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--steps", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--lr", type=positive_number)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-encoder", help="folder with model.onnx + tokenizer.json (shapes tasks)")
-    p.add_argument("--max-noise-level", type=int)
-    p.add_argument("--crop", type=int)
-    p.add_argument("--base-channels", type=int, help="override the preset's base channel count")
-    p.add_argument("--num-res-blocks", type=int)
-    p.add_argument("--ema-decay", type=float)
+    p.add_argument("--max-noise-level", type=positive_int)
+    p.add_argument("--crop", type=positive_int)
+    p.add_argument("--base-channels", type=positive_int, help="override the preset's base channel count")
+    p.add_argument("--num-res-blocks", type=positive_int)
+    p.add_argument("--ema-decay", type=number)
     p.add_argument(
         "--prediction-type",
         choices=["epsilon", "v_prediction"],
         help="what the network predicts (default epsilon; v_prediction: Salimans & Ho 2022)",
     )
-    p.add_argument("--ckpt-every-s", type=float, default=300.0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ckpt-every-s", type=positive_number, default=300.0)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -42,6 +42,8 @@ def run(a) -> int:
         model["base_channels"] = a.base_channels
     if a.num_res_blocks:
         model["num_res_blocks"] = a.num_res_blocks
+    if a.ema_decay is not None and not 0.0 <= a.ema_decay < 1.0:
+        raise UsageError(f"--ema-decay must be in [0, 1), got {a.ema_decay}")
     if a.task.startswith("shapes") and not a.text_encoder:
         raise UsageError("--text-encoder is required for shapes tasks")
     cfg = TrainConfig.for_task(

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from pydiff import imageio
 from pydiff.backends import create_backend
 from pydiff.backends.guidance_models import load_guidance_model
-from pydiff.errors import ModelOutputError, NonFiniteError, PackageError
+from pydiff.errors import CallbackError, ModelOutputError, NetworkRunError, NonFiniteError, PackageError
 from pydiff.package import Package, Stage, load_package
 from pydiff.pipeline import conditioning
 from pydiff.pipeline.requests import (
@@ -168,19 +168,46 @@ class Pipeline:
         rng = np.random.Generator(np.random.PCG64(plan.seed))
         text = None
         if any(s.conditioning == "text" for s in plan.stages):
-            text = conditioning.text_conditions(self.backend.text_encoder, plan, self._empty())
+            text = self._text_conditions(plan)
         x_prev = None
         if plan.init_low_res is not None:
             x_prev = np.repeat(plan.init_low_res, B, axis=0)
         for st in plan.stages:
+            named = f"stage {st.name!r} ({st.onnx.name})"
             try:
                 x_prev = self._run_stage(plan, st, rng, text, x_prev)
             except (NonFiniteError, ModelOutputError) as e:  # say which network misbehaved
-                raise type(e)(f"stage {st.name!r} ({st.onnx.name}): {e}") from e
+                if str(e).startswith(f"stage {st.name!r}"):  # the stage model named itself
+                    raise
+                raise type(e)(f"{named}: {e}") from e
+            except CallbackError as e:
+                gm = plan.guidance_model
+                if e.source == "guidance_fn" and gm is not None:  # the package's guidance model
+                    raise ModelOutputError(
+                        f"stage {st.name!r}: guidance model {gm.name!r} ({gm.onnx.name}): {e}"
+                    ) from e
+                raise CallbackError(f"stage {st.name!r}: {e}", e.source) from e  # the caller's callback
         x = np.clip(x_prev, -1.0, 1.0)
         if plan.output_type == "numpy":
             return imageio.to_numpy(x)
         return imageio.to_pil(x)
+
+    def _text_conditions(self, plan: Plan):
+        """The prompts' encodings; the text encoder's failures and NaN named as its own."""
+        encoder = self.backend.text_encoder
+        te = self.package.text_encoder
+        where = f"the text encoder ({te.onnx.name if te is not None else '?'})"
+        try:
+            cond, uncond = conditioning.text_conditions(encoder, plan, self._empty())
+        except (ValueError, TypeError):
+            raise
+        except Exception as e:  # ONNX Runtime's own exception types
+            raise NetworkRunError(f"{where}: ONNX Runtime failed: {_first_line(e)}") from e
+        for c in (cond, uncond):
+            states = c["encoder_hidden_states"]
+            if not np.all(np.isfinite(states)):
+                raise ModelOutputError(f"{where}: NaN or Inf in its output (encoder_hidden_states)")
+        return cond, uncond
 
     def _guidance_runtime(self, spec):
         """The ONNX Runtime guidance model for a manifest entry, created on first use."""
@@ -225,8 +252,9 @@ class Pipeline:
         target = conditioning.guidance_model_target(plan, st, text)
         if target is not None:
             guided = False  # the guidance model, not classifier-free guidance, conditions
-            guidance_fn = self._guidance_runtime(plan.guidance_model).guidance_fn(
-                *target, plan.guidance_model_scale
+            guidance_fn = _checked_guidance(
+                self._guidance_runtime(plan.guidance_model).guidance_fn(*target, plan.guidance_model_scale),
+                plan.guidance_model,
             )
         g = s.guidance_scale
         gscale = float(g[0]) if np.all(g == g[0]) else g
@@ -248,9 +276,7 @@ class Pipeline:
             def callback(i, t, xt):
                 bar.update(1)
                 if user_cb is not None:
-                    r = user_cb(st.name, i, t, xt)
-                    if r is not None:
-                        return np.asarray(r, np.float32)
+                    return user_cb(st.name, i, t, xt)  # checked by the sampler (CallbackError)
                 return None
 
             common = dict(
@@ -281,6 +307,35 @@ class Pipeline:
             else:
                 result = sample(model, x, start_step=start_step, **common)
         return np.asarray(result, np.float32)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _checked_guidance(fn, spec):
+    """`fn` (a package guidance model's guidance_fn), its failures named by the model and file:
+    ONNX Runtime's errors and a gradient that is not finite in float32 are the model's."""
+    where = f"guidance model {spec.name!r} ({spec.onnx.name})"
+
+    def checked(x, t):
+        try:
+            g = fn(x, t)
+        except (ValueError, TypeError):
+            raise
+        except Exception as e:  # ONNX Runtime's own exception types
+            raise NetworkRunError(f"{where}: ONNX Runtime failed: {_first_line(e)}") from e
+        g = np.asarray(g)
+        if g.dtype.kind != "f" or g.shape != x.shape:
+            raise ModelOutputError(f"{where}: returned {g.dtype} {g.shape} for a sample of shape {x.shape}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            g = g.astype(np.float32, copy=False)
+        if not np.all(np.isfinite(g)):
+            raise ModelOutputError(f"{where}: NaN or Inf in its gradient (in float32)")
+        return g
+
+    return checked
 
 
 def _timesteps(schedule, steps, sampler):
