@@ -6,7 +6,6 @@ The fields are `Pipeline.generate`'s keywords (documented there); each kind adds
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -16,16 +15,11 @@ from pydiff import imageio
 from pydiff.backends.text_encoder import check_prompt
 from pydiff.package import GUIDANCE_KINDS, GuidanceModelSpec, Package, Stage
 from pydiff.pipeline.settings import MAX_BATCH, StageSettings, guidance_array, resolve
+from pydiff.sampling import random_seed
 
 OUTPUT_TYPES = ("pil", "numpy")
 GUIDANCE_TYPES = ("cfg", *GUIDANCE_KINDS)  # classifier-free, or a guidance model of the package
 MAX_SEED = 2**64 - 1
-
-
-def random_seed() -> int:
-    """A fresh seed for a call that gives none: 53 bits, exact in JSON readers that use doubles
-    (jq, JavaScript), so that the reported seed remakes the images."""
-    return secrets.randbits(53)
 
 
 @dataclass

@@ -1,0 +1,229 @@
+"""Step-level batching (pydiff.serving.scheduler): a request's images are bit-identical whether it
+runs alone, batched with others, at any row position, or joined mid-way, for every sampler and
+thresholding mode; the batch is bounded and served first come, first served."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pydiff
+from pydiff.pipeline.requests import GenerateRequest, InpaintRequest
+from pydiff.serving.engine import Engine, Work
+from pydiff.serving.scheduler import StepScheduler, row_seed
+
+STEPS = {"base": 3, "sr64": 2}
+# every sampler and thresholding mode, several prompts and images, per-prompt scales, different steps
+REQUESTS = [
+    dict(prompt="a red circle on a blue background", seed=1),
+    dict(
+        prompt="a green square on a yellow background",
+        seed=2,
+        sampler="ddpm",
+        thresholding="dynamic",
+        num_images=2,
+    ),
+    dict(
+        prompt=["a blue triangle on a white background", "a red square on a black background"],
+        seed=3,
+        sampler="ddim",
+        eta=0.5,
+        guidance_scale=[3.0, 8.0],
+    ),
+    dict(
+        prompt="a yellow circle on a purple background",
+        seed=4,
+        sampler="ddim",
+        thresholding="none",
+        steps={"base": 5, "sr64": 3},
+    ),
+    dict(prompt="a white square on a green background", seed=5, sampler="dpmpp_2m", thresholding="static"),
+    dict(
+        prompt="a black triangle on a orange background",
+        seed=2**64 - 1,
+        sampler="ddpm",
+        thresholding="none",
+        guidance_scale={"base": 1.0},
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return pydiff.load("shapes")
+
+
+def _plan(pipe, **kw):
+    return pipe.plan(GenerateRequest(**{"output_type": "numpy", "progress": False, "steps": STEPS, **kw}))
+
+
+@pytest.fixture(scope="module")
+def alone(pipe):
+    out = []
+    for r in REQUESTS:
+        s = StepScheduler(pipe)
+        job = s.submit(_plan(pipe, **r))
+        s.run_until_idle()
+        assert job.error is None, job.error
+        out.append(job.images)
+    return out
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2, 3, 4, 5), (5, 3, 1, 4, 2, 0)])
+def test_batched_equals_alone_bit_for_bit(pipe, alone, order):
+    s = StepScheduler(pipe, max_batch=32)
+    jobs = {k: s.submit(_plan(pipe, **REQUESTS[k])) for k in order}
+    calls = []
+    while not s.idle:
+        calls += s.tick().calls
+    assert max(c["requests"] for c in calls) >= 4  # they really shared calls
+    for k, job in jobs.items():
+        assert job.error is None
+        np.testing.assert_array_equal(job.images, alone[k], err_msg=f"request {k}")
+
+
+def test_joined_mid_way_equals_alone(pipe, alone):
+    s = StepScheduler(pipe, max_batch=32)
+    jobs = {0: s.submit(_plan(pipe, **REQUESTS[0])), 3: s.submit(_plan(pipe, **REQUESTS[3]))}
+    s.tick()
+    jobs[1] = s.submit(_plan(pipe, **REQUESTS[1]))  # joins while 0 and 3 are at step 1
+    s.tick()
+    s.tick()
+    jobs[2] = s.submit(_plan(pipe, **REQUESTS[2]))  # joins while 0 is in its SR stage
+    jobs[5] = s.submit(_plan(pipe, **REQUESTS[5]))
+    s.run_until_idle()
+    for k, job in jobs.items():
+        np.testing.assert_array_equal(job.images, alone[k], err_msg=f"request {k}")
+
+
+def test_one_image_request_matches_generate(pipe, alone):
+    """Same noise and conditioning as pydiff.generate; only the network's batch differs (rounding)."""
+    ref = pydiff.generate(**REQUESTS[0], steps=STEPS, output_type="numpy", progress=False)
+    assert np.abs(ref - alone[0]).max() <= 1e-5
+    assert not np.array_equal(alone[1][0], alone[1][1])  # two images of one request differ
+
+
+def test_row_keys_depend_on_the_request_only():
+    assert row_seed(7, 0, 0) == 7 and row_seed(7, 1, 0) == 8  # image 0: the pipeline's stage key
+    assert row_seed(7, 0, 1) != row_seed(7, 0, 2)
+    assert row_seed(2**64 - 1, 1, 0) == 0
+
+
+def test_batch_is_bounded_and_first_come_first_served(pipe):
+    s = StepScheduler(pipe, max_batch=3)
+    jobs = [
+        s.submit(_plan(pipe, prompt="a red circle on a blue background", seed=i, num_images=2))
+        for i in range(4)
+    ]
+    finished, sizes = [], []
+    while not s.idle:
+        for c in s.tick().calls:
+            sizes.append(c["rows"])
+        finished += [j.id for j in jobs if j.done and j.id not in finished]
+    assert max(sizes) <= 3  # two-image requests, three rows a call: one request a call
+    assert finished == sorted(finished)  # the oldest finish first: none overtaken
+    big = s.submit(_plan(pipe, prompt="a red circle on a blue background", seed=9, num_images=5))
+    s.run_until_idle()  # a request larger than max_batch runs alone
+    assert big.error is None and big.images.shape[0] == 5
+
+
+def test_refuses_what_it_does_not_batch(pipe):
+    s = StepScheduler(pipe)
+    img = np.zeros((64, 64, 3), np.uint8)
+    plan = pipe.plan(
+        InpaintRequest(image=img, mask=np.ones((64, 64), bool), prompt="x", steps=STEPS, jump_n_sample=1)
+    )
+    with pytest.raises(ValueError, match="inpaint requests run alone"):
+        s.submit(plan)
+    with pytest.raises(ValueError, match="max_batch"):
+        StepScheduler(pipe, max_batch=0)
+
+
+def test_a_non_finite_network_fails_only_its_own_request(pipe, monkeypatch):
+    s = StepScheduler(pipe)
+    good = s.submit(_plan(pipe, **REQUESTS[0]))
+    bad = s.submit(_plan(pipe, prompt="a red circle on a blue background", seed=11))
+    model = pipe.backend.model("base")
+    real = type(model).__call__
+
+    def poisoned(self, x, t, cond=None):
+        out = real(self, x, t, cond)
+        if (
+            self.stage.name == "base" and x.shape[0] >= 4
+        ):  # both requests in the call: poison the second's rows
+            out = out.copy()
+            out[1] = np.nan
+            out[3] = np.nan
+        return out
+
+    monkeypatch.setattr(type(model), "__call__", poisoned)
+    s.run_until_idle()
+    assert isinstance(bad.error, pydiff.NonFiniteError) and "stage 'base'" in str(bad.error)
+    assert good.error is None and good.images is not None
+
+
+def test_engine_step_policy_serves_concurrent_requests(pipe, alone):
+    engine = Engine({"shapes": pipe}, policy="step", max_batch=16)
+    try:
+        jobs = []
+        for k in (0, 1, 2, 3):
+            plan = _plan(pipe, **REQUESTS[k])
+            jobs.append((k, engine.submit(Work(model="shapes", request=None, plan=plan, seed_given=True))))
+        for k, job in jobs:
+            res = job.future.result(timeout=120)
+            got = np.stack([np.asarray(im, np.float32) / 255.0 for im in res.images])
+            want = np.round(alone[k] * 255.0) / 255.0
+            assert res.seed == REQUESTS[k]["seed"]
+            np.testing.assert_allclose(got, want, atol=1.01 / 255)  # PIL rounding of the same images
+    finally:
+        engine.drain()
+        engine.close()
+
+
+def test_server_step_policy_over_http(pipe):
+    """`pydiff serve --policy step`: concurrent HTTP requests share calls and each gets the images it
+    gets alone through the same policy."""
+    import base64
+    import concurrent.futures
+    import io
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("starlette")
+    from PIL import Image
+
+    from pydiff.serving import BackgroundServer
+
+    bodies = [
+        {"model": "shapes", "prompt": "a red circle on a blue background", "seed": 1, "steps": STEPS},
+        {
+            "model": "shapes",
+            "prompt": "a green square on a yellow background",
+            "seed": 2,
+            "steps": STEPS,
+            "sampler": "ddpm",
+            "n": 2,
+        },
+        {
+            "model": "shapes",
+            "prompt": "a blue triangle on a white background",
+            "seed": 3,
+            "steps": STEPS,
+            "guidance_scale": 3.0,
+            "thresholding": "dynamic",
+        },
+    ]
+
+    def call(url, body):
+        r = httpx.post(url + "/v1/images/generations", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"])))) for d in r.json()["data"]]
+
+    with BackgroundServer({"shapes": pipe}, policy="step", warm=False) as s:
+        solo = [call(s.url, b) for b in bodies]
+        with concurrent.futures.ThreadPoolExecutor(len(bodies) * 2) as ex:
+            together = list(ex.map(lambda b: call(s.url, b), bodies * 2))
+        metrics = httpx.get(s.url + "/metrics").text
+    for k, imgs in enumerate(together):
+        for a, b in zip(imgs, solo[k % len(bodies)]):
+            np.testing.assert_array_equal(a, b)
+    assert "pydiff_batch_size_requests" in metrics
