@@ -110,6 +110,7 @@ class StepScheduler:
         self._ids = itertools.count(1)
         self._waiting: list[ScheduledJob] = []  # admitted at the next tick
         self._active: list[ScheduledJob] = []  # in submission order
+        self._samplers: dict[tuple, object] = {}  # (stage, sampler, steps, eta, thresholding) -> sampler
 
     # ------------------------------------------------------------ the interface
 
@@ -210,9 +211,13 @@ class StepScheduler:
         cond, uncond = conditioning.stage_conditions(
             plan, st, job._text, low_res=low, noise_level=s.noise_aug_level
         )
-        sampler = make_sampler(
-            s.sampler, pipe._schedules[st.name], s.steps, eta=s.eta, **_threshold_kwargs(s)
-        )
+        thr = _threshold_kwargs(s)
+        key = (st.name, s.sampler, s.steps, s.eta, tuple(sorted(thr.items())))
+        sampler = self._samplers.get(key)  # params(i, seed) is pure: one sampler serves every request
+        if sampler is None:
+            sampler = self._samplers[key] = make_sampler(
+                s.sampler, pipe._schedules[st.name], s.steps, eta=s.eta, **thr
+            )
         guided = st.conditioning != "none" and s.uses_guidance
         job._stage_index = k
         job._run = _StageRun(
