@@ -191,11 +191,18 @@ def fused_step(
     sample's size but is never selected); the returned count says it is there, and pydiff.sample
     raises NonFiniteError on it.
     """
+    return _step(
+        _native().fused_step, x, model_output, params, guidance_scale, x0_prev, x0_out, thresholds, out
+    )
+
+
+def _step(op, x, model_output, params, guidance_scale, x0_prev, x0_out, thresholds, out):
+    """fused_step's and fused_step_rows' shared call: arrays viewed, out made, scales split."""
     x, mo = as_array(x, "x"), as_array(model_output, "model_output")
     res = _out(out, x)
     guided = guidance_scale is not None
     s, scales = _scales(guidance_scale if guided else 1.0)
-    bad = _native().fused_step(
+    bad = op(
         x,
         mo,
         res,
@@ -240,20 +247,6 @@ def fused_step_rows(
     [B] receives the dynamic threshold of the rows with dynamic thresholding (the others are left as
     they are). Returns (x_prev [B, ...], number of non-finite inputs/outputs).
     """
-    x, mo = as_array(x, "x"), as_array(model_output, "model_output")
-    res = _out(out, x)
-    guided = guidance_scale is not None
-    s, scales = _scales(guidance_scale if guided else 1.0)
-    bad = _native().fused_step_rows(
-        x,
-        mo,
-        res,
-        params,
-        guided=guided,
-        guidance_scale=s,
-        scales=scales,
-        x0_prev=None if x0_prev is None else as_array(x0_prev, "x0_prev"),
-        x0_out=None if x0_out is None else as_array(x0_out, "x0_out"),
-        thresholds=None if thresholds is None else as_array(thresholds, "thresholds"),
+    return _step(
+        _native().fused_step_rows, x, model_output, params, guidance_scale, x0_prev, x0_out, thresholds, out
     )
-    return res, bad

@@ -166,9 +166,7 @@ class Pipeline:
 
         B = plan.batch
         rng = np.random.Generator(np.random.PCG64(plan.seed))
-        text = None
-        if any(s.conditioning == "text" for s in plan.stages):
-            text = self._text_conditions(plan)
+        text = self.text_conditions(plan)
         x_prev = None
         if plan.init_low_res is not None:
             x_prev = np.repeat(plan.init_low_res, B, axis=0)
@@ -221,13 +219,13 @@ class Pipeline:
                 self._guidance_runtimes[spec.name] = rt
             return rt
 
-    def _run_stage(self, plan: Plan, st: Stage, rng, text, x_prev):
-        B = plan.batch
+    def stage_inputs(self, plan: Plan, st: Stage, rng, text, x_prev):
+        """What stage `st` starts from: (x_T, cond, uncond, known, keep), drawing from `rng` in the
+        documented order (module docstring): x_T, then a super-resolution stage's augmentation noise
+        of the previous stage's images `x_prev`. `text`: `conditioning.text_conditions`'s output."""
         s = plan.settings[st.name]
-        sched = self._schedules[st.name]
         R = st.resolution
-        # the draws' order is the documented randomness contract (module docstring)
-        x = rng.standard_normal((B, st.channels, R, R), dtype=np.float32)
+        x = rng.standard_normal((plan.batch, st.channels, R, R), dtype=np.float32)
         low = None
         if st.is_super_resolution:
             up = imageio.upsample_bilinear(np.clip(x_prev, -1.0, 1.0), R)
@@ -239,6 +237,23 @@ class Pipeline:
         cond, uncond = conditioning.stage_conditions(
             plan, st, text, low_res=low, noise_level=s.noise_aug_level, known=known, keep=keep
         )
+        return x, cond, uncond, known, keep
+
+    def schedule(self, stage: str) -> Schedule:
+        """The schedule stage `stage` samples with (built once, from the manifest)."""
+        return self._schedules[stage]
+
+    def text_conditions(self, plan: Plan):
+        """(cond, uncond) token states of `plan`'s prompts, or None for a package without text."""
+        if not any(s.conditioning == "text" for s in plan.stages):
+            return None
+        return self._text_conditions(plan)
+
+    def _run_stage(self, plan: Plan, st: Stage, rng, text, x_prev):
+        s = plan.settings[st.name]
+        sched = self._schedules[st.name]
+        R = st.resolution
+        x, cond, uncond, known, keep = self.stage_inputs(plan, st, rng, text, x_prev)
 
         start_step = 0
         if plan.kind == "img2img":
@@ -258,7 +273,7 @@ class Pipeline:
             )
         g = s.guidance_scale
         gscale = float(g[0]) if np.all(g == g[0]) else g
-        thr = _threshold_kwargs(s)
+        thr = threshold_kwargs(s)
         user_cb = plan.callback
 
         total = s.steps - start_step
@@ -343,7 +358,7 @@ def _timesteps(schedule, steps, sampler):
     return np.asarray(timesteps(schedule, steps, sampler))
 
 
-def _threshold_kwargs(s: StageSettings) -> dict:
+def threshold_kwargs(s: StageSettings) -> dict:
     """The core's thresholding keywords for a stage's setting (diffusers' vocabulary)."""
     if s.thresholding == "dynamic":
         return {

@@ -39,8 +39,8 @@ import numpy as np
 from pydiff import imageio, ops
 from pydiff.errors import NonFiniteError
 from pydiff.package import Stage
-from pydiff.pipeline import Pipeline, conditioning
-from pydiff.pipeline.pipeline import _threshold_kwargs
+from pydiff.pipeline import Pipeline
+from pydiff.pipeline.pipeline import threshold_kwargs
 from pydiff.pipeline.requests import Plan
 from pydiff.samplers import make_sampler
 
@@ -190,8 +190,7 @@ class StepScheduler:
     def _start(self, job: ScheduledJob) -> None:
         plan = job.plan
         job._rng = np.random.Generator(np.random.PCG64(plan.seed))
-        if any(s.conditioning == "text" for s in plan.stages):
-            job._text = conditioning.text_conditions(self.pipe.backend.text_encoder, plan, self.pipe._empty())
+        job._text = self.pipe.text_conditions(plan)
         self._enter(job, 0)
 
     def _enter(self, job: ScheduledJob, k: int) -> None:
@@ -199,24 +198,14 @@ class StepScheduler:
         plan, pipe = job.plan, self.pipe
         st = plan.stages[k]
         s = plan.settings[st.name]
-        B, R = plan.batch, st.resolution
-        x = job._rng.standard_normal((B, st.channels, R, R), dtype=np.float32)
-        low = None
-        if st.is_super_resolution:
-            up = imageio.upsample_bilinear(np.clip(job._x_prev, -1.0, 1.0), R)
-            aug_noise = job._rng.standard_normal(up.shape, dtype=np.float32)
-            low = np.asarray(
-                pipe._aug_schedules[st.name].add_noise(up, aug_noise, s.noise_aug_level), np.float32
-            )
-        cond, uncond = conditioning.stage_conditions(
-            plan, st, job._text, low_res=low, noise_level=s.noise_aug_level
-        )
-        thr = _threshold_kwargs(s)
+        B = plan.batch
+        x, cond, uncond, _, _ = pipe.stage_inputs(plan, st, job._rng, job._text, job._x_prev)
+        thr = threshold_kwargs(s)
         key = (st.name, s.sampler, s.steps, s.eta, tuple(sorted(thr.items())))
         sampler = self._samplers.get(key)  # params(i, seed) is pure: one sampler serves every request
         if sampler is None:
             sampler = self._samplers[key] = make_sampler(
-                s.sampler, pipe._schedules[st.name], s.steps, eta=s.eta, **thr
+                s.sampler, pipe.schedule(st.name), s.steps, eta=s.eta, **thr
             )
         guided = st.conditioning != "none" and s.uses_guidance
         job._stage_index = k
