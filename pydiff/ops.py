@@ -23,6 +23,7 @@ from pydiff.step_params import PredictionType, Thresholding
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = "1000"
 
+_IMPORT_ERROR: ImportError | None = None
 try:
     from pydiff import _C
 except ImportError as e:  # pragma: no cover - only without a build
@@ -49,7 +50,7 @@ def cuda_available() -> bool:
 
 def _native():
     if _C is None:
-        raise ImportError(f"pydiff's native module is not built: {_IMPORT_ERROR}")
+        raise ImportError(f"pydiff's native module is not built: {_IMPORT_ERROR or 'not loaded'}")
     return _C
 
 

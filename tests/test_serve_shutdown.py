@@ -47,6 +47,9 @@ def test_sigterm_finishes_in_flight_work_and_refuses_new(tmp_path):
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYDIFF_API_KEY": ""},
+        # not the checkout: `python -m` puts the working folder first on sys.path, and a
+        # non-editable install's checkout has no compiled module
+        cwd=tmp_path,
     )
     try:
         stop = time.monotonic() + 60
@@ -67,7 +70,7 @@ def test_sigterm_finishes_in_flight_work_and_refuses_new(tmp_path):
             with httpx.stream("POST", url + "/v1/generate?stream=true", json=body, timeout=60) as r:
                 done["status"] = r.status_code
                 for line in r.iter_lines():
-                    if line.startswith("event: step"):
+                    if line.startswith(("event: step", "event: error")):
                         started.set()
                     if line.startswith("data: "):
                         events.append(json.loads(line[6:]))
@@ -78,6 +81,7 @@ def test_sigterm_finishes_in_flight_work_and_refuses_new(tmp_path):
         assert started.wait(90), (
             f"the long request never started: {done}, {(tmp_path / 'serve.log').read_text()[-2000:]}"
         )
+        assert not any(e["event"] == "error" for e in events), events
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         r = httpx.post(url + "/v1/generate", json={"class_label": 1, "steps": 2}, timeout=10)
@@ -100,3 +104,11 @@ def test_serve_command_checks_its_arguments(capsys):
     assert "--port" in capsys.readouterr().err
     assert main(["serve", "--timeout", "0"]) == 2
     assert main(["serve", "--max-queue", "0"]) == 2
+
+
+def test_serve_refuses_to_listen_without_the_native_module(monkeypatch, capsys):
+    from pydiff import ops
+
+    monkeypatch.setattr(ops, "_C", None)
+    assert main(["serve", "--model", "digits", "--port", "0"]) == 2
+    assert "native module is not built" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
+from pydiff import ops
 from pydiff.errors import UsageError
 
 try:  # the [serve] extra: Starlette, uvicorn, prometheus_client
@@ -78,6 +79,13 @@ def run(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')}: out of range: {value}")
     if not args.timeout > 0:
         raise UsageError(f"--timeout must be > 0, got {args.timeout}")
+    if not ops.native_available():  # before listening: every request would fail on its first step
+        try:
+            ops._native()
+        except ImportError as e:
+            raise UsageError(
+                f"{e} (a checkout of a non-editable install shadows it: run from another folder)"
+            ) from None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"pydiff serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     limits = Limits(
