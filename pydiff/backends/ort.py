@@ -124,6 +124,18 @@ def resolve_providers(providers=None, device_id: int = 0, stream=None) -> list:
     return chosen
 
 
+def server_session_options() -> ort.SessionOptions:
+    """Session options for a long-running server: intra-op threads that block when idle.
+
+    By default each session's threads spin after a run, waiting for the next; a server alternates
+    between sessions (text encoder, each stage), the fused step's OpenMP threads and its own Python
+    threads, which those spinning threads starve. benchmarks/bench_serve.py measures both settings.
+    """
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
 def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 

@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from pydiff.backends.ort import server_session_options
 from pydiff.errors import ModelOutputError, NonFiniteError
 from pydiff.pipeline import Pipeline, load
 from pydiff.pipeline.requests import GenerateRequest
@@ -79,7 +80,7 @@ class ServerState:
             items = self.models.items() if isinstance(self.models, dict) else [(None, m) for m in self.models]
             loaded = {}
             for name, m in items:
-                pipe = m if isinstance(m, Pipeline) else load(m, backend=self.backend)
+                pipe = m if isinstance(m, Pipeline) else load_pipeline(m, self.backend)
                 loaded[name or pipe.package.name] = pipe
             if self.warm:
                 for pipe in loaded.values():
@@ -109,6 +110,15 @@ class ServerState:
     def leave(self) -> None:
         with self._lock:
             self.inflight -= 1
+
+
+def load_pipeline(model, backend="auto") -> Pipeline:
+    """The pipeline a server runs `model` on: ONNX Runtime sessions whose idle threads block
+    (`server_session_options`) rather than spin against the server's other work."""
+    options = {}
+    if isinstance(backend, str) and backend.lower() in ("auto", "onnxruntime", "ort"):
+        options["session_options"] = server_session_options()
+    return load(model, backend=backend, **options)
 
 
 def _warm(pipe: Pipeline) -> None:
