@@ -25,7 +25,7 @@ CKPT = "last.safetensors"
 
 @dataclass
 class TrainConfig:
-    task: str = "digits"  # digits | shapes-base | shapes-sr64
+    task: str = "digits"  # digits | shapes-base | shapes-sr64 | shapes-base-inpaint | shapes-sr64-inpaint
     model: dict | None = None  # UNetConfig as a dict; None = the task's preset
     steps: int = 3000
     batch_size: int = 64
@@ -50,6 +50,11 @@ class TrainConfig:
     low_res_resolution: int | None = None
     max_noise_level: int = 250
     crop: int | None = None
+    # inpainting (GLIDE): `mask` and `masked_image` as extra input channels
+    inpaint: bool = False
+    # fine-tuning: an exported stage file (.onnx with pydiff's network metadata) whose weights start
+    # the run; input channels the file lacks (an inpainting stage's) start at zero
+    init_from: str | None = None
     # bookkeeping
     ckpt_every_s: float = 300.0
     log_every: int = 50
@@ -72,12 +77,42 @@ class TrainConfig:
                 steps=5000,
                 max_noise_level=250,
             ),
-        }[task]
+        }
+        defaults["shapes-base-inpaint"] = dict(defaults["shapes-base"], inpaint=True, steps=2000, lr=2e-4)
+        defaults["shapes-sr64-inpaint"] = dict(defaults["shapes-sr64"], inpaint=True, steps=1000, lr=2e-4)
+        defaults = defaults[task]
         defaults.update({k: v for k, v in kw.items() if v is not None})
         cfg = cls(task=task, **defaults)
         if cfg.model is None:
-            cfg.model = PRESETS[task].to_dict()
+            cfg.model = PRESETS[task.removesuffix("-inpaint")].to_dict()
+        if cfg.inpaint:
+            cfg.model = dict(cfg.model, inpaint=True)
         return cfg
+
+
+def init_weights(model: torch.nn.Module, stage_file: str | Path) -> None:
+    """Start `model` from an exported stage's weights (`init_from`). Every tensor must match but the
+    first convolution's input channels: the file's go first, the ones it lacks (an inpainting
+    stage's mask and masked image, concatenated after them) start at zero, so the fine-tuned
+    network begins as the network it came from."""
+    from pydiff.tools.training.from_package import torch_module  # onnx: only when fine-tuning
+
+    src = torch_module(stage_file).state_dict()
+    want = model.state_dict()
+    if set(src) != set(want):
+        raise ValueError(
+            f"{stage_file}: its network differs from this run's (weights only in one of them: "
+            f"{sorted(set(src) ^ set(want))[:4]})"
+        )
+    state = {}
+    for k, v in want.items():
+        w = src[k]
+        if k == "conv_in.weight" and w.shape[1] < v.shape[1] and w.shape[2:] == v.shape[2:]:
+            w = torch.cat([w, torch.zeros(v.shape[0], v.shape[1] - w.shape[1], *v.shape[2:])], dim=1)
+        if w.shape != v.shape:
+            raise ValueError(f"{stage_file}: {k} is {tuple(w.shape)}, this run's is {tuple(v.shape)}")
+        state[k] = w
+    model.load_state_dict(state)
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
@@ -118,6 +153,8 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model)
+        if cfg.init_from:
+            init_weights(self.model, cfg.init_from)
         self.ema = copy.deepcopy(self.model).eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
