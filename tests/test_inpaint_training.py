@@ -75,3 +75,13 @@ def test_init_from_refuses_another_network(run_dir):
     model = Trainer(cfg, run_dir).model
     with pytest.raises(ValueError, match="differs"):
         init_weights(model, BASE)
+
+
+def test_init_from_keeps_what_the_source_predicts(run_dir):
+    sr = str(bundled_path("shapes") / "sr64.onnx")  # a v-prediction stage
+    with pytest.raises(ValueError, match="--prediction-type v_prediction"):
+        Trainer(TrainConfig.for_task("shapes-sr64-inpaint", text_encoder=TEXT, init_from=sr), run_dir)
+    cfg = TrainConfig.for_task(
+        "shapes-sr64-inpaint", text_encoder=TEXT, init_from=sr, prediction_type="v_prediction"
+    )
+    assert Trainer(cfg, run_dir).model.conv_in.weight.shape[1] == 10  # 3 + low_res 3 + mask 1 + image 3

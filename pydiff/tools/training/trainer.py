@@ -90,6 +90,22 @@ class TrainConfig:
         return cfg
 
 
+def _check_source_prediction(cfg: TrainConfig) -> None:
+    """A fine-tune keeps what its source predicts: where the stage file sits in a package, the
+    manifest says, and another `prediction_type` is refused (its weights would start wrong)."""
+    from pydiff.package import load_package
+
+    src = Path(cfg.init_from).resolve()
+    if not (src.parent / "manifest.json").is_file():
+        return
+    for st in load_package(src.parent).stages:
+        if st.onnx.resolve() == src and st.prediction_type != cfg.prediction_type:
+            raise ValueError(
+                f"{cfg.init_from} predicts {st.prediction_type!r} (its package's manifest) but this run "
+                f"trains {cfg.prediction_type!r}: pass --prediction-type {st.prediction_type}"
+            )
+
+
 def init_weights(model: torch.nn.Module, stage_file: str | Path) -> None:
     """Start `model` from an exported stage's weights (`init_from`). Every tensor must match but the
     first convolution's input channels: the file's go first, the ones it lacks (an inpainting
@@ -154,6 +170,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model)
         if cfg.init_from:
+            _check_source_prediction(cfg)
             init_weights(self.model, cfg.init_from)
         self.ema = copy.deepcopy(self.model).eval()
         for p in self.ema.parameters():
