@@ -214,6 +214,19 @@ def upsample_bilinear(x: np.ndarray, size: int) -> np.ndarray:
     return (rows[:, :, :, x0] * (1 - fx) + rows[:, :, :, x1] * fx).astype(np.float32)
 
 
+# ITU-R BT.601 luma, the weights of PIL's convert("L") and of colorization work since
+LUMA = (0.299, 0.587, 0.114)
+
+
+def to_grey(x: np.ndarray) -> np.ndarray:
+    """The luma of RGB float32 [B, 3, H, W] in [-1, 1] (BT.601), as [B, 1, H, W] in [-1, 1]:
+    what a colorization stage is conditioned on (an affine map, so [-1, 1] maps to itself)."""
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"to_grey: expected RGB [B, 3, H, W], got shape {x.shape}")
+    r, g, b = (x[:, c : c + 1].astype(np.float64) for c in range(3))
+    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).astype(np.float32)
+
+
 def to_numpy(x: np.ndarray) -> np.ndarray:
     """Model array [B, C, H, W] in [-1, 1] -> float32 [B, H, W, C] in [0, 1]."""
     return np.clip((np.asarray(x, np.float32) + 1.0) * 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).copy()

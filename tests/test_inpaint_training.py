@@ -85,3 +85,14 @@ def test_init_from_keeps_what_the_source_predicts(run_dir):
         "shapes-sr64-inpaint", text_encoder=TEXT, init_from=sr, prediction_type="v_prediction"
     )
     assert Trainer(cfg, run_dir).model.conv_in.weight.shape[1] == 10  # 3 + low_res 3 + mask 1 + image 3
+
+
+def test_the_colorize_task_conditions_on_the_grey_of_its_target(run_dir):
+    tr = Trainer(TrainConfig.for_task("shapes-colorize", text_encoder=TEXT, batch_size=4), run_dir)
+    b = tr.task.batch(np.random.default_rng(5), 4)
+    assert b["x0"].shape == (4, 3, 32, 32) and b["image_condition"].shape == (4, 1, 32, 32)
+    np.testing.assert_array_equal(b["image_condition"].numpy(), imageio.to_grey(b["x0"].numpy()))
+    assert tr.model.conv_in.weight.shape[1] == 4
+    white = np.ones((1, 3, 2, 2), np.float32)
+    np.testing.assert_allclose(imageio.to_grey(white), 1.0, atol=1e-6)  # [-1, 1] onto itself
+    np.testing.assert_allclose(imageio.to_grey(-white), -1.0, atol=1e-6)

@@ -16,7 +16,15 @@ def register(subparsers) -> None:
         "train", help="train a network (L_simple, Algorithm 1); resumes if the run exists"
     )
     p.add_argument(
-        "task", choices=["digits", "shapes-base", "shapes-sr64", "shapes-base-inpaint", "shapes-sr64-inpaint"]
+        "task",
+        choices=[
+            "digits",
+            "shapes-base",
+            "shapes-sr64",
+            "shapes-base-inpaint",
+            "shapes-sr64-inpaint",
+            "shapes-colorize",
+        ],
     )
     p.add_argument("--out", required=True, help="run directory (checkpoints, log, summary)")
     p.add_argument("--steps", type=positive_int)

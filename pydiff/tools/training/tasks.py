@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pydiff import imageio
 from pydiff.backends.text_encoder import TextEncoder
 from pydiff.tools.data import shapes as S
 from pydiff.tools.data.digits import load_digits_images
@@ -140,6 +141,7 @@ class ShapesTask:
     def __init__(self, cfg, run_dir: Path | None):
         self.cfg = cfg
         self.inpaint = bool(getattr(cfg, "inpaint", False))
+        self.colorize = cfg.task == "shapes-colorize"
         self.resolution = cfg.resolution
         cache = (run_dir / "caption_embeddings.safetensors") if run_dir is not None else None
         self.captions, states, mask = caption_embeddings(cfg.text_encoder, cfg.max_length, cache)
@@ -164,6 +166,16 @@ class ShapesTask:
         mask = None
         if self.inpaint:
             mask = torch.from_numpy(mask_at(occlusion_masks(rng, specs), cfg.resolution))
+        if self.colorize:  # Palette: the colour image from its grey, at full resolution, on crops
+            grey = torch.from_numpy(imageio.to_grey(x.numpy()))
+            if cfg.crop:
+                c = cfg.crop
+                ys = rng.integers(0, cfg.resolution - c + 1, size=n)
+                xs = rng.integers(0, cfg.resolution - c + 1, size=n)
+                x = torch.stack([x[i, :, y : y + c, z : z + c] for i, (y, z) in enumerate(zip(ys, xs))])
+                grey = torch.stack([grey[i, :, y : y + c, z : z + c] for i, (y, z) in enumerate(zip(ys, xs))])
+            out.update(x0=x, image_condition=grey)
+            return out
         if not self.sr:
             out["x0"] = x
             if mask is not None:
@@ -194,6 +206,12 @@ class ShapesTask:
 def make_task(cfg, run_dir: Path | None):
     if cfg.task == "digits":
         return DigitsTask(cfg)
-    if cfg.task in ("shapes-base", "shapes-sr64", "shapes-base-inpaint", "shapes-sr64-inpaint"):
+    if cfg.task in (
+        "shapes-base",
+        "shapes-sr64",
+        "shapes-base-inpaint",
+        "shapes-sr64-inpaint",
+        "shapes-colorize",
+    ):
         return ShapesTask(cfg, run_dir)
     raise ValueError(f"unknown task {cfg.task!r}")

@@ -78,6 +78,9 @@ class TrainConfig:
                 max_noise_level=250,
             ),
         }
+        defaults["shapes-colorize"] = dict(
+            resolution=64, crop=32, batch_size=32, lr=5e-4, steps=2500, cond_drop=0.5
+        )
         defaults["shapes-base-inpaint"] = dict(defaults["shapes-base"], inpaint=True, steps=2000, lr=2e-4)
         defaults["shapes-sr64-inpaint"] = dict(defaults["shapes-sr64"], inpaint=True, steps=1000, lr=2e-4)
         defaults = defaults[task]
