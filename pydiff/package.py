@@ -32,6 +32,7 @@ __all__ = [
     "Package",
     "Stage",
     "TextEncoderSpec",
+    "VaeSpec",
     "GuidanceModelSpec",
     "load_package",
     "check_stage_io",
@@ -108,6 +109,21 @@ class TextEncoderSpec:
 
 
 @dataclass(frozen=True)
+class VaeSpec:
+    """A latent package's autoencoder (`vae` entry): the decoder turns the last stage's latents into
+    images, ``image = decoder(latents / scaling_factor + shift_factor)``; the encoder (optional, for
+    img2img and inpainting) the reverse, ``latents = (encoder(image) - shift_factor) * scaling_factor``."""
+
+    decoder: Path  # absolute path: input `latent` [B, C, h, w] -> output `image` [B, 3, h*s, w*s] in [-1, 1]
+    latent_channels: int
+    scale: int  # image pixels per latent pixel, per side (8 for Stable Diffusion's VAE)
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    encoder: Path | None = None  # input `image` [B, 3, H, W] -> output `latent` (the posterior's mean)
+    name: str | None = None
+
+
+@dataclass(frozen=True)
 class Stage:
     """One stage of a cascade, as the manifest describes it (paths made absolute)."""
 
@@ -168,6 +184,13 @@ class Package:
     stages: tuple[Stage, ...]
     manifest: Mapping[str, Any] = field(repr=False, compare=False)
     guidance_models: tuple[GuidanceModelSpec, ...] = ()
+    vae: VaeSpec | None = None  # a latent package: the last stage samples latents, the VAE decodes them
+
+    @property
+    def image_resolution(self) -> int:
+        """The side of the images a call makes: the last stage's, times the VAE's scale if latent."""
+        r = self.stages[-1].resolution
+        return r * self.vae.scale if self.vae is not None else r
 
     def guidance_model(self, kind: str, stage: str | None = None) -> GuidanceModelSpec | None:
         """The first guidance model of `kind` (for `stage` when given), or None."""
@@ -738,6 +761,31 @@ def package_path(model: str | os.PathLike | None) -> Path:
     return p
 
 
+_SHARING: set[str] = set()  # bundled packages whose shared text encoder is being resolved
+
+
+def _shared_text_encoder(ctx: _Ctx, raw: dict) -> TextEncoderSpec:
+    """`"text_encoder": {"shared": "shapes"}`: the text encoder of the bundled package of that name,
+    its one file on disk (packages that condition on the same encoder ship it once)."""
+    name = _str(ctx, raw, "shared", "text_encoder", choices=[n for n in bundled_packages()])
+    if set(raw) != {"shared"}:
+        raise ctx.error(
+            "text_encoder", f"a shared text encoder has no other keys, got {sorted(set(raw) - {'shared'})}"
+        )
+    if name in _SHARING:
+        raise ctx.error(
+            "text_encoder.shared", f"{name!r} shares its text encoder in a cycle: {sorted(_SHARING)}"
+        )
+    _SHARING.add(name)
+    try:
+        other = load_package(bundled_path(name))
+    finally:
+        _SHARING.discard(name)
+    if other.text_encoder is None:
+        raise ctx.error("text_encoder.shared", f"the bundled package {name!r} has no text encoder")
+    return other.text_encoder
+
+
 def load_package(path: str | os.PathLike | None) -> Package:
     """Read and validate the package directory `path` (or its `manifest.json`); a bundled
     package's name ("shapes", "digits") or None (shapes) names a bundled package."""
@@ -777,7 +825,9 @@ def load_package(path: str | os.PathLike | None) -> Package:
 
     te = None
     te_raw = _obj(ctx, data, "text_encoder", "", required=False)
-    if te_raw is not None:
+    if te_raw is not None and "shared" in te_raw:
+        te = _shared_text_encoder(ctx, te_raw)
+    elif te_raw is not None:
         te = TextEncoderSpec(
             onnx=_onnx_path(ctx, te_raw, "onnx", "text_encoder"),
             tokenizer=_path(ctx, te_raw, "tokenizer", "text_encoder"),
@@ -806,6 +856,7 @@ def load_package(path: str | os.PathLike | None) -> Package:
         if any(s.name == st.name for s in stages):
             raise ctx.error(f"stages[{i}].name", f"duplicate stage name {st.name!r}")
         stages.append(st)
+    vae = _parse_vae(ctx, data, stages)
     gms: list[GuidanceModelSpec] = []
     gm_raw = _get(ctx, data, "guidance_models", "", required=False, default=None)
     if gm_raw is not None:
@@ -826,6 +877,39 @@ def load_package(path: str | os.PathLike | None) -> Package:
         stages=tuple(stages),
         manifest=data,
         guidance_models=tuple(gms),
+        vae=vae,
+    )
+
+
+def _parse_vae(ctx: _Ctx, data: dict, stages: list[Stage]) -> VaeSpec | None:
+    """The `vae` entry of a latent package: one stage (a latent cascade is not supported yet) whose
+    channels are the latents'."""
+    raw = _obj(ctx, data, "vae", "", required=False)
+    if raw is None:
+        return None
+    decoder = _onnx_path(ctx, raw, "decoder", "vae")
+    encoder = _onnx_path(ctx, raw, "encoder", "vae") if raw.get("encoder") is not None else None
+    channels = _int(ctx, raw, "latent_channels", "vae", 1, MAX_CHANNELS)
+    scale = _int(ctx, raw, "scale", "vae", 1, 64)
+    scaling = _number(ctx, raw, "scaling_factor", "vae", 0.0, lo_open=True)
+    shift = _number(ctx, raw, "shift_factor", "vae")
+    if len(stages) != 1:
+        raise ctx.error("vae", f"a latent package has one stage, this one has {len(stages)}")
+    if stages[0].channels != channels:
+        raise ctx.error(
+            "vae.latent_channels",
+            f"{channels}, but stage {stages[0].name!r} has {stages[0].channels} channels",
+        )
+    if stages[0].resolution * scale > MAX_RESOLUTION:
+        raise ctx.error("vae.scale", f"{scale} x {stages[0].resolution} is over {MAX_RESOLUTION} pixels")
+    return VaeSpec(
+        decoder=decoder,
+        latent_channels=channels,
+        scale=scale,
+        scaling_factor=1.0 if scaling is None else scaling,
+        shift_factor=0.0 if shift is None else shift,
+        encoder=encoder,
+        name=_str(ctx, raw, "name", "vae", required=False),
     )
 
 
@@ -901,11 +985,14 @@ def check_stage_io(package: Package, stage: Stage, session) -> None:
 
 
 def check_text_encoder_io(package: Package, session) -> None:
-    """Check the text encoder session: int64 input_ids/attention_mask -> last_hidden_state."""
+    """Check the text encoder session: int64 input_ids (and attention_mask, where the encoder takes
+    one: CLIP as Stable Diffusion runs it takes none) -> last_hidden_state."""
     te = package.text_encoder
     f = te.onnx
     got = {i.name: i for i in session.get_inputs()}
     for n in ("input_ids", "attention_mask"):
+        if n not in got and n == "attention_mask":
+            continue
         if n not in got:
             raise PackageError(f"{f}: the text encoder has no input {n!r} (inputs {sorted(got)})")
         if got[n].type != "tensor(int64)":

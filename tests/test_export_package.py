@@ -260,8 +260,11 @@ def test_import_diffusers_condition_from_config(tmp_path, tiny_text_encoder):
             attention_mask=True,
         )
     assert "encoder_attention_mask" in load_package(tmp_path / "pkg_mask").stages[0].inputs
-    img = load(tmp_path / "pkg").generate("a red circle", steps=2, output_type="numpy", progress=False)
-    assert img.shape == (1, 8, 8, 4) and np.isfinite(img).all()
+    # 4-channel samples without a VAE: latents, unclipped (images of them are refused, not clipped)
+    lat = load(tmp_path / "pkg").generate("a red circle", steps=2, output_type="latent", progress=False)
+    assert lat.shape == (1, 4, 8, 8) and np.isfinite(lat).all()
+    with pytest.raises(ValueError, match="no VAE"):
+        load(tmp_path / "pkg").generate("a red circle", steps=2, output_type="numpy", progress=False)
 
 
 # -- the bundled packages ----------------------------------------------------------------------

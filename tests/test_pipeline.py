@@ -334,7 +334,7 @@ def test_upscale(text_pipe):
         (dict(num_images=0), ValueError, "num_images"),
         (dict(seed=-1), ValueError, "seed"),
         (dict(seed="1"), ValueError, "seed"),
-        (dict(output_type="latent"), ValueError, "output_type"),
+        (dict(output_type="jpeg"), ValueError, "output_type"),
         (dict(class_label=1), ValueError, "not class-conditional"),
         (dict(callback=3), TypeError, "callback"),
     ],

@@ -10,7 +10,7 @@ import pytest
 import pydiff
 from pydiff.pipeline.requests import GenerateRequest, InpaintRequest
 from pydiff.serving.engine import Engine, Work
-from pydiff.serving.scheduler import StepScheduler, row_seed
+from pydiff.serving.scheduler import StepScheduler
 
 STEPS = {"base": 3, "sr64": 2}
 # every sampler and thresholding mode, several prompts and images, per-prompt scales, different steps
@@ -96,17 +96,29 @@ def test_joined_mid_way_equals_alone(pipe, alone):
         np.testing.assert_array_equal(job.images, alone[k], err_msg=f"request {k}")
 
 
-def test_one_image_request_matches_generate(pipe, alone):
-    """Same noise and conditioning as pydiff.generate; only the network's batch differs (rounding)."""
-    ref = pydiff.generate(**REQUESTS[0], steps=STEPS, output_type="numpy", progress=False)
-    assert np.abs(ref - alone[0]).max() <= 1e-5
-    assert not np.array_equal(alone[1][0], alone[1][1])  # two images of one request differ
+def test_a_request_matches_generate(pipe, alone):
+    """Same noise and conditioning as pydiff.generate (each image's own seed, for its x_T and its
+    in-kernel noise); only the network's batch differs (rounding)."""
+    for k in (0, 1):
+        ref = pydiff.generate(**REQUESTS[k], steps=STEPS, output_type="numpy", progress=False)
+        assert np.abs(ref - alone[k]).max() <= 1e-5, f"request {k}"
+    assert len(alone[1]) > 1 and not np.array_equal(alone[1][0], alone[1][1])  # its images differ
 
 
-def test_row_keys_depend_on_the_request_only():
-    assert row_seed(7, 0, 0) == 7 and row_seed(7, 1, 0) == 8  # image 0: the pipeline's stage key
-    assert row_seed(7, 0, 1) != row_seed(7, 0, 2)
-    assert row_seed(2**64 - 1, 1, 0) == 0
+def test_per_image_seeds_are_the_pipelines(pipe):
+    """A request given one seed per image (`generator=[...]`) gets, image for image, what a
+    one-image request with that seed gets."""
+    s = StepScheduler(pipe)
+    prompt = "a green square on a white background"
+    two = s.submit(
+        pipe.plan(
+            kind="generate", prompt=prompt, num_images=2, generator=[11, 12], steps=STEPS, progress=False
+        )
+    )
+    one = s.submit(pipe.plan(kind="generate", prompt=prompt, generator=[12], steps=STEPS, progress=False))
+    s.run_until_idle()
+    assert two.images.seeds == [11, 12] and one.images.seeds == [12]
+    np.testing.assert_array_equal(np.asarray(two.images[1]), np.asarray(one.images[0]))
 
 
 def test_batch_is_bounded_and_first_come_first_served(pipe):

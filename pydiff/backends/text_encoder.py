@@ -78,7 +78,10 @@ def load_tokenizer(path) -> Tokenizer:
 class TextEncoder:
     """Token embeddings of prompts from an exported encoder (e.g. all-MiniLM-L6-v2, int8).
 
-    ONNX inputs `input_ids`, `attention_mask` (int64 [B, L]); output `last_hidden_state` [B, L, D].
+    ONNX inputs `input_ids` and, where the network takes one, `attention_mask` (int64 [B, L]);
+    output `last_hidden_state` [B, L, D]. Padding and truncation are the tokenizer file's own
+    where it sets them (the diffusers importer writes CLIP's: `<|endoftext|>` or the tokenizer's
+    pad token, to `max_length`), else BERT's [PAD] (id 0 where the vocabulary has none).
     """
 
     def __init__(
@@ -161,7 +164,9 @@ class TextEncoder:
 
     def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """last_hidden_state float32 [B, L, D] of one encoder run."""
-        feeds = {"input_ids": ids, "attention_mask": mask}
+        feeds = {"input_ids": ids}
+        if "attention_mask" in self._input_names:  # CLIP as Stable Diffusion runs it takes no mask
+            feeds["attention_mask"] = mask
         if "token_type_ids" in self._input_names:
             feeds["token_type_ids"] = np.zeros_like(ids)
         (states,) = self.session.run(["last_hidden_state"], feeds)

@@ -55,7 +55,10 @@ TOOL_COMMANDS = {
     "guidance": "pydiff.cli.guidance",
     "bench": "pydiff.cli.bench",
     "serve": "pydiff.cli.serve",  # the [serve] extra: Starlette, uvicorn (says how to install it)
+    "import": "pydiff.cli.importing",  # the [diffusers] extra (says how to install it)
 }
+# The extra that brings each tool command's packages: named when its module cannot be imported.
+TOOL_EXTRAS = {"train": "train", "export": "train", "eval": "train", "guidance": "train", "bench": "dev"}
 
 
 def build_parser(tools=tuple(TOOL_COMMANDS)) -> argparse.ArgumentParser:
@@ -69,10 +72,25 @@ def build_parser(tools=tuple(TOOL_COMMANDS)) -> argparse.ArgumentParser:
     for name in tools:
         try:
             module = importlib.import_module(TOOL_COMMANDS[name])
-        except ImportError:
+        except ImportError as e:
+            _unavailable(sub, name, TOOL_EXTRAS.get(name, "dev"), e)
             continue
         module.register(sub)
     return parser
+
+
+def _unavailable(sub, name: str, extra: str, error: ImportError) -> None:
+    """A tool command whose extra is missing: listed, and exit 2 naming the extra to install."""
+    p = sub.add_parser(name, help=f"(needs the [{extra}] extra)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    missing = error.name or str(error)
+
+    def refuse(args):
+        raise UsageError(
+            f"pydiff {name} needs the [{extra}] extra ({missing} is missing): pip install 'pydiff[{extra}]'"
+        )
+
+    p.set_defaults(func=refuse)
 
 
 def _tools_asked_for(argv) -> tuple[str, ...]:

@@ -9,9 +9,9 @@ import json
 
 from pydiff.backends import float16
 from pydiff.cli.common import EXIT_OK
+from pydiff.cli.importing import add_diffusers_arguments
 from pydiff.errors import UsageError
 from pydiff.tools.export import ort_placement, static_shapes
-from pydiff.tools.export.diffusers_import import import_diffusers
 from pydiff.tools.export.from_runs import export_digits, export_shapes
 from pydiff.tools.export.minilm import export_text_encoder
 
@@ -44,24 +44,11 @@ def register(subparsers) -> None:
     d.add_argument("--recommended", type=json.loads, default=None)
     d.add_argument("--notes", default="")
     d.set_defaults(func=_run_digits)
-    f = esub.add_parser("diffusers", help="a diffusers UNet2DModel / UNet2DConditionModel folder")
-    f.add_argument("--model", required=True, help="folder with config.json + weights (or a config.json)")
-    f.add_argument("--scheduler", help="scheduler_config.json (default: the model folder's sibling)")
-    f.add_argument("--out", required=True)
-    f.add_argument("--name", default=None)
-    f.add_argument("--text-encoder", help="UNet2DConditionModel: folder with model.onnx + tokenizer.json")
-    f.add_argument("--max-length", type=int, default=None, help="tokenizer length (default 77)")
-    f.add_argument(
-        "--null-class",
-        action="store_true",
-        help="class models: the last class embedding is a trained 'no class' label (enables CFG)",
+    f = esub.add_parser(
+        "diffusers",
+        help="a diffusers pipeline or UNet folder (the same command as `pydiff import diffusers`)",
     )
-    f.add_argument(
-        "--attention-mask",
-        action="store_true",
-        help="text models: feed encoder_attention_mask (diffusers' SD/IF pipelines do not)",
-    )
-    f.set_defaults(func=_run_diffusers)
+    add_diffusers_arguments(f, legacy=True)
     e = esub.add_parser("text-encoder", help="export all-MiniLM-L6-v2 to int8 ONNX")
     e.add_argument("--out", required=True)
     e.add_argument("--max-length", type=int, default=16)
@@ -117,25 +104,6 @@ def _run_shapes(a) -> int:
 
 def _run_digits(a) -> int:
     print(json.dumps(export_digits(a.run, a.out, recommended=a.recommended, extra_md=a.notes), indent=1))
-    return EXIT_OK
-
-
-def _run_diffusers(a) -> int:
-    print(
-        json.dumps(
-            import_diffusers(
-                a.model,
-                a.out,
-                scheduler=a.scheduler,
-                name=a.name,
-                text_encoder=a.text_encoder,
-                max_length=a.max_length,
-                null_class=a.null_class,
-                attention_mask=a.attention_mask,
-            ),
-            indent=1,
-        )
-    )
     return EXIT_OK
 
 

@@ -193,6 +193,7 @@ def run(args) -> int:
         paths = [str(p) for p in targets]
 
     per_prompt = plan.prompts or [None] * plan.n_prompts
+    image_seeds = plan.image_seeds()
     labels = plan.class_labels or [None] * plan.n_prompts
     report = {
         "command": kind,
@@ -209,6 +210,7 @@ def run(args) -> int:
                 "path": paths[i],
                 "prompt": per_prompt[i // plan.num_images],
                 "class_label": labels[i // plan.num_images],
+                "seed": image_seeds[i],  # --seed remakes this image alone
             }
             for i in range(len(images))
         ],

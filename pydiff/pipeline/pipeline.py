@@ -1,17 +1,22 @@
 """The cascaded pipeline: base stage, then super-resolution stages, on one backend.
 
-Randomness (documented contract; the same seed gives the same images on the same backend):
-``rng = numpy.random.Generator(numpy.random.PCG64(seed))``; for each stage in order, x_T is
-``rng.standard_normal((B, C, R, R), dtype=float32)``, then (super-resolution stages) the
-augmentation noise of the same shape as `low_res`; img2img uses the x_T draw as the noise of
-``schedule.add_noise(image, noise, t_start)``. The sampler's own per-step noise (DDPM, eta > 0),
-and RePaint's noise for the kept region and its jumps (`pydiff.repaint`), come from the core's
-counter-based generator seeded with ``(seed + stage index) mod 2**64``. Images depend on the
-batch they are made in (batch composition changes the draws), not on threads or timing.
+Randomness (documented contract; the same seed gives the same images on the same backend): each
+image j has its own seed s_j (`Plan.seeds`: from ``seed=s``, s_j = (s + j * 0x9E3779B97F4A7C15)
+mod 2**64, so s_0 = s; or one per image from ``generator=``) and its own generator
+``numpy.random.Generator(numpy.random.PCG64(s_j))``; for each stage in order, its x_T is
+``rng_j.standard_normal((1, C, R, R), dtype=float32)``, then (super-resolution stages) its
+augmentation noise of the shape of its `low_res`; img2img uses the x_T draw as the noise of
+``schedule.add_noise(image, noise, t_start)``; ``latents=`` replaces the first stage's x_T draw.
+The sampler's own per-step noise (DDPM, eta > 0) at step i is the core's counter-based stream
+``pydiff.ops.randn((1, C, R, R), (s_j + stage index) mod 2**64, i)`` for image j. So an image
+depends on its own seed only: it is the same alone or anywhere in a batch (to the network's float32
+rounding at another batch size). RePaint's noise (inpainting, `pydiff.repaint`) is still keyed by
+``(s_0 + stage index) mod 2**64`` over the whole batch: inpainted images depend on their batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 from typing import Any
@@ -19,9 +24,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from pydiff import imageio
+from pydiff import imageio, ops
 from pydiff.backends import create_backend
 from pydiff.backends.guidance_models import load_guidance_model
+from pydiff.backends.vae import load_vae
 from pydiff.errors import CallbackError, ModelOutputError, NetworkRunError, NonFiniteError, PackageError
 from pydiff.package import Package, Stage, load_package
 from pydiff.pipeline import conditioning
@@ -34,7 +40,9 @@ from pydiff.pipeline.requests import (
     Request,
     UpscaleRequest,
 )
+from pydiff.pipeline.result import result
 from pydiff.pipeline.settings import StageSettings
+from pydiff.samplers import make_sampler
 from pydiff.sampling import repaint, repaint_schedule, sample
 from pydiff.schedules import Schedule, timesteps
 
@@ -62,6 +70,8 @@ class Pipeline:
         self._uncond_lock = threading.Lock()
         self._empty_encoding: tuple[np.ndarray, np.ndarray] | None = None
         self._guidance_runtimes: dict[str, Any] = {}  # guidance model name -> runtime (lazy)
+        # a latent package's autoencoder (the decoder turns the last stage's latents into images)
+        self.vae = load_vae(package, providers=getattr(self.backend, "providers", None))
 
     def _schedule(self, config, key):
         try:
@@ -84,9 +94,17 @@ class Pipeline:
         Per-stage settings (steps, sampler, guidance_scale, thresholding, eta, noise_aug_level)
         default to the manifest's `recommended` and may be dicts keyed by stage name.
         `guidance_scale` may be a list: one scale per prompt or per image. Returns a list of PIL
-        images (`output_type="pil"`) or float32 [B, H, W, C] in [0, 1] (`"numpy"`), prompt-major
-        (all images of prompt 0 first). `callback(stage, i, t, x)` runs after each step; if it
-        returns an array, that replaces x.
+        images (`output_type="pil"`) or float32 [B, H, W, C] in [0, 1] (`"numpy"`, or `"np"`), or
+        the last stage's samples [B, C, R, R] unclipped (`"latent"`: a latent package's latents
+        before the VAE), prompt-major (all images of prompt 0 first), carrying `.images`, `.seeds`
+        (one per image: ``seed=seeds[j]`` remakes image j alone) and `.settings`
+        (pydiff.pipeline.result). `callback(stage, i, t, x)` runs after each step; if it returns an
+        array, that replaces x.
+
+        diffusers' spellings are accepted: `num_inference_steps` (steps), `num_images_per_prompt`
+        (num_images), `generator` (an int, one int per image, or a numpy.random.Generator: the
+        seeds), `height` / `width` (the package's image size: its networks have fixed shapes),
+        `latents` (the first stage's x_T), `output_type="np"`.
 
         `guidance_type`: "cfg" (default: classifier-free guidance with `guidance_scale`) or
         "classifier" (the package's classifier guidance model: the stage network runs
@@ -161,11 +179,19 @@ class Pipeline:
                 self._empty_encoding = self.backend.text_encoder.encode([""])
             return self._empty_encoding
 
+    def generators(self, plan: Plan) -> list[np.random.Generator]:
+        """One generator per image, PCG64 of its seed: what `stage_inputs` draws from."""
+        return [np.random.Generator(np.random.PCG64(s)) for s in plan.image_seeds()]
+
     def execute(self, plan: Plan):
-        """Run a validated plan; returns the images in `plan.output_type`."""
+        """Run a validated plan; returns the images in `plan.output_type` (module docstring: the
+        draws), as a pydiff.pipeline.result ImageList / ImageArray."""
 
         B = plan.batch
-        rng = np.random.Generator(np.random.PCG64(plan.seed))
+        rng = self.generators(plan)
+        if self.vae is not None and plan.image is not None:  # img2img in latent space (SDEdit on z)
+            side = self.package.image_resolution
+            plan = dataclasses.replace(plan, image=self.vae.encode(imageio.resize(plan.image, side)))
         text = self.text_conditions(plan)
         x_prev = None
         if plan.init_low_res is not None:
@@ -185,10 +211,22 @@ class Pipeline:
                         f"stage {st.name!r}: guidance model {gm.name!r} ({gm.onnx.name}): {e}"
                     ) from e
                 raise CallbackError(f"stage {st.name!r}: {e}", e.source) from e  # the caller's callback
-        x = np.clip(x_prev, -1.0, 1.0)
+        return self.output(plan, x_prev)
+
+    def output(self, plan: Plan, x: np.ndarray):
+        """What a call returns for the last stage's samples `x` [B, C, R, R]: decoded by the VAE
+        (a latent package), clipped to [-1, 1] and converted to `plan.output_type`, or `x` itself
+        for "latent"; an ImageList / ImageArray with the plan's seeds and settings."""
+        settings = {name: s.as_dict() for name, s in plan.settings.items()}
+        kw = dict(seeds=plan.image_seeds(), settings=settings, output_type=plan.output_type)
+        if plan.output_type == "latent":
+            return result(np.asarray(x, np.float32), **kw)
+        if self.vae is not None:
+            x = self.vae.decode(x)
+        x = np.clip(x, -1.0, 1.0)
         if plan.output_type == "numpy":
-            return imageio.to_numpy(x)
-        return imageio.to_pil(x)
+            return result(imageio.to_numpy(x), **kw)
+        return result(imageio.to_pil(x), **kw)
 
     def _text_conditions(self, plan: Plan):
         """The prompts' encodings; the text encoder's failures and NaN named as its own."""
@@ -222,14 +260,18 @@ class Pipeline:
     def stage_inputs(self, plan: Plan, st: Stage, rng, text, x_prev):
         """What stage `st` starts from: (x_T, cond, uncond, known, keep), drawing from `rng` in the
         documented order (module docstring): x_T, then a super-resolution stage's augmentation noise
-        of the previous stage's images `x_prev`. `text`: `conditioning.text_conditions`'s output."""
+        of the previous stage's images `x_prev`. `rng`: one generator per image (`generators(plan)`:
+        each image's draws from its own), or one generator for the whole batch (the draws before
+        per-image seeds). `text`: `conditioning.text_conditions`'s output."""
         s = plan.settings[st.name]
         R = st.resolution
-        x = rng.standard_normal((plan.batch, st.channels, R, R), dtype=np.float32)
+        x = _normal(rng, plan.batch, (st.channels, R, R))
+        if plan.latents is not None and st.index == plan.stages[0].index:
+            x = plan.latents.copy()  # diffusers' latents=: the caller's x_T, after the same draw
         low = None
         if st.is_super_resolution:
             up = imageio.upsample_bilinear(np.clip(x_prev, -1.0, 1.0), R)
-            aug_noise = rng.standard_normal(up.shape, dtype=np.float32)
+            aug_noise = _normal(rng, plan.batch, up.shape[1:])
             low = np.asarray(
                 self._aug_schedules[st.name].add_noise(up, aug_noise, s.noise_aug_level), np.float32
             )
@@ -294,6 +336,7 @@ class Pipeline:
                     return user_cb(st.name, i, t, xt)  # checked by the sampler (CallbackError)
                 return None
 
+            seeds = [(sj + st.index) % 2**64 for sj in plan.image_seeds()]
             common = dict(
                 schedule=sched,
                 sampler=s.sampler,
@@ -302,7 +345,7 @@ class Pipeline:
                 guidance_scale=gscale if guided else 1.0,
                 cond=cond,
                 uncond=uncond if guided else None,
-                seed=(plan.seed + st.index) % 2**64,
+                seed=seeds[0],
                 callback=callback,
                 progress=False,
                 guidance_fn=guidance_fn,
@@ -310,7 +353,7 @@ class Pipeline:
             )
             model = self.backend.model(st.name)
             if resample:  # RePaint: the kept region replaced after every step, with resampling
-                result = repaint(
+                x0 = repaint(
                     model,
                     x,
                     known,
@@ -320,8 +363,38 @@ class Pipeline:
                     **common,
                 )
             else:
-                result = sample(model, x, start_step=start_step, **common)
-        return np.asarray(result, np.float32)
+                noise = None
+                if len(seeds) > 1 and _stochastic(sched, s, thr):  # each image's noise from its own seed
+                    noise = _per_image_noise(seeds)
+                x0 = sample(model, x, start_step=start_step, noise=noise, **common)
+        return np.asarray(x0, np.float32)
+
+
+def _normal(rng, batch: int, shape: tuple) -> np.ndarray:
+    """float32 standard normals [batch, *shape]: row j from rng[j] (one generator per image), or the
+    whole batch from one generator."""
+    if isinstance(rng, np.random.Generator):
+        return rng.standard_normal((batch, *shape), dtype=np.float32)
+    if len(rng) != batch:
+        raise ValueError(f"{len(rng)} generators for a batch of {batch}")
+    return np.concatenate([g.standard_normal((1, *shape), dtype=np.float32) for g in rng])
+
+
+def _stochastic(schedule: Schedule, s: StageSettings, thr: dict) -> bool:
+    """Whether any step of the stage's sampler adds noise (DDPM, DDIM with eta > 0)."""
+    smp = make_sampler(s.sampler, schedule, s.steps, eta=s.eta, **thr)
+    return any(smp.coefficients(i).c_noise != 0.0 for i in range(len(smp.timesteps)))
+
+
+def _per_image_noise(seeds: list[int]):
+    """`pydiff.sample`'s noise(i, shape): image j's normals are the in-kernel stream (seeds[j], i)
+    over its own elements, the noise it gets alone (the fused step adds them bit for bit alike)."""
+
+    def noise(i, shape):
+        one = (1, *shape[1:])
+        return np.concatenate([ops.randn(one, sj, i) for sj in seeds])
+
+    return noise
 
 
 def _first_line(e: Exception) -> str:

@@ -6,7 +6,7 @@ The fields are `Pipeline.generate`'s keywords (documented there); each kind adds
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -17,9 +17,54 @@ from pydiff.package import GUIDANCE_KINDS, GuidanceModelSpec, Package, Stage
 from pydiff.pipeline.settings import MAX_BATCH, StageSettings, guidance_array, resolve
 from pydiff.sampling import random_seed
 
-OUTPUT_TYPES = ("pil", "numpy")
+OUTPUT_TYPES = ("pil", "numpy", "latent")
+OUTPUT_ALIASES = {"np": "numpy"}  # diffusers' spelling
 GUIDANCE_TYPES = ("cfg", *GUIDANCE_KINDS)  # classifier-free, or a guidance model of the package
 MAX_SEED = 2**64 - 1
+GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: spreads the images' seeds over the seed space
+
+
+def image_seed(seed: int, image: int) -> int:
+    """The seed of image `image` of a call given one `seed`: image 0's is `seed` itself, so a
+    one-image call is the same as before per-image seeds, and image j is remade alone by
+    ``generate(..., seed=image_seed(seed, j))`` (its `.seeds[j]`)."""
+    return (int(seed) + image * GOLDEN) % 2**64
+
+
+def _seed(v, what: str) -> int:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or not 0 <= v <= MAX_SEED:
+        raise ValueError(f"{what} must be an integer in 0..2**64-1, got {v!r}")
+    return int(v)
+
+
+def resolve_seeds(seed, generator, batch: int) -> list[int]:
+    """One seed per image from `seed` (an int: image j gets image_seed(seed, j); None: a fresh one)
+    or diffusers' `generator`: an int (as seed), a list of ints (one per image), or a
+    numpy.random.Generator (the seeds are drawn from it, so it advances as a torch generator would)."""
+    if seed is not None and generator is not None:
+        raise ValueError("give seed or generator, not both")
+    if generator is None:
+        base = random_seed() if seed is None else _seed(seed, "seed")
+        return [image_seed(base, j) for j in range(batch)]
+    if isinstance(generator, np.random.Generator):
+        return [int(v) for v in generator.integers(0, 2**53, size=batch)]  # 53 bits: exact in JSON
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise ValueError(f"generator: {len(generator)} seeds for {batch} images; give one per image")
+        return [_seed(g, f"generator[{i}]") for i, g in enumerate(generator)]
+    if isinstance(generator, (int, np.integer)) and not isinstance(generator, (bool, np.bool_)):
+        base = _seed(generator, "generator")
+        return [image_seed(base, j) for j in range(batch)]
+    if type(generator).__module__.startswith("torch"):
+        raise TypeError(
+            "generator: pydiff draws with NumPy, not torch: pass the seed itself "
+            "(generator=torch.Generator().manual_seed(s) -> generator=s), a list of seeds, or a "
+            "numpy.random.Generator"
+        )
+    raise TypeError(
+        f"generator: expected an int, a list of ints (one per image) or a numpy.random.Generator, "
+        f"got {type(generator).__name__}"
+    )
 
 
 @dataclass
@@ -44,10 +89,17 @@ class Plan:
     guidance_type: str = "cfg"  # cfg | classifier | clip
     guidance_model: GuidanceModelSpec | None = None  # the package's guidance model used (not cfg)
     guidance_model_scale: np.ndarray | None = None  # float32 [B] scale of its gradient
+    seeds: list[int] = field(default_factory=list)  # one per image; image j's draws depend on it only
+    latents: np.ndarray | None = None  # float32 [B, C, R, R]: x_T of the first stage (diffusers' latents=)
+    latent: bool = False  # a latent package: images are RGB, encoded by its VAE before sampling
 
     @property
     def batch(self) -> int:
         return self.n_prompts * self.num_images
+
+    def image_seeds(self) -> list[int]:
+        """`seeds`, or for a plan made without them, image_seed(seed, j) per image."""
+        return list(self.seeds) if self.seeds else [image_seed(self.seed, j) for j in range(self.batch)]
 
 
 def _str_list(value, what) -> list[str]:
@@ -94,6 +146,15 @@ class Request:
     guidance_type: str | None = None
     classifier_scale: Any = None
     clip_scale: Any = None
+    # diffusers' spellings (docs/from-diffusers.md): aliases of the settings above, or checks
+    num_inference_steps: Any = None  # steps
+    num_images_per_prompt: int | None = None  # num_images
+    generator: Any = None  # seed: an int, one int per image, or a numpy.random.Generator
+    height: int | None = None  # must be the package's image size (its networks have fixed shapes)
+    width: int | None = None
+    latents: Any = None  # x_T of the first stage, [B or 1, C, R, R]
+    callback_on_step_end: Callable | None = None  # fn(None, i, t, {"latents": x}) -> dict (see plan)
+    callback_on_step_end_tensor_inputs: Any = None  # ["latents"] only
 
     # ------------------------------------------------------------ what each kind adds
 
@@ -120,7 +181,9 @@ class Request:
         pkg = package
         stages = self.stages(pkg)
         prompts, negative, labels, n_prompts = self._conditioning(pkg, stages)
-        num_images = self.num_images
+        num_images = _alias(
+            self.num_images, 1, self.num_images_per_prompt, "num_images", "num_images_per_prompt"
+        )
         if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
             raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
         num_images = int(num_images)
@@ -128,15 +191,31 @@ class Request:
             raise ValueError(
                 f"{n_prompts} prompt(s) x {num_images} images is over the batch limit {MAX_BATCH}"
             )
-        seed = self.seed
-        if seed is None:
-            seed = random_seed()
-        elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
-        if self.output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {self.output_type!r}")
+        steps = _alias(self.steps, None, self.num_inference_steps, "steps", "num_inference_steps")
+        seeds = resolve_seeds(self.seed, self.generator, n_prompts * num_images)
+        seed = seeds[0]
+        output_type = OUTPUT_ALIASES.get(self.output_type, self.output_type)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(
+                f"output_type must be one of {[*OUTPUT_TYPES, *OUTPUT_ALIASES]}, got {self.output_type!r}"
+            )
+        last = stages[-1]
+        if output_type != "latent" and pkg.vae is None and last.channels not in (1, 3):
+            raise ValueError(
+                f"stage {last.name!r} samples {last.channels}-channel arrays (latents) and package "
+                f"{pkg.name!r} has no VAE to decode them: use output_type='latent', or import the "
+                f"model with its VAE (pydiff import diffusers PIPELINE_DIR OUT)"
+            )
+        side = pkg.image_resolution
+        for what, v in (("height", self.height), ("width", self.width)):
+            if v is not None and (isinstance(v, bool) or v != side):
+                raise ValueError(
+                    f"{what}={v!r}: package {pkg.name!r} makes {side}x{side} images (its networks "
+                    f"have fixed shapes); leave {what} out or give {side}"
+                )
         if self.callback is not None and not callable(self.callback):
             raise TypeError("callback must be callable(stage, i, t, x)")
+        callback = _step_end_callback(self) if self.callback_on_step_end is not None else self.callback
 
         gtype, gspec, gscale, labels = self._guidance_model(
             pkg, stages, prompts, labels, n_prompts, num_images
@@ -146,7 +225,7 @@ class Request:
             stages,
             n_prompts=n_prompts,
             num_images=num_images,
-            steps=self.steps,
+            steps=steps,
             sampler=self.sampler,
             guidance_scale=self.guidance_scale,
             thresholding=self.thresholding,
@@ -181,13 +260,28 @@ class Request:
             negative_prompts=negative,
             class_labels=labels,
             seed=int(seed),
-            output_type=self.output_type,
+            seeds=seeds,
+            output_type=output_type,
             progress=bool(self.progress),
-            callback=self.callback,
+            callback=callback,
             guidance_type=gtype,
             guidance_model=gspec,
             guidance_model_scale=gscale,
         )
+        if self.latents is not None:
+            plan.latents = _latents(self.latents, plan.batch, stages[0])
+        if pkg.vae is not None:
+            plan.latent = True
+            if self.kind not in ("generate", "img2img"):
+                raise ValueError(
+                    f"{self.kind} on a latent package ({pkg.name!r}, with a VAE) is not supported yet: "
+                    f"generate and img2img only"
+                )
+            if self.kind == "img2img" and pkg.vae.encoder is None:
+                raise ValueError(
+                    f"img2img on package {pkg.name!r}: its VAE has no encoder (manifest vae.encoder); "
+                    f"import the model again with the encoder"
+                )
         self.add_images(plan)
         return plan
 
@@ -307,6 +401,55 @@ class Request:
         return gtype, gspec, scale, labels
 
 
+def _alias(value, default, alias, name: str, alias_name: str):
+    """`value`, or diffusers' `alias` for it; both given (and different) is an error."""
+    if alias is None:
+        return value
+    if value is not None and value != default and value != alias:
+        raise ValueError(f"{name}={value!r} and {alias_name}={alias!r}: give one of them")
+    return alias
+
+
+def _step_end_callback(req: "Request"):
+    """diffusers' `callback_on_step_end(pipe, i, t, callback_kwargs)` as pydiff's callback: it gets
+    None for the pipeline (no diffusers pipeline object here) and {"latents": x}; a "latents" in
+    the dict it returns replaces x (the cascade's stages each call it, counting steps from 0)."""
+    fn = req.callback_on_step_end
+    if req.callback is not None:
+        raise ValueError("give callback or callback_on_step_end, not both")
+    if not callable(fn):
+        raise TypeError("callback_on_step_end must be callable(pipe, i, t, callback_kwargs)")
+    inputs = req.callback_on_step_end_tensor_inputs
+    if inputs is not None and list(inputs) != ["latents"]:
+        raise ValueError(f"callback_on_step_end_tensor_inputs: only ['latents'] is available, got {inputs!r}")
+
+    def callback(stage, i, t, x):
+        out = fn(None, i, t, {"latents": x})
+        if isinstance(out, dict) and out.get("latents") is not None and out["latents"] is not x:
+            return out["latents"]
+        return None
+
+    return callback
+
+
+def _latents(value, batch: int, st: Stage) -> np.ndarray:
+    """diffusers' `latents=`: x_T of the first stage, float32 [B or 1, C, R, R], finite."""
+    if hasattr(value, "__dlpack__") and not isinstance(value, np.ndarray):
+        value = np.from_dlpack(value)
+    a = np.asarray(value)
+    if a.dtype.kind != "f":
+        raise TypeError(f"latents: expected floating point, got {a.dtype}")
+    want = (st.channels, st.resolution, st.resolution)
+    if a.ndim != 4 or a.shape[1:] != want or a.shape[0] not in (1, batch):
+        raise ValueError(
+            f"latents: expected shape [{batch} or 1, {', '.join(map(str, want))}], got {a.shape}"
+        )
+    a = a.astype(np.float32)
+    if not np.all(np.isfinite(a)):
+        raise ValueError("latents: NaN or Inf")
+    return np.ascontiguousarray(np.broadcast_to(a, (batch, *want)))
+
+
 def _labels_from_prompts(gspec: GuidanceModelSpec, prompts: list[str]) -> list[int]:
     """A prompt that names one of the classifier's classes is that class's label."""
     index = {name: i for i, name in enumerate(gspec.class_names)}
@@ -372,7 +515,7 @@ class Img2ImgRequest(Request):
     def add_images(self, plan: Plan) -> None:
         if self.image is None:
             raise ValueError("img2img: an image is required")
-        plan.image = _square_image(self.image, plan.stages[-1].channels)
+        plan.image = _square_image(self.image, 3 if plan.latent else plan.stages[-1].channels)
 
 
 @dataclass(kw_only=True)
@@ -420,4 +563,7 @@ __all__ = [
     "UpscaleRequest",
     "REQUESTS",
     "random_seed",
+    "image_seed",
+    "resolve_seeds",
+    "OUTPUT_TYPES",
 ]

@@ -12,12 +12,13 @@ none waits behind later ones.
 
 A request's images depend on nothing but the request:
 
-- its starting noise comes from its own generator, `PCG64(seed)`, drawn as the pipeline draws it
-  (x_T of each stage, then the augmentation noise of a super-resolution stage);
-- the in-kernel noise of image j at stage k is keyed by its own (seed_j, step), seed_j =
-  (seed + k + j * 0x9E3779B97F4A7C15) mod 2**64, and element i within the sample
-  (`fused_step_rows`): never by its row position or its neighbours. Image 0's key is the one
-  `pydiff.generate` uses for a one-image call;
+- its starting noise comes from its images' own generators, `PCG64(seed_j)` per image j
+  (`Pipeline.generators`), drawn as the pipeline draws them (x_T of each stage, then the
+  augmentation noise of a super-resolution stage);
+- the in-kernel noise of image j at stage k is keyed by its own (seed_j + k, step), and element i
+  within the sample (`fused_step_rows`): never by its row position or its neighbours. These are
+  the keys `pydiff.generate` uses (seed_j = (seed + j * 0x9E3779B97F4A7C15) mod 2**64, or the
+  caller's per-image seeds);
 - the network is evaluated on at least two rows (a lone unguided row is evaluated twice), since ONNX
   Runtime's CPU kernels take another path at batch 1 (results 1 ulp apart); from two rows on, a row's
   output does not depend on the batch (tests/test_step_scheduler.py checks it end to end).
@@ -25,7 +26,7 @@ A request's images depend on nothing but the request:
 So a request's images are bit-identical whether it runs alone, batched with others, at any row
 position, or joined mid-way by other requests. Against `pydiff.generate` with the same seed they
 agree to float32 rounding (identical noise and conditioning; the network's batch differs), and for
-several images per request the in-kernel noise differs by design (per image, not per batch).
+several images per request too (each image's noise is its own there as well).
 """
 
 from __future__ import annotations
@@ -36,20 +37,13 @@ from typing import Callable
 
 import numpy as np
 
-from pydiff import imageio, ops
+from pydiff import ops
 from pydiff.errors import NonFiniteError
 from pydiff.package import Stage
 from pydiff.pipeline import Pipeline
 from pydiff.pipeline.pipeline import threshold_kwargs
 from pydiff.pipeline.requests import Plan
 from pydiff.samplers import make_sampler
-
-GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: spreads the images' keys over the seed space
-
-
-def row_seed(seed: int, stage_index: int, image: int) -> int:
-    """The in-kernel noise key of image `image` of a request at stage `stage_index`."""
-    return (seed + stage_index + image * GOLDEN) % 2**64
 
 
 @dataclass
@@ -189,7 +183,7 @@ class StepScheduler:
 
     def _start(self, job: ScheduledJob) -> None:
         plan = job.plan
-        job._rng = np.random.Generator(np.random.PCG64(plan.seed))
+        job._rng = self.pipe.generators(plan)
         job._text = self.pipe.text_conditions(plan)
         self._enter(job, 0)
 
@@ -198,7 +192,6 @@ class StepScheduler:
         plan, pipe = job.plan, self.pipe
         st = plan.stages[k]
         s = plan.settings[st.name]
-        B = plan.batch
         x, cond, uncond, _, _ = pipe.stage_inputs(plan, st, job._rng, job._text, job._x_prev)
         thr = threshold_kwargs(s)
         key = (st.name, s.sampler, s.steps, s.eta, tuple(sorted(thr.items())))
@@ -217,7 +210,7 @@ class StepScheduler:
             uncond=uncond,
             guided=guided,
             scales=np.ascontiguousarray(s.guidance_scale, np.float32),
-            seeds=[row_seed(plan.seed, st.index, j) for j in range(B)],
+            seeds=[(sj + st.index) % 2**64 for sj in plan.image_seeds()],
         )
 
     def _finish_stage(self, job: ScheduledJob) -> None:
@@ -227,8 +220,7 @@ class StepScheduler:
         if k < len(job.plan.stages):
             self._enter(job, k)
             return
-        x = np.clip(job._x_prev, -1.0, 1.0)
-        job.images = imageio.to_numpy(x) if job.plan.output_type == "numpy" else imageio.to_pil(x)
+        job.images = self.pipe.output(job.plan, job._x_prev)  # decoded, clipped, with .seeds
         job.done = True
 
     def _fail(self, job: ScheduledJob, error: BaseException) -> None:
@@ -311,4 +303,4 @@ def _finite_rows(out: np.ndarray, a: int, b: int, n: int, guided: bool) -> bool:
     return bool(ok and (not guided or np.all(np.isfinite(out[n + a : n + b]))))
 
 
-__all__ = ["StepScheduler", "ScheduledJob", "TickReport", "row_seed"]
+__all__ = ["StepScheduler", "ScheduledJob", "TickReport"]

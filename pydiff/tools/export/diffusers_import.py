@@ -32,6 +32,7 @@ SCHEDULER_KEYS = (
     "sample_max_value",
     "trained_betas",
     "set_alpha_to_one",
+    "variance_type",  # DDPM's fixed_small / fixed_large (learned variances are refused)
 )
 
 
@@ -71,8 +72,9 @@ def _load_unet(model: str | Path):
     return net.eval().float(), dict(net.config)
 
 
-def _check_supported(cfg: dict, cls_name: str) -> tuple[int, int]:
-    """(resolution, channels) of a UNet pydiff can run, else ValueError saying what it lacks."""
+def _check_supported(cfg: dict, cls_name: str, *, latent: bool = False) -> tuple[int, int]:
+    """(resolution, channels) of a UNet pydiff can run, else ValueError saying what it lacks.
+    `latent`: the UNet samples a VAE's latents (any channel count, no warning)."""
     size = cfg.get("sample_size")
     if isinstance(size, (list, tuple)):
         if len(set(size)) != 1:
@@ -81,12 +83,13 @@ def _check_supported(cfg: dict, cls_name: str) -> tuple[int, int]:
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"sample_size {size!r}: the config must give the image size")
     cin, cout = int(cfg["in_channels"]), int(cfg["out_channels"])
-    if cin not in (1, 3):
+    if cin not in (1, 3) and not latent:
         import warnings
 
         warnings.warn(
             f"in_channels {cin}: pydiff will return {cin}-channel arrays, not images (a 4-channel "
-            f"UNet is usually a latent model: decode its samples with the model's VAE)",
+            f"UNet is usually a latent model: import the whole pipeline folder with its VAE, "
+            f"pydiff import diffusers PIPELINE_DIR OUT)",
             stacklevel=3,
         )
     if cout not in (cin, 2 * cin):
@@ -116,6 +119,12 @@ def _find_scheduler(model: Path, scheduler: str | Path | None) -> dict:
     for c in cands:
         if c.is_file():
             raw = json.loads(c.read_text())
+            if raw.get("variance_type") in ("learned", "learned_range"):
+                raise ValueError(
+                    f"{c}: variance_type {raw['variance_type']!r}: learned variances are not supported "
+                    f"yet by pydiff's fused step (set variance_type 'fixed_small' in a copy of the "
+                    f"config to sample with the fixed variance)"
+                )
             full = Schedule.from_config(raw).to_config()
             return {k: full[k] for k in SCHEDULER_KEYS if k in full and full[k] is not None}
     if scheduler:

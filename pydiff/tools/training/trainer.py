@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from pydiff.files import atomic_write_bytes
+from pydiff.package import load_package
 from pydiff.tools.models import PRESETS, build_model
+from pydiff.tools.training.from_package import torch_module
 from pydiff.tools.training.schedule import alphas_cumprod
 from pydiff.tools.training.tasks import make_task
 
@@ -96,8 +98,6 @@ class TrainConfig:
 def _check_source_prediction(cfg: TrainConfig) -> None:
     """A fine-tune keeps what its source predicts: where the stage file sits in a package, the
     manifest says, and another `prediction_type` is refused (its weights would start wrong)."""
-    from pydiff.package import load_package
-
     src = Path(cfg.init_from).resolve()
     if not (src.parent / "manifest.json").is_file():
         return
@@ -114,8 +114,6 @@ def init_weights(model: torch.nn.Module, stage_file: str | Path) -> None:
     first convolution's input channels: the file's go first, the ones it lacks (an inpainting
     stage's mask and masked image, concatenated after them) start at zero, so the fine-tuned
     network begins as the network it came from."""
-    from pydiff.tools.training.from_package import torch_module  # onnx: only when fine-tuning
-
     src = torch_module(stage_file).state_dict()
     want = model.state_dict()
     if set(src) != set(want):
