@@ -111,13 +111,71 @@ class ServerState:
         with self._lock:
             self.inflight -= 1
 
+    def close(self) -> None:
+        self.engine.close()
 
-def load_pipeline(model, backend="auto") -> Pipeline:
+    def readiness(self) -> dict:
+        """/readyz's body (200 when `ready`)."""
+        body = {"status": self.status, "models": list(self.pipelines), "queue_depth": self.engine.queue_depth}
+        if self.load_error:
+            body["error"] = self.load_error
+        return body
+
+    def model_cards(self) -> list[dict]:
+        return [_model_card(n, p) for n, p in self.pipelines.items()]
+
+    async def start_work(self, kind: str, body: dict, *, openai: bool, deadline: float, on_event=None):
+        """Start one work request: `body` (JSON or multipart fields) parsed for `kind` (or the
+        OpenAI endpoint), planned and queued, or ApiError. Returns the coroutine of its answer (a
+        dict, or ApiError), waited for until `deadline` (monotonic). `on_event(ev)`, when given,
+        gets the progress events with preview PNGs (from the engine's thread)."""
+        if openai:
+            parsed = await run_in_threadpool(api.parse_openai, body, self.pipelines, self.limits)
+        else:
+            parsed = await run_in_threadpool(api.parse_request, kind, body, self.pipelines, self.limits)
+        pipe = self.pipelines[parsed.model]
+        plan = await run_in_threadpool(api.plan_request, pipe, parsed, self.limits, openai)
+        w = Work(
+            parsed.model,
+            parsed.request,
+            plan,
+            parsed.seed_given,
+            previews=on_event is not None,
+            on_event=on_event,
+        )
+        try:
+            job = self.engine.submit(w)
+        except QueueFullError as e:
+            raise ApiError(
+                429,
+                f"{e}; retry after {e.retry_after} s",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(e.retry_after)},
+            ) from None
+        except ShuttingDownError as e:
+            raise ApiError(503, str(e), type="service_unavailable", code="shutting_down") from None
+        return self._answer(job, parsed, plan, openai, deadline)
+
+    async def _answer(self, job, parsed, plan, openai: bool, deadline: float) -> dict:
+        try:
+            result = await _wait(self, job, deadline)
+            if openai:
+                return await run_in_threadpool(api.openai_response, parsed, plan, result)
+            return await run_in_threadpool(api.generate_response, job.id, parsed, plan, result)
+        finally:
+            job.cancel()  # no-op once done; stops the work when the answer failed or was dropped
+
+
+def load_pipeline(model, backend="auto", threads: int | None = None) -> Pipeline:
     """The pipeline a server runs `model` on: ONNX Runtime sessions whose idle threads block
-    (`server_session_options`) rather than spin against the server's other work."""
+    (`server_session_options`) rather than spin against the server's other work, with `threads`
+    intra-op threads each (default: ONNX Runtime's, one per core)."""
     options = {}
     if isinstance(backend, str) and backend.lower() in ("auto", "onnxruntime", "ort"):
         options["session_options"] = server_session_options()
+        if threads:
+            options["session_options"].intra_op_num_threads = int(threads)
     return load(model, backend=backend, **options)
 
 
@@ -160,11 +218,17 @@ def _error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-def create_app(models, **options) -> Starlette:
+def create_app(models, *, state=None, **options) -> Starlette:
     """The app for `models`: a list of package names or paths, or a dict name -> path or
     `Pipeline`. Options: backend, api_key, policy, max_queue, max_batch, timeout_s, limits
-    (`Limits`), warm. `app.state.pydiff` is the `ServerState`."""
-    state = ServerState(models, **options)
+    (`Limits`), warm. `app.state.pydiff` is the `ServerState`.
+
+    `state` replaces the `ServerState` (models and options then unused): any object with its
+    interface (`api_key`, `limits`, `timeout_s`, `metrics`, `status`, `ready`, `start`,
+    `begin_drain`, `close`, `enter`, `leave`, `readiness`, `model_cards` (both may be
+    coroutines), `start_work`). The Ray Serve ingress (`pydiff.serving.ray_serve`) is one: the same
+    routes, its work run on engine replicas."""
+    state = state if state is not None else ServerState(models, **options)
 
     def endpoint(name, fn, auth=True):
         async def handler(request: Request):
@@ -195,33 +259,25 @@ def create_app(models, **options) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request, t0):
-        body = {
-            "status": state.status,
-            "models": list(state.pipelines),
-            "queue_depth": state.engine.queue_depth,
-        }
-        if state.load_error:
-            body["error"] = state.load_error
-        return JSONResponse(body, status_code=200 if state.ready else 503)
+        return JSONResponse(await _maybe_await(state.readiness()), status_code=200 if state.ready else 503)
 
     async def metrics(request, t0):
         return Response(state.metrics.exposition(), media_type=state.metrics.content_type)
 
     async def models(request, t0):
-        return JSONResponse(
-            {"object": "list", "data": [_model_card(n, p) for n, p in state.pipelines.items()]}
-        )
+        return JSONResponse({"object": "list", "data": await _maybe_await(state.model_cards())})
 
     async def model(request, t0):
         name = request.path_params["name"]
-        if name not in state.pipelines:
+        cards = {c["id"]: c for c in await _maybe_await(state.model_cards())}
+        if name not in cards:
             raise ApiError(
                 404,
-                f"unknown model {name!r}; this server has {list(state.pipelines)}",
+                f"unknown model {name!r}; this server has {list(cards)}",
                 param="model",
                 code="model_not_found",
             )
-        return JSONResponse(_model_card(name, state.pipelines[name]))
+        return JSONResponse(cards[name])
 
     def work(kind, openai=False):
         async def run(request: Request, t0):
@@ -236,57 +292,23 @@ def create_app(models, **options) -> Starlette:
             body = api.parse_body(
                 await _read_body(request, state.limits), request.headers.get("content-type", "")
             )
-            if openai:
-                parsed = await run_in_threadpool(api.parse_openai, body, state.pipelines, state.limits)
-            else:
-                parsed = await run_in_threadpool(api.parse_request, kind, body, state.pipelines, state.limits)
-            pipe = state.pipelines[parsed.model]
-            plan = await run_in_threadpool(api.plan_request, pipe, parsed, state.limits, openai)
             stream = not openai and request.query_params.get("stream", "").lower() in ("1", "true", "yes")
+            deadline = t0 + state.timeout_s
+            if not stream:
+                answer = await state.start_work(kind, body, openai=openai, deadline=deadline)
+                return JSONResponse(await answer)
             events: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()
 
             def on_event(ev):
-                if "preview_png" in ev:
+                if isinstance(ev.get("preview_png"), bytes):
                     ev["preview_png"] = base64.b64encode(ev["preview_png"]).decode("ascii")
                 loop.call_soon_threadsafe(events.put_nowait, ev)
 
-            w = Work(
-                parsed.model,
-                parsed.request,
-                plan,
-                parsed.seed_given,
-                previews=stream,
-                on_event=on_event if stream else None,
-            )
-            try:
-                job = state.engine.submit(w)
-            except QueueFullError as e:
-                raise ApiError(
-                    429,
-                    f"{e}; retry after {e.retry_after} s",
-                    type="rate_limit_error",
-                    code="queue_full",
-                    headers={"Retry-After": str(e.retry_after)},
-                ) from None
-            except ShuttingDownError as e:
-                raise ApiError(503, str(e), type="service_unavailable", code="shutting_down") from None
-            deadline = t0 + state.timeout_s
-
-            async def answer():
-                result = await _wait(state, job, deadline)
-                if openai:
-                    return await run_in_threadpool(api.openai_response, parsed, plan, result)
-                return await run_in_threadpool(api.generate_response, job.id, parsed, plan, result)
-
-            if not stream:
-                try:
-                    return JSONResponse(await answer())
-                finally:
-                    job.cancel()  # no-op once done; stops the work when the answer failed
+            answer = await state.start_work(kind, body, openai=openai, deadline=deadline, on_event=on_event)
 
             async def sse():
-                task = asyncio.ensure_future(answer())
+                task = asyncio.ensure_future(answer)
                 try:
                     while True:
                         getter = asyncio.ensure_future(events.get())
@@ -308,7 +330,6 @@ def create_app(models, **options) -> Starlette:
                         err = ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
                         yield _sse({"event": "error", "status": 500, **err.body()})
                 finally:
-                    job.cancel()
                     task.cancel()
 
             return StreamingResponse(
@@ -345,12 +366,16 @@ def create_app(models, **options) -> Starlette:
         state.start()
         yield
         state.begin_drain()
-        state.engine.close()
+        state.close()
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
     app.state.pydiff = state
     app.add_middleware(InflightMiddleware, state=state)
     return app
+
+
+async def _maybe_await(value):
+    return await value if asyncio.iscoroutine(value) else value
 
 
 def _check_auth(state: ServerState, request: Request) -> None:
