@@ -37,6 +37,13 @@ def register(subparsers) -> None:
     s.add_argument("--sr-recommended", type=json.loads, default=None)
     s.add_argument("--noise-aug-level", type=int, default=100)
     s.add_argument("--notes", default="", help="Markdown appended to TRAINING.md (e.g. eval figures)")
+    s.add_argument("--name", default="shapes", help="the package's name (manifest)")
+    s.add_argument("--description", help="the package's description (manifest)")
+    s.add_argument(
+        "--shared-text-encoder",
+        metavar="PACKAGE",
+        help="name the bundled PACKAGE's text encoder (the same file) instead of shipping a copy",
+    )
     s.set_defaults(func=_run_shapes)
     d = esub.add_parser("digits", help="the digits class-conditional model from a run")
     d.add_argument("--run", required=True)
@@ -95,6 +102,9 @@ def _run_shapes(a) -> int:
                 sr_recommended=a.sr_recommended,
                 noise_aug_level=a.noise_aug_level,
                 extra_md=a.notes,
+                name=a.name,
+                description=a.description,
+                shared_text_encoder=a.shared_text_encoder,
             ),
             indent=1,
         )

