@@ -5,7 +5,8 @@ on the same inputs, measured side by side in one run: pydiff and diffusers alter
 and the speed-up is the median of the rounds' ratios (with its range). Both sides allocate their
 output every step, as a sampling loop does. Also the bandwidth floor: a copy that moves as many
 bytes as the fused step must (x, eps_cond, eps_uncond in; x_prev out; plus the x0 state for DPM++),
-timed at the same thread count (torch's copy_; NumPy's single-threaded copy without torch).
+timed at the same thread count (torch's copy_; NumPy's single-threaded copy without torch) in the
+same rounds as the step: each step's ratio to its floor is the median of the rounds' ratios.
 
     python benchmarks/bench_step.py                 # table on stdout
     python benchmarks/bench_step.py --json out.json
@@ -42,16 +43,16 @@ def median_time(fn, repeat: int, warmup: int = 3) -> float:
     return statistics.median(ts)
 
 
-def floor_time(n_moved: int, threads: int, repeat: int, torch=None) -> float:
-    """Seconds to copy n_moved / 2 floats (n_moved floats read + written: the step's traffic)."""
+def floor_copy(n_moved: int, threads: int, torch=None):
+    """A callable that copies n_moved / 2 floats (n_moved floats read + written: the step's traffic)."""
     half = n_moved // 2
     if torch is not None:
         torch.set_num_threads(threads)
         a, b = torch.ones(half), torch.empty(half)
-        return median_time(lambda: b.copy_(a), repeat)
+        return lambda: b.copy_(a)
     a = np.ones(half, np.float32)
     b = np.empty_like(a)
-    return median_time(lambda: np.copyto(b, a), repeat)
+    return lambda: np.copyto(b, a)
 
 
 def interleaved(fns: dict, rounds: int, per_round: int) -> dict:
@@ -177,8 +178,12 @@ def main(argv=None):
                 selected = float(np.mean((thresholds > 1) & (thresholds < 1.5))) if thr else 0.0
                 for nt in args.threads:
                     ops.set_num_threads(nt)
-                    floor = floor_time(arrays * n, nt, args.repeat, torch)
-                    fns = {"pydiff": lambda: ops.fused_step(x, both, p, **kw)}
+                    # the floor is timed in the same rounds as the step, so that the ratio of each round
+                    # compares the two under the same load (this machine is shared)
+                    fns = {
+                        "pydiff": lambda: ops.fused_step(x, both, p, **kw),
+                        "floor": floor_copy(arrays * n, nt, torch),
+                    }
                     if torch is not None:
                         torch.set_num_threads(nt)
                         fns["diffusers"] = make_diffusers_step(
@@ -191,8 +196,10 @@ def main(argv=None):
                         thresholding="dynamic" if thr else "off",
                         threads=nt,
                         pydiff_ms=statistics.median(times["pydiff"]) * 1e3,
-                        floor_ms=floor * 1e3,
-                        copy_GBps=arrays * 4 * n / floor / 1e9,
+                        floor_ms=statistics.median(times["floor"]) * 1e3,
+                        copy_GBps=arrays * 4 * n / statistics.median(times["floor"]) / 1e9,
+                        # the median over rounds of pydiff / floor, each round's pair timed together
+                        x_floor=statistics.median(q / f for q, f in zip(times["pydiff"], times["floor"])),
                         selected_fraction=selected,
                     )
                     if torch is not None:
@@ -210,7 +217,6 @@ def main(argv=None):
                             x0_prev=prev if sampler == "dpmpp_2m" else None,
                         )
                         row["numpy_ms"] = median_time(ref, max(3, args.repeat // 10), warmup=1) * 1e3
-                    row["x_floor"] = row["pydiff_ms"] / row["floor_ms"]
                     rows.append(row)
                     print(_fmt(row), flush=True)
         ops.set_num_threads(0)
@@ -224,7 +230,9 @@ def main(argv=None):
             step_index=STEP_INDEX,
             repeat=args.repeat,
             rounds=args.rounds,
-            floor="torch copy_ at the row's threads" if torch is not None else "numpy copyto, 1 thread",
+            floor="torch copy_ at the row's threads, in the step's rounds"
+            if torch is not None
+            else "numpy copyto, 1 thread, in the step's rounds",
             diffusers=getattr(diffusers, "__version__", None),
             torch=getattr(torch, "__version__", None),
         )

@@ -48,4 +48,12 @@ void randn_cpu(uint64_t seed, uint32_t step, int64_t offset, float* out, int64_t
 
 int default_num_threads();
 
+// The instruction set of the CPU twin's hand-vectorised loops (the noise, the threshold's compaction):
+// the widest this CPU has (AVX-512F, AVX2, else scalar loops), or PYDIFF_SIMD_ISA=scalar|avx2|avx512
+// from the environment, capped at what the CPU has. Every path gives the same bits; set_simd_isa (tests,
+// benchmarks) returns the one it chose.
+enum SimdIsa : int { kSimdScalar = 0, kSimdAvx2 = 1, kSimdAvx512 = 2 };
+SimdIsa simd_isa();
+SimdIsa set_simd_isa(SimdIsa wanted);
+
 }  // namespace pydiff

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -13,7 +14,9 @@
 
 #include "math/philox.h"
 #include "math/step.h"
+#include "ops/noise_cpu.h"
 #include "ops/ops.h"
+#include "ops/select_cpu.h"
 
 namespace pydiff {
 namespace {
@@ -38,33 +41,6 @@ int threads_for(int64_t total, int num_threads) {
   return total < kSerialBelow ? 1 : num_threads;
 }
 
-// Normals of stream (seed, step) for whole groups [g0, g0 + count): 4 * count values into dst.
-// Structure-of-arrays loops so that Philox and Box-Muller vectorise across groups.
-void normal_groups(uint64_t seed, uint32_t step, uint64_t g0, int64_t count, float* dst) {
-  constexpr int64_t kG = 64;
-  uint32_t w[4][kG];
-  float z[4][kG];
-  for (int64_t base = 0; base < count; base += kG) {
-    const int64_t len = std::min(kG, count - base);
-    for (int64_t j = 0; j < len; ++j) {
-      const U32x4 r = noise_block(seed, step, g0 + uint64_t(base + j));
-      w[0][j] = r.v[0];
-      w[1][j] = r.v[1];
-      w[2][j] = r.v[2];
-      w[3][j] = r.v[3];
-    }
-    for (int64_t j = 0; j < len; ++j) box_muller(w[0][j], w[1][j], z[0][j], z[1][j]);
-    for (int64_t j = 0; j < len; ++j) box_muller(w[2][j], w[3][j], z[2][j], z[3][j]);
-    float* d = dst + 4 * base;
-    for (int64_t j = 0; j < len; ++j) {
-      d[4 * j] = z[0][j];
-      d[4 * j + 1] = z[1][j];
-      d[4 * j + 2] = z[2][j];
-      d[4 * j + 3] = z[3][j];
-    }
-  }
-}
-
 // Normals of stream (seed, step) for elements [begin, begin + count) into dst.
 void fill_normals(uint64_t seed, uint32_t step, int64_t begin, int64_t count, float* dst) {
   const int64_t end = begin + count;
@@ -84,11 +60,54 @@ void fill_normals(uint64_t seed, uint32_t step, int64_t begin, int64_t count, fl
   }
 }
 
+// The statistics of |x0| that settle most dynamic thresholds, and what a selection needs otherwise.
+// The values > 1 split in two: "mid", 1 < v < sample_max_value, the only ones a selection can
+// return (they are written out for it), and "top", v >= sample_max_value, of which only the smallest
+// can matter (as the upper end of a lerp). NaN is in neither and counts with the values <= 1.
+// Minima and maxima over the bits: non-negative floats order as their bits.
 struct AbsStats {
-  int64_t above_one = 0;  // |x0| > 1
-  int64_t at_max = 0;     // |x0| >= sample_max_value
-  float max_le_one = 0.0f;
+  int64_t above_one = 0;         // |x0| > 1
+  int64_t at_max = 0;            // |x0| >= sample_max_value
+  int64_t mid = 0;               // 1 < |x0| < sample_max_value
+  uint32_t max_le_one = 0;       // bits of the largest |x0| <= 1 (+0 when none)
+  uint32_t min_above_one = ~0u;  // bits of the smallest |x0| > 1
+  uint32_t min_top = ~0u;        // bits of the smallest |x0| > 1 and >= sample_max_value
+  void merge(const AbsStats& o) {
+    above_one += o.above_one;
+    at_max += o.at_max;
+    mid += o.mid;
+    max_le_one = std::max(max_le_one, o.max_le_one);
+    min_above_one = std::min(min_above_one, o.min_above_one);
+    min_top = std::min(min_top, o.min_top);
+  }
 };
+
+// Adds the values value(0) .. value(m - 1) (|x0|) to st, storing them in vals (a block in L1); with
+// mid_out, appends their mid values at mid_out + st.mid (room for m + 16 more). One loop with 32-bit
+// counters, so that it vectorises with the computation of the values.
+template <class Value>
+[[gnu::always_inline]] inline void add_abs_stats(const Value& value, float* vals, int64_t m, float smax,
+                                                 AbsStats& st, float* mid_out) {
+  int32_t a = 0, at = 0;
+  uint32_t mx = st.max_le_one, mn = st.min_above_one, mt = st.min_top;
+  for (int64_t j = 0; j < m; ++j) {
+    const float v = value(j);
+    vals[j] = v;
+    const uint32_t b = float_bits(v);
+    const uint32_t above = 0u - uint32_t(v > 1.0f), ge = 0u - uint32_t(v >= smax);
+    a -= int32_t(above);
+    at -= int32_t(ge);
+    mx = std::max(mx, b & (0u - uint32_t(v <= 1.0f)));
+    mn = std::min(mn, b | ~above);
+    mt = std::min(mt, b | ~(above & ge));
+  }
+  st.above_one += a;
+  st.at_max += at;
+  st.max_le_one = mx;
+  st.min_above_one = mn;
+  st.min_top = mt;
+  if (mid_out) st.mid += compact_between(vals, m, 1.0f, smax, mid_out + st.mid);
+}
 
 // Scratch space of one thread's selections, reused across samples.
 struct SelectScratch {
@@ -96,16 +115,13 @@ struct SelectScratch {
   std::vector<uint32_t> hist;
 };
 
-// Buckets of the radix pre-pass: the top 11 bits of a non-negative float (its exponent and 3
-// mantissa bits); non-negative floats order as their bits, so buckets order as their values.
-constexpr int kBucketShift = 20;
-constexpr int64_t kBuckets = int64_t(1) << (31 - kBucketShift);
-
-// The k-th smallest of v[0, count) (non-negative floats) and, when want_next, the (k+1)-th.
-// A histogram of the buckets finds the one that holds rank k; nth_element runs on it alone.
+// The k-th smallest of v[0, count) and, when want_next, the (k+1)-th; every value is a non-negative
+// float whose bits lie in [lo_bits, hi_bits]. A radix pass: a histogram of the top bits of
+// (bits - lo_bits), as many buckets as about a quarter of the values (64 to 2048), finds the bucket
+// that holds rank k; nth_element runs on it alone. Buckets order as their values.
 void select_kth(const float* v, int64_t count, int64_t k, bool want_next, float& vk, float& vk1,
-                SelectScratch& sc) {
-  if (count <= 2048) {
+                SelectScratch& sc, uint32_t lo_bits, uint32_t hi_bits) {
+  if (count <= 64) {
     sc.bucket.assign(v, v + count);
     auto nth = sc.bucket.begin() + k;
     std::nth_element(sc.bucket.begin(), nth, sc.bucket.end());
@@ -113,22 +129,33 @@ void select_kth(const float* v, int64_t count, int64_t k, bool want_next, float&
     vk1 = want_next ? *std::min_element(nth + 1, sc.bucket.end()) : vk;
     return;
   }
-  // Four interleaved histograms: consecutive values often share a bucket, and a single histogram
-  // would serialise on that counter.
-  sc.hist.assign(size_t(4 * kBuckets), 0u);
+  int bucket_bits = 6;
+  while (bucket_bits < 11 && (int64_t(4) << bucket_bits) < count) ++bucket_bits;
+  const int64_t buckets = int64_t(1) << bucket_bits;
+  int shift = 0;
+  while (((hi_bits - lo_bits) >> shift) >= uint32_t(buckets)) ++shift;
+  auto key = [&](float f) { return (float_bits(f) - lo_bits) >> shift; };
+  // Four interleaved histograms when there are many values: consecutive values often share a
+  // bucket, and a single histogram would serialise on that counter.
+  const int lanes = count > 8 * buckets ? 4 : 1;
+  sc.hist.assign(size_t(lanes * buckets), 0u);
   uint32_t* hist = sc.hist.data();
-  for (int64_t i = 0; i < count; ++i) ++hist[(i & 3) * kBuckets + (float_bits(v[i]) >> kBucketShift)];
-  for (int64_t i = 0; i < kBuckets; ++i)
-    hist[i] += hist[kBuckets + i] + hist[2 * kBuckets + i] + hist[3 * kBuckets + i];
+  if (lanes == 4) {
+    for (int64_t i = 0; i < count; ++i) ++hist[(i & 3) * buckets + key(v[i])];
+    for (int64_t i = 0; i < buckets; ++i)
+      hist[i] += hist[buckets + i] + hist[2 * buckets + i] + hist[3 * buckets + i];
+  } else {
+    for (int64_t i = 0; i < count; ++i) ++hist[key(v[i])];
+  }
   int64_t b = 0, before = 0;
   while (before + int64_t(hist[b]) <= k) before += hist[b++];
-  const uint32_t key = uint32_t(b);
+  const uint32_t want = uint32_t(b);
   sc.bucket.resize(size_t(hist[b]) + 1);  // a spare slot: the branch-free gather writes before it counts
   float* bucket = sc.bucket.data();
   int64_t m = 0;
   for (int64_t i = 0; i < count; ++i) {
     bucket[m] = v[i];
-    m += (float_bits(v[i]) >> kBucketShift) == key;
+    m += key(v[i]) == want;
   }
   sc.bucket.resize(size_t(hist[b]));
   const int64_t kin = k - before;
@@ -144,17 +171,17 @@ void select_kth(const float* v, int64_t count, int64_t k, bool want_next, float&
     while (hist[b2] == 0) ++b2;
     float mn = bits_float(0x7f800000u);
     for (int64_t i = 0; i < count; ++i)
-      if ((float_bits(v[i]) >> kBucketShift) == uint32_t(b2)) mn = std::min(mn, v[i]);
+      if (key(v[i]) == uint32_t(b2)) mn = std::min(mn, v[i]);
     vk1 = mn;
   }
 }
 
 // The per-sample threshold of Imagen's dynamic thresholding, exactly torch.quantile's value, in
-// O(n) and without a sort: two counts settle most samples (the quantile is clamped to
-// [1, max_value]); only otherwise does collect_above(dst) write the values > 1 (in any order) for
-// a selection among them alone.
-template <class CollectAbove>
-float threshold_from_stats(int64_t n, const AbsStats& st, const CollectAbove& collect_above, float q,
+// O(n) and without a sort: the counts settle most samples (the quantile is clamped to
+// [1, max_value]); only otherwise does gather_mid(dst) write the sample's mid values (room for
+// st.mid + 16), for a selection among them alone.
+template <class GatherMid>
+float threshold_from_stats(int64_t n, const AbsStats& st, const GatherMid& gather_mid, float q,
                            float max_value, SelectScratch& sc) {
   int64_t lo, hi;
   float w;
@@ -162,26 +189,21 @@ float threshold_from_stats(int64_t n, const AbsStats& st, const CollectAbove& co
   const int64_t first_above = n - st.above_one;  // sorted position of the first value > 1
   if (hi < first_above) return 1.0f;             // the lerp of two values <= 1
   if (lo >= n - st.at_max) return max_value;     // the lerp of two values >= max_value
-  sc.values.resize(size_t(n) + 1);
-  const float* above = sc.values.data();
-  collect_above(sc.values.data());
   float v_lo, v_hi;
   if (lo < first_above) {  // lo is the largest value <= 1, hi the smallest value > 1
-    v_lo = st.max_le_one;
-    v_hi = *std::min_element(above, above + st.above_one);
+    v_lo = bits_float(st.max_le_one);
+    v_hi = bits_float(st.min_above_one);
   } else {
-    select_kth(above, st.above_one, lo - first_above, hi != lo, v_lo, v_hi, sc);
+    const int64_t r = lo - first_above;  // rank among the values > 1: the mid values, then the top
+    if (r >= st.mid) return max_value;   // both among the top (only when max_value < 1)
+    sc.values.resize(size_t(st.mid) + 16);
+    gather_mid(sc.values.data());
+    const bool next_in_mid = hi != lo && r + 1 < st.mid;
+    select_kth(sc.values.data(), st.mid, r, next_in_mid, v_lo, v_hi, sc, st.min_above_one,
+               float_bits(max_value));
+    if (hi != lo && !next_in_mid) v_hi = bits_float(st.min_top);  // hi opens the top
   }
   return clamp_threshold(torch_lerp(v_lo, v_hi, w), max_value);
-}
-
-// Writes the values of |x| > 1 of v[0, n) to dst (room for n + 1), branch-free.
-inline void compact_above_one(const float* v, int64_t n, float* dst) {
-  int64_t k = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    dst[k] = v[i];
-    k += v[i] > 1.0f;
-  }
 }
 
 // The unclamped quantile of all n values (pydiff.ops.abs_quantile).
@@ -190,20 +212,23 @@ float quantile_of(const float* v, int64_t n, float q, SelectScratch& sc) {
   float w;
   quantile_rank(q, n, lo, hi, w);
   float v_lo, v_hi;
-  select_kth(v, n, lo, hi != lo, v_lo, v_hi, sc);
+  select_kth(v, n, lo, hi != lo, v_lo, v_hi, sc, 0u, 0x7f800000u);
   return torch_lerp(v_lo, v_hi, w);
 }
 
 // The element loop of the fused step over one block. Coefficients in a local and no pointer into
 // them, so the compiler keeps them in registers and vectorises the loop. Inlined into its caller: as
 // a call of its own (GCC 12, from the dispatching lambda of fused_step_impl) the scalar fallback of
-// the vectorised loop ran, 4-8x slower at (16, 3, 64, 64).
+// the vectorised loop ran, 4-8x slower at (16, 3, 64, 64). z is the caller's own noise buffer, which
+// nothing else aliases: without __restrict the loop has more pointer pairs than GCC will check at run
+// time (vect-max-version-for-alias-checks, 10) once z's address escapes to the noise loops, and only
+// the scalar loop is built.
 template <int PRED, bool GUIDED, bool PLAIN>
 [[gnu::always_inline]] inline int64_t step_block(const StepParams& params, const float* x, const float* c,
                                                  const float* u, const float s, const float limit,
                                                  const float divisor, const bool clipped_eps,
-                                                 const float* prev, const float* z, float* x0o, float* out,
-                                                 const int64_t len) {
+                                                 const float* prev, const float* __restrict z, float* x0o,
+                                                 float* out, const int64_t len) {
   StepParams p{};
   p.alpha = params.alpha;
   p.sigma = params.sigma;
@@ -226,37 +251,22 @@ template <int PRED, bool GUIDED, bool PLAIN>
   return bad;
 }
 
-// The statistics of |x0| over one chunk that settle most dynamic thresholds: how many exceed 1,
-// how many reach sample_max_value, and the largest that does not exceed 1. With `abs_out`, the
-// |x0| values are also stored. 32-bit counters and an integer max over the bits (|x0| >= 0 orders
-// as its bits) so that the loop vectorises.
+// The statistics of |x0| over one chunk (add_abs_stats), computed block by block in L1 from the
+// step's inputs; with mid_out, the chunk's mid values are written there (room for len + 16).
 template <int PRED, bool GUIDED>
 void abs_stats_block(const StepParams& params, const float* x, const float* c, const float* u, const float s,
-                     const int64_t len, AbsStats& st, float* abs_out) {
+                     const int64_t len, AbsStats& st, float* mid_out) {
   StepParams p{};
   p.alpha = params.alpha;
   p.sigma = params.sigma;
   const float smax = params.sample_max_value;
-  int64_t n_above = 0, n_at = 0;
-  uint32_t mx = 0;
   float vals[kBlock];
   for (int64_t blk = 0; blk < len; blk += kBlock) {
     const int64_t m = std::min(kBlock, len - blk);
-    float* dst = abs_out ? abs_out + blk : vals;
-    int32_t a = 0, at = 0;
-    for (int64_t j = 0; j < m; ++j) {
-      const float v = std::fabs(raw_x0<PRED, GUIDED>(p, x[blk + j], c[blk + j], u[blk + j], s));
-      dst[j] = v;
-      a += int32_t(v > 1.0f);
-      at += int32_t(v >= smax);
-      mx = std::max(mx, float_bits(v) & (0u - uint32_t(v <= 1.0f)));
-    }
-    n_above += a;
-    n_at += at;
+    const float *xb = x + blk, *cb = c + blk, *ub = u + blk;
+    add_abs_stats([&](int64_t j) { return std::fabs(raw_x0<PRED, GUIDED>(p, xb[j], cb[j], ub[j], s)); }, vals,
+                  m, smax, st, mid_out);
   }
-  st.above_one = n_above;
-  st.at_max = n_at;
-  st.max_le_one = bits_float(mx);
 }
 
 // Calls f(Pred<PRED>{}, Guided<GUIDED>{}) for a prediction type and guidance known at run time:
@@ -321,9 +331,13 @@ int64_t fused_step_impl(const StepArrays& a, const Rows& rows, int num_threads) 
   auto scale_of = [&](int64_t b) { return a.scales ? a.scales[b] : a.scale; };
 
   // Dynamic thresholding needs each sample's quantile of |x0| before any element can be finished:
-  // a statistics pass, then a selection only for the samples that the counts do not settle.
+  // one pass computes x0 and its statistics and writes out the few values a selection can return
+  // (those in (1, sample_max_value)); a selection among them runs only for the samples that the
+  // counts do not settle. Each work item writes into its own stretch of `mids`.
   std::vector<float> s_dyn(static_cast<size_t>(B), 1.0f);
   if (rows.any_dynamic(B)) {
+    constexpr int64_t kMidStride = kChunk + 16;
+    std::unique_ptr<float[]> mids(new float[size_t(num_items * kMidStride)]);
     std::vector<AbsStats> stats(static_cast<size_t>(num_items));
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t it = 0; it < num_items; ++it) {
@@ -334,38 +348,30 @@ int64_t fused_step_impl(const StepArrays& a, const Rows& rows, int num_threads) 
       with_kernel(p.prediction_type, guided, [&](auto pred, auto g) {
         abs_stats_block<decltype(pred)::value, decltype(g)::value>(
             p, a.x + off, a.cond + off, uncond + off, scale_of(item.sample), item.end - item.begin,
-            stats[size_t(it)], nullptr);
+            stats[size_t(it)], mids.get() + it * kMidStride);
       });
     }
+    const int64_t items_per_sample = (n + kChunk - 1) / kChunk;  // make_items: a sample's items in a row
     std::vector<AbsStats> per_sample(static_cast<size_t>(B));
-    for (int64_t it = 0; it < num_items; ++it) {
-      AbsStats& t = per_sample[size_t(items[size_t(it)].sample)];
-      const AbsStats& u = stats[size_t(it)];
-      t.above_one += u.above_one;
-      t.at_max += u.at_max;
-      t.max_le_one = std::max(t.max_le_one, u.max_le_one);
-    }
+    for (int64_t it = 0; it < num_items; ++it)
+      per_sample[size_t(items[size_t(it)].sample)].merge(stats[size_t(it)]);
     // an exception may not leave an OpenMP region (std::terminate): keep the first, rethrow after
     std::exception_ptr failure;
 #pragma omp parallel num_threads(int(std::min<int64_t>(nt, B)))
     {
       SelectScratch scratch;
-      std::vector<float> abs_vals;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t b = 0; b < B; ++b) try {
           const StepParams& p = rows.of(b);
           if (p.threshold_mode != kDynamic) continue;
-          const int64_t off = b * n;
-          auto collect_above = [&](float* dst) {  // |x0| of the sample again, then its values > 1
-            abs_vals.resize(size_t(n));
-            AbsStats unused;
-            with_kernel(p.prediction_type, guided, [&](auto pred, auto g) {
-              abs_stats_block<decltype(pred)::value, decltype(g)::value>(
-                  p, a.x + off, a.cond + off, uncond + off, scale_of(b), n, unused, abs_vals.data());
-            });
-            compact_above_one(abs_vals.data(), n, dst);
+          auto gather_mid = [&](float* dst) {  // the mid values of the sample's items, one after another
+            for (int64_t it = b * items_per_sample; it < (b + 1) * items_per_sample; ++it) {
+              const int64_t m = stats[size_t(it)].mid;
+              std::memcpy(dst, mids.get() + it * kMidStride, size_t(m) * sizeof(float));
+              dst += m;
+            }
           };
-          s_dyn[size_t(b)] = threshold_from_stats(n, per_sample[size_t(b)], collect_above, p.dynamic_ratio,
+          s_dyn[size_t(b)] = threshold_from_stats(n, per_sample[size_t(b)], gather_mid, p.dynamic_ratio,
                                                   p.sample_max_value, scratch);
         } catch (...) {
 #pragma omp critical(pydiff_failure)
@@ -454,32 +460,29 @@ void abs_quantile_cpu(const float* x, float q, float max_value, bool clamp, floa
 #pragma omp parallel num_threads(int(std::min<int64_t>(nt, std::max<int64_t>(batch, 1))))
   {
     SelectScratch scratch;
+    std::vector<float> mid;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < batch; ++b) try {
         const float* xb = x + b * n;
         AbsStats st;
         int64_t nans = 0;
-        uint32_t mx = 0;
-        for (int64_t i = 0; i < n; ++i) {
-          const float v = std::fabs(xb[i]);
-          st.above_one += v > 1.0f;
-          st.at_max += v >= max_value;
-          mx = std::max(mx, float_bits(v) & (0u - uint32_t(v <= 1.0f)));
-          nans += v != v;
+        if (clamp) mid.resize(size_t(n) + 16);
+        float vals[kBlock];
+        for (int64_t blk = 0; blk < n; blk += kBlock) {
+          const int64_t m = std::min(kBlock, n - blk);
+          int32_t nan_count = 0;
+          for (int64_t j = 0; j < m; ++j) nan_count += int32_t(xb[blk + j] != xb[blk + j]);
+          nans += nan_count;
+          const float* v = xb + blk;
+          if (clamp)
+            add_abs_stats([&](int64_t j) { return std::fabs(v[j]); }, vals, m, max_value, st, mid.data());
         }
-        st.max_le_one = bits_float(mx);
         // torch.quantile gives NaN for a row with a NaN; so do we.
-        auto collect_above = [&](float* dst) {
-          int64_t k = 0;
-          for (int64_t i = 0; i < n; ++i) {
-            dst[k] = std::fabs(xb[i]);
-            k += std::fabs(xb[i]) > 1.0f;
-          }
-        };
+        auto gather_mid = [&](float* dst) { std::memcpy(dst, mid.data(), size_t(st.mid) * sizeof(float)); };
         if (nans) {
           s[b] = bits_float(0x7fc00000u);
         } else if (clamp) {
-          s[b] = threshold_from_stats(n, st, collect_above, q, max_value, scratch);
+          s[b] = threshold_from_stats(n, st, gather_mid, q, max_value, scratch);
         } else {
           std::vector<float>& all = scratch.values;
           all.resize(size_t(n));

@@ -2,11 +2,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <vector>
 
 #include "math/philox.h"
 #include "math/step.h"
+#include "ops/noise_cpu.h"
 #include "ops/ops.h"
 #include "tests/check.h"
 
@@ -53,6 +55,47 @@ static void test_normal_moments() {
   CHECK(std::equal(part.begin(), part.end(), z.begin() + 333), "offset noise differs");
 }
 
+static uint64_t fnv1a(const std::vector<float>& z) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (float v : z) h = (h ^ float_bits(v)) * 0x100000001b3ull;
+  return h;
+}
+
+// The vector noise loops (AVX-512, AVX2, whichever this CPU has) against the scalar loop, bit for
+// bit, at every alignment of a run's head and tail and across the 2^32 boundary of the group counter;
+// and the stream against the hashes of the values it had before the vector loops existed.
+static void test_noise_paths_bit_identical() {
+  const SimdIsa best = set_simd_isa(kSimdAvx512);
+  std::printf("noise ISA on this CPU: %d\n", int(best));
+  struct Case {
+    uint64_t seed;
+    uint32_t step;
+    int64_t offset, count;
+    uint64_t hash;  // FNV-1a of the float bits, from the scalar build of 2026-12-03 (commit a6b68d8)
+  };
+  const Case golden[] = {{1234, 7, 5, 100003, 0xd3d036811a45f108ull},
+                         {~0ull, ~0u, (int64_t(1) << 34) - 3, 4099, 0x7d93074a09578722ull}};
+  for (int isa = kSimdScalar; isa <= int(best); ++isa) {
+    set_simd_isa(SimdIsa(isa));
+    for (const Case& c : golden) {
+      std::vector<float> z(size_t(c.count));
+      randn_cpu(c.seed, c.step, c.offset, z.data(), c.count, 2);
+      CHECK(fnv1a(z) == c.hash, "isa %d: stream (%llu, %u) hash %llx, want %llx", isa,
+            (unsigned long long)c.seed, c.step, (unsigned long long)fnv1a(z), (unsigned long long)c.hash);
+    }
+    for (uint64_t g0 : {uint64_t(0), uint64_t(3), (uint64_t(1) << 32) - 5, ~uint64_t(0) - 40})
+      for (int64_t count : {1, 7, 8, 15, 16, 17, 33, 200}) {
+        std::vector<float> got(size_t(4 * count)), want(size_t(4 * count));
+        normal_groups(99, 3, g0, count, got.data());
+        normal_groups_scalar(99, 3, g0, count, want.data());
+        CHECK(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)) == 0,
+              "isa %d: groups %llu + %lld differ from the scalar loop", isa, (unsigned long long)g0,
+              (long long)count);
+      }
+  }
+  set_simd_isa(best);
+}
+
 static void test_quantile_selection() {
   std::mt19937 gen(5);
   std::normal_distribution<float> nd(0.0f, 1.3f);
@@ -80,6 +123,7 @@ int main() {
   test_philox_known_answer();
   test_log_and_sincos();
   test_normal_moments();
+  test_noise_paths_bit_identical();
   test_quantile_selection();
   std::printf("%s (%d failures)\n", failures ? "FAILED" : "OK", failures);
   return failures ? 1 : 0;
