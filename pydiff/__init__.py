@@ -21,6 +21,10 @@ def __getattr__(name):
         from pydiff import pipeline
 
         return getattr(pipeline, name)
+    if name in ("features", "purify"):  # issue 26: diffusion models for discriminative work
+        from pydiff import discriminative
+
+        return getattr(discriminative, name)
     if name in ("ModelOutputError", "BackendUnavailableError"):
         from pydiff import backends
 
@@ -40,5 +44,7 @@ __all__ = [
     "__version__",
     "ModelOutputError",
     "BackendUnavailableError",
+    "features",
+    "purify",
     *_PIPELINE_NAMES,
 ]

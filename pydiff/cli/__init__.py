@@ -56,9 +56,12 @@ TOOL_COMMANDS = {
     "bench": "pydiff.cli.bench",
     "serve": "pydiff.cli.serve",  # the [serve] extra: Starlette, uvicorn (says how to install it)
     "import": "pydiff.cli.importing",  # the [diffusers] extra (says how to install it)
+    "segment": "pydiff.cli.segment",
+    "purify": "pydiff.cli.purify",
 }
 # The extra that brings each tool command's packages: named when its module cannot be imported.
 TOOL_EXTRAS = {"train": "train", "export": "train", "eval": "train", "guidance": "train", "bench": "dev"}
+TOOL_EXTRAS.update(segment="train", purify="train")
 
 
 def build_parser(tools=tuple(TOOL_COMMANDS)) -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Training, baselines, attacks and evaluations for `pydiff.discriminative` (issue 26)."""
