@@ -159,3 +159,24 @@ def test_the_package_says_how_prompts_are_encoded(tmp_path):
     ids, mask = enc.tokenize([a, b])
     (one_run,) = enc.session.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})
     assert np.array_equal(both, one_run) and not np.array_equal(both[1], alone[0])
+
+
+def test_the_prompt_cache_gives_the_encoders_own_bits_and_stays_bounded(monkeypatch):
+    import pydiff
+
+    enc = pydiff.load("shapes").backend.text_encoder
+    runs = []
+    real = enc._run
+    monkeypatch.setattr(enc, "_run", lambda ids, mask: runs.append(1) or real(ids, mask))
+    first, _ = enc.encode(["a red circle on a blue background", ""])
+    again, _ = enc.encode(["", "a red circle on a blue background"])
+    assert len(runs) == 2  # the second call encoded nothing
+    np.testing.assert_array_equal(again[::-1], first)
+    np.testing.assert_array_equal(
+        first[:1], real(*[a[:1] for a in enc.tokenize(["a red circle on a blue background"])])
+    )
+    again[0, 0, 0] = 7.0  # what a call returns is the caller's
+    assert enc.encode([""])[0][0, 0, 0] != 7.0
+    monkeypatch.setattr(type(enc), "CACHE_SIZE", 3)
+    enc.encode([f"prompt {i}" for i in range(10)])
+    assert len(enc._cache) == 3

@@ -8,7 +8,9 @@ BERT's [UNK], or byte-level pieces), never drop them.
 
 from __future__ import annotations
 
+import collections
 import os
+import threading
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -84,6 +86,8 @@ class TextEncoder:
     pad token, to `max_length`), else BERT's [PAD] (id 0 where the vocabulary has none).
     """
 
+    CACHE_SIZE = 256  # prompts whose states are kept (per-prompt encoders; about 24 KB each here)
+
     def __init__(
         self,
         onnx_path: str,
@@ -117,6 +121,8 @@ class TextEncoder:
             )
         self.session = session
         self.per_prompt = bool(per_prompt)
+        self._cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._cache_lock = threading.Lock()
         self._input_names = {i.name for i in self.session.get_inputs()}
 
     def tokenize(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -158,9 +164,26 @@ class TextEncoder:
         rows: dict[str, np.ndarray] = {}
         for i, p in enumerate(prompts):
             if p not in rows:
-                rows[p] = self._run(ids[i : i + 1], mask[i : i + 1])
+                rows[p] = self._encoded(p, ids[i : i + 1], mask[i : i + 1])
         states = np.concatenate([rows[p] for p in prompts]) if prompts else np.zeros((0, self.max_length, 0))
         return states.astype(np.float32), mask.astype(np.float32)
+
+    def _encoded(self, prompt: str, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """One prompt's states, from the cache of the CACHE_SIZE last prompts when there: encoded
+        alone, a prompt's states depend on it only, so a cached copy is the same bits (a server
+        encodes the empty negative prompt, and popular prompts, once)."""
+        with self._cache_lock:
+            hit = self._cache.get(prompt)
+            if hit is not None:
+                self._cache.move_to_end(prompt)
+                return hit
+        states = self._run(ids, mask)
+        states.setflags(write=False)
+        with self._cache_lock:
+            self._cache[prompt] = states
+            while len(self._cache) > self.CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return states
 
     def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """last_hidden_state float32 [B, L, D] of one encoder run."""
