@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,8 @@ from pydiff import ops  # noqa: E402
 from pydiff.errors import UsageError  # noqa: E402
 from pydiff.tools.export.diffusers_pipeline import import_pipeline  # noqa: E402
 from pydiff.tools.export.tiny_diffusers import sd_components, tiny_unet2d  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent  # no pydiff/ here: subprocesses import the installed one
 
 IMAGE_TOL = 1e-4
 LATENT_RTOL = 2e-4
@@ -234,7 +237,7 @@ def test_sd_cli_generates_png_without_torch(sd, tmp_path):
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers')]\n"
         "print('RC', rc, 'HEAVY', bad)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=TESTS)
     assert "RC 0 HEAVY []" in r.stdout, r.stderr[-2000:]
     from PIL import Image
 
@@ -317,7 +320,7 @@ def test_missing_extra_names_it():
         "from pydiff.cli import main\n"
         "sys.exit(main(['import', 'diffusers', 'a', 'b']))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=TESTS)
     assert r.returncode == 2, r.stderr
     assert "pip install 'pydiff[diffusers]'" in r.stderr and "ModuleNotFoundError" not in r.stderr
 
@@ -329,7 +332,7 @@ def test_tool_command_without_its_extra_names_it():
         "from pydiff.cli import main\n"
         "sys.exit(main(['export', 'shapes', '--base', 'a', '--sr', 'b', '--text-encoder', 'c', '--out', 'd']))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=TESTS)
     assert r.returncode == 2, r.stderr
     assert "pip install 'pydiff[train]'" in r.stderr and "Traceback" not in r.stderr
 

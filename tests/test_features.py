@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from pydiff.errors import PackageError  # noqa: E402
 from pydiff.package import load_package  # noqa: E402
 from pydiff.tools.discriminative.export_features import DecoderFeatures, export_feature_graph  # noqa: E402
 from pydiff.tools.training.from_package import torch_module  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent  # no pydiff/ here: subprocesses import the installed one
 
 
 @pytest.fixture(scope="module")
@@ -77,4 +80,4 @@ def test_bad_input_is_named(digits_graph, tmp_path):
 
 def test_runtime_imports_no_torch():
     code = "import sys, pydiff.discriminative; assert 'torch' not in sys.modules, 'torch'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=TESTS)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+TESTS = Path(__file__).resolve().parent  # no pydiff/ here: subprocesses import the installed one
+
 ROOT = Path(__file__).resolve().parent.parent / "pydiff"
 
 # Function-level imports of pydiff modules that stay lazy, and why:
@@ -119,7 +121,7 @@ def test_import_pydiff_loads_no_tool_and_no_framework():
         "print(bad)\n"
         "assert not bad, bad\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=TESTS)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -130,5 +132,21 @@ def test_generate_path_loads_no_tool_module():
         "bad = sorted(m for m in sys.modules if m.startswith(('pydiff.tools', 'pydiff.cli', 'torch')))\n"
         "assert not bad, bad\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=TESTS)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_python_subprocess_in_the_tests_runs_from_a_folder_without_pydiff():
+    """`python -c` puts its working directory first on sys.path: run from the checkout's root, a
+    child imports the source tree (no compiled _C in a non-editable install) instead of the
+    installed pydiff. CI installs non-editable, so each such call names its cwd."""
+    missing = []
+    for path in sorted(TESTS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.List)):
+                continue
+            first = node.args[0].elts[:1]
+            runs_python = first and ast.unparse(first[0]) == "sys.executable"
+            if runs_python and not any(k.arg == "cwd" for k in node.keywords):
+                missing.append(f"{path.name}:{node.lineno}")
+    assert not missing, f"subprocesses of sys.executable without cwd=: {missing}"

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,10 +25,13 @@ GOLDEN = {
     (2**64 - 1, 2**32 - 1, 65536, 2**34 - 3): "f1ab7b6fca0e1179194b5657f1d2a642",  # counter word 1 wraps
 }
 
+TESTS = Path(__file__).resolve().parent  # no pydiff/ here: subprocesses import the installed one
+
 _PROBE = r"""
 import hashlib, json, sys
 import numpy as np
 from pydiff import ops
+
 cases = json.loads(sys.argv[1])
 out = {}
 for seed, step, count, offset in cases:
@@ -55,6 +59,7 @@ def _run(isa: str | None) -> dict:
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=TESTS,
     )
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.strip().splitlines()[-1])

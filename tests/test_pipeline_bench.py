@@ -14,6 +14,15 @@ from pydiff.tools import bench  # noqa: E402
 from pydiff.tools.testing import make_tiny_package, tiny_torch_modules  # noqa: E402
 
 
+def _tolerance(thresholding: str) -> float:
+    """How far the two cascades' images may be apart. The peer runs torch's networks, pydiff ONNX
+    Runtime's, about 2e-7 apart. The tiny package's cosine schedule has sqrt(alpha_bar) = 4.9e-5 at
+    t = 999, so an epsilon network's x0 there carries that difference times 2e4, and the x0 values
+    below the dynamic threshold's clamp keep it: diffusers' own step moves by 1e-3 when it is fed ORT's
+    outputs instead of torch's (2026-12-03). Static clipping and no thresholding keep 1e-4."""
+    return 2e-3 if thresholding == "dynamic" else 1e-4
+
+
 @pytest.mark.parametrize(
     "sampler,prediction_type,guidance,thresholding",
     [
@@ -53,7 +62,7 @@ def test_bench_report_and_agreement_with_diffusers(
     )
     # same x_T, augmentation noise, networks and settings: the cascades agree (CFG, dynamic
     # thresholding, noise-conditioning augmentation, bilinear upsampling, the sampler)
-    assert rep["max_abs_image_diff"] < 1e-4, rep["max_abs_image_diff"]
+    assert rep["max_abs_image_diff"] < _tolerance(thresholding), rep["max_abs_image_diff"]
     for side in ("pydiff", "torch"):
         d = rep["sides"][side]
         assert d["seconds_per_batch"] > 0 and d["images_per_s"] > 0
@@ -95,7 +104,7 @@ def test_peer_runs_the_unconditional_half_only_with_guidance(tmp_path):
         rep = bench.run_benchmark(
             pkg, modules=mods, batch=3, repeats=1, warmup=0, guidance_scale=g, progress=False
         )
-        assert rep["max_abs_image_diff"] < 1e-4
+        assert rep["max_abs_image_diff"] < _tolerance("dynamic")
         # (batch 2: check_same_networks' one forward pass per stage on random inputs)
         assert {k: v - {2} for k, v in seen.items()} == {"base": batches, "sr16": batches}, (g, seen)
 

@@ -310,7 +310,7 @@ def driver(out: Path) -> None:
         bad = dict(env, RAY_AUTH_TOKEN=secrets.token_hex(32))
         r = subprocess.run(
             [sys.executable, "-c", f"import ray; ray.init(address='127.0.0.1:{HEAD_PORT}'); print('CONNECTED')"],
-            env=bad, capture_output=True, text=True, timeout=120,
+            env=bad, capture_output=True, text=True, timeout=120, cwd=tmp,
         )  # fmt: skip
         cluster["wrong_token_refused"] = r.returncode != 0 and "CONNECTED" not in r.stdout
 

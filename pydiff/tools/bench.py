@@ -102,13 +102,19 @@ def _scheduler(stage, settings):
     return DDPMScheduler(**kw)
 
 
-def _torch_cascade(pipe, modules, plan, rng_seed, record):
+def _torch_cascade(pipe, modules, plan, record):
     """The diffusers-style loop over the cascade; returns float32 [B, H, W, C] in [0, 1]."""
     import torch
     import torch.nn.functional as F
 
     B = plan.batch
-    rng = np.random.Generator(np.random.PCG64(rng_seed))  # same draws as the pipeline
+    rngs = pipe.generators(plan)  # the pipeline's draws: one generator per image, in stage order
+
+    def normal(shape):
+        return torch.from_numpy(
+            np.concatenate([g.standard_normal((1, *shape), dtype=np.float32) for g in rngs])
+        )
+
     states, mask = pipe.backend.text_encoder.encode(plan.prompts)
     es, em = pipe._empty()
     k = plan.num_images
@@ -125,14 +131,14 @@ def _torch_cascade(pipe, modules, plan, rng_seed, record):
             sched = _scheduler(st, s)
             sched.set_timesteps(s.steps)
             R = st.resolution
-            x = torch.from_numpy(rng.standard_normal((B, st.channels, R, R), dtype=np.float32))
+            x = normal((st.channels, R, R))
             x = x * sched.init_noise_sigma
             extra = {}
             if st.is_super_resolution:
                 from diffusers import DDPMScheduler
 
                 up = F.interpolate(x_prev.clamp(-1, 1), size=(R, R), mode="bilinear", align_corners=False)
-                n = torch.from_numpy(rng.standard_normal(tuple(up.shape), dtype=np.float32))
+                n = normal(tuple(up.shape[1:]))
                 aug = DDPMScheduler(
                     **{
                         k2: v
@@ -310,7 +316,7 @@ def run_benchmark(
     def run_torch():
         rec: dict = {}
         t0 = time.perf_counter()
-        img = _torch_cascade(pipe, modules, plan, seed, rec)
+        img = _torch_cascade(pipe, modules, plan, rec)
         return img, time.perf_counter() - t0, rec
 
     results = {"pydiff": [], "torch": []}
