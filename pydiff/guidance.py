@@ -71,3 +71,38 @@ def combine(fns: Sequence[GuidanceFn]) -> GuidanceFn:
     return lambda x, t: [
         term for fn in fns for term in (lambda r: r if isinstance(r, (list, tuple)) else [r])(fn(x, t))
     ]
+
+
+# -- classifier-free guidance in an interval (Kynkaanniemi et al. 2024) ---------------------------
+# Guidance is applied only at steps whose noise level sigma = sqrt((1 - abar_t) / abar_t) (EDM's
+# sigma, x_t / alpha = x0 + sigma eps) lies in (lo, hi]; the other steps run the conditional
+# network alone, one pass instead of two. Their EDM2 ImageNet-512 interval is (0.28, 5.42].
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_interval(value, what: str = "guidance_interval") -> tuple[float, float] | None:
+    """None (guidance at every step; also for "all") or (lo, hi) with 0 <= lo < hi, finite in
+    float32; else a TypeError / ValueError naming `what`."""
+    if value is None or (isinstance(value, str) and value == "all"):
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, np.ndarray)) or len(value) != 2:
+        raise TypeError(f"{what}: expected a pair (sigma_lo, sigma_hi), 'all' or None, got {value!r}")
+    lo, hi = value
+    for name, v in (("sigma_lo", lo), ("sigma_hi", hi)):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{what}: {name} must be a number, got {v!r}")
+        if not (np.isfinite(float(v)) and 0.0 <= float(v) <= FLOAT32_MAX):
+            raise ValueError(f"{what}: {name} must be >= 0 and finite in float32, got {v!r}")
+    lo, hi = float(lo), float(hi)
+    if not lo < hi:
+        raise ValueError(f"{what}: sigma_lo must be below sigma_hi, got ({lo}, {hi})")
+    return lo, hi
+
+
+def in_interval(interval: tuple[float, float] | None, alpha: float, sigma: float) -> bool:
+    """Whether a step at x_t = alpha x0 + sigma eps is guided: its noise level sigma / alpha in (lo, hi]."""
+    if interval is None:
+        return True
+    level = sigma / alpha if alpha > 0.0 else float("inf")
+    return interval[0] < level <= interval[1]

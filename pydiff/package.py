@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from pydiff.errors import PackageError
+from pydiff.guidance import check_interval
 from pydiff.samplers import SAMPLERS, make_sampler
 from pydiff.schedules import MAX_TRAIN_TIMESTEPS, Schedule, parse_json_bytes
 from pydiff.step_params import PREDICTION_TYPES, THRESHOLDINGS
@@ -67,6 +68,7 @@ RECOMMENDED_DEFAULTS: dict[str, Any] = {
     "clip_sample_range": 1.0,
     "jump_length": 10,
     "jump_n_sample": 1,
+    "guidance_interval": None,  # guidance at every step
 }
 
 CONDITIONINGS = ("text", "class", "none")
@@ -543,6 +545,10 @@ def _recommended_fields(ctx, rec, k) -> None:
     _number(ctx, rec, "clip_sample_range", k, 0.0, lo_open=True)
     _int(ctx, rec, "jump_length", k, 1, MAX_STEPS, required=False)
     _int(ctx, rec, "jump_n_sample", k, 1, MAX_STEPS, required=False)
+    try:
+        check_interval(rec.get("guidance_interval"), f"{k}.guidance_interval")
+    except (TypeError, ValueError) as e:
+        raise ctx.error(f"{k}.guidance_interval", str(e).split(": ", 1)[-1]) from None
 
 
 def _name(ctx: _Ctx, raw: dict, where: str) -> str:

@@ -89,6 +89,7 @@ def sample(
     steps: int = 25,
     eta: float = 0.0,
     guidance_scale=1.0,
+    guidance_interval=None,
     cond=None,
     uncond=None,
     seed: int | None = None,
@@ -109,6 +110,9 @@ def sample(
     guidance_scale: classifier-free guidance scale s (diffusers' convention; the lecture's w = s - 1),
     a number or [B] per-sample scales; used when ``uncond`` is given. The model is then called once
     on the stacked batch [x; x], [t; t], [cond; uncond] (twice if ``batch_cond_uncond=False``).
+    guidance_interval: (sigma_lo, sigma_hi) applies that guidance only at steps whose noise level
+    sigma_t = sqrt((1 - abar_t) / abar_t) is in (sigma_lo, sigma_hi] (Kynkaanniemi et al. 2024); the
+    other steps call the model on [x], [t], [cond] alone. None: every step.
     seed: key of the in-kernel noise (and nothing else); ``noise(i, shape)`` replaces it (floating
     point normals of that shape, finite in float32).
     callback(i, t, x) runs after step i; an array it returns replaces x (floating point, x's
@@ -132,6 +136,7 @@ def sample(
         steps=steps,
         eta=eta,
         guidance_scale=guidance_scale,
+        guidance_interval=guidance_interval,
         cond=cond,
         uncond=uncond,
         seed=seed,
@@ -207,6 +212,7 @@ def repaint(
     jump_n_sample: int = 10,
     eta: float = 0.0,
     guidance_scale=1.0,
+    guidance_interval=None,
     cond=None,
     uncond=None,
     seed: int | None = None,
@@ -246,6 +252,7 @@ def repaint(
         steps=steps,
         eta=eta,
         guidance_scale=guidance_scale,
+        guidance_interval=guidance_interval,
         cond=cond,
         uncond=uncond,
         seed=seed,
@@ -302,6 +309,7 @@ class SamplingOptions:
     steps: int = 25
     eta: float = 0.0
     guidance_scale: Any = 1.0
+    guidance_interval: Any = None
     cond: Any = None
     uncond: Any = None
     seed: int | None = None
@@ -449,11 +457,19 @@ class _Run:
         self.model, self.smp, self.cond, self.uncond = model, smp, cond, uncond
         self.batch_cond_uncond, self.guidance_fn = batch_cond_uncond, guidance_fn
         self.both = _stack(cond, uncond) if self.guided and batch_cond_uncond else None
+        self.interval = _guidance.check_interval(opts.guidance_interval)
         if seed is None:
             seed = random_seed()
         self.seed = seed
         # No buffer is reused across steps: a model or callback may keep any array it was handed
         # (one allocation of x per step is noise beside a network call).
+
+    def guided_at(self, i: int) -> bool:
+        """Whether step i mixes the conditional and unconditional outputs (its interval's test)."""
+        if not self.guided:
+            return False
+        c = self.smp.coefficients(i)
+        return _guidance.in_interval(self.interval, c.alpha, c.sigma)
 
     def _call(self, xb, tb, c):
         return self.model(xb, tb) if c is None else self.model(xb, tb, c)
@@ -464,7 +480,8 @@ class _Run:
         """x after step i of the sampler (the network evaluated at its timestep t_i)."""
         smp, B = self.smp, x.shape[0]
         t = int(smp.timesteps[i])
-        if self.guided:
+        guided = self.guided_at(i)
+        if guided:
             if self.batch_cond_uncond:
                 x2 = np.concatenate([x, x])
                 out = _as_output(self._call(x2, np.full(2 * B, t, np.float32), self.both), x2.shape, i, t)
@@ -482,7 +499,7 @@ class _Run:
             out,
             x,
             i,
-            guidance_scale=self.scale if self.guided else None,
+            guidance_scale=self.scale if guided else None,
             seed=self.seed,
             noise=noise,
             noise_step=noise_step,

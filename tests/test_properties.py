@@ -3,6 +3,8 @@ equals the NumPy oracle or a clear TypeError/ValueError names the problem; never
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -137,3 +139,29 @@ def test_sample_reports_non_finite_model_output(data, n, bad, sampler, thr):
     sched = pydiff.Schedule(clip_sample=True, thresholding=thr, sample_max_value=1.5)
     with pytest.raises(pydiff.NonFiniteError, match=rf"step {step} "):
         pydiff.sample(model, np.zeros((1, n), np.float32), schedule=sched, sampler=sampler, steps=5, seed=0)
+
+
+def _exact_fma32(a, b, c) -> np.float32:
+    """a * b + c in exact rational arithmetic, rounded once to float32 (to nearest, ties to even)."""
+    exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+    lo = np.float32(float(exact))  # within an ulp; settle the rounding on the exact value
+    cands = [np.nextafter(lo, np.float32(-np.inf)), lo, np.nextafter(lo, np.float32(np.inf))]
+    best = min(cands, key=lambda r: (abs(Fraction(float(r)) - exact), int(r.view(np.uint32)) & 1))
+    return np.float32(best)
+
+
+def test_fma32_rounds_once_where_a_tiny_addend_breaks_a_tie():
+    # torch.quantile's lerp on [FLT_MIN, 341.96722 x3] at q = 0.125: w (b - a) is a float32 midpoint
+    # and the addend FLT_MIN decides it upwards (torch: 128.23771667)
+    a, b, w = np.float32(1.1754944e-38), np.float32(341.96722), np.float32(0.375)
+    assert reference.fma32(w, b - a, a) == np.float32(128.2377166748047) == _exact_fma32(w, b - a, a)
+
+
+@SETTINGS
+@given(
+    a=st.floats(-1e6, 1e6, width=32),
+    b=st.floats(-1e6, 1e6, width=32),
+    c=st.one_of(st.floats(-1e6, 1e6, width=32), st.sampled_from([1.1754944e-38, -1.1754944e-38, 1e-30])),
+)
+def test_fma32_is_one_rounding(a, b, c):
+    assert reference.fma32(a, b, c) == _exact_fma32(np.float32(a), np.float32(b), np.float32(c))

@@ -139,6 +139,7 @@ def test_generate_equals_library_with_per_stage_settings(http):
         "guidance_scale": {"base": [3.0, 5.0], "sr64": 1.0},
         "sampler": {"base": "ddim", "sr64": "dpmpp_2m"},
         "thresholding": "dynamic",
+        "guidance_interval": {"base": [0.5, 4.0]},
         "seed": 7,
     }
     r = http.post("/v1/generate", json=body)
@@ -151,6 +152,8 @@ def test_generate_equals_library_with_per_stage_settings(http):
     assert out["seed"] == 7 and out["batch"] is None
     assert [im["settings"]["base"]["guidance_scale"] for im in out["images"]] == [3.0, 5.0]
     assert out["settings"]["base"]["sampler"] == "ddim" and out["settings"]["sr64"]["steps"] == 3
+    assert out["settings"]["base"]["guidance_interval"] == [0.5, 4.0]
+    assert out["request"]["guidance_interval"] == {"base": [0.5, 4.0]}
     # the response's "request" remakes the images
     again = http.post("/v1/generate", json=out["request"]).json()
     assert [i["b64_json"] for i in again["images"]] == [i["b64_json"] for i in out["images"]]
@@ -253,6 +256,12 @@ def test_progress_as_server_sent_events(http):
             {"model": "shapes", "prompt": PROMPT, "guidance_scale": {"sr99": 2}},
             400,
             "guidance_scale",
+        ),
+        (
+            "/v1/generate",
+            {"model": "shapes", "prompt": PROMPT, "guidance_interval": [5.0, 1.0]},
+            400,
+            "guidance_interval",
         ),
         ("/v1/img2img", {"model": "digits", "image": "not base64!"}, 400, "image"),
         ("/v1/img2img", {"model": "digits", "image": base64.b64encode(b"not a png").decode()}, 400, "image"),

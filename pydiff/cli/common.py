@@ -62,7 +62,7 @@ def convert(text, what, convert_one):
     try:
         return convert_one(text)
     except ValueError:
-        hint = " (numbers must be finite in float32)" if convert_one in (number, scale_list) else ""
+        hint = " (numbers must be finite in float32)" if convert_one in (number, scale_list, interval) else ""
         raise UsageError(f"--{what}: invalid value {text!r}{hint}") from None
 
 
@@ -95,6 +95,16 @@ def scale_list(text):
     parts = [p for p in text.split(",") if p.strip()]
     vals = [number(p) for p in parts]
     return vals[0] if len(vals) == 1 else vals
+
+
+def interval(text):
+    """ "0.3,5" -> [0.3, 5.0] (guidance_interval's noise levels); "all" -> "all"."""
+    if text.strip() == "all":
+        return "all"
+    vals = [number(p) for p in text.split(",")]
+    if len(vals) != 2:
+        raise ValueError(text)
+    return vals
 
 
 def thresholding_mode(text):
@@ -141,6 +151,14 @@ def add_sampling_arguments(p, *, prompts=True) -> None:
         action="append",
         metavar="[STAGE=]G[,G...]",
         help="classifier-free guidance scale; a comma list gives one per prompt",
+    )
+    g.add_argument(
+        "--guidance-interval",
+        action="append",
+        metavar="[STAGE=]LO,HI",
+        help="guide only the steps whose noise level sigma_t = sqrt((1 - abar_t) / abar_t) is in "
+        "(LO, HI], one network pass at the others (Kynkaanniemi et al. 2024); 'all': every step "
+        "(default: the package's recommendation)",
     )
     g.add_argument(
         "--guidance-type",

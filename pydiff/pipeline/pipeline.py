@@ -93,7 +93,10 @@ class Pipeline:
 
         Per-stage settings (steps, sampler, guidance_scale, thresholding, eta, noise_aug_level)
         default to the manifest's `recommended` and may be dicts keyed by stage name.
-        `guidance_scale` may be a list: one scale per prompt or per image. Returns a list of PIL
+        `guidance_scale` may be a list: one scale per prompt or per image. `guidance_interval`
+        (sigma_lo, sigma_hi) guides only the steps whose noise level sigma_t = sqrt((1 - abar_t) /
+        abar_t) is in (sigma_lo, sigma_hi], one network pass at the others (Kynkaanniemi et al.
+        2024); "all" guides every step; default the manifest's. Returns a list of PIL
         images (`output_type="pil"`) or float32 [B, H, W, C] in [0, 1] (`"numpy"`, or `"np"`), or
         the last stage's samples [B, C, R, R] unclipped (`"latent"`: a latent package's latents
         before the VAE), prompt-major (all images of prompt 0 first), carrying `.images`, `.seeds`
@@ -343,6 +346,7 @@ class Pipeline:
                 steps=s.steps,
                 eta=s.eta,
                 guidance_scale=gscale if guided else 1.0,
+                guidance_interval=s.guidance_interval if guided else None,
                 cond=cond,
                 uncond=uncond if guided else None,
                 seed=seeds[0],

@@ -136,6 +136,7 @@ class Request:
     steps: Any = None
     sampler: Any = None
     guidance_scale: Any = None
+    guidance_interval: Any = None  # (sigma_lo, sigma_hi): classifier-free guidance only there
     thresholding: Any = None
     eta: Any = None
     seed: int | None = None
@@ -228,6 +229,7 @@ class Request:
             steps=steps,
             sampler=self.sampler,
             guidance_scale=self.guidance_scale,
+            guidance_interval=self.guidance_interval,
             thresholding=self.thresholding,
             eta=self.eta,
             noise_aug_level=self.noise_aug_level,

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from pydiff.guidance import check_interval
 from pydiff.package import FLOAT32_MAX, MAX_STEPS, RECOMMENDED_DEFAULTS, Package, Stage
 from pydiff.samplers import SAMPLERS, make_sampler
 from pydiff.schedules import Schedule
@@ -31,6 +32,7 @@ class StageSettings:
     strength: float | None = None  # img2img only
     jump_length: int | None = None  # inpaint (RePaint resampling) only
     jump_n_sample: int | None = None
+    guidance_interval: tuple[float, float] | None = None  # noise levels sigma guided; None: all
 
     @property
     def uses_guidance(self) -> bool:
@@ -57,6 +59,8 @@ class StageSettings:
         if self.jump_n_sample is not None:
             d["jump_length"] = self.jump_length
             d["jump_n_sample"] = self.jump_n_sample
+        if self.guidance_interval is not None:
+            d["guidance_interval"] = list(self.guidance_interval)
         return d
 
 
@@ -135,6 +139,7 @@ def resolve(
     strength=None,
     jump_length=None,
     jump_n_sample=None,
+    guidance_interval=None,
     inpaint: bool = False,
 ) -> dict[str, StageSettings]:
     """Merge per-call settings with each stage's `recommended`, validating every value."""
@@ -147,6 +152,7 @@ def resolve(
     str_ = per_stage(strength, "strength", package, stages)
     jl_ = per_stage(jump_length, "jump_length", package, stages)
     jn_ = per_stage(jump_n_sample, "jump_n_sample", package, stages)
+    gi_ = per_stage(guidance_interval, "guidance_interval", package, stages)
     if not inpaint and (jump_length is not None or jump_n_sample is not None):
         raise ValueError("jump_length and jump_n_sample are RePaint's inpainting settings")
     samplers = tuple(SAMPLERS)
@@ -172,6 +178,9 @@ def resolve(
 
         g = guid_[n] if guid_[n] is not None else rec["guidance_scale"]
         g = guidance_array(g, f"guidance_scale for stage {n!r}", n_prompts, num_images)
+        gi = check_interval(
+            gi_[n] if gi_[n] is not None else rec["guidance_interval"], f"guidance_interval for stage {n!r}"
+        )
 
         e = _finite(eta_[n] if eta_[n] is not None else rec["eta"], f"eta for stage {n!r}")
         if e < 0:
@@ -255,5 +264,6 @@ def resolve(
             strength=sv,
             jump_length=jl,
             jump_n_sample=jn,
+            guidance_interval=gi,
         )
     return out

@@ -156,8 +156,9 @@ def fma32(a, b, c) -> np.float32:
     a, b, c = float(F32(a)), float(F32(b)), float(F32(c))
     p = a * b
     s = p + c
-    bv = s - c
-    e = (p - (s - bv)) + (c - bv)
+    c_in_s = s - p  # TwoSum (Knuth): e = (p + c) - s exactly
+    p_in_s = s - c_in_s
+    e = (p - p_in_s) + (c - c_in_s)
     r = F32(s)
     if e != 0.0 and float(r) != s:
         other = np.nextafter(r, F32(np.inf) if s > float(r) else F32(-np.inf))

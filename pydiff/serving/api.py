@@ -34,6 +34,7 @@ COMMON_FIELDS = (
     "steps",
     "sampler",
     "guidance_scale",
+    "guidance_interval",
     "thresholding",
     "eta",
     "seed",
@@ -59,6 +60,7 @@ OPENAI_EXTRA = (
     "steps",
     "sampler",
     "guidance_scale",
+    "guidance_interval",
     "thresholding",
     "eta",
     "seed",
@@ -366,7 +368,16 @@ def remake_request(parsed: Parsed, plan: Plan, result: Result) -> dict:
         body["class_label"] = plan.class_labels
     body["num_images"] = plan.num_images
     st = settings_of(plan)
-    for key in ("steps", "sampler", "guidance_scale", "thresholding", "eta", "noise_aug_level", "strength"):
+    keys = (
+        "steps",
+        "sampler",
+        "guidance_scale",
+        "guidance_interval",
+        "thresholding",
+        "eta",
+        "noise_aug_level",
+    )
+    for key in (*keys, "strength"):
         per = {n: d[key] for n, d in st.items() if key in d and (key != "eta" or d["sampler"] == "ddim")}
         if per:
             body[key] = per

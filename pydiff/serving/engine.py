@@ -177,6 +177,7 @@ def _combined_request(works: list[Work], seed: int) -> GenerateRequest:
         thresholding=per_stage("thresholding"),
         eta={n: s.eta for n, s in first.items() if s.sampler == "ddim"} or None,
         guidance_scale=gscale,
+        guidance_interval={n: s.guidance_interval or "all" for n, s in first.items()},
         noise_aug_level=noise or None,
         seed=seed,
         output_type="pil",

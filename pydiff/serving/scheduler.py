@@ -39,6 +39,7 @@ import numpy as np
 
 from pydiff import ops
 from pydiff.errors import NonFiniteError
+from pydiff.guidance import in_interval
 from pydiff.package import Stage
 from pydiff.pipeline import Pipeline
 from pydiff.pipeline.pipeline import threshold_kwargs
@@ -55,15 +56,24 @@ class _StageRun:
     x: np.ndarray  # [B, C, R, R]
     cond: dict
     uncond: dict
-    guided: bool
+    guided_stage: bool  # classifier-free guidance at this stage (at the steps of its interval)
     scales: np.ndarray  # float32 [B]
     seeds: list[int]
+    interval: tuple[float, float] | None = None  # guidance_interval: noise levels guided
     i: int = 0
     x0: np.ndarray | None = None  # the previous step's x0 (multistep samplers)
 
     @property
     def steps(self) -> int:
         return len(self.sampler.timesteps)
+
+    @property
+    def guided(self) -> bool:
+        """Whether the next step (i) mixes conditional and unconditional outputs."""
+        if not self.guided_stage:
+            return False
+        c = self.sampler.coefficients(self.i)
+        return in_interval(self.interval, c.alpha, c.sigma)
 
 
 @dataclass
@@ -208,7 +218,8 @@ class StepScheduler:
             x=x,
             cond=cond,
             uncond=uncond,
-            guided=guided,
+            guided_stage=guided,
+            interval=s.guidance_interval,
             scales=np.ascontiguousarray(s.guidance_scale, np.float32),
             seeds=[(sj + st.index) % 2**64 for sj in plan.image_seeds()],
         )
