@@ -113,6 +113,12 @@ def _check_size(image, what: str) -> None:
 
 def to_model_array(image, channels: int = 3, what: str = "image") -> np.ndarray:
     """One user image -> float32 [1, C, H, W] in [-1, 1]; the channel count must match."""
+    return (to_unit_array(image, channels, what).transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
+
+
+def to_unit_array(image, channels: int = 3, what: str = "image") -> np.ndarray:
+    """One user image -> float32 [H, W, C] in [0, 1] (uint8 / 255, floats as given); the channel
+    count must match."""
     arr = _as_hwc(image, what)
     c = arr.shape[2]
     if c != channels:
@@ -122,7 +128,7 @@ def to_model_array(image, channels: int = 3, what: str = "image") -> np.ndarray:
                 f"convert it with image.convert('RGB')"
             )
         raise ValueError(f"{what}: expected {channels} channel(s), got {c} (shape {arr.shape})")
-    return (arr.transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
+    return arr
 
 
 def mask_to_array(mask, what: str = "mask") -> np.ndarray:
@@ -234,8 +240,13 @@ def to_numpy(x: np.ndarray) -> np.ndarray:
 
 def to_pil(x: np.ndarray) -> list:
     """Model array [B, C, H, W] in [-1, 1] -> list of PIL images (RGB, or L for one channel)."""
+    return unit_to_pil(to_numpy(x))
+
+
+def unit_to_pil(u: np.ndarray) -> list:
+    """float32 [B, H, W, C] in [0, 1] -> list of PIL images (a uint8 input's u8 / 255 gives u8 back)."""
     Image = _pil()
-    u8 = np.round(to_numpy(x) * 255.0).astype(np.uint8)
+    u8 = np.round(np.asarray(u, np.float32) * 255.0).astype(np.uint8)
     if u8.shape[3] == 1:
         return [Image.fromarray(a[:, :, 0], mode="L") for a in u8]
     return [Image.fromarray(a, mode="RGB") for a in u8]

@@ -48,7 +48,9 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("inpaint", help="regenerate the white part of a mask")
     p.add_argument("image")
-    p.add_argument("mask", help="white (255) = regenerate, black = keep")
+    p.add_argument(
+        "mask", help="white (255) = regenerate, black = keep (--mask-convention glide: the reverse)"
+    )
     p.add_argument("prompt", nargs="*")
     p.add_argument("--class-label", type=int, action="append", metavar="N")
     p.add_argument(
@@ -62,6 +64,12 @@ def register(subparsers) -> None:
         action="append",
         metavar="[STAGE=]R",
         help="RePaint: passes over each stretch of steps, 1 = no resampling (default: the package's, else 1)",
+    )
+    p.add_argument(
+        "--mask-convention",
+        choices=["diffusers", "glide"],
+        default="diffusers",
+        help="diffusers: white = regenerate (default); glide: white = keep",
     )
     add_sampling_arguments(p)
     p.set_defaults(func=run, kind="inpaint")
@@ -143,6 +151,7 @@ def run(args) -> int:
         kwargs["mask"] = open_image(args.mask, "mask")
         kwargs["jump_length"] = per_stage(args.jump_length, "jump-length", int)
         kwargs["jump_n_sample"] = per_stage(args.jump_n_sample, "jump-n-sample", int)
+        kwargs["mask_convention"] = args.mask_convention
     if kind == "img2img":
         strength = per_stage(args.strength, "strength", number)
         kwargs["strength"] = 0.75 if strength is None else strength

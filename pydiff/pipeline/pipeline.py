@@ -227,9 +227,10 @@ class Pipeline:
         if self.vae is not None:
             x = self.vae.decode(x)
         x = np.clip(x, -1.0, 1.0)
+        unit = kept_pixels(plan, imageio.to_numpy(x))
         if plan.output_type == "numpy":
-            return result(imageio.to_numpy(x), **kw)
-        return result(imageio.to_pil(x), **kw)
+            return result(unit, **kw)
+        return result(imageio.unit_to_pil(unit), **kw)
 
     def _text_conditions(self, plan: Plan):
         """The prompts' encodings; the text encoder's failures and NaN named as its own."""
@@ -372,6 +373,17 @@ class Pipeline:
                     noise = _per_image_noise(seeds)
                 x0 = sample(model, x, start_step=start_step, noise=noise, **common)
         return np.asarray(x0, np.float32)
+
+
+def kept_pixels(plan: Plan, unit: np.ndarray) -> np.ndarray:
+    """Inpainting's output [B, H, W, C] in [0, 1] with the input image's own values where the mask
+    keeps it: (1 - m) * image + m * generated, so that m = 0 gives the input bit for bit (a uint8
+    input's pixels come back as they were) and m = 1 the generated value. Other plans, or an input
+    of another size than the output (kept only at its own resolution), pass through."""
+    if plan.kind != "inpaint" or plan.image_unit is None or plan.image_unit.shape != unit.shape[1:]:
+        return unit
+    m = plan.mask[0, 0][None, :, :, None]  # 1 = generate
+    return ((1.0 - m) * plan.image_unit[None] + m * unit).astype(np.float32)
 
 
 def _normal(rng, batch: int, shape: tuple) -> np.ndarray:

@@ -19,6 +19,7 @@ from pydiff.sampling import random_seed
 
 OUTPUT_TYPES = ("pil", "numpy", "latent")
 OUTPUT_ALIASES = {"np": "numpy"}  # diffusers' spelling
+MASK_CONVENTIONS = ("diffusers", "glide")  # InpaintRequest.mask_convention
 GUIDANCE_TYPES = ("cfg", *GUIDANCE_KINDS)  # classifier-free, or a guidance model of the package
 MAX_SEED = 2**64 - 1
 GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: spreads the images' seeds over the seed space
@@ -85,6 +86,7 @@ class Plan:
     callback: Callable | None
     image: np.ndarray | None = None  # [1, C, H, W] in [-1, 1]
     mask: np.ndarray | None = None  # [1, 1, H, W] in [0, 1], 1 = generate
+    image_unit: np.ndarray | None = None  # [H, W, C] in [0, 1]: an inpainting input as given (kept pixels)
     init_low_res: np.ndarray | None = None  # [1, 3, h, w] (upscale)
     guidance_type: str = "cfg"  # cfg | classifier | clip
     guidance_model: GuidanceModelSpec | None = None  # the package's guidance model used (not cfg)
@@ -485,6 +487,9 @@ class InpaintRequest(Request):
     mask: Any
     jump_length: Any = None
     jump_n_sample: Any = None
+    # "diffusers": white / 1 = regenerate (diffusers' inpainting pipelines, the default);
+    # "glide": 1 = keep (GLIDE's mask channel, and OpenAI's edits API, where transparent = regenerate)
+    mask_convention: str = "diffusers"
 
     def stage_options(self) -> dict:
         return {"jump_length": self.jump_length, "jump_n_sample": self.jump_n_sample, "inpaint": True}
@@ -492,10 +497,18 @@ class InpaintRequest(Request):
     def add_images(self, plan: Plan) -> None:
         if self.image is None:
             raise ValueError("inpaint: an image is required")
+        if self.mask_convention not in MASK_CONVENTIONS:
+            raise ValueError(
+                f"mask_convention must be one of {list(MASK_CONVENTIONS)} ('diffusers': white / 1 = "
+                f"regenerate; 'glide': 1 = keep), got {self.mask_convention!r}"
+            )
         plan.image = _square_image(self.image, plan.stages[-1].channels)
+        plan.image_unit = imageio.to_unit_array(self.image, plan.stages[-1].channels, "image")
         if self.mask is None:
             raise ValueError("inpaint: a mask is required (white / 1 = regenerate)")
         plan.mask = imageio.mask_to_array(self.mask, "mask")
+        if self.mask_convention == "glide":
+            plan.mask = (1.0 - plan.mask).astype(np.float32)  # 0 and 1 swap exactly
         if plan.mask.shape[2:] != plan.image.shape[2:]:
             raise ValueError(
                 f"mask is {plan.mask.shape[3]}x{plan.mask.shape[2]} but the image is "

@@ -47,7 +47,7 @@ COMMON_FIELDS = (
 )
 KIND_FIELDS = {
     "generate": (),
-    "inpaint": ("image", "mask", "jump_length", "jump_n_sample"),
+    "inpaint": ("image", "mask", "jump_length", "jump_n_sample", "mask_convention"),
     "img2img": ("image", "strength"),
     "upscale": ("image", "stage"),
 }
@@ -75,6 +75,7 @@ TEXT_FIELDS = (
     "thresholding",
     "guidance_type",
     "stage",
+    "mask_convention",
     "size",
 )
 TEXT_FIELDS += ("response_format", "user", "output_format", "quality", "style", "background", "moderation")
@@ -381,7 +382,15 @@ def remake_request(parsed: Parsed, plan: Plan, result: Result) -> dict:
         per = {n: d[key] for n, d in st.items() if key in d and (key != "eta" or d["sampler"] == "ddim")}
         if per:
             body[key] = per
-    for key in ("jump_length", "jump_n_sample", "guidance_type", "classifier_scale", "clip_scale", "stage"):
+    for key in (
+        "jump_length",
+        "jump_n_sample",
+        "mask_convention",
+        "guidance_type",
+        "classifier_scale",
+        "clip_scale",
+        "stage",
+    ):
         if key in parsed.fields:
             body[key] = parsed.fields[key]
     if result.seed is not None:
