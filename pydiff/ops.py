@@ -181,23 +181,45 @@ def step_params(**fields):
 
 
 def fused_step(
-    x, model_output, params, *, guidance_scale=None, x0_prev=None, x0_out=None, thresholds=None, out=None
+    x,
+    model_output,
+    params,
+    *,
+    guidance_scale=None,
+    x0_prev=None,
+    x0_out=None,
+    thresholds=None,
+    out=None,
+    x0_prev2=None,
+    x0_prev3=None,
 ) -> tuple[np.ndarray, int]:
     """One fused denoising step (guidance mix, conversion, thresholding, update, noise).
 
     x [B, ...]; model_output [B, ...], or [2B, ...] = [cond; uncond] when guidance_scale is given
-    (a number or [B]); x0_prev/x0_out [B, ...] for multistep solvers; thresholds [B] receives the
+    (a number or [B]); x0_prev/x0_out [B, ...] for multistep solvers (x0_out receives the step's
+    history value: x0, or the guided network output when params.history_output), x0_prev2/x0_prev3 [B, ...] the older history
+    of a deep step (params c_d2, c_d3; see csrc/include/pydiff/step_params.h); thresholds [B] receives the
     dynamic threshold. Returns (x_prev [B, ...], number of non-finite inputs/outputs). A NaN in a
     sample's x0 makes its dynamic threshold differ from torch.quantile's NaN (it counts in the
     sample's size but is never selected); the returned count says it is there, and pydiff.sample
     raises NonFiniteError on it.
     """
+    deep = {k: as_array(v, k) for k, v in (("x0_prev2", x0_prev2), ("x0_prev3", x0_prev3)) if v is not None}
     return _step(
-        _native().fused_step, x, model_output, params, guidance_scale, x0_prev, x0_out, thresholds, out
+        _native().fused_step,
+        x,
+        model_output,
+        params,
+        guidance_scale,
+        x0_prev,
+        x0_out,
+        thresholds,
+        out,
+        **deep,
     )
 
 
-def _step(op, x, model_output, params, guidance_scale, x0_prev, x0_out, thresholds, out):
+def _step(op, x, model_output, params, guidance_scale, x0_prev, x0_out, thresholds, out, **deep):
     """fused_step's and fused_step_rows' shared call: arrays viewed, out made, scales split."""
     x, mo = as_array(x, "x"), as_array(model_output, "model_output")
     res = _out(out, x)
@@ -214,6 +236,7 @@ def _step(op, x, model_output, params, guidance_scale, x0_prev, x0_out, threshol
         x0_prev=None if x0_prev is None else as_array(x0_prev, "x0_prev"),
         x0_out=None if x0_out is None else as_array(x0_out, "x0_out"),
         thresholds=None if thresholds is None else as_array(thresholds, "thresholds"),
+        **deep,
     )
     return res, bad
 

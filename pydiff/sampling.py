@@ -115,7 +115,8 @@ def sample(
     other steps call the model on [x], [t], [cond] alone. None: every step.
     seed: key of the in-kernel noise (and nothing else); ``noise(i, shape)`` replaces it (floating
     point normals of that shape, finite in float32).
-    callback(i, t, x) runs after step i; an array it returns replaces x (floating point, x's
+    callback(i, t, x) runs after step i; an array it returns replaces x (heun and pndm chain the
+    evaluations within a step, so an x edited between them loses their order; floating point, x's
     shape, finite in float32; so must x be if the callback edits it in place). What a callback,
     ``noise`` or ``guidance_fn`` returns that breaks these rules is a `CallbackError` naming it.
     Arrays handed out are never written again: the model, the callback and guidance_fn may keep
@@ -199,6 +200,17 @@ def repaint_schedule(steps: int, jump_length: int = 10, jump_n_sample: int = 10)
     return plan
 
 
+def check_repaint_sampler(smp) -> None:
+    """RePaint edits x between steps; a sampler whose next evaluation takes x as the previous
+    step left it (Heun's correction, PLMS's second evaluation) cannot run under it: ValueError."""
+    if smp.network_evals_per_step > 1 or smp.history_output:
+        raise ValueError(
+            f"sampler {smp.name!r} cannot inpaint by RePaint: its evaluations within a step take x "
+            f"as the previous one left it, and RePaint replaces the kept region in between; use "
+            f"ddpm, ddim, dpmpp_2m, euler or euler_ancestral"
+        )
+
+
 def repaint(
     model: Callable[..., Any],
     x_T,
@@ -265,6 +277,7 @@ def repaint(
         threshold_overrides=threshold_overrides,
     )
     smp = opts.make_sampler()
+    check_repaint_sampler(smp)
     plan = repaint_schedule(len(smp.timesteps), jump_length, jump_n_sample)
     run = _Run(model, x_T, smp, opts)
     shape = run.x.shape
@@ -480,18 +493,19 @@ class _Run:
         """x after step i of the sampler (the network evaluated at its timestep t_i)."""
         smp, B = self.smp, x.shape[0]
         t = int(smp.timesteps[i])
+        tn = smp.timesteps[i]  # the network's timestep: fractional for the Euler family's sigmas
         guided = self.guided_at(i)
         if guided:
             if self.batch_cond_uncond:
                 x2 = np.concatenate([x, x])
-                out = _as_output(self._call(x2, np.full(2 * B, t, np.float32), self.both), x2.shape, i, t)
+                out = _as_output(self._call(x2, np.full(2 * B, tn, np.float32), self.both), x2.shape, i, t)
             else:
-                tt = np.full(B, t, np.float32)
+                tt = np.full(B, tn, np.float32)
                 oc = _as_output(self._call(x, tt, self.cond), x.shape, i, t)
                 ou = _as_output(self._call(x, tt, self.uncond), x.shape, i, t)
                 out = np.concatenate([oc, ou])
         else:
-            out = _as_output(self._call(x, np.full(B, t, np.float32), self.cond), x.shape, i, t)
+            out = _as_output(self._call(x, np.full(B, tn, np.float32), self.cond), x.shape, i, t)
         mean_shift = None
         if self.guidance_fn is not None:
             out, mean_shift = _apply_guidance(self.guidance_fn, smp, i, t, x, out)
@@ -517,7 +531,7 @@ class _Run:
 def _apply_guidance(guidance_fn, smp, i: int, t: int, x: np.ndarray, out: np.ndarray):
     """(network output with the eps-form terms folded in, DDPM mean shift or None)."""
     # collect checks each term's dtype, shape and finiteness (in its own dtype); float32 below
-    grad, eps = _guidance.collect(guidance_fn(x, np.full(x.shape[0], t, np.float32)), x.shape)
+    grad, eps = _guidance.collect(guidance_fn(x, np.full(x.shape[0], smp.timesteps[i], np.float32)), x.shape)
     what = "the guidance function's terms overflow float32"
     c = smp.coefficients(i)
     mean_shift = None

@@ -22,43 +22,196 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)  # the schedule's settings are us
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
-# Keys of diffusers' DDPM / DDIM / DPM-Solver configs that change nothing in pydiff's samplers:
-# ignored without a warning. (lower_order_final: with the final step to sigma 0, as here, diffusers'
-# 2M takes a first-order last step whatever it says.)
-_KNOWN_IGNORED = {
-    "_class_name",
-    "_diffusers_version",
-    "skip_prk_steps",
-    "lower_order_final",
-    "flow_shift",
-    "time_shift_type",
-}  # the last two: only with flow sigmas / shifting
-# Keys that change the math, with the values pydiff implements (diffusers' defaults; None, which
-# diffusers writes for "default", too). Any other value is a ScheduleError, not a silently different
-# sampler.
-_SUPPORTED_ONLY = {
-    "algorithm_type": ("dpmsolver++",),
-    "solver_order": (2,),
-    "solver_type": ("midpoint",),
-    "final_sigmas_type": ("zero",),
-    "euler_at_final": (False,),
-    "lambda_min_clipped": (-math.inf,),
-    "rescale_betas_zero_snr": (False,),
-    "use_karras_sigmas": (False,),
-    "use_lu_lambdas": (False,),
-    "use_exponential_sigmas": (False,),
-    "use_beta_sigmas": (False,),
-    "use_flow_sigmas": (False,),
-    "use_dynamic_shifting": (False,),
-}
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+SOLVER_TYPES = ("midpoint", "heun", "bh1", "bh2")  # DPM-Solver's and UniPC's (Zhao et al. 2023, B(h))
+SIGMA_SPACINGS = ("karras", "exponential", "beta")  # the use_*_sigmas keys, by name
+
 # diffusers' "_log" variance types have the same standard deviation (exp(log(v) / 2) = sqrt(v))
 _VARIANCE_ALIASES = {"fixed_small_log": "fixed_small", "fixed_large_log": "fixed_large"}
-# diffusers' defaults that differ from DDPMScheduler's (pydiff's), by the config's _class_name:
-# DPM-Solver has no clip_sample and spaces its timesteps by linspace
-_CLASS_DEFAULTS = {
-    "DPMSolverMultistepScheduler": {"clip_sample": False, "timestep_spacing": "linspace"},
-    "DPMSolverSinglestepScheduler": {"clip_sample": False},
+
+_BASE = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "timestep_spacing",
+    "steps_offset",
+)
+_THRESHOLD = ("thresholding", "dynamic_thresholding_ratio", "sample_max_value")
+_CLIP = ("clip_sample", "clip_sample_range")
+_SPACED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+_NOT_YET = (False, (False,))  # (the class's default, the values pydiff implements)
+_ZERO_SNR = {"rescale_betas_zero_snr": _NOT_YET}
+_NO_EDM = {"sigma_min": (None, (None,)), "sigma_max": (None, (None,))}
+_NO_FLOW = {"use_flow_sigmas": _NOT_YET, "use_dynamic_shifting": _NOT_YET}
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerClass:
+    """How pydiff reads one diffusers scheduler class's config: the sampler it is, the Schedule
+    fields the class reads, the class's own values of the Schedule fields where they differ from
+    DDPMScheduler's (the defaults of the fields it reads and the fixed behaviour of those it does
+    not: Euler never clips), and its other keys as (class default, values pydiff implements)."""
+
+    sampler: str
+    keys: tuple
+    defaults: dict = dataclasses.field(default_factory=dict)
+    only: dict = dataclasses.field(default_factory=dict)
+    ignored: tuple = ()  # keys the class reads that change nothing here (flow_shift without flow sigmas)
+
+
+_NO_CLIP = {"clip_sample": False}
+_LINSPACE = {"clip_sample": False, "timestep_spacing": "linspace"}
+# Each as its __init__ defaults it in diffusers 0.30-0.42 (tests/test_samplers_config.py checks them).
+SCHEDULER_CLASSES = {
+    "DDPMScheduler": SchedulerClass("ddpm", _BASE + _THRESHOLD + _CLIP + ("variance_type",), only=_ZERO_SNR),
+    "DDIMScheduler": SchedulerClass(
+        "ddim", _BASE + _THRESHOLD + _CLIP + ("set_alpha_to_one",), only=_ZERO_SNR
+    ),
+    "PNDMScheduler": SchedulerClass(
+        "pndm",
+        _BASE + ("set_alpha_to_one",),
+        {"clip_sample": False, "set_alpha_to_one": False},
+        {"skip_prk_steps": (False, (True,))},
+    ),
+    "EulerDiscreteScheduler": SchedulerClass(
+        "euler",
+        _BASE + _SPACED + ("final_sigmas_type",),
+        _LINSPACE,
+        {
+            **_ZERO_SNR,
+            **_NO_EDM,
+            "interpolation_type": ("linear", ("linear",)),
+            "timestep_type": ("discrete", ("discrete",)),
+        },
+    ),
+    "EulerAncestralDiscreteScheduler": SchedulerClass("euler_ancestral", _BASE, _LINSPACE, _ZERO_SNR),
+    "HeunDiscreteScheduler": SchedulerClass(
+        "heun", _BASE + _SPACED + _CLIP, {**_LINSPACE, "beta_start": 0.00085, "beta_end": 0.012}
+    ),
+    "DPMSolverMultistepScheduler": SchedulerClass(
+        "dpmpp_2m",
+        _BASE
+        + _THRESHOLD
+        + _SPACED
+        + ("final_sigmas_type", "lower_order_final", "euler_at_final", "solver_order", "solver_type"),
+        _LINSPACE,
+        {
+            **_ZERO_SNR,
+            **_NO_FLOW,
+            "algorithm_type": ("dpmsolver++", ("dpmsolver++", "sde-dpmsolver++")),
+            "use_lu_lambdas": _NOT_YET,
+            "lambda_min_clipped": (-math.inf, (-math.inf,)),
+            "variance_type": (None, (None,)),  # "learned"/"learned_range": the network's extra channels
+        },
+        ("flow_shift", "time_shift_type"),
+    ),
+    "UniPCMultistepScheduler": SchedulerClass(
+        "unipc",
+        _BASE
+        + _THRESHOLD
+        + _SPACED
+        + ("final_sigmas_type", "lower_order_final", "solver_order", "solver_type", "disable_corrector"),
+        {**_LINSPACE, "solver_type": "bh2"},
+        {
+            **_ZERO_SNR,
+            **_NO_FLOW,
+            **_NO_EDM,
+            "predict_x0": (True, (True,)),
+            "solver_p": (None, (None,)),
+            "shift_terminal": (None, (None,)),
+        },
+        ("flow_shift", "time_shift_type"),
+    ),
+    "LCMScheduler": SchedulerClass(
+        "lcm",
+        _BASE + _THRESHOLD + _CLIP + ("set_alpha_to_one", "original_inference_steps", "timestep_scaling"),
+        {"clip_sample": False, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"},
+        _ZERO_SNR,
+    ),
 }
+# A config without `_class_name` is read with DDPMScheduler's defaults and DDIM's set_alpha_to_one
+# (pydiff's own package manifests), or as DPMSolverMultistepScheduler's when it has that class's keys.
+_NO_CLASS = SchedulerClass(
+    "ddpm", _BASE + _THRESHOLD + _CLIP + ("variance_type", "set_alpha_to_one"), only=_ZERO_SNR
+)
+# diffusers classes pydiff has no sampler for, with what to use instead
+_REFUSED_CLASSES = {
+    "KDPM2AncestralDiscreteScheduler": "euler_ancestral (EulerAncestralDiscreteScheduler)",
+    "KDPM2DiscreteScheduler": "heun (HeunDiscreteScheduler)",
+    "LMSDiscreteScheduler": "dpmpp_2m (DPMSolverMultistepScheduler)",
+    "DPMSolverSinglestepScheduler": "dpmpp_2m (DPMSolverMultistepScheduler)",
+    "DPMSolverSDEScheduler": "dpmpp_2m_sde (DPMSolverMultistepScheduler, algorithm_type sde-dpmsolver++)",
+    "DEISMultistepScheduler": "unipc or dpmpp_2m",
+    "EDMEulerScheduler": "nothing yet: EDM's preconditioning (sigma_data, rho) is not implemented",
+    "EDMDPMSolverMultistepScheduler": "nothing yet: EDM's preconditioning (sigma_data, rho) is not implemented",
+    "FlowMatchEulerDiscreteScheduler": "nothing: flow matching (shift) is not a DDPM-family schedule",
+    "FlowMatchHeunDiscreteScheduler": "nothing: flow matching (shift) is not a DDPM-family schedule",
+    "TCDScheduler": "lcm (LCMScheduler)",
+}
+# Keys of the EDM and flow-matching families: a config without `_class_name` that has one is refused,
+# never read as a DDPM config.
+_OTHER_FAMILY_KEYS = frozenset(
+    {"rho", "sigma_data", "sigma_min", "sigma_max", "shift", "base_shift", "max_shift"}
+)
+# Keys some class above reads: in another class's config they change nothing (as in diffusers)
+_ALL_KEYS = frozenset(
+    {k for c in SCHEDULER_CLASSES.values() for k in (*c.keys, *c.only, *c.ignored)}
+    | set(_NO_CLASS.keys)
+    | {"_class_name", "_diffusers_version"}
+)
+# Keys a config without `_class_name` may have at any value (pydiff's older manifests, DPM leftovers)
+_IGNORED_WITHOUT_CLASS = frozenset({"skip_prk_steps", "lower_order_final", "flow_shift", "time_shift_type"})
+# The fields that are sampler options rather than the noise schedule: to_config writes them only
+# when set, so that its output reads back as the same schedule whatever class it is read as.
+_OPTION_FIELDS = (
+    *_SPACED,
+    "final_sigmas_type",
+    "lower_order_final",
+    "euler_at_final",
+    "solver_order",
+    "solver_type",
+    "disable_corrector",
+    "original_inference_steps",
+    "timestep_scaling",
+)
+
+
+def scheduler_class(config: dict) -> str | None:
+    """The diffusers class a scheduler config is read as: its `_class_name`, or the class its keys
+    say (None: DDPMScheduler's defaults with DDIM's set_alpha_to_one)."""
+    name = config.get("_class_name")
+    if name is not None and not isinstance(name, str):
+        raise ScheduleError(f"_class_name must be a string, got {name!r}")
+    return name if name is not None else _infer_class(config)
+
+
+def sampler_for_config(config: dict) -> str:
+    """The pydiff sampler that reproduces a scheduler config's class (DPM-Solver by its
+    algorithm_type and solver_order: dpmpp_2m, dpmpp_2m_sde or dpmpp_3m)."""
+    name = scheduler_class(config)
+    if name is None:
+        return "ddpm"
+    _check_class(name)
+    if name == "DPMSolverMultistepScheduler":
+        if config.get("algorithm_type") == "sde-dpmsolver++":
+            return "dpmpp_2m_sde"
+        if config.get("solver_order") == 3:
+            return "dpmpp_3m"
+    return SCHEDULER_CLASSES[name].sampler
+
+
+def _check_class(name: str) -> SchedulerClass:
+    if name in SCHEDULER_CLASSES:
+        return SCHEDULER_CLASSES[name]
+    instead = _REFUSED_CLASSES.get(name)
+    hint = f"; use {instead}" if instead else ""
+    raise ScheduleError(
+        f"_class_name {name!r} has no pydiff sampler{hint} (pydiff reads the configs of "
+        f"{', '.join(SCHEDULER_CLASSES)})"
+    )
 
 
 def _reject_constant(name: str):
@@ -142,6 +295,18 @@ class Schedule:
     dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
     set_alpha_to_one: bool = True
+    # Sampler options of diffusers' Euler, Heun, DPM-Solver, UniPC and LCM configs (same meaning).
+    use_karras_sigmas: bool = False  # Karras et al. (2022) eq. 5, rho = 7
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False  # Lee et al. (2024), Beta(0.6, 0.6)
+    final_sigmas_type: str = "zero"
+    lower_order_final: bool = True
+    euler_at_final: bool = False
+    solver_order: int | None = None  # None: the sampler's own (2 for UniPC)
+    solver_type: str | None = None  # None: the sampler's own (midpoint for DPM-Solver, bh2 for UniPC)
+    disable_corrector: tuple = ()  # UniPC: steps whose corrector is skipped
+    original_inference_steps: int = 50  # LCM
+    timestep_scaling: float = 10.0  # LCM
 
     def __post_init__(self):
         if self.trained_betas is not None and not isinstance(self.trained_betas, tuple):
@@ -187,9 +352,59 @@ class Schedule:
             raise ScheduleError(
                 f"trained_betas has {len(self.trained_betas)} values for num_train_timesteps={T}"
             )
+        self._check_options()
         betas = self.betas
         if betas.shape != (T,) or not np.all(np.isfinite(betas)) or np.any(betas <= 0) or np.any(betas >= 1):
             raise ScheduleError("betas must be num_train_timesteps values in (0, 1)")
+
+    def _check_options(self) -> None:
+        for name in (*_SPACED, "lower_order_final", "euler_at_final"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ScheduleError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if sum(bool(getattr(self, k)) for k in _SPACED) > 1:
+            raise ScheduleError(f"at most one of {', '.join(_SPACED)} may be true")
+        if self.final_sigmas_type not in FINAL_SIGMAS_TYPES:
+            raise ScheduleError(
+                f"unknown final_sigmas_type {self.final_sigmas_type!r}; expected one of {', '.join(FINAL_SIGMAS_TYPES)}"
+            )
+        order = self.solver_order
+        if order is not None and (
+            isinstance(order, bool) or not isinstance(order, (int, np.integer)) or not 1 <= order <= 3
+        ):
+            raise ScheduleError(f"solver_order must be 1, 2 or 3, got {order!r}")
+        if self.solver_type is not None and self.solver_type not in SOLVER_TYPES:
+            raise ScheduleError(
+                f"unknown solver_type {self.solver_type!r}; expected one of {', '.join(SOLVER_TYPES)}"
+            )
+        dc = self.disable_corrector
+        if not isinstance(dc, tuple) or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in dc
+        ):
+            raise ScheduleError(f"disable_corrector must be a list of step indices >= 0, got {dc!r}")
+        n = self.original_inference_steps
+        if (
+            isinstance(n, bool)
+            or not isinstance(n, (int, np.integer))
+            or not 1 <= n <= self.num_train_timesteps
+        ):
+            raise ScheduleError(
+                f"original_inference_steps must be an integer in 1..{self.num_train_timesteps}, got {n!r}"
+            )
+        ts = self.timestep_scaling
+        if (
+            isinstance(ts, bool)
+            or not isinstance(ts, (int, float, np.integer, np.floating))
+            or not 0 < ts <= 1e6
+        ):
+            raise ScheduleError(f"timestep_scaling must be a number in (0, 1e6], got {ts!r}")
+
+    @property
+    def sigma_spacing(self) -> str | None:
+        """'karras', 'exponential' or 'beta' (the use_*_sigmas key that is true), or None."""
+        for name, key in zip(SIGMA_SPACINGS, _SPACED):
+            if getattr(self, key):
+                return name
+        return None
 
     # ------------------------------------------------------------------ derived arrays
     @property
@@ -212,42 +427,89 @@ class Schedule:
     def from_config(cls, config: dict | str | os.PathLike) -> "Schedule":
         """A schedule from a diffusers ``scheduler_config.json`` (path) or its dict.
 
-        Unknown keys are ignored with a warning; invalid values raise ScheduleError.
+        The config's ``_class_name`` decides the defaults (each class's own: linspace spacing and no
+        clipping for Euler, DPM-Solver and UniPC, ...) and which keys count (those its class reads; a
+        key of another class changes nothing, as in diffusers). A class without a pydiff sampler, or a
+        setting pydiff does not implement, is a ScheduleError that says what to use instead; keys no
+        class reads are ignored with a warning; invalid values raise ScheduleError.
         """
         if not isinstance(config, dict):
             config = _read_config(config)
         elif json_depth(config) > MAX_JSON_DEPTH:
             raise ScheduleError(f"a scheduler config nested over {MAX_JSON_DEPTH} levels")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        unknown = []
-        for key, value in config.items():
+        for key in config:
             if not isinstance(key, str):
                 raise ScheduleError(f"scheduler config keys are strings, got {key!r}")
-            if key in fields:
-                if value is None and key != "trained_betas":
-                    continue  # diffusers writes None for "the default"
-                if key == "variance_type" and isinstance(value, str):
-                    value = _VARIANCE_ALIASES.get(value, value)
-                kwargs[key] = _check_type(key, value, fields[key].default)
-            elif key in _SUPPORTED_ONLY:
-                supported = _SUPPORTED_ONLY[key]
+        name = scheduler_class(config)
+        if name is None:
+            family = sorted(_OTHER_FAMILY_KEYS & config.keys())
+            if family:
+                raise ScheduleError(
+                    f"a scheduler config with {', '.join(family)} and no _class_name: an EDM or "
+                    f"flow-matching schedule, which pydiff does not sample (add _class_name if it is "
+                    f"one of {', '.join(SCHEDULER_CLASSES)})"
+                )
+        spec = _NO_CLASS if name is None else _check_class(name)
+        where = name or "a config without _class_name"
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = dict(spec.defaults)
+        unknown = []
+        for key, value in config.items():
+            if key in spec.only:
+                default, supported = spec.only[key]
                 # same type as well as equal: 2.0 is no solver order and `true` no 1
                 if value is not None and not any(type(value) is type(v) and value == v for v in supported):
                     raise ScheduleError(
-                        f"{key}={value!r} is not implemented by pydiff's samplers "
+                        f"{key}={value!r} is not implemented by pydiff's samplers for {where} "
                         f"(supported: {', '.join(map(repr, supported))})"
                     )
-            elif key not in _KNOWN_IGNORED and not key.startswith("_"):
+            elif key in spec.keys:
+                if value is None and key != "trained_betas":
+                    continue  # diffusers writes None for "the default"
+                if key == "variance_type" and value in ("learned", "learned_range"):
+                    raise ScheduleError(
+                        f"variance_type={value!r} (learned variances, Nichol & Dhariwal 2021, as DeepFloyd "
+                        f"IF's stages use) is not implemented by pydiff's fused step: use 'fixed_small' "
+                        f"(the network's variance channels dropped), or the ddim / dpmpp_2m samplers"
+                    )
+                if key == "variance_type" and isinstance(value, str):
+                    value = _VARIANCE_ALIASES.get(value, value)
+                if key == "disable_corrector" and isinstance(value, list):
+                    value = tuple(value)
+                if (
+                    key == "solver_type"
+                    and name == "DPMSolverMultistepScheduler"
+                    and value
+                    in (
+                        "bh1",
+                        "bh2",
+                        "logrho",
+                    )
+                ):
+                    value = "midpoint"  # diffusers' DPM-Solver reads UniPC's and DEIS's solver types so
+                kwargs[key] = _check_type(key, value, fields[key].default)
+            elif name is None and key in _ALL_KEYS and not key.startswith("_"):
+                default = fields[key].default if key in fields else None
+                if value is not None and value != default and key not in _IGNORED_WITHOUT_CLASS:
+                    raise ScheduleError(
+                        f"{key}={value!r} in a config without _class_name: DDPMScheduler does not read "
+                        f"it; add the _class_name of the scheduler it belongs to"
+                    )
+            elif key not in _ALL_KEYS and not key.startswith("_"):
                 unknown.append(key)
-        class_name = config.get("_class_name")
-        if class_name is not None and not isinstance(class_name, str):
-            raise ScheduleError(f"_class_name must be a string, got {class_name!r}")
-        if class_name is None:
-            class_name = _infer_class(config)
-        for key, value in _CLASS_DEFAULTS.get(class_name, {}).items():
-            if config.get(key) is None:
-                kwargs[key] = value
+        for key, (default, supported) in spec.only.items():
+            if key not in config and not any(type(default) is type(v) and default == v for v in supported):
+                raise ScheduleError(
+                    f"{where}: {key} defaults to {default!r}, which pydiff does not implement: set "
+                    f"{key} to {' or '.join(map(repr, supported))} in the config"
+                )
+        if name == "DPMSolverMultistepScheduler":
+            algorithm = config.get("algorithm_type") or "dpmsolver++"
+            if algorithm == "sde-dpmsolver++" and kwargs.get("solver_order", 2) == 3:
+                raise ScheduleError(
+                    "algorithm_type='sde-dpmsolver++' with solver_order=3 is not implemented "
+                    "(dpmpp_2m_sde is second order; dpmpp_3m is the third-order ODE solver)"
+                )
         if unknown:
             warnings.warn(
                 f"scheduler config keys ignored by pydiff: {', '.join(sorted(unknown))}", stacklevel=2
@@ -257,6 +519,12 @@ class Schedule:
     def to_config(self) -> dict:
         d = dataclasses.asdict(self)
         d["trained_betas"] = list(self.trained_betas) if self.trained_betas is not None else None
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key in _OPTION_FIELDS:  # written only when set (see _OPTION_FIELDS)
+            if d[key] == defaults[key]:
+                del d[key]
+        if "disable_corrector" in d:
+            d["disable_corrector"] = list(self.disable_corrector)
         return d
 
     def replace(self, **changes) -> "Schedule":
@@ -398,3 +666,133 @@ def timesteps(schedule: Schedule, steps: int, sampler: str = "ddim") -> np.ndarr
             f"(num_train_timesteps={T}); use fewer steps"
         )
     return ts
+
+
+# ---------------------------------------------------------------------- noise levels (sigma = sigma_t / alpha_t)
+def train_sigmas(schedule: Schedule) -> np.ndarray:
+    """float32 [T] noise levels sqrt((1 - abar_t) / abar_t) of the training timesteps, from float32 abar
+    as diffusers' Euler, Heun, DPM-Solver and UniPC schedulers compute them."""
+    abar = schedule.alphas_cumprod.astype(np.float32)
+    return ((1 - abar) / abar) ** np.float32(0.5)
+
+
+def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """The fractional training timesteps of noise levels, by linear interpolation in log sigma between
+    neighbouring training timesteps (k-diffusion's and diffusers' ``_sigma_to_t``)."""
+    sigmas = np.asarray(sigmas, np.float64)
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+    return ((1 - w) * low + w * (low + 1)).reshape(sigmas.shape)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """n noise levels from sigma_max to sigma_min, uniform in sigma^(1/rho) (Karras et al. 2022, eq. 5)."""
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """n noise levels from sigma_max to sigma_min, uniform in log sigma."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, n: int, a: float = 0.6, b: float = 0.6) -> np.ndarray:
+    """n noise levels from sigma_max to sigma_min at the quantiles of Beta(a, b) (Lee et al. 2024,
+    "Beta Sampling is All You Need"), as diffusers' ``_convert_to_beta``."""
+    qs = 1 - np.linspace(0, 1, n)
+    return np.array([sigma_min + beta_ppf(float(q), a, b) * (sigma_max - sigma_min) for q in qs])
+
+
+def _betainc(x: float, a: float, b: float) -> float:
+    """The regularised incomplete beta function I_x(a, b), by its continued fraction (modified Lentz)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast below the mean: use the symmetry
+        return 1.0 - _betainc(1.0 - x, b, a)
+    front = (
+        math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+        / a
+    )
+    tiny = 1e-300
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2 == 0:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            num = -((a + m) * (a + b + m) * x) / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + num / (c if abs(c) > tiny else tiny)
+        f *= c * d
+        if abs(1.0 - c * d) < 1e-16:
+            break
+    return front * (f - 1.0)
+
+
+def beta_ppf(q: float, a: float, b: float) -> float:
+    """The q-quantile of Beta(a, b) (scipy.stats.beta.ppf), by bisection on I_x(a, b) to float64 precision."""
+    if q <= 0.0:
+        return 0.0
+    if q >= 1.0:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        if _betainc(mid, a, b) < q:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+_SPACING_FUNCTIONS = {"karras": karras_sigmas, "exponential": exponential_sigmas, "beta": beta_sigmas}
+
+
+def sigma_schedule(schedule: Schedule, steps: int, family: str) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps float64 [N], sigmas float32 [N + 1]) as diffusers' ``set_timesteps`` makes them.
+
+    family 'euler' (Euler, Euler ancestral and Heun: fractional timesteps, spaced sigmas between the
+    interpolated ends), 'dpm' (DPM-Solver: integer timesteps, spaced sigmas between the trained ends)
+    or 'unipc' (as 'dpm'; Karras timesteps always rounded, a spaced schedule's sigma_min final is
+    its own last sigma). The last sigma is 0 or, with final_sigmas_type 'sigma_min', the smallest.
+    """
+    T = schedule.num_train_timesteps
+    base = train_sigmas(schedule)
+    spacing = schedule.sigma_spacing
+    sigma_last = 0.0 if schedule.final_sigmas_type == "zero" else float(base[0])
+    if family == "euler":
+        if schedule.timestep_spacing == "linspace":
+            timesteps(schedule, steps, "ddim")  # the same checks of steps
+            ts = np.linspace(0, T - 1, steps, dtype=np.float32)[::-1].astype(np.float64)
+        else:
+            ts = timesteps(schedule, steps, "ddim").astype(np.float64)
+        sig = np.interp(ts, np.arange(T), base)
+        if spacing:
+            sig = _SPACING_FUNCTIONS[spacing](float(sig[-1]), float(sig[0]), steps)
+            ts = sigma_to_t(sig, np.log(base)).astype(np.float32).astype(np.float64)
+    elif family in ("dpm", "unipc"):
+        ts = timesteps(schedule, steps, "dpmpp_2m").astype(np.float64)
+        if spacing:
+            sig = _SPACING_FUNCTIONS[spacing](float(base[0]), float(base[-1]), steps)
+            ts = sigma_to_t(sig, np.log(base))
+            if spacing == "karras" and (family == "unipc" or schedule.beta_schedule != "squaredcos_cap_v2"):
+                ts = ts.round()
+            ts = np.trunc(ts)  # diffusers casts them to int64
+            if family == "unipc" and schedule.final_sigmas_type == "sigma_min":
+                sigma_last = float(sig[-1])
+        else:
+            sig = np.interp(ts, np.arange(T), base)
+    else:
+        raise ValueError(f"unknown sigma family {family!r}")
+    return ts, np.concatenate([sig, [sigma_last]]).astype(np.float32)

@@ -199,7 +199,7 @@ def test_editing_commands(pkgs, tmp_path):
     "args,frag",
     [
         (("generate", "red", "--steps", "0"), "steps"),
-        (("generate", "red", "--sampler", "euler"), "unknown sampler"),
+        (("generate", "red", "--sampler", "lms"), "unknown sampler"),
         (("generate", "red", "--steps", "sr99=3"), "unknown stage 'sr99'"),
         (("generate", "red", "--guidance", "nan"), "finite"),
         (("generate", "red", "--steps", "many"), "--steps"),

@@ -28,7 +28,9 @@ STEP_PARAMS_DTYPE = np.dtype(
         ("_pad", "<u4"),
         ("seed", "<u8"),
         ("noise_step", "<u4"),
-        ("_pad2", "<u4"),
+        ("c_d2", "<f4"),
+        ("c_d3", "<f4"),
+        ("history_output", "<i4"),
     ]
 )
 

@@ -97,3 +97,14 @@ def test_cli_mask_convention(tmp_path, picture):
     with pytest.raises(SystemExit) as e:
         cli.main(["inpaint", str(tmp_path / "in.png"), str(tmp_path / "m.png"), "--mask-convention", "x"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("sampler", ["heun", "pndm"])
+def test_samplers_that_chain_evaluations_cannot_repaint(shapes, picture, sampler):
+    with pytest.raises(ValueError, match=f"sampler {sampler!r} for stage 'base' cannot inpaint by RePaint"):
+        shapes.inpaint(picture, box_mask(), PROMPT, sampler={"base": sampler}, **FAST)
+    model = lambda x, t: (0.1 * x).astype(np.float32)  # noqa: E731
+    with pytest.raises(ValueError, match="cannot inpaint by RePaint"):
+        pydiff.repaint(model, np.zeros((1, 3, 4, 4), np.float32), np.zeros((1, 3, 4, 4), np.float32),
+                       np.ones((1, 1, 4, 4), np.float32), schedule=pydiff.Schedule(), sampler=sampler,
+                       steps=4)  # fmt: skip

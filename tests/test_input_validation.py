@@ -92,7 +92,7 @@ def test_manifest_numbers_out_of_range(pkg):
     "rec, fragments",
     [
         ({"steps": 2000}, ["stages[0].recommended.steps", "num_train_timesteps=1000"]),
-        ({"sampler": "euler"}, ["stages[0].recommended.sampler", "unknown sampler 'euler'"]),
+        ({"sampler": "lms"}, ["stages[0].recommended.sampler", "unknown sampler 'lms'"]),
         ({"sampler": "ddim", "eta": 5.0, "steps": 50}, ["stages[0].recommended", "eta=5"]),
         ({"sampler": "dpmpp_2m", "eta": 0.5}, ["stages[0].recommended", "eta applies to 'ddim' only"]),
         ({"inpaint": {"steps": 5000}}, ["stages[0].recommended.inpaint.steps"]),

@@ -211,12 +211,11 @@ def test_stock_diffusers_configs_import_and_sample_as_diffusers(cls, tmp_path):
 @pytest.mark.parametrize(
     "key,value",
     [
-        ("final_sigmas_type", "sigma_min"),
-        ("solver_type", "heun"),
         ("rescale_betas_zero_snr", True),
-        ("use_karras_sigmas", True),
         ("algorithm_type", "dpmsolver"),
-        ("solver_order", 3),
+        ("use_lu_lambdas", True),
+        ("lambda_min_clipped", -5.1),
+        ("variance_type", "learned_range"),
     ],
 )
 def test_config_keys_that_change_the_math_are_refused(key, value):

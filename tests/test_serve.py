@@ -242,7 +242,7 @@ def test_progress_as_server_sent_events(http):
     "path, body, status, param",
     [
         ("/v1/generate", {"model": "digits", "class_label": 3, "steps": "x"}, 400, "steps"),
-        ("/v1/generate", {"model": "digits", "class_label": 3, "sampler": "euler"}, 400, "sampler"),
+        ("/v1/generate", {"model": "digits", "class_label": 3, "sampler": "lms"}, 400, "sampler"),
         ("/v1/generate", {"model": "digits", "class_label": 30}, 400, "class_label"),
         ("/v1/generate", {"model": "digits", "class_label": 3, "seed": -1}, 400, "seed"),
         ("/v1/generate", {"model": "digits", "class_label": 3, "num_images": 0}, 400, "num_images"),

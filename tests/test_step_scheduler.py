@@ -53,6 +53,12 @@ REQUESTS = [
         steps={"base": 6, "sr64": 2},
         guidance_interval={"base": [0.5, 4.0]},
     ),
+    # the Euler family: the network at fractional timesteps
+    dict(
+        prompt="a blue circle on a yellow background",
+        seed=7,
+        sampler={"base": "euler", "sr64": "euler_ancestral"},
+    ),
 ]
 
 
@@ -77,7 +83,7 @@ def alone(pipe):
     return out
 
 
-@pytest.mark.parametrize("order", [(0, 1, 2, 3, 4, 5, 6), (5, 6, 3, 1, 4, 2, 0)])
+@pytest.mark.parametrize("order", [(0, 1, 2, 3, 4, 5, 6, 7), (5, 7, 6, 3, 1, 4, 2, 0)])
 def test_batched_equals_alone_bit_for_bit(pipe, alone, order):
     s = StepScheduler(pipe, max_batch=32)
     jobs = {k: s.submit(_plan(pipe, **REQUESTS[k])) for k in order}
@@ -107,7 +113,7 @@ def test_joined_mid_way_equals_alone(pipe, alone):
 def test_a_request_matches_generate(pipe, alone):
     """Same noise and conditioning as pydiff.generate (each image's own seed, for its x_T and its
     in-kernel noise); only the network's batch differs (rounding)."""
-    for k in (0, 1):
+    for k in (0, 1, 7):
         ref = pydiff.generate(**REQUESTS[k], steps=STEPS, output_type="numpy", progress=False)
         assert np.abs(ref - alone[k]).max() <= 1e-5, f"request {k}"
     assert len(alone[1]) > 1 and not np.array_equal(alone[1][0], alone[1][1])  # its images differ
@@ -260,3 +266,12 @@ def test_server_step_policy_over_http(pipe):
         for a, b in zip(imgs, solo[k % len(bodies)]):
             np.testing.assert_array_equal(a, b)
     assert "pydiff_batch_size_requests" in metrics
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_3m", "pndm"])
+def test_samplers_with_a_deeper_history_run_alone(pipe, sampler):
+    """fused_step_rows keeps one x0 per row: 3M's and PLMS's older history runs on the alone path."""
+    plan = _plan(pipe, prompt="a red circle on a blue background", seed=1, sampler={"base": sampler})
+    assert sampler in StepScheduler.accepts(plan)
+    with pytest.raises(ValueError, match="run alone"):
+        StepScheduler(pipe).submit(plan)

@@ -118,7 +118,9 @@ inline void validate_step_params(const StepParams& p) {
                 {"c_x0", p.c_x0},
                 {"c_eps", p.c_eps},
                 {"c_d", p.c_d},
-                {"c_noise", p.c_noise}};
+                {"c_noise", p.c_noise},
+                {"c_d2", p.c_d2},
+                {"c_d3", p.c_d3}};
   for (const auto& f : fields) finite_f32(double(f.v), f.name);
   if (p.prediction_type < kEpsilon || p.prediction_type > kVPrediction)
     refuse("prediction_type must be 0 (epsilon), 1 (sample) or 2 (v_prediction), got " +
@@ -128,6 +130,8 @@ inline void validate_step_params(const StepParams& p) {
            std::to_string(p.threshold_mode));
   if (p.use_clipped_eps != 0 && p.use_clipped_eps != 1)
     refuse("use_clipped_eps must be 0 or 1, got " + std::to_string(p.use_clipped_eps));
+  if (p.history_output != 0 && p.history_output != 1)
+    refuse("history_output must be 0 or 1, got " + std::to_string(p.history_output));
   if (p.threshold_mode == kDynamic && !(p.dynamic_ratio > 0.0f && p.dynamic_ratio <= 1.0f))
     refuse("dynamic_thresholding_ratio must be in (0, 1], got " + float_str(p.dynamic_ratio));
   if (p.threshold_mode == kDynamic && !(p.sample_max_value >= 1.0f))
@@ -142,6 +146,7 @@ inline void validate_step_params(const StepParams& p) {
 // buffer.
 struct StepSpans {
   Span x, model_output, cond, uncond, scales, x0_prev, x0_out, out, thresholds, params;
+  Span x0_prev2, x0_prev3;  // a deep multistep step's older history (the CPU twin's fused_step)
   // the CUDA twin's device scalars and scratch: written, so they may touch nothing
   Span nonfinite, step_counter, workspace;
 };
@@ -150,13 +155,15 @@ struct StepSpans {
 inline void check_step_buffers(const StepSpans& s) {
   // the outputs the element loop writes where it reads its inputs
   for (const Span* o : {&s.out, &s.x0_out}) {
-    for (const Span* in : {&s.x, &s.cond, &s.uncond, &s.x0_prev}) check_no_partial_overlap(*o, *in);
+    for (const Span* in : {&s.x, &s.cond, &s.uncond, &s.x0_prev, &s.x0_prev2, &s.x0_prev3})
+      check_no_partial_overlap(*o, *in);
     check_no_overlap(*o, s.scales);
     check_no_overlap(*o, s.params);
   }
   check_no_overlap(s.x0_out, s.out);
   // written between the statistics and the update pass: it may touch nothing the step reads or writes
-  for (const Span* o : {&s.x, &s.model_output, &s.out, &s.x0_prev, &s.x0_out, &s.scales, &s.params})
+  for (const Span* o :
+       {&s.x, &s.model_output, &s.out, &s.x0_prev, &s.x0_out, &s.scales, &s.params, &s.x0_prev2, &s.x0_prev3})
     check_no_overlap(s.thresholds, *o);
   for (const Span* w : {&s.nonfinite, &s.step_counter, &s.workspace})
     for (const Span* o : {&s.x, &s.model_output, &s.out, &s.x0_prev, &s.x0_out, &s.scales, &s.thresholds,
@@ -168,6 +175,10 @@ inline void check_step_buffers(const StepSpans& s) {
 inline void check_step_params(const StepParams& p, const StepSpans& s, int64_t batch, int64_t n) {
   validate_step_params(p);
   if (p.c_d != 0.0f && !s.x0_prev.name) refuse("x0_prev is required when c_d != 0 (a multistep update)");
+  if (p.c_d2 != 0.0f && !(s.x0_prev.name && s.x0_prev2.name))
+    refuse("x0_prev and x0_prev2 are required when c_d2 != 0 (a deep multistep update)");
+  if (p.c_d3 != 0.0f && !(s.x0_prev2.name && s.x0_prev3.name))
+    refuse("x0_prev2 and x0_prev3 are required when c_d3 != 0 (a deep multistep update)");
   if (p.threshold_mode == kDynamic && batch > 0 && n == 0)
     refuse("x has no elements per sample: the dynamic threshold is undefined");
 }
@@ -177,9 +188,21 @@ inline void check_step(const StepParams& p, const StepSpans& s, int64_t batch, i
   check_step_buffers(s);
 }
 
+// A deep multistep step (c_d2, c_d3 or history_output): the CPU twin's fused_step alone takes one.
+inline bool is_deep(const StepParams& p) {
+  return p.c_d2 != 0.0f || p.c_d3 != 0.0f || p.history_output != 0;
+}
+
+inline void refuse_deep(const StepParams& p, const char* op) {
+  if (is_deep(p))
+    refuse(std::string(op) +
+           " does not take deep multistep steps (c_d2, c_d3, history_output): use the CPU twin's fused_step");
+}
+
 // fused_step_rows: every row by fused_step's rules, its index in the message ("params[3]: ...").
 inline void check_step_rows(const StepParams* rows, const StepSpans& s, int64_t batch, int64_t n) {
   for (int64_t b = 0; b < batch; ++b) try {
+      refuse_deep(rows[b], "fused_step_rows");
       check_step_params(rows[b], s, 1, n);
     } catch (const std::invalid_argument& e) {
       refuse("params[" + std::to_string(b) + "]: " + e.what());

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "bindings/args.h"
@@ -147,9 +148,18 @@ StepCall step_call(py::handle x_, py::handle model_output_, py::handle out_, boo
 // `p` by value: another Python thread may change the caller's object once the GIL is released.
 int64_t fused_step(py::handle x_, py::handle model_output_, py::handle out_, StepParams p, bool guided,
                    py::handle guidance_scale_, py::handle scales_, py::handle x0_prev_, py::handle x0_out_,
-                   py::handle thresholds_) {
-  const StepCall c =
+                   py::handle thresholds_, py::handle x0_prev2_, py::handle x0_prev3_) {
+  StepCall c =
       step_call(x_, model_output_, out_, guided, guidance_scale_, scales_, x0_prev_, x0_out_, thresholds_);
+  const std::vector<int64_t> shape = view_f32(x_, "x", false).shape;
+  for (auto [arg, name, ptr, sp] : {std::tuple{x0_prev2_, "x0_prev2", &c.a.x0_prev2, &c.spans.x0_prev2},
+                                    std::tuple{x0_prev3_, "x0_prev3", &c.a.x0_prev3, &c.spans.x0_prev3}}) {
+    if (arg.is_none()) continue;
+    const View v = view_f32(arg, name, false);
+    require_shape(v, shape, name, "the same as x");
+    *ptr = v.ptr;
+    *sp = span(v, name);
+  }
   check_step(p, c.spans, c.a.batch, c.a.n);
   const int nt = num_threads();
   py::gil_scoped_release nogil;
@@ -335,6 +345,10 @@ PYBIND11_MODULE(_C, m) {
       .def_property("c_eps", F(&StepParams::c_eps), F(&StepParams::c_eps, "c_eps"))
       .def_property("c_d", F(&StepParams::c_d), F(&StepParams::c_d, "c_d"))
       .def_property("c_noise", F(&StepParams::c_noise), F(&StepParams::c_noise, "c_noise"))
+      .def_property("c_d2", F(&StepParams::c_d2), F(&StepParams::c_d2, "c_d2"))
+      .def_property("c_d3", F(&StepParams::c_d3), F(&StepParams::c_d3, "c_d3"))
+      .def_property("history_output", I(&StepParams::history_output),
+                    I(&StepParams::history_output, "history_output"))
       .def_property(
           "seed", [](const StepParams& p) { return p.seed; },
           [](StepParams& p, py::handle v) { p.seed = seed_arg(v); })
@@ -351,7 +365,10 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "pack_step_params",
       [](const std::vector<StepParams>& rows) {
-        for (const StepParams& r : rows) validate_step_params(r);  // the device reads them on trust
+        for (const StepParams& r : rows) {
+          validate_step_params(r);  // the device reads them on trust
+          refuse_deep(r, "a CUDA step table");
+        }
         return py::bytes(reinterpret_cast<const char*>(rows.data()), rows.size() * sizeof(StepParams));
       },
       py::arg("rows"),
@@ -360,6 +377,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("fused_step", &fused_step, py::arg("x"), py::arg("model_output"), py::arg("out"), py::arg("params"),
         py::arg("guided") = false, py::arg("guidance_scale") = 1.0, py::arg("scales") = py::none(),
         py::arg("x0_prev") = py::none(), py::arg("x0_out") = py::none(), py::arg("thresholds") = py::none(),
+        py::arg("x0_prev2") = py::none(), py::arg("x0_prev3") = py::none(),
         "One fused denoising step; returns how many elements had a non-finite input or output.");
   m.attr("STEP_PARAMS_DTYPE") = step_params_dtype();
   m.def(

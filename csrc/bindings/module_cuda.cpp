@@ -141,6 +141,7 @@ void fused_step(uintptr_t x, uintptr_t model_output, uintptr_t out, int64_t batc
   const StepCall c =
       step_call(x, model_output, out, batch, n, storage, guided, scale_, scales, x0_prev, x0_out, thresholds,
                 nonfinite, param_table, step_counter, workspace, workspace_bytes, device);
+  refuse_deep(p, "the CUDA twin's fused_step");
   check_step(p, c.spans, batch, n);
   int err;
   {

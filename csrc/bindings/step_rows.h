@@ -42,6 +42,9 @@ inline py::dtype make_step_params_dtype() {
   field("c_noise", "<f4", offsetof(StepParams, c_noise));
   field("seed", "<u8", offsetof(StepParams, seed));
   field("noise_step", "<u4", offsetof(StepParams, noise_step));
+  field("c_d2", "<f4", offsetof(StepParams, c_d2));
+  field("c_d3", "<f4", offsetof(StepParams, c_d3));
+  field("history_output", "<i4", offsetof(StepParams, history_output));
   py::dict spec;
   spec["names"] = names;
   spec["formats"] = formats;

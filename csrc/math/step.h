@@ -91,6 +91,39 @@ PYDIFF_HOST_DEVICE float step_element(const StepParams& p, float x, float cond, 
   return linear_update(p, x, x0, eps, x0_prev, z);
 }
 
+// The update of a deep multistep step (StepParams' c_d2, c_d3, history_output): linear_update with the
+// history values h (this step's), h1, h2, h3 (the last three steps'), term by term in the same order.
+PYDIFF_HOST_DEVICE float linear_update_deep(const StepParams& p, float x, float x0, float eps, float h,
+                                            float h1, float h2, float h3, float z) {
+  float r = p.c_x0 * x0 + p.c_x * x;
+  r = r + p.c_eps * eps;
+  r = r + p.c_d * (h - h1);
+  r = r + p.c_d2 * (h1 - h2);
+  r = r + p.c_d3 * (h2 - h3);
+  r = r + p.c_noise * z;
+  return r;
+}
+
+// step_element for a deep multistep step: writes the history value h (x0, or the guided network output m
+// when history_output: PLMS combines past outputs, diffusers converting them at the current step)
+// to h_out and reads the last three steps' h1, h2, h3 (any finite values where their coefficient is 0).
+template <int PRED, bool GUIDED>
+PYDIFF_HOST_DEVICE float step_element_deep(const StepParams& p, float x, float cond, float uncond,
+                                           float scale, float limit, float divisor, bool clipped_eps,
+                                           float h1, float h2, float h3, float z, float& h_out,
+                                           float& m_out) {
+  const float m = GUIDED ? cfg_mix(cond, uncond, scale) : cond;
+  float x0, eps;
+  predict_x0_eps<PRED>(x, m, p.alpha, p.sigma, x0, eps);
+  x0 = threshold(x0, limit, 1.0f / divisor);
+  const float eps_c = eps_from_x0(x, x0, p.alpha, p.sigma);
+  eps = select_uniform(clipped_eps, eps_c, eps);
+  const float h = select_uniform(p.history_output != 0, m, x0);
+  h_out = h;
+  m_out = m;
+  return linear_update_deep(p, x, x0, eps, h, h1, h2, h3, z);
+}
+
 // The same step when it has no thresholding, no x0 history and no noise (DDIM with eta = 0, the
 // last step of DPM-Solver++): the terms that would add an exact 0 are left out, so it rounds as
 // step_element does (signed zeros aside) with half the arithmetic.

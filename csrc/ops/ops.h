@@ -14,10 +14,12 @@ struct StepArrays {
   const float* uncond = nullptr;  // [B, n]  unconditional half, or null: no guidance mix
   const float* scales = nullptr;  // [B]     per-sample guidance scales, or null: `scale`
   float scale = 1.0f;
-  const float* x0_prev = nullptr;  // [B, n]  previous x0 (multistep solvers), or null
-  float* x0_out = nullptr;         // [B, n]  the thresholded x0 of this step, or null
-  float* out = nullptr;            // [B, n]  x_{t-1}
-  float* thresholds = nullptr;     // [B]     the dynamic threshold s per sample, or null
+  const float* x0_prev = nullptr;   // [B, n]  previous x0 (multistep solvers), or null
+  const float* x0_prev2 = nullptr;  // [B, n]  the history value before it (deep steps only), or null
+  const float* x0_prev3 = nullptr;  // [B, n]  and the one before that, or null
+  float* x0_out = nullptr;          // [B, n]  the thresholded x0 of this step, or null
+  float* out = nullptr;             // [B, n]  x_{t-1}
+  float* thresholds = nullptr;      // [B]     the dynamic threshold s per sample, or null
   int64_t batch = 0;
   int64_t n = 0;  // elements per sample
 };

@@ -251,6 +251,36 @@ template <int PRED, bool GUIDED, bool PLAIN>
   return bad;
 }
 
+// step_block for a deep multistep step (StepParams' c_d2, c_d3, history_output): h1..h3 the last steps'
+// history values, ho this step's.
+template <int PRED, bool GUIDED>
+[[gnu::always_inline]] inline int64_t step_block_deep(
+    const StepParams& params, const float* x, const float* c, const float* u, const float s,
+    const float limit, const float divisor, const bool clipped_eps, const float* h1, const float* h2,
+    const float* h3, const float* __restrict z, float* ho, float* out, const int64_t len) {
+  StepParams p{};
+  p.alpha = params.alpha;
+  p.sigma = params.sigma;
+  p.c_x = params.c_x;
+  p.c_x0 = params.c_x0;
+  p.c_eps = params.c_eps;
+  p.c_d = params.c_d;
+  p.c_d2 = params.c_d2;
+  p.c_d3 = params.c_d3;
+  p.c_noise = params.c_noise;
+  p.history_output = params.history_output;
+  int32_t bad = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    float h, m;
+    const float r = step_element_deep<PRED, GUIDED>(p, x[j], c[j], u[j], s, limit, divisor, clipped_eps,
+                                                    h1[j], h2[j], h3[j], z[j], h, m);
+    bad += int32_t(!(std::fabs(m) <= FLT_MAX)) | int32_t(!(std::fabs(r) <= FLT_MAX));
+    out[j] = r;
+    ho[j] = h;
+  }
+  return bad;
+}
+
 // The statistics of |x0| over one chunk (add_abs_stats), computed block by block in L1 from the
 // step's inputs; with mid_out, the chunk's mid values are written there (room for len + 16).
 template <int PRED, bool GUIDED>
@@ -393,7 +423,8 @@ int64_t fused_step_impl(const StepArrays& a, const Rows& rows, int num_threads) 
     const bool has_noise = p.c_noise != 0.0f;
     const bool has_prev = a.x0_prev != nullptr && rows.reads_prev(p);
     const bool clipped_eps = p.use_clipped_eps && p.threshold_mode != kNoThreshold;
-    const bool plain = p.threshold_mode == kNoThreshold && !has_noise && p.c_d == 0.0f;
+    const bool deep = p.c_d2 != 0.0f || p.c_d3 != 0.0f || p.history_output != 0;
+    const bool plain = p.threshold_mode == kNoThreshold && !has_noise && p.c_d == 0.0f && !deep;
     const int64_t noise0 = rows.noise_offset(b, n) - b * n;  // noise element of array element k: k + noise0
     const float s = scale_of(b);
     float limit, divisor;
@@ -411,6 +442,13 @@ int64_t fused_step_impl(const StepArrays& a, const Rows& rows, int num_threads) 
         if (has_noise) fill_normals(p.seed, p.noise_step, k0 + noise0, len, z);
         const float* prev = has_prev ? a.x0_prev + k0 : a.x + k0;  // any finite values when c_d == 0
         float* x0o = a.x0_out ? a.x0_out + k0 : x0_scratch;
+        if (deep) {
+          const float* prev2 = a.x0_prev2 ? a.x0_prev2 + k0 : a.x + k0;
+          const float* prev3 = a.x0_prev3 ? a.x0_prev3 + k0 : a.x + k0;
+          bad += step_block_deep<PRED, GUIDED>(p, a.x + k0, a.cond + k0, uncond + k0, s, limit, divisor,
+                                               clipped_eps, prev, prev2, prev3, z, x0o, a.out + k0, len);
+          continue;
+        }
         bad += plain ? step_block<PRED, GUIDED, true>(p, a.x + k0, a.cond + k0, uncond + k0, s, limit,
                                                       divisor, clipped_eps, prev, z, x0o, a.out + k0, len)
                      : step_block<PRED, GUIDED, false>(p, a.x + k0, a.cond + k0, uncond + k0, s, limit,

@@ -228,6 +228,13 @@ def resolve(
             if st.has_mask_channel and isinstance(given, Mapping) and given.get(n) is not None:
                 raise ValueError(f"{what}: stage {n!r} inpaints through its mask inputs, not RePaint")
         if inpaint and not st.has_mask_channel:
+            cls = SAMPLERS[s]
+            if cls.network_evals_per_step > 1 or cls.history_output:
+                raise ValueError(
+                    f"sampler {s!r} for stage {n!r} cannot inpaint by RePaint (its evaluations within "
+                    f"a step take x as the previous one left it); use ddpm, ddim, dpmpp_2m, euler or "
+                    f"euler_ancestral"
+                )
             jl = jl_[n] if jl_[n] is not None else rec["jump_length"]
             jn = jn_[n] if jn_[n] is not None else rec["jump_n_sample"]
             for what, v in (("jump_length", jl), ("jump_n_sample", jn)):

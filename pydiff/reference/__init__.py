@@ -199,13 +199,25 @@ def _per_sample(v, like):
     return v.reshape((-1,) + (1,) * (like.ndim - 1)) if v.ndim == 1 else v
 
 
-def fused_step(x, model_output, params: dict, *, guided=False, guidance_scale=1.0, x0_prev=None, noise=None):
+def fused_step(
+    x,
+    model_output,
+    params: dict,
+    *,
+    guided=False,
+    guidance_scale=1.0,
+    x0_prev=None,
+    noise=None,
+    x0_prev2=None,
+    x0_prev3=None,
+):
     """One denoising step exactly as the native fused step computes it.
 
     x [B, ...]; model_output [B, ...] or, when guided, [2B, ...] = [cond; uncond];
     params: the fields of pydiff._C.StepParams; noise: [B, ...] standard normals or None
     (then the in-kernel Philox stream (params seed, noise_step) is used when c_noise != 0).
-    Returns (x_prev, x0, thresholds or None).
+    x0_prev2, x0_prev3: a deep step's older history values (params c_d2, c_d3, history_output).
+    Returns (x_prev, x0 (or the guided output m when history_output: the step's history value), thresholds or None).
     """
     p = {k: (F32(v) if isinstance(v, float) else v) for k, v in params.items()}
     x = x.astype(F32)
@@ -230,6 +242,16 @@ def fused_step(x, model_output, params: dict, *, guided=False, guidance_scale=1.
         z = np.zeros_like(x)
     r = F32(p["c_x0"]) * x0 + F32(p["c_x"]) * x
     r = r + F32(p["c_eps"]) * eps
+    c_d2, c_d3, hist_m = F32(p.get("c_d2", 0.0)), F32(p.get("c_d3", 0.0)), bool(p.get("history_output", 0))
+    if c_d2 != 0 or c_d3 != 0 or hist_m:  # linear_update_deep
+        h = m if hist_m else x0
+        prev2 = x if x0_prev2 is None else x0_prev2.astype(F32)
+        prev3 = x if x0_prev3 is None else x0_prev3.astype(F32)
+        r = r + F32(p["c_d"]) * (h - prev)
+        r = r + c_d2 * (prev - prev2)
+        r = r + c_d3 * (prev2 - prev3)
+        r = r + F32(p["c_noise"]) * z.astype(F32)
+        return r.astype(F32), np.asarray(h, F32), s
     r = r + F32(p["c_d"]) * (x0 - prev)
     r = r + F32(p["c_noise"]) * z.astype(F32)
     return r.astype(F32), x0.astype(F32), s
@@ -251,6 +273,9 @@ _STEP_PARAMS_FIELDS = (
     "c_noise",
     "seed",
     "noise_step",
+    "c_d2",
+    "c_d3",
+    "history_output",
 )
 
 

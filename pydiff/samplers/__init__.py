@@ -6,12 +6,28 @@ from pydiff.samplers.base import NonFiniteError, Sampler, StepCoefficients
 from pydiff.samplers.ddim import DDIM
 from pydiff.samplers.ddpm import DDPM
 from pydiff.samplers.dpmpp_2m import DPMSolverPP2M
+from pydiff.samplers.dpmpp_2m_sde import DPMSolverPP2MSDE
+from pydiff.samplers.dpmpp_3m import DPMSolverPP3M
+from pydiff.samplers.euler import Euler
+from pydiff.samplers.euler_ancestral import EulerAncestral
+from pydiff.samplers.heun import Heun
+from pydiff.samplers.pndm import PNDM
 
-SAMPLERS = {"ddpm": DDPM, "ddim": DDIM, "dpmpp_2m": DPMSolverPP2M}
+SAMPLERS = {
+    "ddpm": DDPM,
+    "ddim": DDIM,
+    "dpmpp_2m": DPMSolverPP2M,
+    "dpmpp_2m_sde": DPMSolverPP2MSDE,
+    "dpmpp_3m": DPMSolverPP3M,
+    "euler": Euler,
+    "euler_ancestral": EulerAncestral,
+    "heun": Heun,
+    "pndm": PNDM,
+}
 
 
 def make_sampler(name: str, schedule, steps: int, *, eta: float = 0.0, **options) -> Sampler:
-    """A sampler by name: 'ddpm', 'ddim' (with eta) or 'dpmpp_2m'."""
+    """A sampler by name (a key of SAMPLERS); eta is DDIM's."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
     if name == "ddim":
@@ -30,4 +46,10 @@ __all__ = [
     "DDPM",
     "DDIM",
     "DPMSolverPP2M",
+    "DPMSolverPP2MSDE",
+    "DPMSolverPP3M",
+    "Euler",
+    "EulerAncestral",
+    "Heun",
+    "PNDM",
 ]

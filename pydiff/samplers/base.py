@@ -32,6 +32,8 @@ class StepCoefficients:
     c_eps: float = 0.0
     c_d: float = 0.0
     c_noise: float = 0.0
+    c_d2: float = 0.0  # the older history terms: c_d2 (h_prev - h_prev2) + c_d3 (h_prev2 - h_prev3)
+    c_d3: float = 0.0
     # The noise level the step moves x to: x_{t'} = alpha_next x0 + sigma_next eps (1, 0 at the end).
     alpha_next: float = 1.0
     sigma_next: float = 0.0
@@ -64,21 +66,33 @@ class Sampler:
             raise ValueError(f"unknown backend {backend!r}; expected 'native' or 'reference'")
         self.schedule = schedule
         self.steps = steps
-        self.timesteps = timesteps(schedule, steps, self.name)
+        self.timesteps = self.make_timesteps()
         self.use_clipped_model_output = bool(use_clipped_model_output)
         self.backend = backend
         self.alphas_cumprod = schedule.alphas_cumprod
         self.reset()
 
     def reset(self) -> None:
-        self._x0_prev: np.ndarray | None = None
-        self._x0_next: np.ndarray | None = None
+        self._history: list[np.ndarray] = []  # the kernel's history values of past steps, newest first
+        self._spare: list[np.ndarray] = []  # native buffers to write the next one into
 
     # -- to be provided by each sampler
-    def coefficients(self, i: int) -> StepCoefficients:
+    def make_timesteps(self) -> np.ndarray:
+        """The timesteps the network is evaluated at, one per step (set up any per-step tables here)."""
+        return timesteps(self.schedule, self.steps, self.name)
+
+    def coefficients(self, i: int, depth: int | None = None) -> StepCoefficients:
+        """Step i's scalars, given `depth` previous history values (None: all of steps 0 .. i - 1)."""
         raise NotImplementedError
 
     uses_x0_history = False
+    history_slots = 1  # how many past history values the update reads (x0_prev, x0_prev2, x0_prev3)
+    history_output = False  # the history value is the guided network output, not x0 (PLMS)
+    network_evals_per_step = 1
+
+    def keeps_history(self, i: int) -> bool:
+        """Whether step i's history value joins the history (PLMS drops its second evaluation's)."""
+        return True
 
     # -- shared
     def _threshold_fields(self) -> dict:
@@ -97,10 +111,15 @@ class Sampler:
             use_clipped_eps=int(self.use_clipped_model_output),
         )
 
-    def params(self, i: int, seed: int, noise_step: int | None = None) -> dict:
-        """The fields of the native StepParams for step i (noise stream (seed, noise_step), default i)."""
-        c = self.coefficients(i)
+    def params(self, i: int, seed: int, noise_step: int | None = None, depth: int | None = None) -> dict:
+        """The fields of the native StepParams for step i (noise stream (seed, noise_step), default i),
+        with `depth` previous history values (None: a run from step 0)."""
+        c = self.coefficients(i) if depth is None else self.coefficients(i, depth)
+        extra = {k: getattr(c, k) for k in ("c_d2", "c_d3") if getattr(c, k) != 0.0}
+        if self.history_output:
+            extra["history_output"] = 1
         return dict(
+            **extra,
             alpha=c.alpha,
             sigma=c.sigma,
             c_x=c.c_x,
@@ -132,13 +151,14 @@ class Sampler:
         noise: standard normals [B, ...] to use instead of the in-kernel generator, whose stream is
         (seed, noise_step), noise_step defaulting to i.
         """
-        fields = self.params(i, seed, noise_step)
+        hist = self._history if self.uses_x0_history else []
+        fields = self.params(i, seed, noise_step, depth=len(hist) if self.uses_x0_history else None)
         c_noise = fields["c_noise"]
         if noise is not None:
             fields["c_noise"] = 0.0  # added below, last, exactly where the kernel would add it
-        history = self.uses_x0_history and self._x0_prev is not None
-        if not history:
+        if not hist:
             fields["c_d"] = 0.0
+        prevs = dict(zip(("x0_prev", "x0_prev2", "x0_prev3"), hist))
         if self.backend == "reference":
             res, x0, _ = reference.fused_step(
                 x,
@@ -146,24 +166,24 @@ class Sampler:
                 fields,
                 guided=guidance_scale is not None,
                 guidance_scale=1.0 if guidance_scale is None else guidance_scale,
-                x0_prev=self._x0_prev if history else None,
+                **prevs,
             )
             bad = int(np.count_nonzero(~np.isfinite(res)))
             bad += int(np.count_nonzero(~np.isfinite(model_output)))
         else:
             x0 = None
             if self.uses_x0_history:
-                if self._x0_next is None or self._x0_next.shape != x.shape:
-                    self._x0_next = np.empty(x.shape, np.float32)
-                x0 = self._x0_next
+                while self._spare and self._spare[-1].shape != x.shape:
+                    self._spare.pop()
+                x0 = self._spare.pop() if self._spare else np.empty(x.shape, np.float32)
             res, bad = ops.fused_step(
                 x,
                 model_output,
                 ops.step_params(**fields),
                 guidance_scale=guidance_scale,
-                x0_prev=self._x0_prev if history else None,
                 x0_out=x0,
                 out=out,
+                **prevs,
             )
         if bad:
             where = (
@@ -174,10 +194,25 @@ class Sampler:
             raise NonFiniteError(f"{self.name} step {i} (t={int(self.timesteps[i])}): NaN or Inf in {where}")
         if noise is not None and c_noise != 0.0:
             res = (res + np.float32(c_noise) * np.asarray(noise, np.float32)).astype(np.float32, copy=False)
-        if self.uses_x0_history:
-            self._x0_next, self._x0_prev = self._x0_prev, x0
+        if self.uses_x0_history and not self.keeps_history(i):
+            self._spare.append(x0)
+        elif self.uses_x0_history:
+            self._history.insert(0, x0)
+            while len(self._history) > self.history_slots:
+                self._spare.append(self._history.pop())
         return res
 
 
 def sqrt(v: float) -> float:
     return math.sqrt(max(v, 0.0))
+
+
+def vp(s: float) -> tuple[float, float]:
+    """(alpha, sigma) of x = alpha x0 + sigma eps at the noise level s = sigma / alpha.
+
+    diffusers' Euler-family schedulers keep the sample X = x / alpha = x0 + s eps and feed the
+    network X / sqrt(s^2 + 1) = x: pydiff steps x itself, so the network sees the same input.
+    """
+    s = float(s)
+    alpha = 1.0 / math.sqrt(s * s + 1.0)
+    return alpha, s * alpha

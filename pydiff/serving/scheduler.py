@@ -44,7 +44,7 @@ from pydiff.package import Stage
 from pydiff.pipeline import Pipeline
 from pydiff.pipeline.pipeline import threshold_kwargs
 from pydiff.pipeline.requests import Plan
-from pydiff.samplers import make_sampler
+from pydiff.samplers import SAMPLERS, make_sampler
 
 
 @dataclass
@@ -125,6 +125,10 @@ class StepScheduler:
             return f"{plan.kind} requests run alone (step-level batching runs generate requests)"
         if plan.guidance_model is not None:
             return "requests guided by a guidance model run alone"
+        for name, s in plan.settings.items():
+            cls = SAMPLERS[s.sampler]
+            if cls.history_slots > 1 or cls.history_output:  # fused_step_rows keeps one x0 per row
+                return f"requests sampled by {s.sampler!r} (stage {name!r}) run alone"
         return None
 
     def submit(self, plan: Plan, on_step: Callable | None = None) -> ScheduledJob:
@@ -245,7 +249,8 @@ class StepScheduler:
         runs = [j._run for j in group]
         x = np.concatenate([r.x for r in runs])
         N = x.shape[0]
-        t = np.concatenate([np.full(r.x.shape[0], int(r.sampler.timesteps[r.i]), np.float32) for r in runs])
+        # the network's timesteps as the sampler has them (fractional for the Euler family's sigmas)
+        t = np.concatenate([np.full(r.x.shape[0], r.sampler.timesteps[r.i], np.float32) for r in runs])
         cond = {k: np.concatenate([r.cond[k] for r in runs]) for k in runs[0].cond}
         if guided:
             uncond = {k: np.concatenate([r.uncond[k] for r in runs]) for k in runs[0].uncond}

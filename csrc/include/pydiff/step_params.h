@@ -29,6 +29,13 @@ struct StepParams {
   // In-kernel noise z ~ N(0, 1): Philox4x32-10 keyed by seed, counter (element / 4, noise_step).
   uint64_t seed;
   uint32_t noise_step;
+
+  // Deeper multistep history (DPM-Solver++ 3M, UniPC, PLMS): with history values h (this step's,
+  // written to x0_out) and h1, h2, h3 (the last three steps'), the update's c_d term is
+  // c_d * (h - h1), plus c_d2 * (h1 - h2) + c_d3 * (h2 - h3). h is x0, or the (guided) network output m when
+  // history_output. The CPU twin's fused_step only; fused_step_rows and the CUDA twin refuse them.
+  float c_d2, c_d3;
+  int32_t history_output;
 };
 
 }  // namespace pydiff
