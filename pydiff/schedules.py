@@ -487,6 +487,12 @@ class Schedule:
                     )
                 ):
                     value = "midpoint"  # diffusers' DPM-Solver reads UniPC's and DEIS's solver types so
+                if (
+                    key == "solver_type"
+                    and name == "UniPCMultistepScheduler"
+                    and value in ("midpoint", "heun", "logrho")
+                ):
+                    value = "bh2"  # and diffusers' UniPC reads DPM-Solver's and DEIS's as bh2
                 kwargs[key] = _check_type(key, value, fields[key].default)
             elif name is None and key in _ALL_KEYS and not key.startswith("_"):
                 default = fields[key].default if key in fields else None
@@ -633,16 +639,19 @@ def _check_type(key: str, value, default):
 def timesteps(schedule: Schedule, steps: int, sampler: str = "ddim") -> np.ndarray:
     """The int64 training timesteps a sampler visits, as diffusers' ``set_timesteps`` makes them.
 
-    DDPM and DDIM space ``steps`` points; DPM-Solver++ spaces ``steps + 1`` and drops the last
-    (diffusers' DPMSolverMultistepScheduler).
+    DDPM and DDIM space ``steps`` points; DPM-Solver++ and UniPC space ``steps + 1`` and drop the
+    last (diffusers' DPMSolverMultistepScheduler, UniPCMultistepScheduler); LCM takes its own
+    (``lcm_timesteps``).
     """
     T = schedule.num_train_timesteps
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
         raise ValueError(f"steps must be an integer, got {steps!r}")
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in [1, num_train_timesteps={T}], got {steps}")
+    if sampler == "lcm":
+        return lcm_timesteps(schedule, steps)
     spacing, offset = schedule.timestep_spacing, schedule.steps_offset
-    if sampler == "dpmpp_2m":
+    if sampler in ("dpmpp_2m", "unipc"):
         if spacing == "linspace":
             ts = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1]
         elif spacing == "leading":
@@ -666,6 +675,23 @@ def timesteps(schedule: Schedule, steps: int, sampler: str = "ddim") -> np.ndarr
             f"(num_train_timesteps={T}); use fewer steps"
         )
     return ts
+
+
+def lcm_timesteps(schedule: Schedule, steps: int) -> np.ndarray:
+    """The int64 timesteps of LCMScheduler: `steps` of the `original_inference_steps` distillation
+    timesteps k - 1, 2 k - 1, ..., n k - 1 (k = T // n), from the last, evenly spaced in index."""
+    n = schedule.original_inference_steps
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+        raise ValueError(f"steps must be an integer, got {steps!r}")
+    if not 1 <= steps <= n:
+        raise ValueError(
+            f"steps must be in [1, original_inference_steps={n}] for lcm (its timesteps are a subset of "
+            f"the distillation schedule's), got {steps}"
+        )
+    k = schedule.num_train_timesteps // n
+    origin = (np.arange(1, n + 1, dtype=np.int64) * k - 1)[::-1]
+    index = np.floor(np.linspace(0, n, num=steps, endpoint=False)).astype(np.int64)
+    return origin[index].copy()
 
 
 # ---------------------------------------------------------------------- noise levels (sigma = sigma_t / alpha_t)

@@ -74,6 +74,13 @@ def toy(x, t):
         ("heun", dict(prediction_type="sample", clip_sample=True)),
         ("euler_ancestral", {}),
         ("dpmpp_2m_sde", dict(use_karras_sigmas=True)),
+        (
+            "unipc",
+            dict(solver_order=3, thresholding=True, sample_max_value=1.5, dynamic_thresholding_ratio=0.9),
+        ),
+        ("unipc", dict(solver_type="bh1", prediction_type="v_prediction", disable_corrector=(1,))),
+        ("lcm", dict(prediction_type="sample", clip_sample=True, clip_sample_range=0.8)),
+        ("lcm", dict(original_inference_steps=20)),
     ],
 )
 def test_samplers_native_match_reference(sampler, cfg):
@@ -82,3 +89,34 @@ def test_samplers_native_match_reference(sampler, cfg):
     got = pydiff.sample(toy, x_T, schedule=schedule, sampler=sampler, steps=9, seed=3)
     want = pydiff.sample(toy, x_T, schedule=schedule, sampler=sampler, steps=9, seed=3, backend="reference")
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_lcm_draws_kernel_noise_between_steps_and_none_after_the_last():
+    schedule = pydiff.Schedule.from_config({"_class_name": "LCMScheduler"})
+    x_T = np.random.default_rng(2).standard_normal(SHAPE).astype(np.float32)
+    one = [pydiff.sample(toy, x_T, schedule=schedule, sampler="lcm", steps=1, seed=s) for s in (1, 2)]
+    np.testing.assert_array_equal(one[0], one[1])  # a single step returns f(x_T, 999): no noise
+    four = [pydiff.sample(toy, x_T, schedule=schedule, sampler="lcm", steps=4, seed=s) for s in (1, 1, 2)]
+    np.testing.assert_array_equal(four[0], four[1])
+    assert np.abs(four[0] - four[2]).max() > 1e-3
+
+
+@pytest.mark.parametrize("sampler", ["unipc", "lcm"])
+def test_new_samplers_inpaint_by_repaint(sampler):
+    schedule = pydiff.Schedule.from_config(
+        {"_class_name": "LCMScheduler" if sampler == "lcm" else "UniPCMultistepScheduler"}
+    )
+    rng = np.random.default_rng(4)
+    x_T, image = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(2))
+    mask = np.zeros((1, 1) + SHAPE[2:], np.float32)
+    mask[..., :4, :] = 1.0
+    out = pydiff.repaint(toy, x_T, image, mask, schedule=schedule, sampler=sampler, steps=6, jump_length=2,
+                         jump_n_sample=2, seed=0)  # fmt: skip
+    np.testing.assert_array_equal(out[..., 4:, :], image[..., 4:, :])  # the kept region, exactly
+    assert np.all(np.isfinite(out)) and np.abs(out[..., :4, :] - image[..., :4, :]).max() > 1e-2
+
+
+def test_unipc_runs_alone_in_step_batching():
+    # fused_step_rows keeps one x0 per row: StepScheduler.accepts reads history_slots
+    assert pydiff.samplers.SAMPLERS["unipc"].history_slots == 3
+    assert pydiff.samplers.SAMPLERS["lcm"].history_slots == 1 and not pydiff.samplers.LCM.uses_x0_history

@@ -274,3 +274,170 @@ def test_euler_family_at_sigma_2e4_is_float64s():
     scale = float(np.abs(X).max())
     assert np.abs(got - X).max() <= 1e-5 * scale
     assert np.abs(diffusers_loop(cfg, x_T, 10, guidance=g) - X).max() > 1e-3 * scale  # diffusers' own error
+
+
+UNIPC = [
+    {},
+    dict(
+        solver_type="bh1", final_sigmas_type="sigma_min"
+    ),  # bh1 to sigma 0: see test_unipc_where_diffusers_is_not_finite
+    dict(solver_order=3),
+    dict(solver_order=3, solver_type="bh1", lower_order_final=False, final_sigmas_type="sigma_min"),
+    dict(solver_order=1),
+    dict(disable_corrector=[0, 2]),
+]
+
+
+@pytest.mark.parametrize("beta,pred,spacing", GRID, ids=lambda v: str(v))
+@pytest.mark.parametrize("extra", UNIPC, ids=["bh2", "bh1", "3", "3_bh1_no_lof", "1", "no_corrector_0_2"])
+def test_unipc_matches_diffusers(extra, beta, pred, spacing):
+    guidance = 3.0 if (BETAS.index(beta) + SPACINGS.index(spacing)) % 2 else None
+    thr = (
+        dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5)
+        if pred == "sample" and spacing != "linspace"
+        else {}
+    )
+    check(
+        base_config("UniPCMultistepScheduler", beta, pred, spacing, **extra, **thr),
+        steps=10,
+        guidance=guidance,
+    )
+
+
+@pytest.mark.parametrize("spaced", SPACED, ids=["karras", "exponential", "beta"])
+@pytest.mark.parametrize("beta", ["linear", "scaled_linear"])
+@pytest.mark.parametrize(
+    "extra",
+    [{}, dict(final_sigmas_type="sigma_min"), dict(solver_order=3), dict(solver_order=3, solver_type="bh1")],
+    ids=["bh2", "sigma_min", "3", "3_bh1"],
+)
+def test_unipc_sigma_spacings_match_diffusers(extra, beta, spaced):
+    # (the cosine schedule's spaced timesteps repeat, as for DPM-Solver above.) Guidance 3 on the linear
+    # schedule's spaced sigmas grows x to 80-400 and order 3 then amplifies float32 rounding to 1e-4 of
+    # that in diffusers' loop (which is further from the same loop in float64 than pydiff's)
+    guidance = 2.5 if beta == "scaled_linear" else None
+    if extra.get("solver_type") == "bh1":
+        extra = {**extra, "final_sigmas_type": "sigma_min"}
+    check(
+        base_config("UniPCMultistepScheduler", beta, "epsilon", "linspace", **spaced, **extra), 10, guidance
+    )
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [dict(solver_type="bh1"), dict(solver_order=3, lower_order_final=False), dict(lower_order_final=False)],
+    ids=["bh1", "3_no_lof", "2_no_lof"],
+)
+def test_unipc_where_diffusers_is_not_finite(extra):
+    """To sigma 0 diffusers' bh1 multiplies B(h) = -inf by 0 (NaN), and without lower_order_final its
+    last step of order 2 or 3 divides by r_k = 0 (inf, or a singular solve): pydiff's last step returns
+    x0 (first order, DPM-Solver's rule), the network's x0 at the sample diffusers' own loop reaches."""
+    cfg = base_config("UniPCMultistepScheduler", "scaled_linear", "epsilon", "linspace", **extra)
+    sched = diffusers.UniPCMultistepScheduler(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    sched.set_timesteps(STEPS)
+    x_T = np.random.default_rng(7).standard_normal(SHAPE).astype(np.float32)
+    x = torch.from_numpy(x_T.copy())
+    for k, t in enumerate(sched.timesteps):
+        out = torch.from_numpy(toy_model(x.numpy(), np.full(SHAPE[0], float(t), np.float32)))
+        if k == STEPS - 1:
+            want = sched.convert_model_output(out, sample=x).numpy()
+            try:
+                theirs = sched.step(out, t, x).prev_sample.numpy()
+                assert not np.all(np.isfinite(theirs))
+            except RuntimeError:  # torch.linalg.solve: singular
+                pass
+        else:
+            x = sched.step(out, t, x).prev_sample
+    got = pydiff_loop(cfg, x_T, STEPS)
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
+
+
+def test_unipc_takes_dpm_solver_types_as_bh2_and_refuses_solver_p():
+    cfg = base_config("UniPCMultistepScheduler", "linear", "epsilon", "linspace", solver_type="midpoint")
+    assert pydiff.Schedule.from_config(cfg).solver_type == "bh2"  # as diffusers' UniPC registers it
+    check(cfg)
+    with pytest.raises(pydiff.ScheduleError, match="solver_p"):
+        pydiff.Schedule.from_config({**cfg, "solver_p": {"_class_name": "DPMSolverMultistepScheduler"}})
+    with pytest.raises(pydiff.ScheduleError, match="predict_x0"):
+        pydiff.Schedule.from_config({**cfg, "predict_x0": False})
+
+
+LCM = [{}, dict(original_inference_steps=20, timestep_scaling=5.0)]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+@pytest.mark.parametrize("beta,pred", list(itertools.product(BETAS, PREDICTIONS)), ids=lambda v: str(v))
+def test_lcm_matches_diffusers(beta, pred, steps):
+    # LCMScheduler ignores timestep_spacing (its timesteps come from original_inference_steps)
+    k = BETAS.index(beta) + PREDICTIONS.index(pred) + steps
+    extra = LCM[k % 2]
+    guidance = 3.0 if k % 3 else None
+    if beta == "squaredcos_cap_v2" and pred == "epsilon" and steps == 8 and guidance and not extra:
+        pytest.skip(
+            "t = 999 of the cosine schedule (abar 2.4e-9, x0 = 2e4 x): this guided loop is 0.8e-4 of scale "
+            "(diffusers) and 1.1e-4 (pydiff) from the same loop in float64, so not 1e-4 from each other"
+        )
+    thr = {}
+    if pred == "sample":
+        thr = dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5)
+    elif pred == "v_prediction" and k % 2:
+        thr = dict(clip_sample=True, clip_sample_range=0.8)
+    check(base_config("LCMScheduler", beta, pred, "leading", **extra, **thr), steps=steps, guidance=guidance)
+
+
+def test_lcm_timesteps_and_steps_beyond_the_distillation_schedule():
+    cfg = {"_class_name": "LCMScheduler", "original_inference_steps": 50}
+    sched = diffusers.LCMScheduler.from_config({k: v for k, v in cfg.items() if k != "_class_name"})
+    for steps in (1, 3, 4, 7, 50):
+        sched.set_timesteps(steps)
+        smp = pydiff.make_sampler("lcm", pydiff.Schedule.from_config(cfg), steps)
+        np.testing.assert_array_equal(smp.timesteps, sched.timesteps.numpy())
+    with pytest.raises(ValueError, match="original_inference_steps=50"):
+        pydiff.make_sampler("lcm", pydiff.Schedule.from_config(cfg), 51)
+    with pytest.raises(pydiff.ScheduleError, match="original_inference_steps"):
+        pydiff.Schedule.from_config({**cfg, "original_inference_steps": 0})
+
+
+def test_lcm_steps_agree_one_by_one():
+    """Each LCM step from diffusers' own x agrees to float32 rounding, at a guidance (7.5) where the toy
+    model's complete loop amplifies that rounding about 4x per step."""
+    cfg = base_config("LCMScheduler", "scaled_linear", "epsilon", "leading")
+    sched = diffusers.LCMScheduler(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    sched.set_timesteps(12)
+    smp = pydiff.make_sampler("lcm", pydiff.Schedule.from_config(cfg), 12)
+    np.testing.assert_array_equal(smp.timesteps, sched.timesteps.numpy())
+    x = np.random.default_rng(7).standard_normal(SHAPE).astype(np.float32)
+    B, gen = SHAPE[0], torch.Generator().manual_seed(0)
+    for k, t in enumerate(sched.timesteps):
+        tt = np.full(B, float(t), np.float32)
+        c, u = toy_model(x, tt, np.ones(B, np.float32)), toy_model(x, tt, np.zeros(B, np.float32))
+        out = np.concatenate([c, u])
+        state = gen.get_state()
+        theirs = sched.step(
+            torch.from_numpy(u + np.float32(7.5) * (c - u)), t, torch.from_numpy(x), generator=gen
+        )
+        gen.set_state(state)
+        z = torch.randn(SHAPE, generator=gen).numpy() if k < 11 else None
+        mine = smp.step(out, x, k, guidance_scale=7.5, noise=z)
+        x = theirs.prev_sample.numpy()
+        assert np.abs(mine - x).max() <= 1e-6 * max(1.0, float(np.abs(x).max())), k
+
+
+@pytest.mark.parametrize(
+    "extra", [dict(solver_order=3), dict(solver_type="bh1", final_sigmas_type="sigma_min")]
+)
+def test_unipc_from_a_later_step_matches_diffusers(extra):
+    """img2img's start_step: the history starts empty there (first order, no corrector), as diffusers'
+    set_begin_index."""
+    cfg = base_config("UniPCMultistepScheduler", "scaled_linear", "epsilon", "linspace", **extra)
+    sched = diffusers.UniPCMultistepScheduler(**{k: v for k, v in cfg.items() if not k.startswith("_")})
+    sched.set_timesteps(10)
+    sched.set_begin_index(3)
+    x_T = np.random.default_rng(7).standard_normal(SHAPE).astype(np.float32)
+    x = torch.from_numpy(x_T.copy())
+    for t in sched.timesteps[3:]:
+        x = sched.step(torch.from_numpy(toy_model(x.numpy(), np.full(SHAPE[0], float(t), np.float32))), t, x)
+        x = x.prev_sample
+    schedule = pydiff.Schedule.from_config(cfg)
+    got = pydiff.sample(toy_model, x_T, schedule=schedule, sampler="unipc", steps=10, start_step=3)
+    assert np.abs(got - x.numpy()).max() <= 1e-4 * max(1.0, float(np.abs(x.numpy()).max()))

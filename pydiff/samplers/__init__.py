@@ -11,7 +11,9 @@ from pydiff.samplers.dpmpp_3m import DPMSolverPP3M
 from pydiff.samplers.euler import Euler
 from pydiff.samplers.euler_ancestral import EulerAncestral
 from pydiff.samplers.heun import Heun
+from pydiff.samplers.lcm import LCM
 from pydiff.samplers.pndm import PNDM
+from pydiff.samplers.unipc import UniPC
 
 SAMPLERS = {
     "ddpm": DDPM,
@@ -23,6 +25,8 @@ SAMPLERS = {
     "euler_ancestral": EulerAncestral,
     "heun": Heun,
     "pndm": PNDM,
+    "unipc": UniPC,
+    "lcm": LCM,
 }
 
 
@@ -52,4 +56,6 @@ __all__ = [
     "EulerAncestral",
     "Heun",
     "PNDM",
+    "UniPC",
+    "LCM",
 ]
