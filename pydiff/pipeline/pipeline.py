@@ -42,9 +42,9 @@ from pydiff.pipeline.requests import (
 )
 from pydiff.pipeline.result import result
 from pydiff.pipeline.settings import StageSettings
-from pydiff.samplers import make_sampler
+from pydiff.samplers import SAMPLERS, make_sampler
 from pydiff.sampling import repaint, repaint_schedule, sample
-from pydiff.schedules import Schedule, timesteps
+from pydiff.schedules import Schedule
 
 
 class Pipeline:
@@ -303,9 +303,9 @@ class Pipeline:
 
         start_step = 0
         if plan.kind == "img2img":
-            start_step = s.steps - int(s.steps * s.strength)
-            ts = _timesteps(sched, s.steps, s.sampler)
-            x = np.asarray(sched.add_noise(known, x, int(ts[start_step])), np.float32)
+            # whole levels skipped, in steps (Heun evaluates each level twice: diffusers' t_start * order)
+            start_step = (s.steps - int(s.steps * s.strength)) * SAMPLERS[s.sampler].network_evals_per_step
+            x = _noised_to_step(sched, s, start_step, known, x)
         resample = plan.kind == "inpaint" and not st.has_mask_channel
 
         guided = st.conditioning != "none" and s.uses_guidance
@@ -442,9 +442,17 @@ def _checked_guidance(fn, spec):
     return checked
 
 
-def _timesteps(schedule, steps, sampler):
-    """The int64 timesteps the sampler visits (they depend on the sampler, e.g. DPM-Solver++)."""
-    return np.asarray(timesteps(schedule, steps, sampler))
+def _noised_to_step(schedule: Schedule, s: StageSettings, step: int, image, noise) -> np.ndarray:
+    """SDEdit's start: `image` noised to the level the sampler's step `step` runs at. At an integer
+    timestep of the schedule's own noise levels, the forward process at that t (diffusers'
+    add_noise); where the sampler's levels are its own (Karras / exponential / beta sigmas, the
+    Euler family's fractional timesteps), alpha x0 + sigma eps at the step's level."""
+    smp = make_sampler(s.sampler, schedule, s.steps, eta=s.eta, **threshold_kwargs(s))
+    t = float(smp.timesteps[step])
+    if t.is_integer() and schedule.sigma_spacing is None:
+        return np.asarray(schedule.add_noise(image, noise, int(t)), np.float32)
+    c = smp.coefficients(step)
+    return (np.float32(c.alpha) * image + np.float32(c.sigma) * noise).astype(np.float32)
 
 
 def threshold_kwargs(s: StageSettings) -> dict:
