@@ -60,6 +60,16 @@ pydiff guidance train-classifier --task shapes --out "$RUNS/shapes_classifier" \
 pydiff guidance export-classifier --run "$RUNS/shapes_classifier" \
     --out "$OUT/shapes/classifier.onnx" --package "$OUT/shapes" --scale 10
 
+# 3e. The colorization package (Palette, issue 24): a 64x64 stage conditioned on the image's grey,
+#     text dropped half the time (~64 min on 2 busy threads); one stage, the shapes text encoder
+#     named, not copied.
+pydiff train shapes-colorize --out "$RUNS/shapes_colorize" --steps 2500 --seed "$SEED" --threads 2 \
+    --no-progress --text-encoder "$RUNS/text_encoder" --prediction-type v_prediction \
+    > "$RUNS/shapes_colorize.log" 2>&1
+pydiff export shapes --base "$RUNS/shapes_colorize" --text-encoder "$RUNS/text_encoder" \
+    --out "$OUT/shapes-colorize" --name shapes-colorize --shared-text-encoder shapes \
+    --base-recommended '{"sampler": "dpmpp_2m", "guidance_scale": 1.0, "steps": 20, "thresholding": "static"}'
+
 # 4. Evaluate (figures go in the README and TRAINING.md).
 python benchmarks/eval_digits.py --model "$OUT/digits" --n 30
 python benchmarks/eval_shapes.py --model "$OUT/shapes" --n 200

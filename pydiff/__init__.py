@@ -13,7 +13,16 @@ from pydiff.schedules import Schedule, ScheduleError, timesteps  # noqa: E402
 
 # The pipeline (ONNX Runtime, tokenizers, Pillow) loads on first use, so that `import pydiff`
 # stays cheap for users of the core alone.
-_PIPELINE_NAMES = ("generate", "load", "inpaint", "img2img", "upscale", "Pipeline", "PackageError")
+_PIPELINE_NAMES = (
+    "generate",
+    "load",
+    "inpaint",
+    "img2img",
+    "upscale",
+    "colorize",
+    "Pipeline",
+    "PackageError",
+)
 
 
 def __getattr__(name):

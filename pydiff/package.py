@@ -89,7 +89,11 @@ INPUT_SPECS: dict[str, tuple[str, int]] = {
     "noise_level": ("tensor(float)", 1),
     "mask": ("tensor(float)", 4),
     "masked_image": ("tensor(float)", 4),
+    "image_condition": ("tensor(float)", 4),  # Palette: the input image, concatenated (see IMAGE_CONDITIONS)
 }
+# What a stage's `image_condition` input is made from (`stages[i].image_condition.from`): "grey", the
+# BT.601 luma of the user's image in [-1, 1], one channel (colorization)
+IMAGE_CONDITIONS = ("grey",)
 
 
 def input_dtype(name: str) -> type:
@@ -148,6 +152,8 @@ class Stage:
     # class stages: the label num_classes means "no class" (trained with condition dropout); False
     # for networks without one (most diffusers class-conditional UNets): no classifier-free guidance
     unconditional_class: bool = True
+    # Palette-style stages: what the `image_condition` input is made from (IMAGE_CONDITIONS), or None
+    image_condition: str | None = None
 
     @property
     def is_super_resolution(self) -> bool:
@@ -610,6 +616,15 @@ def _parse_stage(
         raise ctx.error(f"{where}.inputs", '"mask" and "masked_image" go together')
     if ("noise_level" in inputs) and ("low_res" not in inputs):
         raise ctx.error(f"{where}.inputs", '"noise_level" without "low_res"')
+    image_condition = None
+    ic = _obj(ctx, raw, "image_condition", where, required=False)
+    if ("image_condition" in inputs) != (ic is not None):
+        raise ctx.error(
+            f"{where}.image_condition",
+            'the input "image_condition" and the object {"from": ...} that says what it is go together',
+        )
+    if ic is not None:
+        image_condition = _str(ctx, ic, "from", f"{where}.image_condition", choices=IMAGE_CONDITIONS)
 
     output = _str(ctx, raw, "output", where)
     prediction_type = _str(ctx, raw, "prediction_type", where, choices=PREDICTION_TYPES)
@@ -680,6 +695,7 @@ def _parse_stage(
         noise_aug_level=aug_level,
         noise_aug_max_level=aug_max,
         unconditional_class=unconditional_class,
+        image_condition=image_condition,
     )
 
 

@@ -14,6 +14,7 @@ from pydiff.tools.eval import guidance_sweep
 from pydiff.tools.eval.packages import (
     evaluate_digits,
     evaluate_shapes,
+    evaluate_shapes_colorize,
     evaluate_shapes_img2img,
     evaluate_shapes_inpaint,
     evaluate_shapes_sr,
@@ -34,6 +35,11 @@ PACKAGE_EVALUATIONS = (
         "shapes-img2img",
         "SDEdit with a shapes package: alignment to an edited caption against the layout kept, per strength",
     ),
+    (
+        "shapes-colorize",
+        "colorization with a shapes colorization package: the colours read back from grey images, "
+        "unambiguous and ambiguous greys apart, with and without the caption",
+    ),
     ("digits", "SVM accuracy, diversity and memorisation of a digits package"),
 )
 
@@ -53,7 +59,7 @@ def register(subparsers) -> None:
             type=int,
             default=None,
             help="shapes: images per split (default 200); shapes-sr, shapes-inpaint: "
-            "images (default 40); shapes-img2img: images (default 24); digits: "
+            "images (default 40); shapes-img2img: images (default 24); shapes-colorize: images (default 100); digits: "
             "per class (default 30)",
         )
         q.add_argument("--seed", type=int, default=0)
@@ -100,6 +106,12 @@ def _run_package(a) -> int:
             save_grid=a.grid,
             later_strength=later,
             **settings,
+        )
+    elif a.what == "shapes-colorize":
+        if a.model is None:
+            raise UsageError("shapes-colorize: --model names the colorization package (none is bundled)")
+        rep = evaluate_shapes_colorize(
+            a.model, 100 if a.n is None else a.n, seed=a.seed, save_grid=a.grid, **settings
         )
     elif a.what == "shapes-sr":
         rep = evaluate_shapes_sr(

@@ -23,9 +23,9 @@ def register(subparsers) -> None:
         "rewrite ONNX files (float16, static shapes)",
     )
     esub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
-    s = esub.add_parser("shapes", help="the shapes cascade from a base run and an SR run")
+    s = esub.add_parser("shapes", help="the shapes cascade from a base run and an SR run (or one stage)")
     s.add_argument("--base", required=True)
-    s.add_argument("--sr", required=True)
+    s.add_argument("--sr", help="the SR run (leave out for a one-stage package, e.g. colorization)")
     s.add_argument("--text-encoder", required=True)
     s.add_argument("--out", required=True)
     s.add_argument(

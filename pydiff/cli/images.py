@@ -1,4 +1,4 @@
-"""`pydiff generate`, `inpaint`, `img2img` and `upscale`: one implementation, four modes of the
+"""`pydiff generate`, `inpaint`, `img2img`, `upscale` and `colorize`: one implementation, five modes of the
 pipeline. Runtime modules only (no torch): these are the commands a plain install runs."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pydiff.files import check_writable, is_stream, write_files_atomic, write_ou
 from pydiff.pipeline import _pipeline
 from pydiff.pipeline.requests import REQUESTS
 
-MODES = ("generate", "inpaint", "img2img", "upscale")
+MODES = ("generate", "inpaint", "img2img", "upscale", "colorize")
 
 
 def register(subparsers) -> None:
@@ -95,6 +95,13 @@ def register(subparsers) -> None:
     add_sampling_arguments(p)
     p.set_defaults(func=run, kind="upscale")
 
+    p = subparsers.add_parser("colorize", help="colour a grey image (a package with a colorization stage)")
+    p.add_argument("image", help="a grey image (a colour one is taken by its luma)")
+    p.add_argument("prompt", nargs="*")
+    p.add_argument("--class-label", type=int, action="append", metavar="N")
+    add_sampling_arguments(p)
+    p.set_defaults(func=run, kind="colorize")
+
 
 def run(args) -> int:
     out = Path(args.out)
@@ -145,7 +152,7 @@ def run(args) -> int:
     if args.negative_prompt is not None:
         kwargs["negative_prompt"] = text_argument(args.negative_prompt, "--negative-prompt")
     kind = args.kind
-    if kind in ("inpaint", "img2img", "upscale"):
+    if kind in ("inpaint", "img2img", "upscale", "colorize"):
         kwargs["image"] = open_image(args.image, "image")
     if kind == "inpaint":
         kwargs["mask"] = open_image(args.mask, "mask")
@@ -166,7 +173,7 @@ def run(args) -> int:
         options["fp16"] = True
     pipe = _pipeline(args.model, args.backend, **options)
     if "image" in kwargs:  # the image file as the model takes it (grey for 1-channel models)
-        channels = 3 if kind == "upscale" else pipe.package.stages[-1].channels
+        channels = {"upscale": 3, "colorize": 1}.get(kind, pipe.package.stages[-1].channels)
         kwargs["image"] = plain_mode(kwargs["image"], "L" if channels == 1 else "RGB")
     plan = pipe.plan(REQUESTS[kind](prompt=prompts, **kwargs))  # validation: errors exit 2
     n_images = plan.batch

@@ -20,6 +20,7 @@ __all__ = [
     "inpaint",
     "img2img",
     "upscale",
+    "colorize",
     "PackageError",
     "load_package",
     "bundled_path",
@@ -74,3 +75,8 @@ def img2img(image, prompt=None, *, model=None, backend="auto", **kwargs):
 def upscale(image, prompt=None, *, model=None, backend="auto", **kwargs):
     """`Pipeline.upscale` on the cached pipeline for `model`."""
     return _pipeline(model, backend).upscale(image, prompt, **kwargs)
+
+
+def colorize(image, prompt=None, *, model, backend="auto", **kwargs):
+    """`Pipeline.colorize` on the cached pipeline for `model` (a package with a colorization stage)."""
+    return _pipeline(model, backend).colorize(image, prompt, **kwargs)

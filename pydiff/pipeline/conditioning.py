@@ -73,6 +73,9 @@ def stage_conditions(
         for d in (cond, uncond):
             d["low_res"] = low_res
             d["noise_level"] = np.full(B, noise_level, np.float32)
+    if st.image_condition is not None:  # Palette: the image (its grey, resized) in both halves
+        for d in (cond, uncond):
+            d["image_condition"] = known.astype(np.float32)
     if st.has_mask_channel:
         gen = np.ones((B, 1, R, R), np.float32) if keep is None else 1.0 - keep
         masked = np.zeros((B, 3, R, R), np.float32) if known is None else known * (1.0 - gen)

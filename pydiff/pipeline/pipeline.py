@@ -33,6 +33,7 @@ from pydiff.package import Package, Stage, load_package
 from pydiff.pipeline import conditioning
 from pydiff.pipeline.requests import (
     REQUESTS,
+    ColorizeRequest,
     GenerateRequest,
     Img2ImgRequest,
     InpaintRequest,
@@ -142,6 +143,13 @@ class Pipeline:
         may be a dict keyed by stage name. Other keywords as in `generate`.
         """
         return self.run(Img2ImgRequest(image=image, prompt=prompt, strength=strength, **kwargs))
+
+    def colorize(self, image, prompt=None, **kwargs):
+        """Palette colorization (Saharia et al. 2022): colour images from a grey `image` (PIL 'L' or
+        an HxW(x1) array; a colour image is taken by its BT.601 luma), on a package whose stage is
+        conditioned on it (`image_condition`). The prompt, if the stage takes text, says the
+        colours. Other keywords as in `generate`."""
+        return self.run(ColorizeRequest(image=image, prompt=prompt, **kwargs))
 
     def upscale(self, image, prompt=None, *, stage=None, **kwargs):
         """Super-resolve a user image (SR3, Saharia et al. 2021) with a super-resolution stage.

@@ -183,6 +183,17 @@ class Request:
         """Validate this request against `package`; raises ValueError/TypeError before any work."""
         pkg = package
         stages = self.stages(pkg)
+        conditioned = [st.name for st in stages if st.image_condition is not None]
+        if conditioned and self.kind != "colorize":
+            raise ValueError(
+                f"package {pkg.name!r}: stage {conditioned[0]!r} is conditioned on an image "
+                f"({stages[0].image_condition} input, Palette-style): use colorize(image, prompt)"
+            )
+        if self.kind == "colorize" and not conditioned:
+            raise ValueError(
+                f"package {pkg.name!r} has no stage conditioned on a grey image; colorize needs one "
+                f"(docs/model-package.md: image_condition)"
+            )
         prompts, negative, labels, n_prompts = self._conditioning(pkg, stages)
         num_images = _alias(
             self.num_images, 1, self.num_images_per_prompt, "num_images", "num_images_per_prompt"
@@ -565,8 +576,27 @@ class UpscaleRequest(Request):
         plan.init_low_res = imageio.resize(low, plan.stages[0].low_res_resolution)
 
 
+@dataclass(kw_only=True)
+class ColorizeRequest(Request):
+    """Palette colorization: a colour image from a grey one (`Pipeline.colorize`), on a package whose
+    stage takes the image's luma as its `image_condition` input."""
+
+    kind: ClassVar[str] = "colorize"
+    image: Any
+
+    def add_images(self, plan: Plan) -> None:
+        if self.image is None:
+            raise ValueError("colorize: an image is required")
+        try:
+            plan.image = _square_image(self.image, 1)  # a grey image as it is
+        except ValueError as e:
+            if "channel" not in str(e):
+                raise
+            plan.image = imageio.to_grey(_square_image(self.image, 3))  # a colour one: its BT.601 luma
+
+
 REQUESTS: dict[str, type[Request]] = {
-    r.kind: r for r in (GenerateRequest, InpaintRequest, Img2ImgRequest, UpscaleRequest)
+    r.kind: r for r in (GenerateRequest, InpaintRequest, Img2ImgRequest, UpscaleRequest, ColorizeRequest)
 }
 
 __all__ = [
@@ -576,6 +606,7 @@ __all__ = [
     "InpaintRequest",
     "Img2ImgRequest",
     "UpscaleRequest",
+    "ColorizeRequest",
     "REQUESTS",
     "random_seed",
     "image_seed",

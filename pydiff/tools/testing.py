@@ -67,6 +67,7 @@ def _stage_graph(
     super_res: bool,
     mask: bool,
     seed: int,
+    image_condition: bool = False,
     output: str = "out",
     opset: int = 17,
 ):
@@ -167,6 +168,15 @@ def _stage_graph(
             helper.make_node("Add", ["mz", "miz1"], ["mm"]),
         ]
         add("mm", "mask")
+    if image_condition:  # Palette: the grey image, 0.3 x it in every channel (it broadcasts)
+        inputs += [
+            helper.make_tensor_value_info(
+                "image_condition", TensorProto.FLOAT, [B, 1, resolution, resolution]
+            )
+        ]
+        names += ["image_condition"]
+        nodes += [helper.make_node("Mul", ["image_condition", "k_lowres"], ["ic"])]
+        add("ic", "image")
     nodes.append(helper.make_node("Identity", [acc], [output]))
     outputs = [
         helper.make_tensor_value_info(output, TensorProto.FLOAT, [B, channels, resolution, resolution])
@@ -231,6 +241,7 @@ def make_tiny_package(
     hidden: int = 8,
     max_length: int = 6,
     mask_channel: bool = False,
+    image_condition: bool = False,
     steps: int = 4,
     sampler: str = "ddim",
     guidance_scale: float = 2.0,
@@ -290,6 +301,7 @@ def make_tiny_package(
             super_res=sr,
             mask=mask_channel,
             seed=10 + i,
+            image_condition=image_condition and i == 0,
         )
         st = {
             "name": sname,
@@ -304,6 +316,8 @@ def make_tiny_package(
             "scheduler": dict(scheduler),
             "recommended": dict(recommended),
         }
+        if image_condition and i == 0:
+            st["image_condition"] = {"from": "grey"}
         if sr:
             st["low_res_resolution"] = prev
             st["noise_aug"] = {

