@@ -107,3 +107,33 @@ def test_the_bundled_colorization_package_colours_a_grey_shape():
     out = pydiff.colorize(grey, model="shapes-colorize", steps=8, seed=0, output_type="numpy", progress=False)
     got = read_shape(out[0])
     assert (got["fg"], got["bg"]) == ("yellow", "black"), got
+
+
+def test_serve_colorize_endpoint_equals_the_library():
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+    import base64
+    import io
+
+    from pydiff.serving import BackgroundServer
+
+    grey = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (64, 1)), mode="L")
+    buf = io.BytesIO()
+    grey.save(buf, format="PNG")
+    body = {
+        "model": "shapes-colorize",
+        "image": base64.b64encode(buf.getvalue()).decode(),
+        "steps": 4,
+        "seed": 2,
+    }
+    with BackgroundServer(["shapes-colorize"]) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        card = c.get("/v1/models/shapes-colorize").json()["pydiff"]
+        assert card["kinds"] == ["colorize"]
+        r = c.post("/v1/colorize", json=body)
+        assert r.status_code == 200, r.text
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]["b64_json"]))))
+        want = np.asarray(pydiff.colorize(grey, model="shapes-colorize", steps=4, seed=2, progress=False)[0])
+        np.testing.assert_array_equal(got, want)
+        r = c.post("/v1/generate", json={"model": "shapes-colorize", "prompt": "x"})
+        assert r.status_code == 400 and "colorize" in r.json()["error"]["message"]

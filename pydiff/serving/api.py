@@ -50,6 +50,7 @@ KIND_FIELDS = {
     "inpaint": ("image", "mask", "jump_length", "jump_n_sample", "mask_convention"),
     "img2img": ("image", "strength"),
     "upscale": ("image", "stage"),
+    "colorize": ("image",),
 }
 IMAGE_FIELDS = ("image", "mask")
 # The OpenAI Images API's fields, and pydiff's settings accepted beside them as extra fields
@@ -227,7 +228,7 @@ def _response_format(body: dict) -> str:
 
 
 def parse_request(kind: str, body: dict, pipelines: dict[str, Pipeline], limits: Limits) -> Parsed:
-    """A /v1/{generate,inpaint,img2img,upscale} body -> the model's name and a request object."""
+    """A /v1/{generate,inpaint,img2img,upscale,colorize} body -> the model's name and a request object."""
     allowed = COMMON_FIELDS + KIND_FIELDS[kind]
     _unknown(body, allowed)
     model = pick_model(body, pipelines)
@@ -237,7 +238,10 @@ def parse_request(kind: str, body: dict, pipelines: dict[str, Pipeline], limits:
     pkg = pipelines[model].package
     for name in IMAGE_FIELDS:
         if name in KIND_FIELDS[kind] and name in body:
-            mode = "L" if name == "mask" or (kind != "upscale" and pkg.stages[-1].channels == 1) else "RGB"
+            grey = (
+                name == "mask" or kind == "colorize" or (kind != "upscale" and pkg.stages[-1].channels == 1)
+            )
+            mode = "L" if grey else "RGB"
             kwargs[name] = decode_image(body[name], name, mode, limits)
     if kind != "generate":
         for name in IMAGE_FIELDS:

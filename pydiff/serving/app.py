@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -25,14 +26,21 @@ from starlette.routing import Route
 from pydiff.backends.ort import server_session_options
 from pydiff.errors import ModelOutputError, NonFiniteError
 from pydiff.pipeline import Pipeline, load
-from pydiff.pipeline.requests import GenerateRequest
+from pydiff.pipeline.requests import ColorizeRequest, GenerateRequest
 from pydiff.serving import api
 from pydiff.serving.api import ApiError, Limits
 from pydiff.serving.engine import CancelledJobError, Engine, QueueFullError, ShuttingDownError, Work
 from pydiff.serving.metrics import Metrics
 
 PAGE = Path(__file__).with_name("static") / "index.html"
-WORK_PATHS = ("/v1/images/generations", "/v1/generate", "/v1/inpaint", "/v1/img2img", "/v1/upscale")
+WORK_PATHS = (
+    "/v1/images/generations",
+    "/v1/generate",
+    "/v1/inpaint",
+    "/v1/img2img",
+    "/v1/upscale",
+    "/v1/colorize",
+)
 OPEN_PATHS = ("/", "/healthz", "/readyz")  # answered without the API key: they do no work
 
 
@@ -182,6 +190,11 @@ def load_pipeline(model, backend="auto", threads: int | None = None) -> Pipeline
 def _warm(pipe: Pipeline) -> None:
     """One 2-step image per model: the sessions' first runs (allocations, kernels) happen here."""
     steps = {s.name: 2 for s in pipe.package.stages}
+    first = pipe.package.stages[0]
+    if first.image_condition is not None:  # a colorization package runs colorize requests only
+        grey = np.zeros((first.resolution, first.resolution), np.float32)
+        pipe.execute(pipe.plan(ColorizeRequest(image=grey, steps=steps, seed=0, progress=False)))
+        return
     try:
         plan = pipe.plan(GenerateRequest(steps=steps, seed=0, progress=False, output_type="numpy"))
     except ValueError:  # a class network with no "no class" label needs a label
@@ -353,7 +366,7 @@ def create_app(models, *, state=None, **options) -> Starlette:
             methods=["POST"],
         ),
     ]
-    for kind in ("generate", "inpaint", "img2img", "upscale"):
+    for kind in ("generate", "inpaint", "img2img", "upscale", "colorize"):
         routes.append(Route(f"/v1/{kind}", endpoint(f"/v1/{kind}", work(kind)), methods=["POST"]))
 
     async def not_found(request, exc):
@@ -484,7 +497,9 @@ def _model_card(name: str, pipe: Pipeline) -> dict:
             "size": f"{last.resolution}x{last.resolution}",
             "text": any(s.conditioning == "text" for s in pkg.stages),
             "defaults": defaults,
-            "kinds": ["generate", "inpaint", "img2img"]
+            "kinds": ["colorize"]
+            if pkg.stages[0].image_condition is not None
+            else ["generate", "inpaint", "img2img"]
             + (["upscale"] if any(s.is_super_resolution for s in pkg.stages) else []),
         },
     }
