@@ -137,3 +137,21 @@ def test_serve_colorize_endpoint_equals_the_library():
         np.testing.assert_array_equal(got, want)
         r = c.post("/v1/generate", json={"model": "shapes-colorize", "prompt": "x"})
         assert r.status_code == 400 and "colorize" in r.json()["error"]["message"]
+
+
+def test_colorize_and_uncrop_evaluations(tmp_path):
+    """`pydiff eval shapes-colorize` and `shapes-uncrop` on the bundled packages, a few images: the
+    figures are there, in range, with the settings that ran."""
+    from pydiff.tools.eval.packages import evaluate_shapes_colorize, evaluate_shapes_uncrop, grey_twins
+
+    assert grey_twins("red") == {"red", "purple", "blue"} and grey_twins("yellow") == {"yellow"}
+    rep = evaluate_shapes_colorize("shapes-colorize", n=3, steps=4, save_grid=str(tmp_path / "c.png"))
+    assert rep["settings"]["steps"] == 4 and 0 <= rep["unambiguous_images"] <= 3
+    for mode in ("grey only", "with caption"):
+        assert 0.0 <= rep[mode]["colours_all"] <= 1.0 and rep[mode]["psnr_db"] > 5
+    assert Image.open(tmp_path / "c.png").size == (3 * 66 * 2, 4 * 66 * 2)
+    rep = evaluate_shapes_uncrop(None, n=2, steps={"base": 6, "sr64": 3}, jump_n_sample=1)
+    assert set(rep) >= {"alignment", "seam_band_psnr_db", "side_psnr_db", "settings"}
+    assert rep["settings"]["base"]["jump_n_sample"] == 1 and rep["side_psnr_db"] > 5
+    with pytest.raises(ValueError, match="not a colorization stage"):
+        evaluate_shapes_colorize("shapes", n=1)

@@ -18,6 +18,7 @@ from pydiff.tools.eval.packages import (
     evaluate_shapes_img2img,
     evaluate_shapes_inpaint,
     evaluate_shapes_sr,
+    evaluate_shapes_uncrop,
 )
 
 PACKAGE_EVALUATIONS = (
@@ -34,6 +35,11 @@ PACKAGE_EVALUATIONS = (
     (
         "shapes-img2img",
         "SDEdit with a shapes package: alignment to an edited caption against the layout kept, per strength",
+    ),
+    (
+        "shapes-uncrop",
+        "uncropping with a shapes package: the far side of a seam through the shape regenerated "
+        "(alignment, PSNR just beyond the seam)",
     ),
     (
         "shapes-colorize",
@@ -58,7 +64,7 @@ def register(subparsers) -> None:
             "--n",
             type=int,
             default=None,
-            help="shapes: images per split (default 200); shapes-sr, shapes-inpaint: "
+            help="shapes: images per split (default 200); shapes-sr, shapes-inpaint, shapes-uncrop: "
             "images (default 40); shapes-img2img: images (default 24); shapes-colorize: images (default 100); digits: "
             "per class (default 30)",
         )
@@ -106,6 +112,10 @@ def _run_package(a) -> int:
             save_grid=a.grid,
             later_strength=later,
             **settings,
+        )
+    elif a.what == "shapes-uncrop":
+        rep = evaluate_shapes_uncrop(
+            a.model, 40 if a.n is None else a.n, seed=a.seed, save_grid=a.grid, **settings
         )
     elif a.what == "shapes-colorize":
         if a.model is None:

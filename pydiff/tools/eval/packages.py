@@ -410,6 +410,71 @@ def evaluate_shapes_inpaint(
     return report
 
 
+SEAM_BAND = 4  # px beyond the seam whose continuation uncropping is scored on
+
+
+def evaluate_shapes_uncrop(
+    package=None, n: int = 40, seed: int = 0, save_grid: str | None = None, **settings
+) -> dict:
+    """Uncropping (Palette's task; `inpaint` with the image's far side as the mask): for n rendered
+    images, everything beyond a vertical seam through the shape's centre (the side alternating
+    left / right) is regenerated from the image's own caption.
+
+    Reports the alignment of the whole result to the caption (colours and shape read back), the
+    PSNR of the SEAM_BAND columns just beyond the seam against the original (the shape and the
+    background continued across it), of the whole regenerated side, and the time."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    pipe = load(package)
+    specs = S.sample_specs(np.random.default_rng(seed), n)
+    ok, band_err, band_px, side_err, side_px, shown = 0, 0.0, 0, 0.0, 0, []
+    used = None
+    t0 = time.time()
+    for i, sp in enumerate(specs):
+        img = S.render(sp)
+        seam = int(round(sp.x0 + sp.side / 2))
+        mask = np.zeros((S.SIZE, S.SIZE), bool)
+        band = np.zeros_like(mask)
+        if i % 2 == 0:  # regenerate the right side
+            mask[:, seam:] = True
+            band[:, seam : seam + SEAM_BAND] = True
+        else:
+            mask[:, :seam] = True
+            band[:, max(0, seam - SEAM_BAND) : seam] = True
+        prompt = S.caption(sp.fg, sp.shape, sp.bg)
+        if used is None:
+            plan = pipe.plan(kind="inpaint", prompt=prompt, image=img, mask=mask, **settings)
+            used = {k: v.as_dict() for k, v in plan.settings.items()}
+        out = pipe.inpaint(img, mask, prompt, output_type="numpy", progress=False, seed=seed + i, **settings)[
+            0
+        ]
+        r = read_shape(out)
+        ok += int((r["fg"], r["shape"], r["bg"]) == (sp.fg, sp.shape, sp.bg))
+        diff = out.astype(np.float64) - img.astype(np.float64) / 255.0
+        band_err += float((diff[band] ** 2).sum())
+        band_px += int(band.sum()) * 3
+        side_err += float((diff[mask] ** 2).sum())
+        side_px += int(mask.sum()) * 3
+        if len(shown) < 8:
+            shown.append((np.where(mask[..., None], 0.85, img / 255.0), out))
+    seconds = time.time() - t0
+
+    def psnr(err, px):
+        return round(float(10 * np.log10(px / max(err, 1e-12))), 2)
+
+    if save_grid:  # the input with the regenerated side in grey, then the result
+        save_image_grid(np.concatenate([np.stack([p[j] for p in shown]) for j in (0, 1)]), save_grid,
+                        cols=len(shown), scale=2)  # fmt: skip
+    return {
+        "n": n,
+        "alignment": round(ok / n, 3),
+        "seam_band_psnr_db": psnr(band_err, band_px),
+        "side_psnr_db": psnr(side_err, side_px),
+        "seconds": round(seconds, 1),
+        "settings": used,
+    }
+
+
 def evaluate_shapes_img2img(
     package=None,
     n: int = 24,
