@@ -479,8 +479,8 @@ class _Run:
 
     def guided_at(self, i: int) -> bool:
         """Whether step i mixes the conditional and unconditional outputs (its interval's test)."""
-        if not self.guided:
-            return False
+        if not self.guided or self.interval is None:  # no interval: no per-step work
+            return self.guided
         c = self.smp.coefficients(i)
         return _guidance.in_interval(self.interval, c.alpha, c.sigma)
 

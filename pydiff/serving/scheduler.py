@@ -70,8 +70,8 @@ class _StageRun:
     @property
     def guided(self) -> bool:
         """Whether the next step (i) mixes conditional and unconditional outputs."""
-        if not self.guided_stage:
-            return False
+        if not self.guided_stage or self.interval is None:  # no interval: no per-step work
+            return self.guided_stage
         c = self.sampler.coefficients(self.i)
         return in_interval(self.interval, c.alpha, c.sigma)
 
